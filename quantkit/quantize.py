@@ -1,0 +1,62 @@
+"""Step 4: llama-quantize, one call per GGUF variant of the recipe."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from quantkit.errors import VerificationError
+from quantkit.ggufinfo import read_gguf
+from quantkit.proc import run_tool
+from quantkit.quanttypes import QUANT_TYPES
+from quantkit.store import Entry, Staging, Store
+from quantkit.toolchain import Toolchain
+
+log = logging.getLogger(__name__)
+
+STEP = "quantize"
+OUTPUT = "model.gguf"
+IMATRIX_LINK = "imatrix.gguf"
+
+
+def quantize_inputs(*, base: Entry, qtype: str, imatrix: Entry | None, extra_args: list[str],
+                    toolchain: Toolchain) -> dict:
+    return {"base_sha256": base.files["model.gguf"].sha256, "type": qtype,
+            "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256 if imatrix else None,
+            "args": extra_args, "llama_cpp": toolchain.commit}
+
+
+def quantize(*, base: Entry, qtype: str, label: str, imatrix: Entry | None, extra_args: list[str],
+             toolchain: Toolchain, store: Store, threads: int | None = None) -> Entry:
+    """Quantize ``base`` to ``qtype``. ``extra_args`` are tensor overrides built by the recipe
+    (argument list items, never shell text)."""
+    inputs = quantize_inputs(base=base, qtype=qtype, imatrix=imatrix, extra_args=extra_args, toolchain=toolchain)
+    threads = threads or os.cpu_count() or 1
+    want = QUANT_TYPES[qtype]
+
+    def produce(staging: Staging) -> None:
+        cmd = [toolchain.binary("llama-quantize")]
+        link = staging.path / IMATRIX_LINK
+        if imatrix is not None:
+            # llama-quantize writes the imatrix path it was given into the file's metadata;
+            # a fixed relative name keeps outputs identical wherever the store lives.
+            link.symlink_to(imatrix.file("imatrix.gguf"))
+            cmd += ["--imatrix", IMATRIX_LINK]
+        cmd += [*extra_args, base.file("model.gguf"), OUTPUT, qtype, str(threads)]
+        try:
+            run = run_tool(cmd, cwd=staging.path)
+        finally:
+            link.unlink(missing_ok=True)
+        info = read_gguf(staging.path / OUTPUT)
+        if info.file_type != want.ftype:
+            raise VerificationError(f"{label}: file type {info.file_type} in the output, expected {want.ftype} ({qtype})")
+        staging.info.update(tool=toolchain.version, seconds=round(run.seconds, 3),
+                            peak_rss_mib=round(run.peak_rss_mib, 1), threads=threads,
+                            gguf={"file_type": info.file_type, "parameters": info.parameters,
+                                  "tensor_types": info.tensor_types})
+
+    entry = store.ensure(STEP, inputs, produce)
+    size = entry.files[OUTPUT].size
+    log.info("quantize %s: %s (%.1f MiB, %s)", label, "reused" if entry.reused else "built", size / 2**20,
+             ", ".join(f"{n}x{t}" for t, n in entry.info.get("gguf", {}).get("tensor_types", {}).items()))
+    return entry

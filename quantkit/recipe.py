@@ -1,0 +1,481 @@
+"""The recipe: a strict schema for one reproducible quantization run.
+
+Recipes arrive in pull requests, so everything here refuses rather than guesses:
+unknown keys, unknown type names, moving revisions, paths that leave the
+project, strings that could smuggle shell syntax. ``load_recipe`` reports
+every problem at once, each with file, line and a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from quantkit.errors import Problem, RecipeError
+from quantkit.quanttypes import (
+    ALIASES,
+    BASE_TYPES,
+    QUANT_TYPES,
+    TENSOR_TYPES,
+    TENSOR_TYPES_NEEDING_IMATRIX,
+)
+from quantkit.yamlsrc import dotted, load_yaml
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+TAG_RE = re.compile(r"^(refs/tags/[A-Za-z0-9][A-Za-z0-9._+-]{0,99}|v?[0-9][A-Za-z0-9._+-]{0,99})$")
+REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+SAFE_TEXT_RE = re.compile(r"^[A-Za-z0-9 ._/@:+=,()\-]*$")
+TENSOR_PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*\-]{1,128}$")
+MOVING_REFS = {"main", "master", "head", "dev", "develop", "latest"}
+WORKER_ALLOWS_REMOTE_CODE = "QUANTKIT_ALLOW_REMOTE_CODE"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, str_strip_whitespace=False)
+
+
+def _safe_text(value: str) -> str:
+    """Strings end up in argument lists and file names: refuse shell syntax and control characters."""
+    if not SAFE_TEXT_RE.match(value):
+        bad = sorted({c for c in value if not SAFE_TEXT_RE.match(c)})
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"contains characters not allowed in a recipe: {shown}")
+    return value
+
+
+SafeText = Annotated[str, pydantic.AfterValidator(_safe_text), Field(max_length=200)]
+
+
+def _project_path(value: str, info: ValidationInfo) -> str:
+    """A path relative to the project root that stays inside it, symlinks included."""
+    _safe_text(value)
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or value.startswith("~"):
+        raise ValueError("absolute paths are not allowed; use a path relative to the project root")
+    if ".." in pure.parts:
+        raise ValueError("'..' is not allowed; the path must stay inside the project")
+    root = (info.context or {}).get("root")
+    if root is not None:
+        resolved = (Path(root) / pure).resolve()
+        if not resolved.is_relative_to(Path(root).resolve()):
+            raise ValueError(f"resolves outside the project (a symlink leads to {resolved})")
+    return str(pure)
+
+
+ProjectPath = Annotated[str, pydantic.AfterValidator(_project_path)]
+
+
+def _pinned_revision(v: str) -> str:
+    """A revision that names one fixed snapshot: a full commit sha or a tag."""
+    if v.lower() in MOVING_REFS or v.startswith("refs/heads/") or v.startswith("refs/pr/"):
+        raise ValueError(f"revision '{v}' is a branch that moves; pin a commit sha (40 hex digits) or a tag")
+    if re.fullmatch(r"[0-9a-fA-F]{7,39}", v):
+        raise ValueError(f"revision '{v}' is a short or partial sha; write the full 40-digit commit sha")
+    if not (COMMIT_RE.match(v) or TAG_RE.match(v)):
+        raise ValueError(f"revision '{v}' is not a commit sha (40 lowercase hex digits) or a tag (v1.2, refs/tags/NAME)")
+    return v
+
+
+class ModelSource(Section):
+    """Where the unquantized model comes from: a pinned Hub revision or a local folder."""
+
+    repo: str | None = Field(None, description="Hugging Face repo id, e.g. meta-llama/Llama-3.1-8B-Instruct")
+    revision: str | None = Field(None, description="commit sha (40 hex) or tag; branches move and are refused")
+    path: ProjectPath | None = Field(None, description="local HF checkpoint folder, relative to the project")
+    name: SafeText | None = Field(None, description="name used in file names and GGUF metadata")
+    allow_pickle: bool = Field(False, description="allow pickle .bin/.pt weights (they can run code on load)")
+    trust_remote_code: bool = Field(False, description=f"needs the worker to set {WORKER_ALLOWS_REMOTE_CODE}=1 too")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str | None) -> str | None:
+        if v is not None and not REPO_RE.match(v):
+            raise ValueError(f"'{v}' is not a Hugging Face repo id like owner/name")
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None) -> str | None:
+        return None if v is None else _pinned_revision(v)
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _remote_code(cls, v: bool) -> bool:
+        if v and os.environ.get(WORKER_ALLOWS_REMOTE_CODE) != "1":
+            raise ValueError(f"trust_remote_code runs the repo's Python; this worker does not allow it "
+                             f"(the worker must set {WORKER_ALLOWS_REMOTE_CODE}=1)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.repo is None) == (self.path is None):
+            raise ValueError("give exactly one of 'repo' (with 'revision') or 'path'")
+        if self.repo is not None and self.revision is None:
+            raise ValueError("'repo' needs a pinned 'revision' (a commit sha or a tag)")
+        if self.path is not None and self.revision is not None:
+            raise ValueError("'revision' applies to 'repo' only; a local 'path' is digested instead")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        return (self.repo or self.path or "model").rstrip("/").split("/")[-1]
+
+
+class HubDataset(Section):
+    """A Hub dataset for calibration on real runs (not reachable offline)."""
+
+    name: SafeText
+    config: SafeText | None = None
+    split: SafeText = "train"
+    revision: str
+    column: SafeText = "text"
+    max_rows: int = Field(1000, ge=1, le=1_000_000)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        return _pinned_revision(v)
+
+
+class Calibration(Section):
+    """Calibration text: files under calibration/, or a pinned Hub dataset."""
+
+    files: list[ProjectPath] | None = Field(None, min_length=1, max_length=32)
+    dataset: HubDataset | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _under_calibration(cls, v: list[str] | None) -> list[str] | None:
+        for f in v or []:
+            if not f.startswith("calibration/"):
+                raise ValueError(f"'{f}' is not under calibration/, where versioned calibration text lives")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> Calibration:
+        if (self.files is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'files' or 'dataset'")
+        return self
+
+
+class Evaluation(Section):
+    """Held-out text the variants are scored on; never overlaps calibration text."""
+
+    file: ProjectPath
+    ctx: int = Field(512, ge=16, le=131_072)
+    max_tokens: int = Field(10_240, ge=64, le=10_000_000, description="bound on scored tokens (disk for base logits)")
+
+
+class TensorOverrides(Section):
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    tensor_types: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("output_tensor_type", "token_embedding_type")
+    @classmethod
+    def _ggml_type(cls, v: str | None) -> str | None:
+        return None if v is None else _tensor_type(v)
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for pattern, t in v.items():
+            if not TENSOR_PATTERN_RE.match(pattern):
+                raise ValueError(f"tensor pattern '{pattern}' may use letters, digits, '_', '.', '*', '-' only")
+            out[pattern] = _tensor_type(t)
+        return out
+
+    def needs_imatrix(self) -> bool:
+        chosen = [self.output_tensor_type, self.token_embedding_type, *self.tensor_types.values()]
+        return any(t in TENSOR_TYPES_NEEDING_IMATRIX for t in chosen if t)
+
+    def args(self) -> list[str]:
+        out: list[str] = []
+        if self.output_tensor_type:
+            out += ["--output-tensor-type", self.output_tensor_type]
+        if self.token_embedding_type:
+            out += ["--token-embedding-type", self.token_embedding_type]
+        for pattern, t in sorted(self.tensor_types.items()):
+            out += ["--tensor-type", f"{pattern}={t}"]
+        return out
+
+
+def _tensor_type(v: str) -> str:
+    low = v.lower()
+    if low not in TENSOR_TYPES:
+        raise ValueError(f"unknown ggml tensor type '{v}'{_suggest(low, TENSOR_TYPES)}")
+    return low
+
+
+def _suggest(value: str, choices) -> str:
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _quant_type(v: str) -> str:
+    if v in QUANT_TYPES:
+        return v
+    if v in ALIASES:
+        raise ValueError(f"'{v}' is an alias; write {ALIASES[v]} so the file name says what it is")
+    if v.upper() in QUANT_TYPES:
+        raise ValueError(f"type names are exactly llama-quantize's; did you mean {v.upper()}?")
+    raise ValueError(f"unknown llama-quantize type '{v}'{_suggest(v.upper(), QUANT_TYPES)}")
+
+
+class GGUFVariant(TensorOverrides):
+    """One llama-quantize output. ``imatrix: null`` follows the gguf.imatrix setting."""
+
+    type: str
+    label: SafeText | None = Field(None, description="unique name of the variant (default: type, '-noimat' suffix)")
+    imatrix: bool | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: str) -> str:
+        return _quant_type(v)
+
+
+class ImatrixSpec(Section):
+    enabled: bool = True
+    ctx: int = Field(512, ge=16, le=131_072)
+    chunks: int = Field(100, ge=1, le=100_000)
+
+
+class GGUFSection(Section):
+    base_type: Literal["f16", "bf16", "f32"] = "f16"
+    imatrix: ImatrixSpec = ImatrixSpec()
+    types: list[GGUFVariant] = Field(min_length=1, max_length=64)
+    overrides: TensorOverrides = TensorOverrides()
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _strings_are_types(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"type": t} if isinstance(t, str) else t for t in v]
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> GGUFSection:
+        seen: dict[str, int] = {}
+        for i, variant in enumerate(self.types):
+            use_imatrix = self.uses_imatrix(variant)
+            qt = QUANT_TYPES[variant.type]
+            if not use_imatrix and (qt.needs_imatrix or variant.needs_imatrix() or self.overrides.needs_imatrix()):
+                raise ValueError(f"types[{i}]: {variant.type} needs an importance matrix; "
+                                 "set gguf.imatrix.enabled: true (and do not set imatrix: false on it)")
+            label = self.label(variant)
+            if label in seen:
+                raise ValueError(f"types[{i}]: variant '{label}' is listed twice (also types[{seen[label]}]); "
+                                 "give one a different 'label'")
+            seen[label] = i
+        return self
+
+    def uses_imatrix(self, variant: GGUFVariant) -> bool:
+        return self.imatrix.enabled if variant.imatrix is None else (variant.imatrix and self.imatrix.enabled)
+
+    def label(self, variant: GGUFVariant) -> str:
+        if variant.label:
+            return variant.label
+        return variant.type if self.uses_imatrix(variant) or not self.imatrix.enabled else f"{variant.type}-noimat"
+
+    def override_args(self, variant: GGUFVariant) -> list[str]:
+        """Section-wide overrides, with the variant's own taking precedence."""
+        merged = TensorOverrides(
+            output_tensor_type=variant.output_tensor_type or self.overrides.output_tensor_type,
+            token_embedding_type=variant.token_embedding_type or self.overrides.token_embedding_type,
+            tensor_types={**self.overrides.tensor_types, **variant.tensor_types},
+        )
+        return merged.args()
+
+
+class GPTQVariant(Section):
+    """GPTQ settings; the defaults are the seed's (bits 4, group 128, desc_act, damp 0.1)."""
+
+    label: SafeText | None = None
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="-1 (per channel) or a power of two from 16 to 1024")
+    desc_act: bool = True
+    sym: bool = True
+    damp_percent: float = Field(0.1, gt=0, lt=1)
+    samples: int = Field(128, ge=1, le=4096)
+    seq_len: int = Field(512, ge=16, le=32_768)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and not (16 <= v <= 1024 and v & (v - 1) == 0):
+            raise ValueError(f"group_size {v} is not -1 or a power of two from 16 to 1024")
+        return v
+
+
+class AWQVariant(Section):
+    """AWQ settings; defaults are the seed's (w_bit 4, group 128, zero point, GEMM)."""
+
+    label: SafeText | None = None
+    w_bit: Literal[4] = 4
+    q_group_size: Literal[32, 64, 128] = 128
+    zero_point: bool = True
+    version: Literal["GEMM"] = "GEMM"
+    samples: int = Field(128, ge=1, le=4096)
+    seq_len: int = Field(512, ge=16, le=32_768)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class Output(Section):
+    dir: ProjectPath = Field("runs", description="run folders (manifest, links to outputs) go here")
+
+
+class Recipe(Section):
+    """One reproducible run. ``name`` becomes the Prefect deployment name."""
+
+    name: str = Field(description="[a-z0-9._-]+; becomes the deployment name quantize/<name>")
+    description: str | None = Field(None, max_length=2000)
+    model: ModelSource
+    calibration: Calibration
+    evaluation: Evaluation | None = None
+    gguf: GGUFSection | None = None
+    gptq: list[GPTQVariant] = Field(default_factory=list, max_length=16)
+    awq: list[AWQVariant] = Field(default_factory=list, max_length=16)
+    output: Output = Output()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"name '{v}' must match [a-z0-9._-]+ (lowercase, at most 64 characters)")
+        return v
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str | None) -> str | None:
+        if v is not None and any(ord(c) < 32 and c not in "\n\t" for c in v):
+            raise ValueError("description contains control characters")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Recipe:
+        if self.gguf is None and not self.gptq and not self.awq:
+            raise ValueError("nothing to produce: add a 'gguf', 'gptq' or 'awq' section")
+        if self.evaluation and self.calibration.files and self.evaluation.file in self.calibration.files:
+            raise ValueError(f"evaluation.file '{self.evaluation.file}' is also calibration text; "
+                             "scores on text the quantizer saw are not evidence")
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def find_project_root(start: Path) -> Path:
+    """The nearest folder above ``start`` with a pyproject.toml or a recipes/ folder."""
+    env = os.environ.get("QUANTKIT_PROJECT")
+    if env:
+        return Path(env).resolve()
+    start = start.resolve()
+    for folder in [start, *start.parents]:
+        if (folder / "pyproject.toml").is_file() or (folder / "recipes").is_dir():
+            return folder
+    return start
+
+
+_FIXES = {
+    "extra_forbidden": "remove it, or check its spelling against `quantkit schema`",
+    "missing": "add it",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def _fix_for(err: dict) -> str:
+    if err["type"] in _FIXES:
+        return _FIXES[err["type"]]
+    msg = err.get("msg", "")
+    if "did you mean" in msg:
+        return "use the suggested name"
+    if err["type"].endswith("_type") or err["type"].endswith("_parsing"):
+        return "use a value of the expected type"
+    if "too_long" in err["type"] or "too_short" in err["type"] or "less_than" in err["type"] or "greater_than" in err["type"]:
+        return "use a value inside the allowed range"
+    return "see `quantkit schema` for what this field accepts"
+
+
+def _problems(e: pydantic.ValidationError, file: str, lines: dict) -> list[Problem]:
+    out = []
+    for err in e.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"function-after", "str", "int"}))
+        # Pydantic puts the variant's tag into loc for unions; keep only real path parts.
+        path = tuple(p for p in loc if isinstance(p, int) or not p.startswith("function-"))
+        line = 0
+        for cut in range(len(path), -1, -1):
+            if path[:cut] in lines:
+                line = lines[path[:cut]]
+                break
+        msg = err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{path[-1]}'"
+        out.append(Problem(file, line, dotted(path), msg, _fix_for(err)))
+    return out
+
+
+def load_recipe(path: str | Path, *, root: Path | None = None) -> Recipe:
+    """Read and validate a recipe file; raise RecipeError listing every problem."""
+    path = Path(path)
+    root = root or find_project_root(path.parent)
+    display = os.path.relpath(path.resolve(), root) if path.resolve().is_relative_to(root) else str(path)
+    data, lines = load_yaml(path, display)
+    if not isinstance(data, dict):
+        raise RecipeError([Problem(display, 1, "", "a recipe is a mapping of keys to values",
+                                   "start from a recipe in recipes/")])
+    try:
+        recipe = Recipe.model_validate(data, context={"root": root})
+    except pydantic.ValidationError as e:
+        raise RecipeError(_problems(e, display, lines)) from None
+    problems = _check_files(recipe, root, display, lines)
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Problem]:
+    """Files the recipe names must exist (the model folder may be made later by a setup step)."""
+    wanted: list[tuple[tuple, str]] = []
+    for i, f in enumerate(recipe.calibration.files or []):
+        wanted.append((("calibration", "files", i), f))
+    if recipe.evaluation:
+        wanted.append((("evaluation", "file"), recipe.evaluation.file))
+    out = []
+    for loc, rel in wanted:
+        p = root / rel
+        if not p.is_file():
+            out.append(Problem(file, lines.get(loc, 0), dotted(loc), f"file '{rel}' does not exist",
+                               "add the file or fix the path"))
+    if recipe.evaluation and recipe.calibration.files:
+        eval_bytes = (root / recipe.evaluation.file).read_bytes() if (root / recipe.evaluation.file).is_file() else b""
+        for i, f in enumerate(recipe.calibration.files):
+            p = root / f
+            if eval_bytes and p.is_file() and _overlap(p.read_bytes(), eval_bytes):
+                loc = ("evaluation", "file")
+                out.append(Problem(file, lines.get(loc, 0), dotted(loc),
+                                   f"evaluation text shares paragraphs with calibration file '{f}'",
+                                   "use held-out text that the calibration never saw"))
+    return out
+
+
+def _overlap(calib: bytes, evaluation: bytes) -> bool:
+    """True if any substantial paragraph of the evaluation text also appears in the calibration text."""
+    def paragraphs(b: bytes) -> set[bytes]:
+        return {p.strip() for p in b.split(b"\n\n") if len(p.strip()) >= 80}
+    return bool(paragraphs(calib) & paragraphs(evaluation))
+
+
+def schema() -> dict:
+    return Recipe.model_json_schema()

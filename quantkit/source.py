@@ -1,0 +1,109 @@
+"""Step 1: the unquantized model, from a pinned Hub revision or a local folder.
+
+Only safetensors weights, configs and tokenizer files are taken by default;
+pickle weights (which can run code when loaded) only if the recipe allows them,
+Python files only with trust_remote_code. huggingface_hub itself honours
+HF_HOME, HF_HUB_OFFLINE and HF_TOKEN; quantkit never reads or logs the token.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantkit.digest import DigestCache, digest_of
+from quantkit.errors import SourceError
+from quantkit.recipe import ModelSource
+
+log = logging.getLogger(__name__)
+
+SAFE_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "*.tiktoken",
+)
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+CODE_PATTERNS = ("*.py",)
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """A model folder pinned by content: what every later step's key starts from."""
+
+    path: Path
+    repo: str | None
+    revision: str | None  # as the recipe wrote it
+    commit: str | None  # what the revision resolved to on the Hub
+    files: dict[str, str]  # relative path -> sha256 of the files quantkit uses
+    digest: str
+
+    def describe(self) -> dict:
+        return {"repo": self.repo, "revision": self.revision, "commit": self.commit,
+                "path": str(self.path), "digest": self.digest, "files": self.files}
+
+
+def allowed_patterns(source: ModelSource) -> tuple[str, ...]:
+    patterns = SAFE_PATTERNS
+    if source.allow_pickle:
+        patterns += PICKLE_PATTERNS
+    if source.trust_remote_code:
+        patterns += CODE_PATTERNS
+    return patterns
+
+
+def _select(folder: Path, source: ModelSource) -> list[Path]:
+    patterns = allowed_patterns(source)
+    chosen, refused = [], []
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        rel = f.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatch(f.name, pat) for pat in patterns):
+            chosen.append(f)
+        elif any(fnmatch.fnmatch(f.name, pat) for pat in PICKLE_PATTERNS):
+            refused.append(rel)
+    has_weights = any(f.name.endswith(".safetensors") or (source.allow_pickle and f.suffix in {".bin", ".pt", ".pth"})
+                      for f in chosen)
+    if not has_weights:
+        if refused:
+            raise SourceError(f"{folder} has only pickle weights ({', '.join(refused[:3])}); they can run code "
+                              "when loaded. Convert them to safetensors, or set model.allow_pickle: true")
+        raise SourceError(f"{folder} has no safetensors weights")
+    if not any(f.name == "config.json" for f in chosen):
+        raise SourceError(f"{folder} has no config.json; it is not a Hugging Face checkpoint")
+    return chosen
+
+
+def fetch_model(*, source: ModelSource, root: Path, digests: DigestCache) -> ModelSnapshot:
+    """Resolve the recipe's model to a local folder and digest the files used."""
+    if source.path is not None:
+        folder = (root / source.path).resolve()
+        if not folder.is_dir():
+            raise SourceError(f"model folder {source.path} does not exist (for the demo: `quantkit demo-model`)")
+        commit = None
+    else:
+        folder, commit = _download(source)
+    files = {f.relative_to(folder).as_posix(): digests.sha256(f) for f in _select(folder, source)}
+    return ModelSnapshot(path=folder, repo=source.repo, revision=source.revision, commit=commit,
+                         files=files, digest=digest_of(files))
+
+
+def _download(source: ModelSource) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    log.info("fetching %s at %s", source.repo, source.revision)
+    try:
+        path = snapshot_download(repo_id=source.repo, revision=source.revision,
+                                 allow_patterns=list(allowed_patterns(source)))
+    except LocalEntryNotFoundError as e:
+        raise SourceError(f"{source.repo}@{source.revision} is not in the local Hugging Face cache and the Hub "
+                          "cannot be reached (HF_HUB_OFFLINE or no network)") from e
+    except RepositoryNotFoundError as e:
+        raise SourceError(f"{source.repo} not found, or gated without access (set HF_TOKEN)") from e
+    except HfHubHTTPError as e:
+        raise SourceError(f"downloading {source.repo}@{source.revision} failed: {e}") from e
+    folder = Path(path)
+    # snapshot folders are named after the commit the revision resolved to.
+    return folder, folder.name

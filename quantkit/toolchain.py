@@ -1,0 +1,224 @@
+"""The pinned llama.cpp toolchain: converter, gguf-py and the four binaries.
+
+One llama.cpp version, used everywhere and written into every manifest. An
+existing install is used when its version matches; otherwise the tree that the
+llama-cpp-python source distribution carries is fetched from PyPI (the only
+place this machine can reach), checked against its sha256, built once with
+CMake and cached outside the repository. Dockerfile.cuda calls the same build
+(`quantkit toolchain --build --cuda`), so the GPU image cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantkit.digest import sha256_file, write_json_atomic
+from quantkit.errors import ToolchainError
+from quantkit.proc import run_tool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pin:
+    package: str
+    version: str
+    sdist_sha256: str
+    commit: str  # llama.cpp commit the sdist vendors (what the binaries report)
+    converter_sha256: str  # convert_hf_to_gguf.py of that commit: identifies a source tree
+
+
+PIN = Pin(
+    package="llama-cpp-python",
+    version="0.3.36",
+    sdist_sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+    commit="0c1e570",
+    converter_sha256="e9a1da876330bbce9687541ab31736542a01b4ac43c6686126514a50f122fb7f",
+)
+
+BINARIES = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
+STAMP = "toolchain.json"
+# Env vars naming an existing install: a folder with the binaries, a llama.cpp source tree.
+ENV_BIN = "QUANTKIT_LLAMA_CPP_BIN"
+ENV_SRC = "QUANTKIT_LLAMA_CPP_SRC"
+
+
+def cmake_args(*, cuda: bool) -> list[str]:
+    """The one set of build flags (local build and Dockerfile.cuda alike)."""
+    return [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries, no RPATH games
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_CURL=OFF",  # the tools never download; quantkit does
+        f"-DLLAMA_BUILD_COMMIT={PIN.commit}",
+        f"-DGGML_CUDA={'ON' if cuda else 'OFF'}",
+        # A CPU build is for the machine that builds it; the CUDA image runs elsewhere.
+        f"-DGGML_NATIVE={'OFF' if cuda else 'ON'}",
+    ]
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    src: Path  # llama.cpp tree: convert_hf_to_gguf.py and gguf-py/
+    bin_dir: Path
+    commit: str
+    origin: str  # "cache", "env" or "path"
+    cuda: bool = False
+
+    @property
+    def version(self) -> str:
+        return f"llama.cpp {self.commit} ({PIN.package} {PIN.version}{', cuda' if self.cuda else ''})"
+
+    def binary(self, name: str) -> Path:
+        return self.bin_dir / name
+
+    @property
+    def convert_script(self) -> Path:
+        return self.src / "convert_hf_to_gguf.py"
+
+    def python_env(self) -> dict[str, str]:
+        """Environment for running the converter with the gguf-py of the same tree
+        (PyPI's gguf lags behind the converter and fails with it)."""
+        return {"PYTHONPATH": os.pathsep.join([str(self.src / "gguf-py"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                "NO_LOCAL_GGUF": ""}
+
+    def describe(self) -> dict:
+        return {"llama_cpp_commit": self.commit, "package": f"{PIN.package}=={PIN.version}", "origin": self.origin,
+                "cuda": self.cuda, "bin_dir": str(self.bin_dir), "src": str(self.src)}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("QUANTKIT_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantkit"
+    return base / "llama.cpp"
+
+
+def _build_dir(cuda: bool) -> Path:
+    return cache_dir() / f"{PIN.commit}-{'cuda' if cuda else 'cpu'}"
+
+
+def binary_commit(binary: Path) -> str | None:
+    """The commit a llama.cpp binary reports with --version, or None."""
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"commit ([0-9a-f]{7,40})", out.stdout + out.stderr)
+    return m.group(1)[: len(PIN.commit)] if m else None
+
+
+def _check(src: Path, bin_dir: Path, origin: str, cuda: bool) -> Toolchain:
+    missing = [b for b in BINARIES if not (bin_dir / b).is_file()]
+    if missing:
+        raise ToolchainError(f"{origin} toolchain in {bin_dir} lacks {', '.join(missing)}")
+    # llama-quantize has no --version; the others are built from the same tree.
+    commit = binary_commit(bin_dir / "llama-perplexity")
+    if commit != PIN.commit:
+        raise ToolchainError(f"{origin} llama.cpp in {bin_dir} is commit {commit}, quantkit pins {PIN.commit}")
+    conv = src / "convert_hf_to_gguf.py"
+    if not conv.is_file() or sha256_file(conv) != PIN.converter_sha256:
+        raise ToolchainError(f"{origin} source tree {src} is not llama.cpp {PIN.commit} (convert_hf_to_gguf.py differs)")
+    return Toolchain(src=src, bin_dir=bin_dir, commit=commit, origin=origin, cuda=cuda)
+
+
+def find_toolchain(*, cuda: bool = False) -> Toolchain:
+    """The toolchain to use, without building: env vars, then the cache, then PATH."""
+    problems = []
+    if os.environ.get(ENV_BIN) or os.environ.get(ENV_SRC):
+        if not (os.environ.get(ENV_BIN) and os.environ.get(ENV_SRC)):
+            raise ToolchainError(f"set both {ENV_BIN} (binaries) and {ENV_SRC} (source tree with the converter)")
+        return _check(Path(os.environ[ENV_SRC]), Path(os.environ[ENV_BIN]), "env", cuda)
+    build = _build_dir(cuda)
+    if (build / STAMP).is_file():
+        try:
+            return _check(build / "src", build / "bin", "cache", cuda)
+        except ToolchainError as e:
+            problems.append(str(e))
+    on_path = shutil.which("llama-perplexity")
+    if on_path:
+        src = _build_dir(cuda) / "src"
+        try:
+            return _check(src, Path(on_path).parent, "path", cuda)
+        except ToolchainError as e:
+            problems.append(str(e))
+    detail = "; ".join(problems) or f"no llama.cpp {PIN.commit} found (env, {build}, PATH)"
+    raise ToolchainError(detail)
+
+
+def ensure_toolchain(*, cuda: bool = False, jobs: int | None = None) -> Toolchain:
+    try:
+        return find_toolchain(cuda=cuda)
+    except ToolchainError as e:
+        reason = e
+    on_path = shutil.which("llama-perplexity")
+    if on_path and binary_commit(Path(on_path)) == PIN.commit:
+        # Matching binaries are installed; only the converter's tree is missing.
+        fetch_source(_build_dir(cuda) / "src")
+        return _check(_build_dir(cuda) / "src", Path(on_path).parent, "path", cuda)
+    log.info("%s; building it once into %s", reason, _build_dir(cuda))
+    return build_toolchain(cuda=cuda, jobs=jobs)
+
+
+def fetch_source(dest: Path) -> Path:
+    """Download the pinned sdist from PyPI, verify it, extract its llama.cpp tree to ``dest``."""
+    with tempfile.TemporaryDirectory(prefix="quantkit-sdist-") as tmp:
+        run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                  f"{PIN.package}=={PIN.version}", "-d", tmp])
+        tarballs = list(Path(tmp).glob("*.tar.gz"))
+        if len(tarballs) != 1:
+            raise ToolchainError(f"pip download gave {tarballs}, expected one sdist")
+        digest = sha256_file(tarballs[0])
+        if digest != PIN.sdist_sha256:
+            raise ToolchainError(f"{tarballs[0].name} has sha256 {digest}, pinned {PIN.sdist_sha256}")
+        prefix = f"{tarballs[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        staging = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        with tarfile.open(tarballs[0]) as tar:
+            members = []
+            for m in tar.getmembers():
+                if m.name.startswith(prefix) and len(m.name) > len(prefix):
+                    m.name = m.name[len(prefix):]
+                    members.append(m)
+            tar.extractall(staging, members=members, filter="data")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)
+    return dest
+
+
+def build_toolchain(*, cuda: bool = False, jobs: int | None = None) -> Toolchain:
+    build = _build_dir(cuda)
+    build.mkdir(parents=True, exist_ok=True)
+    (build / STAMP).unlink(missing_ok=True)
+    src = build / "src"
+    conv = src / "convert_hf_to_gguf.py"
+    if not conv.is_file() or sha256_file(conv) != PIN.converter_sha256:
+        log.info("fetching %s==%s source from PyPI", PIN.package, PIN.version)
+        fetch_source(src)
+    cmake_build = build / "cmake-build"
+    jobs = jobs or os.cpu_count() or 2
+    log.info("configuring llama.cpp %s (%s)", PIN.commit, "CUDA" if cuda else "CPU")
+    run_tool(["cmake", "-S", src, "-B", cmake_build, *cmake_args(cuda=cuda)])
+    log.info("building %s with %d jobs (about 4 minutes on 2 cores)", ", ".join(BINARIES), jobs)
+    run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", *BINARIES])
+    bin_dir = build / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for b in BINARIES:
+        tmp = bin_dir / f".{b}.tmp"
+        shutil.copy2(cmake_build / "bin" / b, tmp)
+        os.replace(tmp, bin_dir / b)
+    tc = _check(src, bin_dir, "cache", cuda)
+    write_json_atomic(build / STAMP, {**tc.describe(), "cmake_args": cmake_args(cuda=cuda)})
+    return tc

@@ -1,0 +1,106 @@
+"""Load untrusted YAML into plain data plus a map from each value's path to its line.
+
+Recipes arrive in pull requests, so the loader is stricter than yaml.safe_load:
+no aliases (alias bombs), no duplicate keys, no non-string keys, UTF-8 only,
+bounded size. Errors are Problems with a line number, never a YAML traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantkit.errors import Problem, RecipeError
+
+MAX_BYTES = 256 * 1024
+MAX_DEPTH = 12
+MAX_NODES = 20_000
+
+Path_ = tuple[str | int, ...]
+
+
+def dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Builder:
+    def __init__(self, file: str):
+        self.file = file
+        self.lines: dict[Path_, int] = {}
+        self.nodes = 0
+        self.constructor = yaml.SafeConstructor()
+
+    def fail(self, node: yaml.Node, path: Path_, message: str, fix: str) -> RecipeError:
+        return RecipeError([Problem(self.file, node.start_mark.line + 1, dotted(path), message, fix)])
+
+    def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise self.fail(node, path, f"recipe has more than {MAX_NODES} values", "split or shorten the recipe")
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, path, f"nesting deeper than {MAX_DEPTH} levels", "flatten the recipe")
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise self.fail(key_node, path, "YAML merge keys (<<) are not allowed in recipes", "write the values out")
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                    raise self.fail(key_node, path, "keys must be plain strings", "quote the key or rename it")
+                key = key_node.value
+                if key in out:
+                    first = self.lines.get(path + (key,), "?")
+                    raise self.fail(key_node, path + (key,), f"duplicate key '{key}' (first set on line {first})",
+                                    "keep one of the two")
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+        try:
+            return self.constructor.construct_object(node)
+        except yaml.constructor.ConstructorError as e:
+            raise self.fail(node, path, f"unsupported YAML value: {e.problem}", "use plain strings, numbers, lists and mappings") from None
+
+
+def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Path_, int]]:
+    """Parse ``path``; return (data, lines). ``display`` is the name used in errors."""
+    name = display or str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError([Problem(name, 0, "", f"cannot read recipe: {e.strerror}", "check the path")]) from None
+    if len(raw) > MAX_BYTES:
+        raise RecipeError([Problem(name, 1, "", f"recipe is {len(raw)} bytes, over the {MAX_BYTES} limit",
+                                   "a recipe is a short file; remove what does not belong")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError([Problem(name, line, "", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                                   "save the file as UTF-8")]) from None
+    try:
+        # Events first: an alias is refused before anything expands it.
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1
+                raise RecipeError([Problem(name, line, "", "YAML anchors and aliases are not allowed in recipes",
+                                           "write the value out where it is used")])
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise RecipeError([Problem(name, line, "", f"YAML syntax error: {e.problem}", "fix the YAML at that line")]) from None
+    except yaml.YAMLError as e:
+        raise RecipeError([Problem(name, 1, "", f"YAML error: {e}", "fix the YAML")]) from None
+    if len(documents) != 1 or documents[0] is None:
+        raise RecipeError([Problem(name, 1, "", f"expected one YAML document, found {len(documents)}",
+                                   "keep exactly one recipe per file")])
+    builder = _Builder(name)
+    data = builder.build(documents[0])
+    return data, builder.lines
