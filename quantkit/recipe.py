@@ -37,6 +37,14 @@ MOVING_REFS = {"main", "master", "head", "dev", "develop", "latest"}
 WORKER_ALLOWS_REMOTE_CODE = "QUANTKIT_ALLOW_REMOTE_CODE"
 
 
+class Invalid(ValueError):
+    """A validation failure that knows its fix (shown after the message)."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, str_strip_whitespace=False)
 
@@ -46,7 +54,8 @@ def _safe_text(value: str) -> str:
     if not SAFE_TEXT_RE.match(value):
         bad = sorted({c for c in value if not SAFE_TEXT_RE.match(c)})
         shown = ", ".join(repr(c) for c in bad)
-        raise ValueError(f"contains characters not allowed in a recipe: {shown}")
+        raise Invalid(f"contains characters not allowed in a recipe: {shown}",
+                      "use letters, digits, spaces and . _ / @ : + = , ( ) - only")
     return value
 
 
@@ -58,14 +67,15 @@ def _project_path(value: str, info: ValidationInfo) -> str:
     _safe_text(value)
     pure = PurePosixPath(value)
     if pure.is_absolute() or value.startswith("~"):
-        raise ValueError("absolute paths are not allowed; use a path relative to the project root")
+        raise Invalid("absolute paths are not allowed", "write the path relative to the project root")
     if ".." in pure.parts:
-        raise ValueError("'..' is not allowed; the path must stay inside the project")
+        raise Invalid("'..' is not allowed: the path must stay inside the project", "move the file into the project")
     root = (info.context or {}).get("root")
     if root is not None:
         resolved = (Path(root) / pure).resolve()
         if not resolved.is_relative_to(Path(root).resolve()):
-            raise ValueError(f"resolves outside the project (a symlink leads to {resolved})")
+            raise Invalid(f"resolves outside the project (a symlink leads to {resolved})",
+                          "copy the file into the project instead of linking to it")
     return str(pure)
 
 
@@ -75,11 +85,12 @@ ProjectPath = Annotated[str, pydantic.AfterValidator(_project_path)]
 def _pinned_revision(v: str) -> str:
     """A revision that names one fixed snapshot: a full commit sha or a tag."""
     if v.lower() in MOVING_REFS or v.startswith("refs/heads/") or v.startswith("refs/pr/"):
-        raise ValueError(f"revision '{v}' is a branch that moves; pin a commit sha (40 hex digits) or a tag")
+        raise Invalid(f"revision '{v}' is a branch, which moves", "pin a commit sha (40 hex digits) or a tag")
     if re.fullmatch(r"[0-9a-fA-F]{7,39}", v):
-        raise ValueError(f"revision '{v}' is a short or partial sha; write the full 40-digit commit sha")
+        raise Invalid(f"revision '{v}' is a short or partial sha", "write the full 40-digit commit sha")
     if not (COMMIT_RE.match(v) or TAG_RE.match(v)):
-        raise ValueError(f"revision '{v}' is not a commit sha (40 lowercase hex digits) or a tag (v1.2, refs/tags/NAME)")
+        raise Invalid(f"revision '{v}' is not a commit sha or a tag",
+                      "write 40 lowercase hex digits, or a tag such as v1.2 or refs/tags/NAME")
     return v
 
 
@@ -97,7 +108,7 @@ class ModelSource(Section):
     @classmethod
     def _repo(cls, v: str | None) -> str | None:
         if v is not None and not REPO_RE.match(v):
-            raise ValueError(f"'{v}' is not a Hugging Face repo id like owner/name")
+            raise Invalid(f"'{v}' is not a Hugging Face repo id", "write owner/name, e.g. meta-llama/Llama-3.1-8B-Instruct")
         return v
 
     @field_validator("revision")
@@ -109,18 +120,18 @@ class ModelSource(Section):
     @classmethod
     def _remote_code(cls, v: bool) -> bool:
         if v and os.environ.get(WORKER_ALLOWS_REMOTE_CODE) != "1":
-            raise ValueError(f"trust_remote_code runs the repo's Python; this worker does not allow it "
-                             f"(the worker must set {WORKER_ALLOWS_REMOTE_CODE}=1)")
+            raise Invalid("trust_remote_code runs the repo's Python code and this worker does not allow it",
+                          f"remove it, or run on a worker that sets {WORKER_ALLOWS_REMOTE_CODE}=1")
         return v
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
         if (self.repo is None) == (self.path is None):
-            raise ValueError("give exactly one of 'repo' (with 'revision') or 'path'")
+            raise Invalid("the model needs exactly one source", "give either 'repo' with 'revision', or 'path'")
         if self.repo is not None and self.revision is None:
-            raise ValueError("'repo' needs a pinned 'revision' (a commit sha or a tag)")
+            raise Invalid("'repo' has no pinned 'revision'", "add revision: <40-digit commit sha or a tag>")
         if self.path is not None and self.revision is not None:
-            raise ValueError("'revision' applies to 'repo' only; a local 'path' is digested instead")
+            raise Invalid("'revision' applies to 'repo' only", "remove it; a local 'path' is pinned by its digest")
         return self
 
     @property
@@ -157,13 +168,13 @@ class Calibration(Section):
     def _under_calibration(cls, v: list[str] | None) -> list[str] | None:
         for f in v or []:
             if not f.startswith("calibration/"):
-                raise ValueError(f"'{f}' is not under calibration/, where versioned calibration text lives")
+                raise Invalid(f"'{f}' is not under calibration/", "add the text to calibration/ with its source and licence")
         return v
 
     @model_validator(mode="after")
     def _one(self) -> Calibration:
         if (self.files is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'files' or 'dataset'")
+            raise Invalid("calibration needs exactly one source", "give either 'files' or 'dataset'")
         return self
 
 
@@ -191,7 +202,8 @@ class TensorOverrides(Section):
         out = {}
         for pattern, t in v.items():
             if not TENSOR_PATTERN_RE.match(pattern):
-                raise ValueError(f"tensor pattern '{pattern}' may use letters, digits, '_', '.', '*', '-' only")
+                raise Invalid(f"tensor pattern '{pattern}' has characters llama-quantize patterns do not need",
+                              "use letters, digits, '_', '.', '*', '-' only")
             out[pattern] = _tensor_type(t)
         return out
 
@@ -213,23 +225,24 @@ class TensorOverrides(Section):
 def _tensor_type(v: str) -> str:
     low = v.lower()
     if low not in TENSOR_TYPES:
-        raise ValueError(f"unknown ggml tensor type '{v}'{_suggest(low, TENSOR_TYPES)}")
+        raise Invalid(f"unknown ggml tensor type '{v}'", _suggest(low, TENSOR_TYPES) or f"use one of {', '.join(TENSOR_TYPES)}")
     return low
 
 
 def _suggest(value: str, choices) -> str:
     close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    return f"did you mean {close[0]}?" if close else ""
 
 
 def _quant_type(v: str) -> str:
     if v in QUANT_TYPES:
         return v
     if v in ALIASES:
-        raise ValueError(f"'{v}' is an alias; write {ALIASES[v]} so the file name says what it is")
+        raise Invalid(f"'{v}' is an alias of {ALIASES[v]}", f"write {ALIASES[v]} so the file name says what it is")
     if v.upper() in QUANT_TYPES:
-        raise ValueError(f"type names are exactly llama-quantize's; did you mean {v.upper()}?")
-    raise ValueError(f"unknown llama-quantize type '{v}'{_suggest(v.upper(), QUANT_TYPES)}")
+        raise Invalid(f"unknown llama-quantize type '{v}' (names are case-sensitive)", f"write {v.upper()}")
+    raise Invalid(f"unknown llama-quantize type '{v}'",
+                  _suggest(v.upper(), QUANT_TYPES) or "run `llama-quantize --help` for the list of type names")
 
 
 class GGUFVariant(TensorOverrides):
@@ -271,12 +284,12 @@ class GGUFSection(Section):
             use_imatrix = self.uses_imatrix(variant)
             qt = QUANT_TYPES[variant.type]
             if not use_imatrix and (qt.needs_imatrix or variant.needs_imatrix() or self.overrides.needs_imatrix()):
-                raise ValueError(f"types[{i}]: {variant.type} needs an importance matrix; "
-                                 "set gguf.imatrix.enabled: true (and do not set imatrix: false on it)")
+                raise Invalid(f"types[{i}]: {variant.type} needs an importance matrix (llama-quantize refuses it without one)",
+                              "set gguf.imatrix.enabled: true and do not set imatrix: false on this type")
             label = self.label(variant)
             if label in seen:
-                raise ValueError(f"types[{i}]: variant '{label}' is listed twice (also types[{seen[label]}]); "
-                                 "give one a different 'label'")
+                raise Invalid(f"types[{i}]: variant '{label}' is listed twice (also types[{seen[label]}])",
+                              "remove one, or give one a different 'label'")
             seen[label] = i
         return self
 
@@ -315,7 +328,7 @@ class GPTQVariant(Section):
     @classmethod
     def _group(cls, v: int) -> int:
         if v != -1 and not (16 <= v <= 1024 and v & (v - 1) == 0):
-            raise ValueError(f"group_size {v} is not -1 or a power of two from 16 to 1024")
+            raise Invalid(f"group_size {v} is not supported", "use -1 (per channel) or a power of two from 16 to 1024, e.g. 128")
         return v
 
 
@@ -353,23 +366,24 @@ class Recipe(Section):
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
-            raise ValueError(f"name '{v}' must match [a-z0-9._-]+ (lowercase, at most 64 characters)")
+            raise Invalid(f"name '{v}' is not a valid deployment name",
+                          "use lowercase letters, digits, '.', '_' and '-' only (at most 64), e.g. llama-8b")
         return v
 
     @field_validator("description")
     @classmethod
     def _description(cls, v: str | None) -> str | None:
         if v is not None and any(ord(c) < 32 and c not in "\n\t" for c in v):
-            raise ValueError("description contains control characters")
+            raise Invalid("description contains control characters", "remove them")
         return v
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
         if self.gguf is None and not self.gptq and not self.awq:
-            raise ValueError("nothing to produce: add a 'gguf', 'gptq' or 'awq' section")
+            raise Invalid("the recipe produces nothing", "add a 'gguf', 'gptq' or 'awq' section")
         if self.evaluation and self.calibration.files and self.evaluation.file in self.calibration.files:
-            raise ValueError(f"evaluation.file '{self.evaluation.file}' is also calibration text; "
-                             "scores on text the quantizer saw are not evidence")
+            raise Invalid(f"evaluation.file '{self.evaluation.file}' is also calibration text",
+                          "score on held-out text: scores on text the quantizer saw are not evidence")
         return self
 
 
@@ -395,11 +409,11 @@ _FIXES = {
 
 
 def _fix_for(err: dict) -> str:
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, Invalid):
+        return cause.fix
     if err["type"] in _FIXES:
         return _FIXES[err["type"]]
-    msg = err.get("msg", "")
-    if "did you mean" in msg:
-        return "use the suggested name"
     if err["type"].endswith("_type") or err["type"].endswith("_parsing"):
         return "use a value of the expected type"
     if "too_long" in err["type"] or "too_short" in err["type"] or "less_than" in err["type"] or "greater_than" in err["type"]:
@@ -423,7 +437,7 @@ def _problems(e: pydantic.ValidationError, file: str, lines: dict) -> list[Probl
         if err["type"] == "extra_forbidden":
             msg = f"unknown key '{path[-1]}'"
         out.append(Problem(file, line, dotted(path), msg, _fix_for(err)))
-    return out
+    return sorted(out, key=lambda p: p.line)
 
 
 def load_recipe(path: str | Path, *, root: Path | None = None) -> Recipe:

@@ -33,7 +33,7 @@ class _Builder:
         self.file = file
         self.lines: dict[Path_, int] = {}
         self.nodes = 0
-        self.constructor = yaml.SafeConstructor()
+        self.constructor = yaml.constructor.SafeConstructor()
 
     def fail(self, node: yaml.Node, path: Path_, message: str, fix: str) -> RecipeError:
         return RecipeError([Problem(self.file, node.start_mark.line + 1, dotted(path), message, fix)])

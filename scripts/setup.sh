@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up quantkit on a fresh machine: a venv with the CPU torch first (so no
+# range can pull a CUDA build), quantkit and its extras, and the pinned
+# llama.cpp toolchain (built once, cached in ~/.cache/quantkit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/quantkit toolchain --build
