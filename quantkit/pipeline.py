@@ -16,7 +16,7 @@ from pathlib import Path
 from quantkit import __version__
 from quantkit.calibration import CalibrationText, load_calibration
 from quantkit.convert import convert
-from quantkit.digest import DigestCache, digest_of, sha256_file, write_json_atomic
+from quantkit.digest import DigestCache, sha256_file, write_json_atomic
 from quantkit.imatrix import imatrix
 from quantkit.quantize import quantize
 from quantkit.recipe import Recipe
@@ -159,7 +159,3 @@ def run(ctx: RunContext) -> RunResult:
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,
              len(built), len(reused), f" ({', '.join(reused)})" if reused else "")
     return RunResult(manifest.parent, manifest, tuple(variants), reused, built)
-
-
-def inputs_digest(recipe: Recipe) -> str:
-    return digest_of(recipe.model_dump(mode="json"))

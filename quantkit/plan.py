@@ -70,8 +70,9 @@ def plan(recipe: Recipe, *, root: Path, store: Store, toolchain: Toolchain | Non
     except SourceError:
         model = None
     stats = safetensors_stats(model.path) if model else None
+    source_bytes = sum((model.path / f).stat().st_size for f in model.files) if model else None
     steps.append(PlannedStep("source", recipe.model.repo or recipe.model.path or "", "done" if model else "to do",
-                             stats.parameters * 2 if stats else None, None))
+                             source_bytes, None))
     if recipe.gguf is None:
         return steps
     spec = recipe.gguf

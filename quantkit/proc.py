@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 tool_log = logging.getLogger("quantkit.tool")
 
 TAIL_LINES = 40
+PROGRESS_EVERY = 30.0  # seconds between "still running" lines for long tools
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,15 @@ def run_tool(command: list[str | os.PathLike], *, cwd: Path | None = None, env: 
     with subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1) as proc:
         assert proc.stdout is not None
+        next_progress = start + PROGRESS_EVERY
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
             tool_log.debug("[%s] %s", name, line)
+            now = time.perf_counter()
+            if now >= next_progress and line.strip():
+                log.info("%s running for %.0fs: %s", name, now - start, line.strip()[:160])
+                next_progress = now + PROGRESS_EVERY
         # wait4 gives the child's own peak RSS, which benchmarks compare to the bare tool.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)

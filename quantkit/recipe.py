@@ -184,6 +184,18 @@ class Evaluation(Section):
     file: ProjectPath
     ctx: int = Field(512, ge=16, le=131_072)
     max_tokens: int = Field(10_240, ge=64, le=10_000_000, description="bound on scored tokens (disk for base logits)")
+    kld: bool = Field(True, description="KL divergence against the base model (needs its logits on disk once)")
+    bench: bool = Field(True, description="llama-bench prompt/generation speed for each GGUF")
+    bench_prompt_tokens: int = Field(128, ge=1, le=65_536)
+    bench_gen_tokens: int = Field(32, ge=1, le=65_536)
+    bench_reps: int = Field(2, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _at_least_one_chunk(self) -> Evaluation:
+        if self.max_tokens < self.ctx:
+            raise Invalid(f"evaluation.max_tokens {self.max_tokens} is less than one context of {self.ctx} tokens",
+                          f"raise max_tokens to a multiple of ctx (e.g. {self.ctx * 20}) or lower ctx")
+        return self
 
 
 class TensorOverrides(Section):

@@ -1,0 +1,263 @@
+"""Step 5 for GGUF variants: llama-perplexity (PPL, KL divergence) and llama-bench (speed).
+
+The base GGUF's log-probs are written once per run (``--kl-divergence-base``,
+about ``n_tokens/2 * n_vocab * 2`` bytes) and every variant is compared with
+them (``--kl-divergence``); ``base_logits_once`` makes that file only when a
+score is missing from the store and deletes it when the run is done.
+
+Numbers are parsed from llama-perplexity's own final lines and the printed
+strings are kept, so what quantkit records is what a user running the tool by
+hand reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from quantkit.digest import sha256_file, write_json_atomic
+from quantkit.errors import ToolError, VerificationError
+from quantkit.evaluate import Score, Speed, base_logits_bytes, max_chunks, read_logits_header, scored_per_chunk
+from quantkit.proc import run_tool
+from quantkit.recipe import Evaluation
+from quantkit.store import Entry, Staging, Store
+from quantkit.toolchain import Toolchain
+
+log = logging.getLogger(__name__)
+
+STEP = "score-gguf"
+SCORE_FILE = "score.json"
+LOG_FILE = "llama-perplexity.log"
+BACKEND = "llama-perplexity"
+LOGITS_NAME = "base-logits.bin"
+
+_NUM = r"([-+]?(?:\d+\.?\d*|nan|inf))"
+# Lines llama-perplexity prints at the end (perplexity.cpp of the pinned commit).
+PATTERNS = {
+    "ppl_final": re.compile(rf"Final estimate: PPL = {_NUM} \+/- {_NUM}"),
+    "chunks_ppl": re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)"),
+    "chunks_kld": re.compile(r"kl_divergence: computing over (\d+) chunks, n_ctx=(\d+)"),
+    "ppl_q": re.compile(rf"Mean PPL\(Q\)\s+:\s+{_NUM} ± +{_NUM}"),
+    "ppl_base": re.compile(rf"Mean PPL\(base\)\s+:\s+{_NUM} ± +{_NUM}"),
+    "kld_mean": re.compile(rf"Mean    KLD:\s+{_NUM} ± +{_NUM}"),
+    "kld_p99": re.compile(rf"99\.0%   KLD:\s+{_NUM}"),
+    "same_top": re.compile(rf"Same top p:\s+{_NUM} ± +{_NUM} %"),
+}
+
+
+def parse_perplexity_log(text: str) -> dict[str, tuple[str, ...]]:
+    """The groups of every pattern found (last occurrence), as printed strings."""
+    found = {}
+    for name, pattern in PATTERNS.items():
+        matches = pattern.findall(text)
+        if matches:
+            last = matches[-1]
+            found[name] = last if isinstance(last, tuple) else (last,)
+    return found
+
+
+def _perplexity(args: list, *, workdir: Path, toolchain: Toolchain, threads: int) -> tuple[str, float]:
+    """Run llama-perplexity with a log file (the output tail is too short for the statistics)."""
+    log_path = workdir / LOG_FILE
+    # Absolute paths: the tool runs in workdir.
+    args = [Path(a).resolve() if isinstance(a, Path) else a for a in args]
+    run = run_tool([toolchain.binary("llama-perplexity"), *args, "-t", str(threads), "--log-file", log_path],
+                   cwd=workdir)
+    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else run.output_tail
+    return text, run.seconds
+
+
+def base_logits(*, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain, workdir: Path,
+                threads: int | None = None) -> Path:
+    """Write the base model's log-probs over the evaluation windows to ``workdir``; return the file."""
+    threads = threads or os.cpu_count() or 1
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir.resolve() / LOGITS_NAME
+    text, seconds = _perplexity(["-m", base_gguf, "-f", text_file, "-c", str(spec.ctx), "--chunks",
+                                 str(max_chunks(spec)), "--kl-divergence-base", out],
+                                workdir=workdir, toolchain=toolchain, threads=threads)
+    found = parse_perplexity_log(text)
+    if "ppl_final" not in found or not out.is_file():
+        # llama-perplexity exits 0 when the text is too short for two contexts.
+        raise VerificationError(f"llama-perplexity wrote no base logits for {base_gguf.name}; "
+                                f"its output ended with:\n{_tail(text)}")
+    header = read_logits_header(out)
+    want = base_logits_bytes(n_ctx=header.n_ctx, n_chunks=header.n_chunks, n_vocab=header.n_vocab)
+    if out.stat().st_size != want:
+        raise VerificationError(f"{out} has {out.stat().st_size} bytes, expected {want} for {header.n_chunks} "
+                                f"chunks of {header.n_ctx} tokens and {header.n_vocab} vocab entries")
+    log.info("base logits: %d chunks x %d tokens, %.1f MiB in %.1fs (base PPL %s)", header.n_chunks,
+             header.n_ctx, want / 2**20, seconds, found["ppl_final"][0])
+    return out
+
+
+def score_gguf(*, gguf: Path, base_logits: Path | None, text_file: Path, spec: Evaluation, toolchain: Toolchain,
+               threads: int | None = None, workdir: Path | None = None) -> Score:
+    """PPL (and KLD against ``base_logits`` when given) of one GGUF, parsed from llama-perplexity.
+
+    With base logits the tokens come from that file (the base's tokenization), so
+    every variant is scored on identical tokens; without, the text is tokenized
+    with the variant's own vocabulary (the same for variants of one base).
+    The tool's log is kept in ``workdir`` when one is given.
+    """
+    threads = threads or os.cpu_count() or 1
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-score-")))
+        if base_logits is not None:
+            args = ["-m", gguf, "--kl-divergence-base", base_logits, "--kl-divergence", "-c", str(spec.ctx)]
+        else:
+            args = ["-m", gguf, "-f", text_file, "-c", str(spec.ctx), "--chunks", str(max_chunks(spec))]
+        text, seconds = _perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads)
+    return score_from_log(text, seconds=seconds, kld=base_logits is not None, what=gguf.name)
+
+
+def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
+    found = parse_perplexity_log(text)
+    need = ("ppl_q", "kld_mean", "kld_p99", "same_top", "chunks_kld") if kld else ("ppl_final", "chunks_ppl")
+    missing = [n for n in need if n not in found]
+    if missing:
+        raise VerificationError(f"llama-perplexity printed no {', '.join(missing)} for {what} (too few tokens? "
+                                f"KL statistics need 100 scored tokens); its output ended with:\n{_tail(text)}")
+    n_chunks, ctx = (int(v) for v in found["chunks_kld" if kld else "chunks_ppl"])
+    ppl, ppl_err = found["ppl_q"] if kld else found["ppl_final"]
+    printed = {"ppl": ppl, "ppl_err": ppl_err}
+    if kld:
+        printed |= {"kld_mean": found["kld_mean"][0], "kld_mean_err": found["kld_mean"][1],
+                    "kld_p99": found["kld_p99"][0], "same_top_pct": found["same_top"][0]}
+        if "ppl_base" in found:
+            printed["ppl_base"] = found["ppl_base"][0]
+
+    def num(name: str) -> float | None:
+        return float(printed[name]) if name in printed else None
+
+    return Score(backend=BACKEND, ppl=float(ppl), ppl_err=float(ppl_err), kld_mean=num("kld_mean"),
+                 kld_mean_err=num("kld_mean_err"), kld_p99=num("kld_p99"), same_top_pct=num("same_top_pct"),
+                 n_tokens=n_chunks * scored_per_chunk(ctx), n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
+                 printed=printed)
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class BaseLogits:
+    """The base's logits file, made on first use and deleted when the ``with`` block ends."""
+
+    def __init__(self, *, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain, workdir: Path,
+                 threads: int | None = None):
+        self._args = dict(base_gguf=base_gguf, text_file=text_file, spec=spec, toolchain=toolchain,
+                          workdir=workdir, threads=threads)
+        self._path: Path | None = None
+
+    @property
+    def made(self) -> bool:
+        return self._path is not None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = base_logits(**self._args)
+        return self._path
+
+    def delete(self) -> None:
+        if self._path is not None:
+            size = self._path.stat().st_size if self._path.exists() else 0
+            self._path.unlink(missing_ok=True)
+            log.info("deleted base logits %s (%.1f MiB)", self._path, size / 2**20)
+            self._path = None
+
+
+@contextlib.contextmanager
+def base_logits_once(*, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain,
+                     workdir: Path | None = None, threads: int | None = None) -> Iterator[BaseLogits]:
+    """Lazily made base logits for one run; the file (and a temp ``workdir``) is removed on exit."""
+    own = workdir is None
+    if own:
+        workdir = Path(tempfile.mkdtemp(prefix="quantkit-logits-"))
+    logits = BaseLogits(base_gguf=base_gguf, text_file=text_file, spec=spec, toolchain=toolchain,
+                        workdir=workdir, threads=threads)
+    try:
+        yield logits
+    finally:
+        logits.delete()
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str, spec: Evaluation,
+                 toolchain: Toolchain) -> dict:
+    return {"gguf_sha256": gguf_sha256, "base_sha256": base_sha256, "text_sha256": text_sha256,
+            "ctx": spec.ctx, "max_tokens": spec.max_tokens, "kld": spec.kld and base_sha256 is not None,
+            "llama_cpp": toolchain.commit}
+
+
+def score_gguf_step(*, gguf: Path, gguf_sha256: str, base_gguf_sha256: str | None, text_file: Path,
+                    text_sha256: str, spec: Evaluation, base: BaseLogits | None, toolchain: Toolchain,
+                    store: Store, label: str, threads: int | None = None) -> Entry:
+    """The stored score of one GGUF; scores (and base logits) only if the store lacks it.
+
+    ``entry.info["score"]`` is ``Score.to_dict()``; the tool's full log is kept
+    next to ``score.json``.
+    """
+    use_kld = spec.kld and base is not None
+    inputs = score_inputs(gguf_sha256=gguf_sha256, base_sha256=base_gguf_sha256 if use_kld else None,
+                          text_sha256=text_sha256, spec=spec, toolchain=toolchain)
+    threads = threads or os.cpu_count() or 1
+
+    def produce(staging: Staging) -> None:
+        score = score_gguf(gguf=gguf, base_logits=base.path if use_kld else None, text_file=text_file,
+                           spec=spec, toolchain=toolchain, threads=threads, workdir=staging.path)
+        write_json_atomic(staging.path / SCORE_FILE, score.to_dict())
+        staging.info.update(tool=toolchain.version, seconds=score.seconds, threads=threads, score=score.to_dict())
+
+    entry = store.ensure(STEP, inputs, produce)
+    s = entry.info["score"]
+    log.info("score %s: %s PPL %s%s", label, "reused" if entry.reused else "measured", s["printed"]["ppl"],
+             f", mean KLD {s['printed']['kld_mean']}" if s["kld_mean"] is not None else "")
+    return entry
+
+
+def text_sha256(text_file: Path) -> str:
+    return sha256_file(text_file)
+
+
+def gguf_vocab_size(gguf: Path) -> int:
+    """Entries in a GGUF's vocabulary (the n_vocab of its logits), for the plan's disk estimate."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).get_field("tokenizer.ggml.tokens")
+    if field is None:
+        raise VerificationError(f"{gguf} has no tokenizer.ggml.tokens")
+    return len(field.data)
+
+
+def bench_gguf(*, gguf: Path, toolchain: Toolchain, threads: int, prompt_tokens: int = 128, gen_tokens: int = 32,
+               reps: int = 2) -> Speed:
+    """Prompt-processing and generation tokens/s from ``llama-bench -o jsonl``."""
+    run = run_tool([toolchain.binary("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(gen_tokens),
+                    "-r", str(reps), "-t", str(threads), "-o", "jsonl"])
+    rows = []
+    for line in run.output_tail.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    pp = [r for r in rows if r.get("n_prompt") == prompt_tokens and r.get("n_gen") == 0]
+    tg = [r for r in rows if r.get("n_gen") == gen_tokens and r.get("n_prompt") == 0]
+    if not pp or not tg:
+        raise ToolError([str(a) for a in run.command], run.returncode,
+                        "llama-bench printed no pp/tg results in -o jsonl:\n" + run.output_tail)
+    p, t = pp[-1], tg[-1]
+    return Speed(pp_tokens_per_s=float(p["avg_ts"]), pp_stddev=float(p["stddev_ts"]),
+                 tg_tokens_per_s=float(t["avg_ts"]), tg_stddev=float(t["stddev_ts"]), prompt_tokens=prompt_tokens,
+                 gen_tokens=gen_tokens, reps=reps, threads=int(p.get("n_threads", threads)),
+                 backend=str(p.get("backends", "")), cpu=str(p.get("cpu_info", "")))

@@ -1,0 +1,135 @@
+"""Step 5 for Hugging Face checkpoints (the base model, GPTQ/AWQ variants): PPL and KLD in torch.
+
+Same tokens and windows as llama-perplexity (see ``quantkit.evaluate``), same
+formulas for PPL, its ±, mean KLD, the 99th percentile and "same top token",
+so these rows sit in one table with the GGUF rows.
+
+Differences from llama-perplexity, by design:
+- tokens come from the checkpoint's own HF tokenizer (``add_special_tokens=True``,
+  which also recognises special-token text in the input; llama.cpp does not).
+  For ordinary prose the ids match llama.cpp's (the tests check it);
+- KLD uses the base model's exact float log-probs over the whole vocabulary,
+  where llama.cpp stores them in 16 bits and skips entries below e^-16.
+
+The base model runs window by window next to the variant, so no vocab-sized
+logits are kept beyond one window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from quantkit.errors import VerificationError
+from quantkit.evaluate import Score, max_chunks, percentile, ppl_and_err, read_eval_text, scored_per_chunk
+from quantkit.recipe import Evaluation
+
+log = logging.getLogger(__name__)
+
+BACKEND = "torch"
+PROGRESS_SECONDS = 30.0
+
+
+def load_causal_lm(model_dir: Path, *, device: str = "cpu"):
+    """Model and tokenizer of a checkpoint, in eval mode.
+
+    The one place checkpoints are loaded for scoring: GPTQ/AWQ loading
+    (gptqmodel) goes here. Plain checkpoints load in float32 on CPU (the
+    reference must not be rounded further); on GPU in their saved dtype.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = torch.float32 if device == "cpu" else "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def eval_windows(tokenizer, text: str, spec: Evaluation):
+    """The evaluation chunks as a (n_chunks, ctx) LongTensor, BOS already substituted as llama.cpp does."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    special = tokenizer("a", add_special_tokens=True).input_ids
+    bos = tokenizer.bos_token_id
+    add_bos = bos is not None and special[:1] == [bos] and plain[:1] != [bos]
+    if len(special) > len(plain) + int(add_bos):
+        raise VerificationError(f"tokenizer appends {special[len(plain) + int(add_bos):]} after the text; "
+                                "llama-perplexity refuses vocabularies that add EOS")
+    if len(ids) < 2 * spec.ctx:
+        raise VerificationError(f"evaluation text has {len(ids)} tokens, fewer than two contexts of {spec.ctx} "
+                                "(llama-perplexity's minimum)")
+    n_chunks = min(max_chunks(spec), len(ids) // spec.ctx)
+    windows = torch.tensor(ids[: n_chunks * spec.ctx], dtype=torch.long).view(n_chunks, spec.ctx).clone()
+    if add_bos:
+        windows[:, 0] = bos
+    return windows
+
+
+def _scored_log_probs(model, window, first: int):
+    """log-softmax (float64) at positions first..ctx-2 of one window: (ctx-1-first, vocab)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(input_ids=window[None].to(model.device)).logits[0, first:-1]
+    return torch.log_softmax(logits.to(torch.float64).cpu(), dim=-1)
+
+
+def score_hf(*, model_dir: Path, text_file: Path, spec: Evaluation, base_model_dir: Path | None = None,
+             device: str = "cpu") -> Score:
+    """PPL of a HF checkpoint on llama-perplexity's windows, and KLD against ``base_model_dir`` if given."""
+    import torch
+
+    start = time.perf_counter()
+    model, tokenizer = load_causal_lm(model_dir, device=device)
+    base = load_causal_lm(base_model_dir, device=device)[0] if base_model_dir is not None else None
+    windows = eval_windows(tokenizer, read_eval_text(text_file), spec)
+    n_chunks, ctx = windows.shape
+    first = ctx // 2
+    sum_nll = sum_nll2 = 0.0
+    kld_values: list[torch.Tensor] = []
+    same_top = 0
+    last_report = time.perf_counter()
+    for i, window in enumerate(windows):
+        log_probs = _scored_log_probs(model, window, first)
+        targets = window[first + 1:]
+        nll = -log_probs.gather(1, targets[:, None])[:, 0]
+        sum_nll += float(nll.sum())
+        sum_nll2 += float((nll * nll).sum())
+        if base is not None:
+            base_lp = _scored_log_probs(base, window, first)
+            if base_lp.shape != log_probs.shape:
+                raise VerificationError(f"{model_dir} has {log_probs.shape[1]} logits, base {base_model_dir} "
+                                        f"{base_lp.shape[1]}: not the same vocabulary")
+            kld_values.append((base_lp.exp() * (base_lp - log_probs)).sum(dim=-1))
+            same_top += int((base_lp.argmax(dim=-1) == log_probs.argmax(dim=-1)).sum())
+        now = time.perf_counter()
+        if now - last_report > PROGRESS_SECONDS:
+            rate = (i + 1) / (now - start)
+            log.info("scoring %s: chunk %d/%d, %.2f chunks/s, ETA %.0fs", model_dir.name, i + 1, n_chunks, rate,
+                     (n_chunks - i - 1) / rate)
+            last_report = now
+    count = n_chunks * scored_per_chunk(ctx)
+    ppl, ppl_err = ppl_and_err(sum_nll, sum_nll2, count)
+    printed = {"ppl": f"{ppl:.6f}", "ppl_err": f"{ppl_err:.6f}"}
+    kld_mean = kld_err = kld_p99 = same_pct = None
+    if base is not None:
+        values = torch.cat(kld_values)
+        kld_mean = float(values.mean())
+        var = float((values * values).mean()) - kld_mean * kld_mean
+        kld_err = math.sqrt(var / (count - 1)) if var > 0 and count > 10 else 0.0
+        kld_p99 = percentile(values.sort().values.tolist(), 0.99)
+        same_pct = 100.0 * same_top / count
+        printed |= {"kld_mean": f"{kld_mean:.6f}", "kld_mean_err": f"{kld_err:.6f}", "kld_p99": f"{kld_p99:.6f}",
+                    "same_top_pct": f"{same_pct:.3f}"}
+    seconds = time.perf_counter() - start
+    log.info("scored %s in torch: PPL %s over %d tokens (%d chunks) in %.1fs", model_dir, printed["ppl"], count,
+             n_chunks, seconds)
+    return Score(backend=BACKEND, ppl=ppl, ppl_err=ppl_err, kld_mean=kld_mean, kld_mean_err=kld_err, kld_p99=kld_p99,
+                 same_top_pct=same_pct, n_tokens=count, n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
+                 printed=printed)

@@ -1,0 +1,130 @@
+"""The GGUF chain end to end on the tiny trained Llama, through the real llama.cpp binaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from quantkit.cli import main
+from quantkit.ggufinfo import read_gguf
+from quantkit.toolchain import ensure_toolchain
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """\
+name: tiny-chain
+model:
+  path: models/tiny
+  name: tiny-llama
+calibration:
+  files: [calibration/en-prose.txt, calibration/code-python.txt]
+gguf:
+  base_type: f16
+  imatrix: {enabled: true, ctx: 128, chunks: 16}
+  types:
+    - Q8_0
+    - Q4_K_M
+    - {type: Q4_K_M, imatrix: false}
+    - {type: Q4_K_M, label: Q4_K_M-q8out, output_tensor_type: q8_0}
+    - Q2_K
+    - IQ2_XS
+"""
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    return ensure_toolchain()
+
+
+def make_project(root: Path, repo_root: Path, tiny_llama: Path) -> Path:
+    (root / "recipes").mkdir(parents=True)
+    (root / "recipes" / "tiny.yaml").write_text(textwrap.dedent(RECIPE))
+    shutil.copytree(repo_root / "calibration", root / "calibration")
+    shutil.copytree(tiny_llama, root / "models" / "tiny")
+    return root / "recipes" / "tiny.yaml"
+
+
+def run(recipe: Path, store: Path, capsys, monkeypatch) -> tuple[dict, str]:
+    monkeypatch.setenv("QUANTKIT_STORE", str(store))
+    assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((recipe.parents[1] / "runs" / "tiny-chain" / "manifest.json").read_text())
+    return manifest, out
+
+
+def shas(manifest: dict) -> dict[str, str]:
+    return {v["label"]: v["files"]["model.gguf"]["sha256"] for v in manifest["variants"]}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, repo_root, tiny_llama, toolchain):
+    root = tmp_path_factory.mktemp("proj")
+    recipe = make_project(root, repo_root, tiny_llama)
+    return recipe, tmp_path_factory.mktemp("store")
+
+
+def test_chain_produces_every_variant(first_run, capsys, monkeypatch):
+    recipe, store = first_run
+    manifest, out = run(recipe, store, capsys, monkeypatch)
+    assert "built: convert, imatrix, quantize:Q8_0" in out
+    run_dir = recipe.parents[1] / "runs" / "tiny-chain"
+    assert [v["label"] for v in manifest["variants"]] == [
+        "F16", "Q8_0", "Q4_K_M", "Q4_K_M-noimat", "Q4_K_M-q8out", "Q2_K", "IQ2_XS"]
+    assert manifest["toolchain"]["llama_cpp"] == "0c1e570"
+    assert manifest["calibration"]["sha256"] and manifest["model"]["digest"]
+    expected_ftype = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q4_K_M-noimat": 15, "Q4_K_M-q8out": 15, "Q2_K": 10,
+                      "IQ2_XS": 20}
+    for v in manifest["variants"]:
+        path = run_dir / v["file"]
+        info = read_gguf(path)  # read back, not trusted from the log
+        assert info.file_type == expected_ftype[v["label"]], v["label"]
+        assert path.stat().st_size == v["files"]["model.gguf"]["size"]
+    # Widths are multiples of 256, so the K-quant path is really taken.
+    assert read_gguf(run_dir / "tiny-llama-Q4_K_M.gguf").tensor_types.get("q4_k", 0) > 0
+    assert read_gguf(run_dir / "tiny-llama-IQ2_XS.gguf").tensor_types.get("iq2_xs", 0) > 0
+    sha = shas(manifest)
+    assert sha["Q4_K_M"] != sha["Q4_K_M-noimat"], "the imatrix must change the result"
+
+
+def test_tensor_override_applied(first_run):
+    from gguf import GGUFReader
+
+    recipe, _ = first_run
+    reader = GGUFReader(recipe.parents[1] / "runs" / "tiny-chain" / "tiny-llama-Q4_K_M-q8out.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["output.weight"] == "Q8_0"
+    plain = GGUFReader(recipe.parents[1] / "runs" / "tiny-chain" / "tiny-llama-Q4_K_M.gguf")
+    assert {t.name: t.tensor_type.name for t in plain.tensors}["output.weight"] != "Q8_0"
+
+
+def test_rerun_reuses_everything(first_run, capsys, monkeypatch):
+    recipe, store = first_run
+    before = json.loads((recipe.parents[1] / "runs" / "tiny-chain" / "manifest.json").read_text())
+    manifest, out = run(recipe, store, capsys, monkeypatch)
+    assert "built: nothing (every step was already done)" in out
+    assert "reused: convert, imatrix, quantize:Q8_0, quantize:Q4_K_M" in out
+    assert shas(manifest) == shas(before)
+
+
+def test_clean_rerun_is_bit_identical(first_run, tmp_path, capsys, monkeypatch):
+    recipe, store = first_run
+    before = shas(json.loads((recipe.parents[1] / "runs" / "tiny-chain" / "manifest.json").read_text()))
+    manifest, out = run(recipe, tmp_path / "fresh-store", capsys, monkeypatch)
+    assert "reused" not in out
+    assert shas(manifest) == before
+
+
+def test_plan_shows_done_steps(first_run, capsys, monkeypatch):
+    recipe, store = first_run
+    monkeypatch.setenv("QUANTKIT_STORE", str(store))
+    assert main(["plan", str(recipe)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    status = {tuple(line.split()[:2]): line for line in lines[1:-1]}
+    assert "done" in status[("convert", "f16")]
+    assert "done" in status[("quantize", "IQ2_XS")]
+    assert lines[-1].startswith("new disk needed: 0 MiB")
