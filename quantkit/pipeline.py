@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from quantkit import __version__
@@ -37,12 +37,13 @@ class Variant:
     label: str
     entry: Entry
     file_name: str  # name in the run folder
+    scores: dict = field(default_factory=dict)  # Score.to_dict() plus "speed", "tasks"
 
     def describe(self) -> dict:
         return {"format": self.format, "label": self.label, "file": self.file_name, "step": self.entry.step,
                 "key": self.entry.key, "reused": self.entry.reused, "files": {
                     n: {"sha256": r.sha256, "size": r.size} for n, r in self.entry.files.items()},
-                "info": self.entry.info}
+                "info": self.entry.info, "scores": self.scores}
 
 
 @dataclass
@@ -106,6 +107,64 @@ def gguf_variants(ctx: RunContext, model: ModelSnapshot, calib: CalibrationText)
     return base, variants
 
 
+def score_ggufs(ctx: RunContext, variants: list[Variant]) -> list[Variant]:
+    """PPL and KLD of every GGUF against the first (the unquantized base), then speed.
+
+    The base logits are made at most once, only if some score is missing, and
+    deleted before this returns.
+    """
+    from quantkit.evaluate_gguf import base_logits_once, score_gguf_step, text_sha256
+
+    spec = ctx.recipe.evaluation
+    assert spec is not None
+    text_file = ctx.root / spec.file
+    text_digest = text_sha256(text_file)
+    base = variants[0]
+    base_sha = base.entry.files["model.gguf"].sha256
+    scored = []
+    with base_logits_once(base_gguf=base.entry.file("model.gguf"), text_file=text_file, spec=spec,
+                          toolchain=ctx.toolchain, threads=ctx.threads) as logits:
+        for v in variants:
+            is_base = v is base
+            entry = score_gguf_step(gguf=v.entry.file("model.gguf"), gguf_sha256=v.entry.files["model.gguf"].sha256,
+                                    base_gguf_sha256=None if is_base else base_sha, text_file=text_file,
+                                    text_sha256=text_digest, spec=spec, base=None if is_base else logits,
+                                    toolchain=ctx.toolchain, store=ctx.store, label=v.label, threads=ctx.threads)
+            ctx.record(f"score:{v.label}", entry)
+            scores = dict(entry.info["score"])
+            if is_base and spec.kld:
+                scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)
+            if spec.bench:
+                bench = bench_step(ctx, v)
+                ctx.record(f"bench:{v.label}", bench)
+                scores["speed"] = bench.info["speed"]
+            scored.append(replace(v, scores=scores))
+    return scored
+
+
+def bench_step(ctx: RunContext, v: Variant) -> Entry:
+    """llama-bench speed of one GGUF, stored like any other step (threads are part of the key here)."""
+    from quantkit.evaluate_gguf import bench_gguf
+
+    spec = ctx.recipe.evaluation
+    inputs = {"gguf_sha256": v.entry.files["model.gguf"].sha256, "prompt": spec.bench_prompt_tokens,
+              "gen": spec.bench_gen_tokens, "reps": spec.bench_reps, "threads": ctx.threads,
+              "llama_cpp": ctx.toolchain.commit}
+
+    def produce(staging) -> None:
+        speed = bench_gguf(gguf=v.entry.file("model.gguf"), toolchain=ctx.toolchain, threads=ctx.threads,
+                           prompt_tokens=spec.bench_prompt_tokens, gen_tokens=spec.bench_gen_tokens,
+                           reps=spec.bench_reps)
+        write_json_atomic(staging.path / "speed.json", speed.to_dict())
+        staging.info.update(tool=ctx.toolchain.version, speed=speed.to_dict())
+
+    entry = ctx.store.ensure("bench", inputs, produce)
+    sp = entry.info["speed"]
+    log.info("bench %s: %s (pp %.1f t/s, tg %.1f t/s, %d threads)", v.label, "reused" if entry.reused else "measured",
+             sp["pp_tokens_per_s"], sp["tg_tokens_per_s"], sp["threads"])
+    return entry
+
+
 def _link(src: Path, dest: Path) -> None:
     """Put a store file into the run folder: a hard link (no copy) when the filesystem allows."""
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -152,6 +211,8 @@ def run(ctx: RunContext) -> RunResult:
     variants: list[Variant] = []
     if ctx.recipe.gguf:
         _, gg = gguf_variants(ctx, model, calib)
+        if ctx.recipe.evaluation:
+            gg = score_ggufs(ctx, gg)
         variants += gg
     manifest = write_run_folder(ctx, model, calib, variants)
     reused = tuple(s["step"] for s in ctx.steps if s["reused"])

@@ -357,8 +357,82 @@ class AWQVariant(Section):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
+class PublishThresholds(Section):
+    """When a re-run may replace the last published one (see quantkit.publish.regression_gate)."""
+
+    max_kld_increase: float = Field(0.10, ge=0, le=10, description="allowed rise of a variant's mean KLD over the "
+                                    "last published run, as a fraction of it (0.10 = +10%)")
+    max_task_drop: float = Field(0.01, ge=0, le=1, description="allowed drop of a task score (absolute, 0..1)")
+    min_recovery_gptq: float = Field(0.94, ge=0, le=1, description="GPTQ task score / base score must reach this")
+    min_recovery_awq: float = Field(0.90, ge=0, le=1, description="AWQ task score / base score must reach this")
+    min_recovery_gguf: float | None = Field(None, ge=0, le=1, description="same for GGUF variants; off by default")
+    recommend_max_kld: float = Field(0.05, gt=0, le=10, description="the report recommends the smallest variant "
+                                     "whose mean KLD is under this")
+
+
+class Publish(Section):
+    """Where a scored run goes: the local artifact store (always), and the Hub when target is 'hub'."""
+
+    target: Literal["local", "hub"] = "local"
+    repo: str | None = Field(None, description="Hub repo id for target 'hub', e.g. my-org/Llama-3.1-8B-GGUF")
+    private: bool = Field(True, description="create the Hub repo private")
+    dir: ProjectPath = Field("artifacts", description="local artifact store: <dir>/<recipe>/<run-id>/ and latest")
+    thresholds: PublishThresholds = PublishThresholds()
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str | None) -> str | None:
+        if v is not None and not REPO_RE.match(v):
+            raise Invalid(f"'{v}' is not a Hugging Face repo id", "write owner/name, e.g. my-org/SmolLM2-135M-GGUF")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self) -> Publish:
+        if self.target == "hub" and self.repo is None:
+            raise Invalid("publish.target is 'hub' but no 'repo' is given", "add repo: owner/name")
+        if self.target == "local" and self.repo is not None:
+            raise Invalid(f"publish.repo '{self.repo}' is set but target is 'local'",
+                          "set target: hub to upload, or remove repo")
+        return self
+
+
 class Output(Section):
     dir: ProjectPath = Field("runs", description="run folders (manifest, links to outputs) go here")
+
+
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
+CRON_PART_RE = re.compile(r"^(\*|(\d{1,2})(-(\d{1,2}))?)(/(\d{1,2}))?$")
+
+
+class Schedule(Section):
+    """A nightly (or other) cron for the recipe's deployment; without it the deployment has no schedule."""
+
+    cron: str = Field(description="five fields: minute hour day-of-month month day-of-week, e.g. '0 2 * * *'")
+    timezone: str = Field("UTC", description="IANA name, e.g. UTC or Europe/Berlin")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        fields = v.split()
+        if len(fields) != 5:
+            raise Invalid(f"cron '{v}' has {len(fields)} fields, expected 5", "write minute hour day month weekday, e.g. '0 2 * * *'")
+        for text, (what, lo, hi) in zip(fields, CRON_FIELDS):
+            for part in text.split(","):
+                m = CRON_PART_RE.match(part)
+                numbers = [int(g) for g in (m.group(2), m.group(4)) if g] if m else []
+                if not m or any(not lo <= n <= hi for n in numbers) or (m.group(6) and int(m.group(6)) == 0):
+                    raise Invalid(f"cron {what} field '{text}' is not valid",
+                                  f"use *, a number {lo}-{hi}, a range a-b, a list a,b or a step */n (no names like MON)")
+        return " ".join(fields)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        import zoneinfo
+
+        if v not in zoneinfo.available_timezones():
+            raise Invalid(f"unknown timezone '{v}'", _suggest(v, zoneinfo.available_timezones()) or "use an IANA name such as UTC")
+        return v
 
 
 class Recipe(Section):
@@ -373,6 +447,8 @@ class Recipe(Section):
     gptq: list[GPTQVariant] = Field(default_factory=list, max_length=16)
     awq: list[AWQVariant] = Field(default_factory=list, max_length=16)
     output: Output = Output()
+    publish: Publish | None = Field(None, description="publishing and the regression gate; local store if absent")
+    schedule: Schedule | None = Field(None, description="cron for the deployment (none: runs only when asked)")
 
     @field_validator("name")
     @classmethod

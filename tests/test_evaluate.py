@@ -1,0 +1,191 @@
+"""Scoring: llama-perplexity numbers as printed, KLD ordering, torch on the same windows.
+
+Runs the real tools on the tiny trained Llama (f16 GGUF, Q8_0, Q2_K) over a
+few short chunks of the held-out text, so it takes well under a minute once
+the fixture model exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantkit.errors import ToolchainError, VerificationError
+from quantkit.evaluate import base_logits_bytes, estimate_base_logits_bytes, read_logits_header, scored_per_chunk
+from quantkit.evaluate_gguf import (
+    LOG_FILE,
+    SCORE_FILE,
+    STEP,
+    base_logits_once,
+    bench_gguf,
+    parse_perplexity_log,
+    score_gguf,
+    score_gguf_step,
+)
+from quantkit.proc import run_tool
+from quantkit.recipe import Evaluation
+from quantkit.store import Store
+from quantkit.toolchain import find_toolchain
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+HELDOUT = REPO / "calibration" / "eval" / "en-prose-heldout.txt"
+CTX = 128
+SPEC = Evaluation(file="calibration/eval/en-prose-heldout.txt", ctx=CTX, max_tokens=8 * CTX)
+
+
+@pytest.fixture(scope="session")
+def toolchain():
+    try:
+        return find_toolchain()
+    except ToolchainError as e:
+        pytest.skip(f"no pinned llama.cpp toolchain ({e}); run `quantkit toolchain --build`")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_llama) -> Path:
+    return Path(tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def ggufs(tiny_model_dir, toolchain, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf")
+    f16 = out / "f16.gguf"
+    run_tool([sys.executable, toolchain.convert_script, tiny_model_dir, "--outfile", f16, "--outtype", "f16"],
+             env=toolchain.python_env())
+    files = {"F16": f16}
+    for qtype in ("Q8_0", "Q2_K"):
+        files[qtype] = out / f"{qtype}.gguf"
+        run_tool([toolchain.binary("llama-quantize"), f16, files[qtype], qtype, "2"])
+    return files
+
+
+def _by_hand(log_text: str) -> dict[str, str]:
+    """An independent reading of llama-perplexity's final lines."""
+    lines = {}
+    for line in log_text.splitlines():
+        if m := re.match(r"Mean PPL\(Q\)\s*: +(\S+) ± +(\S+)$", line):
+            lines["ppl"], lines["ppl_err"] = m.groups()
+        elif m := re.match(r"Mean +KLD: +(\S+) ± +(\S+)$", line):
+            lines["kld_mean"], lines["kld_mean_err"] = m.groups()
+        elif m := re.match(r"99\.0% +KLD: +(\S+)$", line):
+            lines["kld_p99"] = m.group(1)
+        elif m := re.match(r"Same top p: +(\S+) ±", line):
+            lines["same_top_pct"] = m.group(1)
+        elif m := re.search(r"Final estimate: PPL = (\S+) \+/- (\S+)$", line):
+            lines["ppl"], lines["ppl_err"] = m.groups()
+    return lines
+
+
+@pytest.fixture(scope="session")
+def scores(ggufs, toolchain, tmp_path_factory):
+    """Every GGUF scored against the f16 logits, with each run's full log kept."""
+    work = tmp_path_factory.mktemp("score")
+    out = {}
+    with base_logits_once(base_gguf=ggufs["F16"], text_file=HELDOUT, spec=SPEC, toolchain=toolchain,
+                          workdir=work / "logits") as base:
+        for name, path in ggufs.items():
+            d = work / name
+            d.mkdir()
+            score = score_gguf(gguf=path, base_logits=base.path, text_file=HELDOUT, spec=SPEC, toolchain=toolchain,
+                               workdir=d)
+            out[name] = (score, (d / LOG_FILE).read_text(encoding="utf-8"))
+        header = read_logits_header(base.path)
+        size = base.path.stat().st_size
+        logits_path = base.path
+    assert not logits_path.exists(), "base logits must be deleted when the run ends"
+    return out, header, size
+
+
+def test_recorded_numbers_are_the_printed_ones(scores):
+    by_name, _, _ = scores
+    for name, (score, log_text) in by_name.items():
+        printed = _by_hand(log_text)
+        assert printed.keys() >= {"ppl", "ppl_err", "kld_mean", "kld_p99", "same_top_pct"}, name
+        for key, text in printed.items():
+            assert score.printed[key] == text, (name, key)
+            assert getattr(score, key) == float(text), (name, key)
+
+
+def test_kld_orders_by_precision(scores):
+    by_name, _, _ = scores
+    f16, q8, q2 = (by_name[n][0] for n in ("F16", "Q8_0", "Q2_K"))
+    assert f16.kld_mean < 1e-3  # the base against its own 16-bit logits
+    assert q8.kld_mean < q2.kld_mean
+    assert q8.same_top_pct > q2.same_top_pct
+    assert f16.n_chunks == SPEC.max_tokens // CTX and f16.n_tokens == f16.n_chunks * scored_per_chunk(CTX)
+
+
+def test_base_logits_file_size(scores, ggufs):
+    _, header, size = scores
+    assert (header.n_ctx, header.n_chunks) == (CTX, SPEC.max_tokens // CTX)
+    assert size == base_logits_bytes(n_ctx=CTX, n_chunks=header.n_chunks, n_vocab=header.n_vocab)
+    assert estimate_base_logits_bytes(SPEC, n_vocab=header.n_vocab) == size
+
+
+def test_torch_matches_llama_perplexity_windows(scores, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from quantkit.evaluate import read_eval_text
+    from quantkit.evaluate_torch import eval_windows, score_hf
+
+    by_name, header, _ = scores
+    # Same tokens: the HF tokenizer's windows equal what llama.cpp tokenized (before BOS substitution).
+    windows = eval_windows(AutoTokenizer.from_pretrained(tiny_model_dir), read_eval_text(HELDOUT), SPEC)
+    llama = list(header.tokens)
+    for i, window in enumerate(windows.tolist()):
+        assert window[1:] == llama[i * CTX + 1:(i + 1) * CTX], f"chunk {i} tokenized differently"
+
+    torch_score = score_hf(model_dir=tiny_model_dir, text_file=HELDOUT, spec=SPEC, base_model_dir=tiny_model_dir)
+    f16 = by_name["F16"][0]
+    assert (torch_score.n_chunks, torch_score.n_tokens) == (f16.n_chunks, f16.n_tokens)
+    assert torch_score.ppl == pytest.approx(f16.ppl, rel=0.02)
+    assert torch_score.kld_mean == pytest.approx(0.0, abs=1e-9)
+    assert torch_score.same_top_pct == 100.0
+
+
+def test_score_step_is_cached(ggufs, toolchain, tmp_path):
+    store = Store(tmp_path / "store")
+    text_sha = hashlib.sha256(HELDOUT.read_bytes()).hexdigest()
+    with base_logits_once(base_gguf=ggufs["F16"], text_file=HELDOUT, spec=SPEC, toolchain=toolchain) as base:
+        kwargs = dict(gguf=ggufs["Q8_0"], gguf_sha256="q8", base_gguf_sha256="f16", text_file=HELDOUT,
+                      text_sha256=text_sha, spec=SPEC, base=base, toolchain=toolchain, store=store, label="Q8_0")
+        first = score_gguf_step(**kwargs)
+        assert base.made and not first.reused
+        assert {SCORE_FILE, LOG_FILE} <= first.files.keys()
+        assert first.info["score"]["kld_mean"] > 0
+    with base_logits_once(base_gguf=ggufs["F16"], text_file=HELDOUT, spec=SPEC, toolchain=toolchain) as base:
+        again = score_gguf_step(**{**kwargs, "base": base})
+        assert again.reused and again.key == first.key and not base.made  # no logits made for a stored score
+    assert first.step == STEP
+
+
+def test_too_short_text_is_an_error(ggufs, toolchain, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.\n")
+    with pytest.raises(VerificationError, match="too few tokens|two contexts|no base logits|printed no"):
+        score_gguf(gguf=ggufs["Q8_0"], base_logits=None, text_file=short, spec=SPEC, toolchain=toolchain)
+
+
+def test_parse_ignores_per_chunk_lines():
+    text = ("kl_divergence: computing over 3 chunks, n_ctx=128, batch_size=2048, n_seq=16\n"
+            "Mean PPL(Q)                   :  12.345678 ±   0.500000\n"
+            "Mean    KLD:   0.004000 ±   0.000100\n99.0%   KLD:   0.030000\n"
+            "Same top p: 97.255 ± 0.123 %\n")
+    found = parse_perplexity_log(text)
+    assert found["ppl_q"] == ("12.345678", "0.500000")
+    assert found["kld_mean"] == ("0.004000", "0.000100")
+    assert found["kld_p99"] == ("0.030000",)
+    assert found["same_top"] == ("97.255", "0.123")
+    assert found["chunks_kld"] == ("3", "128")
+
+
+def test_bench(ggufs, toolchain):
+    speed = bench_gguf(gguf=ggufs["Q8_0"], toolchain=toolchain, threads=2, prompt_tokens=32, gen_tokens=8, reps=1)
+    assert speed.pp_tokens_per_s > 0 and speed.tg_tokens_per_s > 0
+    assert speed.threads == 2 and speed.prompt_tokens == 32
