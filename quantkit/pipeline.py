@@ -165,6 +165,57 @@ def bench_step(ctx: RunContext, v: Variant) -> Entry:
     return entry
 
 
+def checkpoint_variants(ctx: RunContext, model: ModelSnapshot, calib: CalibrationText) -> list[Variant]:
+    """GPTQ and AWQ checkpoints (GPTQModel), one per recipe entry."""
+    from quantkit.awq import awq
+    from quantkit.gptq import gptq
+
+    stem = ctx.recipe.model.display_name
+    out = []
+    for spec in ctx.recipe.gptq:
+        label = spec.label or f"GPTQ-{spec.bits}bit-g{spec.group_size}"
+        entry = gptq(model=model, spec=spec, calibration=calib, store=ctx.store)
+        ctx.record(f"gptq:{label}", entry)
+        out.append(Variant("gptq", label, entry, f"{stem}-{label}"))
+    for spec in ctx.recipe.awq:
+        label = spec.label or f"AWQ-{spec.w_bit}bit-g{spec.q_group_size}"
+        entry = awq(model=model, spec=spec, calibration=calib, store=ctx.store)
+        ctx.record(f"awq:{label}", entry)
+        out.append(Variant("awq", label, entry, f"{stem}-{label}"))
+    return out
+
+
+def score_checkpoints(ctx: RunContext, model: ModelSnapshot, variants: list[Variant]) -> list[Variant]:
+    """PPL and KLD in torch, on llama-perplexity's windows, for the HF base and each checkpoint."""
+    from quantkit.evaluate_gguf import text_sha256
+    from quantkit.evaluate_torch import score_hf
+
+    spec = ctx.recipe.evaluation
+    text_file = ctx.root / spec.file
+    text_digest = text_sha256(text_file)
+
+    def score(label: str, model_dir: Path, identity: str, base: Path | None) -> dict:
+        inputs = {"model": identity, "base": model.digest if base else None, "text_sha256": text_digest,
+                  "ctx": spec.ctx, "max_tokens": spec.max_tokens}
+
+        def produce(staging) -> None:
+            result = score_hf(model_dir=model_dir, text_file=text_file, spec=spec, base_model_dir=base)
+            write_json_atomic(staging.path / "score.json", result.to_dict())
+            staging.info.update(score=result.to_dict())
+
+        entry = ctx.store.ensure("score-hf", inputs, produce)
+        ctx.record(f"score:{label}", entry)
+        return dict(entry.info["score"])
+
+    base_scores = score("HF", model.path, model.digest, None)
+    base_scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)
+    hf_base = Variant("hf", "HF", Entry("source", model.digest[:32], model.path, {}, {}, {}, True),
+                      os.path.relpath(model.path, ctx.root) if model.path.is_relative_to(ctx.root) else str(model.path),
+                      base_scores)
+    scored = [replace(v, scores=score(v.label, v.entry.path, v.entry.key, model.path)) for v in variants]
+    return [hf_base, *scored]
+
+
 def _link(src: Path, dest: Path) -> None:
     """Put a store file into the run folder: a hard link (no copy) when the filesystem allows."""
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -183,6 +234,12 @@ def write_run_folder(ctx: RunContext, model: ModelSnapshot, calib: CalibrationTe
     for v in variants:
         if v.format == "gguf":
             _link(v.entry.file("model.gguf"), out / v.file_name)
+        elif v.format in ("gptq", "awq"):
+            folder = out / v.file_name
+            folder.mkdir(exist_ok=True)
+            for name in v.entry.files:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                _link(v.entry.path / name, folder / name)
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "quantkit": __version__,
@@ -214,6 +271,11 @@ def run(ctx: RunContext) -> RunResult:
         if ctx.recipe.evaluation:
             gg = score_ggufs(ctx, gg)
         variants += gg
+    if ctx.recipe.gptq or ctx.recipe.awq:
+        ckpts = checkpoint_variants(ctx, model, calib)
+        if ctx.recipe.evaluation:
+            ckpts = score_checkpoints(ctx, model, ckpts)
+        variants += ckpts
     manifest = write_run_folder(ctx, model, calib, variants)
     reused = tuple(s["step"] for s in ctx.steps if s["reused"])
     built = tuple(s["step"] for s in ctx.steps if not s["reused"])

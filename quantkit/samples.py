@@ -52,10 +52,15 @@ def calibration_samples(*, tokenizer, text: str, samples: int, seq_len: int, see
 
     The text is tokenized once, without special tokens, so a window can start anywhere.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # longer than a context on purpose
+    return choose_windows(ids, samples=samples, seq_len=seq_len, seed=seed)[1]
+
+
+def choose_windows(ids: list[int], *, samples: int, seq_len: int, seed: int) -> tuple[list[int], list[list[int]]]:
+    """The chosen offsets (to record) and the windows of ``ids`` they start."""
     offsets = window_offsets(tokens=len(ids), samples=samples, seq_len=seq_len, seed=seed)
     log.debug("calibration windows (seed %d, %d tokens): %s", seed, len(ids), offsets)
-    return [list(ids[o : o + seq_len]) for o in offsets]
+    return offsets, [list(ids[o : o + seq_len]) for o in offsets]
 
 
 def samples_digest(windows: list[list[int]]) -> str:

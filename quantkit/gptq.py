@@ -1,0 +1,232 @@
+"""Step 5: GPTQ 4-bit checkpoints with GPTQModel (and the machinery awq.py shares).
+
+GPTQModel (not the end-of-life auto-gptq/autoawq) quantizes one decoder layer at a time,
+offloading finished layers to disk, on the GPU when there is one and on the CPU otherwise.
+It writes standard checkpoints: ``quantization_config`` in config.json, packed
+``qweight``/``qzeros``/``scales`` in safetensors, which vLLM, TGI and transformers load as they are.
+Before any work, ``check_group_size`` reads the tensor shapes from the safetensors headers and
+names the first layer whose input width the group size does not divide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from quantkit.calibration import CalibrationText
+from quantkit.errors import QuantkitError, VerificationError
+from quantkit.recipe import GPTQVariant
+from quantkit.samples import choose_windows, samples_digest
+from quantkit.source import ModelSnapshot
+from quantkit.store import Entry, Staging, Store
+
+log = logging.getLogger(__name__)
+
+STEP = "gptq"
+BACKEND = "gptqmodel"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+# GPTQModel writes its temp offload folder into the config; it differs per run and names a host path.
+VOLATILE_META = ("offload_to_disk_path",)
+
+
+class GroupSizeError(QuantkitError, ValueError):
+    """A group size that does not divide a quantized layer's input width."""
+
+    tip = "use a group size that divides every layer's input width, or -1 (one group per channel)"
+
+    def __init__(self, layer: str, width: int, group_size: int):
+        self.layer = layer
+        self.width = width
+        self.group_size = group_size
+        super().__init__(layer, width, group_size)
+
+    def __str__(self) -> str:
+        return f"{self.layer}: input width {self.width} is not a multiple of group_size {self.group_size}"
+
+
+class QuantizerError(QuantkitError, RuntimeError):
+    """GPTQModel failed while quantizing, or the checkpoint has nothing to quantize."""
+
+
+class BackendMissingError(QuantizerError, ImportError):
+    """GPTQModel is not installed, or does not import."""
+
+    tip = "install the GPTQ/AWQ backend: pip install 'quantkit[gptq]'"
+
+
+def linear_shapes(model_path: Path) -> dict[str, tuple[int, int]]:
+    """(out, in) of every 2-D weight inside the decoder layers, read from safetensors headers only.
+
+    These are the linears GPTQModel quantizes; embeddings and lm_head stay in float.
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                if ".layers." in name and name.endswith(".weight") and len(shape) == 2:
+                    shapes[name.removesuffix(".weight")] = (shape[0], shape[1])
+    return dict(sorted(shapes.items(), key=lambda kv: _natural(kv[0])))
+
+
+def check_group_size(model_path: Path, group_size: int) -> int:
+    """Raise ``GroupSizeError`` naming the first layer ``group_size`` does not fit; return layers checked."""
+    shapes = linear_shapes(model_path)
+    if not shapes:
+        raise QuantizerError(f"{model_path} has no decoder-layer linear weights in its safetensors files")
+    if group_size != -1:
+        for layer, (_, width) in shapes.items():
+            if width % group_size:
+                raise GroupSizeError(layer, width, group_size)
+    return len(shapes)
+
+
+def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationText, store: Store,
+         device: str | None = None) -> Entry:
+    """Quantize ``model`` with GPTQ as ``spec`` says; the checkpoint is at the entry's root."""
+
+    def config(gm):
+        return gm.GPTQConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act,
+                             act_group_aware=False, sym=spec.sym, damp_percent=spec.damp_percent)
+
+    return quantize_with_gptqmodel(
+        step=STEP, model=model, spec=spec, group_size=spec.group_size, calibration=calibration, store=store,
+        device=device, make_config=config, cpu_kernel=None,
+        expect={"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
+                "desc_act": spec.desc_act, "sym": spec.sym})
+
+
+def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size: int,
+                            calibration: CalibrationText, store: Store, device: str | None,
+                            make_config: Callable[[Any], Any], cpu_kernel: str | None,
+                            expect: dict[str, Any]) -> Entry:
+    """The steps GPTQ and AWQ share: preflight, key, sample, quantize, save, verify.
+
+    ``make_config(gm)`` builds GPTQModel's quantize config; ``cpu_kernel`` names the
+    ``gptqmodel.BACKEND`` to pack with on CPU (None: GPTQModel's choice); ``expect`` is what the
+    saved config.json's ``quantization_config`` must hold.
+    """
+    layers = check_group_size(model.path, group_size)
+    version = backend_version()
+    inputs = {"model_digest": model.digest, "spec": spec.model_dump(exclude={"label"}),
+              "calibration_sha256": calibration.sha256, "backend": {"name": BACKEND, "version": version}}
+    label = spec.label or step
+
+    def produce(staging: Staging) -> None:
+        gm = _import_gptqmodel()
+        import torch
+        from transformers import AutoTokenizer
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+        ids = tokenizer(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
+        offsets, windows = choose_windows(ids, samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
+        log.info("%s %s: quantizing %d linears in %s on %s with GPTQModel %s (%d windows of %d tokens)",
+                 step, label, layers, model.path, dev, version, len(windows), spec.seq_len)
+        torch.manual_seed(spec.seed)
+        start = time.perf_counter()
+        try:
+            qmodel = gm.GPTQModel.load(str(model.path), make_config(gm), device=dev)
+            backend = getattr(gm.BACKEND, cpu_kernel) if cpu_kernel and dev == "cpu" else gm.BACKEND.AUTO
+            qmodel.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows],
+                            batch_size=1, backend=backend)
+            qmodel.save(str(staging.path))
+        except QuantkitError:
+            raise
+        except Exception as e:  # GPTQModel raises bare ValueError/RuntimeError; keep the cause chained
+            raise QuantizerError(f"{step} {label}: GPTQModel failed on {model.path}: {e}") from e
+        seconds = time.perf_counter() - start
+        _copy_tokenizer(model.path, staging.path)
+        _scrub_volatile(staging.path)
+        verify_checkpoint(staging.path, expect=expect, layers=linear_shapes(model.path))
+        staging.info.update(
+            backend=BACKEND, backend_version=version, torch=torch.__version__, device=dev,
+            seconds=round(seconds, 3),
+            samples={"count": len(windows), "seq_len": spec.seq_len, "seed": spec.seed, "text_tokens": len(ids),
+                     "offsets": offsets, "digest": samples_digest(windows)})
+
+    entry = store.ensure(step, inputs, produce)
+    log.info("%s %s: %s %s (%.1f s)", step, label, "reused" if entry.reused else "built", entry.path,
+             entry.info.get("seconds", 0.0))
+    return entry
+
+
+def verify_checkpoint(path: Path, *, expect: dict[str, Any], layers: dict[str, tuple[int, int]]) -> None:
+    """Read the saved checkpoint back: quantization_config as promised, every linear packed."""
+    try:
+        qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise VerificationError(f"{path / 'config.json'} has no readable quantization_config ({e})") from e
+    wrong = {k: (qc.get(k), v) for k, v in expect.items() if qc.get(k) != v}
+    if wrong:
+        raise VerificationError("quantization_config differs from the recipe: "
+                                + ", ".join(f"{k}={got!r} (expected {want!r})" for k, (got, want) in wrong.items()))
+    packed = set()
+    from safetensors import safe_open
+
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="numpy") as f:
+            packed.update(n.removesuffix(".qweight") for n in f.keys() if n.endswith(".qweight"))
+    missing = [name for name in layers if name not in packed]
+    if missing:
+        raise VerificationError(f"{missing[0]} was not quantized (no {missing[0]}.qweight in the output; "
+                                f"{len(missing)} of {len(layers)} linears missing)")
+    if not (path / "tokenizer_config.json").exists():
+        raise VerificationError(f"{path} has no tokenizer files")
+
+
+def backend_version() -> str:
+    try:
+        return metadata.version(BACKEND)
+    except metadata.PackageNotFoundError as e:
+        raise BackendMissingError("GPTQ and AWQ need GPTQModel, which is not installed") from e
+
+
+def _import_gptqmodel():
+    # GPTQModel sizes its CPU worker pool from this; with 2 cores or fewer its default is one
+    # worker, which it cannot run with, so give it two unless the user chose.
+    if (os.cpu_count() or 1) <= 2:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    try:
+        from gptqmodel import BACKEND, GPTQModel
+        from gptqmodel.quantization.config import FORMAT, AWQConfig, GPTQConfig
+    except ImportError as e:
+        raise BackendMissingError(f"cannot import GPTQModel: {e}") from e
+    return SimpleNamespace(GPTQModel=GPTQModel, BACKEND=BACKEND, GPTQConfig=GPTQConfig, AWQConfig=AWQConfig,
+                           FORMAT=FORMAT)
+
+
+def _copy_tokenizer(src: Path, dest: Path) -> None:
+    """The source's own tokenizer files, byte for byte (GPTQModel re-saves only some of them)."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+
+
+def _scrub_volatile(path: Path) -> None:
+    for name in ("config.json", "quantize_config.json"):
+        file = path / name
+        if not file.exists():
+            continue
+        data = json.loads(file.read_text())
+        meta = (data.get("quantization_config", data)).get("meta") or {}
+        if any(k in meta for k in VOLATILE_META):
+            for k in VOLATILE_META:
+                meta.pop(k, None)
+            file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _natural(name: str) -> list[tuple[int, int, str]]:
+    """Sort key putting layer 2 before layer 10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
