@@ -1,0 +1,141 @@
+"""The Prefect flow on the tiny trained Llama, against a temporary Prefect server.
+
+Every step is a task; an unchanged re-run is all cache hits (the cache key is the store key);
+changing one type recomputes only that type; tool output reaches the run's logs; the variants
+become artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+prefect = pytest.importorskip("prefect", reason="the Prefect flow needs the 'prefect' extra")
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler  # noqa: E402
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from test_pipeline import make_project  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flows.quantize import quantize  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """\
+name: tiny-flow
+model:
+  path: models/tiny
+  name: tiny-llama
+calibration:
+  files: [calibration/en-prose.txt]
+gguf:
+  imatrix: {enabled: true, ctx: 128, chunks: 8}
+  types: [Q8_0, Q4_K_M, %s]
+"""
+STORE_STEPS = {"convert", "imatrix", "quantize-Q8_0", "quantize-Q4_K_M"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A temporary Prefect API (SQLite in a temp folder) with the `gpu` limit the flow holds."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}), prefect_test_harness(server_startup_timeout=120):
+        with get_client(sync_client=True) as client:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu", limit=1))
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root, tiny_llama):
+    root = tmp_path_factory.mktemp("flow-proj")
+    recipe = make_project(root, repo_root, tiny_llama).with_name("tiny-flow.yaml")
+    store = tmp_path_factory.mktemp("flow-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTKIT_STORE", str(store))
+        mp.setenv("QUANTKIT_THREADS", "2")
+        yield recipe
+
+
+def run_flow(recipe: Path, third_type: str) -> tuple[dict, dict[str, str], str]:
+    """Run the flow; return its result (plus its flow run id), {task run name: state name}, its log text."""
+    recipe.write_text(RECIPE % third_type)
+    state = quantize(str(recipe), return_state=True)
+    assert state.is_completed(), state
+    APILogHandler.flush()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    result = state.result() | {"flow_run_id": flow_run_id}
+    return result, {r.name: r.state.name for r in runs}, "\n".join(entry.message for entry in logs)
+
+
+def manifest_shas(result: dict) -> dict[str, str]:
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    return {v["label"]: v["files"]["model.gguf"]["sha256"] for v in manifest["variants"]}
+
+
+@pytest.fixture(scope="module")
+def first(prefect_server, project):
+    return run_flow(project, "Q2_K")
+
+
+def test_every_step_is_a_task_and_builds(first, project):
+    result, states, logs = first
+    assert set(states) == {"toolchain", "source", *STORE_STEPS, "quantize-Q2_K", "write-run-folder"}
+    assert all(s == "Completed" for s in states.values()), states
+    assert result["built"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
+    assert result["reused"] == []
+    assert set(manifest_shas(result)) == {"F16", "Q8_0", "Q4_K_M", "Q2_K"}
+    # The tools' own lines reach the run's logs, not only quantkit's summaries.
+    assert "[llama-quantize]" in logs and "[llama-imatrix]" in logs
+    assert "quantize Q4_K_M: built" in logs
+
+
+def test_variants_become_artifacts(first):
+    result, _, _ = first
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[result["flow_run_id"]])))
+    kinds = {a.key: a.type for a in arts}
+    assert kinds == {"tiny-flow-variants": "table", "tiny-flow-summary": "markdown", "tiny-flow-manifest": "link"}
+    table = next(a for a in arts if a.type == "table")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["variant"] for r in rows] == [v["label"] for v in manifest["variants"]]
+    assert rows[1]["sha256"] == manifest["variants"][1]["files"]["model.gguf"]["sha256"][:12]
+
+
+def test_unchanged_rerun_is_all_cache_hits(first, project):
+    before, _, _ = first
+    result, states, _ = run_flow(project, "Q2_K")
+    assert {n: s for n, s in states.items() if n in STORE_STEPS | {"quantize-Q2_K"}} == dict.fromkeys(
+        STORE_STEPS | {"quantize-Q2_K"}, "Cached")
+    assert result["built"] == []
+    assert result["reused"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
+    assert manifest_shas(result) == manifest_shas(before)
+
+
+def test_changed_type_recomputes_only_that_type(first, project):
+    before, _, _ = first
+    result, states, _ = run_flow(project, "Q3_K_S")
+    assert states["quantize-Q3_K_S"] == "Completed"
+    assert {states[n] for n in STORE_STEPS} == {"Cached"}
+    assert result["built"] == ["quantize:Q3_K_S"]
+    shas = manifest_shas(result)
+    unchanged = ("F16", "Q8_0", "Q4_K_M")
+    assert {k: shas[k] for k in unchanged} == {k: manifest_shas(before)[k] for k in unchanged}

@@ -1,0 +1,345 @@
+"""Report rendering, the regression gate and publishing, on a synthetic but realistic scored manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pydantic
+import pytest
+from huggingface_hub import HfApi, ModelCard
+
+from quantkit import publish as pub
+from quantkit.errors import PublishError, RegressionError
+from quantkit.hardware import GIB, ModelShape
+from quantkit.modelfile import ollama_template, render_modelfile
+from quantkit.recipe import Publish, PublishThresholds
+from quantkit.report import ReportSchemaError, build_report, load_report, render_markdown, write_report
+
+PARAMS = 134_515_008
+STEM = "SmolLM2-135M-Instruct"
+CONFIG = {"architectures": ["LlamaForCausalLM"], "head_dim": 64, "hidden_size": 576, "num_attention_heads": 9,
+          "num_hidden_layers": 30, "num_key_value_heads": 3, "max_position_embeddings": 8192, "vocab_size": 49152}
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+          "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{{- bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}")
+RECIPE_YAML = "name: smollm2-135m-demo\nmodel:\n  repo: HuggingFaceTB/SmolLM2-135M-Instruct\n"
+CALIB_README = (Path(__file__).resolve().parents[1] / "calibration" / "README.md").read_text()
+
+# label, bits per weight, ppl, kld mean, kld p99, same top %, pp t/s, tg t/s
+GGUF = [("F16", 16.0, 20.1234, None, None, None, 410.2, 61.3),
+        ("Q8_0", 8.5, 20.1410, 0.004, 0.041, 97.81, 520.6, 95.2),
+        ("Q6_K", 6.56, 20.2150, 0.012, 0.118, 95.62, 388.1, 101.7),
+        ("Q5_K_M", 5.70, 20.3820, 0.025, 0.245, 93.40, 402.9, 110.4),
+        ("Q4_K_M", 4.90, 20.9055, 0.060, 0.610, 89.95, 430.0, 121.8),
+        ("IQ4_XS", 4.30, 21.0711, 0.070, 0.700, 89.10, 350.4, 118.0),
+        ("Q3_K_M", 3.90, 22.4180, 0.150, 1.620, 83.70, 360.3, 125.5),
+        ("Q2_K", 3.00, 27.9501, 0.300, 3.310, 74.25, 371.9, 131.0)]
+
+
+def _size(bpw: float) -> int:
+    return int(PARAMS * bpw / 8)
+
+
+def _variant(fmt, label, file, size, scores, weights="model.gguf"):
+    files = {weights: {"sha256": "ab" * 32, "size": size}}
+    if fmt != "gguf":
+        files["config.json"] = {"sha256": "cd" * 32, "size": 1234}
+    return {"format": fmt, "label": label, "file": file, "files": files,
+            "info": {"gguf": {"parameters": PARAMS, "tensor_types": {"q4_K": 150}}} if fmt == "gguf" else {},
+            "scores": scores}
+
+
+def make_manifest(**kld_override) -> dict:
+    variants = []
+    for label, bpw, ppl, kld, p99, top, pp, tg in GGUF:
+        scores = {"ppl": ppl, "ppl_err": 0.21, "speed": {"pp_tps": pp, "tg_tps": tg, "threads": 2}}
+        if kld is not None:
+            scores |= {"kld_mean": kld_override.get(label, kld), "kld_mean_err": kld / 50, "kld_p99": p99,
+                       "same_top_pct": top}
+        if label in ("F16", "Q4_K_M"):
+            scores["tasks"] = {"arc_easy": 0.6010 if label == "F16" else 0.5893}
+        variants.append(_variant("gguf", label, f"{STEM}-{label}.gguf", _size(bpw), scores))
+    variants.append(_variant("hf", "BF16", "hf-base", _size(16.0), {"ppl": 20.1100, "tasks": {"arc_easy": 0.6030}},
+                             "model.safetensors"))
+    variants.append(_variant("gptq", "GPTQ-4bit-g128", f"{STEM}-GPTQ-4bit-g128", _size(4.6),
+                             {"ppl": 20.8800, "kld_mean": 0.080, "kld_p99": 0.81, "same_top_pct": 88.9,
+                              "tasks": {"arc_easy": 0.5851}}, "model.safetensors"))
+    variants.append(_variant("awq", "AWQ-4bit-g128", f"{STEM}-AWQ-4bit-g128", _size(4.65),
+                             {"ppl": 21.2000, "kld_mean": 0.090, "kld_p99": 0.95, "same_top_pct": 87.5,
+                              "tasks": {"arc_easy": kld_override.get("awq_arc", 0.5702)}}, "model.safetensors"))
+    return {"schema": 1, "quantkit": "0.1.0",
+            "recipe": {"name": "smollm2-135m-demo", "file": "recipes/smollm2-135m-demo.yaml", "sha256": "12" * 32,
+                       "resolved": {"name": "smollm2-135m-demo",
+                                    "model": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "name": STEM},
+                                    "evaluation": {"file": "calibration/eval/en-prose-heldout.txt", "ctx": 512}}},
+            "model": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "a" * 40, "commit": "a" * 40,
+                      "path": "models/smollm2", "digest": "ee" * 32, "files": {}},
+            "calibration": {"sha256": "77" * 32,
+                            "sources": ["calibration/en-prose.txt", "calibration/code-python.txt"]},
+            "toolchain": {"llama_cpp": "0c1e570", "version": "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)"},
+            "variants": variants}
+
+
+def make_run_dir(tmp_path: Path, manifest: dict, name: str = "run") -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    for v in manifest["variants"]:
+        if v["format"] == "gguf":
+            (run / v["file"]).write_bytes(b"GGUF" + v["label"].encode())
+        elif v["format"] in ("gptq", "awq"):
+            (run / v["file"]).mkdir()
+            (run / v["file"] / "model.safetensors").write_bytes(b"weights")
+            (run / v["file"] / "config.json").write_text("{}")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "recipe.yaml").write_text(RECIPE_YAML)
+    return run
+
+
+def table_rows(md: str) -> dict[str, dict[str, str]]:
+    section = md.split("## Variants", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return {f"{r['format']}:{r['variant']}": r for r in rows}
+
+
+def test_markdown_table_shows_the_manifest_numbers():
+    manifest = make_manifest()
+    report = build_report(manifest, config=CONFIG, chat_template=CHATML)
+    rows = table_rows(render_markdown(report))
+    assert len(rows) == len(manifest["variants"])
+    base_ppl = manifest["variants"][0]["scores"]["ppl"]
+    for v in manifest["variants"]:
+        row, s = rows[f"{v['format']}:{v['label']}"], v["scores"]
+        weights = sum(r["size"] for n, r in v["files"].items() if n.endswith((".gguf", ".safetensors")))
+        assert float(row["size GiB"]) == pytest.approx(weights / GIB, abs=5e-4)
+        assert float(row["bpw"]) == pytest.approx(weights * 8 / PARAMS, abs=5e-3)
+        assert row["PPL"] == f"{s['ppl']:.4f}"
+        assert row["ΔPPL"] == f"{s['ppl'] - base_ppl:+.4f}"
+        assert row["mean KLD"] == (f"{s['kld_mean']:.5f}" if "kld_mean" in s else "–")
+        assert row["KLD p99"] == (f"{s['kld_p99']:.5f}" if "kld_p99" in s else "–")
+        assert row["same top %"] == (f"{s['same_top_pct']:.2f}" if "same_top_pct" in s else "–")
+        assert row["arc_easy"] == (f"{s['tasks']['arc_easy']:.4f}" if "tasks" in s else "–")
+        assert row["tg t/s"] == (f"{s['speed']['tg_tps']:.1f}" if "speed" in s else "–")
+    assert rows["gguf:F16"][""] == "base"
+    # smallest under the KLD threshold, and the knee of the frontier, are marked and explained
+    assert rows["gguf:Q5_K_M"][""] == "★"
+    why = {r["id"]: r["why"] for r in report["recommended"]}
+    assert "smallest variant with mean KLD under 0.05" in why["gguf:Q5_K_M"]
+    assert report["pareto"] == ["gguf:Q2_K", "gguf:Q3_K_M", "gguf:IQ4_XS", "gguf:Q4_K_M", "gguf:Q5_K_M",
+                                "gguf:Q6_K", "gguf:Q8_0"]  # gptq/awq are bigger and worse than IQ4_XS here
+    assert any("knee" in w for w in why.values())
+
+
+def test_scores_may_be_missing_or_partial():
+    manifest = make_manifest()
+    del manifest["variants"][3]["scores"]
+    manifest["variants"][4]["scores"] = {"ppl": 21.0}
+    md = render_markdown(build_report(manifest))
+    row = table_rows(md)["gguf:Q5_K_M"]
+    assert row["PPL"] == "–" and row["mean KLD"] == "–"
+    assert "No config.json was given" in md
+
+
+def test_report_json_schema(tmp_path):
+    report = build_report(make_manifest(), config=CONFIG, chat_template=CHATML)
+    write_report(report, tmp_path, recipe_yaml=RECIPE_YAML, chat_template=CHATML, calibration_readme=CALIB_README)
+    loaded = load_report(tmp_path / "report.json")
+    assert loaded["schema"] == 1 and loaded["variants"][4]["kld_mean"] == 0.06
+    (tmp_path / "bad.json").write_text(json.dumps(loaded | {"schema": 99}))
+    with pytest.raises(ReportSchemaError, match="schema 99"):
+        load_report(tmp_path / "bad.json")
+    with pytest.raises(ReportSchemaError, match="manifest schema 2"):
+        build_report(make_manifest() | {"schema": 2})
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_card_metadata(tmp_path):
+    report = build_report(make_manifest(), config=CONFIG, chat_template=CHATML)
+    write_report(report, tmp_path, recipe_yaml=RECIPE_YAML, chat_template=CHATML, calibration_readme=CALIB_README)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.quantized_by == "quantkit"
+    assert {"gguf", "gptq", "awq"} <= set(card.data.tags)
+    assert card.data.eval_results and any(e.metric_type == "kl_divergence_mean" for e in card.data.eval_results)
+    assert "llama.cpp 0c1e570" in card.text
+    assert "`calibration/en-prose.txt`" in card.text and "PSF License 2.0" in card.text
+    assert RECIPE_YAML.strip() in card.text
+
+
+def test_one_modelfile_per_gguf(tmp_path):
+    manifest = make_manifest()
+    report = build_report(manifest, config=CONFIG, chat_template=CHATML)
+    write_report(report, tmp_path, recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    ggufs = [v["file"] for v in manifest["variants"] if v["format"] == "gguf"]
+    assert sorted(p.name for p in tmp_path.glob("*.Modelfile")) == sorted(g[:-5] + ".Modelfile" for g in ggufs)
+    text = (tmp_path / f"{STEM}-Q4_K_M.Modelfile").read_text()
+    assert f"FROM ./{STEM}-Q4_K_M.gguf\n" in text
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER num_ctx 4096" in text
+    md = (tmp_path / "report.md").read_text()
+    assert f"`llama-server -m {STEM}-Q4_K_M.gguf -c 4096 --port 8080 -ngl 999`" in md
+    assert f"`vllm serve ./{STEM}-GPTQ-4bit-g128 --max-model-len 4096`" in md
+
+
+def test_modelfile_template_shapes():
+    assert ollama_template(LLAMA3).stop == ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    text = render_modelfile("m.gguf", "{{ messages[0]['content'] }}", num_ctx=2048, eos_token="</s>")
+    assert "was not converted" in text and 'PARAMETER stop "</s>"' in text and "{{ .Prompt }}" in text
+
+
+def test_hardware_fit_from_config():
+    llama8b = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
+               "max_position_embeddings": 131072}
+    shape = ModelShape.from_config(llama8b)
+    assert shape.head_dim == 128 and shape.kv_cache_bytes(8192) == GIB  # 2*32*8*128*2 B/token * 8k
+    report = build_report(make_manifest(), config=CONFIG)
+    hw = report["hardware"]
+    assert hw["kv_cache_bytes"]["4096"] == 2 * 30 * 3 * 64 * 2 * 4096
+    assert hw["needed_bytes"]["gguf:Q8_0"]["32768"] is None  # beyond SmolLM2's 8192 context
+    assert hw["fits"]["8"]["4096"][0] == "gguf:F16"  # everything fits; the base is best quality
+
+
+def test_local_publish_is_complete_or_absent_and_never_overwrites(tmp_path, monkeypatch):
+    manifest = make_manifest()
+    run = make_run_dir(tmp_path, manifest)
+    write_report(build_report(manifest, config=CONFIG, chat_template=CHATML), run / "report",
+                 recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    store = tmp_path / "artifacts"
+    first = pub.publish_local(run_dir=run, report_dir=run / "report", store=store, recipe="demo", run_id="r1")
+    assert os.readlink(store / "demo" / "latest") == "r1"
+    assert (first / "README.md").is_file() and (first / "manifest.json").is_file() and not (first / "report").exists()
+    assert (first / f"{STEM}-AWQ-4bit-g128" / "model.safetensors").is_file()
+
+    calls, place = [], pub._place
+
+    def failing(src, dest):
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        place(src, dest)
+
+    monkeypatch.setattr(pub, "_place", failing)
+    with pytest.raises(OSError, match="disk full"):
+        pub.publish_local(run_dir=run, report_dir=run / "report", store=store, recipe="demo", run_id="r2")
+    assert sorted(p.name for p in (store / "demo").iterdir()) == [".publish.lock", "latest", "r1"]
+    assert os.readlink(store / "demo" / "latest") == "r1"
+    monkeypatch.undo()
+
+    before = sorted(p.name for p in first.rglob("*"))
+    with pytest.raises(PublishError, match="never overwritten"):
+        pub.publish_local(run_dir=run, report_dir=run / "report", store=store, recipe="demo", run_id="r1")
+    assert sorted(p.name for p in first.rglob("*")) == before
+
+
+def test_degraded_rerun_is_refused_with_the_difference(tmp_path):
+    settings = Publish(dir="artifacts")
+    good = make_manifest()
+    done = pub.release(run_dir=make_run_dir(tmp_path, good, "run1"), manifest=good, root=tmp_path, settings=settings,
+                       recipe_yaml=RECIPE_YAML, config=CONFIG, chat_template=CHATML, run_id="r1")
+    assert done.path == tmp_path / "artifacts" / "smollm2-135m-demo" / "r1"
+
+    worse = make_manifest(Q4_K_M=0.0900)
+    run2 = make_run_dir(tmp_path, worse, "run2")
+    with pytest.raises(RegressionError) as e:
+        pub.release(run_dir=run2, manifest=worse, root=tmp_path, settings=settings, recipe_yaml=RECIPE_YAML,
+                    config=CONFIG, chat_template=CHATML, run_id="r2")
+    assert [(f["id"], f["check"]) for f in e.value.findings] == [("gguf:Q4_K_M", "kld_mean")]
+    assert "gguf:Q4_K_M: mean KLD 0.06000 → 0.09000 (+50.0%" in str(e.value)
+    md = (run2 / "report" / "report.md").read_text()
+    assert "**FAILED, not published**" in md and "| gguf:Q4_K_M | kld_mean | 0.06000 | 0.09000 |" in md
+    assert os.readlink(tmp_path / "artifacts" / "smollm2-135m-demo" / "latest") == "r1"
+    assert not (tmp_path / "artifacts" / "smollm2-135m-demo" / "r2").exists()
+    assert pickle.loads(pickle.dumps(e.value)).findings == e.value.findings
+
+    # a small rise within +10% (and the noise) passes
+    ok = make_manifest(Q4_K_M=0.0640)
+    assert pub.release(run_dir=make_run_dir(tmp_path, ok, "run3"), manifest=ok, root=tmp_path, settings=settings,
+                       recipe_yaml=RECIPE_YAML, config=CONFIG, chat_template=CHATML, run_id="r3").run_id == "r3"
+
+
+def test_recovery_floor_without_a_previous_run():
+    report = build_report(make_manifest(awq_arc=0.5300))  # 0.53 / 0.603 = 0.879 < 0.90
+    gate = pub.regression_gate(report, None, thresholds=PublishThresholds())
+    assert gate["failed"] and [f["check"] for f in gate["findings"]] == ["recovery:arc_easy"]
+    assert gate["findings"][0]["id"] == "awq:AWQ-4bit-g128" and "0.879" in gate["findings"][0]["message"]
+    assert not pub.regression_gate(build_report(make_manifest()), None, thresholds=PublishThresholds())["failed"]
+
+
+def test_hub_commit_operations_without_network(tmp_path, monkeypatch):
+    manifest = make_manifest()
+    run = make_run_dir(tmp_path, manifest)
+    write_report(build_report(manifest, config=CONFIG, chat_template=CHATML), run / "report",
+                 recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    staged = tmp_path / "staged"
+    for rel, src in pub.collect_files(run, run / "report").items():
+        pub._place(src, staged / rel)
+    ops = pub.hub_operations(pub.plan_hub_files(staged))
+    paths = [op.path_in_repo for op in ops]
+    assert paths == sorted(paths) and "README.md" in paths and "report.json" in paths and "plot.png" in paths
+    assert f"{STEM}-Q4_K_M.gguf" in paths and f"{STEM}-Q4_K_M.Modelfile" in paths
+    assert f"{STEM}-GPTQ-4bit-g128/model.safetensors" in paths and "manifest.json" in paths
+
+    calls: dict[str, list] = {"create_repo": [], "create_commit": [], "create_tag": []}
+
+    class Commit:
+        oid, commit_url = "c" * 40, "https://huggingface.co/me/smol-GGUF/commit/ccc"
+
+    class Refs:
+        tags = []
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: calls["create_repo"].append((a, k)))
+    monkeypatch.setattr(HfApi, "list_repo_refs", lambda self, *a, **k: Refs())
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, **k: calls["create_commit"].append(k) or Commit())
+    monkeypatch.setattr(HfApi, "create_tag", lambda self, *a, **k: calls["create_tag"].append((a, k)))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(PublishError, match=r"\$HF_TOKEN"):
+        pub.publish_hub(folder=staged, repo_id="me/smol-GGUF", private=True, run_id="r1", recipe="demo")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    url = pub.publish_hub(folder=staged, repo_id="me/smol-GGUF", private=True, run_id="r1", recipe="demo")
+    assert url == Commit.commit_url
+    assert calls["create_repo"] == [(("me/smol-GGUF",), {"private": True, "exist_ok": True, "repo_type": "model"})]
+    (commit,) = calls["create_commit"]  # one commit per run
+    assert commit["repo_id"] == "me/smol-GGUF" and commit["commit_message"] == "quantkit: demo run r1"
+    assert [op.path_in_repo for op in commit["operations"]] == paths
+    assert calls["create_tag"][0][1]["tag"] == "r1"
+
+    Refs.tags = [type("Tag", (), {"name": "r1"})()]
+    with pytest.raises(PublishError, match="already has a run tagged r1"):
+        pub.publish_hub(folder=staged, repo_id="me/smol-GGUF", private=True, run_id="r1", recipe="demo")
+
+
+def test_hub_refuses_oversized_gguf_without_gguf_split(tmp_path):
+    (tmp_path / "big.gguf").write_bytes(b"x" * 300)
+    (tmp_path / "README.md").write_text("card")
+    files = pub.plan_hub_files(tmp_path, max_file_bytes=100)
+    assert [f.split for f in files] == [False, True]
+    with pytest.raises(PublishError, match="big.gguf is 0.0 GB, over the Hub's 50 GB per-file limit, "
+                                           "and llama-gguf-split is not built"):
+        pub.split_large_ggufs(files, work=tmp_path / "w", gguf_split=None)
+    with pytest.raises(PublishError, match="must be split"):
+        pub.hub_operations(files)
+    assert pub.split_names("m.gguf", 120 * 10**9) == ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf",
+                                                       "m-00003-of-00003.gguf"]
+    (tmp_path / "notes.bin").write_bytes(b"x" * 300)
+    with pytest.raises(PublishError, match="only GGUF files can be split"):
+        pub.plan_hub_files(tmp_path, max_file_bytes=100)
+
+
+def test_publish_section_is_strict():
+    assert Publish().thresholds.min_recovery_gptq == 0.94 and Publish().thresholds.min_recovery_awq == 0.90
+    with pytest.raises(pydantic.ValidationError, match="no 'repo'"):
+        Publish(target="hub")
+    with pytest.raises(pydantic.ValidationError, match="target is 'local'"):
+        Publish(repo="me/x")
+    with pytest.raises(pydantic.ValidationError, match="extra"):
+        Publish.model_validate({"thresholds": {"max_kld_incrase": 0.1}})
+    assert re.match(r"\d{8}T\d{6}Z-[0-9a-f]{8}$", pub.run_id_for(Path(__file__)))

@@ -1,0 +1,95 @@
+"""lm-eval tasks on both backends: lm-eval's hf model in torch and llama-perplexity --multiple-choice on a GGUF."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from quantkit.errors import ChanceLevelError
+from quantkit.recipe import Evaluation, TaskSpec
+from quantkit.store import Store
+from quantkit.tasks import check_tasks, items_sha256, load_items, p_above_chance, resolve_task, task_manager
+
+SHIPPED = TaskSpec(name="which-word-fits", limit=60)
+BROKEN = TaskSpec(name="which-word-fits-shuffled", path="tests/data/tasks/which-word-fits-shuffled", limit=60)
+
+
+def test_p_value_is_the_exact_binomial_tail():
+    # 4 choices, 10 items: P(X >= 6) for Binomial(10, 1/4) = 0.019727...
+    assert p_above_chance([1] * 6 + [0] * 4, [4] * 10) == pytest.approx(0.0197277, rel=1e-5)
+    assert p_above_chance([0] * 10, [4] * 10) == pytest.approx(1.0)
+    # Poisson-binomial: one 2-choice item right, nothing else, -> P(X >= 1) = 1 - 0.5 * 0.75
+    assert p_above_chance([1, 0], [2, 4]) == pytest.approx(0.625)
+
+
+def test_recipe_accepts_task_names_and_dicts():
+    e = Evaluation(file="x.txt", tasks=["which-word-fits", {"name": "arc_easy", "num_fewshot": 5, "limit": 100}])
+    assert [(t.name, t.num_fewshot, t.limit) for t in e.tasks] == [("which-word-fits", 0, 200), ("arc_easy", 5, 100)]
+    with pytest.raises(ValueError, match="twice"):
+        Evaluation(file="x.txt", tasks=["arc_easy", "arc_easy"])
+
+
+def test_items_are_lm_evals_prompts(repo_root):
+    pytest.importorskip("lm_eval")
+    tasks = [resolve_task(SHIPPED, root=repo_root), resolve_task(BROKEN, root=repo_root)]
+    assert tasks[0].local_dir == repo_root / "calibration/tasks/which-word-fits"
+    with task_manager(tasks) as manager:
+        good, broken = (load_items(t, manager) for t in tasks)
+    assert len(good) == 60 and good[0].context == "The cat sat on the" and good[0].choices[good[0].gold] == " mat."
+    # the broken copy: same prompts, every gold label moved to a wrong choice
+    assert [(i.context, i.choices) for i in good] == [(i.context, i.choices) for i in broken]
+    assert all(g.gold != b.gold for g, b in zip(good, broken))
+    assert items_sha256(good) != items_sha256(broken)
+
+
+def test_chance_error_is_picklable_and_says_why():
+    e = ChanceLevelError("t", "Q8_0", "llama-perplexity", "acc_token_norm", 0.25, 60, 0.25, 0.6, 0.01)
+    back = pickle.loads(pickle.dumps(e))
+    assert str(back) == str(e) == ("task t scores at chance on Q8_0 (llama-perplexity): acc_token_norm 0.250 over "
+                                   "60 items, chance 0.250, one-sided exact binomial p = 0.6 >= 0.01")
+
+
+@pytest.mark.slow
+def test_both_backends_beat_chance_and_agree(tmp_path, repo_root, tiny_llama):
+    """The shipped task above chance on the HF checkpoint and its F16 GGUF; the shuffled one fails on both."""
+    pytest.importorskip("lm_eval")
+    from quantkit.convert import convert
+    from quantkit.digest import DigestCache
+    from quantkit.recipe import ModelSource
+    from quantkit.source import fetch_model
+    from quantkit.tasks import score_tasks_gguf, score_tasks_hf
+    from quantkit.toolchain import ensure_toolchain
+
+    toolchain = ensure_toolchain()
+    store = Store(tmp_path / "store")
+    model = fetch_model(source=ModelSource(path=tiny_llama.name), root=tiny_llama.parent,
+                        digests=DigestCache(tmp_path / "digests.json"))
+    gguf = convert(model=model, base_type="f16", model_name="tiny-llama", toolchain=toolchain, store=store)
+
+    hf = score_tasks_hf(model_dir=tiny_llama, identity=model.digest, specs=[SHIPPED, BROKEN], root=repo_root,
+                        store=store, label="HF")
+    gg = score_tasks_gguf(gguf=gguf.file("model.gguf"), gguf_sha256=gguf.files["model.gguf"].sha256,
+                          specs=[SHIPPED, BROKEN], root=repo_root, store=store, toolchain=toolchain, label="F16")
+    good_hf, good_gg = hf["which-word-fits"], gg["which-word-fits"]
+    assert good_hf["backend"] == "lm-eval-hf" and good_gg["backend"] == "llama-perplexity"
+    assert good_hf["n"] == good_gg["n"] == 60
+    check_tasks({"which-word-fits": good_hf}, label="HF", alpha=0.01)
+    check_tasks({"which-word-fits": good_gg}, label="F16", alpha=0.01)
+    # The one metric both compute: argmax of mean log-likelihood per answer token. F16 weights against float32
+    # and lm-eval's token split (continuation tokens) against llama.cpp's (tokens after the prefix all choices
+    # share) can only move near-ties; 4 of 60 items (0.067) is about one binomial standard error at p=0.8.
+    assert abs(good_hf["acc_token_norm"] - good_gg["acc_token_norm"]) <= 4 / 60
+
+    for scores, label, backend in ((hf, "HF", "lm-eval-hf"), (gg, "F16", "llama-perplexity")):
+        with pytest.raises(ChanceLevelError) as err:
+            check_tasks({"which-word-fits-shuffled": scores["which-word-fits-shuffled"]}, label=label, alpha=0.01)
+        assert str(err.value).startswith(f"task which-word-fits-shuffled scores at chance on {label} ({backend}): ")
+        assert "over 60 items, chance 0.250, one-sided exact binomial p = " in str(err.value)
+
+    # stored: a second call reuses the results instead of scoring again
+    again = score_tasks_gguf(gguf=gguf.file("model.gguf"), gguf_sha256=gguf.files["model.gguf"].sha256,
+                             specs=[SHIPPED], root=repo_root, store=store, toolchain=toolchain, label="F16")
+    assert again["which-word-fits"] == good_gg
+    assert len(list((Path(store.root) / "tasks-gguf").glob("*/task.json"))) == 2
