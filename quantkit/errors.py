@@ -71,3 +71,50 @@ class VerificationError(QuantkitError, RuntimeError):
 
 class StoreError(QuantkitError, RuntimeError):
     """The content-addressed store is inconsistent or cannot be written."""
+
+
+class PublishError(QuantkitError, RuntimeError):
+    """A run could not be published (target exists, file too large, no token, upload failed)."""
+
+
+class RegressionError(QuantkitError, RuntimeError):
+    """A re-run scored worse than the last published run (or under a recovery floor): not published.
+    ``findings`` are the failed checks as dicts (id, check, previous, now, limit)."""
+
+    tip = "see the 'Regression check' section of report.md; fix the cause or raise the recipe's publish.thresholds"
+
+    def __init__(self, recipe: str, findings: list[dict] | tuple[dict, ...], report: str | None = None):
+        self.recipe = recipe
+        self.findings = tuple(findings)
+        self.report = report
+        super().__init__(recipe, self.findings, report)
+
+    def __str__(self) -> str:
+        lines = [f"{self.recipe}: {len(self.findings)} regression(s), not published"
+                 + (f" (report: {self.report})" if self.report else "")]
+        lines += [f"  {f['id']}: {f['message']}" for f in self.findings]
+        return "\n".join(lines)
+
+
+class ChanceLevelError(QuantkitError, RuntimeError):
+    """A task scored no better than guessing on a variant that must beat it (the base model, Q8_0).
+    ``p_value`` is the exact one-sided test of "uniform guessing on every item" (see quantkit.tasks)."""
+
+    tip = "check the task's gold labels and prompt format, or give it more items (evaluation.tasks[].limit)"
+
+    def __init__(self, task: str, label: str, backend: str, metric: str, accuracy: float, n: int, chance: float,
+                 p_value: float, alpha: float):
+        self.task, self.label, self.backend, self.metric = task, label, backend, metric
+        self.accuracy, self.n, self.chance, self.p_value, self.alpha = accuracy, n, chance, p_value, alpha
+        super().__init__(task, label, backend, metric, accuracy, n, chance, p_value, alpha)
+
+    def __str__(self) -> str:
+        return (f"task {self.task} scores at chance on {self.label} ({self.backend}): {self.metric} "
+                f"{self.accuracy:.3f} over {self.n} items, chance {self.chance:.3f}, one-sided exact binomial "
+                f"p = {self.p_value:.3g} >= {self.alpha}")
+
+
+class ResourceError(QuantkitError, RuntimeError):
+    """Not enough disk or memory for what the run still has to do (checked before any work)."""
+
+    tip = "free space, point QUANTKIT_STORE at a larger disk, or shorten the recipe (`quantkit plan` shows the estimates)"

@@ -134,12 +134,27 @@ def score_ggufs(ctx: RunContext, variants: list[Variant]) -> list[Variant]:
             scores = dict(entry.info["score"])
             if is_base and spec.kld:
                 scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)
+            if spec.tasks:
+                scores["tasks"] = gguf_task_scores(ctx, v, must_beat_chance=is_base or v.label.upper() == "Q8_0")
             if spec.bench:
                 bench = bench_step(ctx, v)
                 ctx.record(f"bench:{v.label}", bench)
                 scores["speed"] = bench.info["speed"]
             scored.append(replace(v, scores=scores))
     return scored
+
+
+def gguf_task_scores(ctx: RunContext, v: Variant, *, must_beat_chance: bool) -> dict:
+    """lm-eval tasks on one GGUF (llama-perplexity --multiple-choice); the base and Q8_0 must beat guessing."""
+    from quantkit.tasks import check_tasks, score_tasks_gguf
+
+    spec = ctx.recipe.evaluation
+    tasks = score_tasks_gguf(gguf=v.entry.file("model.gguf"), gguf_sha256=v.entry.files["model.gguf"].sha256,
+                             specs=spec.tasks, root=ctx.root, store=ctx.store, toolchain=ctx.toolchain,
+                             label=v.label, threads=ctx.threads)
+    if must_beat_chance:
+        check_tasks(tasks, label=v.label, alpha=spec.chance_alpha)
+    return tasks
 
 
 def bench_step(ctx: RunContext, v: Variant) -> Entry:
@@ -205,7 +220,15 @@ def score_checkpoints(ctx: RunContext, model: ModelSnapshot, variants: list[Vari
 
         entry = ctx.store.ensure("score-hf", inputs, produce)
         ctx.record(f"score:{label}", entry)
-        return dict(entry.info["score"])
+        scores = dict(entry.info["score"])
+        if spec.tasks:
+            from quantkit.tasks import check_tasks, score_tasks_hf
+
+            scores["tasks"] = score_tasks_hf(model_dir=model_dir, identity=identity, specs=spec.tasks, root=ctx.root,
+                                             store=ctx.store, label=label)
+            if base is None:  # the HF base model must beat guessing on every task
+                check_tasks(scores["tasks"], label=label, alpha=spec.chance_alpha)
+        return scores
 
     base_scores = score("HF", model.path, model.digest, None)
     base_scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)
@@ -261,8 +284,43 @@ def write_run_folder(ctx: RunContext, model: ModelSnapshot, calib: CalibrationTe
     return path
 
 
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _free_disk(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def preflight(ctx: RunContext) -> None:
+    """Refuse before any work when the plan's disk or RAM estimate exceeds what the machine has."""
+    from quantkit.errors import ResourceError
+    from quantkit.plan import GiB, plan
+
+    steps = [s for s in plan(ctx.recipe, root=ctx.root, store=ctx.store, toolchain=ctx.toolchain)
+             if s.status != "done" and s.step != "source"]
+    disk = sum(s.disk_bytes or 0 for s in steps)
+    free = _free_disk(ctx.store.root)
+    if disk > free:
+        raise ResourceError(f"the run needs about {disk / GiB:.2f} GiB more disk in {ctx.store.root}, "
+                            f"only {free / GiB:.2f} GiB is free")
+    ram = max((s.ram_bytes or 0 for s in steps), default=0)
+    available = _available_memory()
+    if ram > available:
+        worst = max(steps, key=lambda s: s.ram_bytes or 0)
+        raise ResourceError(f"step {worst.step} {worst.label} needs about {ram / GiB:.2f} GiB of RAM, "
+                            f"{available / GiB:.2f} GiB is available")
+
+
 def run(ctx: RunContext) -> RunResult:
     start = time.perf_counter()
+    preflight(ctx)
     model, calib = prepare_source(ctx)
     log.info("model %s: %d files, digest %s", model.repo or model.path, len(model.files), model.digest[:12])
     variants: list[Variant] = []

@@ -178,6 +178,19 @@ class Calibration(Section):
         return self
 
 
+class TaskSpec(Section):
+    """One lm-eval multiple-choice task scored on every variant (see quantkit.tasks).
+
+    A name lm-eval ships (arc_easy, hellaswag, mmlu) or a local task: ``path`` to a folder with
+    ``task.yaml`` and its jsonl, or, without ``path``, ``calibration/tasks/<name>/`` when it exists.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    num_fewshot: int = Field(0, ge=0, le=25)
+    limit: int | None = Field(200, ge=1, le=100_000, description="first N documents; null for all")
+    path: ProjectPath | None = None
+
+
 class Evaluation(Section):
     """Held-out text the variants are scored on; never overlaps calibration text."""
 
@@ -189,9 +202,20 @@ class Evaluation(Section):
     bench_prompt_tokens: int = Field(128, ge=1, le=65_536)
     bench_gen_tokens: int = Field(32, ge=1, le=65_536)
     bench_reps: int = Field(2, ge=1, le=100)
+    tasks: list[TaskSpec] = Field(default_factory=list, max_length=32,
+                                  description="lm-eval tasks: names or {name, num_fewshot, limit, path}")
+    chance_alpha: float = Field(0.01, gt=0, lt=0.5, description="base/Q8_0 task accuracy must beat guessing at this p")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v: Any) -> Any:
+        return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _at_least_one_chunk(self) -> Evaluation:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise Invalid(f"evaluation.tasks lists a task twice: {names}", "list each task once")
         if self.max_tokens < self.ctx:
             raise Invalid(f"evaluation.max_tokens {self.max_tokens} is less than one context of {self.ctx} tokens",
                           f"raise max_tokens to a multiple of ctx (e.g. {self.ctx * 20}) or lower ctx")

@@ -68,8 +68,12 @@ def first_run(tmp_path_factory, repo_root, tiny_llama, toolchain):
     return recipe, tmp_path_factory.mktemp("store")
 
 
+PLANTED_TOKEN = "hf_PlantedSecret0123456789abcdefXYZ"
+
+
 def test_chain_produces_every_variant(first_run, capsys, monkeypatch):
     recipe, store = first_run
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
     manifest, out = run(recipe, store, capsys, monkeypatch)
     assert "built: convert, imatrix, quantize:Q8_0" in out
     run_dir = recipe.parents[1] / "runs" / "tiny-chain"
@@ -128,3 +132,40 @@ def test_plan_shows_done_steps(first_run, capsys, monkeypatch):
     assert "done" in status[("convert", "f16")]
     assert "done" in status[("quantize", "IQ2_XS")]
     assert lines[-1].startswith("new disk needed: 0 MiB")
+
+
+def test_planted_token_never_written(first_run):
+    recipe, store = first_run
+    leaked = [p for folder in (store, recipe.parents[1] / "runs") for p in folder.rglob("*")
+              if p.is_file() and PLANTED_TOKEN.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_out_of_memory_refused_before_work(first_run, tmp_path, capsys, monkeypatch):
+    import quantkit.pipeline
+
+    recipe, _ = first_run
+    monkeypatch.setattr(quantkit.pipeline, "_available_memory", lambda: 1 << 20)
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    assert main(["run", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert "error: step convert f16 needs about" in err and "0.00 GiB is available" in err
+    assert not (tmp_path / "store" / "convert").exists()
+
+
+def test_full_disk_refused_before_work(first_run, tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    recipe, _ = first_run
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.setenv("QUANTKIT_STORE", str(small / "store"))
+        assert main(["run", str(recipe)]) == 1
+        err = capsys.readouterr().err
+        assert "more disk in" in err and "GiB is free" in err
+        assert not (small / "store" / "convert").exists()
+    finally:
+        subprocess.run(["umount", str(small)])

@@ -1,0 +1,316 @@
+"""Step 7: gate a scored run against the last published one, then publish it.
+
+Targets: the local artifact store ``<dir>/<recipe>/<run-id>/`` with a ``latest`` symlink
+(always), and the Hugging Face Hub (one commit per run, tagged with the run id) when the
+recipe says ``publish.target: hub``. A run folder is built under a temp name and renamed
+into place, so it is complete or absent; a published run id is never replaced. The Hub
+upload happens from the staged folder before that rename: if it fails, nothing is published.
+
+Rendering lives in ``quantkit.report``; this module only decides and moves files.
+
+Trying the Hub path against a real repository (the tests only capture the calls)::
+
+    export HF_TOKEN=hf_...            # a write token; read from the environment only, never logged
+    python -c "from pathlib import Path; from quantkit.publish import publish_hub; print(publish_hub(
+        folder=Path('artifacts/smollm2-135m-demo/latest').resolve(), repo_id='YOU/quantkit-test',
+        private=True, run_id=Path('artifacts/smollm2-135m-demo/latest').resolve().name, recipe='smollm2-135m-demo'))"
+
+It creates the private repo if missing, refuses a run id that is already a tag there, pushes every
+file of the folder in one commit and tags it with the run id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from quantkit.errors import PublishError, RegressionError
+from quantkit.report import build_report, load_report, write_report
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+HUB_MAX_FILE_BYTES = 50 * 1000**3  # the Hub refuses single files over 50 GB
+SPLIT_MAX_BYTES = 45 * 1000**3  # shard size asked of llama-gguf-split, under the limit with margin
+TOKEN_ENV = "HF_TOKEN"
+
+
+@dataclass(frozen=True)
+class Published:
+    run_id: str
+    path: Path  # <store>/<recipe>/<run-id>
+    hub_commit: str | None = None  # commit URL when also pushed to the Hub
+
+
+# --- regression gate ------------------------------------------------------------------------------
+
+def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, previous_run: str | None = None) -> dict:
+    """Compare ``current`` report with the last published one and with the recovery floors.
+
+    Pure: returns ``{"previous_run", "failed", "findings", "changes"}``; ``findings`` are the
+    checks that failed, ``changes`` every compared number (for the report).
+    ``thresholds``: anything with the attributes of ``recipe.PublishThresholds``.
+    """
+    findings, changes = [], []
+    before = {v["id"]: v for v in (previous or {}).get("variants", [])}
+    floors = {"gptq": thresholds.min_recovery_gptq, "awq": thresholds.min_recovery_awq,
+              "gguf": thresholds.min_recovery_gguf}
+    for v in current["variants"]:
+        if v.get("is_base"):
+            continue
+        old = before.get(v["id"])
+        if old and old.get("kld_mean") is not None and v.get("kld_mean") is not None:
+            noise = 2 * math.hypot(old.get("kld_mean_err") or 0.0, v.get("kld_mean_err") or 0.0)
+            limit = old["kld_mean"] * (1 + thresholds.max_kld_increase) + noise
+            change = {"id": v["id"], "check": "kld_mean", "previous": old["kld_mean"], "now": v["kld_mean"],
+                      "delta": v["kld_mean"] - old["kld_mean"], "limit": round(limit, 6)}
+            changes.append(change)
+            if v["kld_mean"] > limit:
+                findings.append(change | {"message": f"mean KLD {old['kld_mean']:.5f} → {v['kld_mean']:.5f} "
+                                          f"(+{100 * (v['kld_mean'] / old['kld_mean'] - 1):.1f}%, limit {limit:.5f})"})
+        for task, now in v.get("tasks", {}).items():
+            prev = (old or {}).get("tasks", {}).get(task)
+            if prev is not None:
+                limit = prev - thresholds.max_task_drop
+                change = {"id": v["id"], "check": f"task:{task}", "previous": prev, "now": now, "delta": now - prev,
+                          "limit": round(limit, 6)}
+                changes.append(change)
+                if now < limit:
+                    findings.append(change | {"message": f"{task} {prev:.4f} → {now:.4f} (limit {limit:.4f})"})
+            floor = floors.get(v["format"])
+            ratio = v.get("recovery", {}).get(task)
+            if floor is not None and ratio is not None and ratio < floor:
+                findings.append({"id": v["id"], "check": f"recovery:{task}", "previous": None, "now": ratio,
+                                 "delta": ratio - floor, "limit": floor,
+                                 "message": f"{task} recovery {ratio:.3f} of the base score, under {floor:g}"})
+    return {"previous_run": previous_run, "failed": bool(findings), "findings": findings, "changes": changes}
+
+
+def latest_report(store: Path, recipe: str) -> tuple[str, dict] | None:
+    """(run id, report) of the last published run of ``recipe`` in the local store, or None."""
+    latest = Path(store) / recipe / LATEST
+    if not latest.is_symlink():
+        return None
+    run_id = os.readlink(latest)
+    return Path(run_id).name, load_report(latest / "report.json")
+
+
+# --- local artifact store ---------------------------------------------------------------------------
+
+def run_id_for(manifest_path: Path, *, now: datetime | None = None) -> str:
+    """``20250101T020000Z-<first 8 of the manifest's sha256>``: sorts by time, names the content."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()[:8]}"
+
+
+def collect_files(run_dir: Path, report_dir: Path) -> dict[str, Path]:
+    """``{path in the published folder: source}``: the run folder's files, then the rendered report
+    (README.md, report.*, plot.png, Modelfiles) at the top level. Hidden files are skipped."""
+    run_dir, report_dir = Path(run_dir), Path(report_dir)
+    files: dict[str, Path] = {}
+    for folder in (run_dir, report_dir):
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder)
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts) and \
+                    not (folder == run_dir and p.is_relative_to(report_dir)):
+                files[rel.as_posix()] = p
+    return files
+
+
+def _place(src: Path, dest: Path) -> None:
+    """A file into the staged folder: a hard link (GGUFs are big) or, across filesystems, a copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+@contextlib.contextmanager
+def _recipe_lock(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".publish.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, run_id: str,
+                  before_rename: Callable[[Path], None] | None = None) -> Path:
+    """Publish into ``<store>/<recipe>/<run_id>/`` and point ``latest`` at it; return the folder.
+
+    Built as ``.tmp-<run_id>-*`` and renamed; ``before_rename(staged)`` (the Hub upload) runs on
+    the complete staged folder first. Refuses an existing run id: published runs are never replaced.
+    """
+    folder = Path(store) / recipe
+    final = folder / run_id
+    with _recipe_lock(folder):
+        if final.exists():
+            raise PublishError(f"{final} is already published; a published run is never overwritten "
+                               "(a new run gets a new run id)")
+        for stale in folder.glob(f".tmp-{run_id}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder / f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            for rel, src in collect_files(run_dir, report_dir).items():
+                _place(src, tmp / rel)
+            if before_rename is not None:
+                before_rename(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        link = folder / f".{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
+        os.symlink(run_id, link)
+        os.replace(link, folder / LATEST)
+    log.info("published %s/%s to %s", recipe, run_id, final)
+    return final
+
+
+# --- Hugging Face Hub ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HubFile:
+    path_in_repo: str
+    local: Path
+    size: int
+    split: bool = False  # needs llama-gguf-split before upload
+
+
+def plan_hub_files(folder: Path, *, max_file_bytes: int = HUB_MAX_FILE_BYTES) -> list[HubFile]:
+    """Every file of a staged run folder with its path in the repo; GGUFs over the Hub's limit are
+    marked for splitting, and any other file over it is refused."""
+    out = []
+    for p in sorted(Path(folder).rglob("*")):
+        if not p.is_file():
+            continue
+        rel, size = p.relative_to(folder).as_posix(), p.stat().st_size
+        if size > max_file_bytes and not rel.endswith(".gguf"):
+            raise PublishError(f"{rel} is {size / 1e9:.1f} GB, over the Hub's {max_file_bytes / 1e9:.0f} GB per-file "
+                               "limit, and only GGUF files can be split")
+        out.append(HubFile(rel, p, size, size > max_file_bytes))
+    return out
+
+
+def split_names(path_in_repo: str, size: int, *, shard_bytes: int = SPLIT_MAX_BYTES) -> list[str]:
+    """The shard names llama-gguf-split writes: ``<stem>-00001-of-00003.gguf``."""
+    n = max(1, math.ceil(size / shard_bytes))
+    stem = path_in_repo.removesuffix(".gguf")
+    return [f"{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+
+
+def hub_operations(files: list[HubFile]):
+    """The CommitOperationAdd list of one run's commit (pure; split files must already be shards)."""
+    from huggingface_hub import CommitOperationAdd
+
+    big = [f.path_in_repo for f in files if f.split]
+    if big:
+        raise PublishError(f"{', '.join(big)} must be split with llama-gguf-split before upload")
+    return [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local)) for f in files]
+
+
+def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | None) -> list[HubFile]:
+    """Replace GGUFs over the limit by their shards (llama-gguf-split), or refuse when it is missing."""
+    if not any(f.split for f in files):
+        return files
+    if gguf_split is None or not Path(gguf_split).is_file():
+        big = next(f for f in files if f.split)
+        raise PublishError(f"{big.path_in_repo} is {big.size / 1e9:.1f} GB, over the Hub's "
+                           f"{HUB_MAX_FILE_BYTES / 1e9:.0f} GB per-file limit, and llama-gguf-split is not built "
+                           "(the pinned toolchain does not build it yet); publish locally or build llama-gguf-split")
+    from quantkit.proc import run_tool
+
+    out = []
+    for f in files:
+        if not f.split:
+            out.append(f)
+            continue
+        prefix = work / f.path_in_repo.removesuffix(".gguf")
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        run_tool([gguf_split, "--split", "--split-max-size", f"{SPLIT_MAX_BYTES // 1000**3}G", f.local, prefix])
+        for name in split_names(f.path_in_repo, f.size):
+            shard = work / name
+            if not shard.is_file():
+                raise PublishError(f"llama-gguf-split did not write {shard}; its shard naming may have changed")
+            out.append(HubFile(name, shard, shard.stat().st_size))
+    return out
+
+
+def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recipe: str,
+                gguf_split: Path | None = None, api=None) -> str:
+    """Push a staged run folder as one commit, tagged ``run_id``; return the commit URL.
+
+    The token comes from ``$HF_TOKEN`` only and is never logged or written.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        raise PublishError(f"publishing to the Hub needs a write token in ${TOKEN_ENV} (it is not set)")
+    api = api or HfApi(token=token)
+    work = Path(folder).parent / f".split-{run_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        files = split_large_ggufs(plan_hub_files(folder), work=work, gguf_split=gguf_split)
+        ops = hub_operations(files)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if run_id in {t.name for t in api.list_repo_refs(repo_id).tags}:
+            raise PublishError(f"{repo_id} already has a run tagged {run_id}; a published run is never overwritten")
+        commit = api.create_commit(repo_id=repo_id, repo_type="model", operations=ops,
+                                   commit_message=f"quantkit: {recipe} run {run_id}",
+                                   commit_description=f"{len(ops)} files, run {run_id} of recipe {recipe}")
+        api.create_tag(repo_id, tag=run_id, revision=commit.oid, tag_message=f"quantkit run {run_id}")
+    except HfHubHTTPError as e:
+        raise PublishError(f"Hub upload to {repo_id} failed: {e.__class__.__name__}: {str(e).splitlines()[0]}") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("pushed %s (%d files) to %s", run_id, len(ops), commit.commit_url)
+    return commit.commit_url
+
+
+# --- the whole step ---------------------------------------------------------------------------------
+
+def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_yaml: str,
+            config: dict | None = None, chat_template: str | None = None, eos_token: str | None = None,
+            calibration_readme: str | None = None, run_id: str | None = None,
+            gguf_split: Path | None = None) -> Published:
+    """Report, gate, publish: render into ``run_dir/report/``; raise RegressionError (report
+    written, nothing published) if the gate fails; else publish to the recipe's target.
+
+    ``settings``: ``recipe.publish or recipe.Publish()``.
+    """
+    run_dir = Path(run_dir)
+    recipe = manifest["recipe"]["name"]
+    store = Path(root) / settings.dir
+    th = settings.thresholds
+    prev = latest_report(store, recipe)
+    draft = build_report(manifest, config=config, chat_template=chat_template, recommend_max_kld=th.recommend_max_kld)
+    gate = regression_gate(draft, prev[1] if prev else None, thresholds=th, previous_run=prev[0] if prev else None)
+    report = build_report(manifest, config=config, chat_template=chat_template,
+                          recommend_max_kld=th.recommend_max_kld, regression=gate)
+    report_dir = run_dir / "report"
+    shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
+    write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
+                 calibration_readme=calibration_readme)
+    if gate["failed"]:
+        raise RegressionError(recipe, gate["findings"], str(report_dir / "report.md"))
+    run_id = run_id or run_id_for(run_dir / "manifest.json")
+    hub: dict[str, str] = {}
+
+    def upload(staged: Path) -> None:
+        hub["url"] = publish_hub(folder=staged, repo_id=settings.repo, private=settings.private, run_id=run_id,
+                                 recipe=recipe, gguf_split=gguf_split)
+
+    path = publish_local(run_dir=run_dir, report_dir=report_dir, store=store, recipe=recipe, run_id=run_id,
+                         before_rename=upload if settings.target == "hub" else None)
+    return Published(run_id, path, hub.get("url"))

@@ -1,0 +1,422 @@
+"""Step 6: turn a scored run's manifest into what a person decides from.
+
+``build_report`` is pure: manifest (+ the model's config.json and chat template) in,
+a versioned report dict out. Everything else renders that dict: ``report.json`` (the
+machine-readable truth), ``report.md``, ``plot.png``, the model card ``README.md`` and
+one Ollama Modelfile per GGUF. Publishing (``quantkit.publish``) only moves files.
+
+All reading of manifest.json happens in ``_variant_row`` and ``_run_facts``: when the
+manifest changes shape, those two functions change and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from quantkit import __version__
+from quantkit.digest import write_json_atomic
+from quantkit.errors import QuantkitError
+from quantkit.hardware import GIB, ModelShape, hardware_fit
+from quantkit.modelfile import llama_server_command, modelfile_name, render_modelfile, vllm_serve_command
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = 1
+DEFAULT_RECOMMEND_KLD = 0.05  # mean KLD under which a variant counts as "close to the base"
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin")
+FORMAT_TAGS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq"}
+
+
+class ReportSchemaError(QuantkitError, ValueError):
+    """A report.json that this version of quantkit cannot read."""
+
+
+# --- the only code that reads manifest.json -------------------------------------------------------
+
+def _num(d: dict | None, *keys: str) -> float | None:
+    """First present numeric value among ``keys`` (the scorer's names and the contract's)."""
+    for k in keys:
+        v = (d or {}).get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def _variant_row(v: dict) -> dict:
+    files = v.get("files") or {}
+    weights = ([r["size"] for n, r in files.items() if n.endswith(WEIGHT_SUFFIXES)]
+               or [r["size"] for r in files.values()])
+    scores = v.get("scores") or {}
+    speed = scores.get("speed") or {}
+    gguf_info = (v.get("info") or {}).get("gguf") or {}
+    return {
+        "id": f"{v['format']}:{v['label']}", "format": v["format"], "label": v["label"], "file": v.get("file"),
+        "size_bytes": int(sum(weights)), "parameters": gguf_info.get("parameters"),
+        "ppl": _num(scores, "ppl"), "ppl_err": _num(scores, "ppl_err"),
+        "kld_mean": _num(scores, "kld_mean"), "kld_mean_err": _num(scores, "kld_mean_err"),
+        "kld_p99": _num(scores, "kld_p99"), "same_top_pct": _num(scores, "same_top_pct"),
+        "tasks": {k: float(s) for k, s in (scores.get("tasks") or {}).items() if _num({"s": s}, "s") is not None},
+        "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
+        "threads": speed.get("threads"),
+    }
+
+
+def _run_facts(manifest: dict) -> dict:
+    resolved = manifest["recipe"].get("resolved") or {}
+    model = manifest.get("model") or {}
+    src = resolved.get("model") or {}
+    name = src.get("name") or (model.get("repo") or model.get("path") or "model").rstrip("/").split("/")[-1]
+    evaluation = resolved.get("evaluation") or {}
+    return {
+        "recipe": {"name": manifest["recipe"]["name"], "file": manifest["recipe"].get("file"),
+                   "sha256": manifest["recipe"].get("sha256")},
+        "model": {"name": name, "repo": model.get("repo"), "revision": model.get("revision"),
+                  "commit": model.get("commit"), "digest": model.get("digest")},
+        "calibration": {"sha256": (manifest.get("calibration") or {}).get("sha256"),
+                        "sources": list((manifest.get("calibration") or {}).get("sources") or [])},
+        "evaluation": {"file": evaluation.get("file"), "ctx": evaluation.get("ctx")},
+        "toolchain": {"llama_cpp": (manifest.get("toolchain") or {}).get("llama_cpp"),
+                      "version": (manifest.get("toolchain") or {}).get("version")},
+        "publish": resolved.get("publish") or {},
+    }
+
+
+# --- building the report ----------------------------------------------------------------------------
+
+def build_report(manifest: dict, *, config: dict | None = None, chat_template: str | None = None,
+                 recommend_max_kld: float = DEFAULT_RECOMMEND_KLD, num_ctx: int = 4096,
+                 regression: dict | None = None) -> dict:
+    """The report dict (schema ``REPORT_SCHEMA``) that every rendering is made from."""
+    if manifest.get("schema") != 1:
+        raise ReportSchemaError(f"manifest schema {manifest.get('schema')!r} is not supported (expected 1)")
+    rows = [_variant_row(v) for v in manifest["variants"]]
+    if not rows:
+        raise ReportSchemaError("the manifest lists no variants")
+    base = rows[0]
+    base["is_base"] = True
+    hf_base = next((r for r in rows if r["format"] == "hf"), None)
+    for r in rows:
+        r.setdefault("is_base", r["format"] == "hf")
+        r["parameters"] = r["parameters"] or base["parameters"]
+        r["size_gib"] = r["size_bytes"] / GIB
+        r["bpw"] = r["size_bytes"] * 8 / r["parameters"] if r["parameters"] else None
+        r["dppl"] = r["ppl"] - base["ppl"] if None not in (r["ppl"], base["ppl"]) else None
+        r["dppl_pct"] = 100 * r["dppl"] / base["ppl"] if r["dppl"] is not None else None
+        ref = hf_base if r["format"] in ("gptq", "awq") and hf_base and hf_base["tasks"] else base
+        r["recovery"] = {t: s / ref["tasks"][t] for t, s in r["tasks"].items() if ref["tasks"].get(t)}
+        r["recovery_mean"] = sum(r["recovery"].values()) / len(r["recovery"]) if r["recovery"] else None
+        r["task_mean"] = sum(r["tasks"].values()) / len(r["tasks"]) if r["tasks"] else None
+        r["recommended"] = []
+    quantized = [r for r in rows if not r["is_base"]]
+    frontier = pareto_frontier(quantized, "kld_mean")
+    for r in rows:
+        r["pareto"] = r["id"] in frontier
+    _recommend(quantized, frontier, recommend_max_kld)
+    facts = _run_facts(manifest)
+    ctx = min(num_ctx, ModelShape.from_config(config).max_context or num_ctx) if config else num_ctx
+    for r in rows:
+        r["serve"] = _serve(r, chat_template, ctx)
+    hardware = hardware_fit(rows, ModelShape.from_config(config)) if config else None
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "variants": rows,
+            "pareto": frontier, "recommend_max_kld": recommend_max_kld,
+            "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
+            "hardware": hardware, "regression": regression}
+
+
+def pareto_frontier(rows: list[dict], metric: str) -> list[str]:
+    """Ids of the rows no other row beats on both size and ``metric`` (lower is better), smallest first."""
+    pts = sorted((r for r in rows if r.get(metric) is not None), key=lambda r: (r["size_bytes"], r[metric]))
+    out, best = [], math.inf
+    for r in pts:
+        if r[metric] < best:
+            out.append(r["id"])
+            best = r[metric]
+    return out
+
+
+def _recommend(rows: list[dict], frontier: list[str], max_kld: float) -> None:
+    by_id = {r["id"]: r for r in rows}
+    good = [r for r in rows if r["kld_mean"] is not None and r["kld_mean"] < max_kld]
+    if good:
+        r = min(good, key=lambda r: r["size_bytes"])
+        r["recommended"].append(f"smallest variant with mean KLD under {max_kld:g} ({r['kld_mean']:.4f})")
+    knee = _knee([by_id[i] for i in frontier])
+    if knee is not None:
+        knee["recommended"].append("best quality per byte: the knee of the size/KLD Pareto frontier (furthest from "
+                                   "the line joining its smallest and largest variants)")
+    scored = [r for r in rows if r["task_mean"] is not None]
+    if scored:
+        r = max(scored, key=lambda r: (r["task_mean"], -r["size_bytes"]))
+        r["recommended"].append(f"highest mean task score ({r['task_mean']:.4f})")
+
+
+def _knee(front: list[dict]) -> dict | None:
+    """Frontier point furthest below the chord from the smallest to the largest variant
+    (size linear, log KLD, both scaled to 0..1)."""
+    pts = [r for r in front if r["kld_mean"] > 0]
+    if len(pts) < 3:
+        return None
+    xs = [r["size_bytes"] for r in pts]
+    ys = [math.log10(r["kld_mean"]) for r in pts]
+    sx, sy = (max(xs) - min(xs)) or 1, (max(ys) - min(ys)) or 1
+    x = [(v - min(xs)) / sx for v in xs]
+    y = [(v - min(ys)) / sy for v in ys]
+    (x0, y0), (x1, y1) = (x[0], y[0]), (x[-1], y[-1])
+    dist = [((y1 - y0) * xi - (x1 - x0) * yi + x1 * y0 - y1 * x0) / math.hypot(x1 - x0, y1 - y0)
+            for xi, yi in zip(x, y)]
+    i = max(range(1, len(pts) - 1), key=lambda i: abs(dist[i]))
+    return pts[i]
+
+
+def _serve(r: dict, chat_template: str | None, ctx: int) -> dict:
+    if r["format"] == "gguf" and r["file"]:
+        return {"modelfile": modelfile_name(r["file"]), "command": llama_server_command(r["file"], ctx=ctx),
+                "num_ctx": ctx}
+    if r["format"] in ("gptq", "awq") and r["file"]:
+        return {"command": vllm_serve_command(r["file"], fmt=r["format"], ctx=ctx), "num_ctx": ctx}
+    return {}
+
+
+def validate_report(report: dict) -> dict:
+    """Check a loaded report.json is one this code understands; return it."""
+    if not isinstance(report, dict) or report.get("schema") != REPORT_SCHEMA:
+        found = report.get("schema") if isinstance(report, dict) else type(report).__name__
+        raise ReportSchemaError(f"report schema {found!r} is not {REPORT_SCHEMA}")
+    for key, kind in {"recipe": dict, "model": dict, "variants": list, "pareto": list, "recommended": list}.items():
+        if not isinstance(report.get(key), kind):
+            raise ReportSchemaError(f"report.json: '{key}' is missing or not a {kind.__name__}")
+    for v in report["variants"]:
+        missing = {"id", "format", "label", "size_bytes", "kld_mean", "tasks"} - v.keys()
+        if missing:
+            raise ReportSchemaError(f"report.json: variant {v.get('id')!r} lacks {sorted(missing)}")
+    return report
+
+
+def load_report(path: Path) -> dict:
+    return validate_report(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+# --- rendering ----------------------------------------------------------------------------------------
+
+def _f(v: float | None, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def render_markdown(report: dict) -> str:
+    m, tasks = report["model"], report["tasks"]
+    out = [f"# {m['name']}: quantized variants ({report['recipe']['name']})", "",
+           f"Base model: {m['repo'] or 'local checkpoint'}"
+           + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
+           f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
+           "variant (first row); ★ = recommended.", "", "## Variants", ""]
+    head = ["", "format", "variant", "size GiB", "bpw", "PPL", "ΔPPL", "mean KLD", "KLD p99", "same top %",
+            *tasks, "pp t/s", "tg t/s"]
+    out += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in report["variants"]:
+        cells = ["★" if r["recommended"] else ("base" if r["is_base"] else ""), r["format"], r["label"],
+                 _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), _f(r["dppl"], "+.4f"),
+                 _f(r["kld_mean"], ".5f"), _f(r["kld_p99"], ".5f"), _f(r["same_top_pct"], ".2f"),
+                 *[_f(r["tasks"].get(t), ".4f") for t in tasks], _f(r["pp_tps"], ".1f"), _f(r["tg_tps"], ".1f")]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "## Recommended", ""]
+    out += [f"- **{rec['id']}**: {rec['why']}" for rec in report["recommended"]] or ["- none: no variant has scores"]
+    if report["pareto"]:
+        out.append(f"- Pareto frontier (size vs mean KLD, smallest first): {', '.join(report['pareto'])}")
+    out += _regression_md(report.get("regression"))
+    out += _hardware_md(report)
+    out += ["", "## How to run", ""]
+    for r in report["variants"]:
+        if r["serve"].get("command"):
+            mf = r["serve"].get("modelfile")
+            extra = f" (Ollama: `ollama create NAME -f {mf}`)" if mf else ""
+            out.append(f"- {r['id']}: `{r['serve']['command']}`{extra}")
+    return "\n".join(out) + "\n"
+
+
+def _regression_md(reg: dict | None) -> list[str]:
+    if not reg:
+        return []
+    out = ["", "## Regression check", "",
+           f"Compared with {reg.get('previous_run') or 'no earlier published run'}: "
+           f"**{'FAILED, not published' if reg['failed'] else 'passed'}**", ""]
+    if reg.get("findings"):
+        out += ["| variant | check | previous | now | limit |", "|---|---|---:|---:|---:|"]
+        for f in reg["findings"]:
+            out.append(f"| {f['id']} | {f['check']} | {_f(f.get('previous'), '.5f')} | {_f(f['now'], '.5f')} | "
+                       f"{f['limit']} |")
+    return out
+
+
+def _hardware_md(report: dict) -> list[str]:
+    hw = report.get("hardware")
+    if not hw:
+        return ["", "## Hardware fit", "", "No config.json was given, so the KV cache could not be sized."]
+    shape, ctxs = hw["model"], hw["contexts"]
+    out = ["", "## Hardware fit", "",
+           f"Memory = weights + {hw['cache_type']} KV cache + {hw['headroom_bytes'] / 2**20:.0f} MiB headroom. "
+           f"KV cache per token = 2 × {shape['layers']} layers × {shape['kv_heads']} KV heads × {shape['head_dim']} "
+           f"head dim × 2 bytes = {2 * shape['layers'] * shape['kv_heads'] * shape['head_dim'] * 2} bytes "
+           f"(model context limit: {shape['max_context'] or 'unknown'}).", "",
+           "| variant | " + " | ".join(f"GiB @ {c // 1024}k" for c in ctxs) + " |", "|---|" + "---:|" * len(ctxs)]
+    for r in report["variants"]:
+        need = hw["needed_bytes"][r["id"]]
+        out.append(f"| {r['id']} | " + " | ".join(_f(need[str(c)] / GIB if need[str(c)] else None, ".2f")
+                                                 for c in ctxs) + " |")
+    out += ["", "Best-quality variant that fits (lowest mean KLD; how many fit in brackets):", "",
+            "| memory | " + " | ".join(f"{c // 1024}k ctx" for c in ctxs) + " |", "|---|" + "---|" * len(ctxs)]
+    for gb in hw["memory_gb"]:
+        cells = [f"{fit[0]} ({len(fit)})" if (fit := hw["fits"][str(gb)][str(c)]) else
+                 (f"beyond the model's {shape['max_context']} context" if shape["max_context"] and c > shape["max_context"]
+                  else "nothing fits") for c in ctxs]
+        out.append(f"| {gb} GB | " + " | ".join(cells) + " |")
+    return out
+
+
+MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D"}
+
+
+def render_plot(report: dict, path: Path) -> None:
+    """Size vs mean KLD (and vs mean task score when present), frontier highlighted, one marker per format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quantized = [r for r in report["variants"] if not r["is_base"]]
+    panels = [("kld_mean", "mean KL divergence vs base (log, lower is better)", True)]
+    if report["tasks"]:
+        panels.append(("task_mean", "mean task score (higher is better)", False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), dpi=120, squeeze=False)
+    base_gib = report["variants"][0]["size_gib"]
+    for ax, (metric, ylabel, log_y) in zip(axes[0], panels):
+        for fmt, marker in MARKERS.items():
+            pts = [r for r in quantized if r["format"] == fmt and r.get(metric) is not None and (not log_y or r[metric] > 0)]
+            if pts:
+                ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60, label=fmt,
+                           zorder=3)
+        pts = [r for r in quantized if r.get(metric) is not None and (not log_y or r[metric] > 0)]
+        front = ([r for i in report["pareto"] for r in pts if r["id"] == i] if metric == "kld_mean" else
+                 _max_frontier(pts, metric))
+        if front:
+            ax.plot([r["size_gib"] for r in front], [r[metric] for r in front], "-", color="tab:red", lw=1.5,
+                    alpha=0.7, label="Pareto frontier", zorder=2)
+        for r in pts:
+            ax.annotate(r["label"], (r["size_gib"], r[metric]), textcoords="offset points", xytext=(5, 5), fontsize=8,
+                        fontweight="bold" if r["recommended"] else "normal")
+        rec = [r for r in pts if r["recommended"]]
+        if rec:
+            ax.scatter([r["size_gib"] for r in rec], [r[metric] for r in rec], s=220, facecolors="none",
+                       edgecolors="gold", linewidths=2, label="recommended", zorder=4)
+        ax.axvline(base_gib, color="grey", ls="--", lw=1, label=f"base {report['variants'][0]['label']}")
+        base_score = report["variants"][0].get(metric)
+        if not log_y and base_score is not None:
+            ax.axhline(base_score, color="grey", ls=":", lw=1, label=f"base score {base_score:.4f}")
+        if log_y and pts:
+            ax.set_yscale("log")
+        ax.set_xlabel("size (GiB)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['model']['name']}: size vs quality ({report['recipe']['name']})")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _max_frontier(rows: list[dict], metric: str) -> list[dict]:
+    out, best = [], -math.inf
+    for r in sorted(rows, key=lambda r: (r["size_bytes"], -r[metric])):
+        if r[metric] > best:
+            out.append(r)
+            best = r[metric]
+    return out
+
+
+def render_modelfiles(report: dict, *, chat_template: str | None, eos_token: str | None = None) -> dict[str, str]:
+    """``{file name: Modelfile text}``, one per GGUF variant."""
+    return {r["serve"]["modelfile"]: render_modelfile(r["file"], chat_template, num_ctx=r["serve"]["num_ctx"],
+                                                      eos_token=eos_token)
+            for r in report["variants"] if r["serve"].get("modelfile")}
+
+
+def calibration_licences(readme: str) -> dict[str, dict[str, str]]:
+    """``{path: {source, licence}}`` from the table in calibration/README.md."""
+    out, head = {}, None
+    for line in readme.splitlines():
+        if not line.startswith("|"):
+            head = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if head is None:
+            head = [c.lower() for c in cells]
+        elif "file" in head and "licence" in head and not set(cells[0]) <= set("-: "):
+            row = dict(zip(head, cells))
+            name = row["file"].strip("`")
+            out[f"calibration/{name}"] = {"source": row.get("source", ""), "licence": row["licence"]}
+    return out
+
+
+def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template: str | None = None,
+                 eos_token: str | None = None, calibration_readme: str | None = None) -> list[Path]:
+    """Write report.json, report.md, plot.png, README.md (card) and the Modelfiles into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    write_json_atomic(out_dir / "report.json", validate_report(report))
+    written.append(out_dir / "report.json")
+    texts = {"report.md": render_markdown(report),
+             "README.md": str(render_card(report, recipe_yaml=recipe_yaml, calibration_readme=calibration_readme)),
+             **render_modelfiles(report, chat_template=chat_template, eos_token=eos_token)}
+    for name, text in texts.items():
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out_dir / name)
+        written.append(out_dir / name)
+    render_plot(report, out_dir / "plot.png")
+    written.append(out_dir / "plot.png")
+    log.info("report for %s: %d variants, recommended %s", report["recipe"]["name"], len(report["variants"]),
+             ", ".join(sorted({r["id"] for r in report["recommended"]})) or "none")
+    return written
+
+
+def render_card(report: dict, *, recipe_yaml: str, calibration_readme: str | None = None):
+    """The model card (README.md of the published folder) as a huggingface_hub ``ModelCard``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    m, rows = report["model"], report["variants"]
+    formats = sorted({r["format"] for r in rows if r["format"] in FORMAT_TAGS})
+    evals = []
+    for r in rows:
+        for metric, value, dataset in ([("perplexity", r["ppl"], report["evaluation"]["file"]),
+                                        ("kl_divergence_mean", r["kld_mean"], report["evaluation"]["file"])]
+                                       + [("accuracy", s, t) for t, s in r["tasks"].items()]):
+            if value is not None and not (metric == "kl_divergence_mean" and r["is_base"]):
+                evals.append(EvalResult(task_type="text-generation", dataset_type=str(dataset),
+                                        dataset_name=str(dataset), metric_type=metric, metric_value=value,
+                                        metric_name=f"{r['label']} {metric}"))
+    data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
+                         quantized_by="quantkit", tags=[*formats, "quantized", "quantkit"],
+                         library_name="gguf" if "gguf" in formats else None, model_name=f"{m['name']}-quantized",
+                         eval_results=evals or None)
+    licences = calibration_licences(calibration_readme) if calibration_readme else {}
+    calib = [f"- `{s}`: {licences[s]['source']} (licence: {licences[s]['licence']})" if s in licences
+             else f"- `{s}` (licence: see the source)" for s in report["calibration"]["sources"]]
+    table = render_markdown(report).split("## Variants", 1)[1].split("\n## Hardware fit", 1)[0]
+    body = "\n".join([
+        f"# {m['name']}: quantized by quantkit", "",
+        f"Quantized variants of [{m['repo']}](https://huggingface.co/{m['repo']}) at revision `{m['commit'] or m['revision']}`."
+        if m["repo"] else "Quantized variants of a local checkpoint (no Hub base model).", "",
+        f"- llama.cpp: {report['toolchain']['version']} (commit `{report['toolchain']['llama_cpp']}`)",
+        f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
+        f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
+        "full report in `report.md` / `report.json`, plot in `plot.png`", "",
+        "## Variants", table.strip(), "",
+        "## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "", *calib, "",
+        "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

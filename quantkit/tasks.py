@@ -1,0 +1,329 @@
+"""Step 5, task part: lm-eval multiple-choice tasks scored for every variant.
+
+Both backends score the *same items*: the prompts are the strings lm-eval
+builds (``task.build_all_requests``: the doc's text, few-shot examples
+included, and each choice after the task's target delimiter), limited to the
+first ``limit`` documents, as ``simple_evaluate(limit=...)`` does.
+
+- Hugging Face checkpoints (base, GPTQ, AWQ): lm-eval's ``hf`` model in this
+  process, over the model ``evaluate_torch.load_causal_lm`` loads.
+  ``acc``: the choice with the highest summed log-likelihood of its
+  continuation tokens; ``acc_norm``: the highest summed log-likelihood divided
+  by the continuation's length in bytes (lm-eval's definitions).
+- GGUF files: ``llama-perplexity --multiple-choice`` (``tasks_gguf``). lm-eval's
+  gguf backend against llama-server scores at chance (the server ignores
+  ``echo``), so it is not used. llama.cpp picks the choice with the highest
+  *mean* log-likelihood per answer token (tokens after the prefix all choices
+  share); that is neither ``acc`` nor ``acc_norm``, so it is recorded as
+  ``acc_token_norm``. The HF backend computes ``acc_token_norm`` too, from
+  lm-eval's per-choice log-likelihoods divided by the continuation's token
+  count, so the two backends have one number in common.
+
+A task counts as above chance when an exact one-sided test rejects "every
+item is answered by a uniform guess": the number correct is compared with a
+Poisson-binomial distribution (item i right with probability 1/k_i, k_i its
+choices; the binomial test when every item has k choices). ``check_above_chance``
+raises ``ChanceLevelError`` when p >= alpha.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from quantkit.digest import sha256_file, write_json_atomic
+from quantkit.errors import ChanceLevelError, VerificationError
+from quantkit.recipe import TaskSpec
+from quantkit.store import Entry, Store
+
+log = logging.getLogger(__name__)
+
+LOCAL_TASKS_DIR = "calibration/tasks"
+TASK_YAML = "task.yaml"
+RESULT_FILE = "task.json"
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed; the GGUF items are built with the same
+BACKEND_HF = "lm-eval-hf"
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One multiple-choice question as both backends see it: ``context + " " + choice``."""
+
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Accuracy of one variant on one task. Metrics a backend does not compute are None."""
+
+    task: str
+    backend: str  # "lm-eval-hf" or "llama-perplexity"
+    acc: float | None
+    acc_norm: float | None
+    acc_token_norm: float | None
+    n: int
+    chance: float  # expected accuracy of uniform guessing, mean of 1/k_i
+    metric: str  # the accuracy the chance test used
+    p_value: float  # P(at least this many right | uniform guessing), exact
+    correct: tuple[int, ...] = field(repr=False)  # per item, for ``metric``
+    seconds: float = 0.0
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"correct": list(self.correct)}
+
+    def summary(self) -> dict:
+        """What lands in ``Variant.scores["tasks"][task]``."""
+        return {"acc": self.acc, "acc_norm": self.acc_norm, "acc_token_norm": self.acc_token_norm, "n": self.n,
+                "chance": self.chance, "p_value": self.p_value, "metric": self.metric, "backend": self.backend}
+
+
+# ---------------------------------------------------------------- chance test
+
+def p_above_chance(correct: list[int] | tuple[int, ...], n_choices: list[int] | tuple[int, ...]) -> float:
+    """Exact one-sided p-value of getting at least ``sum(correct)`` right by uniform guessing.
+
+    Item i is right with probability 1/n_choices[i] under the null; the count of
+    right items is Poisson-binomial (binomial when all k are equal).
+    """
+    dist = [1.0]
+    for k in n_choices:
+        p = 1.0 / k
+        nxt = [0.0] * (len(dist) + 1)
+        for j, mass in enumerate(dist):
+            nxt[j] += mass * (1 - p)
+            nxt[j + 1] += mass * p
+        dist = nxt
+    return min(1.0, sum(dist[sum(correct):]))
+
+
+def check_above_chance(result: dict, *, label: str, alpha: float) -> None:
+    """Raise ``ChanceLevelError`` when a task's accuracy is not significantly above guessing."""
+    if result["p_value"] >= alpha:
+        raise ChanceLevelError(result["task"] if "task" in result else "?", label, result["backend"],
+                               result["metric"], result[result["metric"]], result["n"], result["chance"],
+                               result["p_value"], alpha)
+
+
+# ---------------------------------------------------------------- task loading
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    spec: TaskSpec
+    local_dir: Path | None  # a folder with task.yaml and its jsonl, or None for a task lm-eval ships
+    files_sha256: dict[str, str]  # local task files (name -> sha256); empty for lm-eval's own tasks
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def resolve_task(spec: TaskSpec, *, root: Path) -> ResolvedTask:
+    """A recipe task: local (``path``, or ``calibration/tasks/<name>/`` when present) or one lm-eval ships."""
+    folder = Path(root) / spec.path if spec.path else Path(root) / LOCAL_TASKS_DIR / spec.name
+    if spec.path and not (folder / TASK_YAML).is_file():
+        raise VerificationError(f"task {spec.name}: {folder} has no {TASK_YAML}")
+    if not (folder / TASK_YAML).is_file():
+        return ResolvedTask(spec, None, {})
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return ResolvedTask(spec, folder, files)
+
+
+def _resolved_yaml(task: ResolvedTask, dest: Path) -> None:
+    """Copy a local task YAML with its data file paths made absolute (lm-eval resolves them from the cwd)."""
+    import yaml
+
+    config = yaml.safe_load((task.local_dir / TASK_YAML).read_text())
+    if config.get("task") != task.name:
+        raise VerificationError(f"{task.local_dir / TASK_YAML} defines task {config.get('task')!r}, "
+                                f"the recipe asks for {task.name!r}")
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):
+        for split, rel in files.items():
+            files[split] = str((task.local_dir / rel).resolve())
+    (dest / f"{task.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@contextlib.contextmanager
+def task_manager(tasks: list[ResolvedTask]) -> Iterator[object]:
+    """An lm-eval TaskManager that also knows the local tasks (through a temporary include path)."""
+    from lm_eval.tasks import TaskManager
+
+    local = [t for t in tasks if t.local_dir is not None]
+    include = Path(tempfile.mkdtemp(prefix="quantkit-tasks-")) if local else None
+    try:
+        for t in local:
+            _resolved_yaml(t, include)
+        yield TaskManager(include_path=str(include) if include else None)
+    finally:
+        if include:
+            shutil.rmtree(include, ignore_errors=True)
+
+
+def load_items(task: ResolvedTask, manager) -> list[TaskItem]:
+    """The items lm-eval's ``simple_evaluate`` would score: same documents, few-shot seed and prompt strings."""
+    from lm_eval.tasks import get_task_dict
+
+    obj = get_task_dict([task.name], manager)[task.name]
+    if obj.get_config("output_type") != "multiple_choice":
+        raise VerificationError(f"task {task.name} is {obj.get_config('output_type')!r}; "
+                                "quantkit scores multiple_choice tasks only")
+    obj.set_config(key="num_fewshot", value=task.spec.num_fewshot)
+    obj.set_fewshot_seed(seed=FEWSHOT_SEED)
+    obj.build_all_requests(limit=task.spec.limit, rank=0, world_size=1)
+    by_doc: dict[int, list] = {}
+    for inst in obj.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    items = []
+    for doc_id in sorted(by_doc):
+        insts = sorted(by_doc[doc_id], key=lambda i: i.idx)
+        context = insts[0].arguments[0]
+        choices = tuple(i.arguments[1] for i in insts)
+        target = obj.doc_to_target(insts[0].doc)
+        if isinstance(target, str):
+            raw = obj.doc_to_choice(insts[0].doc)
+            target = raw.index(target)
+        items.append(TaskItem(context, choices, int(target)))
+    return items
+
+
+def items_sha256(items: list[TaskItem]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps(asdict(it), ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- HF backend
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text (llama.cpp then does too)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos]
+
+
+def score_task_hf(*, model_dir: Path, task: ResolvedTask, items: list[TaskItem], manager,
+                  batch_size: int = 8, device: str = "cpu") -> TaskResult:
+    """lm-eval's ``hf`` backend in process on a checkpoint (plain, GPTQ or AWQ)."""
+    import lm_eval
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    from quantkit.evaluate_torch import load_causal_lm
+
+    start = time.perf_counter()
+    model, tokenizer = load_causal_lm(model_dir, device=device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+              add_bos_token=_adds_bos(tokenizer))
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task.name], num_fewshot=task.spec.num_fewshot,
+                                  limit=task.spec.limit, task_manager=manager, log_samples=True,
+                                  fewshot_random_seed=FEWSHOT_SEED, bootstrap_iters=0)
+    samples = sorted(out["samples"][task.name], key=lambda s: s["doc_id"])
+    if len(samples) != len(items):
+        raise VerificationError(f"lm-eval scored {len(samples)} documents of {task.name}, quantkit built {len(items)}")
+    acc, acc_norm, tok_norm, n_choices = [], [], [], []
+    for s, item in zip(samples, items):
+        if s["arguments"][0][0] != item.context:
+            raise VerificationError(f"{task.name} doc {s['doc_id']}: lm-eval's prompt differs from the GGUF item's")
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        n_tok = [max(1, len(tokenizer(item.context + c, add_special_tokens=False).input_ids)
+                     - len(tokenizer(item.context, add_special_tokens=False).input_ids)) for c in item.choices]
+        acc.append(int(s["acc"]))
+        acc_norm.append(int(s["acc_norm"]))
+        tok_norm.append(int(max(range(len(lls)), key=lambda i: lls[i] / n_tok[i]) == item.gold))
+        n_choices.append(len(lls))
+    n = len(items)
+    versions = {"lm_eval": lm_eval.__version__, "transformers": transformers.__version__}
+    return TaskResult(task=task.name, backend=BACKEND_HF, acc=sum(acc) / n, acc_norm=sum(acc_norm) / n,
+                      acc_token_norm=sum(tok_norm) / n, n=n, chance=sum(1 / k for k in n_choices) / n, metric="acc",
+                      p_value=p_above_chance(acc, n_choices), correct=tuple(acc),
+                      seconds=round(time.perf_counter() - start, 3), versions=versions)
+
+
+# ---------------------------------------------------------------- stored steps
+
+def _lm_eval_version() -> str:
+    import lm_eval
+
+    return lm_eval.__version__
+
+
+def task_inputs(task: ResolvedTask, items: list[TaskItem], *, variant: str, backend: str, backend_version: str) -> dict:
+    return {"variant": variant, "task": task.name, "task_files": task.files_sha256, "items_sha256": items_sha256(items),
+            "num_fewshot": task.spec.num_fewshot, "limit": task.spec.limit, "lm_eval": _lm_eval_version(),
+            "backend": backend, "backend_version": backend_version}
+
+
+def _stored(store: Store, step: str, inputs: dict, produce_result) -> Entry:
+    def produce(staging) -> None:
+        result = produce_result()
+        write_json_atomic(staging.path / RESULT_FILE, result.to_dict())
+        staging.info.update(task=result.to_dict())
+
+    return store.ensure(step, inputs, produce)
+
+
+def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], root: Path, store: Store,
+                   label: str) -> dict[str, dict]:
+    """Every recipe task on one checkpoint, stored; returns ``{task: summary}`` for ``Variant.scores["tasks"]``."""
+    import transformers
+
+    tasks = [resolve_task(s, root=root) for s in specs]
+    out = {}
+    with task_manager(tasks) as manager:
+        for task in tasks:
+            items = load_items(task, manager)
+            inputs = task_inputs(task, items, variant=identity, backend=BACKEND_HF,
+                                 backend_version=f"transformers {transformers.__version__}")
+            entry = _stored(store, "tasks-hf", inputs,
+                            lambda: score_task_hf(model_dir=model_dir, task=task, items=items, manager=manager))
+            out[task.name] = _log_result(entry, label)
+    return out
+
+
+def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], root: Path, store: Store, toolchain,
+                     label: str, threads: int | None = None) -> dict[str, dict]:
+    """Every recipe task on one GGUF through llama-perplexity, stored; same return shape as ``score_tasks_hf``."""
+    from quantkit.tasks_gguf import BACKEND, score_task_gguf
+
+    tasks = [resolve_task(s, root=root) for s in specs]
+    out = {}
+    with task_manager(tasks) as manager:
+        for task in tasks:
+            items = load_items(task, manager)
+            inputs = task_inputs(task, items, variant=gguf_sha256, backend=BACKEND,
+                                 backend_version=f"llama.cpp {toolchain.commit}")
+            entry = _stored(store, "tasks-gguf", inputs,
+                            lambda: score_task_gguf(gguf=gguf, task=task.name, items=items, toolchain=toolchain,
+                                                    threads=threads))
+            out[task.name] = _log_result(entry, label)
+    return out
+
+
+def _log_result(entry: Entry, label: str) -> dict:
+    r = entry.info["task"]
+    log.info("task %s on %s (%s): %s %.3f over %d items (chance %.3f, p=%.2g)%s", r["task"], label, r["backend"],
+             r["metric"], r[r["metric"]], r["n"], r["chance"], r["p_value"], " reused" if entry.reused else "")
+    return {k: r[k] for k in ("acc", "acc_norm", "acc_token_norm", "n", "chance", "p_value", "metric", "backend")} | {
+        "task": r["task"]}
+
+
+def check_tasks(scores: dict[str, dict], *, label: str, alpha: float) -> None:
+    """``check_above_chance`` for every task of one variant (the base model and Q8_0 must pass)."""
+    for result in scores.values():
+        check_above_chance(result, label=label, alpha=alpha)
+
+
+__all__ = ["TaskItem", "TaskResult", "ResolvedTask", "resolve_task", "task_manager", "load_items", "items_sha256",
+           "p_above_chance", "check_above_chance", "check_tasks", "score_task_hf", "score_tasks_hf",
+           "score_tasks_gguf"]

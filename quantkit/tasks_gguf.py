@@ -1,0 +1,106 @@
+"""Multiple-choice tasks on a GGUF: ``llama-perplexity --multiple-choice`` (tools/perplexity/perplexity.cpp).
+
+The items come from ``quantkit.tasks.load_items`` (lm-eval's own prompts), written
+in the binary layout ``multiple_choice_score`` reads from ``-bf``:
+
+    uint32 n_task, uint32 offset[n_task] (byte offset of each task in the file),
+    then per task: string question; mc1 = uint32 n, n strings, int32 label[n]
+    (1 = correct); mc2 = the same with n = 0 (llama.cpp does not score it).
+    A string is uint32 byte length + UTF-8 bytes; all little-endian.
+
+llama.cpp tokenizes ``question + " " + answer`` with BOS (when the vocabulary
+adds one) and picks the answer with the highest mean log-likelihood per token
+after the prefix all answers share: recorded as ``acc_token_norm``. It prints
+only the running accuracy after each task (``n_done<TAB>100*n_correct/n_done``),
+from which the per-item results are recovered.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+from quantkit.errors import VerificationError
+from quantkit.proc import run_tool
+from quantkit.tasks import TaskItem, TaskResult, p_above_chance
+
+BACKEND = "llama-perplexity"
+# llama-perplexity's context is n_parallel * -c; it packs whole tasks (one sequence per answer) into it, and
+# allocates n_ctx * n_vocab floats of logits, so it is sized to the largest task instead of fixed.
+PARALLEL = 16
+MIN_CTX = 512
+_RUNNING = re.compile(r"^(\d+)\t(\d+\.\d+)\s*$", re.M)
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<I", len(raw)) + raw
+
+
+def _answer(continuation: str, delimiter: str = " ") -> str:
+    # llama.cpp joins question and answer with one space; lm-eval's continuation starts with the delimiter.
+    if not continuation.startswith(delimiter):
+        raise VerificationError(f"choice {continuation!r} does not start with a space; llama-perplexity joins "
+                                "question and answer with one space, so target_delimiter must be ' '")
+    return continuation[len(delimiter):]
+
+
+def write_mc_file(items: list[TaskItem], path: Path) -> None:
+    """The items in llama-perplexity's ``--multiple-choice`` binary format."""
+    bodies = []
+    for it in items:
+        answers = [_answer(c) for c in it.choices]
+        if not it.context or any(not a for a in answers):
+            raise VerificationError("llama-perplexity refuses tasks with an empty question or answer")
+        body = _string(it.context) + struct.pack("<I", len(answers)) + b"".join(_string(a) for a in answers)
+        body += struct.pack(f"<{len(answers)}i", *(int(i == it.gold) for i in range(len(answers))))
+        body += struct.pack("<I", 0)  # mc2: no answers
+        bodies.append(body)
+    offset = 4 + 4 * len(items)
+    positions = []
+    for b in bodies:
+        positions.append(offset)
+        offset += len(b)
+    Path(path).write_bytes(struct.pack(f"<I{len(items)}I", len(items), *positions) + b"".join(bodies))
+
+
+def context_size(items: list[TaskItem]) -> int:
+    """Total context that fits the largest task: a token is at least one byte, plus BOS, a power of two."""
+    need = max(len(it.context.encode()) + sum(len(c.encode()) for c in it.choices) + 2 for it in items)
+    size = MIN_CTX
+    while size < need:
+        size *= 2
+    return size
+
+
+def per_item_correct(text: str, n: int) -> list[int]:
+    """Per-item 0/1 from the running accuracies llama-perplexity prints after each task."""
+    rows = [(int(a), float(b)) for a, b in _RUNNING.findall(text)]
+    if [r[0] for r in rows] != list(range(1, n + 1)):
+        raise VerificationError(f"llama-perplexity printed {len(rows)} of {n} multiple-choice results; "
+                                "its output ended with:\n" + "\n".join(text.splitlines()[-15:]))
+    totals = [0] + [round(pct * done / 100) for done, pct in rows]
+    return [totals[i + 1] - totals[i] for i in range(n)]
+
+
+def score_task_gguf(*, gguf: Path, task: str, items: list[TaskItem], toolchain, threads: int | None = None) -> TaskResult:
+    threads = threads or os.cpu_count() or 1
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quantkit-mc-") as tmp:
+        data, log_path = Path(tmp) / "tasks.bin", Path(tmp) / "llama-perplexity.log"
+        write_mc_file(items, data)
+        per_seq = context_size(items) // PARALLEL
+        run = run_tool([toolchain.binary("llama-perplexity"), "-m", Path(gguf).resolve(), "-bf", data,
+                        "--multiple-choice", "-np", str(PARALLEL), "-c", str(per_seq), "-t", str(threads), "--log-file", log_path], cwd=tmp)
+        text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else run.output_tail
+    correct = per_item_correct(text, len(items))
+    n_choices = [len(it.choices) for it in items]
+    n = len(items)
+    return TaskResult(task=task, backend=BACKEND, acc=None, acc_norm=None, acc_token_norm=sum(correct) / n, n=n,
+                      chance=sum(1 / k for k in n_choices) / n, metric="acc_token_norm",
+                      p_value=p_above_chance(correct, n_choices), correct=tuple(correct),
+                      seconds=round(time.perf_counter() - start, 3), versions={"llama_cpp": toolchain.commit})
