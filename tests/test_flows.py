@@ -26,7 +26,11 @@ from prefect.client.schemas.filters import (  # noqa: E402
     LogFilterFlowRunId,
 )
 from prefect.logging.handlers import APILogHandler  # noqa: E402
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
+from prefect.settings import (  # noqa: E402
+    PREFECT_LOCAL_STORAGE_PATH,
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    temporary_settings,
+)
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from test_pipeline import make_project  # noqa: E402
 
@@ -53,7 +57,8 @@ STORE_STEPS = {"convert", "imatrix", "quantize-Q8_0", "quantize-Q4_K_M"}
 def prefect_server(tmp_path_factory):
     """A temporary Prefect API (SQLite in a temp folder) with the `gpu` limit the flow holds."""
     results = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}), prefect_test_harness(server_startup_timeout=120):
+    settings = {PREFECT_LOCAL_STORAGE_PATH: results, PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
         with get_client(sync_client=True) as client:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu", limit=1))
         yield
@@ -75,11 +80,15 @@ def run_flow(recipe: Path, third_type: str) -> tuple[dict, dict[str, str], str]:
     recipe.write_text(RECIPE % third_type)
     state = quantize(str(recipe), return_state=True)
     assert state.is_completed(), state
-    APILogHandler.flush()
+    APILogHandler().flush()  # logs are sent in batches: send what is queued
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        logs, page = [], None
+        while page is None or len(page) == 200:  # the API's page size
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                    offset=len(logs))
+            logs += page
     result = state.result() | {"flow_run_id": flow_run_id}
     return result, {r.name: r.state.name for r in runs}, "\n".join(entry.message for entry in logs)
 
@@ -112,8 +121,11 @@ def test_variants_become_artifacts(first):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[result["flow_run_id"]])))
-    kinds = {a.key: a.type for a in arts}
-    assert kinds == {"tiny-flow-variants": "table", "tiny-flow-summary": "markdown", "tiny-flow-manifest": "link"}
+    by_key = {a.key: a for a in arts}
+    assert set(by_key) == {"tiny-flow-variants", "tiny-flow-summary", "tiny-flow-manifest"}
+    assert by_key["tiny-flow-variants"].type == "table"
+    assert "# tiny-flow" in by_key["tiny-flow-summary"].data
+    assert Path(result["manifest"]).resolve().as_uri() in by_key["tiny-flow-manifest"].data  # a link (markdown)
     table = next(a for a in arts if a.type == "table")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["variant"] for r in rows] == [v["label"] for v in manifest["variants"]]
