@@ -86,8 +86,10 @@ def cmd_run(args) -> int:
     from quantkit.pipeline import run
 
     ctx = _context(args.recipe, build_toolchain=True)
-    result = run(ctx)
+    result = run(ctx, publish=not args.no_publish)
     print(f"manifest: {result.manifest}")
+    if result.published:
+        print(f"published: {result.published}")
     if result.reused:
         print(f"reused: {', '.join(result.reused)}")
     print(f"built: {', '.join(result.built) if result.built else 'nothing (every step was already done)'}")
@@ -153,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a recipe locally (no Prefect server needed)")
     s.add_argument("recipe")
+    s.add_argument("--no-publish", action="store_true", help="stop after the run folder; no report, no publish")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("toolchain", help="show the pinned llama.cpp toolchain; --build makes it")

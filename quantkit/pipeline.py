@@ -70,6 +70,7 @@ class RunResult:
     variants: tuple[Variant, ...]
     reused: tuple[str, ...]
     built: tuple[str, ...]
+    published: Path | None = None
 
 
 def run_dir(recipe: Recipe, root: Path) -> Path:
@@ -318,7 +319,40 @@ def preflight(ctx: RunContext) -> None:
                             f"{available / GiB:.2f} GiB is available")
 
 
-def run(ctx: RunContext) -> RunResult:
+def model_facts(model_dir: Path) -> dict:
+    """What the report needs from the model's own files: config, chat template, EOS token."""
+    import json
+
+    def read(name: str) -> dict:
+        p = model_dir / name
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    tok = read("tokenizer_config.json")
+    template_file = model_dir / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else tok.get("chat_template")
+    eos = tok.get("eos_token")
+    if isinstance(eos, dict):  # older tokenizer configs wrap special tokens
+        eos = eos.get("content")
+    return {"config": read("config.json"), "chat_template": template if isinstance(template, str) else None,
+            "eos_token": eos}
+
+
+def publish_run(ctx: RunContext, model: ModelSnapshot, manifest_path: Path):
+    """Render the report, apply the regression gate, publish (local store by default)."""
+    import json
+
+    from quantkit.publish import release
+    from quantkit.recipe import Publish
+
+    facts = model_facts(model.path)
+    calib_readme = ctx.root / "calibration" / "README.md"
+    return release(run_dir=manifest_path.parent, manifest=json.loads(manifest_path.read_text()), root=ctx.root,
+                   settings=ctx.recipe.publish or Publish(), recipe_yaml=ctx.recipe_file.read_text(),
+                   config=facts["config"], chat_template=facts["chat_template"], eos_token=facts["eos_token"],
+                   calibration_readme=calib_readme.read_text() if calib_readme.is_file() else None)
+
+
+def run(ctx: RunContext, *, publish: bool = True) -> RunResult:
     start = time.perf_counter()
     preflight(ctx)
     model, calib = prepare_source(ctx)
@@ -337,6 +371,7 @@ def run(ctx: RunContext) -> RunResult:
     manifest = write_run_folder(ctx, model, calib, variants)
     reused = tuple(s["step"] for s in ctx.steps if s["reused"])
     built = tuple(s["step"] for s in ctx.steps if not s["reused"])
+    published = publish_run(ctx, model, manifest).path if publish else None
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,
              len(built), len(reused), f" ({', '.join(reused)})" if reused else "")
-    return RunResult(manifest.parent, manifest, tuple(variants), reused, built)
+    return RunResult(manifest.parent, manifest, tuple(variants), reused, built, published)

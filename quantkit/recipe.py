@@ -439,14 +439,16 @@ class Schedule(Section):
     def _cron(cls, v: str) -> str:
         fields = v.split()
         if len(fields) != 5:
-            raise Invalid(f"cron '{v}' has {len(fields)} fields, expected 5", "write minute hour day month weekday, e.g. '0 2 * * *'")
+            raise Invalid(f"cron '{v}' has {len(fields)} fields, expected 5",
+                          "write minute hour day month weekday, e.g. '0 2 * * *'")
         for text, (what, lo, hi) in zip(fields, CRON_FIELDS):
             for part in text.split(","):
                 m = CRON_PART_RE.match(part)
                 numbers = [int(g) for g in (m.group(2), m.group(4)) if g] if m else []
                 if not m or any(not lo <= n <= hi for n in numbers) or (m.group(6) and int(m.group(6)) == 0):
                     raise Invalid(f"cron {what} field '{text}' is not valid",
-                                  f"use *, a number {lo}-{hi}, a range a-b, a list a,b or a step */n (no names like MON)")
+                                  f"use *, a number {lo}-{hi}, a range a-b, a list a,b or a step */n "
+                                  "(no names like MON)")
         return " ".join(fields)
 
     @field_validator("timezone")
@@ -455,7 +457,8 @@ class Schedule(Section):
         import zoneinfo
 
         if v not in zoneinfo.available_timezones():
-            raise Invalid(f"unknown timezone '{v}'", _suggest(v, zoneinfo.available_timezones()) or "use an IANA name such as UTC")
+            raise Invalid(f"unknown timezone '{v}'",
+                          _suggest(v, zoneinfo.available_timezones()) or "use an IANA name such as UTC")
         return v
 
 

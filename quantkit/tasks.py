@@ -273,22 +273,29 @@ def _stored(store: Store, step: str, inputs: dict, produce_result) -> Entry:
     return store.ensure(step, inputs, produce)
 
 
-def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], root: Path, store: Store,
-                   label: str) -> dict[str, dict]:
-    """Every recipe task on one checkpoint, stored; returns ``{task: summary}`` for ``Variant.scores["tasks"]``."""
-    import transformers
-
+def _score_tasks(*, specs: list[TaskSpec], root: Path, store: Store, label: str, step: str, variant: str,
+                 backend: str, backend_version: str, score) -> dict[str, dict]:
+    """Every recipe task on one variant, each result stored; ``score(task, items, manager)`` measures one."""
     tasks = [resolve_task(s, root=root) for s in specs]
     out = {}
     with task_manager(tasks) as manager:
         for task in tasks:
             items = load_items(task, manager)
-            inputs = task_inputs(task, items, variant=identity, backend=BACKEND_HF,
-                                 backend_version=f"transformers {transformers.__version__}")
-            entry = _stored(store, "tasks-hf", inputs,
-                            lambda: score_task_hf(model_dir=model_dir, task=task, items=items, manager=manager))
+            inputs = task_inputs(task, items, variant=variant, backend=backend, backend_version=backend_version)
+            entry = _stored(store, step, inputs, lambda: score(task, items, manager))
             out[task.name] = _log_result(entry, label)
     return out
+
+
+def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], root: Path, store: Store,
+                   label: str) -> dict[str, dict]:
+    """Every recipe task on one checkpoint, stored; returns ``{task: summary}`` for ``Variant.scores["tasks"]``."""
+    import transformers
+
+    return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-hf", variant=identity,
+                        backend=BACKEND_HF, backend_version=f"transformers {transformers.__version__}",
+                        score=lambda task, items, manager: score_task_hf(model_dir=model_dir, task=task,
+                                                                         items=items, manager=manager))
 
 
 def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], root: Path, store: Store, toolchain,
@@ -296,18 +303,10 @@ def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], roo
     """Every recipe task on one GGUF through llama-perplexity, stored; same return shape as ``score_tasks_hf``."""
     from quantkit.tasks_gguf import BACKEND, score_task_gguf
 
-    tasks = [resolve_task(s, root=root) for s in specs]
-    out = {}
-    with task_manager(tasks) as manager:
-        for task in tasks:
-            items = load_items(task, manager)
-            inputs = task_inputs(task, items, variant=gguf_sha256, backend=BACKEND,
-                                 backend_version=f"llama.cpp {toolchain.commit}")
-            entry = _stored(store, "tasks-gguf", inputs,
-                            lambda: score_task_gguf(gguf=gguf, task=task.name, items=items, toolchain=toolchain,
-                                                    threads=threads))
-            out[task.name] = _log_result(entry, label)
-    return out
+    return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-gguf", variant=gguf_sha256,
+                        backend=BACKEND, backend_version=f"llama.cpp {toolchain.commit}",
+                        score=lambda task, items, manager: score_task_gguf(gguf=gguf, task=task.name, items=items,
+                                                                           toolchain=toolchain, threads=threads))
 
 
 def _log_result(entry: Entry, label: str) -> dict:
