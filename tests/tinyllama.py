@@ -76,35 +76,36 @@ def _train_sentencepiece(work: pathlib.Path) -> pathlib.Path:
     """Train a Llama-style BPE sentencepiece model on the calibration texts."""
     import sentencepiece as spm
 
-    corpus = work / "sp-corpus.txt"
-    corpus.write_text("\n".join(_train_texts()), encoding="utf-8")
-    prefix = work / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(prefix),
-        vocab_size=VOCAB_SIZE,
-        model_type="bpe",
-        # Byte fallback (as in Llama) keeps every input encodable, including
-        # rare kanji that did not make it into the vocabulary.
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        # Keep indentation runs: the code corpus depends on them.
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=-1,
-        # Each paragraph is a single line, some of them several KB long.
-        max_sentence_length=1 << 16,
-        num_threads=1,  # single-threaded for reproducible merges
-        minloglevel=2,
-    )
-    corpus.unlink()
-    (work / "tokenizer.vocab").unlink()
-    return prefix.with_suffix(".model")
+    lines = [line for text in _train_texts() for line in text.splitlines()]
+    model = work / "tokenizer.model"
+    with model.open("wb") as out:
+        # Feeding an iterator and a writer (not file paths) keeps temporary
+        # paths out of the model's stored trainer spec, so the bytes of
+        # tokenizer.model do not depend on where it was built.
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=out,
+            vocab_size=VOCAB_SIZE,
+            model_type="bpe",
+            # Byte fallback (as in Llama) keeps every input encodable,
+            # including rare kanji that did not make it into the vocabulary.
+            character_coverage=1.0,
+            byte_fallback=True,
+            split_digits=True,
+            # Keep indentation runs: the code corpus depends on them.
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            # Each prose paragraph is a single line, some several KB long.
+            max_sentence_length=1 << 16,
+            num_threads=1,  # single-threaded for reproducible merges
+            minloglevel=2,
+        )
+    return model
 
 
 def _save_hf_tokenizer(model_dir: pathlib.Path) -> None:
@@ -256,6 +257,8 @@ def build_tiny_llama(dest: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
         model.generation_config.bos_token_id = BOS_ID
         model.generation_config.eos_token_id = EOS_ID
         model.save_pretrained(work, safe_serialization=True)
+        for f in work.iterdir():
+            f.chmod(0o644)  # safetensors writes 0600; the cache may be shared
         log.info("built tiny llama in %.0fs", time.monotonic() - started)
 
         try:
