@@ -57,7 +57,8 @@ def allowed_patterns(source: ModelSource) -> tuple[str, ...]:
 def _select(folder: Path, source: ModelSource) -> list[Path]:
     patterns = allowed_patterns(source)
     chosen, refused = [], []
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    # huggingface_hub keeps download metadata in <folder>/.cache/: not model files.
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts):
         rel = f.relative_to(folder).as_posix()
         if any(fnmatch.fnmatch(f.name, pat) for pat in patterns):
             chosen.append(f)

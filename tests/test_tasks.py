@@ -12,8 +12,9 @@ from quantkit.recipe import Evaluation, TaskSpec
 from quantkit.store import Store
 from quantkit.tasks import check_tasks, items_sha256, load_items, p_above_chance, resolve_task, task_manager
 
-SHIPPED = TaskSpec(name="which-word-fits", limit=60)
-BROKEN = TaskSpec(name="which-word-fits-shuffled", path="tests/data/tasks/which-word-fits-shuffled", limit=60)
+# The tiny test model learnt Python syntax, not English: test the backends on code it can finish.
+SHIPPED = TaskSpec(name="code-lines", path="tests/data/tasks/code-lines", limit=60)
+BROKEN = TaskSpec(name="code-lines-shuffled", path="tests/data/tasks/code-lines-shuffled", limit=60)
 
 
 def test_p_value_is_the_exact_binomial_tail():
@@ -33,7 +34,9 @@ def test_recipe_accepts_task_names_and_dicts():
 
 def test_items_are_lm_evals_prompts(repo_root):
     pytest.importorskip("lm_eval")
-    tasks = [resolve_task(SHIPPED, root=repo_root), resolve_task(BROKEN, root=repo_root)]
+    shipped = TaskSpec(name="which-word-fits", limit=60)
+    broken = TaskSpec(name="which-word-fits-shuffled", path="tests/data/tasks/which-word-fits-shuffled", limit=60)
+    tasks = [resolve_task(shipped, root=repo_root), resolve_task(broken, root=repo_root)]
     assert tasks[0].local_dir == repo_root / "calibration/tasks/which-word-fits"
     with task_manager(tasks) as manager:
         good, broken = (load_items(t, manager) for t in tasks)
@@ -72,11 +75,11 @@ def test_both_backends_beat_chance_and_agree(tmp_path, repo_root, tiny_llama):
                         store=store, label="HF")
     gg = score_tasks_gguf(gguf=gguf.file("model.gguf"), gguf_sha256=gguf.files["model.gguf"].sha256,
                           specs=[SHIPPED, BROKEN], root=repo_root, store=store, toolchain=toolchain, label="F16")
-    good_hf, good_gg = hf["which-word-fits"], gg["which-word-fits"]
+    good_hf, good_gg = hf["code-lines"], gg["code-lines"]
     assert good_hf["backend"] == "lm-eval-hf" and good_gg["backend"] == "llama-perplexity"
     assert good_hf["n"] == good_gg["n"] == 60
-    check_tasks({"which-word-fits": good_hf}, label="HF", alpha=0.01)
-    check_tasks({"which-word-fits": good_gg}, label="F16", alpha=0.01)
+    check_tasks({"code-lines": good_hf}, label="HF", alpha=0.01)
+    check_tasks({"code-lines": good_gg}, label="F16", alpha=0.01)
     # The one metric both compute: argmax of mean log-likelihood per answer token. F16 weights against float32
     # and lm-eval's token split (continuation tokens) against llama.cpp's (tokens after the prefix all choices
     # share) can only move near-ties; 4 of 60 items (0.067) is about one binomial standard error at p=0.8.
@@ -84,12 +87,12 @@ def test_both_backends_beat_chance_and_agree(tmp_path, repo_root, tiny_llama):
 
     for scores, label, backend in ((hf, "HF", "lm-eval-hf"), (gg, "F16", "llama-perplexity")):
         with pytest.raises(ChanceLevelError) as err:
-            check_tasks({"which-word-fits-shuffled": scores["which-word-fits-shuffled"]}, label=label, alpha=0.01)
-        assert str(err.value).startswith(f"task which-word-fits-shuffled scores at chance on {label} ({backend}): ")
+            check_tasks({"code-lines-shuffled": scores["code-lines-shuffled"]}, label=label, alpha=0.01)
+        assert str(err.value).startswith(f"task code-lines-shuffled scores at chance on {label} ({backend}): ")
         assert "over 60 items, chance 0.250, one-sided exact binomial p = " in str(err.value)
 
     # stored: a second call reuses the results instead of scoring again
     again = score_tasks_gguf(gguf=gguf.file("model.gguf"), gguf_sha256=gguf.files["model.gguf"].sha256,
                              specs=[SHIPPED], root=repo_root, store=store, toolchain=toolchain, label="F16")
-    assert again["which-word-fits"] == good_gg
+    assert again["code-lines"] == good_gg
     assert len(list((Path(store.root) / "tasks-gguf").glob("*/task.json"))) == 2
