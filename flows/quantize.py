@@ -39,9 +39,11 @@ from prefect.futures import PrefectFuture
 from prefect.logging.handlers import APILogHandler
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
+from prefect.utilities.annotations import quote
 
 from quantkit.convert import convert, convert_inputs
 from quantkit.imatrix import imatrix, imatrix_inputs
+from quantkit import pipeline
 from quantkit.pipeline import RunContext, Variant, prepare_source, write_run_folder
 from quantkit.quantize import quantize as quantize_gguf
 from quantkit.quantize import quantize_inputs
@@ -99,6 +101,31 @@ quantize_task = task(quantize_gguf, name="quantize", task_run_name="quantize-{la
                      cache_key_fn=store_cache_key("quantize", quantize_inputs), persist_result=True)
 write_run_folder_task = task(write_run_folder, name="write-run-folder", task_run_name="write-run-folder",
                               cache_policy=NO_CACHE)
+
+
+
+def on_gpu(fn: Callable) -> Callable:
+    """``fn`` holding one slot of the global ``gpu`` limit while it runs."""
+    @functools.wraps(fn)
+    def held(*args, **kwargs):
+        with concurrency(GPU_LIMIT, occupy=1):
+            return fn(*args, **kwargs)
+    return held
+
+
+# Coarse steps, one task each as `quantkit run` calls them: the store inside skips finished work.
+# They record their steps on the run's context, so it is passed unvisited (quote): Prefect would
+# otherwise hand the task a copy.
+preflight_task = task(pipeline.preflight, name="preflight", task_run_name="preflight", cache_policy=NO_CACHE)
+score_ggufs_task = task(on_gpu(pipeline.score_ggufs), name="score-gguf", task_run_name="score-gguf",
+                        cache_policy=NO_CACHE)
+checkpoints_task = task(on_gpu(pipeline.checkpoint_variants), name="gptq-awq", task_run_name="gptq-awq",
+                        cache_policy=NO_CACHE)
+score_checkpoints_task = task(on_gpu(pipeline.score_checkpoints), name="score-checkpoints",
+                              task_run_name="score-checkpoints", cache_policy=NO_CACHE)
+# Publishing may reach the Hub: the one late step that retries.
+publish_task = task(pipeline.publish_run, name="publish", task_run_name="publish", cache_policy=NO_CACHE,
+                    retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5)
 
 
 def resolve(future: PrefectFuture, step_task: Task, kwargs: dict) -> Entry:
@@ -190,7 +217,7 @@ def run_context(recipe_file: str) -> RunContext:
 
 
 @flow(name="quantize", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
-def quantize(recipe: str) -> dict:
+def quantize(recipe: str, publish: bool = True) -> dict:
     """Run one recipe: source, convert, imatrix, every GGUF type (concurrently), run folder, artifacts.
 
     ``recipe`` is the recipe's path, relative to the working directory (the project, in a deployment).
@@ -198,9 +225,19 @@ def quantize(recipe: str) -> dict:
     start = time.perf_counter()
     with quantkit_logs_to_prefect():
         ctx = run_context(recipe)
+        preflight_task(quote(ctx))
         model, calib = source_task(ctx)
         variants = gguf_variants(ctx, model, calib) if ctx.recipe.gguf else []
+        if variants and ctx.recipe.evaluation:
+            variants = score_ggufs_task(quote(ctx), quote(variants))
+        if ctx.recipe.gptq or ctx.recipe.awq:
+            checkpoints = checkpoints_task(quote(ctx), quote(model), quote(calib))
+            if ctx.recipe.evaluation:
+                checkpoints = score_checkpoints_task(quote(ctx), quote(model), quote(checkpoints))
+            variants = [*variants, *checkpoints]
         manifest_path = write_run_folder_task(ctx, model, calib, variants)
+        if publish:
+            publish_task(quote(ctx), quote(model), manifest_path)
     manifest = json.loads(manifest_path.read_text())
     publish_artifacts(manifest_path, manifest)
     built = [s["step"] for s in ctx.steps if not s["reused"]]

@@ -105,7 +105,8 @@ def first(prefect_server, project):
 
 def test_every_step_is_a_task_and_builds(first, project):
     result, states, logs = first
-    assert set(states) == {"toolchain", "source", *STORE_STEPS, "quantize-Q2_K", "write-run-folder"}
+    assert set(states) == {"toolchain", "preflight", "source", *STORE_STEPS, "quantize-Q2_K", "write-run-folder",
+                           "publish"}
     assert all(s == "Completed" for s in states.values()), states
     assert result["built"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
     assert result["reused"] == []
