@@ -45,6 +45,14 @@ def _num(d: dict | None, *keys: str) -> float | None:
     return None
 
 
+def _task_value(score) -> float | None:
+    """A task score: a number, or quantkit.tasks' summary dict, whose ``metric`` names the value that counts
+    (the one both backends compute)."""
+    if isinstance(score, dict):
+        score = score.get(score.get("metric", "acc"))
+    return float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
+
+
 def _variant_row(v: dict) -> dict:
     files = v.get("files") or {}
     weights = ([r["size"] for n, r in files.items() if n.endswith(WEIGHT_SUFFIXES)]
@@ -58,7 +66,8 @@ def _variant_row(v: dict) -> dict:
         "ppl": _num(scores, "ppl"), "ppl_err": _num(scores, "ppl_err"),
         "kld_mean": _num(scores, "kld_mean"), "kld_mean_err": _num(scores, "kld_mean_err"),
         "kld_p99": _num(scores, "kld_p99"), "same_top_pct": _num(scores, "same_top_pct"),
-        "tasks": {k: float(s) for k, s in (scores.get("tasks") or {}).items() if _num({"s": s}, "s") is not None},
+        "tasks": {k: v for k, v in ((k, _task_value(s)) for k, s in (scores.get("tasks") or {}).items())
+                  if v is not None},
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
     }
