@@ -82,6 +82,12 @@ def _project_path(value: str, info: ValidationInfo) -> str:
 ProjectPath = Annotated[str, pydantic.AfterValidator(_project_path)]
 
 
+def _repo_id(v: str | None) -> str | None:
+    if v is not None and not REPO_RE.match(v):
+        raise Invalid(f"'{v}' is not a Hugging Face repo id", "write owner/name, e.g. meta-llama/Llama-3.1-8B-Instruct")
+    return v
+
+
 def _pinned_revision(v: str) -> str:
     """A revision that names one fixed snapshot: a full commit sha or a tag."""
     if v.lower() in MOVING_REFS or v.startswith("refs/heads/") or v.startswith("refs/pr/"):
@@ -104,12 +110,7 @@ class ModelSource(Section):
     allow_pickle: bool = Field(False, description="allow pickle .bin/.pt weights (they can run code on load)")
     trust_remote_code: bool = Field(False, description=f"needs the worker to set {WORKER_ALLOWS_REMOTE_CODE}=1 too")
 
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, v: str | None) -> str | None:
-        if v is not None and not REPO_RE.match(v):
-            raise Invalid(f"'{v}' is not a Hugging Face repo id", "write owner/name, e.g. meta-llama/Llama-3.1-8B-Instruct")
-        return v
+    _repo = field_validator("repo")(lambda v: _repo_id(v))
 
     @field_validator("revision")
     @classmethod
@@ -403,12 +404,7 @@ class Publish(Section):
     dir: ProjectPath = Field("artifacts", description="local artifact store: <dir>/<recipe>/<run-id>/ and latest")
     thresholds: PublishThresholds = PublishThresholds()
 
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, v: str | None) -> str | None:
-        if v is not None and not REPO_RE.match(v):
-            raise Invalid(f"'{v}' is not a Hugging Face repo id", "write owner/name, e.g. my-org/SmolLM2-135M-GGUF")
-        return v
+    _repo = field_validator("repo")(lambda v: _repo_id(v))
 
     @model_validator(mode="after")
     def _target(self) -> Publish:
