@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -72,8 +73,20 @@ def run_bare(recipe, tc, threads: int) -> tuple[float, float]:
 
 
 def run_quantkit(recipe_path: Path, store: Path) -> tuple[float, float]:
-    return measure([str(REPO / ".venv" / "bin" / "quantkit"), "-q", "run", str(recipe_path)],
-                   env={"QUANTKIT_STORE": str(store)})
+    return measure([str(REPO / ".venv" / "bin" / "quantkit"), "-q", "run", "--no-publish", str(recipe_path)],
+                   env={"QUANTKIT_STORE": str(store), "QUANTKIT_PROJECT": str(REPO)})
+
+
+def gguf_only(recipe_path: Path, dest: Path, *, change_last_type: bool = False) -> Path:
+    """The recipe's GGUF chain alone (no scoring, GPTQ/AWQ or publishing): what the bare side runs."""
+    data = yaml.safe_load(recipe_path.read_text())
+    for key in ("evaluation", "gptq", "awq", "publish", "schedule"):
+        data.pop(key, None)
+    if change_last_type:
+        last = data["gguf"]["types"][-1]
+        data["gguf"]["types"][-1] = "Q4_0" if last != "Q4_0" else "Q5_0"
+    dest.write_text(yaml.safe_dump(data, sort_keys=False))
+    return dest
 
 
 def main() -> None:
@@ -81,12 +94,12 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m-demo.yaml"))
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    recipe_path = Path(args.recipe).resolve()
-    recipe = load_recipe(recipe_path, root=REPO)
+    recipe = load_recipe(Path(args.recipe).resolve(), root=REPO)
     tc = ensure_toolchain()
     threads = os.cpu_count() or 1
     qk, bare = [], []
     with tempfile.TemporaryDirectory(prefix="qk-bench-") as tmp:
+        recipe_path = gguf_only(Path(args.recipe), Path(tmp) / "gguf-only.yaml")
         for rep in range(args.reps):
             store = Path(tmp) / f"store-{rep}"
             qk.append(run_quantkit(recipe_path, store))
@@ -95,15 +108,9 @@ def main() -> None:
                   f"{bare[-1][1]:.0f} MiB", flush=True)
         cold = statistics.median(w for w, _ in qk)
         warm = [run_quantkit(recipe_path, Path(tmp) / "store-0")[0] for _ in range(3)]
-        # One type changed: a copy of the recipe whose last type differs.
-        changed = Path(tmp) / "changed.yaml"
-        text = recipe_path.read_text()
-        last = recipe.gguf.types[-1].type
-        alt = "Q4_0" if last != "Q4_0" else "Q5_0"
-        changed.write_text(text.replace(last + "]", alt + "]"))
-        shutil.copy(recipe_path, Path(tmp) / "orig.yaml")
-        changed_run = measure([str(REPO / ".venv" / "bin" / "quantkit"), "-q", "run", str(changed)],
-                              env={"QUANTKIT_STORE": str(Path(tmp) / "store-0"), "QUANTKIT_PROJECT": str(REPO)})[0]
+        changed = gguf_only(Path(args.recipe), Path(tmp) / "changed.yaml", change_last_type=True)
+        changed_run = run_quantkit(changed, Path(tmp) / "store-0")[0]
+        last, alt = recipe.gguf.types[-1].type, yaml.safe_load(changed.read_text())["gguf"]["types"][-1]
     q_wall, b_wall = statistics.median(w for w, _ in qk), statistics.median(w for w, _ in bare)
     q_rss, b_rss = max(r for _, r in qk), max(r for _, r in bare)
     print(f"\nGGUF chain, median of {args.reps} (cold store): quantkit {q_wall:.1f}s, bare {b_wall:.1f}s, "
