@@ -273,16 +273,31 @@ def _stored(store: Store, step: str, inputs: dict, produce_result) -> Entry:
     return store.ensure(step, inputs, produce)
 
 
+# Items of a task, by (spec, task files' sha256): the same for every variant of a run.
+_ITEMS: dict[tuple, list[TaskItem]] = {}
+
+
 def _score_tasks(*, specs: list[TaskSpec], root: Path, store: Store, label: str, step: str, variant: str,
                  backend: str, backend_version: str, score) -> dict[str, dict]:
     """Every recipe task on one variant, each result stored; ``score(task, items, manager)`` measures one."""
     tasks = [resolve_task(s, root=root) for s in specs]
     out = {}
-    with task_manager(tasks) as manager:
+    with contextlib.ExitStack() as stack:
+        managers: list = []
+
+        def manager():
+            # lm-eval's TaskManager indexes every task it ships (seconds): only when something is missing.
+            if not managers:
+                managers.append(stack.enter_context(task_manager(tasks)))
+            return managers[0]
+
         for task in tasks:
-            items = load_items(task, manager)
+            key = (task.spec, tuple(sorted(task.files_sha256.items())))
+            if key not in _ITEMS:
+                _ITEMS[key] = load_items(task, manager())
+            items = _ITEMS[key]
             inputs = task_inputs(task, items, variant=variant, backend=backend, backend_version=backend_version)
-            entry = _stored(store, step, inputs, lambda: score(task, items, manager))
+            entry = _stored(store, step, inputs, lambda: score(task, items, manager()))
             out[task.name] = _log_result(entry, label)
     return out
 
