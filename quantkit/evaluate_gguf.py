@@ -52,6 +52,9 @@ PATTERNS = {
 }
 
 
+LOG_ATTEMPTS = 3
+
+
 def parse_perplexity_log(text: str) -> dict[str, tuple[str, ...]]:
     """The groups of every pattern found (last occurrence), as printed strings."""
     found = {}
@@ -70,8 +73,10 @@ def _perplexity(args: list, *, workdir: Path, toolchain: Toolchain, threads: int
     args = [Path(a).resolve() if isinstance(a, Path) else a for a in args]
     run = run_tool([toolchain.binary("llama-perplexity"), *args, "-t", str(threads), "--log-file", log_path],
                    cwd=workdir)
-    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else run.output_tail
-    return text, run.seconds
+    # llama.cpp writes its log file from a worker thread and can exit before the last lines land:
+    # the statistics are at the end, so the captured output tail is read after the file.
+    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
+    return text + "\n" + run.output_tail, run.seconds
 
 
 def base_logits(*, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain, workdir: Path,
@@ -115,8 +120,17 @@ def score_gguf(*, gguf: Path, base_logits: Path | None, text_file: Path, spec: E
             args = ["-m", gguf, "--kl-divergence-base", base_logits, "--kl-divergence", "-c", str(spec.ctx)]
         else:
             args = ["-m", gguf, "-f", text_file, "-c", str(spec.ctx), "--chunks", str(max_chunks(spec))]
-        text, seconds = _perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads)
-    return score_from_log(text, seconds=seconds, kld=base_logits is not None, what=gguf.name)
+        for attempt in range(1, LOG_ATTEMPTS + 1):
+            text, seconds = _perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads)
+            try:
+                return score_from_log(text, seconds=seconds, kld=base_logits is not None, what=gguf.name)
+            except VerificationError:
+                # llama.cpp's logger writes from a thread and, on a busy machine, can lose the last
+                # lines (the statistics) at exit; the numbers are deterministic, so run it again.
+                if attempt == LOG_ATTEMPTS:
+                    raise
+                log.warning("llama-perplexity output for %s ended early (attempt %d); running it again",
+                            gguf.name, attempt)
 
 
 def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:

@@ -157,8 +157,10 @@ def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, 
         if final.exists():
             raise PublishError(f"{final} is already published; a published run is never overwritten "
                                "(a new run gets a new run id)")
-        for stale in folder.glob(f".tmp-{run_id}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # We hold the recipe's lock: any temp folder here is from a publish that died.
+        for stale in [*folder.glob(".tmp-*"), *folder.glob(f".{LATEST}.tmp-*")]:
+            log.info("removing an unfinished publish: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
         tmp = folder / f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

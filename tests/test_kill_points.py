@@ -1,0 +1,127 @@
+"""SIGKILL at each step of a real run, then a re-run: nothing partial is taken as finished,
+nothing is half-published, and the final artifacts equal an uninterrupted run's.
+
+A kill point is reached when the step's temp folder appears (the store builds every output in
+`<store>/<step>/.tmp-*`, publishing in `artifacts/<recipe>/.tmp-*`); the whole process group,
+llama.cpp tools included, is killed there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from figures import COUNTERS
+from test_pipeline import make_project
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """\
+name: tiny-kill
+model:
+  path: models/tiny
+  name: tiny-llama
+calibration:
+  files: [calibration/en-prose.txt, calibration/code-python.txt]
+evaluation:
+  file: calibration/eval/en-prose-heldout.txt
+  ctx: 128
+  max_tokens: 1024
+  bench_reps: 1
+  bench_prompt_tokens: 32
+  bench_gen_tokens: 8
+gguf:
+  imatrix: {enabled: true, ctx: 128, chunks: 8}
+  types: [Q8_0, Q4_K_M]
+gptq:
+  - {bits: 4, group_size: 128, samples: 8, seq_len: 64}
+awq:
+  - {w_bit: 4, q_group_size: 128, samples: 8, seq_len: 64}
+"""
+
+# (kill point, folder whose temp child marks it, relative to the store or the project)
+KILL_POINTS = [
+    ("convert", "store", "convert"),
+    ("imatrix", "store", "imatrix"),
+    ("quantize", "store", "quantize"),
+    ("score-gguf", "store", "score-gguf"),
+    ("bench", "store", "bench"),
+    ("gptq", "store", "gptq"),
+    ("awq", "store", "awq"),
+    ("score-hf", "store", "score-hf"),
+    ("publish", "project", "artifacts/tiny-kill"),
+]
+QUANTKIT = [sys.executable, "-m", "quantkit.cli"]
+
+
+def start(project: Path, store: Path) -> subprocess.Popen:
+    env = {**os.environ, "QUANTKIT_STORE": str(store), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([*QUANTKIT, "run", str(project / "recipes" / "r.yaml")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish(project: Path, store: Path) -> dict:
+    proc = start(project, store)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    latest = project / "artifacts" / "tiny-kill" / "latest"
+    return {p.relative_to(latest).as_posix(): p.read_bytes() for p in sorted(latest.rglob("*"))
+            if p.is_file() and p.suffix in {".gguf", ".safetensors", ".json"} and p.name not in {"report.json",
+                                                                                             "manifest.json"}}
+
+
+def kill_at(project: Path, store: Path, where: str, folder: str) -> str | None:
+    """Run until a temp folder appears under ``folder``; SIGKILL the group there.
+
+    Returns None when killed there, else the run's stderr tail (it never reached the point)."""
+    watch = (store if where == "store" else project) / folder
+    proc = start(project, store)
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        if watch.is_dir() and any(p.name.startswith(".tmp-") for p in watch.iterdir()):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+        time.sleep(0.005)
+    _, err = proc.communicate()
+    return err.decode(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, repo_root, tiny_llama):
+    root = tmp_path_factory.mktemp("reference")
+    make_project(root, repo_root, tiny_llama)
+    (root / "recipes" / "r.yaml").write_text(RECIPE)
+    return finish(root, tmp_path_factory.mktemp("ref-store"))
+
+
+@pytest.mark.parametrize("point,where,folder", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
+def test_sigkill_then_rerun_gives_identical_artifacts(point, where, folder, reference, tmp_path, repo_root,
+                                                      tiny_llama):
+    make_project(tmp_path / "p", repo_root, tiny_llama)
+    project, store = tmp_path / "p", tmp_path / "store"
+    (project / "recipes" / "r.yaml").write_text(RECIPE)
+    missed = kill_at(project, store, where, folder)
+    assert missed is None, f"the run never reached {point}:\n{missed}"
+    # Killed mid-step: nothing of that step counts as finished, nothing is published.
+    assert not (project / "artifacts" / "tiny-kill" / "latest").exists()
+    done = [p.parent.name for p in (store / folder).glob("*/entry.json")] if where == "store" else []
+    partial = [p for p in (store / folder if where == "store" else project / folder).glob(".tmp-*")]
+    assert partial, "the kill should leave the step's temp folder behind"
+    for name in done:
+        entry = json.loads((store / folder / name / "entry.json").read_text())
+        for rel, rec in entry["files"].items():
+            assert (store / folder / name / rel).stat().st_size == rec["size"]
+
+    artifacts = finish(project, store)
+    assert artifacts == reference, "artifacts after the kill differ from an uninterrupted run"
+    assert not [p for p in store.rglob(".tmp-*")], "temp folders left after the re-run"
+    published = [p.name for p in (project / "artifacts" / "tiny-kill").iterdir()]
+    assert [n for n in published if ".tmp-" in n] == [], "an unfinished publish was left behind"
+    COUNTERS["kill points survived"] += 1
