@@ -89,7 +89,9 @@ def base_logits(*, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain
                                  str(max_chunks(spec)), "--kl-divergence-base", out],
                                 workdir=workdir, toolchain=toolchain, threads=threads)
     found = parse_perplexity_log(text)
-    if "ppl_final" not in found or not out.is_file():
+    # The file is the result; its size is checked below. The log's last lines (the final PPL) can
+    # be lost at exit on a busy machine, so they are not required here.
+    if not out.is_file():
         # llama-perplexity exits 0 when the text is too short for two contexts.
         raise VerificationError(f"llama-perplexity wrote no base logits for {base_gguf.name}; "
                                 f"its output ended with:\n{_tail(text)}")
@@ -99,7 +101,7 @@ def base_logits(*, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain
         raise VerificationError(f"{out} has {out.stat().st_size} bytes, expected {want} for {header.n_chunks} "
                                 f"chunks of {header.n_ctx} tokens and {header.n_vocab} vocab entries")
     log.info("base logits: %d chunks x %d tokens, %.1f MiB in %.1fs (base PPL %s)", header.n_chunks,
-             header.n_ctx, want / 2**20, seconds, found["ppl_final"][0])
+             header.n_ctx, want / 2**20, seconds, found.get("ppl_final", ("not printed",))[0])
     return out
 
 
