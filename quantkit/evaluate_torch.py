@@ -133,3 +133,22 @@ def score_hf(*, model_dir: Path, text_file: Path, spec: Evaluation, base_model_d
     return Score(backend=BACKEND, ppl=ppl, ppl_err=ppl_err, kld_mean=kld_mean, kld_mean_err=kld_err, kld_p99=kld_p99,
                  same_top_pct=same_pct, n_tokens=count, n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
                  printed=printed)
+
+
+def bench_hf(*, model_dir: Path, gen_tokens: int = 32, reps: int = 1, device: str = "cpu") -> dict:
+    """Greedy generation tokens/s of a checkpoint in transformers (the kernel GPTQModel picks on this
+    machine: its torch kernels on CPU). Prompt processing is not measured here."""
+    import torch
+
+    model, tokenizer = load_causal_lm(model_dir, device=device)
+    prompt = tokenizer("The quick brown fox", return_tensors="pt").to(device)
+    rates = []
+    with torch.inference_mode():
+        model.generate(**prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = model.generate(**prompt, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
+            new = out.shape[1] - prompt["input_ids"].shape[1]
+            rates.append(new / (time.perf_counter() - start))
+    return {"tg_tokens_per_s": sum(rates) / len(rates), "gen_tokens": gen_tokens, "reps": reps,
+            "threads": torch.get_num_threads(), "backend": f"transformers ({device})"}

@@ -240,7 +240,32 @@ def score_checkpoints(ctx: RunContext, model: ModelSnapshot, variants: list[Vari
                       os.path.relpath(model.path, ctx.root) if model.path.is_relative_to(ctx.root) else str(model.path),
                       base_scores)
     scored = [replace(v, scores=score(v.label, v.entry.path, v.entry.key, model.path)) for v in variants]
+    if spec.bench:
+        for v in [hf_base, *scored]:
+            v.scores["speed"] = _bench_hf(ctx, v)
     return [hf_base, *scored]
+
+
+def _bench_hf(ctx: RunContext, v: Variant) -> dict:
+    """Generation speed of a checkpoint in transformers, stored like a step (threads in the key)."""
+    import torch
+
+    from quantkit.evaluate_torch import bench_hf
+
+    spec = ctx.recipe.evaluation
+    inputs = {"model": v.entry.key, "gen": spec.bench_gen_tokens, "reps": spec.bench_reps,
+              "threads": torch.get_num_threads()}
+
+    def produce(staging) -> None:
+        speed = bench_hf(model_dir=v.entry.path, gen_tokens=spec.bench_gen_tokens, reps=spec.bench_reps)
+        write_json_atomic(staging.path / "speed.json", speed)
+        staging.info.update(speed=speed)
+
+    entry = ctx.store.ensure("bench-hf", inputs, produce)
+    ctx.record(f"bench:{v.label}", entry)
+    log.info("bench %s: %s (tg %.1f t/s in transformers)", v.label, "reused" if entry.reused else "measured",
+             entry.info["speed"]["tg_tokens_per_s"])
+    return entry.info["speed"]
 
 
 def _link(src: Path, dest: Path) -> None:
