@@ -136,7 +136,8 @@ def test_plan_shows_done_steps(first_run, capsys, monkeypatch):
 
 def test_planted_token_never_written(first_run):
     recipe, store = first_run
-    leaked = [p for folder in (store, recipe.parents[1] / "runs") for p in folder.rglob("*")
+    leaked = [p for folder in (store, recipe.parents[1] / "runs", recipe.parents[1] / "artifacts")
+              for p in folder.rglob("*")
               if p.is_file() and PLANTED_TOKEN.encode() in p.read_bytes()]
     assert leaked == []
 
