@@ -52,7 +52,7 @@ PATTERNS = {
 }
 
 
-LOG_ATTEMPTS = 3
+LOG_ATTEMPTS = 5
 
 
 def parse_perplexity_log(text: str) -> dict[str, tuple[str, ...]]:
