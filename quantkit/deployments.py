@@ -29,6 +29,7 @@ POOL_GPU = "gpu"
 # Where the GPU image keeps the project and its volumes (Dockerfile.cuda).
 GPU_PROJECT = "/opt/quantkit"
 GPU_DATA = "/data"
+HEARTBEAT_SECONDS = 30  # Prefect's minimum; flows/zombies.py declares a run dead after three missed
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ definitions:
     local: &local_pool
       name: {POOL_LOCAL}
       work_queue_name: default
+      job_variables:
+        env:
+          # A heartbeat every 30 s lets flows/zombies.py mark a run whose process died as Crashed.
+          PREFECT_FLOWS_HEARTBEAT_FREQUENCY: "{HEARTBEAT_SECONDS}"
     # Run folders (runs/<name>/) are under QUANTKIT_PROJECT: a volume in the GPU image.
     gpu: &gpu_pool
       name: {POOL_GPU}
@@ -110,6 +115,7 @@ definitions:
           QUANTKIT_STORE: {GPU_DATA}/quantkit/store
           # Prefect's task result records (cache hits), next to the store they point into.
           PREFECT_LOCAL_STORAGE_PATH: {GPU_DATA}/prefect/storage
+          PREFECT_FLOWS_HEARTBEAT_FREQUENCY: "{HEARTBEAT_SECONDS}"
   quantize: &quantize
     entrypoint: {ENTRYPOINT}
     tags: [quantkit]

@@ -65,6 +65,10 @@ done
 "$BIN/prefect" global-concurrency-limit inspect gpu > /dev/null 2>&1 \
   || "$BIN/prefect" global-concurrency-limit create gpu --limit "${QUANTKIT_GPU_SLOTS:-1}"
 
+# A flow run whose process dies (SIGKILL, a lost machine) is marked Crashed after 3 missed heartbeats,
+# so `prefect flow-run retry` can take it up again.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
+"$BIN/python" flows/zombies.py
 "$BIN/quantkit" deployments --check   # prefect.yaml must match recipes/ (quantkit deployments rewrites it)
 "$BIN/prefect" --no-prompt deploy --all
 
