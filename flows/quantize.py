@@ -89,28 +89,24 @@ convert_task = task(convert, name="convert", task_run_name="convert",
                     cache_key_fn=store_cache_key("convert", convert_inputs), persist_result=True)
 
 
-@functools.wraps(imatrix)  # the same parameters, so the cache key function sees them by name
-def imatrix_on_gpu(**kwargs) -> Entry:
-    with concurrency(GPU_LIMIT, occupy=1):
-        return imatrix(**kwargs)
-
-
-imatrix_task = task(imatrix_on_gpu, name="imatrix", task_run_name="imatrix",
-                    cache_key_fn=store_cache_key("imatrix", imatrix_inputs), persist_result=True)
 quantize_task = task(quantize_gguf, name="quantize", task_run_name="quantize-{label}",
                      cache_key_fn=store_cache_key("quantize", quantize_inputs), persist_result=True)
 write_run_folder_task = task(write_run_folder, name="write-run-folder", task_run_name="write-run-folder",
                               cache_policy=NO_CACHE)
 
 
-
 def on_gpu(fn: Callable) -> Callable:
-    """``fn`` holding one slot of the global ``gpu`` limit while it runs."""
+    """``fn`` holding one slot of the global ``gpu`` limit while it runs (its signature kept, so a
+    cache key function still finds its parameters by name)."""
     @functools.wraps(fn)
     def held(*args, **kwargs):
         with concurrency(GPU_LIMIT, occupy=1):
             return fn(*args, **kwargs)
     return held
+
+
+imatrix_task = task(on_gpu(imatrix), name="imatrix", task_run_name="imatrix",
+                    cache_key_fn=store_cache_key("imatrix", imatrix_inputs), persist_result=True)
 
 
 # Coarse steps, one task each as `quantkit run` calls them: the store inside skips finished work.
@@ -179,7 +175,7 @@ def quantkit_logs_to_prefect() -> Iterator[None]:
         root.propagate = saved[2]
 
 
-# --- artifacts (the report module will replace this) ---------------------------------------------
+# --- artifacts ------------------------------------------------------------------------------------
 
 def publish_artifacts(manifest_path: Path, manifest: dict) -> None:
     """Table of variants, a markdown summary and a link to the manifest, keyed by the recipe."""
@@ -249,28 +245,19 @@ def quantize(recipe: str, publish: bool = True) -> dict:
 
 def gguf_variants(ctx: RunContext, model, calib) -> list[Variant]:
     """pipeline.gguf_variants as tasks: the same calls, the types submitted at once."""
-    spec = ctx.recipe.gguf
-    kw = dict(model=model, base_type=spec.base_type, model_name=ctx.recipe.model.display_name,
-              toolchain=ctx.toolchain, store=ctx.store)
+    kw = pipeline.convert_args(ctx, model)
     base = resolve(convert_task.submit(**kw), convert_task, kw)
     ctx.record("convert", base)
     imat = None
-    if spec.imatrix.enabled and any(spec.uses_imatrix(v) for v in spec.types):
-        kw = dict(base=base, calibration=calib, spec=spec.imatrix, toolchain=ctx.toolchain, store=ctx.store,
-                  threads=ctx.threads)
+    if (kw := pipeline.imatrix_args(ctx, base, calib)) is not None:
         imat = resolve(imatrix_task.submit(**kw), imatrix_task, kw)
         ctx.record("imatrix", imat)
-    stem = ctx.recipe.model.display_name
-    variants = [Variant("gguf", spec.base_type.upper(), base, f"{stem}-{spec.base_type.upper()}.gguf")]
-    submitted = []
-    for v in spec.types:
-        kw = dict(base=base, qtype=v.type, label=spec.label(v), imatrix=imat if spec.uses_imatrix(v) else None,
-                  extra_args=spec.override_args(v), toolchain=ctx.toolchain, store=ctx.store, threads=ctx.threads)
-        submitted.append((kw, quantize_task.submit(**kw)))
+    variants = [pipeline.gguf_variant(ctx, ctx.recipe.gguf.base_type.upper(), base)]
+    submitted = [(kw, quantize_task.submit(**kw)) for kw in pipeline.quantize_args(ctx, base, imat)]
     for kw, future in submitted:
         entry = resolve(future, quantize_task, kw)
         ctx.record(f"quantize:{kw['label']}", entry)
-        variants.append(Variant("gguf", kw["label"], entry, f"{stem}-{kw['label']}.gguf"))
+        variants.append(pipeline.gguf_variant(ctx, kw["label"], entry))
     return variants
 
 

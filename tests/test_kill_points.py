@@ -45,17 +45,19 @@ awq:
   - {w_bit: 4, q_group_size: 128, samples: 8, seq_len: 64}
 """
 
-# (kill point, folder whose temp child marks it, relative to the store or the project)
+# (kill point, folder whose temp child marks it, relative to the store or the project, finished
+# siblings before it: the second quantize type is reached when one type is done and one is writing)
 KILL_POINTS = [
-    ("convert", "store", "convert"),
-    ("imatrix", "store", "imatrix"),
-    ("quantize", "store", "quantize"),
-    ("score-gguf", "store", "score-gguf"),
-    ("bench", "store", "bench"),
-    ("gptq", "store", "gptq"),
-    ("awq", "store", "awq"),
-    ("score-hf", "store", "score-hf"),
-    ("publish", "project", "artifacts/tiny-kill"),
+    ("convert", "store", "convert", 0),
+    ("imatrix", "store", "imatrix", 0),
+    ("quantize-Q8_0", "store", "quantize", 0),
+    ("quantize-Q4_K_M", "store", "quantize", 1),
+    ("score-gguf", "store", "score-gguf", 0),
+    ("bench", "store", "bench", 0),
+    ("gptq", "store", "gptq", 0),
+    ("awq", "store", "awq", 0),
+    ("score-hf", "store", "score-hf", 0),
+    ("publish", "project", "artifacts/tiny-kill", 0),
 ]
 QUANTKIT = [sys.executable, "-m", "quantkit.cli"]
 
@@ -76,15 +78,19 @@ def finish(project: Path, store: Path) -> dict:
                                                                                              "manifest.json"}}
 
 
-def kill_at(project: Path, store: Path, where: str, folder: str) -> str | None:
-    """Run until a temp folder appears under ``folder``; SIGKILL the group there.
+def kill_at(project: Path, store: Path, where: str, folder: str, done_before: int) -> str | None:
+    """Run until a temp folder appears under ``folder`` next to ``done_before`` finished ones; SIGKILL
+    the group there.
 
     Returns None when killed there, else the run's stderr tail (it never reached the point)."""
     watch = (store if where == "store" else project) / folder
     proc = start(project, store)
     deadline = time.monotonic() + 900
     while proc.poll() is None and time.monotonic() < deadline:
-        if watch.is_dir() and any(p.name.startswith(".tmp-") for p in watch.iterdir()):
+        names = [p.name for p in watch.iterdir()] if watch.is_dir() else []
+        writing = [n for n in names if n.startswith(".tmp-")]
+        finished = [n for n in names if not n.startswith(".") and n != "latest"]  # not locks or pointers
+        if writing and len(finished) == done_before:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return None
@@ -101,13 +107,13 @@ def reference(tmp_path_factory, repo_root, tiny_llama):
     return finish(root, tmp_path_factory.mktemp("ref-store"))
 
 
-@pytest.mark.parametrize("point,where,folder", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
-def test_sigkill_then_rerun_gives_identical_artifacts(point, where, folder, reference, tmp_path, repo_root,
+@pytest.mark.parametrize("point,where,folder,done_before", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
+def test_sigkill_then_rerun_gives_identical_artifacts(point, where, folder, done_before, reference, tmp_path, repo_root,
                                                       tiny_llama):
     make_project(tmp_path / "p", repo_root, tiny_llama)
     project, store = tmp_path / "p", tmp_path / "store"
     (project / "recipes" / "r.yaml").write_text(RECIPE)
-    missed = kill_at(project, store, where, folder)
+    missed = kill_at(project, store, where, folder, done_before)
     if missed is not None and point == "publish" and "published tiny-kill/" in missed:
         # Publishing the tiny run takes about as long as one poll: the kill may not land in its window.
         pytest.skip("publish finished between two polls; the kill could not land inside it")
