@@ -106,5 +106,35 @@ def _download(source: ModelSource) -> tuple[Path, str]:
     except HfHubHTTPError as e:
         raise SourceError(f"downloading {source.repo}@{source.revision} failed: {e}") from e
     folder = Path(path)
+    _sweep_partial_blobs(folder)
     # snapshot folders are named after the commit the revision resolved to.
     return folder, folder.name
+
+
+def _sweep_partial_blobs(snapshot: Path) -> None:
+    """Delete partial downloads that an interrupted run left in the Hub cache.
+
+    huggingface_hub downloads each blob to ``<etag>.<random>.incomplete`` and never resumes another
+    process's file, so a killed download leaves one behind for ever (a whole model's worth of disk).
+    Once the blob is complete, its partial files are garbage; the blob's own lock (which a download
+    holds while it writes) tells that no other process is still writing one.
+    """
+    from filelock import FileLock, Timeout
+
+    repo = snapshot.parents[1]  # <cache>/models--org--name/snapshots/<commit>
+    locks = repo.parent / ".locks" / repo.name
+    removed, freed = 0, 0
+    for partial in (repo / "blobs").glob("*.*.incomplete"):
+        etag = partial.name.split(".", 1)[0]
+        if not (repo / "blobs" / etag).is_file():
+            continue
+        try:
+            with FileLock(locks / f"{etag}.lock", timeout=0):
+                freed += partial.stat().st_size
+                partial.unlink()
+                removed += 1
+        except (Timeout, FileNotFoundError):
+            continue  # another process holds it (or removed the file first)
+    if removed:
+        log.info("removed %d partial download(s) (%.1f MiB) left in the Hub cache by an interrupted run",
+                 removed, freed / 2**20)
