@@ -1,20 +1,27 @@
-"""Side by side: the demo recipe's GGUF chain through quantkit vs the bare llama.cpp commands.
+"""Side by side: the demo recipe through quantkit vs the bare tools, in one run.
 
-Both sides use the same binaries and arguments; runs alternate (quantkit, bare,
-quantkit, ...) so drift in machine load hits both. Each repetition starts from
-an empty store, so quantkit does all the work the bare chain does. Prints the
-median wall time and peak RSS of each side and their ratio, then the warm
-re-run and a one-type change against the cold run.
+1. The GGUF chain (convert -> imatrix -> every quantize type -> llama-perplexity: base logits, base
+   PPL, KLD of every type), through `quantkit run` with an empty store and as the bare commands
+   with the same binaries and arguments, alternating (quantkit, bare, quantkit, ...) so drift in
+   machine load hits both. Median wall time and peak RSS of each side, and their ratio.
+2. A warm re-run of the unchanged recipe against the cold run.
+3. One type changed: quantkit's re-run against the bare commands that change needs (quantize the
+   new type, base logits again, since they are deleted after each run, its KLD).
+4. Conversion's peak RSS against the model's largest tensor and the converter's own footprint.
+5. With --gptq: GPTQ through quantkit (a GPTQ-only recipe) against a script that calls GPTQModel
+   directly with the same config and calibration windows (benchmarks/gptq_direct.py).
 
-    .venv/bin/python benchmarks/gguf_chain.py --reps 3 [--recipe recipes/smollm2-135m-demo.yaml]
+    .venv/bin/python benchmarks/gguf_chain.py --reps 3 [--gptq] [--recipe recipes/smollm2-135m-demo.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import platform
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,61 +34,90 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quantkit.calibration import load_calibration  # noqa: E402
+from quantkit.evaluate import max_chunks  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
 from quantkit.toolchain import ensure_toolchain  # noqa: E402
+
+QUANTKIT = str(REPO / ".venv" / "bin" / "quantkit")
 
 
 def measure(argv: list[str], *, env: dict | None = None, cwd: Path | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of the largest process in the command's tree."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(map(str, argv))}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads it until the end
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"failed: {' '.join(map(str, argv))}\n{err.read().decode(errors='replace')[-2000:]}")
     return wall, usage.ru_maxrss / 1024
 
 
-def bare_chain(recipe, tc, work: Path, threads: int) -> list[list[str]]:
-    """The same commands quantkit runs, written out by hand."""
-    spec = recipe.gguf
-    base = work / "base.gguf"
-    cmds = [[sys.executable, str(tc.convert_script), str(REPO / recipe.model.path), "--outfile", str(base),
-             "--outtype", spec.base_type, "--model-name", recipe.model.display_name]]
-    if spec.imatrix.enabled:
-        cmds.append([str(tc.binary("llama-imatrix")), "-m", str(base), "-f", "calibration.txt", "-o", "imatrix.gguf",
-                     "-c", str(spec.imatrix.ctx), "--chunks", str(spec.imatrix.chunks), "-t", str(threads),
-                     "--no-ppl", "--output-frequency", "1000000"])
-    for v in spec.types:
-        imat = ["--imatrix", "imatrix.gguf"] if spec.uses_imatrix(v) else []
-        cmds.append([str(tc.binary("llama-quantize")), *imat, *spec.override_args(v), str(base),
-                     f"{spec.label(v)}.gguf", v.type, str(threads)])
-    return cmds
+class Bare:
+    """The commands quantkit runs for the GGUF chain, written out by hand, in one work folder."""
 
-
-def run_bare(recipe, tc, threads: int) -> tuple[float, float]:
-    with tempfile.TemporaryDirectory(prefix="qk-bench-bare-") as tmp:
-        work = Path(tmp)
+    def __init__(self, recipe, tc, work: Path, threads: int):
+        self.recipe, self.tc, self.work, self.threads = recipe, tc, work, threads
+        self.spec, self.ev = recipe.gguf, recipe.evaluation
         (work / "calibration.txt").write_text(load_calibration(recipe.calibration, root=REPO).text)
-        env = tc.python_env()
-        total, peak = 0.0, 0.0
-        for cmd in bare_chain(recipe, tc, work, threads):
-            wall, rss = measure(cmd, env=env if cmd[0] == sys.executable else None, cwd=work)
-            total, peak = total + wall, max(peak, rss)
-        return total, peak
+        self.text = str(REPO / self.ev.file)
+
+    def convert(self) -> list[str]:
+        return [sys.executable, str(self.tc.convert_script), str(REPO / self.recipe.model.path), "--outfile",
+                "base.gguf", "--outtype", self.spec.base_type, "--model-name", self.recipe.model.display_name]
+
+    def imatrix(self) -> list[str]:
+        im = self.spec.imatrix
+        return [str(self.tc.binary("llama-imatrix")), "-m", "base.gguf", "-f", "calibration.txt", "-o",
+                "imatrix.gguf", "-c", str(im.ctx), "--chunks", str(im.chunks), "-t", str(self.threads), "--no-ppl",
+                "--output-frequency", "1000000"]
+
+    def quantize(self, v) -> list[str]:
+        imat = ["--imatrix", "imatrix.gguf"] if self.spec.uses_imatrix(v) else []
+        return [str(self.tc.binary("llama-quantize")), *imat, *self.spec.override_args(v), "base.gguf",
+                f"{self.spec.label(v)}.gguf", v.type, str(self.threads)]
+
+    def perplexity(self, *args: str) -> list[str]:
+        return [str(self.tc.binary("llama-perplexity")), *args, "-c", str(self.ev.ctx), "-t", str(self.threads),
+                "--log-file", "perplexity.log"]
+
+    def logits(self) -> list[str]:
+        return self.perplexity("-m", "base.gguf", "-f", self.text, "--chunks", str(max_chunks(self.ev)),
+                               "--kl-divergence-base", "logits.bin")
+
+    def base_ppl(self) -> list[str]:
+        return self.perplexity("-m", "base.gguf", "-f", self.text, "--chunks", str(max_chunks(self.ev)))
+
+    def kld(self, v) -> list[str]:
+        return self.perplexity("-m", f"{self.spec.label(v)}.gguf", "--kl-divergence-base", "logits.bin",
+                               "--kl-divergence")
+
+    def chain(self) -> list[tuple[str, list[str]]]:
+        cmds = [("convert", self.convert())]
+        if self.spec.imatrix.enabled:
+            cmds.append(("imatrix", self.imatrix()))
+        cmds += [(f"quantize {self.spec.label(v)}", self.quantize(v)) for v in self.spec.types]
+        cmds += [("logits", self.logits()), ("base ppl", self.base_ppl())]
+        cmds += [(f"kld {self.spec.label(v)}", self.kld(v)) for v in self.spec.types]
+        return cmds
+
+    def run(self, cmds: list[tuple[str, list[str]]]) -> tuple[float, float, dict[str, tuple[float, float]]]:
+        steps = {}
+        for name, cmd in cmds:
+            steps[name] = measure(cmd, env=self.tc.python_env() if cmd[0] == sys.executable else None, cwd=self.work)
+        (self.work / "logits.bin").unlink(missing_ok=True)  # as quantkit does after scoring
+        return sum(w for w, _ in steps.values()), max(r for _, r in steps.values()), steps
 
 
-def run_quantkit(recipe_path: Path, store: Path) -> tuple[float, float]:
-    return measure([str(REPO / ".venv" / "bin" / "quantkit"), "-q", "run", "--no-publish", str(recipe_path)],
-                   env={"QUANTKIT_STORE": str(store), "QUANTKIT_PROJECT": str(REPO)})
-
-
-def gguf_only(recipe_path: Path, dest: Path, *, change_last_type: bool = False) -> Path:
-    """The recipe's GGUF chain alone (no scoring, GPTQ/AWQ or publishing): what the bare side runs."""
-    data = yaml.safe_load(recipe_path.read_text())
-    for key in ("evaluation", "gptq", "awq", "publish", "schedule"):
+def bench_recipe(src: Path, dest: Path, *, change_last_type: bool = False) -> Path:
+    """The recipe's GGUF chain and its PPL/KLD scoring: no tasks, llama-bench, GPTQ/AWQ or publishing."""
+    data = yaml.safe_load(src.read_text())
+    for key in ("gptq", "awq", "publish", "schedule"):
         data.pop(key, None)
+    data["evaluation"].pop("tasks", None)
+    data["evaluation"]["bench"] = False
     if change_last_type:
         last = data["gguf"]["types"][-1]
         data["gguf"]["types"][-1] = "Q4_0" if last != "Q4_0" else "Q5_0"
@@ -89,36 +125,101 @@ def gguf_only(recipe_path: Path, dest: Path, *, change_last_type: bool = False) 
     return dest
 
 
+def run_quantkit(recipe_path: Path, store: Path) -> tuple[float, float]:
+    return measure([QUANTKIT, "-q", "run", "--no-publish", str(recipe_path)],
+                   env={"QUANTKIT_STORE": str(store), "QUANTKIT_PROJECT": str(REPO), "HF_HUB_OFFLINE": "1"})
+
+
+def largest_tensor_mib(model_dir: Path) -> tuple[str, float]:
+    best = ("", 0)
+    for f in model_dir.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, t in header.items():
+            if name != "__metadata__" and t["data_offsets"][1] - t["data_offsets"][0] > best[1]:
+                best = (name, t["data_offsets"][1] - t["data_offsets"][0])
+    return best[0], best[1] / 2**20
+
+
+def gptq_side_by_side(recipe_src: Path, tmp: Path, reps: int) -> None:
+    data = yaml.safe_load(recipe_src.read_text())
+    variant = data["gptq"][0]
+    only = {k: data[k] for k in ("name", "model", "calibration")} | {"gptq": [variant]}
+    recipe_path = tmp / "gptq-only.yaml"
+    recipe_path.write_text(yaml.safe_dump(only, sort_keys=False))
+    recipe = load_recipe(recipe_path, root=REPO)
+    calib = tmp / "gptq-calibration.txt"
+    calib.write_text(load_calibration(recipe.calibration, root=REPO).text)
+    spec = recipe.gptq[0]
+    direct = [sys.executable, str(REPO / "benchmarks" / "gptq_direct.py"), str(REPO / recipe.model.path), str(calib),
+              "--bits", str(spec.bits), "--group-size", str(spec.group_size), "--desc-act", str(spec.desc_act),
+              "--damp", str(spec.damp_percent), "--samples", str(spec.samples), "--seq-len", str(spec.seq_len),
+              "--seed", str(spec.seed)]
+    qk, lib = [], []
+    for rep in range(reps):
+        qk.append(run_quantkit(recipe_path, tmp / f"gptq-store-{rep}"))
+        lib.append(measure([*direct, "--out", str(tmp / f"gptq-direct-{rep}")]))
+        print(f"gptq rep {rep + 1}: quantkit {qk[-1][0]:.1f}s {qk[-1][1]:.0f} MiB | GPTQModel direct "
+              f"{lib[-1][0]:.1f}s {lib[-1][1]:.0f} MiB", flush=True)
+    q, d = statistics.median(w for w, _ in qk), statistics.median(w for w, _ in lib)
+    print(f"GPTQ {spec.bits}-bit g{spec.group_size}, median of {reps}: quantkit {q:.1f}s, direct {d:.1f}s, "
+          f"ratio {q / d:.3f}; peak RSS {max(r for _, r in qk):.0f} vs {max(r for _, r in lib):.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m-demo.yaml"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--gptq", action="store_true", help="also GPTQ: quantkit vs GPTQModel called directly")
     args = ap.parse_args()
-    recipe = load_recipe(Path(args.recipe).resolve(), root=REPO)
+    src = Path(args.recipe).resolve()
     tc = ensure_toolchain()
     threads = os.cpu_count() or 1
     qk, bare = [], []
-    with tempfile.TemporaryDirectory(prefix="qk-bench-") as tmp:
-        recipe_path = gguf_only(Path(args.recipe), Path(tmp) / "gguf-only.yaml")
+    with tempfile.TemporaryDirectory(prefix="qk-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        recipe_path = bench_recipe(src, tmp / "bench.yaml")
+        recipe = load_recipe(recipe_path, root=REPO)
         for rep in range(args.reps):
-            store = Path(tmp) / f"store-{rep}"
-            qk.append(run_quantkit(recipe_path, store))
-            bare.append(run_bare(recipe, tc, threads))
+            qk.append(run_quantkit(recipe_path, tmp / f"store-{rep}"))
+            work = tmp / f"bare-{rep}"
+            work.mkdir()
+            chain = Bare(recipe, tc, work, threads)
+            bare.append(chain.run(chain.chain()))
             print(f"rep {rep + 1}: quantkit {qk[-1][0]:.1f}s {qk[-1][1]:.0f} MiB | bare {bare[-1][0]:.1f}s "
                   f"{bare[-1][1]:.0f} MiB", flush=True)
         cold = statistics.median(w for w, _ in qk)
-        warm = [run_quantkit(recipe_path, Path(tmp) / "store-0")[0] for _ in range(3)]
-        changed = gguf_only(Path(args.recipe), Path(tmp) / "changed.yaml", change_last_type=True)
-        changed_run = run_quantkit(changed, Path(tmp) / "store-0")[0]
-        last, alt = recipe.gguf.types[-1].type, yaml.safe_load(changed.read_text())["gguf"]["types"][-1]
-    q_wall, b_wall = statistics.median(w for w, _ in qk), statistics.median(w for w, _ in bare)
-    q_rss, b_rss = max(r for _, r in qk), max(r for _, r in bare)
-    print(f"\nGGUF chain, median of {args.reps} (cold store): quantkit {q_wall:.1f}s, bare {b_wall:.1f}s, "
+        warm = [run_quantkit(recipe_path, tmp / "store-0")[0] for _ in range(3)]
+
+        changed_path = bench_recipe(src, tmp / "changed.yaml", change_last_type=True)
+        changed = load_recipe(changed_path, root=REPO)
+        new = changed.gguf.types[-1]
+        changed_qk = run_quantkit(changed_path, tmp / "store-0")[0]
+        b = Bare(changed, tc, tmp / "bare-0", threads)  # base.gguf and imatrix.gguf are there already
+        changed_bare, _, changed_steps = b.run([("quantize", b.quantize(new)), ("logits", b.logits()),
+                                                ("kld", b.kld(new))])
+
+        steps = bare[0][2]
+        tensor, tensor_mib = largest_tensor_mib(REPO / recipe.model.path)
+        footprint = measure([sys.executable, str(tc.convert_script), "--help"], env=tc.python_env())[1]
+        if args.gptq:
+            gptq_side_by_side(src, tmp, max(1, args.reps // 2))
+
+    q_wall, b_wall = statistics.median(w for w, _ in qk), statistics.median(w for w, _, _ in bare)
+    q_rss, b_rss = max(r for _, r in qk), max(r for _, r, _ in bare)
+    print(f"\nGGUF chain + PPL/KLD, median of {args.reps} (cold store): quantkit {q_wall:.1f}s, bare {b_wall:.1f}s, "
           f"ratio {q_wall / b_wall:.3f}")
     print(f"peak RSS: quantkit {q_rss:.0f} MiB, bare {b_rss:.0f} MiB")
-    print(f"warm re-run: {statistics.median(warm):.2f}s = {100 * statistics.median(warm) / cold:.1f}% of cold")
-    print(f"one type changed ({last} -> {alt}): {changed_run:.1f}s")
-    print(f"machine: {os.cpu_count()} cores; self RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print("bare steps (rep 1): " + ", ".join(f"{n} {w:.1f}s" for n, (w, _) in steps.items()))
+    w = statistics.median(warm)
+    print(f"warm re-run: {w:.2f}s = {100 * w / cold:.1f}% of cold")
+    print(f"one type changed ({recipe.gguf.types[-1].type} -> {new.type}): quantkit {changed_qk:.1f}s, bare "
+          f"{changed_bare:.1f}s ({', '.join(f'{n} {s:.1f}s' for n, (s, _) in changed_steps.items())}), "
+          f"ratio {changed_qk / changed_bare:.3f}")
+    print(f"convert peak RSS {steps['convert'][1]:.0f} MiB; largest tensor {tensor} {tensor_mib:.0f} MiB; "
+          f"converter footprint (--help) {footprint:.0f} MiB")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, llama.cpp {tc.version}")
 
 
 if __name__ == "__main__":

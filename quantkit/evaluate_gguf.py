@@ -73,8 +73,10 @@ def _perplexity(args: list, *, workdir: Path, toolchain: Toolchain, threads: int
     args = [Path(a).resolve() if isinstance(a, Path) else a for a in args]
     run = run_tool([toolchain.binary("llama-perplexity"), *args, "-t", str(threads), "--log-file", log_path],
                    cwd=workdir)
-    # llama.cpp writes its log file from a worker thread and can exit before the last lines land:
-    # the statistics are at the end, so the captured output tail is read after the file.
+    # llama.cpp's logger (common/log.cpp) prints from a worker thread, and its singleton is
+    # deliberately never destroyed (llama.cpp issue #22142), so nothing drains its queue at exit:
+    # when the main thread returns first, the last lines (the statistics) are lost from both the
+    # file and stdout. The captured output tail is read after the file; the caller retries.
     text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
     return text + "\n" + run.output_tail, run.seconds
 
@@ -127,8 +129,8 @@ def score_gguf(*, gguf: Path, base_logits: Path | None, text_file: Path, spec: E
             try:
                 return score_from_log(text, seconds=seconds, kld=base_logits is not None, what=gguf.name)
             except VerificationError:
-                # llama.cpp's logger writes from a thread and, on a busy machine, can lose the last
-                # lines (the statistics) at exit; the numbers are deterministic, so run it again.
+                # The lines lost at exit (see _perplexity): the numbers are deterministic, so run
+                # it again; on a busy machine the logger thread loses the race more often.
                 if attempt == LOG_ATTEMPTS:
                     raise
                 log.warning("llama-perplexity output for %s ended early (attempt %d); running it again",

@@ -1,12 +1,26 @@
-"""Read a GGUF back to check what a step produced (not what its log claims)."""
+"""Read a GGUF back to check what a step produced (not what its log claims).
+
+Only the header is parsed (key/values and tensor infos), in one pass over an mmap. gguf-py's
+GGUFReader builds a numpy view per array element and took about 4 s per file on SmolLM2's
+49k-token vocabulary: 14 % of the demo's GGUF chain (benchmarks/README.md).
+"""
 
 from __future__ import annotations
 
+import mmap
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import VerificationError
+
+MAGIC = b"GGUF"
+# GGUF value types -> struct format of a scalar (8: string, 9: array are handled apart).
+SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING, ARRAY = 8, 9
+KEPT_PREFIXES = ("general.", "quantize.", "imatrix.")  # general.alignment places the data
+KEPT_SUFFIXES = (".context_length", ".block_count", ".embedding_length")
 
 
 @dataclass(frozen=True)
@@ -20,55 +34,128 @@ class GGUFInfo:
     metadata: dict[str, object]  # selected scalar keys
 
 
-def _scalar(reader, key: str):
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value
+class _Header:
+    """A cursor over the header bytes; every read is bounds-checked by struct."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str):
+        value = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.take("Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def skip_string(self) -> None:
+        n = self.take("Q")  # before the +=, which would read pos ahead of take()
+        self.pos += n
+
+    def value(self, vtype: int, keep: bool):
+        if vtype in SCALARS:
+            return self.take(SCALARS[vtype])
+        if vtype == STRING:
+            if keep:
+                return self.string()
+            self.skip_string()
+            return None
+        if vtype == ARRAY:
+            etype, count = self.take("I"), self.take("Q")
+            if etype in SCALARS:
+                self.pos += count * struct.calcsize(SCALARS[etype])
+            else:
+                for _ in range(count):  # strings or nested arrays: each has its own length
+                    self.value(etype, keep=False)
+            return None
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _parse(path: Path) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
+    """({kept key: scalar value}, [(tensor name, element count, ggml type)])."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != MAGIC:
+            raise ValueError("no GGUF magic")
+        h = _Header(buf)
+        h.pos = 4
+        version = h.take("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported")
+        n_tensors, n_kv = h.take("Q"), h.take("Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = h.string()
+            keep = key.startswith(KEPT_PREFIXES) or key.endswith(KEPT_SUFFIXES)
+            value = h.value(h.take("I"), keep)
+            if keep and value is not None:
+                meta[key] = value
+        tensors, end = [], 0
+        for _ in range(n_tensors):
+            name = h.string()
+            count = 1
+            for _ in range(h.take("I")):
+                count *= h.take("Q")
+            ttype = h.take("I")
+            end = max(end, h.take("Q") + _nbytes(ttype, count))
+            tensors.append((name, count, ttype))
+        align = int(meta.get("general.alignment", 32))
+        data_start = -(-h.pos // align) * align
+        if tensors and data_start + end > len(buf):
+            raise ValueError(f"tensor data ends at byte {data_start + end}, the file has {len(buf)}: truncated")
+        return meta, tensors
+
+
+def _read(path: Path, what: str) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
+    try:
+        return _parse(path)
+    except (OSError, ValueError, struct.error) as e:
+        raise VerificationError(f"{path} is not a readable {what}: {e}") from e
+
+
+def _nbytes(ttype: int, count: int) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+    except (ValueError, KeyError):
+        raise ValueError(f"tensor type {ttype} is unknown to this gguf-py") from None
+    return count // block * size
+
+
+def _type_name(ttype: int) -> str:
+    from gguf.constants import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(ttype).name.lower()
+    except ValueError:
+        return f"type{ttype}"
 
 
 def read_gguf(path: Path) -> GGUFInfo:
-    from gguf import GGUFReader  # numpy-heavy; only where files are read
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct errors on damaged files
-        raise VerificationError(f"{path} is not a readable GGUF file: {e}") from e
-    types = Counter(t.tensor_type.name.lower() for t in reader.tensors)
-    params = sum(int(t.n_elements) for t in reader.tensors)
-    meta = {}
-    for field in reader.fields.values():
-        if field.name.startswith(("general.", "quantize.")) or field.name.endswith((".context_length", ".block_count", ".embedding_length")):
-            try:
-                v = field.contents()
-            except Exception:
-                continue
-            if isinstance(v, (str, int, float, bool)):
-                meta[field.name] = v
-    arch = _scalar(reader, "general.architecture")
+    meta, tensors = _read(path, "GGUF file")
+    arch = meta.get("general.architecture")
     if not arch:
         raise VerificationError(f"{path} has no general.architecture")
+    types = Counter(_type_name(t) for _, _, t in tensors)
     return GGUFInfo(
-        architecture=arch,
-        name=_scalar(reader, "general.name"),
-        file_type=_scalar(reader, "general.file_type"),
-        tensor_count=len(reader.tensors),
-        parameters=params,
+        architecture=str(arch),
+        name=meta.get("general.name"),
+        file_type=meta.get("general.file_type"),
+        tensor_count=len(tensors),
+        parameters=sum(n for _, n, _ in tensors),
         tensor_types=dict(sorted(types.items())),
-        metadata=meta,
+        metadata={k: v for k, v in meta.items() if not k.startswith("imatrix.")},
     )
 
 
 def imatrix_chunks(path: Path) -> int:
     """Chunk count recorded in a GGUF-format imatrix (0 if the file has none)."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:
-        raise VerificationError(f"{path} is not a readable imatrix GGUF: {e}") from e
-    value = _scalar(reader, "imatrix.chunk_count")
-    if not reader.tensors:
+    meta, tensors = _read(path, "imatrix GGUF")
+    if not tensors:
         raise VerificationError(f"{path} holds no importance data")
-    return int(value or 0)
+    return int(meta.get("imatrix.chunk_count") or 0)

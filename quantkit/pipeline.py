@@ -253,10 +253,7 @@ def score_checkpoints(ctx: RunContext, model: ModelSnapshot, variants: list[Vari
 
     base_scores = score("HF", model.path, model.digest, None)
     base_scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)
-    from quantkit.store import FileRecord
-
-    files = {rel: FileRecord(sha, (model.path / rel).stat().st_size) for rel, sha in model.files.items()}
-    hf_base = Variant("hf", "HF", Entry("source", model.digest[:32], model.path, {}, files, {}, True),
+    hf_base = Variant("hf", "HF", model.as_entry(),
                       os.path.relpath(model.path, ctx.root) if model.path.is_relative_to(ctx.root) else str(model.path),
                       base_scores)
     scored = [replace(v, scores=score(v.label, v.entry.path, v.entry.key, model.path)) for v in variants]

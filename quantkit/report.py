@@ -2,8 +2,8 @@
 
 ``build_report`` is pure: manifest (+ the model's config.json and chat template) in,
 a versioned report dict out. Everything else renders that dict: ``report.json`` (the
-machine-readable truth), ``report.md``, ``plot.png``, the model card ``README.md`` and
-one Ollama Modelfile per GGUF. Publishing (``quantkit.publish``) only moves files.
+machine-readable truth), ``report.md``, ``plot.png``, the model card ``README.md`` (``quantkit.card``)
+and one Ollama Modelfile per GGUF. Publishing (``quantkit.publish``) only moves files.
 
 All reading of manifest.json happens in ``_variant_row`` and ``_run_facts``: when the
 manifest changes shape, those two functions change and nothing else.
@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from quantkit import __version__
+from quantkit.card import render_card
 from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
 from quantkit.hardware import GIB, ModelShape, hardware_fit
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 REPORT_SCHEMA = 1
 DEFAULT_RECOMMEND_KLD = 0.05  # mean KLD under which a variant counts as "close to the base"
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin")
-FORMAT_TAGS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq"}
 
 
 class ReportSchemaError(QuantkitError, ValueError):
@@ -215,22 +215,29 @@ def _f(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def render_markdown(report: dict) -> str:
-    m, tasks = report["model"], report["tasks"]
-    out = [f"# {m['name']}: quantized variants ({report['recipe']['name']})", "",
-           f"Base model: {m['repo'] or 'local checkpoint'}"
-           + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
-           f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
-           "variant (first row); ★ = recommended.", "", "## Variants", ""]
+def variants_table(report: dict) -> list[str]:
+    """The comparison table, one row per variant (markdown lines); the report and the card share it."""
+    tasks = report["tasks"]
     head = ["", "format", "variant", "size GiB", "bpw", "PPL", "ΔPPL", "mean KLD", "KLD p99", "same top %",
             *tasks, "pp t/s", "tg t/s"]
-    out += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in report["variants"]:
         cells = ["★" if r["recommended"] else ("base" if r["is_base"] else ""), r["format"], r["label"],
                  _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), _f(r["dppl"], "+.4f"),
                  _f(r["kld_mean"], ".5f"), _f(r["kld_p99"], ".5f"), _f(r["same_top_pct"], ".2f"),
                  *[_f(r["tasks"].get(t), ".4f") for t in tasks], _f(r["pp_tps"], ".1f"), _f(r["tg_tps"], ".1f")]
         out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    m = report["model"]
+    out = [f"# {m['name']}: quantized variants ({report['recipe']['name']})", "",
+           f"Base model: {m['repo'] or 'local checkpoint'}"
+           + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
+           f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
+           "variant (first row); ★ = recommended.", "", "## Variants", ""]
+    out += variants_table(report)
     out += ["", "## Recommended", ""]
     out += [f"- **{rec['id']}**: {rec['why']}" for rec in report["recommended"]] or ["- none: no variant has scores"]
     if report["pareto"]:
@@ -354,23 +361,6 @@ def render_modelfiles(report: dict, *, chat_template: str | None, eos_token: str
             for r in report["variants"] if r["serve"].get("modelfile")}
 
 
-def calibration_licences(readme: str) -> dict[str, dict[str, str]]:
-    """``{path: {source, licence}}`` from the table in calibration/README.md."""
-    out, head = {}, None
-    for line in readme.splitlines():
-        if not line.startswith("|"):
-            head = None
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if head is None:
-            head = [c.lower() for c in cells]
-        elif "file" in head and "licence" in head and not set(cells[0]) <= set("-: "):
-            row = dict(zip(head, cells))
-            name = row["file"].strip("`")
-            out[f"calibration/{name}"] = {"source": row.get("source", ""), "licence": row["licence"]}
-    return out
-
-
 def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template: str | None = None,
                  eos_token: str | None = None, calibration_readme: str | None = None) -> list[Path]:
     """Write report.json, report.md, plot.png, README.md (card) and the Modelfiles into ``out_dir``."""
@@ -380,7 +370,8 @@ def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template
     write_json_atomic(out_dir / "report.json", validate_report(report))
     written.append(out_dir / "report.json")
     texts = {"report.md": render_markdown(report),
-             "README.md": str(render_card(report, recipe_yaml=recipe_yaml, calibration_readme=calibration_readme)),
+             "README.md": str(render_card(report, table=variants_table(report), recipe_yaml=recipe_yaml,
+                                       calibration_readme=calibration_readme)),
              **render_modelfiles(report, chat_template=chat_template, eos_token=eos_token)}
     for name, text in texts.items():
         tmp = out_dir / f".{name}.tmp"
@@ -392,40 +383,3 @@ def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template
     log.info("report for %s: %d variants, recommended %s", report["recipe"]["name"], len(report["variants"]),
              ", ".join(sorted({r["id"] for r in report["recommended"]})) or "none")
     return written
-
-
-def render_card(report: dict, *, recipe_yaml: str, calibration_readme: str | None = None):
-    """The model card (README.md of the published folder) as a huggingface_hub ``ModelCard``."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    m, rows = report["model"], report["variants"]
-    formats = sorted({r["format"] for r in rows if r["format"] in FORMAT_TAGS})
-    evals = []
-    for r in rows:
-        for metric, value, dataset in ([("perplexity", r["ppl"], report["evaluation"]["file"]),
-                                        ("kl_divergence_mean", r["kld_mean"], report["evaluation"]["file"])]
-                                       + [("accuracy", s, t) for t, s in r["tasks"].items()]):
-            if value is not None and not (metric == "kl_divergence_mean" and r["is_base"]):
-                evals.append(EvalResult(task_type="text-generation", dataset_type=str(dataset),
-                                        dataset_name=str(dataset), metric_type=metric, metric_value=value,
-                                        metric_name=f"{r['label']} {metric}"))
-    data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
-                         quantized_by="quantkit", tags=[*formats, "quantized", "quantkit"],
-                         library_name="gguf" if "gguf" in formats else None, model_name=f"{m['name']}-quantized",
-                         eval_results=evals or None)
-    licences = calibration_licences(calibration_readme) if calibration_readme else {}
-    calib = [f"- `{s}`: {licences[s]['source']} (licence: {licences[s]['licence']})" if s in licences
-             else f"- `{s}` (licence: see the source)" for s in report["calibration"]["sources"]]
-    table = render_markdown(report).split("## Variants", 1)[1].split("\n## Hardware fit", 1)[0]
-    body = "\n".join([
-        f"# {m['name']}: quantized by quantkit", "",
-        f"Quantized variants of [{m['repo']}](https://huggingface.co/{m['repo']}) at revision `{m['commit'] or m['revision']}`."
-        if m["repo"] else "Quantized variants of a local checkpoint (no Hub base model).", "",
-        f"- llama.cpp: {report['toolchain']['version']} (commit `{report['toolchain']['llama_cpp']}`)",
-        f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
-        f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
-        "full report in `report.md` / `report.json`, plot in `plot.png`", "",
-        "## Variants", table.strip(), "",
-        "## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "", *calib, "",
-        "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""])
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

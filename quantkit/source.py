@@ -16,6 +16,7 @@ from pathlib import Path
 from quantkit.digest import DigestCache, digest_of
 from quantkit.errors import SourceError
 from quantkit.recipe import ModelSource
+from quantkit.store import Entry, FileRecord
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ class ModelSnapshot:
     commit: str | None  # what the revision resolved to on the Hub
     files: dict[str, str]  # relative path -> sha256 of the files quantkit uses
     digest: str
+
+    def as_entry(self) -> Entry:
+        """The source folder in the shape of a step output, so the HF base sits in the same tables as
+        the checkpoints made from it. Not in the store: quantkit did not build it."""
+        files = {rel: FileRecord(sha, (self.path / rel).stat().st_size) for rel, sha in self.files.items()}
+        return Entry("source", self.digest[:32], self.path, {}, files, {}, reused=True)
 
     def describe(self) -> dict:
         return {"repo": self.repo, "revision": self.revision, "commit": self.commit,

@@ -32,24 +32,18 @@ from prefect.settings import (  # noqa: E402
     temporary_settings,
 )
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-from test_pipeline import PLANTED_TOKEN, make_project  # noqa: E402
+from test_pipeline import PLANTED_TOKEN, make_project, tiny_recipe  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.quantize import quantize  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """\
-name: tiny-flow
-model:
-  path: models/tiny
-  name: tiny-llama
-calibration:
-  files: [calibration/en-prose.txt]
+RECIPE = tiny_recipe("tiny-flow", """\
 gguf:
   imatrix: {enabled: true, ctx: 128, chunks: 8}
   types: [Q8_0, Q4_K_M, %s]
-"""
+""")
 PREFECT_RESULTS: list[Path] = []  # where the server fixture keeps Prefect's result records
 STORE_STEPS = {"convert", "imatrix", "quantize-Q8_0", "quantize-Q4_K_M"}
 

@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 from figures import COUNTERS
-from test_pipeline import make_project
+from test_pipeline import make_project, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """\
-name: tiny-kill
-model:
-  path: models/tiny
-  name: tiny-llama
-calibration:
-  files: [calibration/en-prose.txt, calibration/code-python.txt]
+RECIPE = tiny_recipe("tiny-kill", calibration=("en-prose", "code-python"), body="""\
 evaluation:
   file: calibration/eval/en-prose-heldout.txt
   ctx: 128
@@ -43,7 +37,7 @@ gptq:
   - {bits: 4, group_size: 128, samples: 8, seq_len: 64}
 awq:
   - {w_bit: 4, q_group_size: 128, samples: 8, seq_len: 64}
-"""
+""")
 
 # (kill point, folder whose temp child marks it, relative to the store or the project, finished
 # siblings before it: the second quantize type is reached when one type is done and one is writing)

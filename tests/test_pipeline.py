@@ -16,13 +16,16 @@ from quantkit.toolchain import ensure_toolchain
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """\
-name: tiny-chain
-model:
-  path: models/tiny
-  name: tiny-llama
-calibration:
-  files: [calibration/en-prose.txt, calibration/code-python.txt]
+
+
+def tiny_recipe(name: str, body: str, *, calibration: tuple[str, ...] = ("en-prose",)) -> str:
+    """A recipe over the tiny model of a make_project folder: the header every test shares, then ``body``."""
+    files = ", ".join(f"calibration/{c}.txt" for c in calibration)
+    return (f"name: {name}\nmodel:\n  path: models/tiny\n  name: tiny-llama\ncalibration:\n  files: [{files}]\n"
+            + textwrap.dedent(body))
+
+
+RECIPE = tiny_recipe("tiny-chain", calibration=("en-prose", "code-python"), body="""\
 gguf:
   base_type: f16
   imatrix: {enabled: true, ctx: 128, chunks: 16}
@@ -33,7 +36,7 @@ gguf:
     - {type: Q4_K_M, label: Q4_K_M-q8out, output_tensor_type: q8_0}
     - Q2_K
     - IQ2_XS
-"""
+""")
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,15 @@ def make_run_dir(tmp_path: Path, manifest: dict, name: str = "run") -> Path:
     return run
 
 
+def reported_run_dir(tmp_path: Path) -> Path:
+    """A run folder of the synthetic manifest with its report rendered in ``report/``."""
+    manifest = make_manifest()
+    run = make_run_dir(tmp_path, manifest)
+    write_report(build_report(manifest, config=CONFIG, chat_template=CHATML), run / "report",
+                 recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    return run
+
+
 def table_rows(md: str) -> dict[str, dict[str, str]]:
     section = md.split("## Variants", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
@@ -209,10 +218,7 @@ def test_hardware_fit_from_config():
 
 
 def test_local_publish_is_complete_or_absent_and_never_overwrites(tmp_path, monkeypatch):
-    manifest = make_manifest()
-    run = make_run_dir(tmp_path, manifest)
-    write_report(build_report(manifest, config=CONFIG, chat_template=CHATML), run / "report",
-                 recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    run = reported_run_dir(tmp_path)
     store = tmp_path / "artifacts"
     first = pub.publish_local(run_dir=run, report_dir=run / "report", store=store, recipe="demo", run_id="r1")
     assert os.readlink(store / "demo" / "latest") == "r1"
@@ -275,10 +281,7 @@ def test_recovery_floor_without_a_previous_run():
 
 
 def test_hub_commit_operations_without_network(tmp_path, monkeypatch):
-    manifest = make_manifest()
-    run = make_run_dir(tmp_path, manifest)
-    write_report(build_report(manifest, config=CONFIG, chat_template=CHATML), run / "report",
-                 recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    run = reported_run_dir(tmp_path)
     staged = tmp_path / "staged"
     for rel, src in pub.collect_files(run, run / "report").items():
         pub._place(src, staged / rel)

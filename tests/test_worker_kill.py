@@ -27,22 +27,16 @@ psutil = pytest.importorskip("psutil")
 from figures import COUNTERS  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
-from test_pipeline import make_project  # noqa: E402
+from test_pipeline import make_project, tiny_recipe  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 NAME = "tiny-worker-kill"
-RECIPE = f"""\
-name: {NAME}
-model:
-  path: models/tiny
-  name: tiny-llama
-calibration:
-  files: [calibration/en-prose.txt]
+RECIPE = tiny_recipe(NAME, """\
 gguf:
-  imatrix: {{enabled: true, ctx: 128, chunks: 8}}
+  imatrix: {enabled: true, ctx: 128, chunks: 8}
   types: [Q8_0, Q4_K_M, Q2_K]
-"""
+""")
 BIN = Path(sys.executable).parent
 
 

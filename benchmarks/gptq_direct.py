@@ -1,0 +1,51 @@
+"""GPTQ with GPTQModel called directly: the floor quantkit's gptq step is compared with.
+
+The same work as quantkit's step: tokenize the calibration text once, take the same seeded
+windows, load, quantize, save. No store, no verification, no tokenizer copy.
+
+    python benchmarks/gptq_direct.py MODEL_DIR CALIBRATION.txt --out DIR [--bits 4 --group-size 128 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+if (os.cpu_count() or 1) <= 2:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel cannot run with one CPU worker
+
+import torch  # noqa: E402
+from gptqmodel import GPTQModel  # noqa: E402
+from gptqmodel.quantization.config import GPTQConfig  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("calibration")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--desc-act", default="True")
+    ap.add_argument("--damp", type=float, default=0.1)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    ids = AutoTokenizer.from_pretrained(a.model)(open(a.calibration, encoding="utf-8").read(),
+                                                 add_special_tokens=False, verbose=False)["input_ids"]
+    rng = random.Random(a.seed)
+    offsets = sorted(rng.sample(range(len(ids) - a.seq_len + 1), a.samples))
+    windows = [ids[o:o + a.seq_len] for o in offsets]
+    torch.manual_seed(a.seed)
+    config = GPTQConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act == "True", act_group_aware=False,
+                        damp_percent=a.damp)
+    model = GPTQModel.load(a.model, config, device="cuda" if torch.cuda.is_available() else "cpu")
+    model.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows], batch_size=1)
+    model.save(a.out)
+
+
+if __name__ == "__main__":
+    main()
