@@ -55,6 +55,23 @@ def measure(argv: list[str], *, env: dict | None = None, cwd: Path | None = None
     return wall, usage.ru_maxrss / 1024
 
 
+def peak_anon_mib(argv: list[str], *, env: dict | None = None, cwd: Path | None = None) -> float:
+    """Peak anonymous RSS (MiB, /proc polled every 10 ms): memory the process owns, without the
+    file pages of an mmapped safetensors that ru_maxrss also counts (clean, reclaimable)."""
+    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        peak = max([peak] + [int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")])
+        time.sleep(0.01)
+    proc.wait()
+    return peak / 1024
+
+
 class Bare:
     """The commands quantkit runs for the GGUF chain, written out by hand, in one work folder."""
 
@@ -202,6 +219,9 @@ def main() -> None:
         steps = bare[0][2]
         tensor, tensor_mib = largest_tensor_mib(REPO / recipe.model.path)
         footprint = measure([sys.executable, str(tc.convert_script), "--help"], env=tc.python_env())[1]
+        scratch = tmp / "convert-rss"
+        scratch.mkdir()
+        convert_anon = peak_anon_mib(Bare(recipe, tc, scratch, threads).convert(), env=tc.python_env(), cwd=scratch)
         if args.gptq:
             gptq_side_by_side(src, tmp, max(1, args.reps // 2))
 
@@ -216,8 +236,8 @@ def main() -> None:
     print(f"one type changed ({recipe.gguf.types[-1].type} -> {new.type}): quantkit {changed_qk:.1f}s, bare "
           f"{changed_bare:.1f}s ({', '.join(f'{n} {s:.1f}s' for n, (s, _) in changed_steps.items())}), "
           f"ratio {changed_qk / changed_bare:.3f}")
-    print(f"convert peak RSS {steps['convert'][1]:.0f} MiB; largest tensor {tensor} {tensor_mib:.0f} MiB; "
-          f"converter footprint (--help) {footprint:.0f} MiB")
+    print(f"convert peak RSS {steps['convert'][1]:.0f} MiB (anonymous {convert_anon:.0f} MiB); largest tensor "
+          f"{tensor} {tensor_mib:.0f} MiB; converter footprint (--help) {footprint:.0f} MiB")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, llama.cpp {tc.version}")
 
