@@ -231,9 +231,10 @@ def quantize(recipe: str, publish: bool = True) -> dict:
             if ctx.recipe.evaluation:
                 checkpoints = score_checkpoints_task(quote(ctx), quote(model), quote(checkpoints))
             variants = [*variants, *checkpoints]
-        manifest_path = write_run_folder_task(ctx, model, calib, variants)
-        if publish:
-            publish_task(quote(ctx), quote(model), manifest_path)
+        with pipeline.run_folder_lock(ctx):  # another run of this recipe may be writing it
+            manifest_path = write_run_folder_task(ctx, model, calib, variants)
+            if publish:
+                publish_task(quote(ctx), quote(model), manifest_path)
     manifest = json.loads(manifest_path.read_text())
     publish_artifacts(manifest_path, manifest)
     built = [s["step"] for s in ctx.steps if not s["reused"]]

@@ -6,6 +6,7 @@ module is the embedded default behind ``quantkit run``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from quantkit.imatrix import imatrix
 from quantkit.quantize import quantize
 from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot, fetch_model
-from quantkit.store import Entry, Store
+from quantkit.store import Entry, Store, exclusive
 from quantkit.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,13 @@ class RunResult:
 
 def run_dir(recipe: Recipe, root: Path) -> Path:
     return root / recipe.output.dir / recipe.name
+
+
+def run_folder_lock(ctx: RunContext) -> contextlib.AbstractContextManager[None]:
+    """Held while a run writes runs/<name>/ and publishes from it: two runs of one recipe share that
+    folder (their steps are shared through the store's own locks), so the second waits here."""
+    folder = run_dir(ctx.recipe, ctx.root)
+    return exclusive(folder.with_name(f".{folder.name}.lock"), f"writing and publishing {folder}")
 
 
 def prepare_source(ctx: RunContext) -> tuple[ModelSnapshot, CalibrationText]:
@@ -413,10 +421,11 @@ def run(ctx: RunContext, *, publish: bool = True) -> RunResult:
         if ctx.recipe.evaluation:
             ckpts = score_checkpoints(ctx, model, ckpts)
         variants += ckpts
-    manifest = write_run_folder(ctx, model, calib, variants)
+    with run_folder_lock(ctx):
+        manifest = write_run_folder(ctx, model, calib, variants)
+        published = publish_run(ctx, model, manifest).path if publish else None
     reused = tuple(s["step"] for s in ctx.steps if s["reused"])
     built = tuple(s["step"] for s in ctx.steps if not s["reused"])
-    published = publish_run(ctx, model, manifest).path if publish else None
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,
              len(built), len(reused), f" ({', '.join(reused)})" if reused else "")
     return RunResult(manifest.parent, manifest, tuple(variants), reused, built, published)

@@ -56,6 +56,21 @@ class Entry:
         return self.path / name
 
 
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_path``; say what is awaited when another process holds it.
+
+    The kernel drops the lock when its holder dies, so a killed run never blocks the next one."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another quantkit process %s (lock %s)", what, lock_path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 @dataclass
 class Staging:
     """A step's scratch folder; ``info`` is saved in entry.json with the outputs."""
@@ -101,17 +116,8 @@ class Store:
         files = {name: FileRecord(**rec) for name, rec in record["files"].items()}
         return Entry(step, key, final, record["inputs"], files, record.get("info", {}), reused)
 
-    @contextlib.contextmanager
-    def _lock(self, step: str, key: str) -> Iterator[None]:
-        lock_path = self.root / step / f".{key}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another quantkit process building %s/%s (lock %s)", step, key, lock_path)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            yield
+    def _lock(self, step: str, key: str) -> contextlib.AbstractContextManager[None]:
+        return exclusive(self.root / step / f".{key}.lock", f"building {step}/{key}")
 
     @contextlib.contextmanager
     def build(self, step: str, inputs: dict[str, Any]) -> Iterator[Staging]:

@@ -37,8 +37,8 @@ def test_two_runs_at_once(tmp_path, repo_root, tiny_llama):
     assert any("waiting for another quantkit process" in log for log in logs)
 
     published = tmp_path / "artifacts" / "tiny-twice"
-    runs = sorted(p for p in published.iterdir() if p.name != "latest")
-    assert len(runs) == 2 and not [p for p in runs if p.name.startswith(".")]  # two complete runs, no temp
+    runs = sorted(p for p in published.iterdir() if p.name != "latest" and not p.name.startswith("."))
+    assert len(runs) == 2 and not list(published.glob(".tmp-*"))  # two complete runs, nothing half-written
     ggufs = [{f.name: f.read_bytes() for f in sorted(run.glob("*.gguf"))} for run in runs]
     assert len(ggufs[0]) == 4 and ggufs[0] == ggufs[1]
     for run in runs:
