@@ -8,10 +8,10 @@
 3. One type changed: quantkit's re-run against the bare commands that change needs (quantize the
    new type, base logits again, since they are deleted after each run, its KLD).
 4. Conversion's peak RSS against the model's largest tensor and the converter's own footprint.
-5. With --gptq: GPTQ through quantkit (a GPTQ-only recipe) against a script that calls GPTQModel
-   directly with the same config and calibration windows (benchmarks/gptq_direct.py).
+5. With --gptq / --awq: GPTQ or AWQ through quantkit (a one-variant recipe) against a script calling GPTQModel
+   directly with the same config and calibration windows (benchmarks/gptqmodel_direct.py).
 
-    .venv/bin/python benchmarks/gguf_chain.py --reps 3 [--gptq] [--recipe recipes/smollm2-135m-demo.yaml]
+    .venv/bin/python benchmarks/gguf_chain.py --reps 3 [--gptq] [--awq] [--skip-chain] [--recipe FILE]
 """
 
 from __future__ import annotations
@@ -158,29 +158,82 @@ def largest_tensor_mib(model_dir: Path) -> tuple[str, float]:
     return best[0], best[1] / 2**20
 
 
-def gptq_side_by_side(recipe_src: Path, tmp: Path, reps: int) -> None:
+def checkpoint_side_by_side(method: str, recipe_src: Path, tmp: Path, reps: int) -> str:
+    """The recipe's first GPTQ or AWQ variant through quantkit vs GPTQModel called directly."""
     data = yaml.safe_load(recipe_src.read_text())
-    variant = data["gptq"][0]
-    only = {k: data[k] for k in ("name", "model", "calibration")} | {"gptq": [variant]}
-    recipe_path = tmp / "gptq-only.yaml"
+    only = {k: data[k] for k in ("name", "model", "calibration")} | {method: [data[method][0]]}
+    recipe_path = tmp / f"{method}-only.yaml"
     recipe_path.write_text(yaml.safe_dump(only, sort_keys=False))
     recipe = load_recipe(recipe_path, root=REPO)
-    calib = tmp / "gptq-calibration.txt"
+    calib = tmp / f"{method}-calibration.txt"
     calib.write_text(load_calibration(recipe.calibration, root=REPO).text)
-    spec = recipe.gptq[0]
-    direct = [sys.executable, str(REPO / "benchmarks" / "gptq_direct.py"), str(REPO / recipe.model.path), str(calib),
-              "--bits", str(spec.bits), "--group-size", str(spec.group_size), "--desc-act", str(spec.desc_act),
-              "--damp", str(spec.damp_percent), "--samples", str(spec.samples), "--seq-len", str(spec.seq_len),
-              "--seed", str(spec.seed)]
+    spec = getattr(recipe, method)[0]
+    if method == "gptq":
+        knobs = ["--bits", str(spec.bits), "--group-size", str(spec.group_size), "--desc-act", str(spec.desc_act),
+                 "--damp", str(spec.damp_percent)]
+        what = f"GPTQ {spec.bits}-bit g{spec.group_size}"
+    else:
+        knobs = ["--bits", str(spec.w_bit), "--group-size", str(spec.q_group_size), "--zero-point",
+                 str(spec.zero_point)]
+        what = f"AWQ {spec.w_bit}-bit g{spec.q_group_size}"
+    direct = [sys.executable, str(REPO / "benchmarks" / "gptqmodel_direct.py"), method, str(REPO / recipe.model.path),
+              str(calib), *knobs, "--samples", str(spec.samples), "--seq-len", str(spec.seq_len), "--seed",
+              str(spec.seed)]
     qk, lib = [], []
     for rep in range(reps):
-        qk.append(run_quantkit(recipe_path, tmp / f"gptq-store-{rep}"))
-        lib.append(measure([*direct, "--out", str(tmp / f"gptq-direct-{rep}")]))
-        print(f"gptq rep {rep + 1}: quantkit {qk[-1][0]:.1f}s {qk[-1][1]:.0f} MiB | GPTQModel direct "
+        qk.append(run_quantkit(recipe_path, tmp / f"{method}-store-{rep}"))
+        lib.append(measure([*direct, "--out", str(tmp / f"{method}-direct-{rep}")]))
+        print(f"{method} rep {rep + 1}: quantkit {qk[-1][0]:.1f}s {qk[-1][1]:.0f} MiB | GPTQModel direct "
               f"{lib[-1][0]:.1f}s {lib[-1][1]:.0f} MiB", flush=True)
     q, d = statistics.median(w for w, _ in qk), statistics.median(w for w, _ in lib)
-    print(f"GPTQ {spec.bits}-bit g{spec.group_size}, median of {reps}: quantkit {q:.1f}s, direct {d:.1f}s, "
-          f"ratio {q / d:.3f}; peak RSS {max(r for _, r in qk):.0f} vs {max(r for _, r in lib):.0f} MiB")
+    return (f"{what}, median of {reps}: quantkit {q:.1f}s, direct {d:.1f}s, ratio {q / d:.3f}; "
+            f"peak RSS {max(r for _, r in qk):.0f} vs {max(r for _, r in lib):.0f} MiB")
+
+
+def chain_side_by_side(src: Path, tc, tmp: Path, reps: int, threads: int) -> list[str]:
+    """Sections 1-4 of the module docstring; returns the summary lines."""
+    qk, bare = [], []
+    recipe_path = bench_recipe(src, tmp / "bench.yaml")
+    recipe = load_recipe(recipe_path, root=REPO)
+    for rep in range(reps):
+        qk.append(run_quantkit(recipe_path, tmp / f"store-{rep}"))
+        work = tmp / f"bare-{rep}"
+        work.mkdir()
+        chain = Bare(recipe, tc, work, threads)
+        bare.append(chain.run(chain.chain()))
+        print(f"rep {rep + 1}: quantkit {qk[-1][0]:.1f}s {qk[-1][1]:.0f} MiB | bare {bare[-1][0]:.1f}s "
+              f"{bare[-1][1]:.0f} MiB", flush=True)
+    cold = statistics.median(w for w, _ in qk)
+    warm = statistics.median(run_quantkit(recipe_path, tmp / "store-0")[0] for _ in range(3))
+
+    changed_path = bench_recipe(src, tmp / "changed.yaml", change_last_type=True)
+    changed = load_recipe(changed_path, root=REPO)
+    new = changed.gguf.types[-1]
+    changed_qk = run_quantkit(changed_path, tmp / "store-0")[0]
+    b = Bare(changed, tc, tmp / "bare-0", threads)  # base.gguf and imatrix.gguf are there already
+    changed_bare, _, changed_steps = b.run([("quantize", b.quantize(new)), ("logits", b.logits()),
+                                            ("kld", b.kld(new))])
+
+    steps = bare[0][2]
+    tensor, tensor_mib = largest_tensor_mib(REPO / recipe.model.path)
+    footprint = measure([sys.executable, str(tc.convert_script), "--help"], env=tc.python_env())[1]
+    scratch = tmp / "convert-rss"
+    scratch.mkdir()
+    convert_anon = peak_anon_mib(Bare(recipe, tc, scratch, threads).convert(), env=tc.python_env(), cwd=scratch)
+
+    b_wall = statistics.median(w for w, _, _ in bare)
+    return [
+        f"GGUF chain + PPL/KLD, median of {reps} (cold store): quantkit {cold:.1f}s, bare {b_wall:.1f}s, "
+        f"ratio {cold / b_wall:.3f}",
+        f"peak RSS: quantkit {max(r for _, r in qk):.0f} MiB, bare {max(r for _, r, _ in bare):.0f} MiB",
+        "bare steps (rep 1): " + ", ".join(f"{n} {w:.1f}s" for n, (w, _) in steps.items()),
+        f"warm re-run: {warm:.2f}s = {100 * warm / cold:.1f}% of cold",
+        f"one type changed ({recipe.gguf.types[-1].type} -> {new.type}): quantkit {changed_qk:.1f}s, bare "
+        f"{changed_bare:.1f}s ({', '.join(f'{n} {s:.1f}s' for n, (s, _) in changed_steps.items())}), "
+        f"ratio {changed_qk / changed_bare:.3f}",
+        f"convert peak RSS {steps['convert'][1]:.0f} MiB (anonymous {convert_anon:.0f} MiB); largest tensor "
+        f"{tensor} {tensor_mib:.0f} MiB; converter footprint (--help) {footprint:.0f} MiB",
+    ]
 
 
 def main() -> None:
@@ -188,56 +241,19 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m-demo.yaml"))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gptq", action="store_true", help="also GPTQ: quantkit vs GPTQModel called directly")
+    ap.add_argument("--awq", action="store_true", help="also AWQ (about 9 minutes a side on 2 cores)")
+    ap.add_argument("--skip-chain", action="store_true", help="only the GPTQ/AWQ comparisons")
     args = ap.parse_args()
     src = Path(args.recipe).resolve()
     tc = ensure_toolchain()
-    threads = os.cpu_count() or 1
-    qk, bare = [], []
+    lines = []
     with tempfile.TemporaryDirectory(prefix="qk-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        recipe_path = bench_recipe(src, tmp / "bench.yaml")
-        recipe = load_recipe(recipe_path, root=REPO)
-        for rep in range(args.reps):
-            qk.append(run_quantkit(recipe_path, tmp / f"store-{rep}"))
-            work = tmp / f"bare-{rep}"
-            work.mkdir()
-            chain = Bare(recipe, tc, work, threads)
-            bare.append(chain.run(chain.chain()))
-            print(f"rep {rep + 1}: quantkit {qk[-1][0]:.1f}s {qk[-1][1]:.0f} MiB | bare {bare[-1][0]:.1f}s "
-                  f"{bare[-1][1]:.0f} MiB", flush=True)
-        cold = statistics.median(w for w, _ in qk)
-        warm = [run_quantkit(recipe_path, tmp / "store-0")[0] for _ in range(3)]
-
-        changed_path = bench_recipe(src, tmp / "changed.yaml", change_last_type=True)
-        changed = load_recipe(changed_path, root=REPO)
-        new = changed.gguf.types[-1]
-        changed_qk = run_quantkit(changed_path, tmp / "store-0")[0]
-        b = Bare(changed, tc, tmp / "bare-0", threads)  # base.gguf and imatrix.gguf are there already
-        changed_bare, _, changed_steps = b.run([("quantize", b.quantize(new)), ("logits", b.logits()),
-                                                ("kld", b.kld(new))])
-
-        steps = bare[0][2]
-        tensor, tensor_mib = largest_tensor_mib(REPO / recipe.model.path)
-        footprint = measure([sys.executable, str(tc.convert_script), "--help"], env=tc.python_env())[1]
-        scratch = tmp / "convert-rss"
-        scratch.mkdir()
-        convert_anon = peak_anon_mib(Bare(recipe, tc, scratch, threads).convert(), env=tc.python_env(), cwd=scratch)
-        if args.gptq:
-            gptq_side_by_side(src, tmp, max(1, args.reps // 2))
-
-    q_wall, b_wall = statistics.median(w for w, _ in qk), statistics.median(w for w, _, _ in bare)
-    q_rss, b_rss = max(r for _, r in qk), max(r for _, r, _ in bare)
-    print(f"\nGGUF chain + PPL/KLD, median of {args.reps} (cold store): quantkit {q_wall:.1f}s, bare {b_wall:.1f}s, "
-          f"ratio {q_wall / b_wall:.3f}")
-    print(f"peak RSS: quantkit {q_rss:.0f} MiB, bare {b_rss:.0f} MiB")
-    print("bare steps (rep 1): " + ", ".join(f"{n} {w:.1f}s" for n, (w, _) in steps.items()))
-    w = statistics.median(warm)
-    print(f"warm re-run: {w:.2f}s = {100 * w / cold:.1f}% of cold")
-    print(f"one type changed ({recipe.gguf.types[-1].type} -> {new.type}): quantkit {changed_qk:.1f}s, bare "
-          f"{changed_bare:.1f}s ({', '.join(f'{n} {s:.1f}s' for n, (s, _) in changed_steps.items())}), "
-          f"ratio {changed_qk / changed_bare:.3f}")
-    print(f"convert peak RSS {steps['convert'][1]:.0f} MiB (anonymous {convert_anon:.0f} MiB); largest tensor "
-          f"{tensor} {tensor_mib:.0f} MiB; converter footprint (--help) {footprint:.0f} MiB")
+        if not args.skip_chain:
+            lines += chain_side_by_side(src, tc, tmp, args.reps, os.cpu_count() or 1)
+        lines += [checkpoint_side_by_side(m, src, tmp, max(1, args.reps // 2)) for m in ("gptq", "awq")
+                  if getattr(args, m)]
+    print("\n" + "\n".join(lines))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, llama.cpp {tc.version}")
 

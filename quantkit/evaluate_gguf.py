@@ -19,18 +19,21 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from quantkit.digest import sha256_file, write_json_atomic
 from quantkit.errors import ToolError, VerificationError
 from quantkit.evaluate import Score, Speed, base_logits_bytes, max_chunks, read_logits_header, scored_per_chunk
+from quantkit.ggufinfo import read_gguf
 from quantkit.proc import run_tool
 from quantkit.recipe import Evaluation
 from quantkit.store import Entry, Staging, Store
 from quantkit.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STEP = "score-gguf"
 SCORE_FILE = "score.json"
@@ -124,17 +127,29 @@ def score_gguf(*, gguf: Path, base_logits: Path | None, text_file: Path, spec: E
             args = ["-m", gguf, "--kl-divergence-base", base_logits, "--kl-divergence", "-c", str(spec.ctx)]
         else:
             args = ["-m", gguf, "-f", text_file, "-c", str(spec.ctx), "--chunks", str(max_chunks(spec))]
-        for attempt in range(1, LOG_ATTEMPTS + 1):
-            text, seconds = _perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads)
-            try:
-                return score_from_log(text, seconds=seconds, kld=base_logits is not None, what=gguf.name)
-            except VerificationError:
-                # The lines lost at exit (see _perplexity): the numbers are deterministic, so run
-                # it again; on a busy machine the logger thread loses the race more often.
-                if attempt == LOG_ATTEMPTS:
-                    raise
-                log.warning("llama-perplexity output for %s ended early (attempt %d); running it again",
-                            gguf.name, attempt)
+        return perplexity_until_parsed(
+            args, workdir=workdir, toolchain=toolchain, threads=threads, what=gguf.name,
+            parse=lambda text, seconds: score_from_log(text, seconds=seconds, kld=base_logits is not None,
+                                                       what=gguf.name))
+
+
+def perplexity_until_parsed(args: list, *, workdir: Path, toolchain: Toolchain, threads: int, what: str,
+                            parse: Callable[[str, float], T]) -> T:
+    """Run llama-perplexity and parse its log, again (up to LOG_ATTEMPTS runs) when the log lost its end.
+
+    ``parse(text, seconds)`` raises VerificationError on a log without the results. The lines are lost
+    at exit (see _perplexity); the numbers are deterministic, so another run gives the same ones, and
+    on a busy machine the logger thread loses the race more often.
+    """
+    for attempt in range(1, LOG_ATTEMPTS + 1):
+        text, seconds = _perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads)
+        try:
+            return parse(text, seconds)
+        except VerificationError:
+            if attempt == LOG_ATTEMPTS:
+                raise
+            log.warning("llama-perplexity output for %s ended early (attempt %d); running it again", what, attempt)
+    raise AssertionError("unreachable")
 
 
 def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
@@ -249,12 +264,10 @@ def text_sha256(text_file: Path) -> str:
 
 def gguf_vocab_size(gguf: Path) -> int:
     """Entries in a GGUF's vocabulary (the n_vocab of its logits), for the plan's disk estimate."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(gguf).get_field("tokenizer.ggml.tokens")
-    if field is None:
+    size = read_gguf(gguf).vocab_size
+    if size is None:
         raise VerificationError(f"{gguf} has no tokenizer.ggml.tokens")
-    return len(field.data)
+    return size
 
 
 def bench_gguf(*, gguf: Path, toolchain: Toolchain, threads: int, prompt_tokens: int = 128, gen_tokens: int = 32,

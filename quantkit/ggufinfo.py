@@ -32,6 +32,7 @@ class GGUFInfo:
     parameters: int
     tensor_types: dict[str, int]  # ggml type name -> number of tensors
     metadata: dict[str, object]  # selected scalar keys
+    vocab_size: int | None  # entries in tokenizer.ggml.tokens (the n_vocab of its logits)
 
 
 class _Header:
@@ -76,8 +77,11 @@ class _Header:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def _parse(path: Path) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
-    """({kept key: scalar value}, [(tensor name, element count, ggml type)])."""
+Parsed = tuple[dict[str, object], list[tuple[str, int, int]], dict[str, int]]
+
+
+def _parse(path: Path) -> Parsed:
+    """({kept key: scalar value}, [(tensor name, element count, ggml type)], {array key: length})."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != MAGIC:
             raise ValueError("no GGUF magic")
@@ -87,11 +91,14 @@ def _parse(path: Path) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} is not supported")
         n_tensors, n_kv = h.take("Q"), h.take("Q")
-        meta = {}
+        meta, lengths = {}, {}
         for _ in range(n_kv):
             key = h.string()
             keep = key.startswith(KEPT_PREFIXES) or key.endswith(KEPT_SUFFIXES)
-            value = h.value(h.take("I"), keep)
+            vtype = h.take("I")
+            if vtype == ARRAY:
+                lengths[key] = struct.unpack_from("<Q", buf, h.pos + 4)[0]  # after the element type
+            value = h.value(vtype, keep)
             if keep and value is not None:
                 meta[key] = value
         tensors, end = [], 0
@@ -107,10 +114,10 @@ def _parse(path: Path) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
         data_start = -(-h.pos // align) * align
         if tensors and data_start + end > len(buf):
             raise ValueError(f"tensor data ends at byte {data_start + end}, the file has {len(buf)}: truncated")
-        return meta, tensors
+        return meta, tensors, lengths
 
 
-def _read(path: Path, what: str) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
+def _read(path: Path, what: str) -> Parsed:
     try:
         return _parse(path)
     except (OSError, ValueError, struct.error) as e:
@@ -137,7 +144,7 @@ def _type_name(ttype: int) -> str:
 
 
 def read_gguf(path: Path) -> GGUFInfo:
-    meta, tensors = _read(path, "GGUF file")
+    meta, tensors, lengths = _read(path, "GGUF file")
     arch = meta.get("general.architecture")
     if not arch:
         raise VerificationError(f"{path} has no general.architecture")
@@ -150,12 +157,13 @@ def read_gguf(path: Path) -> GGUFInfo:
         parameters=sum(n for _, n, _ in tensors),
         tensor_types=dict(sorted(types.items())),
         metadata={k: v for k, v in meta.items() if not k.startswith("imatrix.")},
+        vocab_size=lengths.get("tokenizer.ggml.tokens"),
     )
 
 
 def imatrix_chunks(path: Path) -> int:
     """Chunk count recorded in a GGUF-format imatrix (0 if the file has none)."""
-    meta, tensors = _read(path, "imatrix GGUF")
+    meta, tensors, _ = _read(path, "imatrix GGUF")
     if not tensors:
         raise VerificationError(f"{path} holds no importance data")
     return int(meta.get("imatrix.chunk_count") or 0)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from quantkit.errors import VerificationError
-from quantkit.proc import run_tool
+from quantkit.evaluate_gguf import perplexity_until_parsed
 from quantkit.tasks import TaskItem, TaskResult, p_above_chance
 
 BACKEND = "llama-perplexity"
@@ -79,11 +79,12 @@ def context_size(items: list[TaskItem]) -> int:
 
 def per_item_correct(text: str, n: int) -> list[int]:
     """Per-item 0/1 from the running accuracies llama-perplexity prints after each task."""
-    rows = [(int(a), float(b)) for a, b in _RUNNING.findall(text)]
-    if [r[0] for r in rows] != list(range(1, n + 1)):
-        raise VerificationError(f"llama-perplexity printed {len(rows)} of {n} multiple-choice results; "
+    # The log file and the output tail may both hold a row: the same run, the same numbers.
+    running = {int(a): float(b) for a, b in _RUNNING.findall(text)}
+    if sorted(running) != list(range(1, n + 1)):
+        raise VerificationError(f"llama-perplexity printed {len(running)} of {n} multiple-choice results; "
                                 "its output ended with:\n" + "\n".join(text.splitlines()[-15:]))
-    totals = [0] + [round(pct * done / 100) for done, pct in rows]
+    totals = [0] + [round(running[done] * done / 100) for done in range(1, n + 1)]
     return [totals[i + 1] - totals[i] for i in range(n)]
 
 
@@ -91,13 +92,13 @@ def score_task_gguf(*, gguf: Path, task: str, items: list[TaskItem], toolchain, 
     threads = threads or os.cpu_count() or 1
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quantkit-mc-") as tmp:
-        data, log_path = Path(tmp) / "tasks.bin", Path(tmp) / "llama-perplexity.log"
+        data = Path(tmp) / "tasks.bin"
         write_mc_file(items, data)
         per_seq = context_size(items) // PARALLEL
-        run = run_tool([toolchain.binary("llama-perplexity"), "-m", Path(gguf).resolve(), "-bf", data,
-                        "--multiple-choice", "-np", str(PARALLEL), "-c", str(per_seq), "-t", str(threads), "--log-file", log_path], cwd=tmp)
-        text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else run.output_tail
-    correct = per_item_correct(text, len(items))
+        correct = perplexity_until_parsed(
+            ["-m", Path(gguf).resolve(), "-bf", data, "--multiple-choice", "-np", str(PARALLEL), "-c", str(per_seq)],
+            workdir=Path(tmp), toolchain=toolchain, threads=threads, what=f"{Path(gguf).name} {task}",
+            parse=lambda text, _seconds: per_item_correct(text, len(items)))
     n_choices = [len(it.choices) for it in items]
     n = len(items)
     return TaskResult(task=task, backend=BACKEND, acc=None, acc_norm=None, acc_token_norm=sum(correct) / n, n=n,

@@ -129,7 +129,9 @@ def test_gpu_image_has_the_required_pieces():
     assert "FROM ${CUDA_IMAGE}" in text and "nvidia/cuda:" in text and "-devel-" in text
     assert "quantkit toolchain --build --cuda" in text  # the same build as local, GGML_CUDA=ON
     assert '".[gptq,prefect]"' in text and "lm-eval==" in text
-    assert 'CMD ["prefect", "worker", "start", "--pool", "gpu"]' in text
+    # The worker makes sure the server marks dead flow runs Crashed, then becomes the pool's worker.
+    assert 'CMD ["sh", "-c", "python flows/zombies.py && exec prefect worker start --pool gpu"]' in text
+    assert "ENV PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30" in text
     for file in ("prefect.yaml", "flows/", "recipes/", "calibration/"):
         assert f"COPY {file}" in text
 

@@ -41,6 +41,7 @@ def test_header_matches_gguf_py(gguf_file):
     assert info.tensor_count == len(ref.tensors) == 3
     assert info.parameters == sum(int(t.n_elements) for t in ref.tensors) == 4 * 256 + 256 + 105
     assert info.tensor_types == dict(sorted(Counter(t.tensor_type.name.lower() for t in ref.tensors).items()))
+    assert info.vocab_size == len(ref.get_field("tokenizer.ggml.tokens").data) == 3000
     assert info.metadata["llama.context_length"] == 256 and info.metadata["quantize.imatrix.chunks_count"] == 7
 
 
