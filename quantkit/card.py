@@ -26,7 +26,6 @@ def calibration_licences(readme: str) -> dict[str, dict[str, str]]:
     return out
 
 
-
 def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration_readme: str | None = None):
     """The model card (README.md of the published folder) as a huggingface_hub ``ModelCard``.
 

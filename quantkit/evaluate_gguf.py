@@ -141,15 +141,12 @@ def perplexity_until_parsed(args: list, *, workdir: Path, toolchain: Toolchain, 
     at exit (see _perplexity); the numbers are deterministic, so another run gives the same ones, and
     on a busy machine the logger thread loses the race more often.
     """
-    for attempt in range(1, LOG_ATTEMPTS + 1):
-        text, seconds = _perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads)
+    for attempt in range(1, LOG_ATTEMPTS):
         try:
-            return parse(text, seconds)
+            return parse(*_perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads))
         except VerificationError:
-            if attempt == LOG_ATTEMPTS:
-                raise
             log.warning("llama-perplexity output for %s ended early (attempt %d); running it again", what, attempt)
-    raise AssertionError("unreachable")
+    return parse(*_perplexity(args, workdir=workdir, toolchain=toolchain, threads=threads))  # last: errors raise
 
 
 def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:

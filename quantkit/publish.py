@@ -21,8 +21,6 @@ file of the folder in one commit and tags it with the run id.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import math
@@ -36,6 +34,7 @@ from typing import Any, Callable
 
 from quantkit.errors import PublishError, RegressionError
 from quantkit.report import build_report, load_report, write_report
+from quantkit.store import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +135,6 @@ def _place(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-@contextlib.contextmanager
-def _recipe_lock(folder: Path):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".publish.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, run_id: str,
                   before_rename: Callable[[Path], None] | None = None) -> Path:
     """Publish into ``<store>/<recipe>/<run_id>/`` and point ``latest`` at it; return the folder.
@@ -153,7 +144,7 @@ def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, 
     """
     folder = Path(store) / recipe
     final = folder / run_id
-    with _recipe_lock(folder):
+    with exclusive(folder / ".publish.lock", f"publishing {recipe}"):
         if final.exists():
             raise PublishError(f"{final} is already published; a published run is never overwritten "
                                "(a new run gets a new run id)")

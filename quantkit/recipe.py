@@ -110,7 +110,7 @@ class ModelSource(Section):
     allow_pickle: bool = Field(False, description="allow pickle .bin/.pt weights (they can run code on load)")
     trust_remote_code: bool = Field(False, description=f"needs the worker to set {WORKER_ALLOWS_REMOTE_CODE}=1 too")
 
-    _repo = field_validator("repo")(lambda v: _repo_id(v))
+    _repo = field_validator("repo")(_repo_id)
 
     @field_validator("revision")
     @classmethod
@@ -404,7 +404,7 @@ class Publish(Section):
     dir: ProjectPath = Field("artifacts", description="local artifact store: <dir>/<recipe>/<run-id>/ and latest")
     thresholds: PublishThresholds = PublishThresholds()
 
-    _repo = field_validator("repo")(lambda v: _repo_id(v))
+    _repo = field_validator("repo")(_repo_id)
 
     @model_validator(mode="after")
     def _target(self) -> Publish:
