@@ -27,6 +27,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger("quantkit").setLevel(logging.DEBUG)
 
 
+def _traceback_under_debug(e: RecipeError, *, debug: bool) -> None:
+    """An unexpected failure while loading a recipe is one line naming the file; --debug shows where."""
+    if debug and e.__cause__ is not None:
+        import traceback
+
+        traceback.print_exception(e.__cause__, file=sys.stderr)
+
+
 def cmd_validate(args) -> int:
     from quantkit.recipe import load_recipe
 
@@ -38,6 +46,7 @@ def cmd_validate(args) -> int:
             failed += 1
             for problem in e.problems:
                 print(problem, file=sys.stderr)
+            _traceback_under_debug(e, debug=args.debug)
             continue
         print(f"{f}: ok ({recipe.name})")
     return 2 if failed else 0
@@ -196,3 +205,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+        _traceback_under_debug(e, debug=args.debug)

@@ -19,6 +19,7 @@ from quantkit.calibration import CalibrationText, load_calibration
 from quantkit.convert import convert
 from quantkit.digest import DigestCache, sha256_file, write_json_atomic
 from quantkit.imatrix import imatrix
+from quantkit.paths import inside
 from quantkit.quantize import quantize
 from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot, fetch_model
@@ -75,7 +76,7 @@ class RunResult:
 
 
 def run_dir(recipe: Recipe, root: Path) -> Path:
-    return root / recipe.output.dir / recipe.name
+    return inside(root / recipe.output.dir, recipe.name)
 
 
 def run_folder_lock(ctx: RunContext) -> contextlib.AbstractContextManager[None]:
@@ -217,12 +218,12 @@ def checkpoint_variants(ctx: RunContext, model: ModelSnapshot, calib: Calibratio
     stem = ctx.recipe.model.display_name
     out = []
     for spec in ctx.recipe.gptq:
-        label = spec.label or f"GPTQ-{spec.bits}bit-g{spec.group_size}"
+        label = spec.name
         entry = gptq(model=model, spec=spec, calibration=calib, store=ctx.store)
         ctx.record(f"gptq:{label}", entry)
         out.append(Variant("gptq", label, entry, f"{stem}-{label}"))
     for spec in ctx.recipe.awq:
-        label = spec.label or f"AWQ-{spec.w_bit}bit-g{spec.q_group_size}"
+        label = spec.name
         entry = awq(model=model, spec=spec, calibration=calib, store=ctx.store)
         ctx.record(f"awq:{label}", entry)
         out.append(Variant("awq", label, entry, f"{stem}-{label}"))
@@ -310,13 +311,14 @@ def write_run_folder(ctx: RunContext, model: ModelSnapshot, calib: CalibrationTe
     out.mkdir(parents=True, exist_ok=True)
     for v in variants:
         if v.format == "gguf":
-            _link(v.entry.file("model.gguf"), out / v.file_name)
+            _link(v.entry.file("model.gguf"), inside(out, v.file_name))
         elif v.format in ("gptq", "awq"):
-            folder = out / v.file_name
+            folder = inside(out, v.file_name)
             folder.mkdir(exist_ok=True)
             for name in v.entry.files:
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                _link(v.entry.path / name, folder / name)
+                dest = inside(folder, *Path(name).parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _link(v.entry.path / name, dest)
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "quantkit": __version__,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantkit.errors import PublishError, RegressionError
+from quantkit.paths import inside
 from quantkit.report import build_report, load_report, write_report
 from quantkit.store import exclusive
 
@@ -97,7 +98,7 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
 
 def latest_report(store: Path, recipe: str) -> tuple[str, dict] | None:
     """(run id, report) of the last published run of ``recipe`` in the local store, or None."""
-    latest = Path(store) / recipe / LATEST
+    latest = inside(store, recipe, LATEST)
     if not latest.is_symlink():
         return None
     run_id = os.readlink(latest)
@@ -142,8 +143,8 @@ def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, 
     Built as ``.tmp-<run_id>-*`` and renamed; ``before_rename(staged)`` (the Hub upload) runs on
     the complete staged folder first. Refuses an existing run id: published runs are never replaced.
     """
-    folder = Path(store) / recipe
-    final = folder / run_id
+    folder = inside(store, recipe)
+    final = inside(folder, run_id)
     with exclusive(folder / ".publish.lock", f"publishing {recipe}"):
         if final.exists():
             raise PublishError(f"{final} is already published; a published run is never overwritten "
@@ -156,7 +157,7 @@ def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, 
         tmp.mkdir()
         try:
             for rel, src in collect_files(run_dir, report_dir).items():
-                _place(src, tmp / rel)
+                _place(src, inside(tmp, *rel.split("/")))
             if before_rename is not None:
                 before_rename(tmp)
             os.rename(tmp, final)
@@ -188,6 +189,7 @@ def plan_hub_files(folder: Path, *, max_file_bytes: int = HUB_MAX_FILE_BYTES) ->
         if not p.is_file():
             continue
         rel, size = p.relative_to(folder).as_posix(), p.stat().st_size
+        inside(folder, *rel.split("/"))  # every part of a path in the repo is one safe name
         if size > max_file_bytes and not rel.endswith(".gguf"):
             raise PublishError(f"{rel} is {size / 1e9:.1f} GB, over the Hub's {max_file_bytes / 1e9:.0f} GB per-file "
                                "limit, and only GGUF files can be split")

@@ -18,6 +18,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from quantkit.errors import Problem, RecipeError
+from quantkit.paths import name_problem
 from quantkit.quanttypes import (
     ALIASES,
     BASE_TYPES,
@@ -38,11 +39,13 @@ WORKER_ALLOWS_REMOTE_CODE = "QUANTKIT_ALLOW_REMOTE_CODE"
 
 
 class Invalid(ValueError):
-    """A validation failure that knows its fix (shown after the message)."""
+    """A validation failure that knows its fix (shown after the message) and, for cross-field rules,
+    the recipe path it points at (``loc``), so the error names that line rather than the section's."""
 
-    def __init__(self, message: str, fix: str):
+    def __init__(self, message: str, fix: str, loc: tuple = ()):
         super().__init__(message)
         self.fix = fix
+        self.loc = loc
 
 
 class Section(BaseModel):
@@ -60,6 +63,16 @@ def _safe_text(value: str) -> str:
 
 
 SafeText = Annotated[str, pydantic.AfterValidator(_safe_text), Field(max_length=200)]
+
+
+def _safe_name(value: str) -> str:
+    """A value that becomes a file or folder name: one safe path component (quantkit.paths)."""
+    if (why := name_problem(value)) is not None:
+        raise Invalid(why, "use a name like Q4_K_M-attn8 or my-model (no '/', no leading '.', no spaces)")
+    return value
+
+
+SafeName = Annotated[str, pydantic.AfterValidator(_safe_name)]
 
 
 def _project_path(value: str, info: ValidationInfo) -> str:
@@ -106,7 +119,7 @@ class ModelSource(Section):
     repo: str | None = Field(None, description="Hugging Face repo id, e.g. meta-llama/Llama-3.1-8B-Instruct")
     revision: str | None = Field(None, description="commit sha (40 hex) or tag; branches move and are refused")
     path: ProjectPath | None = Field(None, description="local HF checkpoint folder, relative to the project")
-    name: SafeText | None = Field(None, description="name used in file names and GGUF metadata")
+    name: SafeName | None = Field(None, description="name used in file names and GGUF metadata")
     allow_pickle: bool = Field(False, description="allow pickle .bin/.pt weights (they can run code on load)")
     trust_remote_code: bool = Field(False, description=f"needs the worker to set {WORKER_ALLOWS_REMOTE_CODE}=1 too")
 
@@ -133,6 +146,9 @@ class ModelSource(Section):
             raise Invalid("'repo' has no pinned 'revision'", "add revision: <40-digit commit sha or a tag>")
         if self.path is not None and self.revision is not None:
             raise Invalid("'revision' applies to 'repo' only", "remove it; a local 'path' is pinned by its digest")
+        if self.name is None and (why := name_problem(self.display_name)) is not None:
+            raise Invalid(f"the file names come from the model folder's name: {why}",
+                          "add model.name: a safe name for the files, e.g. my-model")
         return self
 
     @property
@@ -286,7 +302,7 @@ class GGUFVariant(TensorOverrides):
     """One llama-quantize output. ``imatrix: null`` follows the gguf.imatrix setting."""
 
     type: str
-    label: SafeText | None = Field(None, description="unique name of the variant (default: type, '-noimat' suffix)")
+    label: SafeName | None = Field(None, description="unique name of the variant (default: type, '-noimat' suffix)")
     imatrix: bool | None = None
 
     @field_validator("type")
@@ -316,18 +332,12 @@ class GGUFSection(Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> GGUFSection:
-        seen: dict[str, int] = {}
         for i, variant in enumerate(self.types):
             use_imatrix = self.uses_imatrix(variant)
             qt = QUANT_TYPES[variant.type]
             if not use_imatrix and (qt.needs_imatrix or variant.needs_imatrix() or self.overrides.needs_imatrix()):
                 raise Invalid(f"types[{i}]: {variant.type} needs an importance matrix (llama-quantize refuses it without one)",
                               "set gguf.imatrix.enabled: true and do not set imatrix: false on this type")
-            label = self.label(variant)
-            if label in seen:
-                raise Invalid(f"types[{i}]: variant '{label}' is listed twice (also types[{seen[label]}])",
-                              "remove one, or give one a different 'label'")
-            seen[label] = i
         return self
 
     def uses_imatrix(self, variant: GGUFVariant) -> bool:
@@ -351,7 +361,7 @@ class GGUFSection(Section):
 class GPTQVariant(Section):
     """GPTQ settings; the defaults are the seed's (bits 4, group 128, desc_act, damp 0.1)."""
 
-    label: SafeText | None = None
+    label: SafeName | None = Field(None, description="unique name of the variant (default GPTQ-<bits>bit-g<group>)")
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, description="-1 (per channel) or a power of two from 16 to 1024")
     desc_act: bool = True
@@ -368,11 +378,15 @@ class GPTQVariant(Section):
             raise Invalid(f"group_size {v} is not supported", "use -1 (per channel) or a power of two from 16 to 1024, e.g. 128")
         return v
 
+    @property
+    def name(self) -> str:
+        return self.label or f"GPTQ-{self.bits}bit-g{self.group_size}"
+
 
 class AWQVariant(Section):
     """AWQ settings; defaults are the seed's (w_bit 4, group 128, zero point, GEMM)."""
 
-    label: SafeText | None = None
+    label: SafeName | None = Field(None, description="unique name of the variant (default AWQ-<bits>bit-g<group>)")
     w_bit: Literal[4] = 4
     q_group_size: Literal[32, 64, 128] = 128
     zero_point: bool = True
@@ -380,6 +394,10 @@ class AWQVariant(Section):
     samples: int = Field(128, ge=1, le=4096)
     seq_len: int = Field(512, ge=16, le=32_768)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @property
+    def name(self) -> str:
+        return self.label or f"AWQ-{self.w_bit}bit-g{self.q_group_size}"
 
 
 class PublishThresholds(Section):
@@ -489,13 +507,33 @@ class Recipe(Section):
         return v
 
     @model_validator(mode="after")
-    def _cross_field(self) -> Recipe:
+    def _cross_field(self, info: ValidationInfo) -> Recipe:
         if self.gguf is None and not self.gptq and not self.awq:
             raise Invalid("the recipe produces nothing", "add a 'gguf', 'gptq' or 'awq' section")
         if self.evaluation and self.calibration.files and self.evaluation.file in self.calibration.files:
             raise Invalid(f"evaluation.file '{self.evaluation.file}' is also calibration text",
                           "score on held-out text: scores on text the quantizer saw are not evidence")
+        lines = (info.context or {}).get("lines", {})
+        seen: dict[str, tuple] = {}
+        for loc, _, label in self.variant_labels():
+            if label in seen:
+                first = seen[label]
+                at = f" (line {lines[first]})" if first in lines else ""
+                raise Invalid(f"variant '{label}' is made twice: by {dotted(loc)} and by {dotted(first)}{at}; "
+                              "both would write the same files", "give one of them a different 'label'", loc=loc)
+            seen[label] = loc
         return self
+
+    def variant_labels(self) -> list[tuple[tuple, str, str]]:
+        """``(recipe path, format, label)`` of every variant the recipe makes, defaults included: the one
+        place labels are decided (they name files, so each is unique across formats)."""
+        out: list[tuple[tuple, str, str]] = []
+        if self.gguf:
+            out.append((("gguf", "base_type"), "gguf", self.gguf.base_type.upper()))
+            out += [(("gguf", "types", i), "gguf", self.gguf.label(v)) for i, v in enumerate(self.gguf.types)]
+        out += [(("gptq", i), "gptq", v.name) for i, v in enumerate(self.gptq)]
+        out += [(("awq", i), "awq", v.name) for i, v in enumerate(self.awq)]
+        return out
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -538,6 +576,9 @@ def _problems(e: pydantic.ValidationError, file: str, lines: dict) -> list[Probl
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"function-after", "str", "int"}))
         # Pydantic puts the variant's tag into loc for unions; keep only real path parts.
         path = tuple(p for p in loc if isinstance(p, int) or not p.startswith("function-"))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, Invalid) and cause.loc:
+            path = path + cause.loc
         line = 0
         for cut in range(len(path), -1, -1):
             if path[:cut] in lines:
@@ -552,16 +593,30 @@ def _problems(e: pydantic.ValidationError, file: str, lines: dict) -> list[Probl
 
 
 def load_recipe(path: str | Path, *, root: Path | None = None) -> Recipe:
-    """Read and validate a recipe file; raise RecipeError listing every problem."""
+    """Read and validate a recipe file; raise RecipeError listing every problem.
+
+    No input file makes this raise anything else: an unexpected exception while loading becomes a
+    RecipeError naming the file, chained to the original (the CLI shows it under --debug).
+    """
     path = Path(path)
     root = root or find_project_root(path.parent)
     display = os.path.relpath(path.resolve(), root) if path.resolve().is_relative_to(root) else str(path)
+    try:
+        return _load(path, root, display)
+    except RecipeError:
+        raise
+    except Exception as e:  # a bug or a limit we did not foresee: still one line naming the file
+        raise RecipeError([Problem(display, 0, "", f"could not load the recipe ({type(e).__name__}: {e})"[:500],
+                                   "simplify the file; run with --debug for the traceback and report it")]) from e
+
+
+def _load(path: Path, root: Path, display: str) -> Recipe:
     data, lines = load_yaml(path, display)
     if not isinstance(data, dict):
         raise RecipeError([Problem(display, 1, "", "a recipe is a mapping of keys to values",
                                    "start from a recipe in recipes/")])
     try:
-        recipe = Recipe.model_validate(data, context={"root": root})
+        recipe = Recipe.model_validate(data, context={"root": root, "lines": lines})
     except pydantic.ValidationError as e:
         raise RecipeError(_problems(e, display, lines)) from None
     problems = _check_files(recipe, root, display, lines)

@@ -22,6 +22,7 @@ from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
 from quantkit.hardware import GIB, ModelShape, hardware_fit
 from quantkit.modelfile import llama_server_command, modelfile_name, render_modelfile, vllm_serve_command
+from quantkit.paths import inside
 
 log = logging.getLogger(__name__)
 
@@ -374,10 +375,11 @@ def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template
                                        calibration_readme=calibration_readme)),
              **render_modelfiles(report, chat_template=chat_template, eos_token=eos_token)}
     for name, text in texts.items():
-        tmp = out_dir / f".{name}.tmp"
+        dest = inside(out_dir, name)  # Modelfile names carry variant labels
+        tmp = dest.with_name(f".{name}.tmp")
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out_dir / name)
-        written.append(out_dir / name)
+        tmp.replace(dest)
+        written.append(dest)
     render_plot(report, out_dir / "plot.png")
     written.append(out_dir / "plot.png")
     log.info("report for %s: %d variants, recommended %s", report["recipe"]["name"], len(report["variants"]),

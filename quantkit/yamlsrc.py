@@ -85,12 +85,27 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Path_, 
         raise RecipeError([Problem(name, line, "", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
                                    "save the file as UTF-8")]) from None
     try:
-        # Events first: an alias is refused before anything expands it.
+        # Events first, from PyYAML's parser, which keeps its own stack (no Python recursion): an
+        # alias is refused before anything expands it, and depth and size are bounded before the
+        # composer (which recurses once per level) sees the text.
+        depth = nodes = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                line = event.start_mark.line + 1
                 raise RecipeError([Problem(name, line, "", "YAML anchors and aliases are not allowed in recipes",
                                            "write the value out where it is used")])
+            if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+                nodes += 1
+                if nodes > MAX_NODES:
+                    raise RecipeError([Problem(name, line, "", f"recipe has more than {MAX_NODES} values",
+                                               "split or shorten the recipe")])
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError([Problem(name, line, "", f"nesting deeper than {MAX_DEPTH} levels",
+                                               "flatten the recipe")])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

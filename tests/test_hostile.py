@@ -55,6 +55,22 @@ HOSTILE = [
     ("python tag", "name: !!python/object/apply:os.system ['id']"),
     ("empty types", "gguf: {types: []}"),
     ("duplicate variant", "gguf: {types: [Q8_0, Q8_0]}"),
+    # Values that become file names: one safe path component each (quantkit.paths).
+    ("model name climbs out", "model: {path: models/tiny, name: ../../../../tmp/x}"),
+    ("model name absolute", "model: {path: models/tiny, name: /etc/x}"),
+    ("model name is ..", "model: {path: models/tiny, name: '..'}"),
+    ("model name hidden", "model: {path: models/tiny, name: .x}"),
+    ("model name like an option", "model: {path: models/tiny, name: --help}"),
+    ("model folder name with a space", "model: {path: 'models/my model'}"),
+    ("gguf label climbs out", "gguf: {types: [{type: Q8_0, label: ../../x}]}"),
+    ("gguf label with slash", "gguf: {types: [{type: Q8_0, label: a/b}]}"),
+    ("gptq label climbs out", "gptq: [{label: ../../x}]"),
+    ("awq label hidden", "awq: [{label: .x}]"),
+    ("label too long", "gptq: [{label: " + "a" * 97 + "}]"),
+    ("two gptq with one default label", "gptq: [{bits: 4}, {bits: 4, seed: 1}]"),
+    ("two awq with one default label", "awq: [{seed: 1}, {seed: 2}]"),
+    ("gguf and gptq share a label", "gptq: [{label: Q8_0}]"),
+    ("gguf label equals the base", "gguf: {types: [{type: Q8_0, label: F16}]}"),
 ]
 
 RAW_HOSTILE = [
@@ -65,6 +81,9 @@ RAW_HOSTILE = [
     ("two documents", b"name: a\n---\nname: b\n"),
     ("deep nesting", b"a: " + b"[" * 40 + b"]" * 40 + b"\n"),
     ("huge file", b"name: tiny\n" + b"# padding\n" * 40_000),
+    ("nested 5000 deep", b"name: tiny\nx: " + b"[" * 5000 + b"]" * 5000 + b"\n"),
+    ("nested maps 600 deep", b"name: tiny\n" + b"".join(b" " * i + b"k:\n" for i in range(600))),
+    ("too many values", b"name: tiny\nx: [" + b"1," * 30_000 + b"1]\n"),
 ]
 
 

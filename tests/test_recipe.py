@@ -94,8 +94,9 @@ def test_shipped_recipes_validate():
      "recipes/r.yaml:1: name: name 'Tiny Model' is not a valid deployment name "
      "(fix: use lowercase letters, digits, '.', '_' and '-' only (at most 64), e.g. llama-8b)"),
     ("  path: models/tiny", "  path: models/tiny\n  name: x; rm -rf ~",
-     "recipes/r.yaml:4: model.name: contains characters not allowed in a recipe: ';', '~' "
-     "(fix: use letters, digits, spaces and . _ / @ : + = , ( ) - only)"),
+     "recipes/r.yaml:4: model.name: 'x; rm -rf ~' is not one safe path component (letters, digits, '.', '_' "
+     "and '-' only, starting with a letter, digit or '_', at most 96 characters) (fix: use a name like "
+     "Q4_K_M-attn8 or my-model (no '/', no leading '.', no spaces))"),
     ("  files: [calibration/calib.txt]", "  files: [calibration/eval/heldout.txt]",
      "recipes/r.yaml:1: evaluation.file 'calibration/eval/heldout.txt' is also calibration text "
      "(fix: score on held-out text: scores on text the quantizer saw are not evidence)"),
