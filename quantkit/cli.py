@@ -36,17 +36,20 @@ def _traceback_under_debug(e: RecipeError, *, debug: bool) -> None:
 
 
 def cmd_validate(args) -> int:
+    from quantkit.ghactions import annotation
     from quantkit.recipe import load_recipe
 
+    github = args.format == "github"
     failed = 0
     for f in args.files:
         try:
             recipe = load_recipe(f)
         except RecipeError as e:
             failed += 1
-            for problem in e.problems:
-                print(problem, file=sys.stderr)
             _traceback_under_debug(e, debug=args.debug)
+            for problem in e.problems:
+                # GitHub reads workflow commands from stdout; plain problems go to stderr.
+                print(annotation(problem) if github else problem, file=sys.stdout if github else sys.stderr)
             continue
         print(f"{f}: ok ({recipe.name})")
     return 2 if failed else 0
@@ -108,11 +111,16 @@ def cmd_run(args) -> int:
 def cmd_toolchain(args) -> int:
     from quantkit.toolchain import PIN, build_toolchain, ensure_toolchain, find_toolchain
 
+    cuda = True if args.cuda else None  # None: $QUANTKIT_CUDA decides (the GPU image sets it)
+    if args.cuda_arch and not args.cuda:
+        print("error: --cuda-arch needs --cuda", file=sys.stderr)
+        return 2
     if args.build:
-        tc = build_toolchain(cuda=args.cuda) if args.force else ensure_toolchain(cuda=args.cuda)
+        build = dict(cuda_arch=args.cuda_arch, source=Path(args.source) if args.source else None)
+        tc = build_toolchain(cuda=bool(cuda), **build) if args.force else ensure_toolchain(cuda=cuda, **build)
     else:
         try:
-            tc = find_toolchain(cuda=args.cuda)
+            tc = find_toolchain(cuda=cuda)
         except QuantkitError as e:
             print(f"pinned: llama.cpp {PIN.commit} ({PIN.package} {PIN.version}); not available: {e}")
             print("build it with: quantkit toolchain --build")
@@ -120,6 +128,8 @@ def cmd_toolchain(args) -> int:
     print(f"llama.cpp {tc.commit} ({PIN.package} {PIN.version}) from {tc.origin}")
     print(f"  binaries: {tc.bin_dir}")
     print(f"  converter: {tc.convert_script}")
+    if tc.cuda:
+        print(f"  cuda: yes (tools run with {' '.join(tc.offload_args())})")
     return 0
 
 
@@ -153,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check recipes; exit 2 on any problem, create nothing")
     s.add_argument("files", nargs="+")
+    s.add_argument("--format", choices=("text", "github"), default="text",
+                   help="github: problems as ::error annotations on their line (for GitHub Actions)")
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("schema", help="print the recipe JSON Schema")
@@ -171,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--build", action="store_true", help="build what is missing")
     s.add_argument("--force", action="store_true", help="with --build: rebuild even if present")
     s.add_argument("--cuda", action="store_true", help="the CUDA flavour (GPU worker image)")
+    s.add_argument("--cuda-arch", metavar="ARCHS",
+                   help="with --cuda: CMake CUDA_ARCHITECTURES, e.g. 90 (default: $QUANTKIT_CUDA_ARCH, else the "
+                        "GPUs nvidia-smi lists, else ggml's default list)")
+    s.add_argument("--source", metavar="DIR", help="with --build: a llama.cpp source tree to copy (no PyPI needed)")
     s.set_defaults(fn=cmd_toolchain)
 
     s = sub.add_parser("deployments", help="write prefect.yaml from recipes/ (one deployment per recipe)")
@@ -189,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RecipeError as e:
+        _traceback_under_debug(e, debug=args.debug)
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 2
@@ -205,4 +222,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-        _traceback_under_debug(e, debug=args.debug)
