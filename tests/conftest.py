@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pytest
 
@@ -11,6 +12,40 @@ import pytest
 from tinyllama import build_tiny_llama, source_digest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# What quantkit, GPTQModel and its tokenicer would leave in the system temp folder if they leaked.
+TEMP_LEAKS = ("quantkit-*", "gptqmodel_*", "lazyturtle-*", "tokenicer_hf_home")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_leaks(tmp_path_factory):
+    """After the session: nothing of quantkit's or GPTQModel's in the system temp folder, and no
+    staging folder in any store the tests made (killed runs' ones are swept by their re-runs).
+
+    The session gets a temp folder of its own (TMPDIR, inherited by every process the tests start),
+    so another session on the machine cannot make this fail; the real one is checked for the names
+    libraries write there directly (tokenicer's /tmp/tokenicer_hf_home)."""
+    base = tmp_path_factory.getbasetemp()
+    private = base / "system-tmp"
+    private.mkdir()
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    system = pathlib.Path(tempfile.gettempdir())
+    os.environ["TMPDIR"] = str(private)
+    tempfile.tempdir = None  # recomputed from TMPDIR
+    before = {p for pattern in TEMP_LEAKS for p in system.glob(pattern)}
+    yield
+    leaked = [p for pattern in TEMP_LEAKS for p in private.glob(pattern)]
+    leaked += [p for pattern in TEMP_LEAKS for p in system.glob(pattern) if p not in before]
+    staging = [p for scratch in base.rglob("scratch") for p in scratch.glob("*/*/.tmp-*")]
+    staging += [p for scratch in base.rglob("scratch") for p in scratch.parent.glob("*/.tmp-*")]
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+    tempfile.tempdir = saved_tempdir
+    assert not leaked, f"temporary folders left in the system temp folder: {sorted(map(str, leaked))}"
+    assert not staging, f"staging folders left in a store: {sorted(map(str, staging))}"
 
 
 @pytest.fixture(scope="session")

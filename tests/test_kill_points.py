@@ -2,7 +2,7 @@
 nothing is half-published, and the final artifacts equal an uninterrupted run's.
 
 A kill point is reached when the step's temp folder appears (the store builds every output in
-`<store>/<step>/.tmp-*`, publishing in `artifacts/<recipe>/.tmp-*`); the whole process group,
+`<store>/scratch/<run>/<step>/.tmp-*`, publishing in `artifacts/<recipe>/.tmp-*`); the whole process group,
 llama.cpp tools included, is killed there.
 """
 
@@ -83,6 +83,8 @@ def kill_at(project: Path, store: Path, where: str, folder: str, done_before: in
     while proc.poll() is None and time.monotonic() < deadline:
         names = [p.name for p in watch.iterdir()] if watch.is_dir() else []
         writing = [n for n in names if n.startswith(".tmp-")]
+        if where == "store":  # the store stages in the run's own scratch folder
+            writing = [p.name for p in store.glob(f"scratch/*/{folder}/.tmp-*")]
         finished = [n for n in names if not n.startswith(".") and n != "latest"]  # not locks or pointers
         if writing and len(finished) == done_before:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -63,11 +63,11 @@ def test_sigkill_midway_then_rerun_completes(tmp_path):
     assert proc.exitcode == -signal.SIGKILL
     store = Store(tmp_path)
     assert store.get("step", INPUTS) is None, "a killed build must not look finished"
-    leftovers = list((tmp_path / "step").glob(".tmp-*"))
+    leftovers = list(tmp_path.glob("scratch/*/step/.tmp-*"))  # staging lives in the run's scratch folder
     assert leftovers, "the kill should have left a temp folder behind"
     entry = store.ensure("step", INPUTS, _write)
     assert entry.file("out.bin").read_bytes() == b"hello"
-    assert list((tmp_path / "step").glob(".tmp-*")) == []
+    assert list(tmp_path.rglob(".tmp-*")) == []
 
 
 def _slow_builder(root: str, started) -> None:
