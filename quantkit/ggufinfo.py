@@ -80,8 +80,9 @@ class _Header:
 Parsed = tuple[dict[str, object], list[tuple[str, int, int]], dict[str, int]]
 
 
-def _parse(path: Path) -> Parsed:
-    """({kept key: scalar value}, [(tensor name, element count, ggml type)], {array key: length})."""
+def _parse(path: Path, extra_keys: tuple[str, ...] = ()) -> Parsed:
+    """({kept key: scalar value}, [(tensor name, element count, ggml type)], {array key: length}).
+    ``extra_keys``: string keys to keep besides the general ones (the chat template is long, so asked for)."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != MAGIC:
             raise ValueError("no GGUF magic")
@@ -94,7 +95,7 @@ def _parse(path: Path) -> Parsed:
         meta, lengths = {}, {}
         for _ in range(n_kv):
             key = h.string()
-            keep = key.startswith(KEPT_PREFIXES) or key.endswith(KEPT_SUFFIXES)
+            keep = key.startswith(KEPT_PREFIXES) or key.endswith(KEPT_SUFFIXES) or key in extra_keys
             vtype = h.take("I")
             if vtype == ARRAY:
                 lengths[key] = struct.unpack_from("<Q", buf, h.pos + 4)[0]  # after the element type
@@ -117,9 +118,9 @@ def _parse(path: Path) -> Parsed:
         return meta, tensors, lengths
 
 
-def _read(path: Path, what: str) -> Parsed:
+def _read(path: Path, what: str, extra_keys: tuple[str, ...] = ()) -> Parsed:
     try:
-        return _parse(path)
+        return _parse(path, extra_keys)
     except (OSError, ValueError, struct.error) as e:
         raise VerificationError(f"{path} is not a readable {what}: {e}") from e
 
@@ -159,6 +160,15 @@ def read_gguf(path: Path) -> GGUFInfo:
         metadata={k: v for k, v in meta.items() if not k.startswith("imatrix.")},
         vocab_size=lengths.get("tokenizer.ggml.tokens"),
     )
+
+
+def chat_template(path: Path) -> str | None:
+    """The GGUF's ``tokenizer.chat_template`` (what Ollama and llama-server chat with), or None."""
+    from gguf.constants import Keys
+
+    meta, _, _ = _read(path, "GGUF file", (Keys.Tokenizer.CHAT_TEMPLATE,))
+    value = meta.get(Keys.Tokenizer.CHAT_TEMPLATE)
+    return value if isinstance(value, str) else None
 
 
 def imatrix_chunks(path: Path) -> int:

@@ -1,9 +1,13 @@
 """How to run each variant: Ollama Modelfiles and llama-server / vLLM command lines.
 
 Ollama templates are Go templates, HF chat templates are Jinja; there is no general
-translation. The two shapes most chat models use (ChatML, Llama-3 headers) are
-recognised by their markers and written as Ollama's own templates for them; anything
-else gets a plain prompt template with a comment saying so.
+translation. The shapes most chat models use are recognised by their markers and written
+as the template Ollama itself ships for that family (ollama/ollama ``template/*.gotmpl``):
+ChatML, Llama-3, Gemma, Mistral (v3 tokenizer: ``[INST] …[/INST]``) and Phi-3. Anything else
+gets no TEMPLATE at all: ``ollama create`` then takes the template from the GGUF's own
+``tokenizer.chat_template`` (matching it to the templates it ships), which a TEMPLATE line
+would override. Every GGUF must therefore carry the checkpoint's chat template
+(``quantkit.publish.check_chat_templates``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+# Ollama's template/chatml.gotmpl and llama3-instruct.gotmpl (the .Messages forms).
 CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
 {{ end }}<|im_start|>assistant
@@ -24,27 +29,72 @@ LLAMA3_TEMPLATE = """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_h
 
 """
 
-PLAIN_TEMPLATE = """{{ if .System }}{{ .System }}
+# ollama/ollama template/gemma-instruct.gotmpl @ 41f885f2: Gemma has no system role, so system
+# messages are folded into the next user turn (Gemma's Jinja raises on them instead).
+GEMMA_TEMPLATE = """{{- $system := "" }}
+{{- range .Messages }}
+{{- if eq .Role "system" }}
+{{- if not $system }}{{ $system = .Content }}
+{{- else }}{{ $system = printf "%s\\n\\n%s" $system .Content }}
+{{- end }}
+{{- continue }}
+{{- else if eq .Role "user" }}<start_of_turn>user
+{{- if $system }}
+{{ $system }}
+{{- $system = "" }}
+{{- end }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{- end }}
+{{ .Content }}<end_of_turn>
+{{ end }}<start_of_turn>model
+"""
 
-{{ end }}{{ .Prompt }}"""
+# ollama/ollama template/mistral-instruct.gotmpl @ 75d1b796.
+MISTRAL_TEMPLATE = """[INST] {{ range $index, $_ := .Messages }}
+{{- if eq .Role "system" }}{{ .Content }}
+
+{{ else if eq .Role "user" }}{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }}</s>[INST] {{ end }}
+{{- end }}"""
+
+# ollama/ollama template/phi-3.gotmpl @ c3b52859.
+PHI3_TEMPLATE = """{{- range .Messages }}<|{{ .Role }}|>
+{{ .Content }}<|end|>
+{{ end }}<|assistant|>
+"""
 
 
 @dataclass(frozen=True)
 class OllamaTemplate:
-    shape: str  # "chatml", "llama3" or "plain"
-    template: str
+    shape: str  # "chatml", "llama3", "gemma", "mistral", "phi3"; "embedded" or "none": no TEMPLATE written
+    template: str | None
     stop: tuple[str, ...]
     system: str | None = None  # a default system prompt the Jinja template hard-codes
 
 
+# The Mistral shape of tokenizer v3 (Mistral-7B-Instruct-v0.3, Mixtral-8x22B, Codestral): "[/INST]" right after
+# the user's text. v1 templates (v0.1/v0.2) write " [/INST]" with a space, which Ollama's template would not
+# reproduce token for token; they are left to the GGUF's own template.
+_MISTRAL_V3 = re.compile(r"""["']\[/INST\]["']""")
+
+
 def ollama_template(chat_template: str | None, *, eos_token: str | None = None) -> OllamaTemplate:
-    """The Ollama template for an HF chat template, recognised by its markers."""
+    """The Ollama template for an HF chat template, recognised by its markers; shape "embedded" (an
+    unrecognised template, left to the GGUF) or "none" (no chat template) when there is none to write."""
     t = chat_template or ""
     if "<|im_start|>" in t and "<|im_end|>" in t:
         return OllamaTemplate("chatml", CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>"), _chatml_default_system(t))
     if "<|start_header_id|>" in t and "<|eot_id|>" in t:
         return OllamaTemplate("llama3", LLAMA3_TEMPLATE, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-    return OllamaTemplate("plain", PLAIN_TEMPLATE, (eos_token,) if eos_token else ())
+    if "<start_of_turn>" in t and "<end_of_turn>" in t:
+        # ollama/ollama template/gemma-instruct.json
+        return OllamaTemplate("gemma", GEMMA_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"))
+    if all(m in t for m in ("<|user|>", "<|assistant|>", "<|end|>")):
+        # ollama/ollama template/phi-3.json
+        return OllamaTemplate("phi3", PHI3_TEMPLATE, ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>"))
+    if "[INST]" in t and "<<SYS>>" not in t and _MISTRAL_V3.search(t):
+        return OllamaTemplate("mistral", MISTRAL_TEMPLATE, ("[INST]", "[/INST]"))
+    return OllamaTemplate("embedded" if t.strip() else "none", None, ())
 
 
 def _chatml_default_system(t: str) -> str | None:
@@ -55,22 +105,31 @@ def _chatml_default_system(t: str) -> str | None:
     return m.group(1).strip().replace("\\n", "\n") or None
 
 
+SHAPE_NAMES = {"chatml": "ChatML", "llama3": "Llama-3", "gemma": "Gemma", "mistral": "Mistral (v3)", "phi3": "Phi-3"}
+
+
 def render_modelfile(gguf_file: str, chat_template: str | None, *, num_ctx: int,
                      eos_token: str | None = None) -> str:
     tpl = ollama_template(chat_template, eos_token=eos_token)
     lines = [f"# Ollama Modelfile written by quantkit. Use: ollama create NAME -f {modelfile_name(gguf_file)}",
              f"FROM ./{gguf_file}", ""]
-    if tpl.shape == "plain":
-        lines += ["# The model's chat template is neither ChatML nor Llama-3, so it was not converted: this is",
-                  "# a plain completion template. For chat, write TEMPLATE by hand from the model's chat_template."]
+    if tpl.template is None:
+        known = ", ".join(SHAPE_NAMES.values())
+        if tpl.shape == "embedded":
+            lines += ["# No TEMPLATE: the model's chat template is none of the shapes quantkit converts",
+                      f"# ({known}), and a TEMPLATE line would override the one Ollama takes from the GGUF's own",
+                      "# tokenizer.chat_template. Check `ollama show NAME --template` after `ollama create`."]
+        else:
+            lines += ["# No TEMPLATE: the checkpoint has no chat template (a base model), so Ollama sends the",
+                      "# prompt as it is."]
     else:
-        lines.append(f"# TEMPLATE: Ollama's {tpl.shape} template, matching the model's Jinja chat template.")
-    for part in (tpl.template, tpl.system or ""):
-        if '"""' in part:
-            raise ValueError('a template or system prompt contains """, which a Modelfile cannot quote')
-    lines.append(f'TEMPLATE """{tpl.template}"""')
-    if tpl.system:
-        lines.append(f'SYSTEM """{tpl.system}"""')
+        lines.append(f"# TEMPLATE: Ollama's {SHAPE_NAMES[tpl.shape]} template, matching the model's Jinja chat template.")
+        for part in (tpl.template, tpl.system or ""):
+            if '"""' in part:
+                raise ValueError('a template or system prompt contains """, which a Modelfile cannot quote')
+        lines.append(f'TEMPLATE """{tpl.template}"""')
+        if tpl.system:
+            lines.append(f'SYSTEM """{tpl.system}"""')
     lines += [f'PARAMETER stop "{s}"' for s in tpl.stop]
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantkit.errors import PublishError, RegressionError
+from quantkit.ggufinfo import chat_template as gguf_chat_template
 from quantkit.paths import inside
 from quantkit.report import build_report, load_report, write_report
 from quantkit.store import exclusive
@@ -103,6 +104,29 @@ def latest_report(store: Path, recipe: str) -> tuple[str, dict] | None:
         return None
     run_id = os.readlink(latest)
     return Path(run_id).name, load_report(latest / "report.json")
+
+
+def check_chat_templates(*, run_dir: Path, manifest: dict, chat_template: str | None) -> None:
+    """Every GGUF of the run carries the checkpoint's chat template (``tokenizer.chat_template``).
+
+    Ollama and llama-server chat with the template inside the GGUF, and the Modelfiles leave every
+    template quantkit does not convert to it: a GGUF without it would chat in the wrong format.
+    Raises PublishError naming the files that lack it; a template that differs is logged."""
+    if not chat_template:
+        return
+    missing = []
+    for v in manifest["variants"]:
+        if v["format"] != "gguf" or not v.get("file"):
+            continue
+        found = gguf_chat_template(Path(run_dir) / v["file"])
+        if found is None:
+            missing.append(v["file"])
+        elif found != chat_template:
+            log.warning("%s carries a chat template that differs from the checkpoint's", v["file"])
+    if missing:
+        raise PublishError(f"{', '.join(missing)} lack tokenizer.chat_template although the checkpoint has one: "
+                           "Ollama and llama-server would not chat in the model's format; not published "
+                           "(check that the converter saw tokenizer_config.json or chat_template.jinja)")
 
 
 # --- local artifact store ---------------------------------------------------------------------------
@@ -286,6 +310,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     """
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
+    check_chat_templates(run_dir=run_dir, manifest=manifest, chat_template=chat_template)
     store = Path(root) / settings.dir
     th = settings.thresholds
     prev = latest_report(store, recipe)

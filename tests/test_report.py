@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from ggufbytes import write_header_gguf
 from huggingface_hub import HfApi, ModelCard
 
 from quantkit import publish as pub
@@ -92,7 +93,7 @@ def make_run_dir(tmp_path: Path, manifest: dict, name: str = "run") -> Path:
     run.mkdir()
     for v in manifest["variants"]:
         if v["format"] == "gguf":
-            (run / v["file"]).write_bytes(b"GGUF" + v["label"].encode())
+            write_header_gguf(run / v["file"], name=v["label"], chat_template=CHATML)
         elif v["format"] in ("gptq", "awq"):
             (run / v["file"]).mkdir()
             (run / v["file"] / "model.safetensors").write_bytes(b"weights")
@@ -202,7 +203,8 @@ def test_one_modelfile_per_gguf(tmp_path):
 def test_modelfile_template_shapes():
     assert ollama_template(LLAMA3).stop == ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     text = render_modelfile("m.gguf", "{{ messages[0]['content'] }}", num_ctx=2048, eos_token="</s>")
-    assert "was not converted" in text and 'PARAMETER stop "</s>"' in text and "{{ .Prompt }}" in text
+    assert "# No TEMPLATE: the model's chat template is none of the shapes quantkit converts" in text
+    assert "TEMPLATE \"\"\"" not in text  # Ollama then uses the GGUF's own tokenizer.chat_template
 
 
 def test_hardware_fit_from_config():
