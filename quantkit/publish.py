@@ -22,6 +22,7 @@ file of the folder in one commit and tags it with the run id.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -46,11 +47,19 @@ SPLIT_MAX_BYTES = 45 * 1000**3  # shard size asked of llama-gguf-split, under th
 TOKEN_ENV = "HF_TOKEN"
 
 
+UNCHANGED_LOG = "unchanged.jsonl"  # <store>/<recipe>/: one line per run that published nothing new
+
+
 @dataclass(frozen=True)
 class Published:
     run_id: str
     path: Path  # <store>/<recipe>/<run-id>
     hub_commit: str | None = None  # commit URL when also pushed to the Hub
+    unchanged_since: str | None = None  # set when nothing new was published: the run this one equals
+
+    @property
+    def status(self) -> str:
+        return f"unchanged since {self.unchanged_since}" if self.unchanged_since else f"published {self.run_id}"
 
 
 # --- regression gate ------------------------------------------------------------------------------
@@ -95,6 +104,26 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
                                  "delta": ratio - floor, "limit": floor,
                                  "message": f"{task} recovery {ratio:.3f} of the base score, under {floor:g}"})
     return {"previous_run": previous_run, "failed": bool(findings), "findings": findings, "changes": changes}
+
+
+def release_fingerprint(manifest: dict) -> str:
+    """sha256 of what a release holds: every variant's files (by sha256) and its quality scores. Speed
+    (llama-bench tokens/s) is left out: it is timing noise, not an output. Two runs with the same
+    fingerprint are the same release."""
+    variants = [{"format": v["format"], "label": v["label"], "file": v.get("file"),
+                 "files": {name: rec.get("sha256") for name, rec in (v.get("files") or {}).items()},
+                 "scores": {k: val for k, val in (v.get("scores") or {}).items() if k != "speed"}}
+                for v in manifest["variants"]]
+    return hashlib.sha256(json.dumps(variants, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _record_unchanged(folder: Path, *, manifest_path: Path, since: str) -> None:
+    """Append this run to ``<store>/<recipe>/unchanged.jsonl`` (the published runs stay untouched)."""
+    line = {"at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "unchanged_since": since,
+            "manifest_sha256": hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()}
+    with exclusive(folder / ".publish.lock", "recording an unchanged run"), \
+            open(folder / UNCHANGED_LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line, sort_keys=True) + "\n")
 
 
 def latest_report(store: Path, recipe: str) -> tuple[str, dict] | None:
@@ -329,12 +358,23 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     gate = regression_gate(draft, prev[1] if prev else None, thresholds=th, previous_run=prev[0] if prev else None)
     report = build_report(manifest, config=config, chat_template=chat_template,
                           recommend_max_kld=th.recommend_max_kld, regression=gate, base_origin=origin)
+    unchanged_since = None
+    if prev and not gate["failed"]:
+        prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
+        if prev_manifest.is_file() and \
+                release_fingerprint(json.loads(prev_manifest.read_text())) == release_fingerprint(manifest):
+            unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
     shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
     write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
                  calibration_readme=calibration_readme)
     if gate["failed"]:
         raise RegressionError(recipe, gate["findings"], str(report_dir / "report.md"))
+    if unchanged_since:
+        # Same files, same scores: a new release would be a copy. Nothing is published (nor pushed).
+        _record_unchanged(store / recipe, manifest_path=run_dir / "manifest.json", since=unchanged_since)
+        log.info("%s: unchanged since %s; nothing published", recipe, unchanged_since)
+        return Published(unchanged_since, store / recipe / unchanged_since, unchanged_since=unchanged_since)
     run_id = run_id or run_id_for(run_dir / "manifest.json")
     hub: dict[str, str] = {}
 

@@ -361,6 +361,9 @@ def render_markdown(report: dict) -> str:
         out.append("- no recommendation from task scores: no task separates the variants (see Tasks)")
     if report["pareto"]:
         out.append(f"- Pareto frontier (size vs mean KLD, smallest first): {', '.join(report['pareto'])}")
+    if report.get("unchanged_since"):
+        out.append(f"- unchanged since {report['unchanged_since']}: the same files and scores as that published run, "
+                   "so no new release was made")
     out += _regression_md(report.get("regression"))
     out += _hardware_md(report)
     out += ["", "## How to run", ""]

@@ -37,11 +37,13 @@ def test_two_runs_at_once(tmp_path, repo_root, tiny_llama):
     assert any("waiting for another quantkit process" in log for log in logs)
 
     published = tmp_path / "artifacts" / "tiny-twice"
-    runs = sorted(p for p in published.iterdir() if p.name != "latest" and not p.name.startswith("."))
-    assert len(runs) == 2 and not list(published.glob(".tmp-*"))  # two complete runs, nothing half-written
-    ggufs = [{f.name: f.read_bytes() for f in sorted(run.glob("*.gguf"))} for run in runs]
-    assert len(ggufs[0]) == 4 and ggufs[0] == ggufs[1]
-    for run in runs:
-        manifest = json.loads((run / "manifest.json").read_text())
-        assert {v["label"] for v in manifest["variants"]} == {"F16", "Q8_0", "Q4_K_M", "Q2_K"}
-    assert os.readlink(published / "latest") in {p.name for p in runs}
+    runs = sorted(p for p in published.iterdir() if p.is_dir() and p.name != "latest" and not p.name.startswith("."))
+    # The second run waits for the first to publish, then finds the same files and scores: it publishes no
+    # copy and records "unchanged since <the first run>" (quantkit.publish.release).
+    assert len(runs) == 1 and not list(published.glob(".tmp-*"))  # one complete run, nothing half-written
+    assert [json.loads(line)["unchanged_since"] for line in (published / "unchanged.jsonl").read_text().splitlines()] \
+        == [runs[0].name]
+    assert len(list(runs[0].glob("*.gguf"))) == 4
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert {v["label"] for v in manifest["variants"]} == {"F16", "Q8_0", "Q4_K_M", "Q2_K"}
+    assert os.readlink(published / "latest") == runs[0].name
