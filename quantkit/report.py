@@ -27,6 +27,9 @@ from quantkit.paths import inside
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = 1
+# Manifests this report reads: 2 lists steps as graph nodes and drops the base logits, neither of which the
+# report reads; variants, model, recipe, calibration and toolchain keep their shape.
+MANIFEST_SCHEMAS = (1, 2)
 DEFAULT_RECOMMEND_KLD = 0.05  # mean KLD under which a variant counts as "close to the base"
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin")
 
@@ -111,8 +114,9 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
 
     ``base_origin``: where the base checkpoint came from when it is not original weights
     (``quantkit.demo.DEQUANTIZED_MARKER``, e.g. ``{"format": "gguf", "quant_type": "Q4_1", "block_size": 32}``)."""
-    if manifest.get("schema") != 1:
-        raise ReportSchemaError(f"manifest schema {manifest.get('schema')!r} is not supported (expected 1)")
+    if manifest.get("schema") not in MANIFEST_SCHEMAS:
+        raise ReportSchemaError(f"manifest schema {manifest.get('schema')!r} is not supported "
+                                f"(expected one of {', '.join(map(str, MANIFEST_SCHEMAS))})")
     rows = [_variant_row(v) for v in manifest["variants"]]
     if not rows:
         raise ReportSchemaError("the manifest lists no variants")

@@ -169,8 +169,9 @@ def test_report_json_schema(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(loaded | {"schema": 99}))
     with pytest.raises(ReportSchemaError, match="schema 99"):
         load_report(tmp_path / "bad.json")
-    with pytest.raises(ReportSchemaError, match="manifest schema 2"):
-        build_report(make_manifest() | {"schema": 2})
+    with pytest.raises(ReportSchemaError, match="manifest schema 3"):
+        build_report(make_manifest() | {"schema": 3})
+    assert build_report(make_manifest() | {"schema": 2})["variants"][4]["kld_mean"] == 0.06  # graph-node steps
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
