@@ -74,7 +74,8 @@ def _perplexity(args: list, *, workdir: Path, toolchain: Toolchain, threads: int
     log_path = workdir / LOG_FILE
     # Absolute paths: the tool runs in workdir.
     args = [Path(a).resolve() if isinstance(a, Path) else a for a in args]
-    run = run_tool([toolchain.binary("llama-perplexity"), *args, "-t", str(threads), "--log-file", log_path],
+    run = run_tool([toolchain.binary("llama-perplexity"), *args, "-t", str(threads), *toolchain.offload_args(),
+                    "--log-file", log_path],
                    cwd=workdir)
     # llama.cpp's logger (common/log.cpp) prints from a worker thread, and its singleton is
     # deliberately never destroyed (llama.cpp issue #22142), so nothing drains its queue at exit:
@@ -271,7 +272,7 @@ def bench_gguf(*, gguf: Path, toolchain: Toolchain, threads: int, prompt_tokens:
                reps: int = 2) -> Speed:
     """Prompt-processing and generation tokens/s from ``llama-bench -o jsonl``."""
     run = run_tool([toolchain.binary("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(gen_tokens),
-                    "-r", str(reps), "-t", str(threads), "-o", "jsonl"])
+                    "-r", str(reps), "-t", str(threads), *toolchain.offload_args(), "-o", "jsonl"])
     rows = []
     for line in run.output_tail.splitlines():
         if line.startswith("{"):

@@ -35,7 +35,7 @@ def imatrix(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, too
         (staging.path / TEXT).write_text(calibration.text, encoding="utf-8")
         run = run_tool([toolchain.binary("llama-imatrix"), "-m", base.file("model.gguf"), "-f", TEXT,
                         "-o", OUTPUT, "-c", str(spec.ctx), "--chunks", str(spec.chunks), "-t", str(threads),
-                        "--no-ppl", "--output-frequency", "1000000"],
+                        "--no-ppl", "--output-frequency", "1000000", *toolchain.offload_args()],
                        cwd=staging.path)
         out = staging.path / OUTPUT
         if not out.is_file():

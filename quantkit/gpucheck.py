@@ -1,0 +1,422 @@
+"""The GPU check (scripts/gpu-check.sh): the demo's GGUF chain on a CUDA build, compared with the CPU.
+
+On a CUDA machine it builds the pinned llama.cpp with CUDA for that GPU's architecture only, runs
+the demo recipe's GGUF chain (convert, imatrix, every type, PPL and KLD, llama-bench) with every
+layer offloaded, then GPTQ and AWQ through GPTQModel on CUDA scored in torch on the GPU, and
+writes one versioned JSON report: build and step times, and each variant's PPL and mean KLD next
+to the CPU figures of the same chain (``--cpu-reference``), with whether they agree.
+
+``--cpu`` runs the same chain on the CPU toolchain (no CUDA needed): its report is the reference.
+A run's ``report.json`` is accepted as a reference too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantkit.digest import write_json_atomic
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "quantkit.gpu-check/1"
+PPL_RTOL = 1e-3  # |PPL_gpu / PPL_cpu - 1|
+KLD_ATOL = 1e-3  # |KLD_gpu - KLD_cpu|, mean KLD in nats
+DEFAULT_RECIPE = "recipes/smollm2-135m-demo.yaml"
+DEFAULT_MODEL = "models/smollm2-135m-instruct"
+CARRY = ".gpu-carry"  # what scripts/gpu-check.sh --prepare packs for a machine without network
+
+
+class GpuCheckError(QuantkitError):
+    """The check cannot run as asked (no CUDA, a bad argument, an unreadable reference)."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    ppl_rtol: float = PPL_RTOL
+    kld_atol: float = KLD_ATOL
+
+
+def _figure(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f
+
+
+def compare_scores(cpu: dict[str, dict], gpu: dict[str, dict], tol: Tolerance) -> list[dict]:
+    """One row per variant label (GPU order, then CPU-only labels): both figures, their difference and
+    whether they agree. ``agrees`` is None when one side lacks the variant or a figure."""
+    rows = []
+    for label in [*gpu, *(k for k in cpu if k not in gpu)]:
+        c, g = cpu.get(label), gpu.get(label)
+        row = {"label": label, "format": (g or c or {}).get("format"),
+               "cpu": {k: _figure((c or {}).get(k)) for k in ("ppl", "kld_mean")},
+               "gpu": {k: _figure((g or {}).get(k)) for k in ("ppl", "kld_mean")},
+               "ppl_rel_diff": None, "kld_abs_diff": None, "agrees": None, "why": ""}
+        if c is None or g is None:
+            row["why"] = "no CPU figure" if c is None else "not run on the GPU"
+            rows.append(row)
+            continue
+        cp, gp = row["cpu"]["ppl"], row["gpu"]["ppl"]
+        ck, gk = row["cpu"]["kld_mean"], row["gpu"]["kld_mean"]
+        problems = []
+        if cp is None or gp is None or not (math.isfinite(cp) and math.isfinite(gp)) or cp <= 0:
+            row["why"] = f"PPL missing or not finite (CPU {cp}, GPU {gp})"
+            row["agrees"] = False if (cp is not None and gp is not None) else None
+            rows.append(row)
+            continue
+        row["ppl_rel_diff"] = gp / cp - 1.0
+        if abs(row["ppl_rel_diff"]) > tol.ppl_rtol:
+            problems.append(f"PPL differs by {row['ppl_rel_diff']:+.2e} (tolerance {tol.ppl_rtol:g})")
+        if ck is not None and gk is not None:
+            row["kld_abs_diff"] = gk - ck
+            if not math.isfinite(row["kld_abs_diff"]) or abs(row["kld_abs_diff"]) > tol.kld_atol:
+                problems.append(f"mean KLD differs by {row['kld_abs_diff']:+.2e} (tolerance {tol.kld_atol:g})")
+        elif (ck is None) != (gk is None):
+            problems.append("mean KLD on one side only")
+        row["agrees"] = not problems
+        row["why"] = "; ".join(problems)
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    compared = [r for r in rows if r["agrees"] is not None]
+    disagree = [r["label"] for r in compared if not r["agrees"]]
+    return {"compared": len(compared), "agree": len(compared) - len(disagree), "disagree": disagree,
+            "not_compared": [r["label"] for r in rows if r["agrees"] is None],
+            "all_agree": bool(compared) and not disagree}
+
+
+def build_report(*, mode: str, machine: dict, toolchain: dict | None, build_seconds: float | None,
+                 steps: list[dict], variants: dict[str, dict], reference: dict | None, tol: Tolerance,
+                 checkpoints: dict, model: dict, seconds: float) -> dict:
+    """The report dict. ``variants`` maps label to its figures (format, ppl, kld_mean, ...);
+    ``reference`` is ``read_reference``'s result or None (nothing compared)."""
+    if mode not in ("cuda", "cpu"):
+        raise ValueError(f"mode {mode!r}")
+    report = {"schema": REPORT_SCHEMA, "mode": mode, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine, "toolchain": toolchain, "model": model, "build_seconds": build_seconds,
+              "steps": steps, "seconds": round(seconds, 3), "variants": variants, "checkpoints": checkpoints,
+              "tolerance": {"ppl_rtol": tol.ppl_rtol, "kld_atol": tol.kld_atol}, "comparison": None}
+    if reference is not None:
+        rows = compare_scores(reference["variants"], variants, tol)
+        same_model = reference.get("model_digest") in (None, model.get("digest"))
+        report["comparison"] = {"reference": reference.get("path"), "reference_mode": reference.get("mode"),
+                                "same_model": same_model, "rows": rows, **summarize(rows)}
+        if not same_model:
+            report["comparison"]["all_agree"] = False
+    return report
+
+
+def read_reference(path: Path) -> dict:
+    """Variant figures from a ``--cpu`` report of this check or from a run's ``report.json``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GpuCheckError(f"cannot read the CPU reference {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise GpuCheckError(f"{path} is not a JSON object")
+    if data.get("schema") == REPORT_SCHEMA:
+        if data.get("mode") != "cpu":
+            raise GpuCheckError(f"{path} is a {data.get('mode')} report, not a CPU one (make it with --cpu)")
+        return {"path": str(path), "mode": "gpu-check --cpu", "model_digest": (data.get("model") or {}).get("digest"),
+                "variants": data["variants"]}
+    if data.get("schema") == 1 and isinstance(data.get("variants"), list):  # quantkit.report's report.json
+        variants = {r["label"]: {"format": r.get("format"), "ppl": r.get("ppl"), "kld_mean": r.get("kld_mean")}
+                    for r in data["variants"] if isinstance(r, dict) and "label" in r}
+        return {"path": str(path), "mode": "run report.json", "model_digest": None, "variants": variants}
+    raise GpuCheckError(f"{path} is neither a gpu-check report ({REPORT_SCHEMA}) nor a run's report.json")
+
+
+# --- running the chain ---------------------------------------------------------------------------
+
+def cuda_machine() -> dict:
+    """The GPU this runs on, or GpuCheckError when there is no usable CUDA device."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        raise GpuCheckError("no CUDA here: nvidia-smi is not on PATH (run this on a machine with an NVIDIA GPU, "
+                            "or use --cpu to make the CPU reference)")
+    out = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise GpuCheckError(f"no CUDA here: nvidia-smi exited {out.returncode}: {(out.stderr or out.stdout).strip()}")
+    name, cap, driver, memory = [f.strip() for f in out.stdout.splitlines()[0].split(",")]
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    return {"gpu": name, "compute_cap": cap, "driver": driver, "memory": memory, "nvcc": _version_line(nvcc),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def _version_line(tool: str | None) -> str | None:
+    if tool is None:
+        return None
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    return lines[-1] if lines else None
+
+
+def load_check_recipe(recipe_file: Path, model_dir: Path, *, bench: bool):
+    """The recipe with ``model_dir`` as its model, no tasks (not part of the check), llama-bench once
+    when ``bench``; and the project root."""
+    from quantkit.recipe import find_project_root, load_recipe
+
+    recipe_file = recipe_file.resolve()
+    root = find_project_root(recipe_file.parent)
+    recipe = load_recipe(recipe_file, root=root)
+    if recipe.evaluation is None:
+        raise GpuCheckError(f"{recipe_file} has no evaluation section: nothing to compare")
+    model = recipe.model.model_copy(update={"path": str(model_dir.resolve()), "repo": None})
+    evaluation = recipe.evaluation.model_copy(update={"tasks": [], "bench": bench, "bench_reps": 1})
+    return recipe.model_copy(update={"model": model, "evaluation": evaluation}), root
+
+
+def _timed(steps: list[dict], name: str, fn, *a, **kw):
+    start = time.perf_counter()
+    result = fn(*a, **kw)
+    steps.append({"step": name, "seconds": round(time.perf_counter() - start, 3)})
+    log.info("%s: %.1fs", name, steps[-1]["seconds"])
+    return result
+
+
+def _figures(fmt: str, scores: dict) -> dict:
+    keep = ("ppl", "ppl_err", "kld_mean", "kld_p99", "same_top_pct", "n_tokens", "backend", "seconds")
+    out = {"format": fmt, **{k: scores.get(k) for k in keep}}
+    if "speed" in scores:
+        out["speed"] = {k: scores["speed"].get(k) for k in ("pp_tokens_per_s", "tg_tokens_per_s", "backend")}
+    return out
+
+
+def run_gguf_chain(*, recipe, root: Path, model, calib, toolchain, store, threads: int,
+                   steps: list[dict]) -> dict[str, dict]:
+    """The recipe's GGUF steps, each timed: convert, imatrix, every type, then PPL/KLD (and speed when
+    the recipe's evaluation says bench) of each against the base. Returns label -> figures."""
+    from quantkit.convert import convert
+    from quantkit.evaluate_gguf import base_logits_once, bench_gguf, score_gguf_step, text_sha256
+    from quantkit.imatrix import imatrix
+    from quantkit.quantize import quantize
+
+    spec, ev = recipe.gguf, recipe.evaluation
+    base = _timed(steps, "convert", convert, model=model, base_type=spec.base_type,
+                  model_name=recipe.model.display_name, toolchain=toolchain, store=store)
+    imat = None
+    if spec.imatrix.enabled and any(spec.uses_imatrix(v) for v in spec.types):
+        imat = _timed(steps, "imatrix", imatrix, base=base, calibration=calib, spec=spec.imatrix,
+                      toolchain=toolchain, store=store, threads=threads)
+    ggufs = [(spec.base_type.upper(), base)]
+    for v in spec.types:
+        label = spec.label(v)
+        ggufs.append((label, _timed(steps, f"quantize:{label}", quantize, base=base, qtype=v.type, label=label,
+                                    imatrix=imat if spec.uses_imatrix(v) else None,
+                                    extra_args=spec.override_args(v), toolchain=toolchain, store=store,
+                                    threads=threads)))
+    text_file = root / ev.file
+    text_digest = text_sha256(text_file)
+    base_sha = base.files["model.gguf"].sha256
+    variants = {}
+    with base_logits_once(base_gguf=base.file("model.gguf"), text_file=text_file, spec=ev, toolchain=toolchain,
+                          threads=threads) as logits:
+        for label, entry in ggufs:
+            is_base = entry is base
+            scored = _timed(steps, f"score:{label}", score_gguf_step, gguf=entry.file("model.gguf"),
+                            gguf_sha256=entry.files["model.gguf"].sha256,
+                            base_gguf_sha256=None if is_base else base_sha, text_file=text_file,
+                            text_sha256=text_digest, spec=ev, base=None if is_base else logits,
+                            toolchain=toolchain, store=store, label=label, threads=threads)
+            scores = dict(scored.info["score"])
+            if is_base:
+                scores["kld_mean"] = 0.0
+            if ev.bench:
+                speed = _timed(steps, f"bench:{label}", bench_gguf, gguf=entry.file("model.gguf"),
+                               toolchain=toolchain, threads=threads, prompt_tokens=ev.bench_prompt_tokens,
+                               gen_tokens=ev.bench_gen_tokens, reps=ev.bench_reps)
+                scores["speed"] = speed.to_dict()
+            variants[label] = _figures("gguf", scores)
+    return variants
+
+
+def run_checkpoints(*, recipe, root: Path, model, calib, store, device: str,
+                    steps: list[dict]) -> tuple[dict, dict]:
+    """GPTQ and AWQ of the recipe on ``device``, scored in torch there; (variants, status)."""
+    from quantkit.awq import awq
+    from quantkit.evaluate_torch import score_hf
+    from quantkit.gptq import backend_version, gptq
+
+    try:
+        version = backend_version()
+    except QuantkitError as e:
+        return {}, {"status": "skipped", "reason": str(e)}
+    ev = recipe.evaluation
+    text = root / ev.file
+    variants = {"HF": _figures("hf", _timed(steps, "score:HF", score_hf, model_dir=model.path, text_file=text,
+                                            spec=ev, device=device).to_dict())}
+    variants["HF"].update(kld_mean=0.0)
+    for kind, fn, specs in (("gptq", gptq, recipe.gptq), ("awq", awq, recipe.awq)):
+        for s in specs:
+            entry = _timed(steps, f"{kind}:{s.name}", fn, model=model, spec=s, calibration=calib, store=store,
+                           device=device)
+            score = _timed(steps, f"score:{s.name}", score_hf, model_dir=entry.path, text_file=text, spec=ev,
+                           base_model_dir=model.path, device=device)
+            variants[s.name] = _figures(kind, score.to_dict())
+    return variants, {"status": "ran", "backend": f"gptqmodel {version}", "device": device}
+
+
+def run_check(args) -> dict:
+    started = time.perf_counter()
+    cuda = args.mode == "cuda"
+    machine = cuda_machine() if cuda else {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                           "cpu": platform.processor() or platform.machine()}
+    reference = read_reference(Path(args.cpu_reference)) if args.cpu_reference else None
+    if cuda and not args.skip_gptq:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise GpuCheckError(f"torch {torch.__version__} sees no CUDA device (use --skip-gptq to check only "
+                                "llama.cpp)")
+    from quantkit.calibration import load_calibration
+    from quantkit.digest import DigestCache
+    from quantkit.source import fetch_model
+    from quantkit.store import Store
+    from quantkit.toolchain import build_toolchain, find_toolchain
+
+    recipe, root = load_check_recipe(Path(args.recipe), Path(args.model), bench=cuda)
+    build_seconds = None
+    if cuda and not args.no_build:
+        t0 = time.perf_counter()
+        toolchain = build_toolchain(cuda=True, jobs=args.jobs, cuda_arch=args.arch,
+                                    source=Path(args.llama_src) if args.llama_src else None)
+        build_seconds = round(time.perf_counter() - t0, 3)
+    else:
+        toolchain = find_toolchain(cuda=cuda)
+    threads = args.threads or os.cpu_count() or 1
+    steps: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="quantkit-gpu-check-", dir=args.work) as work:
+        store = Store(Path(work) / "store")  # a fresh store: nothing reused from a CPU run
+        model = fetch_model(source=recipe.model, root=root, digests=DigestCache(Path(work) / "digests.json"))
+        calib = load_calibration(recipe.calibration, root=root)
+        variants = run_gguf_chain(recipe=recipe, root=root, model=model, calib=calib, toolchain=toolchain,
+                                  store=store, threads=threads, steps=steps)
+        if args.skip_gptq:
+            checkpoints = {"status": "skipped", "reason": "--skip-gptq"}
+        else:
+            more, checkpoints = run_checkpoints(recipe=recipe, root=root, model=model, calib=calib, store=store,
+                                                device="cuda" if cuda else "cpu", steps=steps)
+            variants.update(more)
+    return build_report(mode=args.mode, machine=machine, toolchain={**toolchain.describe(), "version": toolchain.version},
+                        build_seconds=build_seconds, steps=steps, variants=variants, reference=reference,
+                        tol=Tolerance(args.ppl_rtol, args.kld_atol), checkpoints=checkpoints,
+                        model={"path": str(model.path), "digest": model.digest},
+                        seconds=time.perf_counter() - started)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+        return value
+    return parse
+
+
+def _arch(text: str) -> str:
+    from quantkit.toolchain import check_cuda_arch
+
+    try:
+        return check_cuda_arch(text)
+    except QuantkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    carry = Path(CARRY)
+    p = argparse.ArgumentParser(
+        prog="gpu-check.sh",
+        description="Build the pinned llama.cpp with CUDA for this GPU, run the demo's GGUF chain fully offloaded "
+                    "(and GPTQ/AWQ on CUDA), and write a JSON report compared with the CPU's figures.")
+    p.add_argument("--out", required=True, metavar="FILE", help="where the JSON report goes")
+    p.add_argument("--cpu-reference", metavar="FILE",
+                   help="CPU figures to compare with: a `--cpu` report of this check, or a run's report.json")
+    p.add_argument("--cpu", dest="mode", action="store_const", const="cpu", default="cuda",
+                   help="run the chain on the CPU toolchain instead (no CUDA needed): makes the reference")
+    p.add_argument("--skip-gptq", action="store_true", help="only the llama.cpp chain, no GPTQ/AWQ")
+    p.add_argument("--arch", type=_arch, metavar="ARCHS",
+                   help="CMake CUDA architectures, e.g. 90 (default: $QUANTKIT_CUDA_ARCH, else nvidia-smi's)")
+    default_model = carry / "model" if (carry / "model").is_dir() else Path(DEFAULT_MODEL)
+    default_src = carry / "llama.cpp" if (carry / "llama.cpp").is_dir() else None
+    p.add_argument("--model", default=str(default_model), metavar="DIR",
+                   help=f"HF checkpoint to run the chain on (default: {default_model})")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="FILE", help=f"recipe (default: {DEFAULT_RECIPE})")
+    p.add_argument("--llama-src", default=str(default_src) if default_src else None, metavar="DIR",
+                   help="llama.cpp source tree to build from, e.g. a carried copy (default: "
+                        f"{default_src or 'the cached tree'})")
+    p.add_argument("--no-build", action="store_true", help="use the CUDA toolchain already built")
+    p.add_argument("--jobs", type=_positive(int), help="build jobs (default: all cores)")
+    p.add_argument("--threads", type=_positive(int), help="CPU threads for the tools (default: all cores)")
+    p.add_argument("--work", metavar="DIR", help="folder for the temporary store (default: the system's temp)")
+    p.add_argument("--ppl-rtol", type=_positive(float), default=PPL_RTOL, help=f"default {PPL_RTOL:g}")
+    p.add_argument("--kld-atol", type=_positive(float), default=KLD_ATOL, help=f"default {KLD_ATOL:g}")
+    p.add_argument("-v", "--verbose", action="store_true", help="every line the tools print")
+    return p
+
+
+def check_args(args, parser: argparse.ArgumentParser) -> None:
+    """What argparse cannot see: files that must exist, options that do not fit the mode."""
+    if args.mode == "cpu" and (args.arch or args.no_build):
+        parser.error("--arch and --no-build are for the CUDA check, not --cpu")
+    if args.cpu_reference and not Path(args.cpu_reference).is_file():
+        parser.error(f"--cpu-reference {args.cpu_reference}: no such file")
+    if not Path(args.model, "config.json").is_file():
+        parser.error(f"--model {args.model}: no HF checkpoint there (no config.json); "
+                     "`scripts/gpu-check.sh --prepare` makes one")
+    if not Path(args.recipe).is_file():
+        parser.error(f"--recipe {args.recipe}: no such file")
+    if args.llama_src and not Path(args.llama_src, "CMakeLists.txt").is_file():
+        parser.error(f"--llama-src {args.llama_src}: not a llama.cpp source tree (no CMakeLists.txt)")
+    out = Path(args.out)
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: must be a file in an existing folder")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("quantkit.tool").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        report = run_check(args)
+    except QuantkitError as e:
+        print(f"gpu-check: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, GpuCheckError) else 1
+    write_json_atomic(Path(args.out), report)
+    comparison = report["comparison"]
+    if comparison is None:
+        print(f"gpu-check: wrote {args.out} ({args.mode}; nothing compared)")
+        return 0
+    print(f"gpu-check: wrote {args.out}: {comparison['agree']}/{comparison['compared']} variants agree with "
+          f"the CPU" + (f"; differ: {', '.join(comparison['disagree'])}" if comparison["disagree"] else ""))
+    return 0 if comparison["all_agree"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
