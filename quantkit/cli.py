@@ -109,7 +109,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_toolchain(args) -> int:
-    from quantkit.toolchain import PIN, build_toolchain, ensure_toolchain, find_toolchain
+    from quantkit.toolchain import PIN, build_toolchain, default_cuda, ensure_toolchain, find_toolchain
 
     cuda = True if args.cuda else None  # None: $QUANTKIT_CUDA decides (the GPU image sets it)
     if args.cuda_arch and not args.cuda:
@@ -123,7 +123,7 @@ def cmd_toolchain(args) -> int:
             tc = find_toolchain(cuda=cuda)
         except QuantkitError as e:
             print(f"pinned: llama.cpp {PIN.commit} ({PIN.package} {PIN.version}); not available: {e}")
-            print("build it with: quantkit toolchain --build")
+            print(f"build it with: quantkit toolchain --build{' --cuda' if default_cuda(cuda) else ''}")
             return 1
     print(f"llama.cpp {tc.commit} ({PIN.package} {PIN.version}) from {tc.origin}")
     print(f"  binaries: {tc.bin_dir}")

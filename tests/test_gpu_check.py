@@ -177,6 +177,19 @@ def test_cli_cuda_arch_needs_cuda(capsys):
     assert capsys.readouterr().err.strip() == "error: --cuda-arch needs --cuda"
 
 
+def test_cli_missing_cuda_toolchain_says_how_to_build_it(tmp_path, monkeypatch, capsys):
+    from quantkit.cli import main
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv(toolchain.ENV_BIN, raising=False)
+    monkeypatch.delenv(toolchain.ENV_SRC, raising=False)
+    assert main(["toolchain", "--cuda"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{toolchain.PIN.commit}-cuda" in lines[0]
+    assert lines[-1] == "build it with: quantkit toolchain --build --cuda"
+
+
 # --- GPU offload of the llama.cpp tools ----------------------------------------------------------
 
 def _toolchain(cuda: bool) -> Toolchain:
