@@ -62,3 +62,91 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
         "## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "", *calib, "",
         "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+FORMAT_TITLES = {"gguf": "GGUF", "gptq": "GPTQ", "awq": "AWQ"}
+PIPELINE_TAG = "text-generation"  # quantkit quantizes causal language models
+LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers"}  # GPTQ/AWQ load with from_pretrained
+
+
+def _evals(report: dict, rows: list[dict]) -> list:
+    from huggingface_hub import EvalResult
+
+    out = []
+    for r in rows:
+        for metric, value, dataset in ([("perplexity", r["ppl"], report["evaluation"]["file"]),
+                                        ("kl_divergence_mean", r["kld_mean"], report["evaluation"]["file"])]
+                                       + [("accuracy", s, t) for t, s in r["tasks"].items()]):
+            if value is not None and not (metric == "kl_divergence_mean" and r["is_base"]):
+                out.append(EvalResult(task_type=PIPELINE_TAG, dataset_type=str(dataset), dataset_name=str(dataset),
+                                      metric_type=metric, metric_value=value, metric_name=f"{r['label']} {metric}"))
+    return out
+
+
+def _calibration_lines(report: dict, calibration_readme: str | None) -> list[str]:
+    licences = calibration_licences(calibration_readme) if calibration_readme else {}
+    return [f"- `{s}`: {licences[s]['source']} (licence: {licences[s]['licence']})" if s in licences
+            else f"- `{s}` (licence: see the source)" for s in report["calibration"]["sources"]]
+
+
+def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], recipe_yaml: str,
+                     commands: dict[str, dict[str, str]] | None = None, files: list[str] | None = None,
+                     calibration_readme: str | None = None):
+    """The card (README.md) of one format's Hub repo (``quantkit.hublayout.HubRepo``), as a ModelCard.
+
+    Front matter: ``base_model`` with ``base_model_relation: quantized`` (the Hub's model tree links a
+    quantization through this card), ``library_name`` (gguf; transformers for GPTQ/AWQ, which load with
+    ``from_pretrained``), ``pipeline_tag``, tags, the quantization settings and this repo's eval results.
+    ``table``: the report's rows of this repo's variants (and the base, for reference); ``siblings``: the
+    other repos of the release; ``commands``: per GGUF label, the ollama/llama-server lines that fetch it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    m, fmt = report["model"], repo.format
+    own = [r for r in report["variants"] if r["id"] in repo.variant_ids]
+    title = FORMAT_TITLES[fmt]
+    bits = sorted({s.get("bits") or s.get("w_bit") for s in repo.settings.values() if fmt != "gguf"})
+    tags = [fmt, "quantized", "quantkit", *[f"{b}-bit" for b in bits if b]]
+    data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
+                         library_name=LIBRARY[fmt], pipeline_tag=PIPELINE_TAG, quantized_by="quantkit", tags=tags,
+                         model_name=repo.repo_id.split("/")[-1], eval_results=_evals(report, own) or None,
+                         quantization={"method": fmt, "variants": repo.settings})
+    base = (f"[{m['repo']}](https://huggingface.co/{m['repo']}) at revision `{m['commit'] or m['revision']}`"
+            if m["repo"] else "a local checkpoint (no Hub base model)")
+    others = [f"- {FORMAT_TITLES[s.format]}: [{s.repo_id}]({s.url})" for s in siblings if s.repo_id != repo.repo_id]
+    body = [f"# {m['name']} {title}", "", f"{title} quantization of {base}, made by quantkit.", ""]
+    if fmt == "gguf":
+        body += ["## Use", "", "| variant | file | Ollama | llama.cpp |", "|---|---|---|---|"]
+        for label, name in repo.ggufs.items():
+            c = (commands or {}).get(label, {})
+            shown = [f for f in (files or [name]) if f == name or f.startswith(name.removesuffix(".gguf") + "-000")]
+            body.append(f"| {label} | {', '.join(f'`{f}`' for f in shown) or f'`{name}`'} | "
+                        f"{'`' + c['ollama'] + '`' if c.get('ollama') else '–'} | "
+                        f"{'`' + c['llama_server'] + '`' if c.get('llama_server') else '–'} |")
+        body += ["", ("Each GGUF carries the model's chat template; the `.Modelfile` next to it is the same "
+                      "model for `ollama create` from a local download."), ""]
+    else:
+        body += ["## Use", "", "```bash", f"vllm serve {repo.repo_id}", "```", "", "```python",
+                 "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                 f'model = AutoModelForCausalLM.from_pretrained("{repo.repo_id}")',
+                 f'tokenizer = AutoTokenizer.from_pretrained("{repo.repo_id}")', "```", "",
+                 (f"transformers loads {title} checkpoints through GPTQModel and optimum "
+                  "(`pip install gptqmodel optimum`)."), ""]
+    body += ["## Quantization settings", "", "```yaml", *_yaml(repo.settings).splitlines(), "```", "",
+             f"- llama.cpp: {report['toolchain']['version']} (commit `{report['toolchain']['llama_cpp']}`)"
+             if fmt == "gguf" else f"- method: {title} through GPTQModel (see the recipe below)",
+             f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
+             (f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
+              "the whole run's report (every format) in `report.md` / `report.json`, plot in `plot.png`"), "",
+             "## Scores", "", *table, ""]
+    if others:
+        body += ["## Other formats of this release", "", *others, ""]
+    body += ["## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "",
+             *_calibration_lines(report, calibration_readme), "",
+             "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _yaml(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)

@@ -1,22 +1,26 @@
 """Step 7: gate a scored run against the last published one, then publish it.
 
 Targets: the local artifact store ``<dir>/<recipe>/<run-id>/`` with a ``latest`` symlink
-(always), and the Hugging Face Hub (one commit per run, tagged with the run id) when the
-recipe says ``publish.target: hub``. A run folder is built under a temp name and renamed
-into place, so it is complete or absent; a published run id is never replaced. The Hub
-upload happens from the staged folder before that rename: if it fails, nothing is published.
+(always), and the Hugging Face Hub when the recipe says ``publish.target: hub``: one repo per
+format (``{owner}/{model}-GGUF``, ``{owner}/{model}-GPTQ-{bits}bit-g{group}``, ``{owner}/{model}-AWQ``
+by default; ``quantkit.hublayout`` decides which file goes where and why), each with its own card,
+one commit per repo per run, tagged with the run id. A run folder is built under a temp name and
+renamed into place, so it is complete or absent; a published run id is never replaced. The Hub upload
+happens from the staged folder before that rename: if it fails, nothing is published locally, and
+every repo is created and checked for the run's tag before the first commit.
 
 Rendering lives in ``quantkit.report``; this module only decides and moves files.
 
-Trying the Hub path against a real repository (the tests only capture the calls)::
+Trying the Hub path against real repositories (the tests use the local Hub of tests/localhub.py)::
 
     export HF_TOKEN=hf_...            # a write token; read from the environment only, never logged
     python -c "from pathlib import Path; from quantkit.publish import publish_hub; print(publish_hub(
         folder=Path('artifacts/smollm2-135m-demo/latest').resolve(), repo_id='YOU/quantkit-test',
         private=True, run_id=Path('artifacts/smollm2-135m-demo/latest').resolve().name, recipe='smollm2-135m-demo'))"
 
-It creates the private repo if missing, refuses a run id that is already a tag there, pushes every
-file of the folder in one commit and tags it with the run id.
+That pushes one folder to one repo: it creates the private repo if missing, refuses a run id that is
+already a tag there, pushes every file of the folder in one commit and tags it with the run id. A whole
+release (``publish: {target: hub, owner: YOU}`` in the recipe) goes through ``publish_hub_repos``.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from quantkit.errors import PublishError, RegressionError
 from quantkit.ggufinfo import chat_template as gguf_chat_template
+from quantkit.hublayout import CARD, HubRepo, gguf_commands, plan_repos
 from quantkit.paths import inside
-from quantkit.report import build_report, load_report, write_report
+from quantkit.report import build_report, load_report, variants_table, write_report
 from quantkit.store import exclusive
 
 log = logging.getLogger(__name__)
@@ -54,8 +59,9 @@ UNCHANGED_LOG = "unchanged.jsonl"  # <store>/<recipe>/: one line per run that pu
 class Published:
     run_id: str
     path: Path  # <store>/<recipe>/<run-id>
-    hub_commit: str | None = None  # commit URL when also pushed to the Hub
+    hub_commit: str | None = None  # commit URL of the first Hub repo (the GGUF one) when pushed
     unchanged_since: str | None = None  # set when nothing new was published: the run this one equals
+    hub_commits: dict[str, str] = field(default_factory=dict)  # repo id -> commit URL, every repo pushed
 
     @property
     def status(self) -> str:
@@ -267,7 +273,13 @@ def hub_operations(files: list[HubFile]):
     return [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local)) for f in files]
 
 
-def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | None) -> list[HubFile]:
+def _size_arg(shard_bytes: int) -> str:
+    """llama-gguf-split's --split-max-size: N followed by G or M (decimal units, as it reads them)."""
+    return f"{shard_bytes // 1000**3}G" if shard_bytes % 1000**3 == 0 else f"{max(1, shard_bytes // 1000**2)}M"
+
+
+def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | None,
+                      shard_bytes: int = SPLIT_MAX_BYTES) -> list[HubFile]:
     """Replace GGUFs over the limit by their shards (llama-gguf-split), or refuse when it is missing."""
     if not any(f.split for f in files):
         return files
@@ -285,8 +297,8 @@ def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | No
             continue
         prefix = work / f.path_in_repo.removesuffix(".gguf")
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        run_tool([gguf_split, "--split", "--split-max-size", f"{SPLIT_MAX_BYTES // 1000**3}G", f.local, prefix])
-        for name in split_names(f.path_in_repo, f.size):
+        run_tool([gguf_split, "--split", "--split-max-size", _size_arg(shard_bytes), f.local, prefix])
+        for name in split_names(f.path_in_repo, f.size, shard_bytes=shard_bytes):
             shard = work / name
             if not shard.is_file():
                 raise PublishError(f"llama-gguf-split did not write {shard}; its shard naming may have changed")
@@ -294,23 +306,39 @@ def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | No
     return out
 
 
-def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recipe: str,
-                gguf_split: Path | None = None, api=None) -> str:
-    """Push a staged run folder as one commit, tagged ``run_id``; return the commit URL.
-
-    The token comes from ``$HF_TOKEN`` only and is never logged or written.
-    """
+def _hub_api(api=None):
+    """An HfApi with the token from ``$HF_TOKEN`` (never logged, never written), or the one given."""
+    if api is not None:
+        return api
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     token = os.environ.get(TOKEN_ENV)
     if not token:
         raise PublishError(f"publishing to the Hub needs a write token in ${TOKEN_ENV} (it is not set)")
-    api = api or HfApi(token=token)
+    return HfApi(token=token)
+
+
+def _hub_error(repo_id: str, e: Exception) -> PublishError:
+    return PublishError(f"Hub upload to {repo_id} failed: {e.__class__.__name__}: {str(e).splitlines()[0]}")
+
+
+def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recipe: str,
+                gguf_split: Path | None = None, api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES,
+                shard_bytes: int = SPLIT_MAX_BYTES) -> str:
+    """Push a folder as one commit to one repo, tagged ``run_id``; return the commit URL.
+
+    The token comes from ``$HF_TOKEN`` only and is never logged or written.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if api is None and not os.environ.get(TOKEN_ENV):
+        raise PublishError(f"publishing to the Hub needs a write token in ${TOKEN_ENV} (it is not set)")
     work = Path(folder).parent / f".split-{run_id}-{uuid.uuid4().hex[:8]}"
     try:
-        files = split_large_ggufs(plan_hub_files(folder), work=work, gguf_split=gguf_split)
+        files = split_large_ggufs(plan_hub_files(folder, max_file_bytes=max_file_bytes), work=work,
+                                  gguf_split=gguf_split, shard_bytes=shard_bytes)
         ops = hub_operations(files)
+        api = _hub_api(api)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if run_id in {t.name for t in api.list_repo_refs(repo_id).tags}:
             raise PublishError(f"{repo_id} already has a run tagged {run_id}; a published run is never overwritten")
@@ -319,11 +347,81 @@ def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recip
                                    commit_description=f"{len(ops)} files, run {run_id} of recipe {recipe}")
         api.create_tag(repo_id, tag=run_id, revision=commit.oid, tag_message=f"quantkit run {run_id}")
     except HfHubHTTPError as e:
-        raise PublishError(f"Hub upload to {repo_id} failed: {e.__class__.__name__}: {str(e).splitlines()[0]}") from e
+        raise _hub_error(repo_id, e) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("pushed %s (%d files) to %s", run_id, len(ops), commit.commit_url)
     return commit.commit_url
+
+
+def hub_paths(repo: HubRepo, *, max_file_bytes: int = HUB_MAX_FILE_BYTES,
+              shard_bytes: int = SPLIT_MAX_BYTES) -> list[str]:
+    """The repo's file paths once GGUFs over the limit are split (as ``split_large_ggufs`` names them)."""
+    out = [CARD]
+    for name, path in repo.files.items():
+        size = path.stat().st_size
+        split = size > max_file_bytes and name.endswith(".gguf")
+        out += split_names(name, size, shard_bytes=shard_bytes) if split else [name]
+    return sorted(out)
+
+
+def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str, calibration_readme: str | None = None,
+               max_file_bytes: int = HUB_MAX_FILE_BYTES, shard_bytes: int = SPLIT_MAX_BYTES) -> dict[str, str]:
+    """``{repo id: README.md text}``: each repo's own card (its rows of the report, the base row for
+    reference, its settings, the commands that fetch its files, links to the other repos)."""
+    from quantkit.card import render_repo_card
+
+    cards = {}
+    for repo in repos:
+        rows = [r for r in report["variants"] if r["id"] in repo.variant_ids or r["is_base"]]
+        paths = hub_paths(repo, max_file_bytes=max_file_bytes, shard_bytes=shard_bytes)
+        cards[repo.repo_id] = str(render_repo_card(
+            report, repo=repo, siblings=repos, table=variants_table({**report, "variants": rows}),
+            recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if repo.format == "gguf" else None,
+            files=paths, calibration_readme=calibration_readme))
+    return cards
+
+
+def publish_hub_repos(*, staged: Path, manifest: dict, report: dict, settings: Any, run_id: str, recipe: str,
+                      recipe_yaml: str, calibration_readme: str | None = None, gguf_split: Path | None = None,
+                      api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES,
+                      shard_bytes: int = SPLIT_MAX_BYTES) -> dict[str, str]:
+    """Push a staged run as one repo per format (``quantkit.hublayout.plan_repos``); return
+    ``{repo id: commit URL}``. Every repo is created (or found) and checked for the run's tag before the
+    first commit, so a missing permission or a reused run id stops the release before anything is pushed.
+    ``settings``: ``recipe.Publish`` (owner, repo templates, private)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repos = plan_repos(staged=staged, manifest=manifest, settings=settings)
+    if not repos:
+        raise PublishError(f"{recipe} has no GGUF, GPTQ or AWQ variant to push to the Hub")
+    cards = repo_cards(report, repos, recipe_yaml=recipe_yaml, calibration_readme=calibration_readme,
+                       max_file_bytes=max_file_bytes, shard_bytes=shard_bytes)
+    api = _hub_api(api)
+    for repo in repos:
+        try:
+            api.create_repo(repo.repo_id, private=settings.private, exist_ok=True, repo_type="model")
+            tags = {t.name for t in api.list_repo_refs(repo.repo_id).tags}
+        except HfHubHTTPError as e:
+            raise _hub_error(repo.repo_id, e) from e
+        if run_id in tags:
+            raise PublishError(f"{repo.repo_id} already has a run tagged {run_id}; "
+                               "a published run is never overwritten")
+    # Beside the staged run, under a name publish_local sweeps when a publish died.
+    work = Path(staged).parent / f".tmp-hub-{run_id}-{uuid.uuid4().hex[:8]}"
+    urls = {}
+    try:
+        for i, repo in enumerate(repos):
+            folder = work / str(i)
+            for name, src in repo.files.items():
+                _place(src, inside(folder, *name.split("/")))
+            (folder / CARD).write_text(cards[repo.repo_id], encoding="utf-8")
+            urls[repo.repo_id] = publish_hub(folder=folder, repo_id=repo.repo_id, private=settings.private,
+                                             run_id=run_id, recipe=recipe, gguf_split=gguf_split, api=api,
+                                             max_file_bytes=max_file_bytes, shard_bytes=shard_bytes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return urls
 
 
 def base_origin(manifest: dict, *, root: Path) -> dict | None:
@@ -340,11 +438,12 @@ def base_origin(manifest: dict, *, root: Path) -> dict | None:
 def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_yaml: str,
             config: dict | None = None, chat_template: str | None = None, eos_token: str | None = None,
             calibration_readme: str | None = None, run_id: str | None = None,
-            gguf_split: Path | None = None) -> Published:
+            gguf_split: Path | None = None, hub_api=None) -> Published:
     """Report, gate, publish: render into ``run_dir/report/``; raise RegressionError (report
     written, nothing published) if the gate fails; else publish to the recipe's target.
 
-    ``settings``: ``recipe.publish or recipe.Publish()``.
+    ``settings``: ``recipe.publish or recipe.Publish()``; ``hub_api``: an ``HfApi`` to push with
+    (default: one with ``$HF_TOKEN``).
     """
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
@@ -379,9 +478,10 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     hub: dict[str, str] = {}
 
     def upload(staged: Path) -> None:
-        hub["url"] = publish_hub(folder=staged, repo_id=settings.repo, private=settings.private, run_id=run_id,
-                                 recipe=recipe, gguf_split=gguf_split)
+        hub.update(publish_hub_repos(staged=staged, manifest=manifest, report=report, settings=settings,
+                                     run_id=run_id, recipe=recipe, recipe_yaml=recipe_yaml,
+                                     calibration_readme=calibration_readme, gguf_split=gguf_split, api=hub_api))
 
     path = publish_local(run_dir=run_dir, report_dir=report_dir, store=store, recipe=recipe, run_id=run_id,
                          before_rename=upload if settings.target == "hub" else None)
-    return Published(run_id, path, hub.get("url"))
+    return Published(run_id, path, next(iter(hub.values()), None), hub_commits=dict(hub))

@@ -413,25 +413,129 @@ class PublishThresholds(Section):
                                      "whose mean KLD is under this")
 
 
+HUB_FORMATS = ("gguf", "gptq", "awq")
+HUB_PLACEHOLDERS = {"gguf": {"owner", "model"}, "gptq": {"owner", "model", "bits", "group"},
+                    "awq": {"owner", "model", "bits", "group"}}
+OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def _template_fields(template: str) -> list[str]:
+    """The ``{placeholder}`` names of a repo template; a stray brace or a format spec is refused."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise Invalid(f"'{template}' is not a valid repo template ({e})",
+                      "write placeholders as {owner}, {model}, {bits}, {group}; no other braces") from None
+    out = []
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if spec or conversion or not field.isidentifier():
+            raise Invalid(f"'{template}': placeholder '{{{field}{'!' + conversion if conversion else ''}"
+                          f"{':' + spec if spec else ''}}}' is not a plain name",
+                          "write placeholders as {owner}, {model}, {bits}, {group}")
+        out.append(field)
+    return out
+
+
+class HubRepos(Section):
+    """Hub repo id templates, one repo per format (the names publishers use: …-GGUF, …-GPTQ-…, …-AWQ).
+
+    Placeholders: {owner} (publish.owner), {model} (the model's name, as in the GGUF file names),
+    and for GPTQ/AWQ {bits} and {group} (group size; -1 is per channel)."""
+
+    gguf: str = Field("{owner}/{model}-GGUF", max_length=200)
+    gptq: str = Field("{owner}/{model}-GPTQ-{bits}bit-g{group}", max_length=200)
+    awq: str = Field("{owner}/{model}-AWQ", max_length=200)
+
+    @field_validator("gguf", "gptq", "awq")
+    @classmethod
+    def _known_placeholders(cls, v: str, info: ValidationInfo) -> str:
+        allowed = HUB_PLACEHOLDERS[info.field_name]
+        unknown = [f for f in _template_fields(v) if f not in allowed]
+        if unknown:
+            raise Invalid(f"'{v}' uses {', '.join('{' + f + '}' for f in unknown)}, unknown for {info.field_name} repos",
+                          f"use only {', '.join('{' + f + '}' for f in sorted(allowed))}")
+        return v
+
+
 class Publish(Section):
-    """Where a scored run goes: the local artifact store (always), and the Hub when target is 'hub'."""
+    """Where a scored run goes: the local artifact store (always), and the Hub when target is 'hub':
+    one repo per format, named by ``repos`` (templates over owner, model, bits and group size)."""
 
     target: Literal["local", "hub"] = "local"
-    repo: str | None = Field(None, description="Hub repo id for target 'hub', e.g. my-org/Llama-3.1-8B-GGUF")
-    private: bool = Field(True, description="create the Hub repo private")
+    owner: str | None = Field(None, description="Hub user or organisation the repos go to (target 'hub')")
+    repos: HubRepos = Field(HubRepos(), description="repo id templates per format, e.g. gguf: '{owner}/{model}-GGUF'")
+    repo: str | None = Field(None, description="older form: the GGUF repo id (owner/name); owner defaults to its "
+                             "owner, the GPTQ/AWQ repos still follow 'repos'")
+    private: bool = Field(True, description="create the Hub repos private")
     dir: ProjectPath = Field("artifacts", description="local artifact store: <dir>/<recipe>/<run-id>/ and latest")
     thresholds: PublishThresholds = PublishThresholds()
 
     _repo = field_validator("repo")(_repo_id)
 
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str | None) -> str | None:
+        if v is not None and not OWNER_RE.match(v):
+            raise Invalid(f"'{v}' is not a Hugging Face user or organisation name",
+                          "write the name alone, e.g. my-org (letters, digits, '.', '_', '-')")
+        return v
+
     @model_validator(mode="after")
     def _target(self) -> Publish:
-        if self.target == "hub" and self.repo is None:
-            raise Invalid("publish.target is 'hub' but no 'repo' is given", "add repo: owner/name")
-        if self.target == "local" and self.repo is not None:
-            raise Invalid(f"publish.repo '{self.repo}' is set but target is 'local'",
-                          "set target: hub to upload, or remove repo")
+        if self.target == "hub" and self.repo is None and self.owner is None:
+            raise Invalid("publish.target is 'hub' but there is no 'owner' (and no 'repo')",
+                          "add owner: <your user or organisation>")
+        if self.target == "local" and (self.repo is not None or self.owner is not None):
+            key = "repo" if self.repo is not None else "owner"
+            raise Invalid(f"publish.{key} '{getattr(self, key)}' is set but target is 'local'",
+                          f"set target: hub to upload, or remove {key}")
+        if self.repo is not None and "gguf" in self.repos.model_fields_set:
+            raise Invalid("publish.repo and publish.repos.gguf both name the GGUF repo",
+                          "keep repos.gguf and remove repo", loc=("repo",))
         return self
+
+    @property
+    def hub_owner(self) -> str | None:
+        return self.owner or (self.repo.split("/")[0] if self.repo else None)
+
+    def repo_id(self, fmt: str, *, model: str, bits: int | None = None, group: int | None = None) -> str:
+        """The Hub repo id of one format's repo (not validated: see ``hub_repo_ids``)."""
+        if fmt == "gguf" and self.repo is not None:
+            return self.repo
+        return getattr(self.repos, fmt).format(owner=self.hub_owner, model=model, bits=bits, group=group)
+
+    def hub_repo_ids(self, recipe: Recipe) -> list[tuple[tuple, str, str, str]]:
+        """``(recipe path, format, variant label, repo id)`` of every variant published to the Hub (the
+        base checkpoint is not: it is on the Hub already). Raises Invalid, naming the recipe path, for a
+        repo id the Hub would refuse and for two GPTQ or AWQ configs that would share one repo."""
+        model = recipe.model.display_name
+        out: list[tuple[tuple, str, str, str]] = []
+        if recipe.gguf:
+            out += [(("gguf", "types", i), "gguf", recipe.gguf.label(v), self.repo_id("gguf", model=model))
+                    for i, v in enumerate(recipe.gguf.types)]
+        out += [(("gptq", i), "gptq", v.name, self.repo_id("gptq", model=model, bits=v.bits, group=v.group_size))
+                for i, v in enumerate(recipe.gptq)]
+        out += [(("awq", i), "awq", v.name, self.repo_id("awq", model=model, bits=v.w_bit, group=v.q_group_size))
+                for i, v in enumerate(recipe.awq)]
+        seen: dict[str, tuple] = {}
+        for loc, fmt, label, repo_id in out:
+            where = ("publish", "repo") if fmt == "gguf" and self.repo else ("publish", "repos", fmt)
+            if not REPO_RE.match(repo_id) or len(repo_id) > 96:
+                raise Invalid(f"the {fmt} repo of {dotted(loc)} would be '{repo_id}', not a Hugging Face repo id",
+                              "make owner and the template give owner/name with letters, digits, '.', '_', '-' "
+                              "(at most 96 characters)", loc=where)
+            first = seen.setdefault(repo_id, loc)
+            if first != loc and first[0] != loc[0]:
+                raise Invalid(f"{dotted(first)} and {dotted(loc)} would both publish to {repo_id}: "
+                              "one repo per format", "give each format its own repo template", loc=where)
+            if first != loc and fmt != "gguf":
+                raise Invalid(f"{dotted(first)} and {dotted(loc)} would both publish to {repo_id}",
+                              f"add {{bits}} and {{group}} to publish.repos.{fmt}, or drop one of them", loc=where)
+        return out
 
 
 class Output(Section):
@@ -522,6 +626,8 @@ class Recipe(Section):
                 raise Invalid(f"variant '{label}' is made twice: by {dotted(loc)} and by {dotted(first)}{at}; "
                               "both would write the same files", "give one of them a different 'label'", loc=loc)
             seen[label] = loc
+        if self.publish is not None and self.publish.target == "hub":
+            self.publish.hub_repo_ids(self)  # one valid repo per format and per GPTQ/AWQ config
         return self
 
     def variant_labels(self) -> list[tuple[tuple, str, str]]:

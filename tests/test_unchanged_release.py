@@ -50,7 +50,8 @@ def test_a_changed_score_or_file_is_a_new_release(tmp_path):
 
 def test_an_unchanged_run_is_not_pushed_to_the_hub(tmp_path, monkeypatch):
     pushed = []
-    monkeypatch.setattr(pub, "publish_hub", lambda **kw: pushed.append(kw["run_id"]) or "https://hub/commit/x")
+    monkeypatch.setattr(pub, "publish_hub_repos",
+                        lambda **kw: pushed.append(kw["run_id"]) or {"me/x-GGUF": "https://hub/commit/x"})
     hub = Publish(target="hub", repo="me/SmolLM2-135M-Instruct-GGUF")
     assert _release(tmp_path, make_manifest(), "run1", "r1", hub).hub_commit == "https://hub/commit/x"
     second = _release(tmp_path, make_manifest(), "run2", "r2", hub)

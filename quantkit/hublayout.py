@@ -1,0 +1,209 @@
+"""One Hub repo per format: which files each repo holds, under which names, and how the quant tags
+users type resolve to them. Pure: reads the staged run folder's listing, uploads nothing.
+
+Why the names (each source read for this):
+
+- ``ollama run hf.co/{owner}/{repo}:{quant}``: the Hub picks the GGUF whose name carries the tag,
+  ``Q4_K_M`` when none is given (https://huggingface.co/docs/hub/ollama, "Custom Quantization").
+  The match is on the quant suffix of the file name, not a prefix of it: ``:IQ3_S`` is refused for a
+  repo whose file is ``…-IQ3_S-imat.gguf`` and ``:IQ3_S-imat`` works
+  (https://qiita.com/7shi/items/6ea02124c5b25df237c2). So each GGUF is ``<Model>-<label>.gguf`` at the
+  repo root and its tag is exactly its label.
+- ``llama-server -hf {owner}/{repo}:{quant}``: the pinned llama.cpp (0c1e570, common/download.cpp
+  ``find_best_model``) lists the repo (``/api/models/<repo>/tree/<commit>?recursive=true``) and takes the
+  first ``.gguf`` whose path matches the regex ``<quant>[.-]`` case-insensitively, skipping ``mmproj``/
+  ``imatrix`` files and every split shard but ``-00001-of-N``, whose siblings it then fetches too;
+  with no tag it tries Q4_K_M, then Q8_0, then the first GGUF. ``Q4_K_M`` therefore also matches
+  ``<Model>-Q4_K_M-noimat.gguf``, which sorts first: ``llama_cpp_pick`` mirrors the rule so the card
+  gives ``--hf-file`` wherever the tag would pick another file.
+- ``from_pretrained(repo)`` and ``vllm serve repo`` read ``config.json`` at the repo root, never from a
+  subfolder, so each GPTQ/AWQ checkpoint is the root of its own repo.
+- Split GGUFs keep llama-gguf-split's ``<Model>-<label>-00001-of-00003.gguf`` names, which both rules
+  above resolve (llama.cpp downloads every shard of the matched first one).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import PublishError
+from quantkit.modelfile import modelfile_name
+
+HUB_FORMATS = ("gguf", "gptq", "awq")
+SHARED_FILES = ("report.md", "report.json", "plot.png", "manifest.json", "recipe.yaml")  # in every repo
+CARD = "README.md"
+SPLIT_RE = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
+NOT_A_MODEL = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")  # llama.cpp's sidecar names
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    """One repo of a release: its format, id, the report rows it carries and its files."""
+
+    format: str  # gguf | gptq | awq
+    repo_id: str
+    variant_ids: tuple[str, ...]  # report ids, e.g. ("gptq:GPTQ-4bit-g128",)
+    files: dict[str, Path] = field(default_factory=dict)  # path in the repo -> file of the staged run
+    settings: dict[str, dict] = field(default_factory=dict)  # variant label -> quantization settings
+    ggufs: dict[str, str] = field(default_factory=dict)  # variant label -> GGUF file name (GGUF repos)
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}"
+
+
+def model_name(manifest: dict) -> str:
+    """The model's name as in the file names (``recipe.ModelSource.display_name``)."""
+    src = (manifest["recipe"].get("resolved") or {}).get("model") or {}
+    model = manifest.get("model") or {}
+    return src.get("name") or (model.get("repo") or model.get("path") or "model").rstrip("/").split("/")[-1]
+
+
+def variant_settings(manifest: dict, fmt: str, label: str) -> dict[str, Any]:
+    """The quantization settings a variant was made with, from the manifest's resolved recipe.
+
+    A manifest without that section (an older run) gets the defaults when the label is the default one;
+    any other unknown variant is refused (its repo name depends on its bits and group size)."""
+    from quantkit.recipe import AWQVariant, GGUFSection, GPTQVariant
+
+    resolved = manifest["recipe"].get("resolved") or {}
+    if fmt == "gguf":
+        section = resolved.get("gguf")
+        if not section:
+            return {"type": label}
+        gguf = GGUFSection.model_validate(section)
+        if label == gguf.base_type.upper():
+            return {"type": label, "base": True}
+        for v in gguf.types:
+            if gguf.label(v) == label:
+                out = {"type": v.type, "imatrix": gguf.uses_imatrix(v)}
+                if out["imatrix"]:
+                    out["imatrix_settings"] = gguf.imatrix.model_dump(exclude={"enabled"})
+                if args := gguf.override_args(v):
+                    out["llama_quantize_args"] = args
+                return out
+    else:
+        kind = {"gptq": GPTQVariant, "awq": AWQVariant}[fmt]
+        configs = [kind.model_validate(c) for c in resolved.get(fmt) or []] or [kind()]
+        for c in configs:
+            if c.name == label:
+                return c.model_dump(exclude={"label"})
+    raise PublishError(f"{fmt} variant {label!r} is not in the run's resolved recipe; its Hub repo cannot be named")
+
+
+def _repo_id(settings: Any, fmt: str, model: str, s: dict) -> str:
+    if fmt == "gptq":
+        return settings.repo_id(fmt, model=model, bits=s["bits"], group=s["group_size"])
+    if fmt == "awq":
+        return settings.repo_id(fmt, model=model, bits=s["w_bit"], group=s["q_group_size"])
+    return settings.repo_id(fmt, model=model)
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """A GPTQ/AWQ checkpoint folder's files by their path in the repo (the folder is the repo root)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() != CARD:
+            out[rel.as_posix()] = p
+    return out
+
+
+def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
+    """The repos of one release, GGUF first: the GGUFs (and their Modelfiles) at the root of one repo;
+    each GPTQ/AWQ checkpoint as the root of its own; the report, manifest and recipe in every repo.
+    ``settings``: ``recipe.Publish``. The base checkpoint is not republished."""
+    staged, model = Path(staged), model_name(manifest)
+    shared = {name: staged / name for name in SHARED_FILES if (staged / name).is_file()}
+    repos: dict[str, dict] = {}
+    for v in manifest["variants"]:
+        fmt, label = v["format"], v["label"]
+        if fmt not in HUB_FORMATS or not v.get("file"):
+            continue
+        s = variant_settings(manifest, fmt, label)
+        repo_id = _repo_id(settings, fmt, model, s)
+        repo = repos.setdefault(repo_id, {"format": fmt, "ids": [], "files": {}, "settings": {}, "ggufs": {}})
+        if repo["format"] != fmt:
+            raise PublishError(f"{repo_id} would hold both {repo['format']} and {fmt} files: one repo per format")
+        if fmt != "gguf" and repo["ids"]:
+            raise PublishError(f"{repo['ids'][0]} and {fmt}:{label} would both be the root of {repo_id}")
+        repo["ids"].append(f"{fmt}:{label}")
+        repo["settings"][label] = s
+        if fmt == "gguf":
+            name = v["file"]
+            if "/" in name or not (staged / name).is_file():
+                raise PublishError(f"GGUF {name} is not a file at the top of the staged run")
+            repo["files"][name] = staged / name
+            repo["ggufs"][label] = name
+            if (staged / modelfile_name(name)).is_file():
+                repo["files"][modelfile_name(name)] = staged / modelfile_name(name)
+        else:
+            folder = staged / v["file"]
+            files = _checkpoint_files(folder) if folder.is_dir() else {}
+            if "config.json" not in files:
+                raise PublishError(f"{fmt} checkpoint {v['file']} has no config.json; "
+                                   "from_pretrained and vLLM could not load it from the repo root")
+            repo["files"].update(files)
+    out = []
+    for repo_id, r in sorted(repos.items(), key=lambda kv: (HUB_FORMATS.index(kv[1]["format"]), kv[0])):
+        files = dict(r["files"])
+        for name, path in shared.items():
+            files.setdefault(name, path)  # a checkpoint's own file of that name wins
+        out.append(HubRepo(r["format"], repo_id, tuple(r["ids"]), dict(sorted(files.items())), r["settings"],
+                           r["ggufs"]))
+    return out
+
+
+# --- how users' quant tags resolve -----------------------------------------------------------------------
+
+def _split(path: str) -> tuple[str, int, int]:
+    prefix = path.removesuffix(".gguf")
+    if m := SPLIT_RE.match(prefix):
+        return m.group(1), int(m.group(2)), int(m.group(3))
+    return prefix, 1, 1
+
+
+def llama_cpp_pick(paths: list[str], tag: str) -> list[str]:
+    """The files ``llama-server -hf repo:tag`` downloads from a repo listing ``paths`` (in the Hub's
+    order): pinned llama.cpp's ``find_best_model`` and ``get_split_files``, for a non-empty tag."""
+    pattern = re.compile(re.escape(tag) + r"[.-]", re.IGNORECASE)
+    for p in paths:
+        name = p.rsplit("/", 1)[-1]
+        if not p.endswith(".gguf") or any(k in name for k in NOT_A_MODEL) or not pattern.search(p):
+            continue
+        prefix, index, count = _split(p)
+        if count > 1 and index != 1:
+            continue
+        return [q for q in paths if q.endswith(".gguf") and _split(q)[0] == prefix and _split(q)[2] == count]
+    return []
+
+
+def hub_tag_files(paths: list[str], tag: str) -> list[str]:
+    """The files ``ollama run hf.co/repo:tag`` gets: the GGUF named ``…-<tag>.gguf`` (or its split
+    shards ``…-<tag>-0000i-of-0000n.gguf``), the tag compared case-insensitively."""
+    want = f"-{tag}".lower()
+    return [p for p in paths if p.endswith(".gguf") and "/" not in p and not any(k in p for k in NOT_A_MODEL)
+            and _split(p)[0].lower().endswith(want)]
+
+
+def gguf_commands(repo: HubRepo, paths: list[str]) -> dict[str, dict[str, str]]:
+    """Per GGUF variant label: the ``ollama`` and ``llama-server`` commands that fetch exactly its file(s)
+    from the repo whose files are ``paths`` (after splitting). A tag that would resolve to another file
+    gets the ``--hf-file`` form instead."""
+    out = {}
+    for label, file in repo.ggufs.items():
+        prefix = file.removesuffix(".gguf")
+        mine = sorted(p for p in paths if p == file or _split(p)[0] == prefix and _split(p)[2] > 1)
+        first = next((p for p in mine if _split(p)[1] == 1), file)
+        cmds = {}
+        if hub_tag_files(paths, label) == mine:
+            cmds["ollama"] = f"ollama run hf.co/{repo.repo_id}:{label}"
+        if llama_cpp_pick(paths, label) == mine:
+            cmds["llama_server"] = f"llama-server -hf {repo.repo_id}:{label}"
+        else:
+            cmds["llama_server"] = f"llama-server --hf-repo {repo.repo_id} --hf-file {first}"
+        out[label] = cmds
+    return out
