@@ -24,10 +24,10 @@ def awq(*, model: ModelSnapshot, spec: AWQVariant, calibration: CalibrationText,
         device: str | None = None) -> Entry:
     """Quantize ``model`` with AWQ as ``spec`` says; the checkpoint is at the entry's root."""
 
-    def config(gm):
+    def config(gm, **common):
         # GPTQModel's "sym" is the opposite of AWQ's zero point.
         return gm.AWQConfig(bits=spec.w_bit, group_size=spec.q_group_size, sym=not spec.zero_point,
-                            format=getattr(gm.FORMAT, spec.version))
+                            format=getattr(gm.FORMAT, spec.version), **common)
 
     return quantize_with_gptqmodel(
         step=STEP, model=model, spec=spec, group_size=spec.q_group_size, calibration=calibration, store=store,

@@ -3,7 +3,8 @@
 The base GGUF's log-probs are written once per run (``--kl-divergence-base``,
 about ``n_tokens/2 * n_vocab * 2`` bytes) and every variant is compared with
 them (``--kl-divergence``); ``base_logits_once`` makes that file only when a
-score is missing from the store and deletes it when the run is done.
+score is missing from the store, in the store's scratch space, and deletes it
+when the run is done.
 
 Numbers are parsed from llama-perplexity's own final lines and the printed
 strings are kept, so what quantkit records is what a user running the tool by
@@ -17,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,12 +180,20 @@ def _tail(text: str, lines: int = 20) -> str:
 
 
 class BaseLogits:
-    """The base's logits file, made on first use and deleted when the ``with`` block ends."""
+    """The base's logits file, made on first use and deleted when the ``with`` block ends.
 
-    def __init__(self, *, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain, workdir: Path,
-                 threads: int | None = None):
+    Its folder is ``workdir`` when given, else one made on first use: in the store's scratch space
+    once a store is known (``use_store``; the scoring step passes its own), so a killed run's
+    logits are removed by the next run, else a system temp folder."""
+
+    def __init__(self, *, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain,
+                 workdir: Path | None = None, store: Store | None = None, threads: int | None = None):
         self._args = dict(base_gguf=base_gguf, text_file=text_file, spec=spec, toolchain=toolchain,
-                          workdir=workdir, threads=threads)
+                          threads=threads)
+        self._workdir = workdir
+        self._store = store
+        self._own = contextlib.ExitStack()  # removes the folder made here, if any
+        self._made_folder = False
         self._path: Path | None = None
 
     @property
@@ -195,8 +203,22 @@ class BaseLogits:
     @property
     def path(self) -> Path:
         if self._path is None:
-            self._path = base_logits(**self._args)
+            self._path = base_logits(**self._args, workdir=self._folder())
         return self._path
+
+    def use_store(self, store: Store) -> None:
+        """Make the file in ``store``'s scratch space (unless a folder was given or is already made)."""
+        if self._store is None:
+            self._store = store
+
+    def _folder(self) -> Path:
+        if self._workdir is None:
+            if self._store is not None:
+                self._workdir = self._own.enter_context(self._store.scratch("logits"))
+            else:
+                self._workdir = Path(self._own.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-logits-")))
+            self._made_folder = True
+        return self._workdir
 
     def delete(self) -> None:
         if self._path is not None:
@@ -204,23 +226,24 @@ class BaseLogits:
             self._path.unlink(missing_ok=True)
             log.info("deleted base logits %s (%.1f MiB)", self._path, size / 2**20)
             self._path = None
+        if self._made_folder:
+            self._own.close()
+            self._workdir, self._made_folder = None, False
 
 
 @contextlib.contextmanager
 def base_logits_once(*, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain,
-                     workdir: Path | None = None, threads: int | None = None) -> Iterator[BaseLogits]:
-    """Lazily made base logits for one run; the file (and a temp ``workdir``) is removed on exit."""
-    own = workdir is None
-    if own:
-        workdir = Path(tempfile.mkdtemp(prefix="quantkit-logits-"))
+                     workdir: Path | None = None, store: Store | None = None,
+                     threads: int | None = None) -> Iterator[BaseLogits]:
+    """Lazily made base logits for one run; the file (and a folder made for it) is removed on exit.
+
+    Without ``workdir`` the file goes to ``store``'s scratch space (or the scoring step's store)."""
     logits = BaseLogits(base_gguf=base_gguf, text_file=text_file, spec=spec, toolchain=toolchain,
-                        workdir=workdir, threads=threads)
+                        workdir=workdir, store=store, threads=threads)
     try:
         yield logits
     finally:
         logits.delete()
-        if own:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str, spec: Evaluation,
@@ -242,6 +265,9 @@ def score_gguf_step(*, gguf: Path, gguf_sha256: str, base_gguf_sha256: str | Non
     inputs = score_inputs(gguf_sha256=gguf_sha256, base_sha256=base_gguf_sha256 if use_kld else None,
                           text_sha256=text_sha256, spec=spec, toolchain=toolchain)
     threads = threads or os.cpu_count() or 1
+
+    if use_kld:
+        base.use_store(store)
 
     def produce(staging: Staging) -> None:
         score = score_gguf(gguf=gguf, base_logits=base.path if use_kld else None, text_file=text_file,

@@ -17,6 +17,7 @@ logits are kept beyond one window.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -42,6 +43,10 @@ def load_causal_lm(model_dir: Path, *, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text()):
+        from quantkit.gptq import import_gptqmodel
+
+        import_gptqmodel()  # through quantkit, so that GPTQModel's import leaves the HF cache settings alone
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.float32 if device == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)

@@ -4,18 +4,22 @@ GPTQModel (not the end-of-life auto-gptq/autoawq) quantizes one decoder layer at
 offloading finished layers to disk, on the GPU when there is one and on the CPU otherwise.
 It writes standard checkpoints: ``quantization_config`` in config.json, packed
 ``qweight``/``qzeros``/``scales`` in safetensors, which vLLM, TGI and transformers load as they are.
+The offload folder is one quantkit chooses, ``store.scratch``: removed when the step ends however it
+ends, and by the next run when this one is killed (GPTQModel's own default is a fresh system temp
+folder per run that a failed run leaves behind).
 Before any work, ``check_group_size`` reads the tensor shapes from the safetensors headers and
 names the first layer whose input width the group size does not divide.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,8 +38,10 @@ STEP = "gptq"
 BACKEND = "gptqmodel"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-# GPTQModel writes its temp offload folder into the config; it differs per run and names a host path.
+# GPTQModel writes its offload folder into the config; it differs per run and names a host path.
 VOLATILE_META = ("offload_to_disk_path",)
+# tokenicer (imported by GPTQModel) points these at /tmp/tokenicer_hf_home unless they are set.
+HF_CACHE_ENV = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")
 
 
 class GroupSizeError(QuantkitError, ValueError):
@@ -96,9 +102,9 @@ def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationTex
          device: str | None = None) -> Entry:
     """Quantize ``model`` with GPTQ as ``spec`` says; the checkpoint is at the entry's root."""
 
-    def config(gm):
+    def config(gm, **common):
         return gm.GPTQConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act,
-                             act_group_aware=False, sym=spec.sym, damp_percent=spec.damp_percent)
+                             act_group_aware=False, sym=spec.sym, damp_percent=spec.damp_percent, **common)
 
     return quantize_with_gptqmodel(
         step=STEP, model=model, spec=spec, group_size=spec.group_size, calibration=calibration, store=store,
@@ -113,7 +119,8 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
                             expect: dict[str, Any]) -> Entry:
     """The steps GPTQ and AWQ share: preflight, key, sample, quantize, save, verify.
 
-    ``make_config(gm)`` builds GPTQModel's quantize config; ``cpu_kernel`` names the
+    ``make_config(gm, **common)`` builds GPTQModel's quantize config, passing ``common`` (the
+    offload folder) on; ``cpu_kernel`` names the
     ``gptqmodel.BACKEND`` to pack with on CPU (None: GPTQModel's choice); ``expect`` is what the
     saved config.json's ``quantization_config`` must hold.
     """
@@ -124,7 +131,7 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     label = spec.label or step
 
     def produce(staging: Staging) -> None:
-        gm = _import_gptqmodel()
+        gm = import_gptqmodel()
         import torch
         from transformers import AutoTokenizer
 
@@ -137,11 +144,15 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
         torch.manual_seed(spec.seed)
         start = time.perf_counter()
         try:
-            qmodel = gm.GPTQModel.load(str(model.path), make_config(gm), device=dev)
-            backend = getattr(gm.BACKEND, cpu_kernel) if cpu_kernel and dev == "cpu" else gm.BACKEND.AUTO
-            qmodel.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows],
-                            batch_size=1, backend=backend)
-            qmodel.save(str(staging.path))
+            with store.scratch(f"{step}-offload") as offload:
+                log.debug("%s %s: GPTQModel offloads finished layers to %s", step, label, offload)
+                qconfig = make_config(gm, offload_to_disk_path=str(offload))
+                qmodel = gm.GPTQModel.load(str(model.path), qconfig, device=dev)
+                backend = getattr(gm.BACKEND, cpu_kernel) if cpu_kernel and dev == "cpu" else gm.BACKEND.AUTO
+                qmodel.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows],
+                                batch_size=1, backend=backend)
+                qmodel.save(str(staging.path))
+                del qmodel  # its offloaded layers are files in ``offload``: let go before it is removed
         except QuantkitError:
             raise
         except Exception as e:  # GPTQModel raises bare ValueError/RuntimeError; keep the cause chained
@@ -193,18 +204,42 @@ def backend_version() -> str:
         raise BackendMissingError("GPTQ and AWQ need GPTQModel, which is not installed") from e
 
 
-def _import_gptqmodel():
+def import_gptqmodel() -> SimpleNamespace:
+    """GPTQModel's entry points; the one place quantkit imports it (scoring calls this before
+    transformers would import it to load a GPTQ/AWQ checkpoint)."""
     # GPTQModel sizes its CPU worker pool from this; with 2 cores or fewer its default is one
     # worker, which it cannot run with, so give it two unless the user chose.
     if (os.cpu_count() or 1) <= 2:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    try:
-        from gptqmodel import BACKEND, GPTQModel
-        from gptqmodel.quantization.config import FORMAT, AWQConfig, GPTQConfig
-    except ImportError as e:
-        raise BackendMissingError(f"cannot import GPTQModel: {e}") from e
+    with _hf_cache_env_kept():
+        try:
+            from gptqmodel import BACKEND, GPTQModel
+            from gptqmodel.quantization.config import FORMAT, AWQConfig, GPTQConfig
+        except ImportError as e:
+            raise BackendMissingError(f"cannot import GPTQModel: {e}") from e
     return SimpleNamespace(GPTQModel=GPTQModel, BACKEND=BACKEND, GPTQConfig=GPTQConfig, AWQConfig=AWQConfig,
                            FORMAT=FORMAT)
+
+
+@contextlib.contextmanager
+def _hf_cache_env_kept() -> Iterator[None]:
+    """Import GPTQModel without its tokenicer moving the Hugging Face cache to /tmp/tokenicer_hf_home.
+
+    tokenicer sets ``HF_HOME`` (and the caches under it) to a folder in /tmp when unset and
+    creates it; pointing ``HF_HOME`` at huggingface_hub's own choice for the import, then putting
+    the environment back, keeps every cache where the user has it."""
+    from huggingface_hub import constants
+
+    saved = {name: os.environ.get(name) for name in HF_CACHE_ENV}
+    os.environ.setdefault("HF_HOME", constants.HF_HOME)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _copy_tokenizer(src: Path, dest: Path) -> None:

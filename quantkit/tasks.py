@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -155,19 +154,22 @@ def _resolved_yaml(task: ResolvedTask, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def task_manager(tasks: list[ResolvedTask]) -> Iterator[object]:
-    """An lm-eval TaskManager that also knows the local tasks (through a temporary include path)."""
+def task_manager(tasks: list[ResolvedTask], *, store: Store | None = None) -> Iterator[object]:
+    """An lm-eval TaskManager that also knows the local tasks (through a temporary include path).
+
+    The include folder is in ``store``'s scratch space when a store is given (a killed run's is
+    removed by the next run), else a system temp folder; either is removed when the block ends."""
     from lm_eval.tasks import TaskManager
 
     local = [t for t in tasks if t.local_dir is not None]
-    include = Path(tempfile.mkdtemp(prefix="quantkit-tasks-")) if local else None
-    try:
-        for t in local:
-            _resolved_yaml(t, include)
+    with contextlib.ExitStack() as stack:
+        include = None
+        if local:
+            include = Path(stack.enter_context(store.scratch("tasks") if store is not None
+                                               else tempfile.TemporaryDirectory(prefix="quantkit-tasks-")))
+            for t in local:
+                _resolved_yaml(t, include)
         yield TaskManager(include_path=str(include) if include else None)
-    finally:
-        if include:
-            shutil.rmtree(include, ignore_errors=True)
 
 
 def load_items(task: ResolvedTask, manager) -> list[TaskItem]:
@@ -288,7 +290,7 @@ def _score_tasks(*, specs: list[TaskSpec], root: Path, store: Store, label: str,
         def manager():
             # lm-eval's TaskManager indexes every task it ships (seconds): only when something is missing.
             if not managers:
-                managers.append(stack.enter_context(task_manager(tasks)))
+                managers.append(stack.enter_context(task_manager(tasks, store=store)))
             return managers[0]
 
         for task in tasks:
@@ -321,7 +323,8 @@ def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], roo
     return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-gguf", variant=gguf_sha256,
                         backend=BACKEND, backend_version=f"llama.cpp {toolchain.commit}",
                         score=lambda task, items, manager: score_task_gguf(gguf=gguf, task=task.name, items=items,
-                                                                           toolchain=toolchain, threads=threads))
+                                                                           toolchain=toolchain, threads=threads,
+                                                                           store=store))
 
 
 def _log_result(entry: Entry, label: str) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from quantkit.errors import VerificationError
 from quantkit.evaluate_gguf import perplexity_until_parsed
+from quantkit.store import Store
 from quantkit.tasks import TaskItem, TaskResult, p_above_chance
 
 BACKEND = "llama-perplexity"
@@ -88,10 +89,12 @@ def per_item_correct(text: str, n: int) -> list[int]:
     return [totals[i + 1] - totals[i] for i in range(n)]
 
 
-def score_task_gguf(*, gguf: Path, task: str, items: list[TaskItem], toolchain, threads: int | None = None) -> TaskResult:
+def score_task_gguf(*, gguf: Path, task: str, items: list[TaskItem], toolchain, threads: int | None = None,
+                    store: Store | None = None) -> TaskResult:
+    """One multiple-choice task on a GGUF; its data file goes to ``store``'s scratch space (when given)."""
     threads = threads or os.cpu_count() or 1
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="quantkit-mc-") as tmp:
+    with store.scratch("mc") if store is not None else tempfile.TemporaryDirectory(prefix="quantkit-mc-") as tmp:
         data = Path(tmp) / "tasks.bin"
         write_mc_file(items, data)
         per_seq = context_size(items) // PARALLEL

@@ -11,6 +11,12 @@ import pytest
 # tests/ has no __init__.py, so pytest puts it on sys.path and this imports.
 from tinyllama import build_tiny_llama, source_digest
 
+# GPTQModel's tokenicer points HF_HOME at /tmp/tokenicer_hf_home when it is unset, for the whole
+# process and every process it starts; test modules import GPTQModel directly (importorskip), so
+# pin HF_HOME to where huggingface_hub puts it anyway before any of them is collected.
+os.environ.setdefault("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                              "huggingface"))
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

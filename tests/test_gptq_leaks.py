@@ -1,0 +1,85 @@
+"""A GPTQ step that raises midway leaves no offload folder: real GPTQModel on the tiny Llama, made
+to fail inside its quantization loop after it has offloaded layers to the folder quantkit chose."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from quantkit.calibration import CalibrationText
+from quantkit.digest import digest_of, sha256_file
+from quantkit.gptq import HF_CACHE_ENV, BackendMissingError, QuantizerError, gptq, import_gptqmodel
+from quantkit.recipe import GPTQVariant
+from quantkit.source import ModelSnapshot
+from quantkit.store import SCRATCH, Store
+
+try:
+    import_gptqmodel()
+except BackendMissingError:
+    pytest.skip("needs the GPTQ/AWQ backend: pip install 'quantkit[gptq]'", allow_module_level=True)
+
+
+class ScratchSpy(Store):
+    """A store that remembers the scratch folders it handed out."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.handed_out: list[Path] = []
+
+    @contextlib.contextmanager
+    def scratch(self, purpose: str):
+        with super().scratch(purpose) as path:
+            self.handed_out.append(path)
+            yield path
+
+
+def test_gptq_that_raises_midway_leaves_no_offload_folder(tiny_llama, repo_root, tmp_path, monkeypatch):
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+
+    files = {f.name: sha256_file(f) for f in sorted(tiny_llama.iterdir()) if f.is_file()}
+    model = ModelSnapshot(path=tiny_llama, repo=None, revision=None, commit=None, files=files, digest=digest_of(files))
+    text = (repo_root / "calibration" / "en-prose.txt").read_text(encoding="utf-8")
+    calibration = CalibrationText(text, hashlib.sha256(text.encode()).hexdigest(), ("calibration/en-prose.txt",))
+    store = ScratchSpy(tmp_path / "store")
+    system_tmp = Path(tempfile.gettempdir())
+    before = set(system_tmp.glob("gptqmodel_*"))
+    seen: list[list[str]] = []
+
+    def fail_midway(self, module, *args, **kwargs):
+        (offload,) = [p for p in store.handed_out if p.name.startswith("gptq-offload-")]
+        assert self.gptq_model.quantize_config.offload_to_disk_path == str(offload)
+        seen.append(sorted(str(p.relative_to(offload)) for p in offload.rglob("*")))
+        raise RuntimeError("injected failure in the quantization loop")
+
+    monkeypatch.setattr(GPTQProcessor, "process", fail_midway)
+    with pytest.raises(QuantizerError, match="injected failure") as raised:
+        gptq(model=model, spec=GPTQVariant(label="g128", samples=8, seq_len=64), calibration=calibration,
+             store=store)
+    assert seen and seen[0], "GPTQModel had offloaded nothing to the folder quantkit chose before the failure"
+    offload = next(p for p in store.handed_out if p.name.startswith("gptq-offload-"))
+    assert not offload.exists(), f"the offload folder survived the failure: {offload}"
+    assert str(offload.parent.parent) == str(store.root / SCRATCH)
+    leftovers = [p for p in (store.root / SCRATCH).rglob("*") if p.name != "entries"]
+    assert [p for p in leftovers if p.is_file() or p.name.startswith(("gptq-", ".tmp-"))] == []
+    assert set(system_tmp.glob("gptqmodel_*")) == before, "GPTQModel made its own temp folder"
+    step_folder = store.root / "gptq"
+    assert not step_folder.exists() or all(p.name.endswith(".lock") for p in step_folder.iterdir())
+    assert "injected failure" in str(raised.value.__cause__)
+
+
+def test_importing_gptqmodel_through_quantkit_leaves_the_hf_cache_settings_alone(tmp_path):
+    # A fresh process: tokenicer (imported by GPTQModel) sets HF_HOME to /tmp/tokenicer_hf_home if unset.
+    env = {k: v for k, v in os.environ.items() if k not in HF_CACHE_ENV} | {"TMPDIR": str(tmp_path)}
+    code = ("import os; from quantkit.gptq import HF_CACHE_ENV, import_gptqmodel; import_gptqmodel(); "
+            "print([os.environ.get(k) for k in HF_CACHE_ENV])")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines()[-1] == "[None, None, None, None]"
+    assert not list(tmp_path.iterdir()), "importing GPTQModel left something in the temp folder"
