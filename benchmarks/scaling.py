@@ -1,0 +1,521 @@
+"""How cost grows with model size: every node kind of a GGUF ladder, measured beside `quantkit plan`'s estimate.
+
+For each size it writes a Llama- or Qwen-shaped checkpoint with random bf16 weights (the real configs'
+widths, layers, heads and vocabularies; the demo model's tokenizer, padded to the vocabulary as the
+converter does), then runs each node through quantkit's own library functions in a child process
+(convert, imatrix, quantize for several types, the base logits, scoring with and without KLD; GPTQ and
+torch scoring on the smallest size, the demo model ``smollm2-135m``), polling the child's whole process tree with psutil every 0.1 s:
+
+- wall time of the node (the child process, including quantkit's hashing of what it wrote);
+- peak RSS of the tree (sum over processes) and its anonymous part (RSS minus file-backed pages, which
+  the kernel can drop: the mmapped safetensors or GGUF the tool reads);
+- bytes written (the node's output files);
+- ``llama-quantize --dry-run`` sizes of the full demo ladder, to check the estimator's per-tensor types.
+
+Results go to ``benchmarks/results/scaling.json`` (one record per size, merged with earlier ones; the
+model's safetensors headers and config are kept so ``report`` recomputes the estimates with today's
+``quantkit/estimate.py``). Weights and GGUFs live under ``models/bench-work/`` (git-ignored) and are
+deleted after each size unless ``--keep``.
+
+    nice -n 10 .venv/bin/python benchmarks/scaling.py run --sizes qwen-0.5b,llama-1b,qwen-1.5b,llama-3b
+    .venv/bin/python benchmarks/scaling.py report      # table + plot from the JSON, estimates recomputed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+WORK = REPO / "models" / "bench-work"
+RESULTS = REPO / "benchmarks" / "results" / "scaling.json"
+PLOT = REPO / "benchmarks" / "results" / "scaling.png"
+TOKENIZER_FROM = REPO / "models" / "smollm2-135m-instruct"
+MiB = 2**20
+GiB = 2**30
+
+# Real shapes: Qwen2.5-0.5B/1.5B/3B/7B, Llama-3.2-1B/3B, Llama-3.1-8B.
+SHAPES = {
+    "qwen-0.5b": dict(arch="Qwen2ForCausalLM", model_type="qwen2", hidden_size=896, intermediate_size=4864,
+                      num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                      tie_word_embeddings=True),
+    "llama-1b": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     tie_word_embeddings=True),
+    "qwen-1.5b": dict(arch="Qwen2ForCausalLM", model_type="qwen2", hidden_size=1536, intermediate_size=8960,
+                      num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                      tie_word_embeddings=True),
+    "llama-3b": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=3072, intermediate_size=8192,
+                     num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                     tie_word_embeddings=True),
+    "qwen-3b": dict(arch="Qwen2ForCausalLM", model_type="qwen2", hidden_size=2048, intermediate_size=11008,
+                    num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                    tie_word_embeddings=True),
+    "qwen-7b": dict(arch="Qwen2ForCausalLM", model_type="qwen2", hidden_size=3584, intermediate_size=18944,
+                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                    tie_word_embeddings=False),
+    "llama-8b": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     tie_word_embeddings=False),
+}
+LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"]  # the demo's: sized by --dry-run
+MEASURED_TYPES = ["Q8_0", "Q4_K_M", "Q2_K", "IQ4_XS"]  # quantized for real (time and RAM)
+IMATRIX = {"ctx": 512, "chunks": 2}
+EVALUATION = {"ctx": 512, "max_tokens": 1024}  # two chunks: base logits, PPL, KLD
+GPTQ = {"bits": 4, "group_size": 64, "desc_act": True, "samples": 16, "seq_len": 128}  # the demo recipe's
+SHARD_BYTES = 2 * GiB
+DEMO = "smollm2-135m"  # not generated: models/smollm2-135m-instruct (quantkit demo-model)
+
+
+# --- the checkpoint -------------------------------------------------------------------------------
+
+def config_for(name: str) -> dict:
+    s = dict(SHAPES[name])
+    arch = s.pop("arch")
+    cfg = {"architectures": [arch], **s, "head_dim": s["hidden_size"] // s["num_attention_heads"],
+           "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+           "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, "use_cache": True}
+    if s["model_type"] == "qwen2":
+        cfg.update(attention_dropout=0.0, sliding_window=None, use_sliding_window=False, max_window_layers=cfg[
+            "num_hidden_layers"])
+    else:
+        cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    return cfg
+
+
+def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                (p + "mlp.down_proj.weight", (h, f))]
+        if cfg["model_type"] == "qwen2":
+            out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
+                    (p + "self_attn.v_proj.bias", (kv,))]
+    out.append(("model.norm.weight", (h,)))
+    if not cfg["tie_word_embeddings"]:
+        out.append(("lm_head.weight", (v, h)))
+    return out
+
+
+def write_checkpoint(name: str, dest: Path) -> dict:
+    """Random bf16 weights in shards of at most 2 GiB, the config, the demo's tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = config_for(name)
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    shapes = tensor_shapes(cfg)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for tname, shape in shapes:
+        n = 2 * int(torch.Size(shape).numel())
+        if size + n > SHARD_BYTES and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append((tname, shape))
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        tensors = {}
+        for tname, shape in shard:
+            t = torch.empty(shape, dtype=torch.bfloat16)
+            if tname.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02)
+            tensors[tname] = t
+            weight_map[tname] = fname
+        save_file(tensors, str(dest / fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        total = sum(2 * int(torch.Size(s).numel()) for _, s in shapes)
+        (dest / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    if cfg["model_type"] == "llama":
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(TOKENIZER_FROM / f, dest / f)
+    else:
+        # transformers 5 loads a qwen2 folder's tokenizer.json as Qwen2Tokenizer, whose pre-tokenizer hash
+        # the converter does not know for this vocabulary; a sentencepiece model takes the converter's
+        # other path (padded to the vocabulary all the same). These folders are not loaded in torch.
+        shutil.copy(sentencepiece_model(), dest / "tokenizer.model")
+    return cfg
+
+
+def sentencepiece_model() -> Path:
+    """tests/tinyllama.py's tokenizer (trained on the calibration text in seconds), cached."""
+    from tests.tinyllama import _train_sentencepiece
+
+    done = WORK / "spm" / "tokenizer.model"
+    if not done.is_file():
+        done.parent.mkdir(parents=True, exist_ok=True)
+        _train_sentencepiece(done.parent)
+    return done
+
+
+def read_headers(folder: Path) -> list[dict]:
+    headers = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            headers.append(json.loads(fh.read(n)))
+    return headers
+
+
+# --- one node in a child process ------------------------------------------------------------------
+
+def recipe_text(name: str, *, gptq: bool) -> str:
+    lines = [f"name: bench-{name}", "model:", f"  path: models/bench-work/{name}/hf", f"  name: bench-{name}",
+             "calibration:", "  files: [calibration/en-prose.txt, calibration/code-python.txt]",
+             "evaluation:", "  file: calibration/eval/en-prose-heldout.txt",
+             f"  ctx: {EVALUATION['ctx']}", f"  max_tokens: {EVALUATION['max_tokens']}", "  bench: false",
+             "gguf:", "  base_type: f16",
+             f"  imatrix: {{enabled: true, ctx: {IMATRIX['ctx']}, chunks: {IMATRIX['chunks']}}}",
+             f"  types: [{', '.join(LADDER)}]"]
+    if gptq:
+        lines += ["gptq:"] + [("  - " if i == 0 else "    ") + f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
+                              for i, (k, v) in enumerate(GPTQ.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _context(name: str):
+    from quantkit.calibration import load_calibration
+    from quantkit.recipe import load_recipe
+    from quantkit.source import ModelSnapshot
+    from quantkit.store import Store
+    from quantkit.toolchain import find_toolchain
+
+    recipe = load_recipe(WORK / name / "recipe.yaml", root=REPO)
+    model_dir = WORK / name / "hf"
+    snap = ModelSnapshot(model_dir, None, None, None, {}, f"bench-{name}-random-seed0")
+    return recipe, snap, Store(WORK / name / "store"), find_toolchain(cuda=False), load_calibration(
+        recipe.calibration, root=REPO)
+
+
+def child(name: str, kind: str, arg: str) -> dict:
+    """Run one node as quantkit does; print what it wrote."""
+    from quantkit.convert import convert
+    from quantkit.imatrix import imatrix
+    from quantkit.quantize import quantize
+
+    recipe, snap, store, tc, calib = _context(name)
+    threads = os.cpu_count() or 1
+    base = lambda: convert(model=snap, base_type="f16", model_name=f"bench-{name}", toolchain=tc, store=store)  # noqa: E731
+    imat = lambda: imatrix(base=base(), calibration=calib, spec=recipe.gguf.imatrix, toolchain=tc,  # noqa: E731
+                           store=store, threads=threads)
+    scratch = WORK / name / "scratch" / f"{kind}-{arg}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    text = REPO / recipe.evaluation.file
+    if kind == "convert":
+        e = base()
+        return {"bytes": sum(f.size for f in e.files.values())}
+    if kind == "imatrix":
+        e = imat()
+        return {"bytes": sum(f.size for f in e.files.values())}
+    if kind == "quantize":
+        e = quantize(base=base(), qtype=arg, label=arg, imatrix=imat(), extra_args=[], toolchain=tc, store=store,
+                     threads=threads)
+        return {"bytes": sum(f.size for f in e.files.values()), "tensor_types": e.info["gguf"]["tensor_types"]}
+    if kind == "base-logits":
+        from quantkit.evaluate_gguf import base_logits
+
+        out = base_logits(base_gguf=base().file("model.gguf"), text_file=text, spec=recipe.evaluation, toolchain=tc,
+                          workdir=WORK / name / "logits", threads=threads)
+        return {"bytes": out.stat().st_size}
+    if kind == "score-gguf":
+        from quantkit.evaluate_gguf import LOGITS_NAME, score_gguf
+
+        gguf = base().file("model.gguf") if arg == "F16" else quantize(
+            base=base(), qtype=arg, label=arg, imatrix=imat(), extra_args=[], toolchain=tc, store=store,
+            threads=threads).file("model.gguf")
+        logits = None if arg == "F16" else WORK / name / "logits" / LOGITS_NAME
+        s = score_gguf(gguf=gguf, base_logits=logits, text_file=text, spec=recipe.evaluation, toolchain=tc,
+                       threads=threads, workdir=scratch)
+        return {"bytes": 0, "ppl": s.ppl, "kld_mean": s.kld_mean}
+    if kind == "gptq":
+        from quantkit.gptq import gptq
+
+        e = gptq(model=snap, spec=recipe.gptq[0], calibration=calib, store=store)
+        (WORK / name / "gptq-path").write_text(str(e.path))
+        return {"bytes": sum(f.size for f in e.files.values())}
+    if kind == "score-hf":
+        from quantkit.evaluate_torch import score_hf
+
+        if arg == "HF":
+            s = score_hf(model_dir=snap.path, text_file=text, spec=recipe.evaluation)
+        else:
+            s = score_hf(model_dir=Path((WORK / name / "gptq-path").read_text()), text_file=text,
+                         spec=recipe.evaluation, base_model_dir=snap.path)
+        return {"bytes": 0, "ppl": s.ppl, "kld_mean": s.kld_mean}
+    raise SystemExit(f"unknown node kind {kind}")
+
+
+def measure(name: str, kind: str, arg: str = "") -> dict:
+    """Run ``child`` in a subprocess and poll its process tree."""
+    import psutil
+
+    cmd = [sys.executable, __file__, "_node", name, kind, arg]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    root = psutil.Process(proc.pid)
+    peak = {"rss": 0, "anon": 0, "tool_rss": 0, "tool_anon": 0}
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        rss = anon = trss = tanon = 0
+        for p in procs:
+            try:
+                m = p.memory_info()
+            except psutil.NoSuchProcess:
+                continue
+            rss += m.rss
+            anon += m.rss - m.shared
+            if p.pid != root.pid:
+                trss += m.rss
+                tanon += m.rss - m.shared
+        for k, v in (("rss", rss), ("anon", anon), ("tool_rss", trss), ("tool_anon", tanon)):
+            peak[k] = max(peak[k], v)
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} {kind} {arg} failed ({proc.returncode}):\n{err[-4000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    rec = {"kind": kind, "label": arg, "seconds": round(seconds, 2), **peak, **result}
+    print(f"  {kind:12s} {arg:8s} {seconds:7.1f} s  rss {peak['rss'] / MiB:8.0f} MiB (anon {peak['anon'] / MiB:6.0f},"
+          f" tool {peak['tool_rss'] / MiB:6.0f}/{peak['tool_anon'] / MiB:6.0f})  wrote {rec['bytes'] / MiB:9.1f} MiB",
+          flush=True)
+    return rec
+
+
+def dry_run_sizes(name: str) -> dict[str, int]:
+    """``llama-quantize --dry-run`` total of every ladder type (tensor data only, no metadata)."""
+    from quantkit.toolchain import find_toolchain
+
+    tc = find_toolchain(cuda=False)
+    store = WORK / name / "store"
+    base = next(store.glob("convert/*/model.gguf"))
+    imat = next(store.glob("imatrix/*/imatrix.gguf"))
+    sizes = {}
+    for t in LADDER:
+        run = subprocess.run([tc.binary("llama-quantize"), "--dry-run", "--imatrix", imat, base, t, "2"],
+                             capture_output=True, text=True)
+        m = re.search(r"quant size\s*=\s*([\d.]+) MiB", run.stdout + run.stderr)
+        sizes[t] = round(float(m.group(1)) * MiB) if m else None
+    return sizes
+
+
+def run_size(name: str, *, gptq: bool, keep: bool, types: list[str]) -> dict:
+    folder = WORK / name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "hf").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(recipe_text(name, gptq=gptq))
+    t0 = time.perf_counter()
+    if name == DEMO:  # the demo's checkpoint itself (trained weights, Llama shape): hard links, no copy
+        for f in TOKENIZER_FROM.iterdir():
+            os.link(f, folder / "hf" / f.name)
+        cfg = json.loads((folder / "hf" / "config.json").read_text())
+    else:
+        print(f"{name}: writing random weights", flush=True)
+        cfg = write_checkpoint(name, folder / "hf")
+    headers = read_headers(folder / "hf")
+    params = sum(_numel(m["shape"]) for h in headers for k, m in h.items() if k != "__metadata__")
+    print(f"{name}: {params / 1e9:.2f} B parameters, written in {time.perf_counter() - t0:.0f} s", flush=True)
+    nodes = [measure(name, "convert"), measure(name, "imatrix")]
+    nodes += [measure(name, "quantize", t) for t in types]
+    nodes += [measure(name, "base-logits"), measure(name, "score-gguf", "F16"), measure(name, "score-gguf", "Q4_K_M")]
+    if gptq:
+        nodes += [measure(name, "gptq", "GPTQ"), measure(name, "score-hf", "HF"), measure(name, "score-hf", "GPTQ")]
+    record = {"name": name, "parameters": params, "config": cfg, "headers": _slim(headers),
+              "source_bytes": sum(f.stat().st_size for f in (folder / "hf").glob("*.safetensors")),
+              "nodes": nodes, "dry_run": dry_run_sizes(name), "machine": _machine(),
+              "date": time.strftime("%Y-%m-%d"), "imatrix": IMATRIX, "evaluation": EVALUATION,
+              "gptq": GPTQ if gptq else None}
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return record
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _slim(headers: list[dict]) -> list[dict]:
+    """Headers without offsets (what the estimate reads: names, dtypes, shapes)."""
+    return [{k: {"dtype": m["dtype"], "shape": m["shape"]} for k, m in h.items() if k != "__metadata__"}
+            for h in headers]
+
+
+def _machine() -> dict:
+    import platform
+
+    import psutil
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / GiB, 1)}
+
+
+def save(record: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"schema": 1, "sizes": []}
+    data["sizes"] = [s for s in data["sizes"] if s["name"] != record["name"]] + [record]
+    data["sizes"].sort(key=lambda s: s["parameters"])
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, RESULTS)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_node":
+        print(json.dumps(child(*sys.argv[2:5])))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--sizes", default="qwen-0.5b,llama-1b,qwen-1.5b,llama-3b")
+    r.add_argument("--gptq", default=DEMO, help="sizes that also run GPTQ and torch scoring")
+    r.add_argument("--keep", action="store_true")
+    r.add_argument("--types", default=",".join(MEASURED_TYPES))
+    sub.add_parser("report")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        for name in args.sizes.split(","):
+            save(run_size(name, gptq=name in args.gptq.split(","), keep=args.keep, types=args.types.split(",")))
+    else:
+        report()
+
+
+
+# --- estimates beside the measurements -------------------------------------------------------------
+
+IN_PROCESS = {"gptq", "score-hf"}  # run inside quantkit's Python: the whole tree counts
+
+
+def node_params(node: dict) -> dict:
+    label = node["label"]
+    if node["kind"] == "quantize":
+        return {"index": LADDER.index(label), "label": label}
+    if node["kind"] in ("score-gguf", "score-hf"):
+        return {"is_base": label in ("F16", "HF"), "label": label}
+    if node["kind"] == "gptq":
+        return {"index": 0}
+    return {}
+
+
+def estimates(size: dict) -> list[dict]:
+    """Each measured node with today's estimate and the error (estimate / measured - 1)."""
+    import yaml
+
+    from quantkit.estimate import ModelFacts, cost
+    from quantkit.recipe import Recipe
+
+    facts = ModelFacts.from_headers(size["headers"], size["config"])
+    data = yaml.safe_load(recipe_text(size["name"], gptq=size.get("gptq") is not None))
+    recipe = Recipe.model_validate(data, context={"root": REPO})
+    rows = []
+    for node in size["nodes"]:
+        c = cost(recipe, node["kind"], node_params(node), facts)
+        ram = node["rss"] if node["kind"] in IN_PROCESS else node["tool_rss"]
+        disk = node["bytes"] if node["bytes"] > 1 * MiB else None
+        rows.append({**node, "ram": ram, "est_ram": c.ram_bytes, "est_disk": c.disk_bytes if disk else None,
+                     "ram_err": c.ram_bytes / ram - 1 if c.ram_bytes and ram else None,
+                     "disk_err": c.disk_bytes / disk - 1 if disk and c.disk_bytes else None})
+    return rows
+
+
+def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
+    """The markdown table (printed) and the plot of time, RAM and disk against parameters."""
+    data = json.loads(results.read_text())
+    lines = ["| size | params | node | time s | peak RSS MiB | est. RAM MiB | RAM err | written MiB | est. disk MiB | disk err |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    series: dict[str, list[tuple[float, float, float, float]]] = {}
+    worst = []
+    for size in data["sizes"]:
+        for r in estimates(size):
+            key = f"{r['kind']} {r['label']}".strip()
+            pct = lambda e: "" if e is None else f"{e * 100:+.0f} %"  # noqa: E731
+            mib = lambda b: "" if b is None else f"{b / MiB:.0f}" if b >= 10 * MiB else f"{b / MiB:.1f}"  # noqa: E731
+            lines.append(f"| {size['name']} | {size['parameters'] / 1e9:.2f} B | {key} | {r['seconds']:.1f} | "
+                         f"{mib(r['ram'])} | {mib(r['est_ram'])} | {pct(r['ram_err'])} | "
+                         f"{mib(r['bytes']) if r['bytes'] > MiB else ''} | {mib(r['est_disk'])} | {pct(r['disk_err'])} |")
+            series.setdefault(key, []).append((size["parameters"], r["seconds"], r["ram"], r["bytes"]))
+            for what in ("ram_err", "disk_err"):
+                if r[what] is not None and abs(r[what]) > 0.2:
+                    worst.append(f"{size['name']} {key} {what[:-4]} {r[what] * 100:+.0f} %")
+        dry = size.get("dry_run") or {}
+        if dry:
+            from quantkit.estimate import ModelFacts, quantize_types, tensor_bytes
+
+            facts = ModelFacts.from_headers(size["headers"], size["config"])
+            exact = all(abs(sum(tensor_bytes(t, ty) for t, ty in quantize_types(facts, q, has_imatrix=True)) - b)
+                        <= 0.006 * MiB for q, b in dry.items() if b)
+            lines.append(f"| {size['name']} | | llama-quantize --dry-run, {len(dry)} types | | | | | | | "
+                         f"{'exact' if exact else 'DIFFERS'} |")
+    slopes = ["", "| node | time s per B params | peak RSS GiB per B params | written GiB per B params |",
+              "|---|---:|---:|---:|"]
+    import numpy as np
+
+    for key, pts in sorted(series.items()):
+        if len({p[0] for p in pts}) < 2:
+            continue
+        x = np.array([p[0] for p in pts]) / 1e9
+        fit = [np.polyfit(x, np.array([p[i] for p in pts]) / (1 if i == 1 else GiB), 1)[0] for i in (1, 2, 3)]
+        slopes.append(f"| {key} | {fit[0]:.1f} | {fit[1]:.2f} | {fit[2]:.2f} |")
+    text = "\n".join(lines + slopes + ["", "beyond ±20 %: " + ("; ".join(worst) or "none")])
+    _plot(series, plot)
+    print(text)
+    return text
+
+
+def _plot(series: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for key, pts in sorted(series.items()):
+        pts = sorted(pts)
+        x = [p[0] / 1e9 for p in pts]
+        for ax, i, scale in ((axes[0], 1, 1), (axes[1], 2, GiB), (axes[2], 3, GiB)):
+            y = [p[i] / scale for p in pts]
+            if i == 3 and max(y) < 0.01:
+                continue
+            ax.plot(x, y, marker="o", label=key)
+    for ax, title in zip(axes, ("wall time (s), 2 shared cores", "peak RSS (GiB)", "written (GiB)")):
+        ax.set_xlabel("parameters (B)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+    main()

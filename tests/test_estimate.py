@@ -1,0 +1,77 @@
+"""The plan's estimates against what benchmarks/scaling.py measured (benchmarks/results/scaling.json).
+
+The JSON holds, per model size, the safetensors headers and config the estimate reads, the bytes every
+node wrote, its peak RSS, and llama-quantize --dry-run's size of every type of the demo ladder: these
+tests recompute the estimates with today's code, so a change to estimate.py is checked against real runs
+without running them again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantkit.estimate import GiB, MiB, ModelFacts, gguf_name, quantize_types, tensor_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.scaling import RESULTS, config_for, estimates, tensor_shapes  # noqa: E402
+
+SIZES = json.loads(RESULTS.read_text())["sizes"]
+# Named exceptions to ±20 % (benchmarks/README.md explains each): none for disk.
+RAM_EXCEPTIONS: set[tuple[str, str]] = set()
+
+
+def facts_of(name: str) -> ModelFacts:
+    cfg = config_for(name)
+    return ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": list(s)} for n, s in tensor_shapes(cfg)}], cfg)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[s["name"] for s in SIZES])
+def test_tensor_types_are_llama_quantizes(size):
+    """Tensor data of every ladder type equals llama-quantize --dry-run's (printed to 0.01 MiB)."""
+    facts = ModelFacts.from_headers(size["headers"], size["config"])
+    for qtype, printed in size["dry_run"].items():
+        ours = sum(tensor_bytes(t, ty) for t, ty in quantize_types(facts, qtype, has_imatrix=True))
+        assert abs(ours - printed) <= 0.006 * MiB, (qtype, ours / MiB, printed / MiB)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[s["name"] for s in SIZES])
+def test_estimates_within_20_percent(size):
+    for r in estimates(size):
+        if r["disk_err"] is not None:
+            assert abs(r["disk_err"]) <= 0.02, (r["kind"], r["label"], r["disk_err"])  # sizes are near exact
+        if r["ram_err"] is not None and (size["name"], r["kind"]) not in RAM_EXCEPTIONS:
+            assert abs(r["ram_err"]) <= 0.20, (r["kind"], r["label"], r["ram_err"])
+
+
+def test_fallbacks_of_a_width_not_a_multiple_of_256():
+    """Qwen2.5-0.5B is 896 wide: K-quants fall back to 32-block types on every tensor whose rows are 896."""
+    types = {t.name: ty for t, ty in quantize_types(facts_of("qwen-0.5b"), "Q4_K_M")}
+    assert types["blk.0.attn_q.weight"] == "Q5_0"  # Q4_K -> Q5_0
+    assert types["blk.0.attn_v.weight"] == "Q8_0"  # Q6_K (more bits) -> Q8_0
+    assert types["blk.0.ffn_down.weight"] == "Q6_K"  # 4864 = 19 x 256: no fallback
+    assert types["token_embd.weight"] == "Q8_0"  # tied: the output rule, 896 % 256 != 0
+    assert types["blk.0.attn_norm.weight" if "blk.0.attn_norm.weight" in types else
+                 "blk.0.input_layernorm.weight"] == "F32"
+
+
+def test_llama_8b_ladder_sizes_match_the_published_table():
+    """llama-quantize's own size table (tools/quantize/quantize.cpp) for Llama-3-8B."""
+    facts = facts_of("llama-8b")
+    assert facts.parameters == 8_030_261_248
+    from quantkit.estimate import quantize_bytes
+
+    for qtype, gib in (("Q8_0", 7.96), ("Q6_K", 6.14), ("Q5_K_M", 5.33), ("Q4_K_M", 4.58), ("Q3_K_M", 3.74),
+                       ("Q2_K", 2.96)):
+        assert quantize_bytes(facts, qtype) / GiB == pytest.approx(gib, abs=0.04), qtype
+
+
+def test_hf_names_map_to_gguf_names():
+    assert gguf_name("model.layers.3.self_attn.v_proj.weight") == "blk.3.attn_v.weight"
+    assert gguf_name("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight"
+    assert gguf_name("lm_head.weight") == "output.weight"
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
