@@ -1,11 +1,14 @@
-"""The Prefect flow `quantize`: quantkit's steps as tasks, one deployment per recipe.
+"""The Prefect flow `quantize`: a loop over the recipe's graph (quantkit.graph), one task per node.
 
-A thin layer: every task is a quantkit library function. What Prefect adds:
-- independent GGUF variants run concurrently (a thread per variant);
-- GPU-bound steps hold a slot of the global concurrency limit ``gpu`` (1 slot by default);
-- only network steps retry, with backoff (the model download; publishing when it lands);
-- a task's cache key is quantkit's store key, the digest of everything that decides its output, so an
+A thin layer; the graph decides the steps. What Prefect adds:
+- independent nodes run concurrently (threads by default; on a Ray cluster when ``QUANTKIT_RAY_ADDRESS``
+  or the flow's ``ray_address`` names one: machines share the store through a common path);
+- nodes that use a GPU hold a slot of the global concurrency limit ``gpu`` (1 slot by default) and, on
+  Ray, ask Ray for a GPU;
+- only nodes that touch the network retry, with backoff (the download; a Hub publish);
+- a task's cache key is the node's store key, the digest of everything that decides its output, so an
   unchanged re-run is all cache hits and a changed type recomputes only that type;
+- tasks exchange results (store entries, paths), never a shared mutable context;
 - the tools' output (logger ``quantkit.tool``) and the steps' lines reach the run's logs line by line;
 - the run's variants become table, markdown and link artifacts.
 
@@ -18,15 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import inspect
 import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,109 +36,98 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
-from prefect.futures import PrefectFuture
 from prefect.logging.handlers import APILogHandler
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.tasks import Task, exponential_backoff
-from prefect.utilities.annotations import quote
+from prefect.tasks import exponential_backoff
 
-from quantkit.convert import convert, convert_inputs
-from quantkit.imatrix import imatrix, imatrix_inputs
-from quantkit import pipeline
-from quantkit.pipeline import RunContext, Variant, prepare_source, write_run_folder
-from quantkit.quantize import quantize as quantize_gguf
-from quantkit.quantize import quantize_inputs
-from quantkit.recipe import find_project_root, load_recipe
-from quantkit.store import ENTRY, Entry, Store, default_store_root
-from quantkit.toolchain import ensure_toolchain
+from quantkit.context import RunContext
+from quantkit.graph import Node, build_graph
+from quantkit.pipeline import execute, preflight, run_node, summarize
+from quantkit.store import ENTRY, Entry
 
 GPU_LIMIT = "gpu"  # global concurrency limit; scripts/prefect-up.sh creates it with 1 slot
-PARALLEL = int(os.environ.get("QUANTKIT_PARALLEL", "4"))  # variants quantized at once
+PARALLEL = int(os.environ.get("QUANTKIT_PARALLEL", "4"))  # nodes in flight at once
+RAY_ENV = "QUANTKIT_RAY_ADDRESS"
 
 
-# --- cache keys: the store's own key -------------------------------------------------------------
+# --- one task per node ------------------------------------------------------------------------------
 
-def store_cache_key(step: str, inputs_fn: Callable[..., dict]) -> Callable[[Any, dict], str]:
-    """A Prefect cache key function: the key under which quantkit's store keeps this step's output.
-
-    ``inputs_fn`` is the step's own ``*_inputs`` function (content digests, never paths), called with
-    the task's parameters of the same names.
-    """
-    names = list(inspect.signature(inputs_fn).parameters)
-
-    def cache_key(_context, parameters: dict) -> str:
-        return f"quantkit-{step}-{Store.key(inputs_fn(**{n: parameters[n] for n in names}))}"
-
-    return cache_key
+def _node_cache_key(_context, parameters: dict) -> str | None:
+    """The node's store key: content digests of everything that decides its output, never paths."""
+    ctx, node, deps = parameters["ctx"], parameters["node"], parameters["deps"]
+    key = node.spec.key(ctx, node, deps)
+    return f"quantkit-{node.spec.store_step}-{key}" if key else None
 
 
 def _from_hub_or_network(_task, _task_run, state) -> bool:
-    """Retry a failed download, not a local mistake (a missing folder, a bad recipe)."""
+    """Retry a failed download or upload, not a local mistake (a missing folder, a bad recipe)."""
     exc = state.result(raise_on_failure=False)
     cause = getattr(exc, "__cause__", None)
     return isinstance(exc, (ConnectionError, TimeoutError)) or (
         cause is not None and type(cause).__module__.startswith(("huggingface_hub", "requests", "httpx", "urllib3")))
 
 
-# --- tasks: library functions, nothing else ------------------------------------------------------
-
-source_task = task(prepare_source, name="source", task_run_name="source", cache_policy=NO_CACHE, retries=3,
-                   retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
-                   retry_condition_fn=_from_hub_or_network)
-toolchain_task = task(ensure_toolchain, name="toolchain", task_run_name="toolchain", cache_policy=NO_CACHE)
-convert_task = task(convert, name="convert", task_run_name="convert",
-                    cache_key_fn=store_cache_key("convert", convert_inputs), persist_result=True)
-
-
-quantize_task = task(quantize_gguf, name="quantize", task_run_name="quantize-{label}",
-                     cache_key_fn=store_cache_key("quantize", quantize_inputs), persist_result=True)
-write_run_folder_task = task(write_run_folder, name="write-run-folder", task_run_name="write-run-folder",
-                              cache_policy=NO_CACHE)
+def run_node_task(ctx: RunContext, node: Node, deps: dict[str, Any]) -> Any:
+    """The one task function: the node's kind, holding a GPU slot when it needs one."""
+    with quantkit_logs_to_prefect():
+        if node.spec.gpu:
+            with concurrency(GPU_LIMIT, occupy=1):
+                return run_node(ctx, node, deps)
+        return run_node(ctx, node, deps)
 
 
-def on_gpu(fn: Callable) -> Callable:
-    """``fn`` holding one slot of the global ``gpu`` limit while it runs (its signature kept, so a
-    cache key function still finds its parameters by name)."""
-    @functools.wraps(fn)
-    def held(*args, **kwargs):
-        with concurrency(GPU_LIMIT, occupy=1):
-            return fn(*args, **kwargs)
-    return held
+node_task = task(run_node_task, name="node")
 
 
-imatrix_task = task(on_gpu(imatrix), name="imatrix", task_run_name="imatrix",
-                    cache_key_fn=store_cache_key("imatrix", imatrix_inputs), persist_result=True)
+def task_for(ctx: RunContext, node: Node):
+    spec = node.spec
+    options: dict[str, Any] = dict(name=node.kind, task_run_name=node.name.replace(":", "-"),
+                                   tags=["gpu"] if spec.gpu else [])
+    if spec.inputs is not None and spec.store_step is not None:
+        options.update(cache_key_fn=_node_cache_key, persist_result=True)
+    else:
+        options.update(cache_policy=NO_CACHE)
+    if spec.network(ctx.recipe):  # only the world is flaky: a local failure fails the same way again
+        options.update(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+                       retry_condition_fn=_from_hub_or_network)
+    return node_task.with_options(**options)
 
 
-# Coarse steps, one task each as `quantkit run` calls them: the store inside skips finished work.
-# They record their steps on the run's context, so it is passed unvisited (quote): Prefect would
-# otherwise hand the task a copy.
-preflight_task = task(pipeline.preflight, name="preflight", task_run_name="preflight", cache_policy=NO_CACHE)
-score_ggufs_task = task(on_gpu(pipeline.score_ggufs), name="score-gguf", task_run_name="score-gguf",
-                        cache_policy=NO_CACHE)
-checkpoints_task = task(on_gpu(pipeline.checkpoint_variants), name="gptq-awq", task_run_name="gptq-awq",
-                        cache_policy=NO_CACHE)
-score_checkpoints_task = task(on_gpu(pipeline.score_checkpoints), name="score-checkpoints",
-                              task_run_name="score-checkpoints", cache_policy=NO_CACHE)
-# Publishing may reach the Hub: the one late step that retries.
-publish_task = task(pipeline.publish_run, name="publish", task_run_name="publish", cache_policy=NO_CACHE,
-                    retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5)
+class Submitted:
+    """A Prefect future in the shape quantkit.pipeline.execute polls. A cache hit counts as reused; a
+    cache hit whose store folder was deleted since (a cleaned store) is built again."""
+
+    def __init__(self, ctx: RunContext, node: Node, deps: dict[str, Any]):
+        self.ctx, self.node, self.deps = ctx, node, deps
+        self.task = task_for(ctx, node)
+        with _ray_resources(node):
+            self.future = self.task.submit(ctx=ctx, node=node, deps=deps)
+
+    def done(self) -> bool:
+        return self.future.state.is_final()
+
+    def result(self) -> Any:
+        state = self.future.state
+        value = state.result()
+        if state.name != "Cached" or not isinstance(value, Entry):
+            return value
+        if (value.path / ENTRY).is_file():
+            return dataclasses.replace(value, reused=True)
+        get_run_logger().warning("%s: cached, but %s is gone from the store; building it again", self.node.name,
+                                 value.path)
+        return self.task.with_options(refresh_cache=True)(ctx=self.ctx, node=self.node, deps=self.deps)
 
 
-def resolve(future: PrefectFuture, step_task: Task, kwargs: dict) -> Entry:
-    """The entry a step task produced; a cache hit counts as reused.
+@contextlib.contextmanager
+def _ray_resources(node: Node) -> Iterator[None]:
+    """On Ray, a GPU node asks for one GPU; elsewhere nothing."""
+    if not node.spec.gpu or not os.environ.get(RAY_ENV):
+        yield
+        return
+    from prefect_ray.context import remote_options
 
-    A cache hit whose store folder was deleted since (a cleaned store) is built again.
-    """
-    future.wait()
-    state = future.state
-    entry: Entry = state.result()
-    if state.name != "Cached":
-        return entry
-    if (entry.path / ENTRY).is_file():
-        return dataclasses.replace(entry, reused=True)
-    get_run_logger().warning("%s: cached, but %s is gone from the store; building it again", entry.step, entry.path)
-    return step_task.with_options(refresh_cache=True)(**kwargs)
+    with remote_options(num_gpus=1):
+        yield
 
 
 # --- logs: quantkit's loggers into the run's logs ------------------------------------------------
@@ -157,8 +147,8 @@ class RunLogBridge(logging.Handler):
 def quantkit_logs_to_prefect() -> Iterator[None]:
     root = logging.getLogger("quantkit")
     tool = logging.getLogger("quantkit.tool")
-    if any(isinstance(h, APILogHandler) for h in root.handlers):
-        yield  # PREFECT_LOGGING_EXTRA_LOGGERS=quantkit already sends them
+    if any(isinstance(h, (APILogHandler, RunLogBridge)) for h in root.handlers):
+        yield  # PREFECT_LOGGING_EXTRA_LOGGERS=quantkit already sends them, or the flow's bridge does
         return
     saved = root.level, tool.level, root.propagate
     bridge = RunLogBridge()
@@ -177,8 +167,9 @@ def quantkit_logs_to_prefect() -> Iterator[None]:
 
 # --- artifacts ------------------------------------------------------------------------------------
 
-def publish_artifacts(manifest_path: Path, manifest: dict) -> None:
-    """Table of variants, a markdown summary and a link to the manifest, keyed by the recipe."""
+def publish_artifacts(manifest_path: Path, manifest: dict, published: Any = None) -> None:
+    """Table of variants, a markdown summary, a link to the manifest and, once published, the report
+    (its quality table and recommendations) with a link to its plot, keyed by the recipe."""
     key = re.sub(r"[^a-z0-9-]+", "-", manifest["recipe"]["name"].lower()).strip("-")
     rows = [{"variant": v["label"], "format": v["format"], "MiB": round(v["files"][f]["size"] / 2**20, 1),
              "sha256": v["files"][f]["sha256"][:12], "reused": v["reused"]}
@@ -198,71 +189,57 @@ def publish_artifacts(manifest_path: Path, manifest: dict) -> None:
         f"- run folder: `{manifest_path.parent}`",
     ]), key=f"{key}-summary", description="quantkit run summary")
     create_link_artifact(manifest_path.resolve().as_uri(), link_text="manifest.json", key=f"{key}-manifest")
+    report = manifest_path.parent / "report"
+    if published is not None and (report / "report.md").is_file():
+        plot = report / "plot.png"
+        create_markdown_artifact("\n".join([
+            f"**{published.status}**" + (f": `{published.path}`" if not published.unchanged_since else ""),
+            *(f"[plot]({plot.resolve().as_uri()})",) * plot.is_file(),
+            "",
+            (report / "report.md").read_text(encoding="utf-8"),
+        ]), key=f"{key}-report", description=f"{manifest['recipe']['name']}: report ({published.status})")
 
 
 # --- the flow -------------------------------------------------------------------------------------
 
-def run_context(recipe_file: str) -> RunContext:
-    path = Path(recipe_file)
-    root = find_project_root(path.parent)
-    recipe = load_recipe(path, root=root)  # a bad recipe fails here, before any task
-    threads = int(os.environ.get("QUANTKIT_THREADS", 0)) or os.cpu_count() or 1
-    toolchain = toolchain_task(cuda=os.environ.get("QUANTKIT_CUDA") == "1")
-    return RunContext(recipe=recipe, recipe_file=path.resolve(), root=root, store=Store(default_store_root()),
-                      toolchain=toolchain, threads=threads)
+def task_runner(ray_address: str | None = None):
+    """Threads by default; a Ray cluster when an address is given (``auto``, ``ray://host:10001``)."""
+    address = ray_address or os.environ.get(RAY_ENV)
+    if not address:
+        return ThreadPoolTaskRunner(max_workers=PARALLEL)
+    from prefect_ray import RayTaskRunner
+
+    os.environ[RAY_ENV] = address  # GPU nodes read it when they are submitted
+    return RayTaskRunner(address=address)
 
 
-@flow(name="quantize", task_runner=ThreadPoolTaskRunner(max_workers=PARALLEL))
+@flow(name="quantize", task_runner=task_runner())
 def quantize(recipe: str, publish: bool = True) -> dict:
-    """Run one recipe: source, convert, imatrix, every GGUF type (concurrently), run folder, artifacts.
+    """Run one recipe: every node of its graph as a task, dependencies first.
 
     ``recipe`` is the recipe's path, relative to the working directory (the project, in a deployment).
     """
     start = time.perf_counter()
     with quantkit_logs_to_prefect():
-        ctx = run_context(recipe)
-        preflight_task(quote(ctx))
-        model, calib = source_task(ctx)
-        variants = gguf_variants(ctx, model, calib) if ctx.recipe.gguf else []
-        if variants and ctx.recipe.evaluation:
-            variants = score_ggufs_task(quote(ctx), quote(variants))
-        if ctx.recipe.gptq or ctx.recipe.awq:
-            checkpoints = checkpoints_task(quote(ctx), quote(model), quote(calib))
-            if ctx.recipe.evaluation:
-                checkpoints = score_checkpoints_task(quote(ctx), quote(model), quote(checkpoints))
-            variants = [*variants, *checkpoints]
-        with pipeline.run_folder_lock(ctx):  # another run of this recipe may be writing it
-            manifest_path = write_run_folder_task(ctx, model, calib, variants)
-            if publish:
-                publish_task(quote(ctx), quote(model), manifest_path)
+        ctx = RunContext.from_env(recipe)  # a bad recipe fails here, before any task
+        preflight(ctx)
+        nodes = build_graph(ctx.recipe, publish=publish)
+        results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps), parallel=PARALLEL)
+    manifest_path = results["run-folder"]
     manifest = json.loads(manifest_path.read_text())
-    publish_artifacts(manifest_path, manifest)
-    built = [s["step"] for s in ctx.steps if not s["reused"]]
-    reused = [s["step"] for s in ctx.steps if s["reused"]]
+    publish_artifacts(manifest_path, manifest, results.get("publish"))
+    reused, built = summarize(results)
     get_run_logger().info("run %s done in %.1fs: %d steps built, %d reused", ctx.recipe.name,
                           time.perf_counter() - start, len(built), len(reused))
-    return {"manifest": str(manifest_path), "built": built, "reused": reused}
+    return {"manifest": str(manifest_path), "built": list(built), "reused": list(reused)}
 
 
-def gguf_variants(ctx: RunContext, model, calib) -> list[Variant]:
-    """pipeline.gguf_variants as tasks: the same calls, the types submitted at once."""
-    kw = pipeline.convert_args(ctx, model)
-    base = resolve(convert_task.submit(**kw), convert_task, kw)
-    ctx.record("convert", base)
-    imat = None
-    if (kw := pipeline.imatrix_args(ctx, base, calib)) is not None:
-        imat = resolve(imatrix_task.submit(**kw), imatrix_task, kw)
-        ctx.record("imatrix", imat)
-    variants = [pipeline.gguf_variant(ctx, ctx.recipe.gguf.base_type.upper(), base)]
-    submitted = [(kw, quantize_task.submit(**kw)) for kw in pipeline.quantize_args(ctx, base, imat)]
-    for kw, future in submitted:
-        entry = resolve(future, quantize_task, kw)
-        ctx.record(f"quantize:{kw['label']}", entry)
-        variants.append(pipeline.gguf_variant(ctx, kw["label"], entry))
-    return variants
+def on_ray(address: str):
+    """The ``quantize`` flow with its tasks on the Ray cluster at ``address``."""
+    return quantize.with_options(task_runner=task_runner(address))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python flows/quantize.py RECIPE")
-    print(quantize(sys.argv[1]))
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python flows/quantize.py RECIPE [RAY_ADDRESS]")
+    print((on_ray(sys.argv[2]) if len(sys.argv) == 3 else quantize)(sys.argv[1]))

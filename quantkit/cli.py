@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -62,45 +61,31 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def _context(recipe_file: str, *, build_toolchain: bool):
-    from quantkit.pipeline import RunContext
-    from quantkit.recipe import find_project_root, load_recipe
-    from quantkit.store import Store, default_store_root
-    from quantkit.toolchain import ensure_toolchain, find_toolchain
-
-    path = Path(recipe_file)
-    root = find_project_root(path.parent)
-    recipe = load_recipe(path, root=root)
-    toolchain = ensure_toolchain() if build_toolchain else _maybe(find_toolchain)
-    threads = int(os.environ.get("QUANTKIT_THREADS", 0)) or os.cpu_count() or 1
-    return RunContext(recipe=recipe, recipe_file=path.resolve(), root=root, store=Store(default_store_root()),
-                      toolchain=toolchain, threads=threads)
-
-
-def _maybe(fn):
-    try:
-        return fn()
-    except QuantkitError:
-        return None
-
-
 def cmd_plan(args) -> int:
-    from quantkit.plan import plan, render
+    from quantkit.context import RunContext
+    from quantkit.plan import machine, plan, render, to_json
 
-    ctx = _context(args.recipe, build_toolchain=False)
+    ctx = RunContext.from_env(args.recipe, toolchain="find")
+    rows = plan(ctx)
+    have = machine(ctx.store.root)
+    if args.json:
+        print(to_json(rows, have))
+        return 0
     if ctx.toolchain is None:
-        print("toolchain: not built yet (quantkit toolchain --build); steps after the source show as to do")
-    print(render(plan(ctx.recipe, root=ctx.root, store=ctx.store, toolchain=ctx.toolchain)))
+        print("toolchain: not built yet (quantkit toolchain --build); nodes after the source show as to do")
+    print(render(rows, have=have))
     return 0
 
 
 def cmd_run(args) -> int:
+    from quantkit.context import RunContext
     from quantkit.pipeline import run
 
-    ctx = _context(args.recipe, build_toolchain=True)
-    result = run(ctx, publish=not args.no_publish)
+    result = run(RunContext.from_env(args.recipe), publish=not args.no_publish)
     print(f"manifest: {result.manifest}")
-    if result.published:
+    if result.publish_status and result.publish_status.startswith("unchanged"):
+        print(f"not published: {result.publish_status} (the same files and scores)")
+    elif result.published:
         print(f"published: {result.published}")
     if result.reused:
         print(f"reused: {', '.join(result.reused)}")
@@ -191,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the recipe JSON Schema")
     s.set_defaults(fn=cmd_schema)
 
-    s = sub.add_parser("plan", help="show steps, what is done, and estimated disk/RAM")
+    s = sub.add_parser("plan", help="every node of the run: done or to do (and why), estimated disk/RAM")
     s.add_argument("recipe")
+    s.add_argument("--json", action="store_true", help="machine-readable, with totals and this machine")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("run", help="run a recipe locally (no Prefect server needed)")

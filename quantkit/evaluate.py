@@ -120,6 +120,7 @@ class Speed:
     threads: int
     backend: str  # llama-bench's "backends" field, e.g. "CPU"
     cpu: str
+    repack: bool = True  # False when the CPU's repacked weight path crashed and was turned off
 
     def to_dict(self) -> dict:
         return asdict(self)

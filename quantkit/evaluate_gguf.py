@@ -74,8 +74,10 @@ def _perplexity(args: list, *, workdir: Path, toolchain: Toolchain, threads: int
     log_path = workdir / LOG_FILE
     # Absolute paths: the tool runs in workdir.
     args = [Path(a).resolve() if isinstance(a, Path) else a for a in args]
+    # --no-repack: scores must not depend on a CPU-specific weight layout, and llama.cpp's repacked
+    # AMX/AVX-512 path crashes (SIGSEGV) on quantized GGUFs on some CPUs (seen on a 2-core AMX machine).
     run = run_tool([toolchain.binary("llama-perplexity"), *args, "-t", str(threads), *toolchain.offload_args(),
-                    "--log-file", log_path],
+                    "--no-repack", "--log-file", log_path],
                    cwd=workdir)
     # llama.cpp's logger (common/log.cpp) prints from a worker thread, and its singleton is
     # deliberately never destroyed (llama.cpp issue #22142), so nothing drains its queue at exit:
@@ -297,8 +299,16 @@ def gguf_vocab_size(gguf: Path) -> int:
 def bench_gguf(*, gguf: Path, toolchain: Toolchain, threads: int, prompt_tokens: int = 128, gen_tokens: int = 32,
                reps: int = 2) -> Speed:
     """Prompt-processing and generation tokens/s from ``llama-bench -o jsonl``."""
-    run = run_tool([toolchain.binary("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(gen_tokens),
-                    "-r", str(reps), "-t", str(threads), *toolchain.offload_args(), "-o", "jsonl"])
+    command = [toolchain.binary("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(gen_tokens),
+               "-r", str(reps), "-t", str(threads), *toolchain.offload_args(), "-o", "jsonl"]
+    run = run_tool(command, check=False)
+    repack = True
+    if run.returncode < 0:  # killed by a signal: the repacked CPU path crashes on some CPUs (see _perplexity)
+        log.warning("llama-bench died (signal %d) on %s; measuring again without weight repacking",
+                    -run.returncode, gguf.name)
+        run, repack = run_tool([*command, "--repack", "0"], check=False), False
+    if run.returncode != 0:
+        raise ToolError([str(a) for a in run.command], run.returncode, run.output_tail)
     rows = []
     for line in run.output_tail.splitlines():
         if line.startswith("{"):
@@ -315,4 +325,4 @@ def bench_gguf(*, gguf: Path, toolchain: Toolchain, threads: int, prompt_tokens:
     return Speed(pp_tokens_per_s=float(p["avg_ts"]), pp_stddev=float(p["stddev_ts"]),
                  tg_tokens_per_s=float(t["avg_ts"]), tg_stddev=float(t["stddev_ts"]), prompt_tokens=prompt_tokens,
                  gen_tokens=gen_tokens, reps=reps, threads=int(p.get("n_threads", threads)),
-                 backend=str(p.get("backends", "")), cpu=str(p.get("cpu_info", "")))
+                 backend=str(p.get("backends", "")), cpu=str(p.get("cpu_info", "")), repack=repack)

@@ -202,78 +202,33 @@ def _figures(fmt: str, scores: dict) -> dict:
     return out
 
 
-def run_gguf_chain(*, recipe, root: Path, model, calib, toolchain, store, threads: int,
-                   steps: list[dict]) -> dict[str, dict]:
-    """The recipe's GGUF steps, each timed: convert, imatrix, every type, then PPL/KLD (and speed when
-    the recipe's evaluation says bench) of each against the base. Returns label -> figures."""
-    from quantkit.convert import convert
-    from quantkit.evaluate_gguf import base_logits_once, bench_gguf, score_gguf_step, text_sha256
-    from quantkit.imatrix import imatrix
-    from quantkit.quantize import quantize
+def run_nodes(*, recipe, recipe_file: Path, root: Path, toolchain, store, threads: int,
+              steps: list[dict]) -> dict[str, dict]:
+    """The check recipe's graph (quantkit.graph; no run folder, no publishing), one node at a time, each
+    timed. Returns label -> figures for every variant the graph scores."""
+    from quantkit.context import RunContext
+    from quantkit.graph import build_graph, variant_scores
+    from quantkit.pipeline import execute, run_node
 
-    spec, ev = recipe.gguf, recipe.evaluation
-    base = _timed(steps, "convert", convert, model=model, base_type=spec.base_type,
-                  model_name=recipe.model.display_name, toolchain=toolchain, store=store)
-    imat = None
-    if spec.imatrix.enabled and any(spec.uses_imatrix(v) for v in spec.types):
-        imat = _timed(steps, "imatrix", imatrix, base=base, calibration=calib, spec=spec.imatrix,
-                      toolchain=toolchain, store=store, threads=threads)
-    ggufs = [(spec.base_type.upper(), base)]
-    for v in spec.types:
-        label = spec.label(v)
-        ggufs.append((label, _timed(steps, f"quantize:{label}", quantize, base=base, qtype=v.type, label=label,
-                                    imatrix=imat if spec.uses_imatrix(v) else None,
-                                    extra_args=spec.override_args(v), toolchain=toolchain, store=store,
-                                    threads=threads)))
-    text_file = root / ev.file
-    text_digest = text_sha256(text_file)
-    base_sha = base.files["model.gguf"].sha256
-    variants = {}
-    with base_logits_once(base_gguf=base.file("model.gguf"), text_file=text_file, spec=ev, toolchain=toolchain,
-                          threads=threads) as logits:
-        for label, entry in ggufs:
-            is_base = entry is base
-            scored = _timed(steps, f"score:{label}", score_gguf_step, gguf=entry.file("model.gguf"),
-                            gguf_sha256=entry.files["model.gguf"].sha256,
-                            base_gguf_sha256=None if is_base else base_sha, text_file=text_file,
-                            text_sha256=text_digest, spec=ev, base=None if is_base else logits,
-                            toolchain=toolchain, store=store, label=label, threads=threads)
-            scores = dict(scored.info["score"])
-            if is_base:
-                scores["kld_mean"] = 0.0
-            if ev.bench:
-                speed = _timed(steps, f"bench:{label}", bench_gguf, gguf=entry.file("model.gguf"),
-                               toolchain=toolchain, threads=threads, prompt_tokens=ev.bench_prompt_tokens,
-                               gen_tokens=ev.bench_gen_tokens, reps=ev.bench_reps)
-                scores["speed"] = speed.to_dict()
-            variants[label] = _figures("gguf", scores)
-    return variants
+    ctx = RunContext(recipe=recipe, recipe_file=recipe_file, root=root, store=store, toolchain=toolchain,
+                     threads=threads)
+    nodes = build_graph(recipe, publish=False)
+    folder = next(n for n in nodes if n.kind == "run-folder")
 
+    class Done:  # execute() polls a future; these nodes run in this thread, one at a time
+        def __init__(self, node, deps):
+            self.value = _timed(steps, node.name, run_node, ctx, node, deps)
 
-def run_checkpoints(*, recipe, root: Path, model, calib, store, device: str,
-                    steps: list[dict]) -> tuple[dict, dict]:
-    """GPTQ and AWQ of the recipe on ``device``, scored in torch there; (variants, status)."""
-    from quantkit.awq import awq
-    from quantkit.evaluate_torch import score_hf
-    from quantkit.gptq import backend_version, gptq
+        def done(self) -> bool:
+            return True
 
-    try:
-        version = backend_version()
-    except QuantkitError as e:
-        return {}, {"status": "skipped", "reason": str(e)}
-    ev = recipe.evaluation
-    text = root / ev.file
-    variants = {"HF": _figures("hf", _timed(steps, "score:HF", score_hf, model_dir=model.path, text_file=text,
-                                            spec=ev, device=device).to_dict())}
-    variants["HF"].update(kld_mean=0.0)
-    for kind, fn, specs in (("gptq", gptq, recipe.gptq), ("awq", awq, recipe.awq)):
-        for s in specs:
-            entry = _timed(steps, f"{kind}:{s.name}", fn, model=model, spec=s, calibration=calib, store=store,
-                           device=device)
-            score = _timed(steps, f"score:{s.name}", score_hf, model_dir=entry.path, text_file=text, spec=ev,
-                           base_model_dir=model.path, device=device)
-            variants[s.name] = _figures(kind, score.to_dict())
-    return variants, {"status": "ran", "backend": f"gptqmodel {version}", "device": device}
+        def result(self):
+            return self.value
+
+    results = execute(ctx, [n for n in nodes if n is not folder], Done)
+    return {label: _figures(fmt, variant_scores(ctx, fmt, label, results) | (
+                {"backend": "torch"} if fmt != "gguf" else {}))
+            for fmt, label, made_by in folder.params["variants"]}
 
 
 def run_check(args) -> dict:
@@ -288,8 +243,8 @@ def run_check(args) -> dict:
         if not torch.cuda.is_available():
             raise GpuCheckError(f"torch {torch.__version__} sees no CUDA device (use --skip-gptq to check only "
                                 "llama.cpp)")
-    from quantkit.calibration import load_calibration
     from quantkit.digest import DigestCache
+    from quantkit.gptq import backend_version
     from quantkit.source import fetch_model
     from quantkit.store import Store
     from quantkit.toolchain import build_toolchain, find_toolchain
@@ -308,15 +263,18 @@ def run_check(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="quantkit-gpu-check-", dir=args.work) as work:
         store = Store(Path(work) / "store")  # a fresh store: nothing reused from a CPU run
         model = fetch_model(source=recipe.model, root=root, digests=DigestCache(Path(work) / "digests.json"))
-        calib = load_calibration(recipe.calibration, root=root)
-        variants = run_gguf_chain(recipe=recipe, root=root, model=model, calib=calib, toolchain=toolchain,
-                                  store=store, threads=threads, steps=steps)
+        checkpoints = {"status": "skipped", "reason": "--skip-gptq"}
         if args.skip_gptq:
-            checkpoints = {"status": "skipped", "reason": "--skip-gptq"}
+            recipe = recipe.model_copy(update={"gptq": [], "awq": []})
         else:
-            more, checkpoints = run_checkpoints(recipe=recipe, root=root, model=model, calib=calib, store=store,
-                                                device="cuda" if cuda else "cpu", steps=steps)
-            variants.update(more)
+            try:
+                checkpoints = {"status": "ran", "backend": f"gptqmodel {backend_version()}",
+                               "device": "cuda" if cuda else "cpu"}
+            except QuantkitError as e:
+                checkpoints = {"status": "skipped", "reason": str(e)}
+                recipe = recipe.model_copy(update={"gptq": [], "awq": []})
+        variants = run_nodes(recipe=recipe, recipe_file=Path(args.recipe).resolve(), root=root, toolchain=toolchain,
+                             store=store, threads=threads, steps=steps)
     return build_report(mode=args.mode, machine=machine, toolchain={**toolchain.describe(), "version": toolchain.version},
                         build_seconds=build_seconds, steps=steps, variants=variants, reference=reference,
                         tol=Tolerance(args.ppl_rtol, args.kld_atol), checkpoints=checkpoints,

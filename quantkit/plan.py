@@ -1,143 +1,205 @@
-"""`quantkit plan`: the steps of a recipe, which are done, and the disk and RAM they need.
+"""`quantkit plan`: every node of the run's graph, whether it is done, and what it costs.
 
-Sizes come from the weight count (read from safetensors headers, no weights
-loaded) times bits per weight from quanttypes. Keys are computed exactly as the
-steps compute them, so "done" means the store really holds that output.
+Status comes from the store: a node is done when the store holds the output under the key the node
+would compute, from the results of the nodes before it that are done themselves. Costs come from
+quantkit.estimate. The preflight reads the same totals.
 """
 
 from __future__ import annotations
 
 import json
-import struct
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from quantkit.calibration import load_calibration
-from quantkit.convert import convert_inputs
-from quantkit.digest import DigestCache
-from quantkit.errors import SourceError
-from quantkit.imatrix import imatrix_inputs
-from quantkit.quantize import quantize_inputs
-from quantkit.quanttypes import QUANT_TYPES
-from quantkit.recipe import Recipe
-from quantkit.source import fetch_model
-from quantkit.store import Store
-from quantkit.toolchain import Toolchain
+from quantkit.context import RunContext
+from quantkit.errors import QuantkitError
+from quantkit.estimate import GiB, FactsUnavailable, ModelFacts, cost, read_hub_facts, read_local_facts
+from quantkit.graph import Node, Source, build_graph
 
-GiB = 2**30
-# Resident overhead of the Python converter (torch, numpy) on top of the tensors it holds.
-CONVERTER_OVERHEAD = int(1.0 * GiB)
+DONE, TODO = "done", "to do"
 
 
 @dataclass(frozen=True)
-class PlannedStep:
-    step: str
+class PlannedNode:
+    name: str
+    kind: str
     label: str
-    status: str  # "done", "to do", "unknown" (depends on an output not made yet)
+    status: str  # "done" or "to do"
+    why: str  # what decides the status
+    needs: tuple[str, ...]
+    key: str | None
     disk_bytes: int | None
     ram_bytes: int | None
+    time_class: str
+    gpu: bool
+    network: bool
+    unknown: str | None = None  # why disk or RAM is unknown
 
 
 @dataclass(frozen=True)
-class WeightStats:
-    parameters: int
-    largest_tensor: int  # elements
+class Totals:
+    disk_bytes: int | None  # new disk of the nodes still to do
+    ram_bytes: int | None  # the largest peak of a node still to do
+    ram_node: str | None
+    unknown: tuple[str, ...]  # nodes whose figures are unknown
 
 
-def safetensors_stats(folder: Path) -> WeightStats:
-    """Count weights from safetensors headers only (8-byte length + JSON)."""
-    total, largest = 0, 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for d in meta["shape"]:
-                count *= d
-            total += count
-            largest = max(largest, count)
-    return WeightStats(total, largest)
+@dataclass(frozen=True)
+class Machine:
+    free_disk: int
+    available_ram: int
 
 
-def plan(recipe: Recipe, *, root: Path, store: Store, toolchain: Toolchain | None) -> list[PlannedStep]:
-    steps: list[PlannedStep] = []
+def machine(store_root: Path) -> Machine:
+    path = store_root
+    while not path.exists():
+        path = path.parent
+    available = 1 << 62
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    return Machine(shutil.disk_usage(path).free, available)
+
+
+def _local_source(ctx: RunContext) -> Source | None:
+    from quantkit.calibration import load_calibration
+    from quantkit.digest import DigestCache
+    from quantkit.source import fetch_model
+
+    if ctx.recipe.model.repo and not _hub_cached(ctx):
+        return None
     try:
-        model = fetch_model(source=recipe.model, root=root, digests=DigestCache(store.root / "digests.json")) \
-            if recipe.model.path or _hub_cached(recipe) else None
-    except SourceError:
-        model = None
-    stats = safetensors_stats(model.path) if model else None
-    source_bytes = sum((model.path / f).stat().st_size for f in model.files) if model else None
-    steps.append(PlannedStep("source", recipe.model.repo or recipe.model.path or "", "done" if model else "to do",
-                             source_bytes, None))
-    if recipe.gguf is None:
-        return steps
-    spec = recipe.gguf
-
-    def size(bpw: float) -> int | None:
-        return int(stats.parameters * bpw / 8) if stats else None
-
-    base_bpw = QUANT_TYPES[spec.base_type.upper()].bpw
-    base_size = size(base_bpw)
-    base_entry = None
-    if model and toolchain:
-        base_entry = store.get("convert", convert_inputs(model=model, base_type=spec.base_type,
-                                                         model_name=recipe.model.display_name, toolchain=toolchain))
-    ram_convert = stats.largest_tensor * 4 * 2 + CONVERTER_OVERHEAD if stats else None
-    steps.append(PlannedStep("convert", spec.base_type, _status(base_entry, model and toolchain), base_size,
-                             ram_convert))
-    imat_entry = None
-    if spec.imatrix.enabled and any(spec.uses_imatrix(v) for v in spec.types):
-        if base_entry and toolchain:
-            calib = load_calibration(recipe.calibration, root=root) if recipe.calibration.files else None
-            if calib:
-                imat_entry = store.get("imatrix", imatrix_inputs(base=base_entry, calibration=calib,
-                                                                 spec=spec.imatrix, toolchain=toolchain))
-        steps.append(PlannedStep("imatrix", f"ctx {spec.imatrix.ctx} x {spec.imatrix.chunks} chunks",
-                                 _status(imat_entry, base_entry), 50 * 2**20, base_size))
-    for v in spec.types:
-        use_imat = spec.uses_imatrix(v)
-        entry = None
-        known = base_entry is not None and (imat_entry is not None or not use_imat)
-        if known and toolchain:
-            entry = store.get("quantize", quantize_inputs(base=base_entry, qtype=v.type,
-                                                          imatrix=imat_entry if use_imat else None,
-                                                          extra_args=spec.override_args(v), toolchain=toolchain))
-        ram = base_size + stats.largest_tensor * 4 * 4 if stats and base_size else None
-        steps.append(PlannedStep("quantize", spec.label(v), _status(entry, known),
-                                 size(QUANT_TYPES[v.type].bpw), ram))
-    return steps
+        model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
+        calib = load_calibration(ctx.recipe.calibration, root=ctx.root) if ctx.recipe.calibration.files else None
+    except QuantkitError:
+        return None
+    return Source(model, calib) if calib else None
 
 
-def _status(entry, inputs_known) -> str:
-    if entry is not None:
-        return "done"
-    return "to do" if inputs_known else "to do (after the step before)"
-
-
-def _hub_cached(recipe: Recipe) -> bool:
+def _hub_cached(ctx: RunContext) -> bool:
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(repo_id=recipe.model.repo, revision=recipe.model.revision, local_files_only=True)
+        snapshot_download(repo_id=ctx.recipe.model.repo, revision=ctx.recipe.model.revision, local_files_only=True)
         return True
     except Exception:  # not cached in any form: plan shows the download as to do
         return False
 
 
-def render(steps: list[PlannedStep]) -> str:
-    def fmt(n: int | None) -> str:
-        return "?" if n is None else f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+def plan(ctx: RunContext, *, publish: bool = True) -> list[PlannedNode]:
+    nodes = build_graph(ctx.recipe, publish=publish)
+    source = _local_source(ctx)
+    facts, unknown_why = model_facts(ctx, source)
+    lazy = {n.name for n in nodes if n.spec.lazy}
+    results: dict[str, Any] = {}
+    out = []
+    for node in nodes:
+        status, why, key = _status(ctx, node, results, source, lazy)
+        spec = node.spec
+        c = cost(ctx.recipe, node.kind, {**node.params, "label": node.label}, facts)
+        out.append(PlannedNode(node.name, node.kind, node.label, status, why, node.needs, key, c.disk_bytes,
+                               c.ram_bytes, spec.time_class, spec.gpu, spec.network(ctx.recipe),
+                               c.unknown and (unknown_why or c.unknown)))
+    return out
 
-    rows = [("step", "variant", "status", "disk", "peak RAM")]
-    rows += [(s.step, s.label, s.status, fmt(s.disk_bytes), fmt(s.ram_bytes)) for s in steps]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    todo = [s.disk_bytes for s in steps if s.status != "done" and s.step != "source"]
-    disk = sum(d for d in todo if d) if all(d is not None for d in todo) else None
-    ram = max((s.ram_bytes for s in steps if s.ram_bytes), default=None)
-    lines.append(f"new disk needed: {fmt(disk)}; peak RAM of the largest step: {fmt(ram)} (estimates)")
+
+def model_facts(ctx: RunContext, source: Source | None) -> tuple[ModelFacts | None, str | None]:
+    """The model's facts (shapes, config) and, when they are missing, why: from the folder on disk, or
+    for a Hub model not downloaded yet from its safetensors headers (Range requests, no weights)."""
+    if source is not None:
+        return read_local_facts(source.model.path), None
+    model = ctx.recipe.model
+    if model.repo:
+        try:
+            return read_hub_facts(model.repo, model.revision), None
+        except FactsUnavailable as e:
+            return None, str(e)
+    return None, f"the model folder {model.path} is missing"
+
+
+def _status(ctx: RunContext, node: Node, results: dict, source: Source | None,
+            lazy: set[str]) -> tuple[str, str, str | None]:
+    """(status, why, store key when it can be computed yet); a done node's result goes into ``results``."""
+    if node.kind == "source":
+        if source is None:
+            return TODO, "not on disk yet" if ctx.recipe.model.repo else "the model folder is missing", None
+        results["source"] = source
+        return DONE, f"on disk, digest {source.model.digest[:12]}", None
+    if ctx.toolchain is None:
+        return TODO, "the toolchain is not built", None
+    if node.spec.lazy:
+        return TODO, "made only if a score that needs it is missing; deleted after the run", None
+    missing = [d for d in node.needs if d not in results and d not in lazy]
+    if missing:
+        return TODO, f"after {missing[0]}", None
+    if node.spec.inputs is None or node.spec.store_step is None:
+        return TODO, "checked when it runs" if node.spec.store_step else "every run", None
+    deps = {d: results[d] for d in node.needs if d in results}
+    key = node.spec.key(ctx, node, deps)
+    stored = node.spec.stored(ctx, node, deps)
+    if stored is None:
+        return TODO, "not in the store", key
+    results[node.name] = stored
+    return DONE, f"in the store ({node.spec.store_step}/{key[:12]})", key
+
+
+def totals(rows: list[PlannedNode]) -> Totals:
+    todo = [r for r in rows if r.status != DONE]  # the source too: a download adds its bytes
+    unknown = tuple(r.name for r in todo if r.disk_bytes is None or (r.ram_bytes is None and r.kind not in
+                                                                      ("source", "run-folder", "publish")))
+    disk = sum(r.disk_bytes or 0 for r in todo)
+    worst = max(todo, key=lambda r: r.ram_bytes or 0, default=None)
+    return Totals(disk, worst.ram_bytes if worst else None, worst.name if worst else None, unknown)
+
+
+def _fmt(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def render(rows: list[PlannedNode], *, have: Machine | None = None) -> str:
+    table = [("node", "status", "why", "disk", "peak RAM", "time", "needs")]
+    for r in rows:
+        flags = "/".join(f for f, on in (("gpu", r.gpu), ("net", r.network)) if on)
+        table.append((r.name, r.status, r.why, _fmt(r.disk_bytes), _fmt(r.ram_bytes),
+                      r.time_class + (f" {flags}" if flags else ""),
+                      ", ".join(r.needs) if len(r.needs) <= 3 else f"{len(r.needs)} nodes"))
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
+    t = totals(rows)
+    lines.append(f"{len([r for r in rows if r.status != DONE])} of {len(rows)} nodes to do; new disk: "
+                 f"{_fmt(t.disk_bytes)}; peak RAM: {_fmt(t.ram_bytes)} ({t.ram_node or 'nothing to do'}) (estimates)")
+    if t.unknown:
+        whys = sorted({r.unknown for r in rows if r.name in t.unknown and r.unknown})
+        lines.append(f"unknown: disk and RAM of {len(t.unknown)} nodes ({', '.join(t.unknown[:4])}"
+                     f"{', ...' if len(t.unknown) > 4 else ''}): {'; '.join(whys) or 'no estimate for this kind'}")
+    if have:
+        lines.append(verdict(t, have))
     return "\n".join(lines)
+
+
+def verdict(t: Totals, have: Machine) -> str:
+    """Whether this machine can hold the run, with the numbers (the preflight refuses on the same)."""
+    short = []
+    if t.disk_bytes and t.disk_bytes > have.free_disk:
+        short.append("disk")
+    if t.ram_bytes and t.ram_bytes > have.available_ram:
+        short.append("RAM")
+    need = f"needs {_fmt(t.disk_bytes)} disk, {_fmt(t.ram_bytes)} RAM ({t.ram_node or 'nothing to do'})"
+    has = f"this machine has {_fmt(have.free_disk)} free disk, {_fmt(have.available_ram)} RAM available"
+    if short:
+        return f"this machine cannot hold the run: it {need}; {has}: not enough {' and '.join(short)} " \
+               "(`quantkit run` refuses before any work)"
+    if t.unknown:
+        return f"the known part {need}; {has}"
+    return f"the run {need}; {has}: it fits"
+
+
+def to_json(rows: list[PlannedNode], have: Machine | None = None) -> str:
+    t = totals(rows)
+    return json.dumps({"schema": 1, "nodes": [asdict(r) for r in rows], "totals": asdict(t),
+                       "machine": asdict(have) if have else None}, indent=2)

@@ -317,10 +317,56 @@ class ImatrixSpec(Section):
     chunks: int = Field(100, ge=1, le=100_000)
 
 
+class FitsBudget(Section):
+    """Memory the GGUF must fit in at a context length: weights + KV cache + headroom (quantkit.hardware)."""
+
+    memory_gib: float = Field(gt=0, le=4096)
+    ctx: int = Field(ge=16, le=1_048_576)
+
+
+# The smallest candidate of the budget search (quantkit.budget.CANDIDATES): Q2_K blocks are 84 bytes per
+# 256 weights. No mix of the candidates can go below it.
+MIN_TARGET_BPW = 2.625
+
+
+class GGUFTarget(Section):
+    """A budget for a searched per-tensor mix: exactly one of size_gib, bpw, fits."""
+
+    size_gib: float | None = Field(None, gt=0, le=4096, description="file size at most this many GiB")
+    bpw: float | None = Field(None, gt=0, le=32, description="file bits per weight at most this")
+    fits: FitsBudget | None = Field(None, description="weights + KV cache (f16) + headroom fit this memory")
+    label: SafeName | None = Field(None, description="unique name of the variant (default target-4.50bpw, "
+                                   "target-8GiB, target-8GiB-8k)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> GGUFTarget:
+        given = [k for k in ("size_gib", "bpw", "fits") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise Invalid(f"a target needs exactly one budget, found {len(given)}" + (f" ({', '.join(given)})" if given else ""),
+                          "write one of {bpw: 4.5}, {size_gib: 4}, {fits: {memory_gib: 8, ctx: 8192}}")
+        if self.bpw is not None and self.bpw < MIN_TARGET_BPW:
+            raise Invalid(f"no mix can meet {self.bpw} bits per weight: the smallest candidate type (Q2_K) "
+                          f"takes {MIN_TARGET_BPW}", f"use bpw >= {MIN_TARGET_BPW}", loc=("bpw",))
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        if self.bpw is not None:
+            return f"target-{self.bpw:.2f}bpw"
+        if self.size_gib is not None:
+            return f"target-{self.size_gib:g}GiB"
+        ctx = self.fits.ctx
+        return f"target-{self.fits.memory_gib:g}GiB-" + (f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx))
+
+
 class GGUFSection(Section):
     base_type: Literal["f16", "bf16", "f32"] = "f16"
     imatrix: ImatrixSpec = ImatrixSpec()
-    types: list[GGUFVariant] = Field(min_length=1, max_length=64)
+    types: list[GGUFVariant] = Field(default_factory=list, max_length=64)
+    targets: list[GGUFTarget] = Field(default_factory=list, max_length=16,
+                                      description="budgets for searched per-tensor mixes (quantkit.budget)")
     overrides: TensorOverrides = TensorOverrides()
 
     @field_validator("types", mode="before")
@@ -332,6 +378,11 @@ class GGUFSection(Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> GGUFSection:
+        if not self.types and not self.targets:
+            raise Invalid("gguf makes no variant", "list llama-quantize types under 'types' or budgets under 'targets'")
+        if self.targets and not self.imatrix.enabled:
+            raise Invalid("gguf.targets need the importance matrix: the search weights each tensor's error by it",
+                          "set gguf.imatrix.enabled: true", loc=("targets",))
         for i, variant in enumerate(self.types):
             use_imatrix = self.uses_imatrix(variant)
             qt = QUANT_TYPES[variant.type]
@@ -637,6 +688,7 @@ class Recipe(Section):
         if self.gguf:
             out.append((("gguf", "base_type"), "gguf", self.gguf.base_type.upper()))
             out += [(("gguf", "types", i), "gguf", self.gguf.label(v)) for i, v in enumerate(self.gguf.types)]
+            out += [(("gguf", "targets", i), "gguf", t.name) for i, t in enumerate(self.gguf.targets)]
         out += [(("gptq", i), "gptq", v.name) for i, v in enumerate(self.gptq)]
         out += [(("awq", i), "awq", v.name) for i, v in enumerate(self.awq)]
         return out

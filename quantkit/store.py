@@ -224,7 +224,7 @@ class Store:
         return digest_of(inputs)[:32]
 
     def _final(self, step: str, key: str) -> Path:
-        return self.root / step / key
+        return inside(self.root, step, key)
 
     # ------------------------------------------------------------ scratch space
 
@@ -342,7 +342,7 @@ class Store:
         return Entry(step, key, final, record["inputs"], files, record.get("info", {}), reused)
 
     def _lock(self, step: str, key: str) -> contextlib.AbstractContextManager[None]:
-        return exclusive(self.root / step / f".{key}.lock", f"building {step}/{key}")
+        return exclusive(inside(self.root, step) / f".{key}.lock", f"building {step}/{key}")
 
     @contextlib.contextmanager
     def build(self, step: str, inputs: dict[str, Any]) -> Iterator[Staging]:
@@ -353,12 +353,12 @@ class Store:
         (caught by ``ensure``) if another process finished it while this one waited for the lock.
         """
         key = self.key(inputs)
+        parent = inside(self.root, step)  # a step name is one safe path component, checked before any write
         owner = self._owner()
         with self._lock(step, key):
             done = self._read(step, key, reused=True)
             if done is not None:
                 raise AlreadyBuilt(done)
-            parent = self.root / step
             for stale in parent.glob(f"{STAGING_PREFIX}{key}-*"):
                 # We hold the key's lock, so any temp folder for it is from a dead run.
                 log.info("removing unfinished output of an interrupted run: %s", stale)

@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,gptq,prefect,eval]"
+.venv/bin/python -m pip install -q -e ".[dev,gptq,prefect,eval,ray]"
 .venv/bin/quantkit toolchain --build

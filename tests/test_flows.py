@@ -102,8 +102,7 @@ def first(prefect_server, project):
 
 def test_every_step_is_a_task_and_builds(first, project):
     result, states, logs = first
-    assert set(states) == {"toolchain", "preflight", "source", *STORE_STEPS, "quantize-Q2_K", "write-run-folder",
-                           "publish"}
+    assert set(states) == {"source", *STORE_STEPS, "quantize-Q2_K", "run-folder", "publish"}  # the graph's nodes
     assert all(s == "Completed" for s in states.values()), states
     assert result["built"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
     assert result["reused"] == []
@@ -120,7 +119,10 @@ def test_variants_become_artifacts(first):
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[result["flow_run_id"]])))
     by_key = {a.key: a for a in arts}
-    assert set(by_key) == {"tiny-flow-variants", "tiny-flow-summary", "tiny-flow-manifest"}
+    assert set(by_key) == {"tiny-flow-variants", "tiny-flow-summary", "tiny-flow-manifest", "tiny-flow-report"}
+    report = by_key["tiny-flow-report"].data
+    assert report.startswith("**published ") and "plot.png" in report
+    assert (Path(result["manifest"]).parent / "report" / "report.md").read_text() in report
     assert by_key["tiny-flow-variants"].type == "table"
     assert "# tiny-flow" in by_key["tiny-flow-summary"].data
     assert Path(result["manifest"]).resolve().as_uri() in by_key["tiny-flow-manifest"].data  # a link (markdown)
@@ -165,7 +167,7 @@ def test_planted_token_not_in_prefect_records(first, project):
         "artifacts": "".join(a.model_dump_json() for a in arts),
         "logs": logs,
     }
-    assert len(logs) > 1000 and len(arts) == 3  # what is searched is really there
+    assert len(logs) > 1000 and len(arts) == 4  # what is searched is really there
     leaked = [name for name, text in records.items() if PLANTED_TOKEN in text]
     leaked += [str(p) for p in PREFECT_RESULTS[0].rglob("*") if p.is_file() and PLANTED_TOKEN.encode() in p.read_bytes()]
     leaked += [str(p) for p in project.parent.parent.rglob("*")

@@ -39,20 +39,31 @@ awq:
   - {w_bit: 4, q_group_size: 128, samples: 8, seq_len: 64}
 """)
 
-# (kill point, folder whose temp child marks it, relative to the store or the project, finished
-# siblings before it: the second quantize type is reached when one type is done and one is writing)
-KILL_POINTS = [
-    ("convert", "store", "convert", 0),
-    ("imatrix", "store", "imatrix", 0),
-    ("quantize-Q8_0", "store", "quantize", 0),
-    ("quantize-Q4_K_M", "store", "quantize", 1),
-    ("score-gguf", "store", "score-gguf", 0),
-    ("bench", "store", "bench", 0),
-    ("gptq", "store", "gptq", 0),
-    ("awq", "store", "awq", 0),
-    ("score-hf", "store", "score-hf", 0),
-    ("publish", "project", "artifacts/tiny-kill", 0),
-]
+VARIANT_KINDS = {"convert", "quantize", "gptq", "awq"}  # each of these is killed at every node, not only the first
+
+
+def kill_points() -> list[tuple[str, str, str, int]]:
+    """(kill point, where, folder whose temp child marks it, finished siblings before it), from the graph:
+    every node that builds in the store (the first of each kind, every node that makes a variant), then
+    publishing. A new step kind is covered here without editing this list."""
+    import yaml
+
+    from quantkit.graph import build_graph
+    from quantkit.recipe import Recipe
+
+    nodes = build_graph(Recipe.model_validate(yaml.safe_load(RECIPE)))
+    points, before = [], {}  # store step -> nodes of it earlier in the graph
+    for node in nodes:
+        step = node.spec.store_step
+        if step is None:
+            continue
+        if node.kind in VARIANT_KINDS or step not in before:
+            points.append((node.name.replace(":", "-"), "store", step, before.get(step, 0)))
+        before[step] = before.get(step, 0) + 1
+    return points + [("publish", "project", "artifacts/tiny-kill", 0)]
+
+
+KILL_POINTS = kill_points()
 QUANTKIT = [sys.executable, "-m", "quantkit.cli"]
 
 

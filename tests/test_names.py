@@ -10,9 +10,10 @@ import pytest
 
 from quantkit.errors import RecipeError
 from quantkit.paths import UnsafePathError, inside, name_problem
-from quantkit.pipeline import run_dir
 from quantkit.publish import publish_local
 from quantkit.recipe import GPTQVariant, ModelSource, Output, Recipe, load_recipe
+from quantkit.runfolder import run_dir
+from quantkit.store import Store
 
 
 @pytest.fixture
@@ -85,6 +86,10 @@ def _unchecked_recipe(**overrides) -> Recipe:
 def test_write_sites_refuse_names_that_skipped_the_schema(tmp_path):
     with pytest.raises(UnsafePathError):
         run_dir(_unchecked_recipe(name="../../outside"), tmp_path)
+    with pytest.raises(UnsafePathError):
+        Store(tmp_path / "store").build("../escape", {"x": 1}).__enter__()
+    with pytest.raises(UnsafePathError):
+        Store(tmp_path / "store").get("../escape", {"x": 1})
     src = tmp_path / "run"
     (src / "report").mkdir(parents=True)
     with pytest.raises(UnsafePathError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -131,10 +130,16 @@ def test_plan_shows_done_steps(first_run, capsys, monkeypatch):
     monkeypatch.setenv("QUANTKIT_STORE", str(store))
     assert main(["plan", str(recipe)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    status = {tuple(line.split()[:2]): line for line in lines[1:-1]}
-    assert "done" in status[("convert", "f16")]
-    assert "done" in status[("quantize", "IQ2_XS")]
-    assert lines[-1].startswith("new disk needed: 0 MiB")
+    status = {line.split()[0]: line.split()[1] for line in lines[1:] if line.split()[0] != "of"}
+    assert status["convert"] == "done" and status["quantize:IQ2_XS"] == "done"
+    assert status["run-folder"] == "to" and status["publish"] == "to"  # "to do": they run every time
+    assert any(line.startswith("2 of 10 nodes to do; new disk: 0 KiB") for line in lines), lines[-3:]
+    assert main(["plan", "--json", str(recipe)]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert [n["name"] for n in planned["nodes"]][:3] == ["source", "convert", "imatrix"]
+    assert planned["nodes"][1]["key"] == json.loads(
+        (recipe.parents[1] / "runs" / "tiny-chain" / "manifest.json").read_text())["steps"][0]["key"]
+    assert planned["totals"]["disk_bytes"] == 0
 
 
 def test_planted_token_never_written(first_run):
@@ -146,14 +151,15 @@ def test_planted_token_never_written(first_run):
 
 
 def test_out_of_memory_refused_before_work(first_run, tmp_path, capsys, monkeypatch):
-    import quantkit.pipeline
+    import quantkit.plan
 
     recipe, _ = first_run
-    monkeypatch.setattr(quantkit.pipeline, "_available_memory", lambda: 1 << 20)
+
+    monkeypatch.setattr(quantkit.plan, "machine", lambda _: quantkit.plan.Machine(1 << 50, 1 << 20))
     monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
     assert main(["run", str(recipe)]) == 1
     err = capsys.readouterr().err
-    assert "error: step convert f16 needs about" in err and "0.00 GiB is available" in err
+    assert "error: node convert needs about" in err and "0.00 GiB is available" in err
     assert not (tmp_path / "store" / "convert").exists()
 
 

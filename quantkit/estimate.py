@@ -1,0 +1,550 @@
+"""What a node costs before it runs: the disk it adds, its peak RAM.
+
+Everything is computed from the model's safetensors headers (tensor names, shapes, dtypes) and its
+config.json, never from the weights, so a plan can be made before any download (``quantkit.hubfacts``
+reads the headers of a Hub repo with Range requests).
+
+- GGUF sizes are exact up to the metadata: each tensor gets the type llama-quantize would give it
+  (``quantize_types``, a port of ``llama_tensor_get_type`` in src/llama-quant.cpp at the pinned
+  commit: the per-category rules of every ftype, the output/tied-embedding rule, the fallbacks when a
+  row is not a multiple of the type's block) and its bytes from gguf-py's ``GGML_QUANT_SIZES``.
+- The base logits' size is llama-perplexity's file layout (quantkit.evaluate.base_logits_bytes).
+- Peak RAM of a llama.cpp tool is the model file it maps (the tools read weights in place; the kernel
+  counts those pages in RSS) plus its buffers: the KV cache (quantkit.hardware's model), the logits of one
+  context and the compute graph. Python steps add their interpreter with torch and transformers loaded.
+  The constants below were fitted to ``benchmarks/scaling.py`` (0.5B to 3B parameters, Llama and Qwen
+  shapes); benchmarks/README.md shows the error of each node kind at each size.
+
+Time is not estimated here: it depends on the machine (benchmarks/README.md gives per-step rates of
+one 2-core machine); the plan shows a time class per node kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantkit.quanttypes import QUANT_TYPES
+from quantkit.recipe import Recipe
+
+GiB = 2**30
+MiB = 2**20
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+GGUF_ALIGNMENT = 32
+
+# Fitted to benchmarks/scaling.py (see benchmarks/README.md).
+CONVERTER_BASE = 300 * MiB  # convert_hf_to_gguf.py with torch, numpy and the tokenizer loaded
+LLAMA_TOOL_BASE = 60 * MiB  # a llama.cpp binary before it maps the model
+TORCH_BASE = 700 * MiB  # Python with torch + transformers (+ GPTQModel) imported
+GGUF_META_PER_TOKEN = 40
+QUANTIZE_FILE_WINDOW = 256 * MiB  # pages of the mapped input llama-quantize holds at once  # tokenizer tokens, types and merges in the GGUF header, per vocab entry
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str  # as in the safetensors file
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def count(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes that decide costs: the tensors, the parameter count, bytes on disk, the vocabulary."""
+
+    parameters: int
+    largest_tensor: int  # elements
+    source_bytes: int
+    vocab: int | None
+    config: dict
+    tensors: tuple[Tensor, ...] = field(default=(), repr=False)
+    origin: str = "local"  # "local" (a folder on disk) or "hub" (headers fetched, weights not)
+
+    @classmethod
+    def from_headers(cls, headers: list[dict], config: dict, *, origin: str = "local") -> ModelFacts:
+        tensors = tuple(Tensor(name, tuple(int(d) for d in meta["shape"]), meta.get("dtype", "F32"))
+                        for header in headers for name, meta in header.items() if name != "__metadata__")
+        cfg = config.get("text_config") or config
+        vocab = cfg.get("vocab_size")
+        return cls(parameters=sum(t.count for t in tensors), largest_tensor=max((t.count for t in tensors), default=0),
+                   source_bytes=sum(t.count * DTYPE_BYTES.get(t.dtype, 4) for t in tensors),
+                   vocab=int(vocab) if vocab else None, config=config, tensors=tensors, origin=origin)
+
+    @property
+    def text_config(self) -> dict:
+        return self.config.get("text_config") or self.config
+
+
+def read_local_facts(folder: Path) -> ModelFacts:
+    headers = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            headers.append(json.loads(fh.read(n)))
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return ModelFacts.from_headers(headers, config)
+
+
+# --- the GGUF tensors -------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(?:model\.|transformer\.|language_model\.model\.|model\.language_model\.)?"
+                    r"(?:layers|h|blocks)\.(\d+)\.(.+)$")
+_BLOCK_NAMES = {  # HF suffix (after "layers.N.") -> GGUF name after "blk.N."
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight", "self_attention.query_key_value.weight": "attn_qkv.weight",
+    "attn.c_attn.weight": "attn_qkv.weight", "self_attn.dense.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "mlp.fc1.weight": "ffn_up.weight", "mlp.fc2.weight": "ffn_down.weight",
+}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str  # GGUF name (blk.N.attn_v.weight, token_embd.weight, output.weight)
+    ne0: int  # row width (the last dimension of the HF shape)
+    rows: int
+    dims: int
+
+
+def gguf_name(hf: str) -> str:
+    if m := _LAYER.match(hf):
+        layer, rest = m.groups()
+        return f"blk.{layer}.{_BLOCK_NAMES.get(rest, rest)}"
+    if hf.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")):
+        return "token_embd.weight"
+    if hf.endswith("lm_head.weight") or hf == "embed_out.weight":
+        return "output.weight"
+    if hf.endswith(("model.norm.weight", "final_layernorm.weight", "ln_f.weight")):
+        return "output_norm.weight"
+    return hf
+
+
+def gguf_tensors(facts: ModelFacts) -> list[GGUFTensor]:
+    """The tensors the converter writes, in its order (token_embd, then by layer, output last)."""
+    out = []
+    for t in facts.tensors:
+        if t.name.endswith(("rotary_emb.inv_freq", "masked_bias", ".attn.bias")) or not t.shape:
+            continue
+        rows = t.count // t.shape[-1] if t.shape[-1] else 0
+        out.append(GGUFTensor(gguf_name(t.name), t.shape[-1], rows, len(t.shape)))
+
+    def order(g: GGUFTensor):
+        m = re.match(r"blk\.(\d+)\.", g.name)
+        return (1, int(m.group(1)), g.name) if m else ((0, 0, g.name) if g.name == "token_embd.weight" else (2, 0, g.name))
+
+    return sorted(out, key=order)
+
+
+def _sizes(type_name: str) -> tuple[int, int]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+
+
+def tensor_bytes(t: GGUFTensor, type_name: str) -> int:
+    block, size = _sizes(type_name)
+    return t.rows * (t.ne0 // block) * size
+
+
+def _aligned(n: int) -> int:
+    return (n + GGUF_ALIGNMENT - 1) // GGUF_ALIGNMENT * GGUF_ALIGNMENT
+
+
+def metadata_bytes(facts: ModelFacts, n_tensors: int) -> int:
+    """GGUF header: key/values (the tokenizer dominates) and one info record per tensor."""
+    return _aligned(64 * 1024 + (facts.vocab or 0) * GGUF_META_PER_TOKEN + n_tensors * 96)
+
+
+def base_types(facts: ModelFacts, base_type: str) -> list[tuple[GGUFTensor, str]]:
+    """What the converter writes: 1-D tensors (norms, biases) in F32, the rest in the base type."""
+    base = base_type.upper()
+    return [(t, "F32" if t.dims < 2 else base) for t in gguf_tensors(facts)]
+
+
+def gguf_file_bytes(facts: ModelFacts, typed: list[tuple[GGUFTensor, str]]) -> int:
+    return metadata_bytes(facts, len(typed)) + sum(_aligned(tensor_bytes(t, ty)) for t, ty in typed)
+
+
+# --- llama-quantize's choice of type per tensor (src/llama-quant.cpp, llama_tensor_get_type) ------------
+
+_DEFAULT = {  # llama_ftype_get_default_type
+    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "F16": "F16", "BF16": "BF16",
+    "F32": "F32", "Q1_0": "Q1_0", "Q2_0": "Q2_0", "MXFP4_MOE": "MXFP4", "Q2_K_S": "Q2_K", "Q2_K": "Q2_K",
+    "IQ3_XS": "IQ3_S", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
+    "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0", "IQ2_XXS": "IQ2_XXS",
+    "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ1_S": "IQ1_S",
+    "IQ1_M": "IQ1_M", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S",
+}
+_FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+             "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_0": "Q4_0", "Q2_K": "Q4_0",
+             "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_IQ_LOW = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"}
+_UNQUANTIZED = {"F16", "BF16", "F32"}
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for key, cat in (("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"), ("attn_v.weight", "attn_v"),
+                     ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+                     ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+        if key in name:
+            return cat
+    return "other"
+
+
+def _allows_quantization(t: GGUFTensor) -> bool:
+    name = t.name
+    return (t.dims >= 2 and name.endswith("weight") and "_norm.weight" not in name
+            and "ffn_gate_inp.weight" not in name and "ssm_conv1d" not in name)
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass
+class _State:
+    n_attention_wv: int
+    n_layer: int
+    n_gqa: int
+    n_expert: int
+    arch: str
+    is_70b: bool
+    has_imatrix: bool
+    tied: bool
+    i_attention_wv: int = 0
+    i_ffn_down: int = 0
+
+
+def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type: str | None) -> str:
+    """llama_tensor_get_type_impl for the dense architectures quantkit runs (MoE-only rules left out)."""
+    falcon = qs.arch == "falcon"
+    if cat == "output" or (qs.tied and cat == "token_embd"):
+        if output_type:
+            return output_type.upper()
+        if ftype == "MXFP4_MOE" or falcon or t.ne0 % _sizes(new)[0] != 0:
+            return "Q8_0"
+        if ftype in _IQ_LOW or ftype == "IQ3_XXS":
+            return "Q5_K"
+        return new if new == "Q8_0" else "Q6_K"
+    if ftype == "MXFP4_MOE":
+        return "Q8_0"
+    if cat == "token_embd":
+        if ftype in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K"
+        if ftype in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return "IQ3_S"
+        if ftype in ("TQ1_0", "TQ2_0", "Q2_0"):
+            return "Q4_K"
+        return new
+    if ftype in _IQ_LOW:
+        if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+            qs.i_attention_wv += 1
+            if qs.n_gqa >= 4 or qs.n_expert >= 4:
+                return "Q4_K"
+            return "IQ3_S" if ftype in ("IQ2_S", "IQ2_M") else "Q2_K"
+        if cat == "ffn_down":
+            i = qs.i_ffn_down
+            qs.i_ffn_down += 1
+            if i < qs.n_layer // 8:
+                return "IQ3_S" if ftype in ("IQ2_S", "IQ2_M") else "Q2_K"
+            return new
+        if cat == "attn_output":
+            if qs.n_expert == 8:
+                return "Q5_K"
+            if ftype in ("IQ1_S", "IQ1_M"):
+                return "IQ2_XXS"
+            if ftype in ("IQ2_S", "IQ2_M"):
+                return "IQ3_S"
+        return new
+    if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+        gqa4 = qs.n_gqa >= 4
+        if ftype == "Q2_K":
+            new = "Q4_K" if gqa4 else "Q3_K"
+        elif ftype == "Q2_K_S" and gqa4:
+            new = "Q4_K"
+        elif ftype == "IQ3_XXS":
+            new = "Q4_K" if gqa4 else ("IQ3_S" if not qs.has_imatrix else "IQ3_XXS")
+        elif ftype in ("IQ3_XS", "IQ3_S") and gqa4:
+            new = "Q4_K"
+        elif ftype == "IQ3_M":
+            new = "Q4_K"
+        elif ftype == "Q3_K_M":
+            new = "Q5_K" if qs.i_attention_wv < 2 else "Q4_K"
+        elif ftype == "Q3_K_L":
+            new = "Q5_K"
+        elif ftype in ("IQ4_NL", "IQ4_XS") and gqa4:
+            new = "Q5_K"
+        elif ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(qs.i_attention_wv, qs.n_attention_wv):
+            new = "Q6_K"
+        elif ftype == "Q4_K_S" and qs.i_attention_wv < 4:
+            new = "Q5_K"
+        if qs.is_70b and new in ("Q3_K", "Q4_K"):
+            new = "Q5_K"
+        if qs.n_expert == 8:
+            new = "Q8_0"
+        qs.i_attention_wv += 1
+        return new
+    if cat == "attn_k":
+        if qs.n_expert == 8:
+            return "Q8_0"
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(ftype, new)
+    if cat == "attn_q":
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(ftype, new)
+    if cat == "ffn_down":
+        i, n = qs.i_ffn_down, qs.n_layer
+        qs.i_ffn_down += 1
+        if ftype == "Q2_K":
+            return "Q3_K"
+        if ftype == "Q2_K_S":
+            return "Q4_K" if i < n // 8 else new
+        if ftype == "IQ3_XXS" and not qs.has_imatrix:
+            return "Q4_K" if i < n // 8 else "Q3_K"
+        if ftype == "Q3_K_M":
+            return "Q5_K" if i < n // 16 else ("Q4_K" if not falcon or _more_bits(i, n) else "Q3_K")
+        if ftype == "IQ3_M" and i < n // 8:
+            return "Q4_K"
+        if ftype == "Q3_K_L":
+            return "Q4_K" if falcon else "Q5_K"
+        if ftype == "Q4_K_M":
+            if falcon:
+                return "Q6_K" if i < n // 16 else ("Q5_K" if _more_bits(i, n) else "Q4_K")
+            return "Q6_K" if _more_bits(i, n) else new
+        if i < n // 8 and ftype in ("IQ4_NL", "IQ4_XS") and not qs.has_imatrix:
+            return "Q5_K"
+        if ftype == "Q5_K_M" and _more_bits(i, n):
+            return "Q6_K"
+        if ftype == "Q4_K_S" and not falcon and i < n // 8:
+            return "Q5_K"
+        if ftype in ("Q4_0", "Q5_0") and qs.has_imatrix and i < n // 8:
+            return "Q4_1" if ftype == "Q4_0" else "Q5_1"
+        return new
+    if cat == "attn_output":
+        if falcon:
+            return "Q4_K" if ftype == "Q3_K_L" else new
+        return {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(ftype, new)
+    if cat == "attn_qkv":
+        if ftype in ("Q3_K_M", "Q3_K_L", "IQ3_M"):
+            return "Q4_K"
+        return {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(ftype, new)
+    if cat in ("ffn_gate", "ffn_up"):
+        return new  # only IQ3_XS changes these (to IQ3_XXS in the middle layers), a smaller type
+    return new
+
+
+def _fallback(t: GGUFTensor, ty: str) -> str:
+    block = _sizes(ty)[0]
+    if t.ne0 % block == 0:
+        return ty
+    to = _FALLBACK.get(ty, ty)
+    return to if t.ne0 % _sizes(to)[0] == 0 else "F16"
+
+
+def quantize_types(facts: ModelFacts, qtype: str, *, base_type: str = "f16", has_imatrix: bool = False,
+                   output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+                   tensor_types: dict[str, str] | None = None) -> list[tuple[GGUFTensor, str]]:
+    """Each GGUF tensor with the type llama-quantize gives it for ``qtype`` and these overrides."""
+    ftype = qtype.upper()
+    default = _DEFAULT[ftype]
+    base = base_types(facts, base_type)
+    cfg = facts.text_config
+    heads = int(cfg.get("num_attention_heads") or 1)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    n_layer = int(cfg.get("num_hidden_layers") or 0)
+    arch = str(cfg.get("model_type") or "")
+    names = {t.name for t, _ in base}
+    qs = _State(n_attention_wv=sum(_category(t.name) in ("attn_v", "attn_qkv", "attn_kv_b") for t, _ in base),
+                n_layer=n_layer, n_gqa=heads // kv_heads if kv_heads else 0,
+                n_expert=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0), arch=arch,
+                is_70b=arch == "llama" and n_layer == 80 and heads != kv_heads, has_imatrix=has_imatrix,
+                tied="output.weight" not in names)
+    patterns = [(re.compile(p), ty.upper()) for p, ty in sorted((tensor_types or {}).items())]
+    out = []
+    for t, current in base:
+        if not _allows_quantization(t):
+            out.append((t, current))
+            continue
+        cat = _category(t.name)
+        if token_embedding_type and cat == "token_embd":
+            out.append((t, token_embedding_type.upper()))
+            continue
+        if output_tensor_type and cat == "output":
+            out.append((t, output_tensor_type.upper()))
+            continue
+        new = default
+        if default not in _UNQUANTIZED:
+            manual = next((ty for p, ty in patterns if p.search(t.name)), None)
+            new = manual or _pick(qs, default, t, ftype, cat, output_tensor_type)
+            new = _fallback(t, new)
+        out.append((t, new))
+    return out
+
+
+def quantize_bytes(facts: ModelFacts, qtype: str, **kw) -> int:
+    return gguf_file_bytes(facts, quantize_types(facts, qtype, **kw))
+
+
+# --- costs per node kind -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cost:
+    disk_bytes: int | None  # what the node adds to the store (None: unknown)
+    ram_bytes: int | None  # peak resident memory while it runs
+    unknown: str | None = None  # why a figure is None
+
+
+def kv_cache_bytes(facts: ModelFacts, ctx: int) -> int:
+    from quantkit.hardware import ModelShape
+
+    try:
+        return ModelShape.from_config(facts.config).kv_cache_bytes(ctx)
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def llama_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int) -> int:
+    """A llama.cpp tool evaluating a model: the mapped weights, the KV cache, one context's logits (f32)
+    and the compute buffer (activations of a batch of ``ctx`` tokens)."""
+    cfg = facts.text_config
+    hidden = int(cfg.get("hidden_size") or 0)
+    ffn = int(cfg.get("intermediate_size") or 4 * hidden)
+    logits = ctx * (facts.vocab or 0) * 4
+    compute = ctx * (facts.vocab or 0) * 4 + ctx * (hidden * 6 + ffn * 3) * 4
+    return gguf_bytes + kv_cache_bytes(facts, ctx) + logits + compute + LLAMA_TOOL_BASE
+
+
+def _variant_kwargs(recipe: Recipe, index: int) -> dict:
+    spec = recipe.gguf
+    v = spec.types[index]
+    tensor_types = {**spec.overrides.tensor_types, **v.tensor_types}
+    return {"base_type": spec.base_type, "has_imatrix": bool(spec.imatrix.enabled and spec.uses_imatrix(v)),
+            "output_tensor_type": v.output_tensor_type or spec.overrides.output_tensor_type,
+            "token_embedding_type": v.token_embedding_type or spec.overrides.token_embedding_type,
+            "tensor_types": tensor_types}
+
+
+def _variant_index(recipe: Recipe, params: dict) -> int | None:
+    """The GGUF type a scoring node reads (``params["label"]``, added by the plan); None for the base."""
+    if params.get("is_base") or not recipe.gguf:
+        return None
+    labels = [recipe.gguf.label(v) for v in recipe.gguf.types]
+    return labels.index(params["label"]) if params.get("label") in labels else None
+
+
+def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> Cost:
+    """The estimate for one node of ``kind``; ``params`` are the node's (quantkit.graph.Node.params)."""
+    if facts is None:
+        return Cost(None, None, "the model's safetensors headers are not available")
+    if not facts.tensors:
+        return Cost(None, None, "the model has no safetensors weights to read shapes from")
+    ev = recipe.evaluation
+    base = gguf_file_bytes(facts, base_types(facts, recipe.gguf.base_type)) if recipe.gguf else 0
+    if kind == "source":
+        return Cost(facts.source_bytes if facts.origin == "hub" else 0, None)
+    if kind == "convert":
+        # The converter streams one tensor at a time: the source tensor, its f32 copy and the output copy.
+        return Cost(base, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
+    if kind == "imatrix":
+        spec = recipe.gguf.imatrix
+        # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
+        disk = sum(t.ne0 * 4 + 512 for t, _ in base_types(facts, "f16")
+                   if t.dims >= 2 and t.name.startswith("blk.")) + 64 * 1024
+        # llama-imatrix holds more copies of one context's logits than llama-perplexity (measured: four).
+        return Cost(disk, llama_tool_ram(facts, base, spec.ctx) + 4 * spec.ctx * (facts.vocab or 0) * 4)
+    if kind == "quantize":
+        size = quantize_bytes(facts, recipe.gguf.types[params["index"]].type, **_variant_kwargs(recipe, params["index"]))
+        # The input is mapped and read once, a window of it resident at a time; one tensor at a time is
+        # converted to f32 and quantized into a buffer of its new size.
+        return Cost(size, LLAMA_TOOL_BASE + min(base, QUANTIZE_FILE_WINDOW) + facts.largest_tensor * (4 + 1))
+    if kind == "base-logits":
+        from quantkit.evaluate import estimate_base_logits_bytes
+
+        if facts.vocab is None:
+            return Cost(None, llama_tool_ram(facts, base, ev.ctx), "config.json has no vocab_size")
+        return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), llama_tool_ram(facts, base, ev.ctx))
+    if kind in ("sensitivity", "sensitivity-kld", "mix", "quantize-mix"):  # size budgets (quantkit.budget)
+        from quantkit.budget import target_cost
+
+        return target_cost(recipe, kind, params, facts, base_bytes=base)
+    if kind in ("score-gguf", "tasks-gguf", "bench-gguf"):
+        size = base
+        index = _variant_index(recipe, params)
+        if index is not None:
+            size = quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
+        return Cost(64 * 1024, llama_tool_ram(facts, size, ev.ctx if ev else 512))
+    if kind in ("gptq", "awq"):
+        specs = recipe.gptq if kind == "gptq" else recipe.awq
+        spec = specs[params["index"]]
+        bits = getattr(spec, "bits", None) or getattr(spec, "w_bit")
+        return Cost(checkpoint_bytes(facts, bits, getattr(spec, "group_size", None) or getattr(spec, "q_group_size")),
+                    TORCH_BASE + facts.parameters * 4 + facts.largest_tensor * 4 * 2)
+    if kind in ("score-hf", "tasks-hf", "bench-hf"):
+        # float32 on the CPU; a quantized checkpoint is scored next to its float32 base (KLD).
+        models = 1 if params.get("is_base", True) else 2
+        logits = (ev.ctx if ev else 512) * (facts.vocab or 0) * 4 * 3
+        return Cost(64 * 1024, TORCH_BASE + models * facts.parameters * 4 + logits)
+    return Cost(0, None)
+
+
+def checkpoint_bytes(facts: ModelFacts, bits: int, group: int) -> int:
+    """A GPTQ/AWQ checkpoint: the linears packed at ``bits`` with an f16 scale and packed zero per group;
+    embeddings, norms and the output layer kept in 16 bits."""
+    linear = 0
+    other = 0
+    for t in facts.tensors:
+        g = gguf_name(t.name)
+        if g.startswith("blk.") and len(t.shape) == 2:
+            groups = t.count // (group if group > 0 else t.shape[-1])
+            linear += t.count * bits // 8 + groups * (2 + bits / 8)
+        else:
+            other += t.count * 2
+    return int(linear + other)
+
+
+# --- facts of a Hub model that is not on disk ----------------------------------------------------------
+
+class FactsUnavailable(Exception):
+    """Why the model's headers could not be read (the plan prints it next to the unknown figures)."""
+
+
+def read_hub_facts(repo: str, revision: str | None) -> ModelFacts:
+    """Tensor shapes from the safetensors headers (Range requests of the first bytes of each file, never
+    the weights) and config.json, at the pinned revision."""
+    from huggingface_hub import HfApi, constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    if constants.HF_HUB_OFFLINE:
+        raise FactsUnavailable(f"HF_HUB_OFFLINE=1 and {repo} is not in the Hugging Face cache: the safetensors "
+                               "headers and config.json cannot be read")
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        meta = HfApi(endpoint=endpoint).get_safetensors_metadata(repo, revision=revision)
+        # Read into memory, not into the HF cache: a cached snapshot holding only config.json would look like
+        # a downloaded model to the source step.
+        url = hf_hub_url(repo, "config.json", revision=revision, endpoint=endpoint)
+        response = get_session().get(url, headers=build_hf_headers(), follow_redirects=True)
+        hf_raise_for_status(response)
+        config = json.loads(response.content)
+    except Exception as e:  # noqa: BLE001 - any failure to reach or parse the Hub leaves the figures unknown
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FactsUnavailable(f"cannot read the safetensors headers of {repo}@{revision}: {first}") from e
+    headers = [{name: {"dtype": info.dtype, "shape": list(info.shape)} for name, info in fm.tensors.items()}
+               for fm in meta.files_metadata.values()]
+    return ModelFacts.from_headers(headers, config, origin="hub")

@@ -1,0 +1,152 @@
+"""The run folder (``runs/<recipe>/``: links to every output, the manifest, the recipe) and its publish.
+
+The run-folder node gets every other node's result and writes one versioned manifest: every input
+(recipe, model files, calibration text, toolchain) and every output (store key, sha256 and size of
+each file, scores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit import __version__
+from quantkit.digest import sha256_file, write_json_atomic
+from quantkit.paths import inside
+from quantkit.recipe import Recipe
+from quantkit.source import ModelSnapshot
+from quantkit.store import Entry, exclusive
+
+MANIFEST_SCHEMA = 2  # 2: steps are graph nodes (kind:label), base logits not listed (transient)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One produced artifact of the run, as the report and publishing see it."""
+
+    format: str  # "gguf", "gptq", "awq", "hf"
+    label: str
+    entry: Entry
+    file_name: str  # name in the run folder
+    scores: dict = field(default_factory=dict)  # Score.to_dict() plus "speed", "tasks"
+
+    def describe(self) -> dict:
+        return {"format": self.format, "label": self.label, "file": self.file_name, "step": self.entry.step,
+                "key": self.entry.key, "reused": self.entry.reused, "files": {
+                    n: {"sha256": r.sha256, "size": r.size} for n, r in self.entry.files.items()},
+                "info": self.entry.info, "scores": self.scores}
+
+
+def run_dir(recipe: Recipe, root: Path) -> Path:
+    return inside(root / recipe.output.dir, recipe.name)
+
+
+def run_folder_lock(recipe: Recipe, root: Path) -> contextlib.AbstractContextManager[None]:
+    """Held while a run writes runs/<name>/ and while it publishes from it: two runs of one recipe
+    share that folder (their steps are shared through the store's own locks)."""
+    folder = run_dir(recipe, root)
+    return exclusive(folder.with_name(f".{folder.name}.lock"), f"writing and publishing {folder}")
+
+
+def _link(src: Path, dest: Path) -> None:
+    """Put a store file into the run folder: a hard link (no copy) when the filesystem allows."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _relative(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
+
+
+def variants_of(ctx, node, deps) -> list[Variant]:
+    """The run's variants in report order, each with the scores its graph nodes produced."""
+    from quantkit.graph import variant_scores
+
+    stem = ctx.recipe.model.display_name
+    out = []
+    for fmt, label, made_by in node.params["variants"]:
+        made = deps[made_by]
+        if fmt == "hf":
+            entry, file_name = made.model.as_entry(), _relative(made.model.path, ctx.root)
+        else:
+            entry, file_name = made, f"{stem}-{label}.gguf" if fmt == "gguf" else f"{stem}-{label}"
+        out.append(Variant(fmt, label, entry, file_name, variant_scores(ctx, fmt, label, deps)))
+    return out
+
+
+def write_run_folder(ctx, node, deps) -> Path:
+    """Link every output into ``runs/<recipe>/`` and write ``manifest.json``; return its path."""
+    src = deps["source"]
+    variants = variants_of(ctx, node, deps)
+    steps = [{"step": name, "key": r.key, "reused": r.reused, "seconds": r.info.get("seconds")}
+             for name, r in deps.items() if isinstance(r, Entry)]
+    out = run_dir(ctx.recipe, ctx.root)
+    with run_folder_lock(ctx.recipe, ctx.root):
+        out.mkdir(parents=True, exist_ok=True)
+        for v in variants:
+            if v.format == "gguf":
+                _link(v.entry.file("model.gguf"), inside(out, v.file_name))
+            elif v.format in ("gptq", "awq"):
+                folder = inside(out, v.file_name)
+                folder.mkdir(exist_ok=True)
+                for name in v.entry.files:
+                    dest = inside(folder, *Path(name).parts)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _link(v.entry.path / name, dest)
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "quantkit": __version__,
+            "recipe": {"name": ctx.recipe.name, "file": _relative(ctx.recipe_file, ctx.root),
+                       "sha256": sha256_file(ctx.recipe_file), "resolved": ctx.recipe.model_dump(mode="json")},
+            "model": src.model.describe() | {"path": _relative(src.model.path, ctx.root)},
+            "calibration": src.calibration.describe(),
+            "toolchain": {"llama_cpp": ctx.tools.commit, "version": ctx.tools.version,
+                          "origin": ctx.tools.origin, "cuda": ctx.tools.cuda} if ctx.toolchain else None,
+            "steps": steps,
+            "variants": [v.describe() for v in variants],
+        }
+        path = out / "manifest.json"
+        write_json_atomic(path, manifest)
+        # The resolved recipe travels with what it produced.
+        (out / "recipe.yaml").write_bytes(ctx.recipe_file.read_bytes())
+    return path
+
+
+def model_facts(model_dir: Path) -> dict:
+    """What the report needs from the model's own files: config, chat template, EOS token."""
+    def read(name: str) -> dict:
+        p = model_dir / name
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    tok = read("tokenizer_config.json")
+    template_file = model_dir / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else tok.get("chat_template")
+    eos = tok.get("eos_token")
+    if isinstance(eos, dict):  # older tokenizer configs wrap special tokens
+        eos = eos.get("content")
+    return {"config": read("config.json"), "chat_template": template if isinstance(template, str) else None,
+            "eos_token": eos}
+
+
+def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
+    """Render the report, apply the regression gate, publish (local store by default)."""
+    from quantkit.publish import release
+    from quantkit.recipe import Publish
+
+    facts = model_facts(model.path)
+    calib_readme = ctx.root / "calibration" / "README.md"
+    with run_folder_lock(ctx.recipe, ctx.root):
+        return release(run_dir=manifest_path.parent, manifest=json.loads(manifest_path.read_text()), root=ctx.root,
+                       settings=ctx.recipe.publish or Publish(), recipe_yaml=ctx.recipe_file.read_text(),
+                       config=facts["config"], chat_template=facts["chat_template"], eos_token=facts["eos_token"],
+                       calibration_readme=calib_readme.read_text() if calib_readme.is_file() else None)

@@ -1,0 +1,146 @@
+"""The recipe's graph: every node the run executes, in dependency order; and the executor's rules
+(dependencies first, bounded concurrency, lazy nodes only when needed, the first failure stops it)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from quantkit import graph
+from quantkit.graph import KINDS, Node, StepKind, build_graph
+from quantkit.pipeline import execute
+from quantkit.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_recipe(REPO / "recipes" / "smollm2-135m-demo.yaml")
+
+
+def test_demo_graph_has_every_unit_of_work(demo):
+    nodes = build_graph(demo)
+    names = [n.name for n in nodes]
+    assert len(names) == len(set(names))
+    labels = [label for _, _, label in demo.variant_labels()]
+    gguf = ["F16", *[demo.gguf.label(v) for v in demo.gguf.types]]
+    checkpoints = [v.name for v in demo.gptq] + [v.name for v in demo.awq]
+    expected = {"source", "convert", "imatrix", "base-logits", "run-folder", "publish",
+                *(f"quantize:{label}" for label in gguf[1:]),
+                *(f"{kind}-gguf:{label}" for label in gguf for kind in ("score", "bench")),
+                *(f"tasks-gguf:{label}:which-word-fits" for label in gguf),
+                *(f"gptq:{v.name}" for v in demo.gptq), *(f"awq:{v.name}" for v in demo.awq),
+                *(f"{kind}-hf:{label}" for label in ["HF", *checkpoints] for kind in ("score", "bench")),
+                *(f"tasks-hf:{label}:which-word-fits" for label in ["HF", *checkpoints])}
+    assert set(names) == expected
+    assert sorted(labels) == sorted(gguf + checkpoints)
+    # Dependencies come first, and every kind is defined once.
+    seen: set[str] = set()
+    for node in nodes:
+        assert set(node.needs) <= seen, node
+        assert node.kind in KINDS
+        seen.add(node.name)
+    by = {n.name: n for n in nodes}
+    assert by["quantize:Q4_K_M"].needs == ("convert", "imatrix")
+    assert by["score-gguf:Q2_K"].needs == ("quantize:Q2_K", "convert", "base-logits")
+    assert by["score-gguf:F16"].needs == ("convert",)  # the base is scored without KLD, so no logits
+    assert set(by["run-folder"].needs) == set(names) - {"run-folder", "publish", "base-logits"}
+    variants = [label for _, label, _ in by["run-folder"].params["variants"]]
+    assert variants == [*gguf, "HF", *checkpoints]
+
+
+def test_flags_and_publish_switch(demo):
+    nodes = {n.name: n for n in build_graph(demo, publish=False)}
+    assert "publish" not in nodes
+    gpu = {n.kind for n in nodes.values() if n.spec.gpu}
+    assert gpu == {"imatrix", "base-logits", "score-gguf", "tasks-gguf", "bench-gguf", "gptq", "awq", "score-hf",
+                   "tasks-hf", "bench-hf"}
+    assert not any(n.spec.network(demo) for n in nodes.values())  # a local model folder, local publish
+    hub = demo.model_copy(update={"model": demo.model.model_copy(update={"repo": "a/b", "path": None})})
+    assert [n.name for n in build_graph(hub) if n.spec.network(hub)] == ["source"]
+
+
+# --- the executor, on a graph of its own kinds ----------------------------------------------------
+
+class Recorder:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.started: list[str] = []
+        self.in_flight = self.most = 0
+
+    def run(self, ctx, node, deps):
+        with self.lock:
+            self.started.append(node.name)
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(0.05)
+        with self.lock:
+            self.in_flight -= 1
+        if node.params.get("fail"):
+            raise RuntimeError(f"{node.name} failed")
+        return {"node": node.name, "deps": sorted(deps)}
+
+
+@pytest.fixture
+def kinds(monkeypatch):
+    rec = Recorder()
+    stored: dict[str, dict] = {}
+
+    def stored_result(ctx, node, deps):
+        return stored.get(node.name)
+
+    monkeypatch.setitem(KINDS, "t", StepKind(rec.run, "a result"))
+    monkeypatch.setitem(KINDS, "t-lazy", StepKind(rec.run, "a lazy input", lazy=True))
+    # A kind whose result may be "in the store" already (then its lazy input is not needed).
+    kind = StepKind(rec.run, "a stored result", inputs=lambda ctx, node, deps: {"n": node.name}, store_step="x")
+    monkeypatch.setitem(KINDS, "t-stored", kind)
+    monkeypatch.setattr(StepKind, "stored", lambda self, ctx, node, deps: stored_result(ctx, node, deps))
+    monkeypatch.setattr(graph, "with_reuse", lambda r: r | {"reused": True})
+    import quantkit.pipeline
+    monkeypatch.setattr(quantkit.pipeline, "with_reuse", lambda r: r | {"reused": True})
+    return rec, stored
+
+
+def run(nodes, parallel):
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        return execute(None, nodes, lambda node, deps: pool.submit(KINDS[node.kind].run, None, node, deps),
+                       parallel=parallel, poll=0.005)
+
+
+def test_dependencies_first_and_bounded(kinds):
+    rec, _ = kinds
+    nodes = [Node("a", "t", "a"), *[Node(f"b{i}", "t", "b", ("a",)) for i in range(6)],
+             Node("c", "t", "c", tuple(f"b{i}" for i in range(6)))]
+    results = run(nodes, parallel=3)
+    assert rec.started[0] == "a" and rec.started[-1] == "c"
+    assert rec.most == 3
+    assert results["c"]["deps"] == [f"b{i}" for i in range(6)]
+    assert list(results) == [n.name for n in nodes]  # graph order, whatever order they finished in
+
+
+def test_lazy_node_only_when_a_dependent_is_missing(kinds):
+    rec, stored = kinds
+    nodes = [Node("base", "t", "b"), Node("logits", "t-lazy", "l", ("base",)),
+             Node("s1", "t-stored", "1", ("base", "logits")), Node("s2", "t-stored", "2", ("base", "logits"))]
+    stored.update({"s1": {"node": "s1"}, "s2": {"node": "s2"}})
+    results = run(nodes, parallel=1)
+    assert rec.started == ["base"] and "logits" not in results
+    assert results["s1"] == {"node": "s1", "reused": True}
+    del stored["s2"]
+    rec.started.clear()
+    results = run(nodes, parallel=1)
+    assert rec.started == ["base", "logits", "s2"]
+    assert results["s2"]["deps"] == ["base", "logits"]
+
+
+def test_first_failure_stops_new_work_and_is_raised(kinds):
+    rec, _ = kinds
+    nodes = [Node("a", "t", "a", params={"fail": True}), Node("b", "t", "b", ("a",)), Node("c", "t", "c")]
+    with pytest.raises(RuntimeError, match="a failed"):
+        run(nodes, parallel=1)
+    assert "b" not in rec.started

@@ -1,0 +1,143 @@
+"""The quantize flow on a real local Ray cluster (prefect-ray): same bytes and scores as `quantkit run`,
+and a Ray worker killed while it quantizes does not lose the run.
+
+The cluster is `ray start --head` with its own worker processes (not the test's); the flow runs in
+its own process against a real Prefect server; machines would share the store through a common
+path, here one folder. The cluster declares one logical GPU so GPU nodes (which ask Ray for one)
+can be placed; on a CPU machine they run on the CPU as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prefect_ray", reason="the Ray runner needs the 'ray' extra")
+psutil = pytest.importorskip("psutil")
+
+from figures import COUNTERS  # noqa: E402
+from test_pipeline import make_project, tiny_recipe  # noqa: E402
+from test_worker_kill import BIN, Site, free_port  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+NAME = "tiny-ray"
+RECIPE = tiny_recipe(NAME, """\
+evaluation:
+  file: calibration/eval/en-prose-heldout.txt
+  ctx: 128
+  max_tokens: 1024
+  bench: false
+gguf:
+  imatrix: {enabled: true, ctx: 128, chunks: 8}
+  types: [Q8_0, Q4_K_M, Q2_K]
+""")
+
+
+def outcome(manifest_path: Path) -> dict:
+    """What must not depend on where the nodes ran: every file's sha256 and every score."""
+    manifest = json.loads(manifest_path.read_text())
+    return {v["label"]: ({n: f["sha256"] for n, f in v["files"].items()},
+                         {k: v["scores"].get(k) for k in ("ppl", "kld_mean", "kld_p99", "same_top_pct")})
+            for v in manifest["variants"]}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, repo_root, tiny_llama):
+    root = tmp_path_factory.mktemp("ray-ref")
+    make_project(root, repo_root, tiny_llama).unlink()
+    (root / "recipes" / f"{NAME}.yaml").write_text(RECIPE)
+    env = {**os.environ, "QUANTKIT_STORE": str(tmp_path_factory.mktemp("ray-ref-store")), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "quantkit.cli", "run", "--no-publish", f"recipes/{NAME}.yaml"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return outcome(root / "runs" / NAME / "manifest.json")
+
+
+class RayCluster:
+    def __init__(self, site: Site):
+        self.site = site
+        # Ray's unix sockets need a short path.
+        self.temp = tempfile.mkdtemp(prefix="qk-ray-", dir="/tmp")
+        self.address = f"127.0.0.1:{free_port()}"
+        self.site.env |= {"RAY_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0",
+                          "QUANTKIT_RAY_ADDRESS": self.address}
+
+    def start(self) -> None:
+        self.site.cli(str(BIN / "ray"), "start", "--head", "--port", self.address.split(":")[1], "--num-cpus", "2",
+                      "--num-gpus", "1", "--include-dashboard=false", "--disable-usage-stats",
+                      "--temp-dir", self.temp)
+
+    def stop(self) -> None:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.site.env, capture_output=True, timeout=120)
+        subprocess.run(["rm", "-rf", self.temp])
+
+
+@pytest.fixture
+def cluster(tmp_path, repo_root, tiny_llama):
+    site = Site(tmp_path, repo_root, tiny_llama)
+    (site.root / "recipes" / f"{NAME}.yaml").write_text(RECIPE)
+    ray = RayCluster(site)
+    try:
+        site.start_server()
+        site.cli(str(BIN / "prefect"), "global-concurrency-limit", "create", "gpu", "--limit", "1")
+        ray.start()
+        yield site
+    finally:
+        ray.stop()
+        site.stop()
+
+
+def run_flow(site: Site) -> subprocess.Popen:
+    return site.spawn("flow", str(BIN / "python"), "flows/quantize.py", f"recipes/{NAME}.yaml",
+                      site.env["QUANTKIT_RAY_ADDRESS"])
+
+
+def finished(site: Site, flow: subprocess.Popen, timeout: float = 900) -> Path:
+    assert flow.wait(timeout=timeout) == 0, (site.logs / "flow.log").read_text()[-4000:]
+    return site.root / "runs" / NAME / "manifest.json"
+
+
+def test_flow_on_ray_matches_a_local_run(cluster, local_run):
+    flow = run_flow(cluster)
+    manifest = finished(cluster, flow)
+    log = (cluster.logs / "flow.log").read_text()
+    assert "Connecting to an existing Ray instance" in log and "Using Ray cluster with 1 nodes" in log
+    assert outcome(manifest) == local_run
+    COUNTERS["Ray runs identical to quantkit run"] += 1
+
+
+def ray_worker_quantizing(store: Path) -> int | None:
+    """The pid of the Ray worker whose scratch folder holds a quantize staging folder (the owner id
+    is ``<pid>-<random>``), once llama-quantize is writing."""
+    for tmp in store.glob("scratch/*/quantize/.tmp-*"):
+        pid = int(tmp.parents[1].name.split("-")[0])
+        if psutil.pid_exists(pid) and "ray" in " ".join(psutil.Process(pid).cmdline()).lower():
+            return pid
+    return None
+
+
+def test_ray_worker_killed_while_quantizing(cluster, local_run):
+    flow = run_flow(cluster)
+    deadline = time.monotonic() + 600
+    while (pid := ray_worker_quantizing(cluster.store)) is None:
+        assert flow.poll() is None, (cluster.logs / "flow.log").read_text()[-4000:]
+        assert time.monotonic() < deadline, "no Ray worker ever reached llama-quantize"
+        time.sleep(0.02)
+    worker = psutil.Process(pid)
+    for child in worker.children(recursive=True):
+        child.kill()
+    os.kill(pid, signal.SIGKILL)
+    manifest = finished(cluster, flow)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert outcome(manifest) == local_run, "outputs after the lost worker differ from a local run"
+    assert not list(cluster.store.rglob(".tmp-*")), "temp folders left after the run"
+    COUNTERS["kill points survived"] += 1
