@@ -1,0 +1,397 @@
+"""Size-budget GGUFs: the per-tensor type mix with the least predicted error under a byte budget.
+
+Pure functions first (the budget in bytes, the allocation); the steps that run tools (``make_mix``,
+``quantize_mix``) after them. The allocation is a multiple-choice knapsack: every quantized tensor
+takes exactly one candidate type, each choice has a measured byte size and a predicted error
+(quantkit.sensitivity: the imatrix-weighted error times its group's KLD factor), and the total
+bytes must stay under the budget. It is solved exactly by dynamic programming over bytes counted in
+``granule`` units (each tensor's bytes rounded *up*, so a solution is always within budget), then the
+slack the rounding left is filled greedily with exact bytes. Ties go to the smaller type, then to
+the tensor name, so the same tables give the same mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantkit.errors import QuantkitError, VerificationError
+from quantkit.hardware import DEFAULT_HEADROOM, GIB, ModelShape
+from quantkit.recipe import GGUFTarget
+from quantkit.store import Entry, Staging, Store
+from quantkit.toolchain import Toolchain
+
+log = logging.getLogger(__name__)
+
+MIX_STEP = "mix"
+QUANTIZE_STEP = "quantize"
+MIX_FILE = "tensor-types.txt"
+MIX_JSON = "mix.json"
+METHOD = "mckp-dp/1"
+MAX_CELLS = 1 << 18  # DP resolution: the budget in at most this many granules
+PADDING = 32  # GGUF aligns each tensor's data to 32 bytes
+
+
+class BudgetError(QuantkitError):
+    """A target no mix of the candidate types can meet."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    type: str
+    bytes: int
+    error: float
+
+
+# --- the budget -----------------------------------------------------------------------------------
+
+def budget_bytes(target: GGUFTarget, *, parameters: int, config: dict | None) -> int:
+    """The file size (bytes) the target allows. ``bpw`` counts every weight of the GGUF as the report
+    does (size * 8 / parameters); ``fits`` takes the KV cache (f16) and the headroom of quantkit.hardware
+    from the memory."""
+    if target.size_gib is not None:
+        return int(target.size_gib * GIB)
+    if target.bpw is not None:
+        return int(target.bpw * parameters / 8)
+    shape = ModelShape.from_config(config or {})
+    return int(target.fits.memory_gib * GIB) - shape.kv_cache_bytes(target.fits.ctx) - DEFAULT_HEADROOM
+
+
+def describe_budget(target: GGUFTarget, size: int) -> str:
+    if target.fits is not None:
+        return (f"{size / GIB:.3f} GiB of weights (fits {target.fits.memory_gib:g} GiB at {target.fits.ctx} "
+                "context with the f16 KV cache and headroom)")
+    return f"{size / GIB:.3f} GiB" + (f" ({target.bpw} bits per weight)" if target.bpw is not None else "")
+
+
+# --- the allocation -------------------------------------------------------------------------------
+
+def options(tables: dict[str, dict], factors: dict[str, float] | None = None) -> dict[str, list[Choice]]:
+    """Per quantized tensor, its distinct choices from the sensitivity tables (type read back ->
+    bytes, predicted error), ordered by bytes then type. Candidates that fell back to the same type
+    collapse to one choice."""
+    factors = factors or {}
+    out: dict[str, dict[str, Choice]] = {}
+    for table in tables.values():
+        for name, row in table["tensors"].items():
+            if not row["quantized"]:
+                continue
+            f = factors.get(row["group"], 1.0)
+            c = Choice(row["type"], row["bytes"], f * row["error"])
+            have = out.setdefault(name, {}).get(c.type)
+            if have is None or (c.error, c.bytes) < (have.error, have.bytes):
+                out[name][c.type] = c
+    return {n: sorted(cs.values(), key=lambda c: (c.bytes, c.type)) for n, cs in sorted(out.items())}
+
+
+def fixed_bytes(tables: dict[str, dict]) -> int:
+    """Tensors no candidate quantizes (norms, biases): the same bytes in every mix."""
+    table = next(iter(tables.values()))
+    return sum(r["bytes"] for r in table["tensors"].values() if not r["quantized"])
+
+
+def allocate(opts: dict[str, list[Choice]], budget: int, *, granule: int | None = None) -> dict[str, Choice]:
+    """The choice per tensor that minimizes the summed error with summed bytes <= ``budget``.
+
+    Exact for the bytes rounded up to ``granule`` (default: the budget over MAX_CELLS, at least 1);
+    ``granule=1`` is exact. Raises BudgetError when even the smallest choices do not fit."""
+    names = sorted(opts)
+    smallest = sum(opts[n][0].bytes for n in names)
+    if smallest > budget:
+        raise BudgetError(f"the smallest mix takes {smallest} bytes of tensors, over the budget of {budget}")
+    granule = granule or max(1, math.ceil(budget / MAX_CELLS))  # sizes are rounded up to this
+    cells = budget // granule
+    dp = np.zeros(cells + 1)  # least error using at most c granules, over the tensors so far
+    picks = []
+    for n in names:
+        new = np.full(cells + 1, np.inf)
+        pick = np.zeros(cells + 1, dtype=np.int8)
+        for k, c in enumerate(opts[n]):
+            w = -(-c.bytes // granule)
+            if w > cells:
+                continue
+            cand = np.full(cells + 1, np.inf)
+            cand[w:] = dp[:cells + 1 - w] + c.error
+            better = cand < new  # strict: ties keep the earlier (smaller) choice
+            new[better] = cand[better]
+            pick[better] = k
+        dp = new
+        picks.append(pick)
+    if not np.isfinite(dp[cells]):  # only the rounding stands in the way: start from the smallest mix
+        log.debug("no mix fits %d bytes in %d-byte units; filling up from the smallest mix", budget, granule)
+        return _fill(opts, {n: opts[n][0] for n in names}, budget)
+    chosen: dict[str, Choice] = {}
+    c = cells
+    for n, pick in zip(reversed(names), reversed(picks)):
+        k = int(pick[c])
+        chosen[n] = opts[n][k]
+        c -= -(-opts[n][k].bytes // granule)
+    return _fill(opts, dict(sorted(chosen.items())), budget)
+
+
+def _fill(opts: dict[str, list[Choice]], chosen: dict[str, Choice], budget: int) -> dict[str, Choice]:
+    """Spend the slack left by rounding: repeatedly take the single upgrade with the best error drop
+    per byte that still fits (exact bytes)."""
+    used = sum(c.bytes for c in chosen.values())
+    while True:
+        best = None
+        for n, cur in chosen.items():
+            for c in opts[n]:
+                extra = c.bytes - cur.bytes
+                gain = cur.error - c.error
+                if gain > 0 and used + extra <= budget:
+                    key = (-(gain / max(extra, 1)), n, c.type)
+                    if best is None or key < best[0]:
+                        best = (key, n, c, extra)
+        if best is None:
+            return chosen
+        _, n, c, extra = best
+        chosen[n] = c
+        used += extra
+
+
+# --- the mix step -----------------------------------------------------------------------------------
+
+def main_ftype(chosen: dict[str, Choice]) -> str:
+    """The llama-quantize file type named in general.file_type: that of the type holding most bytes."""
+    from quantkit.sensitivity import CANDIDATES
+
+    by_type: dict[str, int] = {}
+    for c in chosen.values():
+        by_type[c.type] = by_type.get(c.type, 0) + c.bytes
+    for t, _ in sorted(by_type.items(), key=lambda kv: (-kv[1], kv[0])):
+        if t in CANDIDATES:
+            return CANDIDATES[t]
+    return "Q8_0"
+
+
+def mix_inputs(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], calibration: Entry, budget: int,
+               toolchain: Toolchain) -> dict:
+    return {"base_sha256": base.files["model.gguf"].sha256, "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256,
+            "tables": {t: e.key for t, e in sorted(tables.items())}, "calibration": calibration.key,
+            "budget_bytes": budget, "method": METHOD, "llama_cpp": toolchain.commit}
+
+
+_QUANT_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
+
+
+def make_mix(*, label: str, target: GGUFTarget, base: Entry, imatrix: Entry, tables: dict[str, Entry],
+             calibration: Entry, parameters: int, config: dict | None, toolchain: Toolchain, store: Store,
+             threads: int = 1) -> Entry:
+    """The ``mix`` entry: ``tensor-types.txt`` (llama-quantize's --tensor-type-file) and ``mix.json``
+    (budget, predicted bytes and error, the type of every tensor), checked with --dry-run."""
+    from quantkit.sensitivity import load_factors, load_table, mix_file_text, quantize_with_mix
+
+    budget = budget_bytes(target, parameters=parameters, config=config)
+    inputs = mix_inputs(base=base, imatrix=imatrix, tables=tables, calibration=calibration, budget=budget,
+                        toolchain=toolchain)
+
+    def produce(staging: Staging) -> None:
+        import time
+
+        from quantkit.digest import write_json_atomic
+
+        start = time.perf_counter()
+        loaded = {t: load_table(e) for t, e in sorted(tables.items())}
+        factors = load_factors(calibration)
+        opts = options(loaded, factors)
+        ref = next(iter(loaded.values()))
+        overhead = ref["file_bytes"] - ref["tensor_bytes"]  # metadata and padding of a candidate file
+        fixed = fixed_bytes(loaded)
+        room = budget - overhead - fixed - PADDING * len(ref["tensors"])
+        smallest = sum(o[0].bytes for o in opts.values()) + fixed + overhead
+        if room < sum(o[0].bytes for o in opts.values()):
+            raise BudgetError(f"{label}: no mix meets the budget of {describe_budget(target, budget)}: the smallest "
+                              f"mix of the candidate types is {smallest / GIB:.3f} GiB "
+                              f"({smallest * 8 / parameters:.2f} bits per weight)")
+        chosen = allocate(opts, room)
+        assignment = {n: c.type for n, c in chosen.items()}
+        tensor_bytes = sum(c.bytes for c in chosen.values()) + fixed
+        (staging.path / MIX_FILE).write_text(mix_file_text(assignment))
+        # Confirm with llama-quantize itself, before a byte is written: same types, same total.
+        ftype = main_ftype(chosen)
+        run = quantize_with_mix(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
+                                assignment=assignment, ftype=ftype, workdir=staging.path, out_name="",
+                                toolchain=toolchain, threads=threads, dry_run=True)
+        m = _QUANT_SIZE.findall(run.output_tail)
+        if not m:
+            raise VerificationError(f"{label}: llama-quantize --dry-run printed no quant size:\n{run.output_tail}")
+        dry_mib = float(m[-1])
+        if abs(dry_mib - tensor_bytes / 2**20) > 0.01:
+            raise VerificationError(f"{label}: llama-quantize --dry-run sizes the mix at {dry_mib:.2f} MiB of tensors, "
+                                    f"the search at {tensor_bytes / 2**20:.2f} MiB")
+        counts: dict[str, int] = {}
+        for c in chosen.values():
+            counts[c.type] = counts.get(c.type, 0) + 1
+        value = {"label": label, "method": METHOD, "target": target.model_dump(mode="json", exclude_none=True),
+                 "budget_bytes": budget, "predicted_file_bytes": tensor_bytes + overhead,
+                 "dry_run_tensor_mib": dry_mib, "ftype": ftype,
+                 "predicted_error": sum(c.error for c in chosen.values()), "factors": factors,
+                 "type_counts": dict(sorted(counts.items())), "tensors": assignment}
+        write_json_atomic(staging.path / MIX_JSON, value)
+        staging.info.update(tool=toolchain.version, seconds=round(time.perf_counter() - start, 3),
+                            mix={k: value[k] for k in ("budget_bytes", "predicted_file_bytes", "ftype", "type_counts")})
+
+    entry = store.ensure(MIX_STEP, inputs, produce)
+    log.info("mix %s: %s (budget %s, predicted %.1f MiB)", label, "reused" if entry.reused else "searched",
+             describe_budget(target, budget), entry.info["mix"]["predicted_file_bytes"] / 2**20)
+    return entry
+
+
+def load_mix(entry: Entry) -> dict:
+    return json.loads(entry.file(MIX_JSON).read_text())
+
+
+def quantize_mix_inputs(*, base: Entry, imatrix: Entry, mix: Entry, toolchain: Toolchain) -> dict:
+    return {"base_sha256": base.files["model.gguf"].sha256, "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256,
+            "tensor_types_sha256": mix.files[MIX_FILE].sha256, "ftype": mix.info["mix"]["ftype"],
+            "llama_cpp": toolchain.commit}
+
+
+def quantize_mix(*, label: str, base: Entry, imatrix: Entry, mix: Entry, toolchain: Toolchain, store: Store,
+                 threads: int = 1) -> Entry:
+    """The GGUF of a mix: ``model.gguf`` with its ``tensor-types.txt`` beside it, checked by reading back
+    every tensor's type and the file's size against the budget."""
+    from quantkit.ggufinfo import read_gguf
+    from quantkit.quanttypes import QUANT_TYPES
+    from quantkit.sensitivity import quantize_with_mix
+
+    plan = load_mix(mix)
+    inputs = quantize_mix_inputs(base=base, imatrix=imatrix, mix=mix, toolchain=toolchain)
+
+    def produce(staging: Staging) -> None:
+        from gguf import GGUFReader
+
+        run = quantize_with_mix(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
+                                assignment=plan["tensors"], ftype=plan["ftype"], workdir=staging.path,
+                                out_name="model.gguf", toolchain=toolchain, threads=threads)
+        out = staging.path / "model.gguf"
+        got = {t.name: t.tensor_type.name.lower() for t in GGUFReader(out).tensors}
+        wrong = [f"{n}: {got.get(n)} (want {t})" for n, t in plan["tensors"].items() if got.get(n) != t]
+        if wrong:
+            raise VerificationError(f"{label}: llama-quantize did not follow the mix: {'; '.join(wrong[:5])}")
+        size = out.stat().st_size
+        if size > plan["budget_bytes"]:
+            raise VerificationError(f"{label}: the GGUF has {size} bytes, over its budget of {plan['budget_bytes']}")
+        info = read_gguf(out)
+        if info.file_type != QUANT_TYPES[plan["ftype"]].ftype:
+            raise VerificationError(f"{label}: file type {info.file_type}, expected {plan['ftype']}")
+        staging.info.update(tool=toolchain.version, seconds=round(run.seconds, 3),
+                            peak_rss_mib=round(run.peak_rss_mib, 1), threads=threads,
+                            gguf={"file_type": info.file_type, "parameters": info.parameters,
+                                  "tensor_types": info.tensor_types},
+                            mix={"label": label, "target": plan["target"], "budget_bytes": plan["budget_bytes"],
+                                 "file": MIX_FILE, "mix_key": mix.key, "type_counts": plan["type_counts"],
+                                 "tensors": plan["tensors"]})
+
+    entry = store.ensure(QUANTIZE_STEP, inputs, produce)
+    log.info("quantize %s: %s (%.1f MiB, budget %.1f MiB)", label, "reused" if entry.reused else "built",
+             entry.files["model.gguf"].size / 2**20, plan["budget_bytes"] / 2**20)
+    return entry
+
+
+def mix_summary(tensors: dict[str, str]) -> list[dict]:
+    """Rows for a model card: tensor role (name without the layer) -> type -> which layers."""
+    rows: dict[tuple[str, str], list[int | None]] = {}
+    for name, t in tensors.items():
+        m = re.match(r"blk\.(\d+)\.(.+)$", name)
+        role, layer = (m.group(2), int(m.group(1))) if m else (name, None)
+        rows.setdefault((role.removesuffix(".weight"), t), []).append(layer)
+    out = []
+    for (role, t), layers in sorted(rows.items()):
+        ls = sorted(x for x in layers if x is not None)
+        out.append({"tensor": role, "type": t, "layers": _ranges(ls) if ls else "-", "count": len(layers)})
+    return out
+
+
+def _ranges(xs: list[int]) -> str:
+    parts, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            parts.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(parts)
+
+
+def store_path_of(entry: Entry) -> Path:
+    return entry.file(MIX_FILE)
+
+
+# --- graph glue (quantkit.graph's sensitivity-kld, mix nodes) -----------------------------------------
+
+KLD_MAX_CHUNKS = 16
+
+
+def _tables(deps) -> dict[str, Entry]:
+    return {name.split(":", 1)[1]: e for name, e in deps.items() if name.startswith("sensitivity:")}
+
+
+def calibrate_node(ctx, node, deps, *, run: bool):
+    """The sensitivity-kld node: its store inputs (``run=False``) or its entry."""
+    from quantkit.sensitivity import calibrate_groups, calibration_inputs
+
+    spec = ctx.recipe.gguf.imatrix
+    calib = deps["source"].calibration
+    kw = dict(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(deps), calibration_sha256=calib.sha256,
+              ctx=spec.ctx, chunks=min(spec.chunks, KLD_MAX_CHUNKS), toolchain=ctx.tools)
+    if not run:
+        return calibration_inputs(**kw)
+    return calibrate_groups(**kw, calibration_text=calib.text, store=ctx.store, threads=ctx.threads)
+
+
+def _model_config(deps) -> dict:
+    f = deps["source"].model.path / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def mix_node(ctx, node, deps, *, run: bool):
+    """The mix node: its store inputs (``run=False``) or its entry."""
+    target = ctx.recipe.gguf.targets[node.params["index"]]
+    parameters = deps["convert"].info["gguf"]["parameters"]
+    config = _model_config(deps)
+    if not run:
+        budget = budget_bytes(target, parameters=parameters, config=config)
+        return mix_inputs(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(deps),
+                          calibration=deps["sensitivity-kld"], budget=budget, toolchain=ctx.tools)
+    return make_mix(label=node.label, target=target, base=deps["convert"], imatrix=deps["imatrix"],
+                    tables=_tables(deps), calibration=deps["sensitivity-kld"], parameters=parameters, config=config,
+                    toolchain=ctx.tools, store=ctx.store, threads=ctx.threads)
+
+
+def check_target(target: GGUFTarget, *, parameters: int, config: dict | None, where: str) -> int:
+    """The budget in bytes; BudgetError when it is below the smallest candidate everywhere (known only
+    once the model's size is: the plan and the preflight call this, validation cannot)."""
+    from quantkit.recipe import MIN_TARGET_BPW
+
+    budget = budget_bytes(target, parameters=parameters, config=config)
+    floor = int(MIN_TARGET_BPW * parameters / 8)
+    if budget < floor:
+        raise BudgetError(f"{where}: no mix can meet {describe_budget(target, max(budget, 0))}: even all tensors at "
+                          f"Q2_K take about {floor / GIB:.3f} GiB for this model's {parameters:,} weights "
+                          f"(fix: raise the budget to at least {floor / GIB:.3f} GiB of weights)")
+    return budget
+
+
+def target_cost(recipe, kind: str, params: dict, facts, *, base_bytes: int):
+    """quantkit.estimate's figures for the budget nodes. For a mix, the budget itself is checked
+    against the model's size here (BudgetError names the target), so `plan` refuses it up front."""
+    from quantkit.estimate import MiB, Cost
+
+    if kind == "sensitivity":  # a --pure file while it is compared, one f32 copy of the largest tensor x 3
+        return Cost(MiB, base_bytes + facts.largest_tensor * 4 * 3)
+    if kind == "sensitivity-kld":
+        return Cost(MiB, base_bytes * 2)
+    target = recipe.gguf.targets[params["index"]]
+    budget = check_target(target, parameters=facts.parameters, config=facts.config,
+                          where=f"gguf.targets[{params['index']}] ({target.name})")
+    if kind == "mix":
+        return Cost(MiB, 256 * MiB)
+    return Cost(budget, base_bytes + facts.largest_tensor * 4 * 4)
