@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -50,13 +53,56 @@ def run_node(ctx: RunContext, node: Node, deps: dict[str, Any]) -> Any:
         return node.spec.run(ctx, node, deps)
     log_file = node_log_file(ctx, node)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w", encoding="utf-8", errors="replace") as out, \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    with open(log_file, "w", encoding="utf-8", errors="replace") as out, _printed_to(out):
         try:
             return node.spec.run(ctx, node, deps)
         except BaseException:
             log.error("%s: what its libraries printed is in %s", node.name, log_file)
             raise
+
+
+class _ThreadRouted(io.TextIOBase):
+    """sys.stdout/stderr that writes each thread's output where that thread was told (a node's log file),
+    else to the real stream: nodes run in parallel threads, so swapping sys.stdout per node would not do."""
+
+    def __init__(self, real):
+        self.real = real
+        self.local = threading.local()
+
+    def _target(self):
+        return getattr(self.local, "target", None) or self.real
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:  # progress bars redraw in place only on a terminal
+        return self._target() is self.real and self.real.isatty()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+
+_ROUTING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _printed_to(out):
+    with _ROUTING:
+        for name in ("stdout", "stderr"):
+            if not isinstance(getattr(sys, name), _ThreadRouted):
+                setattr(sys, name, _ThreadRouted(getattr(sys, name)))
+    streams = (sys.stdout, sys.stderr)
+    saved = [getattr(s.local, "target", None) for s in streams]
+    for s in streams:
+        s.local.target = out
+    try:
+        yield
+    finally:
+        for s, before in zip(streams, saved):
+            s.local.target = before
 
 
 def node_log_file(ctx: RunContext, node: Node) -> Path:

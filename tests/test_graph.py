@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 import threading
 import time
 from pathlib import Path
@@ -144,3 +145,26 @@ def test_first_failure_stops_new_work_and_is_raised(kinds):
     with pytest.raises(RuntimeError, match="a failed"):
         run(nodes, parallel=1)
     assert "b" not in rec.started
+
+
+def test_library_output_of_parallel_nodes_goes_to_each_nodes_log(tmp_path, capsys):
+    from quantkit.pipeline import _printed_to
+
+    def node(i):
+        with open(tmp_path / f"{i}.log", "w") as f, _printed_to(f):
+            for k in range(200):
+                print(f"node {i} line {k}")
+                print(f"\rnode {i} bar {k}%", end="", file=sys.stderr)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("quantkit's own line")
+    for i in range(4):
+        text = (tmp_path / f"{i}.log").read_text()
+        assert text.startswith(f"node {i} line 0\n")
+        assert text.count(f"node {i} line") == 200 and text.count("bar") == 200
+        assert f"node {(i + 1) % 4}" not in text
+    assert capsys.readouterr().out == "quantkit's own line\n"
