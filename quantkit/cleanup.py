@@ -27,8 +27,8 @@ from quantkit.store import ENTRY, SCRATCH, STAGING_PREFIX, Leftover, Store, try_
 
 log = logging.getLogger(__name__)
 
-# Steps whose outputs are models: kept only when a manifest names their key.
-MODEL_STEPS = frozenset({"convert", "imatrix", "quantize", "gptq", "awq"})
+# Steps whose outputs are large (models, the base logits): kept only when a manifest names their key.
+LARGE_STEPS = frozenset({"convert", "imatrix", "quantize", "gptq", "awq", "base-logits"})
 _DIGEST = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
 _KEY = re.compile(r"[0-9a-f]{32}")
 
@@ -83,7 +83,7 @@ def unreferenced_entries(store: Store, refs: set[str]) -> list[Leftover]:
         step, key = folder.parent.name, folder.name
         if step == SCRATCH or not _KEY.fullmatch(key) or key in refs or (step, key) in live:
             continue
-        if step not in MODEL_STEPS:
+        if step not in LARGE_STEPS:
             try:
                 inputs = json.loads(entry_file.read_text()).get("inputs", {})
             except (OSError, ValueError):
