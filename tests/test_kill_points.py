@@ -107,11 +107,39 @@ def kill_at(project: Path, store: Path, where: str, folder: str, done_before: in
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, repo_root, tiny_llama):
+def reference_run(tmp_path_factory, repo_root, tiny_llama):
     root = tmp_path_factory.mktemp("reference")
     make_project(root, repo_root, tiny_llama)
     (root / "recipes" / "r.yaml").write_text(RECIPE)
-    return finish(root, tmp_path_factory.mktemp("ref-store"))
+    store = tmp_path_factory.mktemp("ref-store")
+    return root, store, finish(root, store)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return reference_run[2]
+
+
+def test_report_holds_the_stored_scores(reference_run):
+    """End to end: every number the published report shows for a variant is the one its score node stored."""
+    root, store, _ = reference_run
+    latest = root / "artifacts" / "tiny-kill" / "latest"
+    report, manifest = (json.loads((latest / n).read_text()) for n in ("report.json", "manifest.json"))
+    stored = {}
+    for step in ("score-gguf", "score-hf"):
+        for entry in (store / step).glob("*/entry.json"):
+            record = json.loads(entry.read_text())
+            stored[record["key"]] = record["info"]["score"]
+    rows = {r["id"]: r for r in report["variants"]}
+    assert set(rows) == {f"{v['format']}:{v['label']}" for v in manifest["variants"]}
+    score_keys = {s["step"]: s["key"] for s in manifest["steps"] if s["step"].startswith("score-")}
+    for v in manifest["variants"]:
+        kind = "gguf" if v["format"] == "gguf" else "hf"
+        score = stored[score_keys[f"score-{kind}:{v['label']}"]]
+        row = rows[f"{v['format']}:{v['label']}"]
+        assert row["ppl"] == pytest.approx(score["ppl"], rel=1e-12), v["label"]
+        if score["kld_mean"] is not None:
+            assert row["kld_mean"] == pytest.approx(score["kld_mean"], rel=1e-12), v["label"]
 
 
 @pytest.mark.parametrize("point,where,folder,done_before", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])

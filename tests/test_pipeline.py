@@ -133,7 +133,7 @@ def test_plan_shows_done_steps(first_run, capsys, monkeypatch):
     status = {line.split()[0]: line.split()[1] for line in lines[1:] if line.split()[0] != "of"}
     assert status["convert"] == "done" and status["quantize:IQ2_XS"] == "done"
     assert status["run-folder"] == "to" and status["publish"] == "to"  # "to do": they run every time
-    assert any(line.startswith("2 of 10 nodes to do; new disk: 0 KiB") for line in lines), lines[-3:]
+    assert any(line.startswith("2 of 11 nodes to do; new disk: 0 KiB") for line in lines), lines[-3:]
     assert main(["plan", "--json", str(recipe)]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert [n["name"] for n in planned["nodes"]][:3] == ["source", "convert", "imatrix"]
