@@ -107,9 +107,8 @@ class Submitted:
         return self.future.state.is_final()
 
     def result(self) -> Any:
-        state = self.future.state
-        value = state.result()
-        if state.name != "Cached" or not isinstance(value, Entry):
+        value = self.future.result()  # the in-memory result (a node that is not cached persists none)
+        if self.future.state.name != "Cached" or not isinstance(value, Entry):
             return value
         if (value.path / ENTRY).is_file():
             return dataclasses.replace(value, reused=True)
