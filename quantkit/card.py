@@ -58,7 +58,7 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
         f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
         f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
         "full report in `report.md` / `report.json`, plot in `plot.png`", "",
-        "## Variants", "", *table, "",
+        "## Variants", "", *table, "", *_mix_lines(report),
         "## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "", *calib, "",
         "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -67,6 +67,14 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
 FORMAT_TITLES = {"gguf": "GGUF", "gptq": "GPTQ", "awq": "AWQ"}
 PIPELINE_TAG = "text-generation"  # quantkit quantizes causal language models
 LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers"}  # GPTQ/AWQ load with from_pretrained
+
+
+def _mix_lines(report: dict) -> list[str]:
+    """Which tensors got which type, for each size-budget variant (gguf.targets)."""
+    from quantkit.report import mix_md
+
+    lines = mix_md(report)
+    return [*lines[1:], ""] if lines else []
 
 
 def _evals(report: dict, rows: list[dict]) -> list:
@@ -137,7 +145,7 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
              f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
              (f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
               "the whole run's report (every format) in `report.md` / `report.json`, plot in `plot.png`"), "",
-             "## Scores", "", *table, ""]
+             "## Scores", "", *table, "", *_mix_lines({**report, "variants": own})]
     if others:
         body += ["## Other formats of this release", "", *others, ""]
     body += ["## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "",

@@ -82,7 +82,18 @@ def _variant_row(v: dict) -> dict:
                     if n is not None},
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
+        "mix": _mix_row((v.get("info") or {}).get("mix")),
     }
+
+
+def _mix_row(mix: dict | None) -> dict | None:
+    """A size-budget variant (gguf.targets): its budget and which tensors got which type (quantkit.budget)."""
+    if not mix:
+        return None
+    from quantkit.budget import mix_summary
+
+    return {"target": mix.get("target"), "budget_bytes": mix.get("budget_bytes"), "file": mix.get("file"),
+            "type_counts": mix.get("type_counts"), "summary": mix_summary(mix.get("tensors") or {})}
 
 
 def _run_facts(manifest: dict) -> dict:
@@ -337,7 +348,8 @@ def variants_table(report: dict) -> list[str]:
         dppl = _f(r["dppl"], "+.4f") + (" (tie)" if r.get("dppl_tie") else "")
         task_cells = [_f(r["tasks"].get(t), ".4f") + (" (tie)" if (r.get("task_ties") or {}).get(t) else "")
                       for t in tasks]
-        cells = ["★" if r["recommended"] else ("base" if r["is_base"] else ""), r["format"], r["label"],
+        label = r["label"] + (" (searched mix)" if r.get("mix") else "")
+        cells = ["★" if r["recommended"] else ("base" if r["is_base"] else ""), r["format"], label,
                  _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), dppl,
                  _f(r["kld_mean"], ".5f"), _f(r["kld_p99"], ".5f"), _f(r["same_top_pct"], ".2f"),
                  *task_cells, _f(r["pp_tps"], ".1f"), _f(r["tg_tps"], ".1f")]
@@ -369,6 +381,7 @@ def render_markdown(report: dict) -> str:
         out.append(f"- unchanged since {report['unchanged_since']}: the same files and scores as that published run, "
                    "so no new release was made")
     out += _regression_md(report.get("regression"))
+    out += mix_md(report)
     out += _hardware_md(report)
     out += ["", "## How to run", ""]
     for r in report["variants"]:
@@ -434,6 +447,24 @@ def _hardware_md(report: dict) -> list[str]:
 MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D"}
 
 
+def mix_md(report: dict) -> list[str]:
+    """Per searched-mix variant: its budget and a short table of which tensors got which type."""
+    out = []
+    for r in report["variants"]:
+        mix = r.get("mix")
+        if not mix:
+            continue
+        budget = mix.get("budget_bytes")
+        out += ["", f"### {r['label']}: searched mix", "",
+                f"Budget {', '.join(f'{k} {v}' for k, v in (mix.get('target') or {}).items() if k != 'label')}"
+                + (f" = {budget / GIB:.3f} GiB" if budget else "") + f"; file {r['size_gib']:.3f} GiB"
+                f" ({_f(r['bpw'], '.2f')} bpw). Types per tensor (llama-quantize `--tensor-type-file` "
+                f"`{mix.get('file')}`, kept beside the GGUF):", "",
+                "| tensor | type | layers |", "|---|---|---|"]
+        out += [f"| {row['tensor']} | {row['type']} | {row['layers']} |" for row in mix["summary"]]
+    return out
+
+
 def render_plot(report: dict, path: Path) -> None:
     """Size vs mean KLD (and vs mean task score when present), frontier highlighted, one marker per format."""
     import matplotlib
@@ -449,10 +480,15 @@ def render_plot(report: dict, path: Path) -> None:
     base_gib = report["variants"][0]["size_gib"]
     for ax, (metric, ylabel, log_y) in zip(axes[0], panels):
         for fmt, marker in MARKERS.items():
-            pts = [r for r in quantized if r["format"] == fmt and r.get(metric) is not None and (not log_y or r[metric] > 0)]
+            pts = [r for r in quantized if r["format"] == fmt and r.get(metric) is not None and (not log_y or r[metric] > 0)
+                   and not r.get("mix")]
             if pts:
                 ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60, label=fmt,
                            zorder=3)
+        mixes = [r for r in quantized if r.get("mix") and r.get(metric) is not None and (not log_y or r[metric] > 0)]
+        if mixes:  # size-budget variants beside the stock types
+            ax.scatter([r["size_gib"] for r in mixes], [r[metric] for r in mixes], marker="*", s=140,
+                       color="tab:purple", label="gguf, searched mix (gguf.targets)", zorder=3)
         pts = [r for r in quantized if r.get(metric) is not None and (not log_y or r[metric] > 0)]
         front = ([r for i in report["pareto"] for r in pts if r["id"] == i] if metric == "kld_mean" else
                  _max_frontier(pts, metric))
