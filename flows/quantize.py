@@ -224,6 +224,7 @@ def quantize(recipe: str, publish: bool = True) -> dict:
         preflight(ctx)
         nodes = build_graph(ctx.recipe, publish=publish)
         results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps), parallel=PARALLEL)
+        ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     manifest_path = results["run-folder"]
     manifest = json.loads(manifest_path.read_text())
     publish_artifacts(manifest_path, manifest, results.get("publish"))

@@ -234,6 +234,7 @@ def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None) -
     parallel = parallel or parallel_from_env()
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
         results = execute(ctx, nodes, local_submit(ctx, pool), parallel=parallel)
+    ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     reused, built = summarize(results)
     manifest = results["run-folder"]
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,

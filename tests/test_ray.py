@@ -139,7 +139,6 @@ def test_ray_worker_killed_while_quantizing(cluster, local_run):
     manifest = finished(cluster, flow)
     log = (cluster.logs / "flow.log").read_text()
     assert "A worker died or was killed while executing a task" in log  # Ray saw the loss and ran it again
-    assert "removed scratch of a dead run" in log  # the dead worker's staging was swept by a live one
     assert outcome(manifest) == local_run, "outputs after the lost worker differ from a local run"
     assert not list(cluster.store.rglob(".tmp-*")), "temp folders left after the run"
     COUNTERS["kill points survived"] += 1
