@@ -1,0 +1,246 @@
+"""Size-budget GGUFs (gguf.targets): recipe validation, the allocator, and the chain on the tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from quantkit.budget import BudgetError, Choice, allocate, budget_bytes, check_target, mix_summary, options
+from quantkit.cli import main
+from quantkit.recipe import GGUFTarget
+from quantkit.sensitivity import mix_file_text
+
+RECIPE = """\
+name: tiny
+model:
+  path: models/tiny
+calibration:
+  files: [calibration/calib.txt]
+gguf:
+  types: [Q8_0]
+  targets:
+    - {bpw: 4.5}
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "calib.txt").write_text("Calibration paragraph. " * 10 + "\n")
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    return tmp_path
+
+
+def validate(project: Path, text: str, capsys) -> tuple[int, list[str]]:
+    p = project / "recipes" / "r.yaml"
+    p.write_text(textwrap.dedent(text))
+    code = main(["validate", str(p)])
+    return code, capsys.readouterr().err.splitlines()
+
+
+# --- recipe ------------------------------------------------------------------------------------------
+
+def test_targets_validate_with_default_labels(project, capsys):
+    text = RECIPE.replace("    - {bpw: 4.5}", "    - {bpw: 4.5}\n    - {fits: {memory_gib: 8, ctx: 8192}}\n"
+                                              "    - {size_gib: 0.5, label: small}")
+    code, _ = validate(project, text, capsys)
+    assert code == 0
+    from quantkit.recipe import load_recipe
+
+    r = load_recipe(project / "recipes" / "r.yaml", root=project)
+    assert [lab for _, _, lab in r.variant_labels()] == ["F16", "Q8_0", "target-4.50bpw", "target-8GiB-8k", "small"]
+
+
+def test_targets_without_types_validate(project, capsys):
+    assert validate(project, RECIPE.replace("  types: [Q8_0]\n", ""), capsys)[0] == 0
+
+
+@pytest.mark.parametrize("target,expected", [
+    ("{bpw: 2.0}", "recipes/r.yaml:9: gguf.targets[0].bpw: no mix can meet 2.0 bits per weight: the smallest "
+                   "candidate type (Q2_K) takes 2.625 (fix: use bpw >= 2.625)"),
+    ("{bpw: 4.5, size_gib: 3}", "recipes/r.yaml:9: gguf.targets[0]: a target needs exactly one budget, found 2 "
+                                "(size_gib, bpw) (fix: write one of {bpw: 4.5}, {size_gib: 4}, "
+                                "{fits: {memory_gib: 8, ctx: 8192}})"),
+    ("{label: x}", "recipes/r.yaml:9: gguf.targets[0]: a target needs exactly one budget, found 0 (fix: write one "
+                   "of {bpw: 4.5}, {size_gib: 4}, {fits: {memory_gib: 8, ctx: 8192}})"),
+    ("{size_gib: -1}", "recipes/r.yaml:9: gguf.targets[0].size_gib: Input should be greater than 0 "
+                       "(fix: use a value inside the allowed range)"),
+    ("{fits: {memory_gib: 8}}", "recipes/r.yaml:9: gguf.targets[0].fits.ctx: Field required (fix: add it)"),
+    ("{bpw: 4.5, label: ../x}", "recipes/r.yaml:9: gguf.targets[0].label: '../x' is not one safe path component"),
+    ("{bpw: 8.5, label: Q8_0}", "recipes/r.yaml:9: gguf.targets[0]: variant 'Q8_0' is made twice: by "
+                                "gguf.targets[0] and by gguf.types[0] (line 7); both would write the same files "
+                                "(fix: give one of them a different 'label')"),
+])
+def test_bad_targets_refused_on_their_line(project, capsys, target, expected):
+    code, lines = validate(project, RECIPE.replace("{bpw: 4.5}", target), capsys)
+    assert code == 2
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+def test_targets_need_the_imatrix(project, capsys):
+    code, lines = validate(project, RECIPE.replace("  types: [Q8_0]", "  imatrix: {enabled: false}\n  types: [Q8_0]"),
+                           capsys)
+    assert code == 2
+    assert any("gguf.targets: gguf.targets need the importance matrix" in line for line in lines), lines
+
+
+def test_budget_below_the_model_refused_at_plan_time():
+    """A size or memory budget depends on the model: refused once its size is known (plan, preflight)."""
+    config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    t = GGUFTarget(size_gib=0.01)
+    with pytest.raises(BudgetError, match=r"gguf.targets\[0\]: no mix can meet 0.010 GiB: even all tensors at Q2_K"):
+        check_target(t, parameters=134_515_008, config=config, where="gguf.targets[0]")
+    fits = GGUFTarget(fits={"memory_gib": 0.5, "ctx": 8192})
+    with pytest.raises(BudgetError, match="fits 0.5 GiB at 8192 context"):
+        check_target(fits, parameters=134_515_008, config=config, where="gguf.targets[0]")
+    ok = GGUFTarget(fits={"memory_gib": 1, "ctx": 8192})
+    kv = 2 * 30 * 3 * 64 * 8192 * 2
+    assert check_target(ok, parameters=134_515_008, config=config, where="x") == 2**30 - kv - 512 * 2**20
+    assert budget_bytes(GGUFTarget(bpw=4.0), parameters=1000, config=None) == 500
+
+
+# --- the allocator -----------------------------------------------------------------------------------
+
+def _random_opts(seed: int, n: int) -> dict[str, list[Choice]]:
+    rng = random.Random(seed)
+    out = {}
+    for i in range(n):
+        size = rng.randint(10, 60)
+        kinds = sorted(rng.sample(range(2, 9), 4))
+        out[f"t{i}"] = [Choice(f"b{k}", size * k, rng.uniform(0.5, 2.0) * size * 2.0 ** -k * 100) for k in kinds]
+    return out
+
+
+def _brute_force(opts, budget):
+    names = sorted(opts)
+    best = None
+    for combo in itertools.product(*(opts[n] for n in names)):
+        b = sum(c.bytes for c in combo)
+        if b <= budget:
+            e = sum(c.error for c in combo)
+            if best is None or e < best - 1e-12:
+                best = e
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocator_is_optimal_on_small_cases(seed):
+    opts = _random_opts(seed, 5)
+    lo = sum(o[0].bytes for o in opts.values())
+    hi = sum(o[-1].bytes for o in opts.values())
+    for budget in (lo, (2 * lo + hi) // 3, (lo + hi) // 2, (lo + 2 * hi) // 3, hi):
+        chosen = allocate(opts, budget, granule=1)
+        assert sum(c.bytes for c in chosen.values()) <= budget
+        assert sum(c.error for c in chosen.values()) == pytest.approx(_brute_force(opts, budget), rel=1e-12)
+
+
+def test_allocator_meets_the_budget_with_coarse_granules_and_is_deterministic():
+    opts = _random_opts(42, 200)
+    lo = sum(o[0].bytes for o in opts.values())
+    hi = sum(o[-1].bytes for o in opts.values())
+    for budget in range(lo, hi, (hi - lo) // 7):
+        a = allocate(opts, budget, granule=37)
+        assert sum(c.bytes for c in a.values()) <= budget
+        assert a == allocate(dict(reversed(list(opts.items()))), budget, granule=37)
+    with pytest.raises(BudgetError, match="the smallest mix takes"):
+        allocate(opts, lo - 1)
+
+
+def test_more_budget_never_predicts_more_error():
+    opts = _random_opts(7, 40)
+    lo = sum(o[0].bytes for o in opts.values())
+    errors = [sum(c.error for c in allocate(opts, lo + k * 500, granule=1).values()) for k in range(20)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_options_collapse_fallbacks_and_apply_group_factors():
+    tables = {
+        "q3_k": {"tensors": {"blk.0.attn_q.weight": {"type": "q3_k", "bytes": 110, "error": 9.0, "group": "attn",
+                                                      "quantized": True},
+                             "blk.0.attn_norm.weight": {"type": "f32", "bytes": 8, "group": "other", "quantized": False},
+                             "token_embd.weight": {"type": "q4_0", "bytes": 144, "error": 4.0, "group": "token_embd",
+                                                   "quantized": True}}},
+        "q2_k": {"tensors": {"blk.0.attn_q.weight": {"type": "q2_k", "bytes": 84, "error": 20.0, "group": "attn",
+                                                      "quantized": True},
+                             "blk.0.attn_norm.weight": {"type": "f32", "bytes": 8, "group": "other", "quantized": False},
+                             "token_embd.weight": {"type": "q4_0", "bytes": 144, "error": 4.0, "group": "token_embd",
+                                                   "quantized": True}}},
+    }
+    opts = options(tables, {"attn": 2.0, "token_embd": 0.5})
+    assert opts["token_embd.weight"] == [Choice("q4_0", 144, 2.0)]  # both candidates fell back to q4_0
+    assert opts["blk.0.attn_q.weight"] == [Choice("q2_k", 84, 40.0), Choice("q3_k", 110, 18.0)]
+    assert "blk.0.attn_norm.weight" not in opts
+
+
+def test_mix_file_is_llama_quantize_tensor_type_file():
+    text = mix_file_text({"blk.1.ffn_up.weight": "q4_k", "blk.0.attn_q.weight": "q6_k"})
+    assert text == "^blk\\.0\\.attn_q\\.weight$=q6_k\n^blk\\.1\\.ffn_up\\.weight$=q4_k\n"
+
+
+def test_mix_summary_groups_layers():
+    rows = mix_summary({"blk.0.ffn_up.weight": "q4_k", "blk.1.ffn_up.weight": "q4_k", "blk.3.ffn_up.weight": "q4_k",
+                        "blk.2.ffn_up.weight": "q6_k", "token_embd.weight": "q8_0"})
+    assert rows == [{"tensor": "ffn_up", "type": "q4_k", "layers": "0-1,3", "count": 3},
+                    {"tensor": "ffn_up", "type": "q6_k", "layers": "2", "count": 1},
+                    {"tensor": "token_embd", "type": "q8_0", "layers": "-", "count": 1}]
+
+
+# --- end to end on the tiny model --------------------------------------------------------------------
+
+TINY = """\
+name: tiny-budget
+model:
+  path: models/tiny
+  name: tiny-llama
+calibration:
+  files: [calibration/en-prose.txt, calibration/code-python.txt]
+evaluation:
+  file: calibration/eval/en-prose-heldout.txt
+  ctx: 128
+  max_tokens: 1024
+  bench: false
+gguf:
+  base_type: f16
+  imatrix: {enabled: true, ctx: 128, chunks: 16}
+  types: [Q4_K_M]
+  targets:
+    - {bpw: 4.5}
+"""
+
+
+def test_target_builds_a_scored_gguf_within_budget_and_is_reused(tmp_path, repo_root, tiny_llama, monkeypatch,
+                                                                   capsys):
+    import shutil
+
+    from quantkit.budget import MIX_FILE
+
+    root = tmp_path / "proj"
+    (root / "recipes").mkdir(parents=True)
+    recipe = root / "recipes" / "tiny.yaml"
+    recipe.write_text(TINY)
+    shutil.copytree(repo_root / "calibration", root / "calibration")
+    shutil.copytree(tiny_llama, root / "models" / "tiny")
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    capsys.readouterr()
+    manifest = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
+    v = {x["label"]: x for x in manifest["variants"]}["target-4.50bpw"]
+    params = v["info"]["gguf"]["parameters"]
+    size = v["files"]["model.gguf"]["size"]
+    assert size * 8 / params <= 4.5
+    assert v["scores"]["kld_mean"] is not None
+    assert MIX_FILE in v["files"]
+    mix = (tmp_path / "store" / "quantize" / v["key"] / MIX_FILE).read_text()
+    assert v["info"]["mix"]["tensors"] and all(f"={t}" in mix for t in v["info"]["mix"]["tensors"].values())
+    assert len(set(v["info"]["mix"]["tensors"].values())) > 1, "a mix of one type is a stock type"
+    # A second run builds nothing: sensitivity tables, the KLD check, the mix and the GGUF are reused.
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    again = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
+    assert all(s["reused"] for s in again["steps"]), [s["step"] for s in again["steps"] if not s["reused"]]
+    assert {x["label"]: x for x in again["variants"]}["target-4.50bpw"]["files"] == v["files"]
