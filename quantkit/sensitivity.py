@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 STEP = "sensitivity"
 KLD_STEP = "sensitivity-kld"
 METHOD = "imatrix-weighted-sse/1"
-KLD_METHOD = "group-kld/1"
+KLD_METHOD = "group-kld/2"
 IMATRIX_LINK = "imatrix.gguf"
 
 # Candidate tensor types and the llama-quantize file type whose --pure run puts that type everywhere.
@@ -234,7 +235,7 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
 
     The reference model has every quantized tensor at q8_0; for each group a model has that group at
     q3_k and the rest at q8_0. ``factor[g] = (KLD_g - KLD_ref) / (proxy_g(q3_k) - proxy_g(q8_0))``."""
-    from quantkit.evaluate_gguf import base_logits, score_gguf
+    from quantkit.evaluate_gguf import base_logits, perplexity_until_parsed
 
     inputs = calibration_inputs(base=base, imatrix=imatrix, tables=tables, calibration_sha256=calibration_sha256,
                                 ctx=ctx, chunks=chunks, toolchain=toolchain)
@@ -247,7 +248,10 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
         start = time.perf_counter()
         text = staging.path / "calibration.txt"
         text.write_text(calibration_text, encoding="utf-8")
-        spec = SimpleNamespace(ctx=ctx, max_tokens=ctx * chunks)
+        # One chunk more than is measured: llama-perplexity can lose its last lines at exit (see
+        # quantkit.evaluate_gguf._perplexity), but the running mean after chunk ``chunks`` is printed
+        # before the last chunk is computed, so it is always there.
+        spec = SimpleNamespace(ctx=ctx, max_tokens=ctx * (chunks + 1))
         logits = base_logits(base_gguf=base.file("model.gguf"), text_file=text, spec=spec, toolchain=toolchain,
                              workdir=staging.path / "logits", threads=threads)
         quantized = sorted(n for n, r in ref.items() if r["quantized"])
@@ -259,10 +263,11 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
             quantize_with_mix(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
                               assignment=assignment, ftype=CANDIDATES[REFERENCE_TYPE], workdir=work,
                               out_name="model.gguf", toolchain=toolchain, threads=threads)
-            score = score_gguf(gguf=work / "model.gguf", base_logits=logits, text_file=text, spec=spec,
-                               toolchain=toolchain, threads=threads, workdir=work)
+            args = ["-m", work / "model.gguf", "--kl-divergence-base", logits, "--kl-divergence", "-c", str(ctx)]
+            mean, err = perplexity_until_parsed(args, workdir=work, toolchain=toolchain, threads=threads, what=what,
+                                                parse=lambda text, seconds: running_kld(text, chunks))
             (work / "model.gguf").unlink()
-            return {"kld_mean": score.kld_mean, "kld_mean_err": score.kld_mean_err}
+            return {"kld_mean": mean, "kld_mean_err": err}
 
         reference = kld({n: ref[n]["type"] for n in quantized}, "reference")
         groups = {}
@@ -294,6 +299,20 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
     log.info("sensitivity check against KLD: %s", "reused" if entry.reused else f"measured in "
              f"{entry.info.get('seconds', 0):.1f}s")
     return entry
+
+
+# llama-perplexity --kl-divergence, after each chunk: chunk, PPL ± err, ln(PPL(Q)/PPL(base)) ± err,
+# mean KLD so far ± err, ... (tools/perplexity/perplexity.cpp, kl_divergence)
+_CHUNK_LINE = re.compile(r"^\s*(\d+)\s+[-\d.naif]+ ±\s+[-\d.naif]+\s+[-\d.naif]+ ±\s+[-\d.naif]+\s+([-\d.]+) ±\s+([-\d.]+)",
+                         re.MULTILINE)
+
+
+def running_kld(text: str, chunk: int) -> tuple[float, float]:
+    """The mean KLD (and its error) over the first ``chunk`` chunks, from the per-chunk lines."""
+    for m in _CHUNK_LINE.finditer(text):
+        if int(m.group(1)) == chunk:
+            return float(m.group(2)), float(m.group(3))
+    raise VerificationError(f"llama-perplexity printed no KL divergence line for chunk {chunk}")
 
 
 def shutil_rm(path: Path) -> None:
