@@ -327,7 +327,7 @@ def store_path_of(entry: Entry) -> Path:
 
 # --- graph glue (quantkit.graph's sensitivity-kld, mix nodes) -----------------------------------------
 
-KLD_MAX_CHUNKS = 16
+KLD_MAX_CHUNKS = 8
 
 
 def _tables(deps) -> dict[str, Entry]:
