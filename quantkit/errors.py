@@ -98,7 +98,7 @@ class RegressionError(QuantkitError, RuntimeError):
 
 class ChanceLevelError(QuantkitError, RuntimeError):
     """A task scored no better than guessing on a variant that must beat it (the base model, Q8_0).
-    ``p_value`` is the exact one-sided test of "uniform guessing on every item" (see quantkit.tasks)."""
+    ``p_value`` is the exact one-sided test of "uniform guessing on every item" (see quantkit.scoring.tasks)."""
 
     tip = "check the task's gold labels and prompt format, or give it more items (evaluation.tasks[].limit)"
 

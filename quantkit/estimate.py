@@ -8,9 +8,9 @@ reads the headers of a Hub repo with Range requests).
   (``quantize_types``, a port of ``llama_tensor_get_type`` in src/llama-quant.cpp at the pinned
   commit: the per-category rules of every ftype, the output/tied-embedding rule, the fallbacks when a
   row is not a multiple of the type's block) and its bytes from gguf-py's ``GGML_QUANT_SIZES``.
-- The base logits' size is llama-perplexity's file layout (quantkit.evaluate.base_logits_bytes).
+- The base logits' size is llama-perplexity's file layout (quantkit.scoring.windows.base_logits_bytes).
 - Peak RAM of a llama.cpp tool is the model file it maps (the tools read weights in place; the kernel
-  counts those pages in RSS) plus its buffers: the KV cache (quantkit.hardware's model), the logits of one
+  counts those pages in RSS) plus its buffers: the KV cache (quantkit.publish.hardware's model), the logits of one
   context and the compute graph. Python steps add their interpreter with torch and transformers loaded.
   The constants below were fitted to ``benchmarks/scaling.py`` (0.5B to 3B parameters, Llama and Qwen
   shapes); benchmarks/README.md shows the error of each node kind at each size.
@@ -28,7 +28,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.quanttypes import QUANT_TYPES
 from quantkit.recipe import Recipe
 
 GiB = 2**30
@@ -411,7 +410,7 @@ class Cost:
 
 
 def kv_cache_bytes(facts: ModelFacts, ctx: int) -> int:
-    from quantkit.hardware import ModelShape
+    from quantkit.publish.hardware import ModelShape
 
     try:
         return ModelShape.from_config(facts.config).kv_cache_bytes(ctx)
@@ -474,7 +473,7 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         # converted to f32 and quantized into a buffer of its new size.
         return Cost(size, LLAMA_TOOL_BASE + min(base, QUANTIZE_FILE_WINDOW) + facts.largest_tensor * (4 + 1))
     if kind == "base-logits":
-        from quantkit.evaluate import estimate_base_logits_bytes
+        from quantkit.scoring.windows import estimate_base_logits_bytes
 
         if facts.vocab is None:
             return Cost(None, llama_tool_ram(facts, base, ev.ctx), "config.json has no vocab_size")

@@ -138,7 +138,7 @@ def read_reference(path: Path) -> dict:
             raise GpuCheckError(f"{path} is a {data.get('mode')} report, not a CPU one (make it with --cpu)")
         return {"path": str(path), "mode": "gpu-check --cpu", "model_digest": (data.get("model") or {}).get("digest"),
                 "variants": data["variants"]}
-    if data.get("schema") == 1 and isinstance(data.get("variants"), list):  # quantkit.report's report.json
+    if data.get("schema") == 1 and isinstance(data.get("variants"), list):  # quantkit.publish.report's report.json
         variants = {r["label"]: {"format": r.get("format"), "ppl": r.get("ppl"), "kld_mean": r.get("kld_mean")}
                     for r in data["variants"] if isinstance(r, dict) and "label" in r}
         return {"path": str(path), "mode": "run report.json", "model_digest": None, "variants": variants}

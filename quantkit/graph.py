@@ -224,7 +224,7 @@ def _quantize_inputs(ctx, node, deps):
 
 
 def _text(ctx) -> tuple[Path, str]:
-    from quantkit.evaluate_gguf import text_sha256
+    from quantkit.scoring.llamacpp import text_sha256
 
     text_file = ctx.root / ctx.recipe.evaluation.file
     return text_file, text_sha256(text_file)
@@ -241,7 +241,7 @@ def _base_logits_inputs(ctx, node, deps):
 
 
 def _base_logits(ctx, node, deps):
-    from quantkit.evaluate_gguf import base_logits
+    from quantkit.scoring.llamacpp import base_logits
 
     def produce(staging) -> None:
         base_logits(base_gguf=_gguf(deps["convert"])[0], text_file=_text(ctx)[0], spec=ctx.recipe.evaluation,
@@ -251,7 +251,7 @@ def _base_logits(ctx, node, deps):
 
 
 def _score_gguf_inputs(ctx, node, deps):
-    from quantkit.evaluate_gguf import score_inputs
+    from quantkit.scoring.llamacpp import score_inputs
 
     spec = ctx.recipe.evaluation
     use_kld = spec.kld and not node.params["is_base"]
@@ -261,7 +261,7 @@ def _score_gguf_inputs(ctx, node, deps):
 
 
 def _score_gguf(ctx, node, deps):
-    from quantkit.evaluate_gguf import LOGITS_NAME, score_gguf
+    from quantkit.scoring.llamacpp import LOGITS_NAME, score_gguf
 
     spec = ctx.recipe.evaluation
     gguf, _ = _gguf(deps[node.needs[0]])
@@ -289,7 +289,7 @@ def _bench_gguf_inputs(ctx, node, deps):
 
 
 def _bench_gguf(ctx, node, deps):
-    from quantkit.evaluate_gguf import bench_gguf
+    from quantkit.scoring.llamacpp import bench_gguf
 
     spec = ctx.recipe.evaluation
 
@@ -311,7 +311,7 @@ def _task_spec(ctx, node):
 
 
 def _check_chance(ctx, node, scores: dict) -> dict:
-    from quantkit.tasks import check_tasks
+    from quantkit.scoring.tasks import check_tasks
 
     if node.params["must_beat_chance"]:
         check_tasks(scores, label=node.label, alpha=ctx.recipe.evaluation.chance_alpha)
@@ -319,7 +319,7 @@ def _check_chance(ctx, node, scores: dict) -> dict:
 
 
 def _tasks_gguf(ctx, node, deps):
-    from quantkit.tasks import score_tasks_gguf
+    from quantkit.scoring.tasks import score_tasks_gguf
 
     gguf, sha = _gguf(deps[node.needs[0]])
     return _check_chance(ctx, node, score_tasks_gguf(gguf=gguf, gguf_sha256=sha, specs=[_task_spec(ctx, node)],
@@ -358,7 +358,7 @@ def _score_hf_inputs(ctx, node, deps):
 
 
 def _score_hf(ctx, node, deps):
-    from quantkit.evaluate_torch import score_hf
+    from quantkit.scoring.hf import score_hf
 
     model_dir, _ = _model_dir_and_identity(node, deps)
     base = None if node.params["is_base"] else deps["source"].model.path
@@ -369,7 +369,7 @@ def _score_hf(ctx, node, deps):
 
 
 def _tasks_hf(ctx, node, deps):
-    from quantkit.tasks import score_tasks_hf
+    from quantkit.scoring.tasks import score_tasks_hf
 
     model_dir, identity = _model_dir_and_identity(node, deps)
     return _check_chance(ctx, node, score_tasks_hf(model_dir=model_dir, identity=identity,
@@ -386,7 +386,7 @@ def _bench_hf_inputs(ctx, node, deps):
 
 
 def _bench_hf(ctx, node, deps):
-    from quantkit.evaluate_torch import bench_hf
+    from quantkit.scoring.hf import bench_hf
 
     spec = ctx.recipe.evaluation
     model_dir, _ = _model_dir_and_identity(node, deps)

@@ -21,7 +21,6 @@ from quantkit.errors import Problem, RecipeError
 from quantkit.paths import name_problem
 from quantkit.quanttypes import (
     ALIASES,
-    BASE_TYPES,
     QUANT_TYPES,
     TENSOR_TYPES,
     TENSOR_TYPES_NEEDING_IMATRIX,
@@ -196,7 +195,7 @@ class Calibration(Section):
 
 
 class TaskSpec(Section):
-    """One lm-eval multiple-choice task scored on every variant (see quantkit.tasks).
+    """One lm-eval multiple-choice task scored on every variant (see quantkit.scoring.tasks).
 
     A name lm-eval ships (arc_easy, hellaswag, mmlu) or a local task: ``path`` to a folder with
     ``task.yaml`` and its jsonl, or, without ``path``, ``calibration/tasks/<name>/`` when it exists.
@@ -318,7 +317,7 @@ class ImatrixSpec(Section):
 
 
 class FitsBudget(Section):
-    """Memory the GGUF must fit in at a context length: weights + KV cache + headroom (quantkit.hardware)."""
+    """Memory the GGUF must fit in at a context length: weights + KV cache + headroom (quantkit.publish.hardware)."""
 
     memory_gib: float = Field(gt=0, le=4096)
     ctx: int = Field(ge=16, le=1_048_576)
@@ -452,7 +451,7 @@ class AWQVariant(Section):
 
 
 class PublishThresholds(Section):
-    """When a re-run may replace the last published one (see quantkit.publish.regression_gate)."""
+    """When a re-run may replace the last published one (see quantkit.publish.release.regression_gate)."""
 
     max_kld_increase: float = Field(0.10, ge=0, le=10, description="allowed rise of a variant's mean KLD over the "
                                     "last published run, as a fraction of it (0.10 = +10%)")

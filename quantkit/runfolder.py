@@ -140,7 +140,7 @@ def model_facts(model_dir: Path) -> dict:
 
 def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
     """Render the report, apply the regression gate, publish (local store by default)."""
-    from quantkit.publish import release
+    from quantkit.publish.release import release
     from quantkit.recipe import Publish
 
     facts = model_facts(model.path)

@@ -235,7 +235,7 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
 
     The reference model has every quantized tensor at q8_0; for each group a model has that group at
     q3_k and the rest at q8_0. ``factor[g] = (KLD_g - KLD_ref) / (proxy_g(q3_k) - proxy_g(q8_0))``."""
-    from quantkit.evaluate_gguf import base_logits, perplexity_until_parsed
+    from quantkit.scoring.llamacpp import base_logits, perplexity_until_parsed
 
     inputs = calibration_inputs(base=base, imatrix=imatrix, tables=tables, calibration_sha256=calibration_sha256,
                                 ctx=ctx, chunks=chunks, toolchain=toolchain)
@@ -249,7 +249,7 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
         text = staging.path / "calibration.txt"
         text.write_text(calibration_text, encoding="utf-8")
         # One chunk more than is measured: llama-perplexity can lose its last lines at exit (see
-        # quantkit.evaluate_gguf._perplexity), but the running mean after chunk ``chunks`` is printed
+        # quantkit.scoring.llamacpp._perplexity), but the running mean after chunk ``chunks`` is printed
         # before the last chunk is computed, so it is always there.
         spec = SimpleNamespace(ctx=ctx, max_tokens=ctx * (chunks + 1))
         logits = base_logits(base_gguf=base.file("model.gguf"), text_file=text, spec=spec, toolchain=toolchain,

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from quantkit.errors import ToolchainError, VerificationError
-from quantkit.evaluate import base_logits_bytes, estimate_base_logits_bytes, read_logits_header, scored_per_chunk
-from quantkit.evaluate_gguf import (
+from quantkit.proc import run_tool
+from quantkit.recipe import Evaluation
+from quantkit.scoring.llamacpp import (
     LOG_FILE,
     SCORE_FILE,
     STEP,
@@ -26,8 +27,7 @@ from quantkit.evaluate_gguf import (
     score_gguf,
     score_gguf_step,
 )
-from quantkit.proc import run_tool
-from quantkit.recipe import Evaluation
+from quantkit.scoring.windows import base_logits_bytes, estimate_base_logits_bytes, read_logits_header, scored_per_chunk
 from quantkit.store import Store
 from quantkit.toolchain import find_toolchain
 
@@ -131,8 +131,8 @@ def test_base_logits_file_size(scores, ggufs):
 def test_torch_matches_llama_perplexity_windows(scores, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import read_eval_text
-    from quantkit.evaluate_torch import eval_windows, score_hf
+    from quantkit.scoring.hf import eval_windows, score_hf
+    from quantkit.scoring.windows import read_eval_text
 
     by_name, header, _ = scores
     # Same tokens: the HF tokenizer's windows equal what llama.cpp tokenized (before BOS substitution).

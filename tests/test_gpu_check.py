@@ -203,7 +203,7 @@ def test_offload_args():
 
 @pytest.mark.parametrize("cuda", [True, False])
 def test_perplexity_and_bench_offload_only_with_cuda(cuda, tmp_path, monkeypatch):
-    from quantkit import evaluate_gguf
+    from quantkit.scoring import llamacpp as evaluate_gguf
 
     seen = []
     bench_rows = ('{"n_prompt": 128, "n_gen": 0, "avg_ts": 10.0, "stddev_ts": 0.1}\n'

@@ -19,9 +19,9 @@ from huggingface_hub import ModelCard
 from localhub import LocalHub
 from test_report import CHATML, CONFIG, RECIPE_YAML, STEM, _variant, make_manifest, make_run_dir
 
-from quantkit import publish as pub
 from quantkit.errors import PublishError, RecipeError
-from quantkit.hublayout import gguf_commands, hub_tag_files, llama_cpp_pick, plan_repos
+from quantkit.publish import release as pub
+from quantkit.publish.hublayout import gguf_commands, hub_tag_files, llama_cpp_pick, plan_repos
 from quantkit.recipe import Publish, Recipe, load_recipe
 
 TOKEN = "hf_PlantedHubLayout0123456789abcdefXYZ"
@@ -159,7 +159,7 @@ import json, logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)  # every line the libraries log, to grep
 logging.getLogger("matplotlib").setLevel(logging.WARNING)
-from quantkit.publish import release
+from quantkit.publish.release import release
 from quantkit.recipe import Publish
 a = json.loads(sys.argv[1])
 run = Path(a["run"])

@@ -8,11 +8,16 @@ import pytest
 from ggufbytes import write_header_gguf
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from quantkit import publish as pub
 from quantkit.errors import PublishError
 from quantkit.ggufinfo import chat_template as gguf_chat_template
-from quantkit.modelfile import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, PHI3_TEMPLATE, ollama_template,
-                                render_modelfile)
+from quantkit.publish import release as pub
+from quantkit.publish.modelfile import (
+    GEMMA_TEMPLATE,
+    MISTRAL_TEMPLATE,
+    PHI3_TEMPLATE,
+    ollama_template,
+    render_modelfile,
+)
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"  # sources: README.md there
 

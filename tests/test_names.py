@@ -10,7 +10,7 @@ import pytest
 
 from quantkit.errors import RecipeError
 from quantkit.paths import UnsafePathError, inside, name_problem
-from quantkit.publish import publish_local
+from quantkit.publish.release import publish_local
 from quantkit.recipe import GPTQVariant, ModelSource, Output, Recipe, load_recipe
 from quantkit.runfolder import run_dir
 from quantkit.store import Store

@@ -14,12 +14,12 @@ import pytest
 from ggufbytes import write_header_gguf
 from huggingface_hub import HfApi, ModelCard
 
-from quantkit import publish as pub
 from quantkit.errors import PublishError, RegressionError
-from quantkit.hardware import GIB, ModelShape
-from quantkit.modelfile import ollama_template, render_modelfile
+from quantkit.publish import release as pub
+from quantkit.publish.hardware import GIB, ModelShape
+from quantkit.publish.modelfile import ollama_template, render_modelfile
+from quantkit.publish.report import ReportSchemaError, build_report, load_report, render_markdown, write_report
 from quantkit.recipe import Publish, PublishThresholds
-from quantkit.report import ReportSchemaError, build_report, load_report, render_markdown, write_report
 
 PARAMS = 134_515_008
 STEM = "SmolLM2-135M-Instruct"

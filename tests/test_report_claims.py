@@ -7,15 +7,15 @@ import json
 from test_report import CHATML, CONFIG, RECIPE_YAML, make_manifest, make_run_dir, table_rows
 
 from quantkit import demo
-from quantkit import publish as pub
+from quantkit.publish import release as pub
+from quantkit.publish.report import build_report, render_markdown
 from quantkit.recipe import Publish
-from quantkit.report import build_report, render_markdown
 
 LABELS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"]
 
 
 def with_task(manifest: dict, scores: dict[str, float], n: int, task: str = "which-word-fits") -> dict:
-    """Give the GGUF variants ``scores`` on a local task of ``n`` items, as quantkit.tasks stores them."""
+    """Give the GGUF variants ``scores`` on a local task of ``n`` items, as quantkit.scoring.tasks stores them."""
     for v in manifest["variants"]:
         v["scores"].pop("tasks", None)
         if v["format"] == "gguf" and v["label"] in scores:

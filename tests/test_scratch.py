@@ -191,7 +191,7 @@ def test_gc_entries_refuses_without_any_manifest(tmp_path, capsys):
 
 
 def test_base_logits_go_to_the_scoring_steps_scratch_and_are_removed(tmp_path, monkeypatch):
-    from quantkit import evaluate_gguf
+    from quantkit.scoring import llamacpp as evaluate_gguf
 
     made = []
 

@@ -9,8 +9,8 @@ import pytest
 
 from quantkit.errors import ChanceLevelError
 from quantkit.recipe import Evaluation, TaskSpec
+from quantkit.scoring.tasks import check_tasks, items_sha256, load_items, p_above_chance, resolve_task, task_manager
 from quantkit.store import Store
-from quantkit.tasks import check_tasks, items_sha256, load_items, p_above_chance, resolve_task, task_manager
 
 # The tiny test model learnt Python syntax, not English: test the backends on code it can finish.
 SHIPPED = TaskSpec(name="code-lines", path="tests/data/tasks/code-lines", limit=60)
@@ -61,8 +61,8 @@ def test_both_backends_beat_chance_and_agree(tmp_path, repo_root, tiny_llama):
     from quantkit.convert import convert
     from quantkit.digest import DigestCache
     from quantkit.recipe import ModelSource
+    from quantkit.scoring.tasks import score_tasks_gguf, score_tasks_hf
     from quantkit.source import fetch_model
-    from quantkit.tasks import score_tasks_gguf, score_tasks_hf
     from quantkit.toolchain import ensure_toolchain
 
     toolchain = ensure_toolchain()

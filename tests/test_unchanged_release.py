@@ -7,7 +7,7 @@ import os
 
 from test_report import CHATML, CONFIG, RECIPE_YAML, make_manifest, make_run_dir
 
-from quantkit import publish as pub
+from quantkit.publish import release as pub
 from quantkit.recipe import Publish
 
 

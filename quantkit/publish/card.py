@@ -71,7 +71,7 @@ LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers"}  # GPT
 
 def _mix_lines(report: dict) -> list[str]:
     """Which tensors got which type, for each size-budget variant (gguf.targets)."""
-    from quantkit.report import mix_md
+    from quantkit.publish.report import mix_md
 
     lines = mix_md(report)
     return [*lines[1:], ""] if lines else []
@@ -100,7 +100,7 @@ def _calibration_lines(report: dict, calibration_readme: str | None) -> list[str
 def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], recipe_yaml: str,
                      commands: dict[str, dict[str, str]] | None = None, files: list[str] | None = None,
                      calibration_readme: str | None = None):
-    """The card (README.md) of one format's Hub repo (``quantkit.hublayout.HubRepo``), as a ModelCard.
+    """The card (README.md) of one format's Hub repo (``quantkit.publish.hublayout.HubRepo``), as a ModelCard.
 
     Front matter: ``base_model`` with ``base_model_relation: quantized`` (the Hub's model tree links a
     quantization through this card), ``library_name`` (gguf; transformers for GPTQ/AWQ, which load with

@@ -1,6 +1,6 @@
 """Multiple-choice tasks on a GGUF: ``llama-perplexity --multiple-choice`` (tools/perplexity/perplexity.cpp).
 
-The items come from ``quantkit.tasks.load_items`` (lm-eval's own prompts), written
+The items come from ``quantkit.scoring.tasks.load_items`` (lm-eval's own prompts), written
 in the binary layout ``multiple_choice_score`` reads from ``-bf``:
 
     uint32 n_task, uint32 offset[n_task] (byte offset of each task in the file),
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from quantkit.errors import VerificationError
-from quantkit.evaluate_gguf import perplexity_until_parsed
+from quantkit.scoring.llamacpp import perplexity_until_parsed
+from quantkit.scoring.tasks import TaskItem, TaskResult, p_above_chance
 from quantkit.store import Store
-from quantkit.tasks import TaskItem, TaskResult, p_above_chance
 
 BACKEND = "llama-perplexity"
 # llama-perplexity's context is n_parallel * -c; it packs whole tasks (one sequence per answer) into it, and

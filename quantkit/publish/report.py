@@ -2,8 +2,8 @@
 
 ``build_report`` is pure: manifest (+ the model's config.json and chat template) in,
 a versioned report dict out. Everything else renders that dict: ``report.json`` (the
-machine-readable truth), ``report.md``, ``plot.png``, the model card ``README.md`` (``quantkit.card``)
-and one Ollama Modelfile per GGUF. Publishing (``quantkit.publish``) only moves files.
+machine-readable truth), ``report.md``, ``plot.png``, the model card ``README.md`` (``quantkit.publish.card``)
+and one Ollama Modelfile per GGUF. Publishing (``quantkit.publish.release``) only moves files.
 
 All reading of manifest.json happens in ``_variant_row`` and ``_run_facts``: when the
 manifest changes shape, those two functions change and nothing else.
@@ -17,12 +17,12 @@ import math
 from pathlib import Path
 
 from quantkit import __version__
-from quantkit.card import render_card
 from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
-from quantkit.hardware import GIB, ModelShape, hardware_fit
-from quantkit.modelfile import llama_server_command, modelfile_name, render_modelfile, vllm_serve_command
 from quantkit.paths import inside
+from quantkit.publish.card import render_card
+from quantkit.publish.hardware import GIB, ModelShape, hardware_fit
+from quantkit.publish.modelfile import llama_server_command, modelfile_name, render_modelfile, vllm_serve_command
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _num(d: dict | None, *keys: str) -> float | None:
 
 
 def _task_value(score) -> float | None:
-    """A task score: a number, or quantkit.tasks' summary dict, whose ``metric`` names the value that counts
+    """A task score: a number, or quantkit.scoring.tasks' summary dict, whose ``metric`` names the value that counts
     (the one both backends compute)."""
     if isinstance(score, dict):
         score = score.get(score.get("metric", "acc"))
@@ -58,7 +58,7 @@ def _task_value(score) -> float | None:
 
 
 def _task_n(score) -> int | None:
-    """Items behind a task score (quantkit.tasks' summary has ``n``); None for a bare number."""
+    """Items behind a task score (quantkit.scoring.tasks' summary has ``n``); None for a bare number."""
     n = score.get("n") if isinstance(score, dict) else None
     return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 

@@ -25,10 +25,10 @@ from typing import TypeVar
 
 from quantkit.digest import sha256_file, write_json_atomic
 from quantkit.errors import ToolError, VerificationError
-from quantkit.evaluate import Score, Speed, base_logits_bytes, max_chunks, read_logits_header, scored_per_chunk
 from quantkit.ggufinfo import read_gguf
 from quantkit.proc import run_tool
 from quantkit.recipe import Evaluation
+from quantkit.scoring.windows import Score, Speed, base_logits_bytes, max_chunks, read_logits_header, scored_per_chunk
 from quantkit.store import Entry, Staging, Store
 from quantkit.toolchain import Toolchain
 

@@ -1,6 +1,6 @@
 """Step 5 for Hugging Face checkpoints (the base model, GPTQ/AWQ variants): PPL and KLD in torch.
 
-Same tokens and windows as llama-perplexity (see ``quantkit.evaluate``), same
+Same tokens and windows as llama-perplexity (see ``quantkit.scoring.windows``), same
 formulas for PPL, its ±, mean KLD, the 99th percentile and "same top token",
 so these rows sit in one table with the GGUF rows.
 
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from quantkit.errors import VerificationError
-from quantkit.evaluate import Score, max_chunks, percentile, ppl_and_err, read_eval_text, scored_per_chunk
 from quantkit.recipe import Evaluation
+from quantkit.scoring.windows import Score, max_chunks, percentile, ppl_and_err, read_eval_text, scored_per_chunk
 
 log = logging.getLogger(__name__)
 

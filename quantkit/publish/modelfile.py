@@ -7,7 +7,7 @@ ChatML, Llama-3, Gemma, Mistral (v3 tokenizer: ``[INST] …[/INST]``) and Phi-3.
 gets no TEMPLATE at all: ``ollama create`` then takes the template from the GGUF's own
 ``tokenizer.chat_template`` (matching it to the templates it ships), which a TEMPLATE line
 would override. Every GGUF must therefore carry the checkpoint's chat template
-(``quantkit.publish.check_chat_templates``).
+(``quantkit.publish.release.check_chat_templates``).
 """
 
 from __future__ import annotations

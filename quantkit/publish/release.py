@@ -3,18 +3,18 @@
 Targets: the local artifact store ``<dir>/<recipe>/<run-id>/`` with a ``latest`` symlink
 (always), and the Hugging Face Hub when the recipe says ``publish.target: hub``: one repo per
 format (``{owner}/{model}-GGUF``, ``{owner}/{model}-GPTQ-{bits}bit-g{group}``, ``{owner}/{model}-AWQ``
-by default; ``quantkit.hublayout`` decides which file goes where and why), each with its own card,
+by default; ``quantkit.publish.hublayout`` decides which file goes where and why), each with its own card,
 one commit per repo per run, tagged with the run id. A run folder is built under a temp name and
 renamed into place, so it is complete or absent; a published run id is never replaced. The Hub upload
 happens from the staged folder before that rename: if it fails, nothing is published locally, and
 every repo is created and checked for the run's tag before the first commit.
 
-Rendering lives in ``quantkit.report``; this module only decides and moves files.
+Rendering lives in ``quantkit.publish.report``; this module only decides and moves files.
 
 Trying the Hub path against real repositories (the tests use the local Hub of tests/localhub.py)::
 
     export HF_TOKEN=hf_...            # a write token; read from the environment only, never logged
-    python -c "from pathlib import Path; from quantkit.publish import publish_hub; print(publish_hub(
+    python -c "from pathlib import Path; from quantkit.publish.release import publish_hub; print(publish_hub(
         folder=Path('artifacts/smollm2-135m-demo/latest').resolve(), repo_id='YOU/quantkit-test',
         private=True, run_id=Path('artifacts/smollm2-135m-demo/latest').resolve().name, recipe='smollm2-135m-demo'))"
 
@@ -39,9 +39,9 @@ from typing import Any, Callable
 
 from quantkit.errors import PublishError, RegressionError
 from quantkit.ggufinfo import chat_template as gguf_chat_template
-from quantkit.hublayout import CARD, HubRepo, gguf_commands, plan_repos
 from quantkit.paths import inside
-from quantkit.report import build_report, load_report, variants_table, write_report
+from quantkit.publish.hublayout import CARD, HubRepo, gguf_commands, plan_repos
+from quantkit.publish.report import build_report, load_report, variants_table, write_report
 from quantkit.store import exclusive
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str, calibrat
                max_file_bytes: int = HUB_MAX_FILE_BYTES, shard_bytes: int = SPLIT_MAX_BYTES) -> dict[str, str]:
     """``{repo id: README.md text}``: each repo's own card (its rows of the report, the base row for
     reference, its settings, the commands that fetch its files, links to the other repos)."""
-    from quantkit.card import render_repo_card
+    from quantkit.publish.card import render_repo_card
 
     cards = {}
     for repo in repos:
@@ -386,7 +386,7 @@ def publish_hub_repos(*, staged: Path, manifest: dict, report: dict, settings: A
                       recipe_yaml: str, calibration_readme: str | None = None, gguf_split: Path | None = None,
                       api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES,
                       shard_bytes: int = SPLIT_MAX_BYTES) -> dict[str, str]:
-    """Push a staged run as one repo per format (``quantkit.hublayout.plan_repos``); return
+    """Push a staged run as one repo per format (``quantkit.publish.hublayout.plan_repos``); return
     ``{repo id: commit URL}``. Every repo is created (or found) and checked for the run's tag before the
     first commit, so a missing permission or a reused run id stops the release before anything is pushed.
     ``settings``: ``recipe.Publish`` (owner, repo templates, private)."""

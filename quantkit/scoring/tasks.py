@@ -221,7 +221,7 @@ def score_task_hf(*, model_dir: Path, task: ResolvedTask, items: list[TaskItem],
     import transformers
     from lm_eval.models.huggingface import HFLM
 
-    from quantkit.evaluate_torch import load_causal_lm
+    from quantkit.scoring.hf import load_causal_lm
 
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_dir, device=device)
@@ -318,7 +318,7 @@ def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], roo
 def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], root: Path, store: Store, toolchain,
                      label: str, threads: int | None = None) -> dict[str, dict]:
     """Every recipe task on one GGUF through llama-perplexity, stored; same return shape as ``score_tasks_hf``."""
-    from quantkit.tasks_gguf import BACKEND, score_task_gguf
+    from quantkit.scoring.tasks_llamacpp import BACKEND, score_task_gguf
 
     return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-gguf", variant=gguf_sha256,
                         backend=BACKEND, backend_version=f"llama.cpp {toolchain.commit}",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import PublishError
-from quantkit.modelfile import modelfile_name
+from quantkit.publish.modelfile import modelfile_name
 
 HUB_FORMATS = ("gguf", "gptq", "awq")
 SHARED_FILES = ("report.md", "report.json", "plot.png", "manifest.json", "recipe.yaml")  # in every repo
