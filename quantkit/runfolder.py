@@ -11,18 +11,62 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantkit import __version__
 from quantkit.digest import sha256_file, write_json_atomic
+from quantkit.errors import StoreError
 from quantkit.paths import inside
 from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot
 from quantkit.store import Entry, exclusive
 
 MANIFEST_SCHEMA = 2  # 2: steps are graph nodes (kind:label), base logits not listed (transient)
+READABLE_SCHEMAS = (1, 2)  # 1 listed the same fields with hand-written step names
+
+
+@dataclass(frozen=True)
+class ManifestStep:
+    """One stored node of the run: its store key, whether it was reused, how long it took when built."""
+
+    step: str
+    key: str
+    reused: bool
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``runs/<recipe>/manifest.json``: every input and every output of one run, versioned."""
+
+    recipe: dict  # name, file, sha256, resolved
+    model: dict  # repo, revision, commit, path, digest, files
+    calibration: dict  # sha256, sources, chars
+    toolchain: dict | None  # llama_cpp, version, origin, cuda
+    steps: tuple[ManifestStep, ...]
+    variants: tuple[dict, ...]  # Variant.describe()
+    quantkit: str = __version__
+    schema: int = MANIFEST_SCHEMA
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "quantkit": self.quantkit, "recipe": self.recipe, "model": self.model,
+                "calibration": self.calibration, "toolchain": self.toolchain,
+                "steps": [asdict(s) for s in self.steps], "variants": list(self.variants)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        if data.get("schema") not in READABLE_SCHEMAS:
+            raise StoreError(f"manifest schema {data.get('schema')!r} is not one this quantkit reads "
+                             f"({', '.join(map(str, READABLE_SCHEMAS))})")
+        return cls(recipe=data["recipe"], model=data["model"], calibration=data["calibration"],
+                   toolchain=data.get("toolchain"), steps=tuple(ManifestStep(**s) for s in data["steps"]),
+                   variants=tuple(data["variants"]), quantkit=data["quantkit"], schema=data["schema"])
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass(frozen=True)
@@ -88,8 +132,8 @@ def write_run_folder(ctx, node, deps) -> Path:
     """Link every output into ``runs/<recipe>/`` and write ``manifest.json``; return its path."""
     src = deps["source"]
     variants = variants_of(ctx, node, deps)
-    steps = [{"step": name, "key": r.key, "reused": r.reused, "seconds": r.info.get("seconds")}
-             for name, r in deps.items() if isinstance(r, Entry)]
+    steps = tuple(ManifestStep(name, r.key, r.reused, r.info.get("seconds"))
+                  for name, r in deps.items() if isinstance(r, Entry))
     out = run_dir(ctx.recipe, ctx.root)
     with run_folder_lock(ctx.recipe, ctx.root):
         out.mkdir(parents=True, exist_ok=True)
@@ -103,20 +147,16 @@ def write_run_folder(ctx, node, deps) -> Path:
                     dest = inside(folder, *Path(name).parts)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     _link(v.entry.path / name, dest)
-        manifest = {
-            "schema": MANIFEST_SCHEMA,
-            "quantkit": __version__,
-            "recipe": {"name": ctx.recipe.name, "file": _relative(ctx.recipe_file, ctx.root),
-                       "sha256": sha256_file(ctx.recipe_file), "resolved": ctx.recipe.model_dump(mode="json")},
-            "model": src.model.describe() | {"path": _relative(src.model.path, ctx.root)},
-            "calibration": src.calibration.describe(),
-            "toolchain": {"llama_cpp": ctx.tools.commit, "version": ctx.tools.version,
-                          "origin": ctx.tools.origin, "cuda": ctx.tools.cuda} if ctx.toolchain else None,
-            "steps": steps,
-            "variants": [v.describe() for v in variants],
-        }
+        manifest = Manifest(
+            recipe={"name": ctx.recipe.name, "file": _relative(ctx.recipe_file, ctx.root),
+                    "sha256": sha256_file(ctx.recipe_file), "resolved": ctx.recipe.model_dump(mode="json")},
+            model=src.model.describe() | {"path": _relative(src.model.path, ctx.root)},
+            calibration=src.calibration.describe(),
+            toolchain={"llama_cpp": ctx.tools.commit, "version": ctx.tools.version,
+                       "origin": ctx.tools.origin, "cuda": ctx.tools.cuda} if ctx.toolchain else None,
+            steps=steps, variants=tuple(v.describe() for v in variants))
         path = out / "manifest.json"
-        write_json_atomic(path, manifest)
+        write_json_atomic(path, manifest.to_dict())
         # The resolved recipe travels with what it produced.
         (out / "recipe.yaml").write_bytes(ctx.recipe_file.read_bytes())
     return path
@@ -146,7 +186,7 @@ def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
     facts = model_facts(model.path)
     calib_readme = ctx.root / "calibration" / "README.md"
     with run_folder_lock(ctx.recipe, ctx.root):
-        return release(run_dir=manifest_path.parent, manifest=json.loads(manifest_path.read_text()), root=ctx.root,
+        return release(run_dir=manifest_path.parent, manifest=Manifest.read(manifest_path).to_dict(), root=ctx.root,
                        settings=ctx.recipe.publish or Publish(), recipe_yaml=ctx.recipe_file.read_text(),
                        config=facts["config"], chat_template=facts["chat_template"], eos_token=facts["eos_token"],
                        calibration_readme=calib_readme.read_text() if calib_readme.is_file() else None)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import sys
 import threading
 import time
@@ -168,3 +169,15 @@ def test_library_output_of_parallel_nodes_goes_to_each_nodes_log(tmp_path, capsy
         assert text.count(f"node {i} line") == 200 and text.count("bar") == 200
         assert f"node {(i + 1) % 4}" not in text
     assert capsys.readouterr().out == "quantkit's own line\n"
+
+
+def test_manifest_round_trips_and_refuses_an_unknown_schema(tmp_path):
+    from quantkit.errors import StoreError
+    from quantkit.runfolder import Manifest, ManifestStep
+
+    m = Manifest(recipe={"name": "r"}, model={"digest": "d"}, calibration={"sha256": "c"}, toolchain=None,
+                 steps=(ManifestStep("convert", "k" * 32, False, 1.5),), variants=({"label": "F16"},))
+    (tmp_path / "manifest.json").write_text(json.dumps(m.to_dict()))
+    assert Manifest.read(tmp_path / "manifest.json") == m
+    with pytest.raises(StoreError, match="schema 99"):
+        Manifest.from_dict(m.to_dict() | {"schema": 99})
