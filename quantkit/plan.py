@@ -171,8 +171,13 @@ def render(rows: list[PlannedNode], *, have: Machine | None = None) -> str:
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
     t = totals(rows)
-    lines.append(f"{len([r for r in rows if r.status != DONE])} of {len(rows)} nodes to do; new disk: "
-                 f"{_fmt(t.disk_bytes)}; peak RAM: {_fmt(t.ram_bytes)} ({t.ram_node or 'nothing to do'}) (estimates)")
+    todo = len([r for r in rows if r.status != DONE])
+    if t.unknown and not t.disk_bytes and not t.ram_bytes:  # nothing is known: no figure is better than 0
+        lines.append(f"{todo} of {len(rows)} nodes to do; new disk and peak RAM: unknown (estimates)")
+    else:
+        at_least = "at least " if t.unknown else ""
+        lines.append(f"{todo} of {len(rows)} nodes to do; new disk: {at_least}{_fmt(t.disk_bytes)}; peak RAM: "
+                     f"{at_least}{_fmt(t.ram_bytes)} ({t.ram_node or 'nothing to do'}) (estimates)")
     if t.unknown:
         whys = sorted({r.unknown for r in rows if r.name in t.unknown and r.unknown})
         lines.append(f"unknown: disk and RAM of {len(t.unknown)} nodes ({', '.join(t.unknown[:4])}"
@@ -194,6 +199,8 @@ def verdict(t: Totals, have: Machine) -> str:
     if short:
         return f"this machine cannot hold the run: it {need}; {has}: not enough {' and '.join(short)} " \
                "(`quantkit run` refuses before any work)"
+    if t.unknown and not t.disk_bytes and not t.ram_bytes:
+        return f"whether it fits is unknown; {has}"
     if t.unknown:
         return f"the known part {need}; {has}"
     return f"the run {need}; {has}: it fits"

@@ -161,4 +161,5 @@ def test_offline_plan_says_what_is_unknown_and_why(project, tmp_path, monkeypatc
     unknown = [line for line in text.splitlines() if line.startswith("unknown: ")]
     assert unknown == [f"unknown: disk and RAM of {len(totals(rows).unknown)} nodes (source, convert, imatrix, "
                        f"quantize:Q8_0, ...): {why}"]
-    assert text.splitlines()[-1].startswith("the known part needs ")
+    assert text.splitlines()[-1].startswith("whether it fits is unknown; this machine has ")
+    assert "new disk and peak RAM: unknown" in text  # not "0 KiB"
