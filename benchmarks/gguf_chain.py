@@ -98,7 +98,7 @@ class Bare:
 
     def perplexity(self, *args: str) -> list[str]:
         return [str(self.tc.binary("llama-perplexity")), *args, "-c", str(self.ev.ctx), "-t", str(self.threads),
-                "--log-file", "perplexity.log"]
+                "--no-repack", "--log-file", "perplexity.log"]  # as quantkit scores (quantkit.scoring.llamacpp)
 
     def logits(self) -> list[str]:
         return self.perplexity("-m", "base.gguf", "-f", self.text, "--chunks", str(max_chunks(self.ev)),
