@@ -3,7 +3,7 @@
 Pure functions first (the budget in bytes, the allocation); the steps that run tools (``make_mix``,
 ``quantize_mix``) after them. The allocation is a multiple-choice knapsack: every quantized tensor
 takes exactly one candidate type, each choice has a measured byte size and a predicted error
-(quantkit.sensitivity: the imatrix-weighted error times its group's KLD factor), and the total
+(quantkit.sensitivity: the imatrix-weighted error times its role's KLD factor), and the total
 bytes must stay under the budget. It is solved exactly by dynamic programming over bytes counted in
 ``granule`` units (each tensor's bytes rounded *up*, so a solution is always within budget), then the
 slack the rounding left is filled greedily with exact bytes. Ties go to the smaller type, then to
@@ -33,7 +33,7 @@ MIX_STEP = "mix"
 QUANTIZE_STEP = "quantize"
 MIX_FILE = "tensor-types.txt"
 MIX_JSON = "mix.json"
-METHOD = "mckp-dp/1"
+METHOD = "mckp-dp/2"
 MAX_CELLS = 1 << 18  # DP resolution: the budget in at most this many granules
 PADDING = 32  # GGUF aligns each tensor's data to 32 bytes
 
@@ -76,13 +76,15 @@ def options(tables: dict[str, dict], factors: dict[str, float] | None = None) ->
     """Per quantized tensor, its distinct choices from the sensitivity tables (type read back ->
     bytes, predicted error), ordered by bytes then type. Candidates that fell back to the same type
     collapse to one choice."""
+    from quantkit.sensitivity import calibration_group
+
     factors = factors or {}
     out: dict[str, dict[str, Choice]] = {}
     for table in tables.values():
         for name, row in table["tensors"].items():
             if not row["quantized"]:
                 continue
-            f = factors.get(row["group"], 1.0)
+            f = factors.get(calibration_group(name), 1.0)
             c = Choice(row["type"], row["bytes"], f * row["error"])
             have = out.setdefault(name, {}).get(c.type)
             if have is None or (c.error, c.bytes) < (have.error, have.bytes):
@@ -383,7 +385,7 @@ def check_target(target: GGUFTarget, *, parameters: int, config: dict | None, wh
 def target_cost(recipe, kind: str, params: dict, facts, *, base_bytes: int):
     """quantkit.estimate's figures for the budget nodes. For a mix, the budget itself is checked
     against the model's size here (BudgetError names the target), so `plan` refuses it up front."""
-    from quantkit.estimate import MiB, Cost
+    from quantkit.estimate import Cost, MiB
 
     if kind == "sensitivity":  # a --pure file while it is compared, one f32 copy of the largest tensor x 3
         return Cost(MiB, base_bytes + facts.largest_tensor * 4 * 3)

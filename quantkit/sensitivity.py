@@ -11,8 +11,8 @@ matrix (llama-imatrix's ``in_sum2 / counts``)::
 
 which is the expected squared error of the tensor's output on calibration activations, if inputs
 were uncorrelated. Tensors the imatrix does not see (the token embedding, a get_rows lookup) get
-weight 1 per column. The proxy's scale differs between tensor groups, so ``calibrate_groups``
-measures real KL divergence for each group (on calibration text, never the held-out evaluation
+weight 1 per column. The proxy's scale differs between tensor roles (measured: 10x between attention
+and feed-forward on SmolLM2), so ``calibrate_groups`` measures real KL divergence for each role (on calibration text, never the held-out evaluation
 text) and turns it into one factor per group.
 
 Both are stored steps (``sensitivity``, ``sensitivity-kld``) keyed by the base GGUF's sha256, the
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 STEP = "sensitivity"
 KLD_STEP = "sensitivity-kld"
 METHOD = "imatrix-weighted-sse/1"
-KLD_METHOD = "group-kld/2"
+KLD_METHOD = "role-kld/3"
 IMATRIX_LINK = "imatrix.gguf"
 
 # Candidate tensor types and the llama-quantize file type whose --pure run puts that type everywhere.
@@ -52,6 +52,14 @@ GROUPS = ("token_embd", "output", "attn", "ffn", "other")
 # calibrate_groups: the group under test goes to PROBE_TYPE, everything else to REFERENCE_TYPE.
 PROBE_TYPE = "q3_k"
 REFERENCE_TYPE = "q8_0"
+
+
+def calibration_group(name: str) -> str:
+    """The group a KLD factor is measured for: the tensor's role (attn_q, attn_v, ffn_down, token_embd...),
+    all layers together. Roles differ in how their error reaches the logits (attn_v and ffn_down write
+    into the residual stream; q and k only move attention weights), which the proxy cannot see."""
+    m = re.match(r"blk\.\d+\.(.+?)(\.weight)?$", name)
+    return m.group(1) if m else name.removesuffix(".weight")
 
 
 def tensor_group(name: str) -> str:
@@ -231,7 +239,8 @@ def quantize_with_mix(*, base_gguf: Path, imatrix_gguf: Path, assignment: dict[s
 def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], calibration_text: str,
                      calibration_sha256: str, ctx: int, chunks: int, toolchain: Toolchain, store: Store,
                      threads: int | None = None) -> Entry:
-    """Measured KLD per tensor group -> one factor per group (KLD per unit of proxy error).
+    """Measured KLD per tensor group (``calibration_group``: one per role) -> one factor per group (KLD per
+    unit of proxy error).
 
     The reference model has every quantized tensor at q8_0; for each group a model has that group at
     q3_k and the rest at q8_0. ``factor[g] = (KLD_g - KLD_ref) / (proxy_g(q3_k) - proxy_g(q8_0))``."""
@@ -255,7 +264,7 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
         logits = base_logits(base_gguf=base.file("model.gguf"), text_file=text, spec=spec, toolchain=toolchain,
                              workdir=staging.path / "logits", threads=threads)
         quantized = sorted(n for n, r in ref.items() if r["quantized"])
-        present = [g for g in GROUPS if any(ref[n]["group"] == g for n in quantized)]
+        present = sorted({calibration_group(n) for n in quantized})
 
         def kld(assignment: dict[str, str], what: str) -> dict:
             work = staging.path / what
@@ -272,8 +281,8 @@ def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], c
         reference = kld({n: ref[n]["type"] for n in quantized}, "reference")
         groups = {}
         for g in present:
-            members = [n for n in quantized if ref[n]["group"] == g]
-            assignment = {n: (probe[n]["type"] if ref[n]["group"] == g else ref[n]["type"]) for n in quantized}
+            members = [n for n in quantized if calibration_group(n) == g]
+            assignment = {n: (probe[n]["type"] if calibration_group(n) == g else ref[n]["type"]) for n in quantized}
             measured = kld(assignment, f"group-{g}")
             proxy = sum(probe[n]["error"] - ref[n]["error"] for n in members)
             delta = measured["kld_mean"] - reference["kld_mean"]

@@ -172,7 +172,7 @@ def test_options_collapse_fallbacks_and_apply_group_factors():
                              "token_embd.weight": {"type": "q4_0", "bytes": 144, "error": 4.0, "group": "token_embd",
                                                    "quantized": True}}},
     }
-    opts = options(tables, {"attn": 2.0, "token_embd": 0.5})
+    opts = options(tables, {"attn_q": 2.0, "token_embd": 0.5})
     assert opts["token_embd.weight"] == [Choice("q4_0", 144, 2.0)]  # both candidates fell back to q4_0
     assert opts["blk.0.attn_q.weight"] == [Choice("q2_k", 84, 40.0), Choice("q3_k", 110, 18.0)]
     assert "blk.0.attn_norm.weight" not in opts
@@ -244,3 +244,10 @@ def test_target_builds_a_scored_gguf_within_budget_and_is_reused(tmp_path, repo_
     again = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
     assert all(s["reused"] for s in again["steps"]), [s["step"] for s in again["steps"] if not s["reused"]]
     assert {x["label"]: x for x in again["variants"]}["target-4.50bpw"]["files"] == v["files"]
+    # The same tables and tools give the same mix and the same bytes: search and quantize again from scratch.
+    shutil.rmtree(tmp_path / "store" / "mix")
+    shutil.rmtree(tmp_path / "store" / "quantize" / v["key"])
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    third = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
+    rebuilt = {x["label"]: x for x in third["variants"]}["target-4.50bpw"]
+    assert not rebuilt["reused"] and rebuilt["files"] == v["files"]
