@@ -455,9 +455,15 @@ def mix_md(report: dict) -> list[str]:
         if not mix:
             continue
         budget = mix.get("budget_bytes")
+        def size(n: float) -> str:
+            return f"{n / GIB:.3f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
+
+        target = mix.get("target") or {}
+        what = ("bpw {bpw:g}".format(**target) if "bpw" in target else
+                "size_gib {size_gib:.6g}".format(**target) if "size_gib" in target else
+                "fits {memory_gib:g} GiB at ctx {ctx}".format(**target["fits"]) if "fits" in target else "?")
         out += ["", f"### {r['label']}: searched mix", "",
-                f"Budget {', '.join(f'{k} {v}' for k, v in (mix.get('target') or {}).items() if k != 'label')}"
-                + (f" = {budget / GIB:.3f} GiB" if budget else "") + f"; file {r['size_gib']:.3f} GiB"
+                f"Budget {what}" + (f" = {size(budget)}" if budget else "") + f"; file {size(r['size_bytes'])}"
                 f" ({_f(r['bpw'], '.2f')} bpw). Types per tensor (llama-quantize `--tensor-type-file` "
                 f"`{mix.get('file')}`, kept beside the GGUF):", "",
                 "| tensor | type | layers |", "|---|---|---|"]
