@@ -63,14 +63,20 @@ def run_node(ctx: RunContext, node: Node, deps: dict[str, Any]) -> Any:
 
 class _ThreadRouted(io.TextIOBase):
     """sys.stdout/stderr that writes each thread's output where that thread was told (a node's log file),
-    else to the real stream: nodes run in parallel threads, so swapping sys.stdout per node would not do."""
+    else to the real stream: nodes run in parallel threads, so swapping sys.stdout per node would not do.
+    While exactly one node runs, threads it did not start itself (GPTQModel's workers) write to its log too."""
 
     def __init__(self, real):
         self.real = real
         self.local = threading.local()
+        self.active: list = []  # the log files of the nodes running now
 
     def _target(self):
-        return getattr(self.local, "target", None) or self.real
+        own = getattr(self.local, "target", None)
+        if own is not None:
+            return own
+        active = self.active
+        return active[0] if len(active) == 1 else self.real
 
     def write(self, text: str) -> int:
         return self._target().write(text)
@@ -94,7 +100,9 @@ def _printed_to(out):
         for name in ("stdout", "stderr"):
             if not isinstance(getattr(sys, name), _ThreadRouted):
                 setattr(sys, name, _ThreadRouted(getattr(sys, name)))
-    streams = (sys.stdout, sys.stderr)
+        streams = (sys.stdout, sys.stderr)
+        for s in streams:
+            s.active = [*s.active, out]
     saved = [getattr(s.local, "target", None) for s in streams]
     for s in streams:
         s.local.target = out
@@ -103,6 +111,9 @@ def _printed_to(out):
     finally:
         for s, before in zip(streams, saved):
             s.local.target = before
+        with _ROUTING:
+            for s in streams:
+                s.active = [f for f in s.active if f is not out]
 
 
 def node_log_file(ctx: RunContext, node: Node) -> Path:

@@ -181,3 +181,16 @@ def test_manifest_round_trips_and_refuses_an_unknown_schema(tmp_path):
     assert Manifest.read(tmp_path / "manifest.json") == m
     with pytest.raises(StoreError, match="schema 99"):
         Manifest.from_dict(m.to_dict() | {"schema": 99})
+
+
+def test_threads_a_lone_node_starts_print_to_its_log(tmp_path, capsys):
+    """GPTQModel quantizes in worker threads of its own: while one node runs, their output is the node's."""
+    from quantkit.pipeline import _printed_to
+
+    with open(tmp_path / "n.log", "w") as f, _printed_to(f):
+        worker = threading.Thread(target=lambda: print("Quantizing layer 3 of 29", file=sys.stderr))
+        worker.start()
+        worker.join()
+    print("after the node")
+    assert (tmp_path / "n.log").read_text() == "Quantizing layer 3 of 29\n"
+    assert capsys.readouterr().out == "after the node\n"
