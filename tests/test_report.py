@@ -286,6 +286,14 @@ def test_recovery_floor_without_a_previous_run():
     assert not pub.regression_gate(build_report(make_manifest()), None, thresholds=PublishThresholds())["failed"]
 
 
+def test_a_task_that_separates_nothing_gates_nothing():
+    report = build_report(make_manifest(awq_arc=0.5300))
+    report["task_checks"]["arc_easy"] |= {"discriminates": False, "why": "the base scores 1.0"}
+    gate = pub.regression_gate(report, None, thresholds=PublishThresholds())
+    assert not gate["failed"]
+    assert {c["skipped"] for c in gate["changes"] if c["check"] == "task:arc_easy"} == {"the base scores 1.0"}
+
+
 def test_hub_commit_operations_without_network(tmp_path, monkeypatch):
     run = reported_run_dir(tmp_path)
     staged = tmp_path / "staged"

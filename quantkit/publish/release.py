@@ -95,6 +95,13 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
                 findings.append(change | {"message": f"mean KLD {old['kld_mean']:.5f} → {v['kld_mean']:.5f} "
                                           f"(+{100 * (v['kld_mean'] / old['kld_mean'] - 1):.1f}%, limit {limit:.5f})"})
         for task, now in v.get("tasks", {}).items():
+            check = (current.get("task_checks") or {}).get(task, {})
+            if not check.get("discriminates", True):
+                # A task that separates no variants (base at the ceiling, all within their error) cannot show
+                # a regression either: one item of 16 is not evidence (the report names the task).
+                changes.append({"id": v["id"], "check": f"task:{task}", "previous": None, "now": now,
+                                "skipped": check.get("why")})
+                continue
             prev = (old or {}).get("tasks", {}).get(task)
             if prev is not None:
                 limit = prev - thresholds.max_task_drop
