@@ -53,12 +53,16 @@ def run_node(ctx: RunContext, node: Node, deps: dict[str, Any]) -> Any:
         return node.spec.run(ctx, node, deps)
     log_file = node_log_file(ctx, node)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w", encoding="utf-8", errors="replace") as out, _printed_to(out):
-        try:
-            return node.spec.run(ctx, node, deps)
-        except BaseException:
-            log.error("%s: what its libraries printed is in %s", node.name, log_file)
-            raise
+    try:
+        with open(log_file, "w", encoding="utf-8", errors="replace") as out, _printed_to(out):
+            try:
+                return node.spec.run(ctx, node, deps)
+            except BaseException:
+                log.error("%s: what its libraries printed is in %s", node.name, log_file)
+                raise
+    finally:
+        if log_file.is_file() and log_file.stat().st_size == 0:
+            log_file.unlink()  # nothing was printed: no file to look at
 
 
 class _ThreadRouted(io.TextIOBase):
