@@ -15,15 +15,13 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import StoreError
-from quantkit.store import ENTRY, SCRATCH, STAGING_PREFIX, Leftover, Store, try_lock
+from quantkit.store import ENTRY, SCRATCH, Leftover, Store
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +103,6 @@ def _freed(folder: Path) -> int:
     return total
 
 
-def _remove_entry(store: Store, item: Leftover) -> bool:
-    """Move the entry aside under its key's lock (readers see it whole or not at all), then delete."""
-    step, key = item.path.parent.name, item.path.name
-    fd = try_lock(store.root / step / f".{key}.lock", create=True)
-    if fd is None:
-        log.info("skipping %s: a run is building it", item.path)
-        return False
-    try:
-        if not item.path.is_dir():
-            return False
-        # A staging name: if this process dies here, the next build of the key (or gc) removes it.
-        aside = item.path.with_name(f"{STAGING_PREFIX}{key}-gc{uuid.uuid4().hex[:6]}")
-        os.replace(item.path, aside)
-    finally:
-        os.close(fd)
-    shutil.rmtree(aside, ignore_errors=True)
-    return True
-
-
 def collect(store: Store, *, project: Path, entries: bool = False, dry_run: bool = False,
             runs: Iterable[str] = ("runs",), artifacts: str = "artifacts") -> Collected:
     """List (``dry_run``) or remove dead scratch, dead staging and, with ``entries``, unreferenced entries."""
@@ -136,6 +115,6 @@ def collect(store: Store, *, project: Path, entries: bool = False, dry_run: bool
                              "run from the project folder (or pass --project), or use --dry-run to see the list")
         candidates = unreferenced_entries(store, referenced(found))
         if not dry_run:
-            candidates = [c for c in candidates if _remove_entry(store, c)]
+            candidates = [c for c in candidates if store.remove(c.path.parent.name, c.path.name)]
         items += candidates
     return Collected(tuple(items), removed=not dry_run)

@@ -13,11 +13,9 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,15 +203,11 @@ def _duration(seconds: float) -> str:
 
 
 def discard_transient(ctx: RunContext, nodes: list[Node], results: dict[str, Any]) -> None:
-    """Remove transient outputs (the base logits) once every node that needs them is done: renamed to
-    a temp name first (atomic; a dead temp folder is swept like any staging), then deleted."""
+    """Remove transient outputs (the base logits) once every node that needs them is done."""
     for node in nodes:
         entry = results.get(node.name)
-        if node.spec.transient and isinstance(entry, Entry) and entry.path.is_dir():
-            gone = entry.path.with_name(f".tmp-{entry.key}-{uuid.uuid4().hex[:8]}")
+        if node.spec.transient and isinstance(entry, Entry) and ctx.store.remove(entry.step, entry.key):
             size = sum(f.size for f in entry.files.values())
-            os.rename(entry.path, gone)
-            shutil.rmtree(gone, ignore_errors=True)
             log.info("deleted %s (%.1f MiB): no node of this run needs it any more", node.name, size / 2**20)
 
 

@@ -297,7 +297,7 @@ class Store:
             step, key = stale.parent.name, stale.name[len(STAGING_PREFIX):].split("-")[0]
             if step == SCRATCH or not _KEY.fullmatch(key):
                 continue
-            fd = try_lock(self.root / step / f".{key}.lock", create=True)
+            fd = try_lock(self._lock_path(step, key), create=True)
             if fd is None:
                 continue
             try:
@@ -342,7 +342,29 @@ class Store:
         return Entry(step, key, final, record["inputs"], files, record.get("info", {}), reused)
 
     def _lock(self, step: str, key: str) -> contextlib.AbstractContextManager[None]:
-        return exclusive(inside(self.root, step) / f".{key}.lock", f"building {step}/{key}")
+        return exclusive(self._lock_path(step, key), f"building {step}/{key}")
+
+    def _lock_path(self, step: str, key: str) -> Path:
+        return inside(self.root, step) / f".{key}.lock"
+
+    def remove(self, step: str, key: str) -> bool:
+        """Delete the entry for ``key``: moved aside under its key's lock (readers see it whole or not at
+        all), then deleted. False when a run is building it or it is gone."""
+        final = self._final(step, key)
+        fd = try_lock(self._lock_path(step, key), create=True)
+        if fd is None:
+            log.info("skipping %s: a run is building it", final)
+            return False
+        try:
+            if not final.is_dir():
+                return False
+            # A staging name: if this process dies here, the next build of the key (or gc) removes it.
+            aside = final.with_name(f"{STAGING_PREFIX}{key}-rm{uuid.uuid4().hex[:6]}")
+            os.replace(final, aside)
+        finally:
+            os.close(fd)
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
 
     @contextlib.contextmanager
     def build(self, step: str, inputs: dict[str, Any]) -> Iterator[Staging]:
