@@ -488,10 +488,10 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         if index is not None:
             size = quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
         return Cost(64 * 1024, llama_tool_ram(facts, size, ev.ctx if ev else 512))
-    if kind in ("gptq", "awq"):
-        specs = recipe.gptq if kind == "gptq" else recipe.awq
-        spec = specs[params["index"]]
+    if kind in ("gptq", "awq", "rtn"):
+        spec = getattr(recipe, kind)[params["index"]]
         bits = getattr(spec, "bits", None) or getattr(spec, "w_bit")
+        # RTN (weights only) holds the same: the model in float, one layer's float copy and its rounded one.
         return Cost(checkpoint_bytes(facts, bits, getattr(spec, "group_size", None) or getattr(spec, "q_group_size")),
                     TORCH_BASE + facts.parameters * 4 + facts.largest_tensor * 4 * 2)
     if kind in ("score-hf", "tasks-hf", "bench-hf"):

@@ -1,4 +1,4 @@
-"""Step 5: GPTQ 4-bit checkpoints with GPTQModel (and the machinery awq.py shares).
+"""Step 5: GPTQ 4-bit checkpoints with GPTQModel (and the machinery awq.py and rtn.py share).
 
 GPTQModel (not the end-of-life auto-gptq/autoawq) quantizes one decoder layer at a time,
 offloading finished layers to disk, on the GPU when there is one and on the CPU otherwise.
@@ -113,43 +113,55 @@ def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationTex
                 "desc_act": spec.desc_act, "sym": spec.sym})
 
 
+def checkpoint_inputs(*, model: ModelSnapshot, spec, calibration: CalibrationText | None) -> dict:
+    """The store key's source of a GPTQ, AWQ or RTN checkpoint (the step name separates them). RTN reads no
+    calibration text (``None``), so its key does not name one: new calibration text does not rebuild it."""
+    inputs = {"model_digest": model.digest, "spec": spec.model_dump(exclude={"label"}),
+              "backend": {"name": BACKEND, "version": backend_version()}}
+    if calibration is not None:
+        inputs["calibration_sha256"] = calibration.sha256
+    return inputs
+
+
 def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size: int,
-                            calibration: CalibrationText, store: Store, device: str | None,
+                            calibration: CalibrationText | None, store: Store, device: str | None,
                             make_config: Callable[[Any], Any], cpu_kernel: str | None,
                             expect: dict[str, Any]) -> Entry:
-    """The steps GPTQ and AWQ share: preflight, key, sample, quantize, save, verify.
+    """The steps GPTQ, AWQ and RTN share: preflight, key, sample, quantize, save, verify.
 
     ``make_config(gm, **common)`` builds GPTQModel's quantize config, passing ``common`` (the
     offload folder) on; ``cpu_kernel`` names the
     ``gptqmodel.BACKEND`` to pack with on CPU (None: GPTQModel's choice); ``expect`` is what the
-    saved config.json's ``quantization_config`` must hold.
+    saved config.json's ``quantization_config`` must hold. ``calibration`` None: a weight-only config
+    (RTN), quantized without samples.
     """
     layers = check_group_size(model.path, group_size)
     version = backend_version()
-    inputs = {"model_digest": model.digest, "spec": spec.model_dump(exclude={"label"}),
-              "calibration_sha256": calibration.sha256, "backend": {"name": BACKEND, "version": version}}
+    inputs = checkpoint_inputs(model=model, spec=spec, calibration=calibration)
     label = spec.label or step
 
     def produce(staging: Staging) -> None:
         gm = import_gptqmodel()
         import torch
-        from transformers import AutoTokenizer
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer = AutoTokenizer.from_pretrained(model.path)
-        ids = tokenizer(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
-        offsets, windows = choose_windows(ids, samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
-        log.info("%s %s: quantizing %d linears in %s on %s with GPTQModel %s (%d windows of %d tokens)",
-                 step, label, layers, model.path, dev, version, len(windows), spec.seq_len)
-        torch.manual_seed(spec.seed)
+        samples = _calibration_windows(model, spec, calibration)
+        windows = samples.pop("windows") if samples is not None else None
+        log.info("%s %s: quantizing %d linears in %s on %s with GPTQModel %s (%s)", step, label, layers, model.path,
+                 dev, version, "weights only, no calibration" if samples is None else
+                 f"{samples['count']} windows of {spec.seq_len} tokens")
         start = time.perf_counter()
         try:
             with store.scratch(f"{step}-offload") as offload:
                 log.debug("%s %s: GPTQModel offloads finished layers to %s", step, label, offload)
                 qconfig = make_config(gm, offload_to_disk_path=str(offload))
+                if (windows is None) != qconfig.uses_weight_only_lifecycle():  # the key would misname the inputs
+                    raise QuantizerError(f"{step} {label}: {type(qconfig).__name__} "
+                                         + ("needs calibration text" if windows is None else "reads no calibration"))
                 qmodel = gm.GPTQModel.load(str(model.path), qconfig, device=dev)
                 backend = getattr(gm.BACKEND, cpu_kernel) if cpu_kernel and dev == "cpu" else gm.BACKEND.AUTO
-                qmodel.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows],
+                qmodel.quantize(None if windows is None else [{"input_ids": w, "attention_mask": [1] * len(w)}
+                                                              for w in windows],
                                 batch_size=1, backend=backend)
                 qmodel.save(str(staging.path))
                 del qmodel  # its offloaded layers are files in ``offload``: let go before it is removed
@@ -161,16 +173,28 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
         _copy_tokenizer(model.path, staging.path)
         _scrub_volatile(staging.path)
         verify_checkpoint(staging.path, expect=expect, layers=linear_shapes(model.path))
-        staging.info.update(
-            backend=BACKEND, backend_version=version, torch=torch.__version__, device=dev,
-            seconds=round(seconds, 3),
-            samples={"count": len(windows), "seq_len": spec.seq_len, "seed": spec.seed, "text_tokens": len(ids),
-                     "offsets": offsets, "digest": samples_digest(windows)})
+        staging.info.update(backend=BACKEND, backend_version=version, torch=torch.__version__, device=dev,
+                            seconds=round(seconds, 3), samples=samples)
 
     entry = store.ensure(step, inputs, produce)
     log.info("%s %s: %s %s (%.1f s)", step, label, "reused" if entry.reused else "built", entry.path,
              entry.info.get("seconds", 0.0))
     return entry
+
+
+def _calibration_windows(model: ModelSnapshot, spec, calibration: CalibrationText | None) -> dict | None:
+    """The seeded calibration windows (``windows``) and what the entry records of them; None without text."""
+    if calibration is None:
+        return None
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    ids = tokenizer(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
+    offsets, windows = choose_windows(ids, samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
+    torch.manual_seed(spec.seed)
+    return {"count": len(windows), "seq_len": spec.seq_len, "seed": spec.seed, "text_tokens": len(ids),
+            "offsets": offsets, "digest": samples_digest(windows), "windows": windows}
 
 
 def verify_checkpoint(path: Path, *, expect: dict[str, Any], layers: dict[str, tuple[int, int]]) -> None:
@@ -214,11 +238,11 @@ def import_gptqmodel() -> SimpleNamespace:
     with _hf_cache_env_kept():
         try:
             from gptqmodel import BACKEND, GPTQModel
-            from gptqmodel.quantization.config import FORMAT, AWQConfig, GPTQConfig
+            from gptqmodel.quantization.config import FORMAT, AWQConfig, GPTQConfig, RTNConfig
         except ImportError as e:
             raise BackendMissingError(f"cannot import GPTQModel: {e}") from e
     return SimpleNamespace(GPTQModel=GPTQModel, BACKEND=BACKEND, GPTQConfig=GPTQConfig, AWQConfig=AWQConfig,
-                           FORMAT=FORMAT)
+                           RTNConfig=RTNConfig, FORMAT=FORMAT)
 
 
 @contextlib.contextmanager

@@ -265,14 +265,14 @@ def run_check(args) -> dict:
         model = fetch_model(source=recipe.model, root=root, digests=DigestCache(Path(work) / "digests.json"))
         checkpoints = {"status": "skipped", "reason": "--skip-gptq"}
         if args.skip_gptq:
-            recipe = recipe.model_copy(update={"gptq": [], "awq": []})
+            recipe = recipe.model_copy(update={"gptq": [], "awq": [], "rtn": []})
         else:
             try:
                 checkpoints = {"status": "ran", "backend": f"gptqmodel {backend_version()}",
                                "device": "cuda" if cuda else "cpu"}
             except QuantkitError as e:
                 checkpoints = {"status": "skipped", "reason": str(e)}
-                recipe = recipe.model_copy(update={"gptq": [], "awq": []})
+                recipe = recipe.model_copy(update={"gptq": [], "awq": [], "rtn": []})
         variants = run_nodes(recipe=recipe, recipe_file=Path(args.recipe).resolve(), root=root, toolchain=toolchain,
                              store=store, threads=threads, steps=steps)
     return build_report(mode=args.mode, machine=machine, toolchain={**toolchain.describe(), "version": toolchain.version},

@@ -81,6 +81,10 @@ class StepKind:
 
 # --- the graph -------------------------------------------------------------------------------------
 
+# Checkpoints GPTQModel makes, each kind also the name of its recipe list; rtn is a reference, never published.
+CHECKPOINT_KINDS = ("gptq", "awq", "rtn")
+
+
 def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
     """Every node of the recipe's run, dependencies first."""
     nodes: list[Node] = [Node("source", "source", recipe.model.repo or recipe.model.path or "")]
@@ -129,8 +133,7 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
                                       {"task": t.name, "must_beat_chance": is_base or label.upper() == "Q8_0"}))
                 if ev.bench:
                     nodes.append(Node(f"bench-gguf:{label}", "bench-gguf", label, (made_by,)))
-    checkpoints = [("gptq", v.name, i) for i, v in enumerate(recipe.gptq)] + \
-                  [("awq", v.name, i) for i, v in enumerate(recipe.awq)]
+    checkpoints = [(fmt, v.name, i) for fmt in CHECKPOINT_KINDS for i, v in enumerate(getattr(recipe, fmt))]
     for fmt, label, i in checkpoints:
         nodes.append(Node(f"{fmt}:{label}", fmt, label, ("source",), {"index": i}))
         variants.append((fmt, label, f"{fmt}:{label}"))
@@ -330,10 +333,22 @@ def _tasks_gguf(ctx, node, deps):
 def _checkpoint(ctx, node, deps):
     from quantkit.awq import awq
     from quantkit.gptq import gptq
+    from quantkit.rtn import rtn
 
-    fn, specs = (gptq, ctx.recipe.gptq) if node.kind == "gptq" else (awq, ctx.recipe.awq)
     src = deps["source"]
-    return fn(model=src.model, spec=specs[node.params["index"]], calibration=src.calibration, store=ctx.store)
+    spec = getattr(ctx.recipe, node.kind)[node.params["index"]]
+    if node.kind == "rtn":  # weights only: no calibration text
+        return rtn(model=src.model, spec=spec, store=ctx.store)
+    make = gptq if node.kind == "gptq" else awq
+    return make(model=src.model, spec=spec, calibration=src.calibration, store=ctx.store)
+
+
+def _checkpoint_inputs(ctx, node, deps):
+    from quantkit.gptq import checkpoint_inputs
+
+    src = deps["source"]
+    return checkpoint_inputs(model=src.model, spec=getattr(ctx.recipe, node.kind)[node.params["index"]],
+                             calibration=None if node.kind == "rtn" else src.calibration)
 
 
 def torch_device() -> str:
@@ -480,6 +495,8 @@ KINDS: dict[str, StepKind] = {
                            time_class="seconds"),
     "gptq": StepKind(_checkpoint, "a GPTQ checkpoint (GPTQModel)", store_step="gptq", gpu=True, time_class="hours"),
     "awq": StepKind(_checkpoint, "an AWQ checkpoint (GPTQModel)", store_step="awq", gpu=True, time_class="hours"),
+    "rtn": StepKind(_checkpoint, "a round-to-nearest checkpoint (GPTQModel), a reference never published",
+                    _checkpoint_inputs, "rtn", gpu=True),
     "score-hf": StepKind(_score_hf, "score.json (PPL, KLD in torch)", _score_hf_inputs, "score-hf", gpu=True),
     "tasks-hf": StepKind(_tasks_hf, "task accuracy", gpu=True),
     "bench-hf": StepKind(_bench_hf, "speed.json (transformers)", _bench_hf_inputs, "bench-hf", gpu=True,

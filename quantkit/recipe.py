@@ -408,6 +408,12 @@ class GGUFSection(Section):
         return merged.args()
 
 
+def _group_size(v: int) -> int:
+    if v != -1 and not (16 <= v <= 1024 and v & (v - 1) == 0):
+        raise Invalid(f"group_size {v} is not supported", "use -1 (per channel) or a power of two from 16 to 1024, e.g. 128")
+    return v
+
+
 class GPTQVariant(Section):
     """GPTQ settings; the defaults are the seed's (bits 4, group 128, desc_act, damp 0.1)."""
 
@@ -421,12 +427,7 @@ class GPTQVariant(Section):
     seq_len: int = Field(512, ge=16, le=32_768)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v != -1 and not (16 <= v <= 1024 and v & (v - 1) == 0):
-            raise Invalid(f"group_size {v} is not supported", "use -1 (per channel) or a power of two from 16 to 1024, e.g. 128")
-        return v
+    _group = field_validator("group_size")(_group_size)
 
     @property
     def name(self) -> str:
@@ -448,6 +449,24 @@ class AWQVariant(Section):
     @property
     def name(self) -> str:
         return self.label or f"AWQ-{self.w_bit}bit-g{self.q_group_size}"
+
+
+class RTNVariant(Section):
+    """Plain round-to-nearest in GPTQ's format (GPTQModel's weight-only RTN, no calibration, no smoothing): a
+    reference that the GPTQ and AWQ variants of the same bits and group size must beat. Scored and shown in
+    the report, never recommended, gated or published."""
+
+    label: SafeName | None = Field(None, description="unique name of the variant (default RTN-<bits>bit-g<group>, "
+                                   "'-asym' added when sym is false)")
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="-1 (per channel) or a power of two from 16 to 1024")
+    sym: bool = Field(True, description="symmetric like GPTQ's default; false: a zero point per group, like AWQ's")
+
+    _group = field_validator("group_size")(_group_size)
+
+    @property
+    def name(self) -> str:
+        return self.label or f"RTN-{self.bits}bit-g{self.group_size}" + ("" if self.sym else "-asym")
 
 
 class PublishThresholds(Section):
@@ -641,6 +660,8 @@ class Recipe(Section):
     gguf: GGUFSection | None = None
     gptq: list[GPTQVariant] = Field(default_factory=list, max_length=16)
     awq: list[AWQVariant] = Field(default_factory=list, max_length=16)
+    rtn: list[RTNVariant] = Field(default_factory=list, max_length=16,
+                                  description="round-to-nearest references: scored and reported, never published")
     output: Output = Output()
     publish: Publish | None = Field(None, description="publishing and the regression gate; local store if absent")
     schedule: Schedule | None = Field(None, description="cron for the deployment (none: runs only when asked)")
@@ -663,7 +684,11 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Recipe:
         if self.gguf is None and not self.gptq and not self.awq:
-            raise Invalid("the recipe produces nothing", "add a 'gguf', 'gptq' or 'awq' section")
+            raise Invalid("the recipe produces nothing" + (" to publish: rtn variants are references only" if self.rtn
+                                                           else ""), "add a 'gguf', 'gptq' or 'awq' section")
+        if self.rtn and self.evaluation is None:
+            raise Invalid("rtn variants are references for comparison, and without 'evaluation' nothing is compared",
+                          "add an 'evaluation' section, or remove 'rtn'", loc=("rtn",))
         if self.evaluation and self.calibration.files and self.evaluation.file in self.calibration.files:
             raise Invalid(f"evaluation.file '{self.evaluation.file}' is also calibration text",
                           "score on held-out text: scores on text the quantizer saw are not evidence")
@@ -690,6 +715,7 @@ class Recipe(Section):
             out += [(("gguf", "targets", i), "gguf", t.name) for i, t in enumerate(self.gguf.targets)]
         out += [(("gptq", i), "gptq", v.name) for i, v in enumerate(self.gptq)]
         out += [(("awq", i), "awq", v.name) for i, v in enumerate(self.awq)]
+        out += [(("rtn", i), "rtn", v.name) for i, v in enumerate(self.rtn)]
         return out
 
 

@@ -73,10 +73,10 @@ class Manifest:
 class Variant:
     """One produced artifact of the run, as the report and publishing see it."""
 
-    format: str  # "gguf", "gptq", "awq", "hf"
+    format: str  # "gguf", "gptq", "awq", "hf", "rtn" (a reference: scored, never linked or published)
     label: str
     entry: Entry
-    file_name: str  # name in the run folder
+    file_name: str | None  # name in the run folder; None for a reference, which stays in the store
     scores: dict = field(default_factory=dict)  # Score.to_dict() plus "speed", "tasks"
 
     def describe(self) -> dict:
@@ -122,6 +122,8 @@ def variants_of(ctx, node, deps) -> list[Variant]:
         made = deps[made_by]
         if fmt == "hf":
             entry, file_name = made.model.as_entry(), _relative(made.model.path, ctx.root)
+        elif fmt == "rtn":
+            entry, file_name = made, None
         else:
             entry, file_name = made, f"{stem}-{label}.gguf" if fmt == "gguf" else f"{stem}-{label}"
         out.append(Variant(fmt, label, entry, file_name, variant_scores(ctx, fmt, label, deps)))

@@ -100,6 +100,16 @@ def test_shipped_recipes_validate():
     ("  files: [calibration/calib.txt]", "  files: [calibration/eval/heldout.txt]",
      "recipes/r.yaml:1: evaluation.file 'calibration/eval/heldout.txt' is also calibration text "
      "(fix: score on held-out text: scores on text the quantizer saw are not evidence)"),
+    # an RTN reference shares the labels' namespace, and alone publishes nothing
+    ("  types: [Q8_0, Q4_K_M]", "  types: [Q8_0]\ngptq:\n  - {label: ref4}\nrtn:\n  - {label: ref4}",
+     "recipes/r.yaml:13: rtn[0]: variant 'ref4' is made twice: by rtn[0] and by gptq[0] (line 11); both would "
+     "write the same files (fix: give one of them a different 'label')"),
+    ("gguf:\n  types: [Q8_0, Q4_K_M]", "rtn:\n  - {bits: 4, group_size: 128}",
+     "recipes/r.yaml:1: the recipe produces nothing to publish: rtn variants are references only "
+     "(fix: add a 'gguf', 'gptq' or 'awq' section)"),
+    ("  types: [Q8_0, Q4_K_M]", "  types: [Q8_0]\nrtn:\n  - {group_size: 100}",
+     "recipes/r.yaml:11: rtn[0].group_size: group_size 100 is not supported "
+     "(fix: use -1 (per channel) or a power of two from 16 to 1024, e.g. 128)"),
 ])
 def test_bad_recipe_exact_error(project, capsys, old, new, expected):
     assert old in GOOD

@@ -82,7 +82,7 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
     floors = {"gptq": thresholds.min_recovery_gptq, "awq": thresholds.min_recovery_awq,
               "gguf": thresholds.min_recovery_gguf}
     for v in current["variants"]:
-        if v.get("is_base"):
+        if v.get("is_base") or v.get("reference"):  # a reference (RTN) is compared with, never gated
             continue
         old = before.get(v["id"])
         if old and old.get("kld_mean") is not None and v.get("kld_mean") is not None:

@@ -5,8 +5,12 @@ a versioned report dict out. Everything else renders that dict: ``report.json`` 
 machine-readable truth), ``report.md``, ``plot.png``, the model card ``README.md`` (``quantkit.publish.card``)
 and one Ollama Modelfile per GGUF. Publishing (``quantkit.publish.release``) only moves files.
 
-All reading of manifest.json happens in ``_variant_row`` and ``_run_facts``: when the
-manifest changes shape, those two functions change and nothing else.
+All reading of manifest.json happens in ``_variant_row`` (with ``_quant_settings``) and ``_run_facts``:
+when the manifest changes shape, those functions change and nothing else.
+
+Round-to-nearest variants (format ``rtn``) are references: shown in the table and compared with the GPTQ
+and AWQ variants of the same bits and group size (``rtn_comparisons``), never recommended, on no frontier
+or hardware table, and left out of the model card.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ REPORT_SCHEMA = 1
 # report reads; variants, model, recipe, calibration and toolchain keep their shape.
 MANIFEST_SCHEMAS = (1, 2)
 DEFAULT_RECOMMEND_KLD = 0.05  # mean KLD under which a variant counts as "close to the base"
+REFERENCE_FORMATS = ("rtn",)  # scored for comparison, never recommended or published
+RTN_SEPARATION = 3.0  # combined standard errors by which a mean KLD must differ from RTN's to count
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin")
 
 
@@ -63,7 +69,8 @@ def _task_n(score) -> int | None:
     return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
-def _variant_row(v: dict) -> dict:
+def _variant_row(v: dict, resolved: dict) -> dict:
+    """One report row from a manifest variant; ``resolved`` is the run's resolved recipe."""
     files = v.get("files") or {}
     weights = ([r["size"] for n, r in files.items() if n.endswith(WEIGHT_SUFFIXES)]
                or [r["size"] for r in files.values()])
@@ -83,7 +90,29 @@ def _variant_row(v: dict) -> dict:
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
         "mix": _mix_row((v.get("info") or {}).get("mix")),
+        "reference": v["format"] in REFERENCE_FORMATS,
+        "quant": _quant_settings(v["format"], v["label"], resolved),
     }
+
+
+def _quant_settings(fmt: str, label: str, resolved: dict) -> dict | None:
+    """Bits, group size and symmetry (False: a zero point per group) of a GPTQ, AWQ or RTN variant, from the
+    resolved recipe; None when the recipe there does not name it."""
+    import pydantic
+
+    from quantkit.recipe import AWQVariant, GPTQVariant, RTNVariant
+
+    kind = {"gptq": GPTQVariant, "awq": AWQVariant, "rtn": RTNVariant}.get(fmt)
+    for raw in (resolved.get(fmt) or []) if kind else []:
+        try:
+            spec = kind.model_validate(raw)
+        except pydantic.ValidationError:  # a recipe of another quantkit version
+            continue
+        if spec.name == label:
+            if isinstance(spec, AWQVariant):
+                return {"bits": spec.w_bit, "group_size": spec.q_group_size, "sym": not spec.zero_point}
+            return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym}
+    return None
 
 
 def _mix_row(mix: dict | None) -> dict | None:
@@ -128,7 +157,7 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
     if manifest.get("schema") not in MANIFEST_SCHEMAS:
         raise ReportSchemaError(f"manifest schema {manifest.get('schema')!r} is not supported "
                                 f"(expected one of {', '.join(map(str, MANIFEST_SCHEMAS))})")
-    rows = [_variant_row(v) for v in manifest["variants"]]
+    rows = [_variant_row(v, manifest["recipe"].get("resolved") or {}) for v in manifest["variants"]]
     if not rows:
         raise ReportSchemaError("the manifest lists no variants")
     base = rows[0]
@@ -141,13 +170,14 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
         r["bpw"] = r["size_bytes"] * 8 / r["parameters"] if r["parameters"] else None
         r["dppl"] = r["ppl"] - base["ppl"] if None not in (r["ppl"], base["ppl"]) else None
         r["dppl_pct"] = 100 * r["dppl"] / base["ppl"] if r["dppl"] is not None else None
-        ref = hf_base if r["format"] in ("gptq", "awq") and hf_base and hf_base["tasks"] else base
+        ref = hf_base if r["format"] in ("gptq", "awq", "rtn") and hf_base and hf_base["tasks"] else base
         r["recovery"] = {t: s / ref["tasks"][t] for t, s in r["tasks"].items() if ref["tasks"].get(t)}
         r["recovery_mean"] = sum(r["recovery"].values()) / len(r["recovery"]) if r["recovery"] else None
         r["tasks_se"] = {t: task_se(s, r["tasks_n"].get(t)) for t, s in r["tasks"].items()}
         r["dppl_tie"] = _within_error(r["dppl"], r["ppl_err"], base["ppl_err"]) if not r["is_base"] else None
         r["recommended"] = []
-    task_checks = {t: discrimination(rows, t) for t in sorted({t for r in rows for t in r["tasks"]})}
+    ranked = [r for r in rows if not r["reference"]]  # what a user may pick: references stay out
+    task_checks = {t: discrimination(ranked, t) for t in sorted({t for r in ranked for t in r["tasks"]})}
     counted = [t for t, c in task_checks.items() if c["discriminates"]]
     for r in rows:
         r["task_ties"] = {t: _within_error(s - ref["tasks"][t], r["tasks_se"].get(t), ref["tasks_se"].get(t))
@@ -157,21 +187,23 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
         ses = [r["tasks_se"].get(t) for t in mine]
         r["task_mean_se"] = (math.sqrt(sum(e * e for e in ses)) / len(ses)
                              if r["task_mean"] is not None and None not in ses else None)
-    quantized = [r for r in rows if not r["is_base"]]
+    quantized = [r for r in ranked if not r["is_base"]]
     frontier = pareto_frontier(quantized, "kld_mean")
     for r in rows:
         r["pareto"] = r["id"] in frontier
     _recommend(quantized, frontier, recommend_max_kld, counted)
     facts = _run_facts(manifest)
     facts["model"]["base_origin"] = base_origin
-    caveats = _caveats(rows, base_origin, manifest)
+    against_rtn = rtn_comparisons(rows)
+    caveats = _caveats(rows, base_origin, manifest) + _rtn_caveats(against_rtn)
     ctx = min(num_ctx, ModelShape.from_config(config).max_context or num_ctx) if config else num_ctx
     for r in rows:
         r["serve"] = _serve(r, chat_template, ctx)
-    hardware = hardware_fit(rows, ModelShape.from_config(config)) if config else None
+    hardware = hardware_fit(ranked, ModelShape.from_config(config)) if config else None
     tasks = sorted({t for r in rows for t in r["tasks"]})
     return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "task_checks": task_checks,
-            "caveats": caveats, "variants": rows, "pareto": frontier, "recommend_max_kld": recommend_max_kld,
+            "caveats": caveats, "variants": rows, "pareto": frontier, "rtn_comparisons": against_rtn,
+            "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
             "hardware": hardware, "regression": regression}
 
@@ -193,6 +225,53 @@ def _within_error(diff: float | None, err_a: float | None, err_b: float | None) 
     if err_a is None or err_b is None:
         return True if diff == 0 else None
     return abs(diff) <= math.hypot(err_a, err_b)
+
+
+def rtn_comparisons(rows: list[dict]) -> list[dict]:
+    """Each GPTQ/AWQ variant against the RTN reference of its bits and group size (the one of the same symmetry
+    when there is one): does the calibrated method beat plain rounding in mean KLD? ``verdict``: ``beats``,
+    ``worse``, ``not separated`` (within ``RTN_SEPARATION`` combined standard errors) or ``unknown`` (an error
+    is missing). The errors are each mean's own, combined as if independent: both variants are scored on the
+    same tokens, so a paired error would be smaller and this is the cautious side."""
+    refs = [r for r in rows if r["reference"] and r.get("quant") and r["kld_mean"] is not None]
+    out = []
+    for r in rows:
+        q = r.get("quant")
+        if r["format"] not in ("gptq", "awq") or not q or r["kld_mean"] is None:
+            continue
+        same = [x for x in refs if (x["quant"]["bits"], x["quant"]["group_size"]) == (q["bits"], q["group_size"])]
+        if not same:
+            continue
+        rtn = next((x for x in same if x["quant"]["sym"] == q["sym"]), same[0])
+        diff = rtn["kld_mean"] - r["kld_mean"]  # above 0: the method is closer to the base than rounding
+        errs = (r["kld_mean_err"], rtn["kld_mean_err"])
+        se = math.hypot(*errs) if None not in errs else None
+        if se is None:
+            verdict = "unknown"
+        elif diff > RTN_SEPARATION * se:
+            verdict = "beats"
+        elif diff < -RTN_SEPARATION * se:
+            verdict = "worse"
+        else:
+            verdict = "not separated"
+        out.append({"id": r["id"], "rtn": rtn["id"], "bits": q["bits"], "group_size": q["group_size"],
+                    "sym": q["sym"], "rtn_sym": rtn["quant"]["sym"], "kld_mean": r["kld_mean"],
+                    "kld_mean_err": errs[0], "rtn_kld_mean": rtn["kld_mean"], "rtn_kld_mean_err": errs[1],
+                    "difference": diff, "se": se, "sigmas": diff / se if se else None, "verdict": verdict})
+    return out
+
+
+def _rtn_caveats(comparisons: list[dict]) -> list[str]:
+    """A calibrated method that does not beat plain rounding is the first thing to explain."""
+    return [f"{c['id']} does not beat plain round-to-nearest ({c['rtn']}) in mean KLD: "
+            f"{_pm(c['kld_mean'], c['kld_mean_err'])} against {_pm(c['rtn_kld_mean'], c['rtn_kld_mean_err'])}. "
+            "A method that calibrates should be closer to the base than rounding; find out why (calibration "
+            "samples, desc_act, damping, group size, the settings passed to GPTQModel) before comparing it further."
+            for c in comparisons if c["verdict"] in ("worse", "not separated")]
+
+
+def _pm(value: float, err: float | None) -> str:
+    return f"{value:.5f}" + (f" ± {err:.5f}" if err is not None else "")
 
 
 def _task_base(rows: list[dict], task: str) -> dict | None:
@@ -349,7 +428,8 @@ def variants_table(report: dict) -> list[str]:
         task_cells = [_f(r["tasks"].get(t), ".4f") + (" (tie)" if (r.get("task_ties") or {}).get(t) else "")
                       for t in tasks]
         label = r["label"] + (" (searched mix)" if r.get("mix") else "")
-        cells = ["★" if r["recommended"] else ("base" if r["is_base"] else ""), r["format"], label,
+        mark = "★" if r["recommended"] else "base" if r["is_base"] else "ref" if r.get("reference") else ""
+        cells = [mark, r["format"], label,
                  _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), dppl,
                  _f(r["kld_mean"], ".5f"), _f(r["kld_p99"], ".5f"), _f(r["same_top_pct"], ".2f"),
                  *task_cells, _f(r["pp_tps"], ".1f"), _f(r["tg_tps"], ".1f")]
@@ -364,12 +444,15 @@ def render_markdown(report: dict) -> str:
            + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
            f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
            "variant (first row); ★ = recommended; (tie) = differs from the base by less than the combined standard "
-           "error; † = the task does not discriminate (see Tasks).", ""]
+           "error; † = the task does not discriminate (see Tasks)"
+           + ("; ref = round-to-nearest reference, not published (see Against round-to-nearest)."
+              if any(r.get("reference") for r in report["variants"]) else "."), ""]
     for caveat in report.get("caveats") or []:
         out += [f"> **Read this first.** {caveat}", ""]
     out += ["## Variants", ""]
     out += variants_table(report)
     out += _tasks_md(report)
+    out += _rtn_md(report)
     out += ["", "## Recommended", ""]
     out += [f"- **{rec['id']}**: {rec['why']}" for rec in report["recommended"]] or ["- none: no variant has scores"]
     checks = report.get("task_checks") or {}
@@ -405,6 +488,40 @@ def _tasks_md(report: dict) -> list[str]:
     return out
 
 
+def _rtn_md(report: dict) -> list[str]:
+    refs = [r for r in report["variants"] if r.get("reference")]
+    if not refs:
+        return []
+    comparisons = report.get("rtn_comparisons") or []
+    out = ["", "## Against round-to-nearest", "",
+           "Each GPTQ/AWQ variant against plain round-to-nearest (RTN: no calibration, the same bits and group "
+           f"size). It beats RTN when its mean KLD is lower by more than {RTN_SEPARATION:g} combined standard "
+           "errors (the two means' errors, combined as if independent: cautious, since both are scored on the same "
+           "tokens). RTN rows are references: not recommended and not published.", ""]
+    said = {"beats": "**beats**", "worse": "**is worse than**", "not separated": "**does not beat**",
+            "unknown": "is not judged against"}
+    for c in comparisons:
+        sigmas = (f", {c['sigmas']:+.1f} standard errors" if c["sigmas"] is not None else
+                  "; a standard error is missing" if c["se"] is None else "")
+        grid = {True: "symmetric", False: "with a zero point"}
+        unlike = (f"; RTN {grid[c['rtn_sym']]}, {c['id'].split(':')[0].upper()} {grid[c['sym']]}: not like with like"
+                  if c["sym"] != c["rtn_sym"] else "")
+        out.append(f"- `{c['id']}` {said[c['verdict']]} `{c['rtn']}`: mean KLD {_pm(c['kld_mean'], c['kld_mean_err'])}"
+                   f" vs {_pm(c['rtn_kld_mean'], c['rtn_kld_mean_err'])} (RTN − it = {c['difference']:+.5f}{sigmas}"
+                   f"{unlike})")
+    compared = {c["id"] for c in comparisons}
+    for r in report["variants"]:
+        if r["format"] in ("gptq", "awq") and r["id"] not in compared:
+            q = r.get("quant")
+            why = ("it has no mean KLD" if r["kld_mean"] is None else
+                   f"no RTN variant with a mean KLD at {q['bits']} bits, group size {q['group_size']}" if q else
+                   "its settings are not in the run's recipe")
+            out.append(f"- `{r['id']}`: not compared ({why})")
+    if not any(r["format"] in ("gptq", "awq") for r in report["variants"]):
+        out.append("- the run has no GPTQ or AWQ variant to compare")
+    return out
+
+
 def _regression_md(reg: dict | None) -> list[str]:
     if not reg:
         return []
@@ -431,6 +548,8 @@ def _hardware_md(report: dict) -> list[str]:
            f"(model context limit: {shape['max_context'] or 'unknown'}).", "",
            "| variant | " + " | ".join(f"GiB @ {c // 1024}k" for c in ctxs) + " |", "|---|" + "---:|" * len(ctxs)]
     for r in report["variants"]:
+        if r["id"] not in hw["needed_bytes"]:  # a reference (RTN) is not offered
+            continue
         need = hw["needed_bytes"][r["id"]]
         out.append(f"| {r['id']} | " + " | ".join(_f(need[str(c)] / GIB if need[str(c)] else None, ".2f")
                                                  for c in ctxs) + " |")
@@ -444,7 +563,7 @@ def _hardware_md(report: dict) -> list[str]:
     return out
 
 
-MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D"}
+MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D", "rtn": "x"}
 
 
 def mix_md(report: dict) -> list[str]:
@@ -489,15 +608,15 @@ def render_plot(report: dict, path: Path) -> None:
             pts = [r for r in quantized if r["format"] == fmt and r.get(metric) is not None and (not log_y or r[metric] > 0)
                    and not r.get("mix")]
             if pts:
-                ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60, label=fmt,
-                           zorder=3)
+                ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60,
+                           label=f"{fmt} (reference)" if fmt in REFERENCE_FORMATS else fmt, zorder=3)
         mixes = [r for r in quantized if r.get("mix") and r.get(metric) is not None and (not log_y or r[metric] > 0)]
         if mixes:  # size-budget variants beside the stock types
             ax.scatter([r["size_gib"] for r in mixes], [r[metric] for r in mixes], marker="*", s=140,
                        color="tab:purple", label="gguf, searched mix (gguf.targets)", zorder=3)
         pts = [r for r in quantized if r.get(metric) is not None and (not log_y or r[metric] > 0)]
         front = ([r for i in report["pareto"] for r in pts if r["id"] == i] if metric == "kld_mean" else
-                 _max_frontier(pts, metric))
+                 _max_frontier([r for r in pts if not r.get("reference")], metric))
         if front:
             ax.plot([r["size_gib"] for r in front], [r[metric] for r in front], "-", color="tab:red", lw=1.5,
                     alpha=0.7, label="Pareto frontier", zorder=2)
@@ -550,8 +669,9 @@ def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template
     written = []
     write_json_atomic(out_dir / "report.json", validate_report(report))
     written.append(out_dir / "report.json")
+    published = {**report, "variants": [r for r in report["variants"] if not r.get("reference")]}
     texts = {"report.md": render_markdown(report),
-             "README.md": str(render_card(report, table=variants_table(report), recipe_yaml=recipe_yaml,
+             "README.md": str(render_card(published, table=variants_table(published), recipe_yaml=recipe_yaml,
                                        calibration_readme=calibration_readme)),
              **render_modelfiles(report, chat_template=chat_template, eos_token=eos_token)}
     for name, text in texts.items():
