@@ -81,8 +81,9 @@ def cmd_run(args) -> int:
     from quantkit.context import RunContext
     from quantkit.pipeline import run
 
-    result = run(RunContext.from_env(args.recipe), publish=not args.no_publish)
-    print(f"manifest: {result.manifest}")
+    result = run(RunContext.from_env(args.recipe), publish=not args.no_publish, until=args.until)
+    if result.manifest:
+        print(f"manifest: {result.manifest}")
     if result.publish_status and result.publish_status.startswith("unchanged"):
         print(f"not published: {result.publish_status} (the same files and scores)")
     elif result.published:
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run a recipe locally (no Prefect server needed)")
     s.add_argument("recipe")
     s.add_argument("--no-publish", action="store_true", help="stop after the run folder; no report, no publish")
+    s.add_argument("--until", metavar="NODE", help="run only this node and what it needs (names: quantkit plan); "
+                   "no run folder")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("toolchain", help="show the pinned llama.cpp toolchain; --build makes it")

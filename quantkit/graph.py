@@ -23,6 +23,7 @@ from typing import Any
 from quantkit.calibration import CalibrationText, load_calibration
 from quantkit.context import RunContext
 from quantkit.digest import DigestCache, write_json_atomic
+from quantkit.errors import QuantkitError
 from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot, fetch_model
 from quantkit.store import Entry, Store
@@ -41,6 +42,19 @@ class Node:
     @property
     def spec(self) -> StepKind:
         return KINDS[self.kind]
+
+
+class UnknownNode(QuantkitError):
+    tip = "`quantkit plan RECIPE` lists the nodes"
+
+    def __init__(self, name: str, names: tuple[str, ...]):
+        super().__init__(name, names)
+        self.name, self.names = name, names
+
+    def __str__(self) -> str:
+        close = [n for n in self.names if n.split(":")[0] == self.name.split(":")[0]] or list(self.names)
+        return f"this recipe's run has no node {self.name!r}; it has {', '.join(close[:8])}" + (
+            ", ..." if len(close) > 8 else "")
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,20 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
         nodes.append(Node("publish", "publish", (recipe.publish.target if recipe.publish else "local"),
                           ("run-folder", "source")))
     return nodes
+
+
+def needed_for(nodes: list[Node], name: str) -> list[Node]:
+    """The node ``name`` and every node it needs, in graph order (``quantkit run --until``)."""
+    by_name = {n.name: n for n in nodes}
+    if name not in by_name:
+        raise UnknownNode(name, tuple(by_name))
+    keep, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            todo += by_name[n].needs
+    return [n for n in nodes if n.name in keep]
 
 
 def dependents(nodes: list[Node]) -> dict[str, list[str]]:
@@ -490,15 +518,17 @@ KINDS: dict[str, StepKind] = {
     "base-logits": StepKind(_base_logits, "the base's logits on the evaluation text", _base_logits_inputs,
                             "base-logits", gpu=True, lazy=True, transient=True),
     "score-gguf": StepKind(_score_gguf, "score.json (PPL, KLD)", _score_gguf_inputs, "score-gguf", gpu=True),
-    "tasks-gguf": StepKind(_tasks_gguf, "task accuracy", gpu=True),
+    "tasks-gguf": StepKind(_tasks_gguf, "task accuracy", store_step="tasks-gguf", gpu=True),
     "bench-gguf": StepKind(_bench_gguf, "speed.json (llama-bench)", _bench_gguf_inputs, "bench", gpu=True,
                            time_class="seconds"),
-    "gptq": StepKind(_checkpoint, "a GPTQ checkpoint (GPTQModel)", store_step="gptq", gpu=True, time_class="hours"),
-    "awq": StepKind(_checkpoint, "an AWQ checkpoint (GPTQModel)", store_step="awq", gpu=True, time_class="hours"),
+    "gptq": StepKind(_checkpoint, "a GPTQ checkpoint (GPTQModel)", _checkpoint_inputs, "gptq", gpu=True,
+                     time_class="hours"),
+    "awq": StepKind(_checkpoint, "an AWQ checkpoint (GPTQModel)", _checkpoint_inputs, "awq", gpu=True,
+                    time_class="hours"),
     "rtn": StepKind(_checkpoint, "a round-to-nearest checkpoint (GPTQModel), a reference never published",
                     _checkpoint_inputs, "rtn", gpu=True),
     "score-hf": StepKind(_score_hf, "score.json (PPL, KLD in torch)", _score_hf_inputs, "score-hf", gpu=True),
-    "tasks-hf": StepKind(_tasks_hf, "task accuracy", gpu=True),
+    "tasks-hf": StepKind(_tasks_hf, "task accuracy", store_step="tasks-hf", gpu=True),
     "bench-hf": StepKind(_bench_hf, "speed.json (transformers)", _bench_hf_inputs, "bench-hf", gpu=True,
                          time_class="seconds"),
     "sensitivity": StepKind(_sensitivity, "sensitivity.json (per-tensor error and bytes of one type)",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from quantkit.context import RunContext
-from quantkit.graph import Node, build_graph, with_reuse
+from quantkit.graph import Node, build_graph, needed_for, with_reuse
 from quantkit.paths import inside
 from quantkit.store import Entry
 
@@ -124,11 +124,12 @@ def node_log_file(ctx: RunContext, node: Node) -> Path:
 
 
 def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int = 1,
-            poll: float = 0.05) -> dict[str, Any]:
+            poll: float = 0.05, keep: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run every node once its needs are done; return ``{node name: result}``.
 
     At most ``parallel`` nodes are in flight. The first failure stops new submissions; nodes already
-    running finish, then the failure is raised.
+    running finish, then the failure is raised. Transient results are removed at the end, except the
+    nodes in ``keep``.
     """
     by_name = {n.name: n for n in nodes}
     results: dict[str, Any] = {}
@@ -194,7 +195,7 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
         raise failure
     if waiting:
         raise RuntimeError(f"nodes never became ready: {[n.name for n in waiting]}")  # a graph bug
-    discard_transient(ctx, nodes, results)
+    discard_transient(ctx, [n for n in nodes if n.name not in keep], results)
     return {n.name: results[n.name] for n in nodes if n.name in results}  # graph order, not finishing order
 
 
@@ -213,8 +214,8 @@ def discard_transient(ctx: RunContext, nodes: list[Node], results: dict[str, Any
 
 @dataclass(frozen=True)
 class RunResult:
-    run_dir: Path
-    manifest: Path
+    run_dir: Path | None  # None: the run stopped at a node (--until)
+    manifest: Path | None
     reused: tuple[str, ...]
     built: tuple[str, ...]
     published: Path | None = None
@@ -236,29 +237,35 @@ def parallel_from_env() -> int:
     return max(1, int(os.environ.get(PARALLEL_ENV, "1") or 1))
 
 
-def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None) -> RunResult:
+def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, until: str | None = None) -> RunResult:
+    """The recipe's whole run; with ``until``, only that node and what it needs (no run folder)."""
     start = time.perf_counter()
-    preflight(ctx)
     nodes = build_graph(ctx.recipe, publish=publish)
+    if until:
+        nodes = needed_for(nodes, until)
+    preflight(ctx, {n.name for n in nodes})
     parallel = parallel or parallel_from_env()
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = execute(ctx, nodes, local_submit(ctx, pool), parallel=parallel)
+        results = execute(ctx, nodes, local_submit(ctx, pool), parallel=parallel, keep=frozenset({until} - {None}))
     ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     reused, built = summarize(results)
-    manifest = results["run-folder"]
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,
              len(built), len(reused), f" ({', '.join(reused)})" if reused else "")
+    if until:
+        return RunResult(None, None, reused, built)
+    manifest = results["run-folder"]
     published = results.get("publish")
     return RunResult(manifest.parent, manifest, reused, built, published.path if published else None,
                      published.status if published else None)
 
 
-def preflight(ctx: RunContext) -> None:
-    """Refuse before any work when the plan's disk or RAM estimate exceeds what the machine has."""
+def preflight(ctx: RunContext, names: set[str] | None = None) -> None:
+    """Refuse before any work when the plan's disk or RAM estimate (of the nodes ``names``, default all)
+    exceeds what the machine has."""
     from quantkit.errors import ResourceError
     from quantkit.plan import GiB, machine, plan, totals
 
-    rows = plan(ctx)
+    rows = [r for r in plan(ctx) if names is None or r.name in names]
     need = totals(rows)
     have = machine(ctx.store.root)
     if need.disk_bytes and need.disk_bytes > have.free_disk:

@@ -15,7 +15,7 @@ from typing import Any
 
 from quantkit.context import RunContext
 from quantkit.errors import QuantkitError
-from quantkit.estimate import GiB, FactsUnavailable, ModelFacts, cost, read_hub_facts, read_local_facts
+from quantkit.estimate import FactsUnavailable, GiB, ModelFacts, cost, read_hub_facts, read_local_facts
 from quantkit.graph import Node, Source, build_graph
 
 DONE, TODO = "done", "to do"
@@ -136,10 +136,14 @@ def _status(ctx: RunContext, node: Node, results: dict, source: Source | None,
     if missing:
         return TODO, f"after {missing[0]}", None
     if node.spec.inputs is None or node.spec.store_step is None:
+        # tasks: their key holds the items' digest, which only lm-eval's loader knows
         return TODO, "checked when it runs" if node.spec.store_step else "every run", None
     deps = {d: results[d] for d in node.needs if d in results}
-    key = node.spec.key(ctx, node, deps)
-    stored = node.spec.stored(ctx, node, deps)
+    try:
+        key = node.spec.key(ctx, node, deps)
+        stored = node.spec.stored(ctx, node, deps)
+    except QuantkitError as e:  # e.g. GPTQModel not installed: its version is part of the key
+        return TODO, str(e), None
     if stored is None:
         return TODO, "not in the store", key
     results[node.name] = stored

@@ -7,7 +7,7 @@ the fixture model exists.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -19,16 +19,12 @@ from quantkit.proc import run_tool
 from quantkit.recipe import Evaluation
 from quantkit.scoring.llamacpp import (
     LOG_FILE,
-    SCORE_FILE,
-    STEP,
-    base_logits_once,
+    base_logits,
     bench_gguf,
     parse_perplexity_log,
     score_gguf,
-    score_gguf_step,
 )
 from quantkit.scoring.windows import base_logits_bytes, estimate_base_logits_bytes, read_logits_header, scored_per_chunk
-from quantkit.store import Store
 from quantkit.toolchain import find_toolchain
 
 pytestmark = pytest.mark.slow
@@ -86,20 +82,16 @@ def _by_hand(log_text: str) -> dict[str, str]:
 def scores(ggufs, toolchain, tmp_path_factory):
     """Every GGUF scored against the f16 logits, with each run's full log kept."""
     work = tmp_path_factory.mktemp("score")
+    (work / "logits").mkdir()
+    logits = base_logits(base_gguf=ggufs["F16"], text_file=HELDOUT, spec=SPEC, toolchain=toolchain,
+                         workdir=work / "logits")
     out = {}
-    with base_logits_once(base_gguf=ggufs["F16"], text_file=HELDOUT, spec=SPEC, toolchain=toolchain,
-                          workdir=work / "logits") as base:
-        for name, path in ggufs.items():
-            d = work / name
-            d.mkdir()
-            score = score_gguf(gguf=path, base_logits=base.path, text_file=HELDOUT, spec=SPEC, toolchain=toolchain,
-                               workdir=d)
-            out[name] = (score, (d / LOG_FILE).read_text(encoding="utf-8"))
-        header = read_logits_header(base.path)
-        size = base.path.stat().st_size
-        logits_path = base.path
-    assert not logits_path.exists(), "base logits must be deleted when the run ends"
-    return out, header, size
+    for name, path in ggufs.items():
+        d = work / name
+        d.mkdir()
+        score = score_gguf(gguf=path, base_logits=logits, text_file=HELDOUT, spec=SPEC, toolchain=toolchain, workdir=d)
+        out[name] = (score, (d / LOG_FILE).read_text(encoding="utf-8"))
+    return out, read_logits_header(logits), logits.stat().st_size
 
 
 def test_recorded_numbers_are_the_printed_ones(scores):
@@ -149,20 +141,37 @@ def test_torch_matches_llama_perplexity_windows(scores, tiny_model_dir):
     assert torch_score.same_top_pct == 100.0
 
 
-def test_score_step_is_cached(ggufs, toolchain, tmp_path):
-    store = Store(tmp_path / "store")
-    text_sha = hashlib.sha256(HELDOUT.read_bytes()).hexdigest()
-    with base_logits_once(base_gguf=ggufs["F16"], text_file=HELDOUT, spec=SPEC, toolchain=toolchain) as base:
-        kwargs = dict(gguf=ggufs["Q8_0"], gguf_sha256="q8", base_gguf_sha256="f16", text_file=HELDOUT,
-                      text_sha256=text_sha, spec=SPEC, base=base, toolchain=toolchain, store=store, label="Q8_0")
-        first = score_gguf_step(**kwargs)
-        assert base.made and not first.reused
-        assert {SCORE_FILE, LOG_FILE} <= first.files.keys()
-        assert first.info["score"]["kld_mean"] > 0
-    with base_logits_once(base_gguf=ggufs["F16"], text_file=HELDOUT, spec=SPEC, toolchain=toolchain) as base:
-        again = score_gguf_step(**{**kwargs, "base": base})
-        assert again.reused and again.key == first.key and not base.made  # no logits made for a stored score
-    assert first.step == STEP
+EVAL_RECIPE = """\
+evaluation: {file: calibration/eval/en-prose-heldout.txt, ctx: 128, max_tokens: 512, bench: false}
+gguf:
+  imatrix: {enabled: false}
+  types: [Q8_0]
+"""
+
+
+def test_scores_are_stored_and_base_logits_made_only_when_a_score_is_missing(tiny_llama, repo_root, tmp_path,
+                                                                             capsys, monkeypatch):
+    from test_pipeline import make_project, tiny_recipe
+
+    from quantkit.cli import main
+
+    recipe = make_project(tmp_path / "proj", repo_root, tiny_llama)
+    recipe.write_text(tiny_recipe("tiny-eval", EVAL_RECIPE))
+    store = tmp_path / "store"
+    monkeypatch.setenv("QUANTKIT_STORE", str(store))
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "built: convert, quantize:Q8_0, base-logits, score-gguf:F16, score-gguf:Q8_0" in out, out
+    assert not list(store.glob("base-logits/[!.]*")), "the base logits are removed when the run no longer needs them"
+    manifest = json.loads((recipe.parents[1] / "runs" / "tiny-eval" / "manifest.json").read_text())
+    q8 = next(v for v in manifest["variants"] if v["label"] == "Q8_0")
+    assert q8["scores"]["kld_mean"] > 0
+
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "built: nothing" in out and "base-logits" not in out, out  # stored scores need no logits
+    again = json.loads((recipe.parents[1] / "runs" / "tiny-eval" / "manifest.json").read_text())
+    assert next(v for v in again["variants"] if v["label"] == "Q8_0")["scores"] == q8["scores"]
 
 
 def test_too_short_text_is_an_error(ggufs, toolchain, tmp_path):

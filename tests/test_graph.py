@@ -35,10 +35,10 @@ def test_demo_graph_has_every_unit_of_work(demo):
     expected = {"source", "convert", "imatrix", "base-logits", "run-folder", "publish",
                 *(f"quantize:{label}" for label in gguf[1:]),
                 *(f"{kind}-gguf:{label}" for label in gguf for kind in ("score", "bench")),
-                *(f"tasks-gguf:{label}:which-word-fits" for label in gguf),
+                *(f"tasks-gguf:{label}:{t.name}" for label in gguf for t in demo.evaluation.tasks),
                 *(f"gptq:{v.name}" for v in demo.gptq), *(f"awq:{v.name}" for v in demo.awq),
                 *(f"{kind}-hf:{label}" for label in ["HF", *checkpoints] for kind in ("score", "bench")),
-                *(f"tasks-hf:{label}:which-word-fits" for label in ["HF", *checkpoints])}
+                *(f"tasks-hf:{label}:{t.name}" for label in ["HF", *checkpoints] for t in demo.evaluation.tasks)}
     assert set(names) == expected
     assert sorted(labels) == sorted(gguf + checkpoints)
     # Dependencies come first, and every kind is defined once.
@@ -54,6 +54,17 @@ def test_demo_graph_has_every_unit_of_work(demo):
     assert set(by["run-folder"].needs) == set(names) - {"run-folder", "publish", "base-logits"}
     variants = [label for _, label, _ in by["run-folder"].params["variants"]]
     assert variants == [*gguf, "HF", *checkpoints]
+
+
+def test_until_takes_the_node_and_what_it_needs(demo):
+    from quantkit.graph import UnknownNode, needed_for
+
+    nodes = build_graph(demo)
+    assert [n.name for n in needed_for(nodes, "score-gguf:Q2_K")] == [
+        "source", "convert", "imatrix", "quantize:Q2_K", "base-logits", "score-gguf:Q2_K"]
+    assert [n.name for n in needed_for(nodes, "convert")] == ["source", "convert"]
+    with pytest.raises(UnknownNode, match="no node 'quantize:Q9_K'; it has quantize:Q8_0, quantize:Q6_K"):
+        needed_for(nodes, "quantize:Q9_K")
 
 
 def test_flags_and_publish_switch(demo):

@@ -125,6 +125,19 @@ def test_clean_rerun_is_bit_identical(first_run, tmp_path, capsys, monkeypatch):
     assert shas(manifest) == before
 
 
+def test_until_runs_one_node_and_what_it_needs(first_run, tmp_path, capsys, monkeypatch):
+    recipe, _ = first_run
+    runs = recipe.parents[1] / "runs" / "tiny-chain"
+    before = (runs / "manifest.json").stat().st_mtime_ns
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    assert main(["run", "--until", "quantize:Q2_K", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "built: convert, imatrix, quantize:Q2_K\n" in out and "manifest" not in out
+    made = {p.name for p in (tmp_path / "store").iterdir() if p.is_dir()} - {"logs", "scratch"}
+    assert made == {"convert", "imatrix", "quantize"}  # nothing else was made
+    assert (runs / "manifest.json").stat().st_mtime_ns == before  # no run folder written
+
+
 def test_plan_shows_done_steps(first_run, capsys, monkeypatch):
     recipe, store = first_run
     monkeypatch.setenv("QUANTKIT_STORE", str(store))

@@ -188,30 +188,3 @@ def test_gc_entries_refuses_without_any_manifest(tmp_path, capsys):
     assert "no run manifests under" in capsys.readouterr().err
     assert main(["store", "gc", "--store", str(tmp_path / "store"), "--project", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"freed 0.0 MiB in {tmp_path / 'store'} (0 items)\n"
-
-
-def test_base_logits_go_to_the_scoring_steps_scratch_and_are_removed(tmp_path, monkeypatch):
-    from quantkit.scoring import llamacpp as evaluate_gguf
-
-    made = []
-
-    def fake_base_logits(*, workdir, **_):
-        made.append(workdir)
-        (workdir / "base-logits.bin").write_bytes(b"l" * 100)
-        return workdir / "base-logits.bin"
-
-    monkeypatch.setattr(evaluate_gguf, "base_logits", fake_base_logits)
-    store = Store(tmp_path)
-    with evaluate_gguf.base_logits_once(base_gguf=tmp_path / "base.gguf", text_file=tmp_path / "t.txt", spec=None,
-                                        toolchain=None) as logits:
-        assert not logits.made and made == []  # nothing is made until a score needs it
-        logits.use_store(store)  # what score_gguf_step does with its own store
-        assert logits.path.read_bytes() == b"l" * 100
-        assert made[0].parent.parent == tmp_path / SCRATCH and made[0].name.startswith("logits-")
-    assert not made[0].exists()
-    with pytest.raises(RuntimeError), evaluate_gguf.base_logits_once(
-            base_gguf=tmp_path / "base.gguf", text_file=tmp_path / "t.txt", spec=None, toolchain=None,
-            store=store) as logits:
-        assert logits.path.is_file()
-        raise RuntimeError("a score failed")
-    assert not made[1].exists() and made[1].parent.parent == tmp_path / SCRATCH

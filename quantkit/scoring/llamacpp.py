@@ -2,9 +2,8 @@
 
 The base GGUF's log-probs are written once per run (``--kl-divergence-base``,
 about ``n_tokens/2 * n_vocab * 2`` bytes) and every variant is compared with
-them (``--kl-divergence``); ``base_logits_once`` makes that file only when a
-score is missing from the store, in the store's scratch space, and deletes it
-when the run is done.
+them (``--kl-divergence``). The graph's base-logits node makes that file only
+when a score is missing from the store, and removes it when the run is done.
 
 Numbers are parsed from llama-perplexity's own final lines and the printed
 strings are kept, so what quantkit records is what a user running the tool by
@@ -19,24 +18,21 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from quantkit.digest import sha256_file, write_json_atomic
+from quantkit.digest import sha256_file
 from quantkit.errors import ToolError, VerificationError
 from quantkit.ggufinfo import read_gguf
 from quantkit.proc import run_tool
 from quantkit.recipe import Evaluation
 from quantkit.scoring.windows import Score, Speed, base_logits_bytes, max_chunks, read_logits_header, scored_per_chunk
-from quantkit.store import Entry, Staging, Store
 from quantkit.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STEP = "score-gguf"
-SCORE_FILE = "score.json"
 LOG_FILE = "llama-perplexity.log"
 BACKEND = "llama-perplexity"
 LOGITS_NAME = "base-logits.bin"
@@ -181,107 +177,11 @@ def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class BaseLogits:
-    """The base's logits file, made on first use and deleted when the ``with`` block ends.
-
-    Its folder is ``workdir`` when given, else one made on first use: in the store's scratch space
-    once a store is known (``use_store``; the scoring step passes its own), so a killed run's
-    logits are removed by the next run, else a system temp folder."""
-
-    def __init__(self, *, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain,
-                 workdir: Path | None = None, store: Store | None = None, threads: int | None = None):
-        self._args = dict(base_gguf=base_gguf, text_file=text_file, spec=spec, toolchain=toolchain,
-                          threads=threads)
-        self._workdir = workdir
-        self._store = store
-        self._own = contextlib.ExitStack()  # removes the folder made here, if any
-        self._made_folder = False
-        self._path: Path | None = None
-
-    @property
-    def made(self) -> bool:
-        return self._path is not None
-
-    @property
-    def path(self) -> Path:
-        if self._path is None:
-            self._path = base_logits(**self._args, workdir=self._folder())
-        return self._path
-
-    def use_store(self, store: Store) -> None:
-        """Make the file in ``store``'s scratch space (unless a folder was given or is already made)."""
-        if self._store is None:
-            self._store = store
-
-    def _folder(self) -> Path:
-        if self._workdir is None:
-            if self._store is not None:
-                self._workdir = self._own.enter_context(self._store.scratch("logits"))
-            else:
-                self._workdir = Path(self._own.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-logits-")))
-            self._made_folder = True
-        return self._workdir
-
-    def delete(self) -> None:
-        if self._path is not None:
-            size = self._path.stat().st_size if self._path.exists() else 0
-            self._path.unlink(missing_ok=True)
-            log.info("deleted base logits %s (%.1f MiB)", self._path, size / 2**20)
-            self._path = None
-        if self._made_folder:
-            self._own.close()
-            self._workdir, self._made_folder = None, False
-
-
-@contextlib.contextmanager
-def base_logits_once(*, base_gguf: Path, text_file: Path, spec: Evaluation, toolchain: Toolchain,
-                     workdir: Path | None = None, store: Store | None = None,
-                     threads: int | None = None) -> Iterator[BaseLogits]:
-    """Lazily made base logits for one run; the file (and a folder made for it) is removed on exit.
-
-    Without ``workdir`` the file goes to ``store``'s scratch space (or the scoring step's store)."""
-    logits = BaseLogits(base_gguf=base_gguf, text_file=text_file, spec=spec, toolchain=toolchain,
-                        workdir=workdir, store=store, threads=threads)
-    try:
-        yield logits
-    finally:
-        logits.delete()
-
-
 def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str, spec: Evaluation,
                  toolchain: Toolchain) -> dict:
     return {"gguf_sha256": gguf_sha256, "base_sha256": base_sha256, "text_sha256": text_sha256,
             "ctx": spec.ctx, "max_tokens": spec.max_tokens, "kld": spec.kld and base_sha256 is not None,
             "llama_cpp": toolchain.commit}
-
-
-def score_gguf_step(*, gguf: Path, gguf_sha256: str, base_gguf_sha256: str | None, text_file: Path,
-                    text_sha256: str, spec: Evaluation, base: BaseLogits | None, toolchain: Toolchain,
-                    store: Store, label: str, threads: int | None = None) -> Entry:
-    """The stored score of one GGUF; scores (and base logits) only if the store lacks it.
-
-    ``entry.info["score"]`` is ``Score.to_dict()``; the tool's full log is kept
-    next to ``score.json``.
-    """
-    use_kld = spec.kld and base is not None
-    inputs = score_inputs(gguf_sha256=gguf_sha256, base_sha256=base_gguf_sha256 if use_kld else None,
-                          text_sha256=text_sha256, spec=spec, toolchain=toolchain)
-    threads = threads or os.cpu_count() or 1
-
-    if use_kld:
-        base.use_store(store)
-
-    def produce(staging: Staging) -> None:
-        score = score_gguf(gguf=gguf, base_logits=base.path if use_kld else None, text_file=text_file,
-                           spec=spec, toolchain=toolchain, threads=threads, workdir=staging.path)
-        write_json_atomic(staging.path / SCORE_FILE, score.to_dict())
-        staging.info.update(tool=toolchain.version, seconds=score.seconds, threads=threads, score=score.to_dict())
-
-    entry = store.ensure(STEP, inputs, produce)
-    s = entry.info["score"]
-    log.info("score %s: %s PPL %s%s", label, "reused" if entry.reused else "measured", s["printed"]["ppl"],
-             f", mean KLD {s['printed']['kld_mean']}" if s["kld_mean"] is not None else "")
-    return entry
 
 
 def text_sha256(text_file: Path) -> str:
