@@ -134,8 +134,9 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
     by_name = {n.name: n for n in nodes}
     results: dict[str, Any] = {}
     running: dict[str, Pending] = {}
-    waiting = [n for n in nodes if not n.spec.lazy]
+    waiting = [n for n in nodes if not n.spec.lazy or n.name in keep]  # a lazy node asked for by name runs
     failure: BaseException | None = None
+    counted = {n.name for n in waiting}  # what the progress line counts
     total = len(waiting)
 
     started: dict[str, float] = {}
@@ -148,9 +149,9 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
     def finished(name: str) -> None:
         seconds = time.perf_counter() - started.pop(name)
         reused = isinstance(results[name], Entry) and results[name].reused
-        if not reused and not by_name[name].spec.lazy:
+        if not reused and name in counted:
             built.append(seconds)
-        done = len([n for n in results if not by_name[n].spec.lazy])
+        done = len(counted.intersection(results))
         left = total - done
         eta = f", about {_duration(sum(built) / len(built) * left)} left" if built and left else ""
         log.info("[%d/%d] %s %s%s", done, total, name, "reused" if reused else f"done in {_duration(seconds)}", eta)

@@ -119,10 +119,10 @@ def kinds(monkeypatch):
     return rec, stored
 
 
-def run(nodes, parallel):
+def run(nodes, parallel, keep=frozenset()):
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
         return execute(None, nodes, lambda node, deps: pool.submit(KINDS[node.kind].run, None, node, deps),
-                       parallel=parallel, poll=0.005)
+                       parallel=parallel, poll=0.005, keep=keep)
 
 
 def test_dependencies_first_and_bounded(kinds):
@@ -149,6 +149,15 @@ def test_lazy_node_only_when_a_dependent_is_missing(kinds):
     results = run(nodes, parallel=1)
     assert rec.started == ["base", "logits", "s2"]
     assert results["s2"]["deps"] == ["base", "logits"]
+
+
+def test_a_lazy_node_asked_for_runs(kinds):
+    """``quantkit run --until base-logits``: the lazy node is the target, so it runs with no dependent."""
+    rec, _ = kinds
+    nodes = [Node("base", "t", "b"), Node("logits", "t-lazy", "l", ("base",))]
+    assert "logits" not in run(nodes, parallel=1)
+    results = run(nodes, parallel=1, keep=frozenset({"logits"}))
+    assert rec.started == ["base", "base", "logits"] and results["logits"]["deps"] == ["base"]
 
 
 def test_first_failure_stops_new_work_and_is_raised(kinds):
