@@ -47,6 +47,27 @@ def test_items_are_lm_evals_prompts(repo_root):
     assert items_sha256(good) != items_sha256(broken)
 
 
+def test_finish_the_sentence_is_what_its_script_writes_from_held_out_text(repo_root, tmp_path):
+    """The demo's discriminating task: reproducible from the held-out text, and none of it in calibration."""
+    import json
+    import runpy
+
+    script = runpy.run_path(str(repo_root / "scripts" / "make_finish_the_sentence.py"))
+    script["main"](tmp_path / "items.jsonl")
+    shipped = repo_root / "calibration" / "tasks" / "finish-the-sentence" / "items.jsonl"
+    assert (tmp_path / "items.jsonl").read_bytes() == shipped.read_bytes()
+    items = [json.loads(line) for line in shipped.read_text(encoding="utf-8").splitlines()]
+    heldout = (repo_root / "calibration" / "eval" / "en-prose-heldout.txt").read_text(encoding="utf-8")
+    calibration = " ".join((repo_root / "calibration" / f).read_text(encoding="utf-8")
+                           for f in ("en-prose.txt", "code-python.txt", "ja-prose.txt"))
+    for item in items:
+        real = item["question"].split(". ")[-1] + " " + item["choices"][item["answer"]]
+        assert real.split(". ")[-1] in heldout  # the sentence and its real ending are held-out text
+        assert real.split(". ")[-1] not in calibration
+        assert len(set(item["choices"])) == 4
+    assert len(items) > 300 and {i["answer"] for i in items} == {0, 1, 2, 3}
+
+
 def test_chance_error_is_picklable_and_says_why():
     e = ChanceLevelError("t", "Q8_0", "llama-perplexity", "acc_token_norm", 0.25, 60, 0.25, 0.6, 0.01)
     back = pickle.loads(pickle.dumps(e))
