@@ -268,7 +268,7 @@ def _gguf(entry: Entry) -> tuple[Path, str]:
 def _base_logits_inputs(ctx, node, deps):
     spec = ctx.recipe.evaluation
     return {"base_sha256": _gguf(deps["convert"])[1], "text_sha256": _text(ctx)[1], "ctx": spec.ctx,
-            "max_tokens": spec.max_tokens, "llama_cpp": ctx.tools.commit}
+            "max_tokens": spec.max_tokens, "llama_cpp": ctx.tools.build}
 
 
 def _base_logits(ctx, node, deps):
@@ -316,7 +316,7 @@ def _bench_gguf_inputs(ctx, node, deps):
     spec = ctx.recipe.evaluation
     return {"gguf_sha256": _gguf(deps[node.needs[0]])[1], "prompt": spec.bench_prompt_tokens,
             "gen": spec.bench_gen_tokens, "reps": spec.bench_reps, "threads": ctx.threads,
-            "llama_cpp": ctx.tools.commit}
+            "llama_cpp": ctx.tools.build}
 
 
 def _bench_gguf(ctx, node, deps):

@@ -22,7 +22,7 @@ TEXT = "calibration.txt"
 
 def imatrix_inputs(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, toolchain: Toolchain) -> dict:
     return {"base_sha256": base.files["model.gguf"].sha256, "calibration_sha256": calibration.sha256,
-            "ctx": spec.ctx, "chunks": spec.chunks, "llama_cpp": toolchain.commit}
+            "ctx": spec.ctx, "chunks": spec.chunks, "llama_cpp": toolchain.build}
 
 
 def imatrix(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, toolchain: Toolchain, store: Store,

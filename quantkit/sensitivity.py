@@ -210,7 +210,7 @@ def calibration_inputs(*, base: Entry, imatrix: Entry, tables: dict[str, Entry],
     return {"base_sha256": base.files["model.gguf"].sha256, "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256,
             "tables": {t: e.key for t, e in sorted(tables.items())}, "calibration_sha256": calibration_sha256,
             "ctx": ctx, "chunks": chunks, "probe": PROBE_TYPE, "reference": REFERENCE_TYPE, "method": KLD_METHOD,
-            "llama_cpp": toolchain.commit}
+            "llama_cpp": toolchain.build}
 
 
 def mix_file_text(assignment: dict[str, str]) -> str:

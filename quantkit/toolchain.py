@@ -158,6 +158,12 @@ class Toolchain:
     def version(self) -> str:
         return f"llama.cpp {self.commit} ({PIN.package} {PIN.version}{', cuda' if self.cuda else ''})"
 
+    @property
+    def build(self) -> str:
+        """What decides the numbers of a tool that evaluates a model: the commit, and CUDA or not (the GPU
+        sums in another order, and its speed is another machine's). The CPU build's is the bare commit."""
+        return f"{self.commit}+cuda" if self.cuda else self.commit
+
     def binary(self, name: str) -> Path:
         return self.bin_dir / name
 

@@ -201,6 +201,34 @@ def test_offload_args():
     assert _toolchain(False).offload_args() == []
 
 
+def test_numbers_from_a_cuda_build_have_their_own_store_keys():
+    """A CPU worker's imatrix, scores, tasks and speed are not a GPU worker's (other sums, another machine's
+    speed); the converted and quantized files are the same bytes, so their keys do not change."""
+    from quantkit.calibration import CalibrationText
+    from quantkit.convert import convert_inputs
+    from quantkit.imatrix import imatrix_inputs
+    from quantkit.quantize import quantize_inputs
+    from quantkit.recipe import Evaluation, ImatrixSpec
+    from quantkit.scoring.llamacpp import score_inputs
+    from quantkit.source import ModelSnapshot
+    from quantkit.store import Entry, FileRecord, Store
+
+    base = Entry("convert", "k", Path("/s"), {}, {"model.gguf": FileRecord("b" * 64, 1)}, {})
+    calib = CalibrationText("text", "c" * 64, ())
+    keys = {}
+    for cuda in (False, True):
+        tc = _toolchain(cuda)
+        keys[cuda] = [Store.key(d) for d in (
+            imatrix_inputs(base=base, calibration=calib, spec=ImatrixSpec(), toolchain=tc),
+            score_inputs(gguf_sha256="a" * 64, base_sha256=None, text_sha256="t" * 64,
+                         spec=Evaluation(file="e.txt"), toolchain=tc),
+            quantize_inputs(base=base, qtype="Q4_K_M", imatrix=None, extra_args=[], toolchain=tc),
+            convert_inputs(model=ModelSnapshot(Path("/m"), None, None, None, {}, "d" * 64), base_type="f16",
+                           model_name="m", toolchain=tc))]
+    assert [a != b for a, b in zip(keys[False], keys[True])] == [True, True, False, False]
+    assert _toolchain(False).build == toolchain.PIN.commit  # CPU stores made before this keep their keys
+
+
 @pytest.mark.parametrize("cuda", [True, False])
 def test_perplexity_and_bench_offload_only_with_cuda(cuda, tmp_path, monkeypatch):
     from quantkit.scoring import llamacpp as evaluate_gguf

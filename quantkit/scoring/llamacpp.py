@@ -181,7 +181,7 @@ def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str,
                  toolchain: Toolchain) -> dict:
     return {"gguf_sha256": gguf_sha256, "base_sha256": base_sha256, "text_sha256": text_sha256,
             "ctx": spec.ctx, "max_tokens": spec.max_tokens, "kld": spec.kld and base_sha256 is not None,
-            "llama_cpp": toolchain.commit}
+            "llama_cpp": toolchain.build}
 
 
 def text_sha256(text_file: Path) -> str:

@@ -321,7 +321,7 @@ def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], roo
     from quantkit.scoring.tasks_llamacpp import BACKEND, score_task_gguf
 
     return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-gguf", variant=gguf_sha256,
-                        backend=BACKEND, backend_version=f"llama.cpp {toolchain.commit}",
+                        backend=BACKEND, backend_version=f"llama.cpp {toolchain.build}",
                         score=lambda task, items, manager: score_task_gguf(gguf=gguf, task=task.name, items=items,
                                                                            toolchain=toolchain, threads=threads,
                                                                            store=store))
