@@ -100,3 +100,29 @@ def test_release_reads_the_demo_marker_from_the_model_folder(tmp_path):
     assert report["model"]["base_origin"] == demo.ORIGIN
     assert "dequantized from a Q4_1 GGUF file" in (done.path / "report.md").read_text()
     assert demo.read_origin(tmp_path) is None
+
+
+def _items(n: int, right: int, lost: int = 0, gained: int = 0) -> list[int]:
+    """The base's per-item results (the first ``right`` items right), then a variant's: ``lost`` of those
+    wrong, ``gained`` of the base's wrong ones right."""
+    base = [1] * right + [0] * (n - right)
+    return [0 if i < lost else 1 if right <= i < right + gained else x for i, x in enumerate(base)]
+
+
+def test_ties_are_judged_item_by_item_when_both_saw_the_same_items():
+    """200 items, base 160 right. A variant that loses 6 items and gains none is 0.03 below: within the
+    unpaired error (0.04) but 2.5 paired standard errors away, a real loss. One that loses 10 and gains 7
+    is 0.015 below: a tie either way."""
+    manifest = with_task(make_manifest(), {"F16": 0.80, "Q8_0": 0.77, "Q4_K_M": 0.785}, 200)
+    per_item = {"F16": _items(200, 160), "Q8_0": _items(200, 160, lost=6), "Q4_K_M": _items(200, 160, 10, 7)}
+    for v in manifest["variants"]:
+        if v["label"] in per_item:
+            v["scores"]["tasks"]["which-word-fits"]["correct"] = per_item[v["label"]]
+            assert sum(per_item[v["label"]]) / 200 == v["scores"]["tasks"]["which-word-fits"]["acc"]
+    rows = {r["id"]: r for r in build_report(manifest, config=CONFIG)["variants"]}
+    assert rows["gguf:Q8_0"]["task_ties"]["which-word-fits"] is False
+    assert rows["gguf:Q4_K_M"]["task_ties"]["which-word-fits"] is True
+    # without the per-item results, the same scores are judged with the unpaired error: Q8_0 ties
+    unpaired = {r["id"]: r for r in build_report(with_task(make_manifest(), {"F16": 0.80, "Q8_0": 0.77}, 200),
+                                                  config=CONFIG)["variants"]}
+    assert unpaired["gguf:Q8_0"]["task_ties"]["which-word-fits"] is True

@@ -87,6 +87,9 @@ def _variant_row(v: dict, resolved: dict) -> dict:
                   if v is not None},
         "tasks_n": {k: n for k, n in ((k, _task_n(s)) for k, s in (scores.get("tasks") or {}).items())
                     if n is not None},
+        "tasks_items": {k: (s.get("backend"), s.get("metric"), tuple(s["correct"]))
+                        for k, s in (scores.get("tasks") or {}).items()
+                        if isinstance(s, dict) and isinstance(s.get("correct"), list)},
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
         "mix": _mix_row((v.get("info") or {}).get("mix")),
@@ -180,7 +183,7 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
     task_checks = {t: discrimination(ranked, t) for t in sorted({t for r in ranked for t in r["tasks"]})}
     counted = [t for t, c in task_checks.items() if c["discriminates"]]
     for r in rows:
-        r["task_ties"] = {t: _within_error(s - ref["tasks"][t], r["tasks_se"].get(t), ref["tasks_se"].get(t))
+        r["task_ties"] = {t: _tie(s - ref["tasks"][t], task_diff_se(r, ref, t))
                           for t, s in r["tasks"].items() if not r["is_base"] and (ref := _task_base(rows, t))}
         mine = [t for t in counted if t in r["tasks"]]
         r["task_mean"] = sum(r["tasks"][t] for t in mine) / len(mine) if mine and len(mine) == len(counted) else None
@@ -215,6 +218,28 @@ def task_se(score: float, n: int | None) -> float | None:
         return None
     p = (score * n + 1) / (n + 2)
     return math.sqrt(p * (1 - p) / n)
+
+
+def task_diff_se(a: dict, b: dict, task: str) -> float | None:
+    """Standard error of the difference of two rows' scores on ``task``: paired, item by item, when both were
+    scored on the same items by the same backend and metric (sd of the per-item differences / sqrt(n)); else
+    the two scores' errors combined as if independent."""
+    ia, ib = a.get("tasks_items", {}).get(task), b.get("tasks_items", {}).get(task)
+    if ia and ib and ia[:2] == ib[:2] and len(ia[2]) == len(ib[2]) > 1:
+        d = [x - y for x, y in zip(ia[2], ib[2])]
+        mean = sum(d) / len(d)
+        return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    sa, sb = a["tasks_se"].get(task), b["tasks_se"].get(task)
+    return None if sa is None or sb is None else math.hypot(sa, sb)
+
+
+def _tie(diff: float | None, err: float | None) -> bool | None:
+    """True when ``diff`` is no larger than its standard error ``err``; None when it cannot be told."""
+    if diff is None:
+        return None
+    if err is None:
+        return True if diff == 0 else None
+    return abs(diff) <= err
 
 
 def _within_error(diff: float | None, err_a: float | None, err_b: float | None) -> bool | None:
@@ -293,7 +318,7 @@ def discrimination(rows: list[dict], task: str) -> dict:
     if base and base["tasks"][task] >= 1.0 - 1e-9:
         return out | {"why": "the base scores 1.0: at the ceiling, the task cannot rank variants"}
     # A pair whose error is unknown (a bare score, no item count) counts as separated: nothing says otherwise.
-    if all(_within_error(a["tasks"][task] - b["tasks"][task], a["tasks_se"].get(task), b["tasks_se"].get(task))
+    if all(_tie(a["tasks"][task] - b["tasks"][task], task_diff_se(a, b, task))
            for i, a in enumerate(scored) for b in scored[i + 1:]):
         return out | {"why": f"no two variants differ by more than their standard error (scores "
                              f"{min(values):.4f}–{max(values):.4f})"}
@@ -443,8 +468,9 @@ def render_markdown(report: dict) -> str:
            f"Base model: {m['repo'] or 'local checkpoint'}"
            + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
            f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
-           "variant (first row); ★ = recommended; (tie) = differs from the base by less than the combined standard "
-           "error; † = the task does not discriminate (see Tasks)"
+           "variant (first row); ★ = recommended; (tie) = differs from the base by less than its standard error "
+           "(paired over the items when both were scored on the same ones by the same backend); † = the task does "
+           "not discriminate (see Tasks)"
            + ("; ref = round-to-nearest reference, not published (see Against round-to-nearest)."
               if any(r.get("reference") for r in report["variants"]) else "."), ""]
     for caveat in report.get("caveats") or []:

@@ -331,8 +331,9 @@ def _log_result(entry: Entry, label: str) -> dict:
     r = entry.info["task"]
     log.info("task %s on %s (%s): %s %.3f over %d items (chance %.3f, p=%.2g)%s", r["task"], label, r["backend"],
              r["metric"], r[r["metric"]], r["n"], r["chance"], r["p_value"], " reused" if entry.reused else "")
-    return {k: r[k] for k in ("acc", "acc_norm", "acc_token_norm", "n", "chance", "p_value", "metric", "backend")} | {
-        "task": r["task"]}
+    # ``correct`` (per item, for ``metric``) lets the report compare two variants item by item (paired)
+    return {k: r[k] for k in ("acc", "acc_norm", "acc_token_norm", "n", "chance", "p_value", "metric", "backend",
+                              "correct")} | {"task": r["task"]}
 
 
 def check_tasks(scores: dict[str, dict], *, label: str, alpha: float) -> None:
