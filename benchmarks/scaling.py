@@ -1,15 +1,17 @@
-"""How cost grows with model size: every node kind of a GGUF ladder, measured beside `quantkit plan`'s estimate.
+"""How cost grows with model size: every node of a GGUF ladder's graph, measured beside `quantkit plan`'s estimate.
 
 For each size it writes a Llama- or Qwen-shaped checkpoint with random bf16 weights (the real configs'
 widths, layers, heads and vocabularies; the demo model's tokenizer, padded to the vocabulary as the
-converter does), then runs each node through quantkit's own library functions in a child process
-(convert, imatrix, quantize for several types, the base logits, scoring with and without KLD; GPTQ and
-torch scoring on the smallest size, the demo model ``smollm2-135m``), polling the child's whole process tree with psutil every 0.1 s:
+converter does) and a recipe for it, then runs the recipe's graph (``quantkit.graph.build_graph``) one
+node at a time, each as ``quantkit run --until NODE`` in a child process (the nodes it needs are already
+in the store and reused): source, convert, imatrix, each quantize type, the base logits, the scores of
+the base and of Q4_K_M, and on the sizes named by ``--gptq`` GPTQ and the torch scores. The child's whole
+process tree is polled with psutil every 0.1 s:
 
 - wall time of the node (the child process, including quantkit's hashing of what it wrote);
 - peak RSS of the tree (sum over processes) and its anonymous part (RSS minus file-backed pages, which
   the kernel can drop: the mmapped safetensors or GGUF the tool reads);
-- bytes written (the node's output files);
+- bytes written (the store entries the node added);
 - ``llama-quantize --dry-run`` sizes of the full demo ladder, to check the estimator's per-tensor types.
 
 Results go to ``benchmarks/results/scaling.json`` (one record per size, merged with earlier ones; the
@@ -68,7 +70,8 @@ SHAPES = {
                      tie_word_embeddings=False),
 }
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"]  # the demo's: sized by --dry-run
-MEASURED_TYPES = ["Q8_0", "Q4_K_M", "Q2_K", "IQ4_XS"]  # quantized for real (time and RAM)
+MEASURED_TYPES = ["Q8_0", "Q4_K_M", "Q2_K"]  # the recipe's types: quantized for real (time and RAM)
+SCORED = {"F16", "Q4_K_M"}  # GGUF variants whose score node is measured (every checkpoint's is)
 IMATRIX = {"ctx": 512, "chunks": 2}
 EVALUATION = {"ctx": 512, "max_tokens": 1024}  # two chunks: base logits, PPL, KLD
 GPTQ = {"bits": 4, "group_size": 64, "desc_act": True, "samples": 16, "seq_len": 128}  # the demo recipe's
@@ -181,7 +184,7 @@ def read_headers(folder: Path) -> list[dict]:
     return headers
 
 
-# --- one node in a child process ------------------------------------------------------------------
+# --- one node of the graph in a child process --------------------------------------------------------
 
 def recipe_text(name: str, *, gptq: bool) -> str:
     lines = [f"name: bench-{name}", "model:", f"  path: models/bench-work/{name}/hf", f"  name: bench-{name}",
@@ -190,93 +193,55 @@ def recipe_text(name: str, *, gptq: bool) -> str:
              f"  ctx: {EVALUATION['ctx']}", f"  max_tokens: {EVALUATION['max_tokens']}", "  bench: false",
              "gguf:", "  base_type: f16",
              f"  imatrix: {{enabled: true, ctx: {IMATRIX['ctx']}, chunks: {IMATRIX['chunks']}}}",
-             f"  types: [{', '.join(LADDER)}]"]
+             f"  types: [{', '.join(MEASURED_TYPES)}]"]
     if gptq:
         lines += ["gptq:"] + [("  - " if i == 0 else "    ") + f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
                               for i, (k, v) in enumerate(GPTQ.items())]
     return "\n".join(lines) + "\n"
 
 
-def _context(name: str):
-    from quantkit.calibration import load_calibration
-    from quantkit.recipe import load_recipe
-    from quantkit.source import ModelSnapshot
-    from quantkit.store import Store
-    from quantkit.toolchain import find_toolchain
+def recipe_of(name: str, *, gptq: bool):
+    import yaml
 
-    recipe = load_recipe(WORK / name / "recipe.yaml", root=REPO)
-    model_dir = WORK / name / "hf"
-    snap = ModelSnapshot(model_dir, None, None, None, {}, f"bench-{name}-random-seed0")
-    return recipe, snap, Store(WORK / name / "store"), find_toolchain(cuda=False), load_calibration(
-        recipe.calibration, root=REPO)
+    from quantkit.recipe import Recipe
+
+    return Recipe.model_validate(yaml.safe_load(recipe_text(name, gptq=gptq)), context={"root": REPO})
 
 
-def child(name: str, kind: str, arg: str) -> dict:
-    """Run one node as quantkit does; print what it wrote."""
-    from quantkit.convert import convert
-    from quantkit.imatrix import imatrix
-    from quantkit.quantize import quantize
+def measured_nodes(name: str, *, gptq: bool) -> list:
+    """The graph's nodes this benchmark measures, in graph order: all but the run folder, and the scores
+    of the base and of Q4_K_M only (each score is a forward pass like the others: bounded time)."""
+    from quantkit.graph import build_graph
 
-    recipe, snap, store, tc, calib = _context(name)
-    threads = os.cpu_count() or 1
-    base = lambda: convert(model=snap, base_type="f16", model_name=f"bench-{name}", toolchain=tc, store=store)  # noqa: E731
-    imat = lambda: imatrix(base=base(), calibration=calib, spec=recipe.gguf.imatrix, toolchain=tc,  # noqa: E731
-                           store=store, threads=threads)
-    scratch = WORK / name / "scratch" / f"{kind}-{arg}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    text = REPO / recipe.evaluation.file
-    if kind == "convert":
-        e = base()
-        return {"bytes": sum(f.size for f in e.files.values())}
-    if kind == "imatrix":
-        e = imat()
-        return {"bytes": sum(f.size for f in e.files.values())}
-    if kind == "quantize":
-        e = quantize(base=base(), qtype=arg, label=arg, imatrix=imat(), extra_args=[], toolchain=tc, store=store,
-                     threads=threads)
-        return {"bytes": sum(f.size for f in e.files.values()), "tensor_types": e.info["gguf"]["tensor_types"]}
-    if kind == "base-logits":
-        from quantkit.scoring.llamacpp import base_logits
+    def wanted(node) -> bool:
+        if node.kind in ("score-gguf", "score-hf"):
+            return node.label in SCORED or node.kind == "score-hf"
+        return node.kind != "run-folder"
 
-        out = base_logits(base_gguf=base().file("model.gguf"), text_file=text, spec=recipe.evaluation, toolchain=tc,
-                          workdir=WORK / name / "logits", threads=threads)
-        return {"bytes": out.stat().st_size}
-    if kind == "score-gguf":
-        from quantkit.scoring.llamacpp import LOGITS_NAME, score_gguf
-
-        gguf = base().file("model.gguf") if arg == "F16" else quantize(
-            base=base(), qtype=arg, label=arg, imatrix=imat(), extra_args=[], toolchain=tc, store=store,
-            threads=threads).file("model.gguf")
-        logits = None if arg == "F16" else WORK / name / "logits" / LOGITS_NAME
-        s = score_gguf(gguf=gguf, base_logits=logits, text_file=text, spec=recipe.evaluation, toolchain=tc,
-                       threads=threads, workdir=scratch)
-        return {"bytes": 0, "ppl": s.ppl, "kld_mean": s.kld_mean}
-    if kind == "gptq":
-        from quantkit.gptq import gptq
-
-        e = gptq(model=snap, spec=recipe.gptq[0], calibration=calib, store=store)
-        (WORK / name / "gptq-path").write_text(str(e.path))
-        return {"bytes": sum(f.size for f in e.files.values())}
-    if kind == "score-hf":
-        from quantkit.scoring.hf import score_hf
-
-        if arg == "HF":
-            s = score_hf(model_dir=snap.path, text_file=text, spec=recipe.evaluation)
-        else:
-            s = score_hf(model_dir=Path((WORK / name / "gptq-path").read_text()), text_file=text,
-                         spec=recipe.evaluation, base_model_dir=snap.path)
-        return {"bytes": 0, "ppl": s.ppl, "kld_mean": s.kld_mean}
-    raise SystemExit(f"unknown node kind {kind}")
+    return [n for n in build_graph(recipe_of(name, gptq=gptq), publish=False) if wanted(n)]
 
 
-def measure(name: str, kind: str, arg: str = "") -> dict:
-    """Run ``child`` in a subprocess and poll its process tree."""
+def _entries(store: Path) -> dict[str, int]:
+    """Finished store entries (``step/key``) and their bytes."""
+    out = {}
+    for entry in store.glob("*/*/entry.json"):
+        out[f"{entry.parent.parent.name}/{entry.parent.name}"] = sum(
+            f.stat().st_size for f in entry.parent.rglob("*") if f.is_file())
+    return out
+
+
+def measure(name: str, node) -> dict:
+    """``quantkit run --until NODE`` in a child process (what it needs is already in the store, reused),
+    polling its process tree; the bytes are those of the store entries it added."""
     import psutil
 
-    cmd = [sys.executable, __file__, "_node", name, kind, arg]
+    store = WORK / name / "store"
+    before = _entries(store)
+    cmd = [str(REPO / ".venv" / "bin" / "quantkit"), "-q", "run", "--no-publish", "--until", node.name,
+           str(WORK / name / "recipe.yaml")]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "QUANTKIT_STORE": str(store)})
     root = psutil.Process(proc.pid)
     peak = {"rss": 0, "anon": 0, "tool_rss": 0, "tool_anon": 0}
     while proc.poll() is None:
@@ -301,10 +266,15 @@ def measure(name: str, kind: str, arg: str = "") -> dict:
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{name} {kind} {arg} failed ({proc.returncode}):\n{err[-4000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    rec = {"kind": kind, "label": arg, "seconds": round(seconds, 2), **peak, **result}
-    print(f"  {kind:12s} {arg:8s} {seconds:7.1f} s  rss {peak['rss'] / MiB:8.0f} MiB (anon {peak['anon'] / MiB:6.0f},"
+        raise SystemExit(f"{name} {node.name} failed ({proc.returncode}):\n{err[-4000:]}")
+    added = {k: v for k, v in _entries(store).items() if k not in before}
+    rec = {"node": node.name, "kind": node.kind, "label": node.label, "seconds": round(seconds, 2), **peak,
+           "bytes": sum(added.values()), "entries": sorted(added)}
+    for key in added:
+        if (score := store / key / "score.json").is_file():
+            s = json.loads(score.read_text())
+            rec.update(ppl=s["ppl"], kld_mean=s["kld_mean"])
+    print(f"  {node.name:22s} {seconds:7.1f} s  rss {peak['rss'] / MiB:8.0f} MiB (anon {peak['anon'] / MiB:6.0f},"
           f" tool {peak['tool_rss'] / MiB:6.0f}/{peak['tool_anon'] / MiB:6.0f})  wrote {rec['bytes'] / MiB:9.1f} MiB",
           flush=True)
     return rec
@@ -327,7 +297,7 @@ def dry_run_sizes(name: str) -> dict[str, int]:
     return sizes
 
 
-def run_size(name: str, *, gptq: bool, keep: bool, types: list[str]) -> dict:
+def run_size(name: str, *, gptq: bool, keep: bool) -> dict:
     folder = WORK / name
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "hf").mkdir(parents=True)
@@ -343,11 +313,7 @@ def run_size(name: str, *, gptq: bool, keep: bool, types: list[str]) -> dict:
     headers = read_headers(folder / "hf")
     params = sum(_numel(m["shape"]) for h in headers for k, m in h.items() if k != "__metadata__")
     print(f"{name}: {params / 1e9:.2f} B parameters, written in {time.perf_counter() - t0:.0f} s", flush=True)
-    nodes = [measure(name, "convert"), measure(name, "imatrix")]
-    nodes += [measure(name, "quantize", t) for t in types]
-    nodes += [measure(name, "base-logits"), measure(name, "score-gguf", "F16"), measure(name, "score-gguf", "Q4_K_M")]
-    if gptq:
-        nodes += [measure(name, "gptq", "GPTQ"), measure(name, "score-hf", "HF"), measure(name, "score-hf", "GPTQ")]
+    nodes = [measure(name, node) for node in measured_nodes(name, gptq=gptq)]
     record = {"name": name, "parameters": params, "config": cfg, "headers": _slim(headers),
               "source_bytes": sum(f.stat().st_size for f in (folder / "hf").glob("*.safetensors")),
               "nodes": nodes, "dry_run": dry_run_sizes(name), "machine": _machine(),
@@ -392,21 +358,17 @@ def save(record: dict) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_node":
-        print(json.dumps(child(*sys.argv[2:5])))
-        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--sizes", default="qwen-0.5b,llama-1b,qwen-1.5b,llama-3b")
     r.add_argument("--gptq", default=DEMO, help="sizes that also run GPTQ and torch scoring")
     r.add_argument("--keep", action="store_true")
-    r.add_argument("--types", default=",".join(MEASURED_TYPES))
     sub.add_parser("report")
     args = ap.parse_args()
     if args.cmd == "run":
         for name in args.sizes.split(","):
-            save(run_size(name, gptq=name in args.gptq.split(","), keep=args.keep, types=args.types.split(",")))
+            save(run_size(name, gptq=name in args.gptq.split(","), keep=args.keep))
     else:
         report()
 
@@ -417,33 +379,21 @@ def main() -> None:
 IN_PROCESS = {"gptq", "score-hf"}  # run inside quantkit's Python: the whole tree counts
 
 
-def node_params(node: dict) -> dict:
-    label = node["label"]
-    if node["kind"] == "quantize":
-        return {"index": LADDER.index(label), "label": label}
-    if node["kind"] in ("score-gguf", "score-hf"):
-        return {"is_base": label in ("F16", "HF"), "label": label}
-    if node["kind"] == "gptq":
-        return {"index": 0}
-    return {}
-
-
 def estimates(size: dict) -> list[dict]:
-    """Each measured node with today's estimate and the error (estimate / measured - 1)."""
-    import yaml
-
+    """Each measured node with the estimate ``quantkit plan`` makes for it and the error (estimate / measured - 1)."""
     from quantkit.estimate import ModelFacts, cost
-    from quantkit.recipe import Recipe
+    from quantkit.graph import build_graph
 
     facts = ModelFacts.from_headers(size["headers"], size["config"])
-    data = yaml.safe_load(recipe_text(size["name"], gptq=size.get("gptq") is not None))
-    recipe = Recipe.model_validate(data, context={"root": REPO})
+    recipe = recipe_of(size["name"], gptq=size.get("gptq") is not None)
+    graph = {n.name: n for n in build_graph(recipe, publish=False)}
     rows = []
-    for node in size["nodes"]:
-        c = cost(recipe, node["kind"], node_params(node), facts)
-        ram = node["rss"] if node["kind"] in IN_PROCESS else node["tool_rss"]
-        disk = node["bytes"] if node["bytes"] > 1 * MiB else None
-        rows.append({**node, "ram": ram, "est_ram": c.ram_bytes, "est_disk": c.disk_bytes if disk else None,
+    for measured in size["nodes"]:
+        node = graph[measured["node"]]
+        c = cost(recipe, node.kind, {**node.params, "label": node.label}, facts)
+        ram = measured["rss"] if node.kind in IN_PROCESS else measured["tool_rss"]
+        disk = measured["bytes"] if measured["bytes"] > 1 * MiB else None
+        rows.append({**measured, "ram": ram, "est_ram": c.ram_bytes, "est_disk": c.disk_bytes if disk else None,
                      "ram_err": c.ram_bytes / ram - 1 if c.ram_bytes and ram else None,
                      "disk_err": c.disk_bytes / disk - 1 if disk and c.disk_bytes else None})
     return rows
@@ -452,18 +402,19 @@ def estimates(size: dict) -> list[dict]:
 def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
     """The markdown table (printed) and the plot of time, RAM and disk against parameters."""
     data = json.loads(results.read_text())
-    lines = ["| size | params | node | time s | peak RSS MiB | est. RAM MiB | RAM err | written MiB | est. disk MiB | disk err |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| size | params | node | time s | peak RSS MiB | est. RAM MiB | RAM err | written MiB | est. disk MiB "
+             "| disk err |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     series: dict[str, list[tuple[float, float, float, float]]] = {}
     worst = []
     for size in data["sizes"]:
         for r in estimates(size):
-            key = f"{r['kind']} {r['label']}".strip()
+            key = r["node"]
             pct = lambda e: "" if e is None else f"{e * 100:+.0f} %"  # noqa: E731
             mib = lambda b: "" if b is None else f"{b / MiB:.0f}" if b >= 10 * MiB else f"{b / MiB:.1f}"  # noqa: E731
             lines.append(f"| {size['name']} | {size['parameters'] / 1e9:.2f} B | {key} | {r['seconds']:.1f} | "
                          f"{mib(r['ram'])} | {mib(r['est_ram'])} | {pct(r['ram_err'])} | "
-                         f"{mib(r['bytes']) if r['bytes'] > MiB else ''} | {mib(r['est_disk'])} | {pct(r['disk_err'])} |")
+                         f"{mib(r['bytes']) if r['bytes'] > MiB else ''} | {mib(r['est_disk'])} | "
+                         f"{pct(r['disk_err'])} |")
             series.setdefault(key, []).append((size["parameters"], r["seconds"], r["ram"], r["bytes"]))
             for what in ("ram_err", "disk_err"):
                 if r[what] is not None and abs(r[what]) > 0.2:
@@ -481,16 +432,42 @@ def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
               "|---|---:|---:|---:|"]
     import numpy as np
 
+    fits = {}
     for key, pts in sorted(series.items()):
         if len({p[0] for p in pts}) < 2:
             continue
         x = np.array([p[0] for p in pts]) / 1e9
-        fit = [np.polyfit(x, np.array([p[i] for p in pts]) / (1 if i == 1 else GiB), 1)[0] for i in (1, 2, 3)]
-        slopes.append(f"| {key} | {fit[0]:.1f} | {fit[1]:.2f} | {fit[2]:.2f} |")
-    text = "\n".join(lines + slopes + ["", "beyond ±20 %: " + ("; ".join(worst) or "none")])
+        fits[key] = [np.polyfit(x, np.array([p[i] for p in pts]) / (1 if i == 1 else GiB), 1) for i in (1, 2, 3)]
+        slopes.append(f"| {key} | {fits[key][0][0]:.1f} | {fits[key][1][0]:.2f} | {fits[key][2][0]:.2f} |")
+    text = "\n".join(lines + slopes + ["", "beyond ±20 %: " + ("; ".join(worst) or "none"), ""] + at_8b(fits))
     _plot(series, plot)
     print(text)
     return text
+
+
+def at_8b(fits: dict, name: str = "llama-8b") -> list[str]:
+    """``quantkit plan``'s estimate for an 8B shape (headers only, as for a Hub repo not downloaded) beside
+    the fitted lines extrapolated to its parameter count: do the formulas grow as the measurements do?"""
+    import numpy as np
+
+    from quantkit.estimate import ModelFacts, cost
+    from quantkit.graph import build_graph
+
+    cfg = config_for(name)
+    facts = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": list(s)} for n, s in tensor_shapes(cfg)}], cfg)
+    b = facts.parameters / 1e9
+    recipe = recipe_of(name, gptq=True)
+    out = [f"| {name} ({b:.2f} B) node | plan RAM GiB | fitted line RAM GiB | plan disk GiB | fitted line disk GiB |",
+           "|---|---:|---:|---:|---:|"]
+    for node in build_graph(recipe, publish=False):
+        if node.name not in fits:
+            continue
+        c = cost(recipe, node.kind, {**node.params, "label": node.label}, facts)
+        _, ram, disk = (np.polyval(f, b) for f in fits[node.name])
+        show = lambda v: "" if v is None else f"{v / GiB:.2f}"  # noqa: E731
+        out.append(f"| {node.name} | {show(c.ram_bytes)} | {ram:.2f} | {show(c.disk_bytes)} | "
+                   f"{disk:.2f} |" if disk > 0.01 else f"| {node.name} | {show(c.ram_bytes)} | {ram:.2f} | | |")
+    return out
 
 
 def _plot(series: dict, path: Path) -> None:

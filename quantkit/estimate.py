@@ -39,9 +39,11 @@ GGUF_ALIGNMENT = 32
 # Fitted to benchmarks/scaling.py (see benchmarks/README.md).
 CONVERTER_BASE = 300 * MiB  # convert_hf_to_gguf.py with torch, numpy and the tokenizer loaded
 LLAMA_TOOL_BASE = 60 * MiB  # a llama.cpp binary before it maps the model
-TORCH_BASE = 700 * MiB  # Python with torch + transformers (+ GPTQModel) imported
-GGUF_META_PER_TOKEN = 40
-QUANTIZE_FILE_WINDOW = 256 * MiB  # pages of the mapped input llama-quantize holds at once  # tokenizer tokens, types and merges in the GGUF header, per vocab entry
+TORCH_BASE = 700 * MiB  # Python with torch + transformers imported
+GPTQMODEL_BASE = 800 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
+GGUF_META_PER_TOKEN = 40  # tokenizer tokens, types and merges in the GGUF header, per vocab entry
+QUANTIZE_BASE = 40 * MiB  # llama-quantize with its buffers empty
+TOKENIZER_JSON_PER_TOKEN = 70  # tokenizer.json per vocab entry (SmolLM2 72, Llama-3 70 bytes)
 
 
 @dataclass(frozen=True)
@@ -469,9 +471,10 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         return Cost(disk, llama_tool_ram(facts, base, spec.ctx) + 4 * spec.ctx * (facts.vocab or 0) * 4)
     if kind == "quantize":
         size = quantize_bytes(facts, recipe.gguf.types[params["index"]].type, **_variant_kwargs(recipe, params["index"]))
-        # The input is mapped and read once, a window of it resident at a time; one tensor at a time is
-        # converted to f32 and quantized into a buffer of its new size.
-        return Cost(size, LLAMA_TOOL_BASE + min(base, QUANTIZE_FILE_WINDOW) + facts.largest_tensor * (4 + 1))
+        # llama-quantize reads one tensor at a time into a buffer (the base type), converts it to f32 and
+        # quantizes it into a third (about a byte per weight): the largest tensor sets the peak, not the file.
+        in_bytes = 4 if recipe.gguf.base_type == "f32" else 2
+        return Cost(size, QUANTIZE_BASE + facts.largest_tensor * (in_bytes + 4 + 1))
     if kind == "base-logits":
         from quantkit.scoring.windows import estimate_base_logits_bytes
 
@@ -491,9 +494,8 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
     if kind in ("gptq", "awq", "rtn"):
         spec = getattr(recipe, kind)[params["index"]]
         bits = getattr(spec, "bits", None) or getattr(spec, "w_bit")
-        # RTN (weights only) holds the same: the model in float, one layer's float copy and its rounded one.
         return Cost(checkpoint_bytes(facts, bits, getattr(spec, "group_size", None) or getattr(spec, "q_group_size")),
-                    TORCH_BASE + facts.parameters * 4 + facts.largest_tensor * 4 * 2)
+                    gptqmodel_ram(facts))
     if kind in ("score-hf", "tasks-hf", "bench-hf"):
         # float32 on the CPU; a quantized checkpoint is scored next to its float32 base (KLD).
         models = 1 if params.get("is_base", True) else 2
@@ -502,9 +504,28 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
     return Cost(0, None)
 
 
+def gptqmodel_ram(facts: ModelFacts) -> int:
+    """GPTQModel quantizes layer by layer (lazily loaded, finished layers offloaded to disk): the
+    embedding stays resident in its own dtype, one decoder layer is held in f32 beside the Hessian of its
+    widest input (in_features² f32). RTN (weights only) holds the same or less. Fitted on SmolLM2-135M
+    (f32 source: 930 MiB measured); the 1B run of benchmarks/scaling.py checks the growth."""
+    layers: dict[str, int] = {}
+    widest = 0
+    for t in facts.tensors:
+        g = gguf_name(t.name)
+        if g.startswith("blk."):
+            layer = g.split(".")[1]
+            layers[layer] = layers.get(layer, 0) + t.count
+            if len(t.shape) == 2:
+                widest = max(widest, t.shape[-1])
+    largest = max(facts.tensors, key=lambda t: t.count)
+    return (GPTQMODEL_BASE + largest.count * DTYPE_BYTES.get(largest.dtype.upper(), 4)
+            + max(layers.values(), default=0) * 4 + widest * widest * 4)
+
+
 def checkpoint_bytes(facts: ModelFacts, bits: int, group: int) -> int:
     """A GPTQ/AWQ checkpoint: the linears packed at ``bits`` with an f16 scale and packed zero per group;
-    embeddings, norms and the output layer kept in 16 bits."""
+    embeddings, norms and the output layer kept in 16 bits; the tokenizer copied beside them."""
     linear = 0
     other = 0
     for t in facts.tensors:
@@ -514,7 +535,7 @@ def checkpoint_bytes(facts: ModelFacts, bits: int, group: int) -> int:
             linear += t.count * bits // 8 + groups * (2 + bits / 8)
         else:
             other += t.count * 2
-    return int(linear + other)
+    return int(linear + other + (facts.vocab or 0) * TOKENIZER_JSON_PER_TOKEN)
 
 
 # --- facts of a Hub model that is not on disk ----------------------------------------------------------
