@@ -467,8 +467,8 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
         disk = sum(t.ne0 * 4 + 512 for t, _ in base_types(facts, "f16")
                    if t.dims >= 2 and t.name.startswith("blk.")) + 64 * 1024
-        # llama-imatrix holds more copies of one context's logits than llama-perplexity (measured: four).
-        return Cost(disk, llama_tool_ram(facts, base, spec.ctx) + 4 * spec.ctx * (facts.vocab or 0) * 4)
+        # llama-imatrix (--no-repack) holds one more context of logits than llama-perplexity.
+        return Cost(disk, llama_tool_ram(facts, base, spec.ctx) + spec.ctx * (facts.vocab or 0) * 4)
     if kind == "quantize":
         size = quantize_bytes(facts, recipe.gguf.types[params["index"]].type, **_variant_kwargs(recipe, params["index"]))
         # llama-quantize reads one tensor at a time into a buffer (the base type), converts it to f32 and

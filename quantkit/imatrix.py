@@ -22,7 +22,7 @@ TEXT = "calibration.txt"
 
 def imatrix_inputs(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, toolchain: Toolchain) -> dict:
     return {"base_sha256": base.files["model.gguf"].sha256, "calibration_sha256": calibration.sha256,
-            "ctx": spec.ctx, "chunks": spec.chunks, "llama_cpp": toolchain.build}
+            "ctx": spec.ctx, "chunks": spec.chunks, "llama_cpp": toolchain.build, "repack": False}
 
 
 def imatrix(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, toolchain: Toolchain, store: Store,
@@ -35,7 +35,10 @@ def imatrix(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, too
         (staging.path / TEXT).write_text(calibration.text, encoding="utf-8")
         run = run_tool([toolchain.binary("llama-imatrix"), "-m", base.file("model.gguf"), "-f", TEXT,
                         "-o", OUTPUT, "-c", str(spec.ctx), "--chunks", str(spec.chunks), "-t", str(threads),
-                        "--no-ppl", "--output-frequency", "1000000", *toolchain.offload_args()],
+                        "--no-ppl", "--output-frequency", "1000000", *toolchain.offload_args(),
+                        # the same plain weight layout on every CPU, as for scoring: with AMX, llama.cpp would
+                        # also hold a repacked copy of the layers (5.4 instead of 3.2 GiB for a 1B model)
+                        "--no-repack"],
                        cwd=staging.path)
         out = staging.path / OUTPUT
         if not out.is_file():
