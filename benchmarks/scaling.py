@@ -477,14 +477,15 @@ def _plot(series: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for key, pts in sorted(series.items()):
+    for n, (key, pts) in enumerate(sorted(series.items())):
         pts = sorted(pts)
         x = [p[0] / 1e9 for p in pts]
+        style = dict(color=f"C{n % 10}", linestyle="-" if n < 10 else "--")  # one look per node in every panel
         for ax, i, scale in ((axes[0], 1, 1), (axes[1], 2, GiB), (axes[2], 3, GiB)):
             y = [p[i] / scale for p in pts]
             if i == 3 and max(y) < 0.01:
                 continue
-            ax.plot(x, y, marker="o", label=key)
+            ax.plot(x, y, marker="o", label=key, **style)
     for ax, title in zip(axes, ("wall time (s), 2 shared cores", "peak RSS (GiB)", "written (GiB)")):
         ax.set_xlabel("parameters (B)")
         ax.set_title(title)
