@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quantkit.cli import main as quantkit_main  # noqa: E402
+from quantkit.publish.report import paired_difference  # noqa: E402
 from quantkit.store import default_store_root  # noqa: E402
 
 GIB = 2**30
@@ -110,13 +109,6 @@ def chunk_klds(log_text: str) -> list[float]:
     return [i * running[i] - (i - 1) * running[i - 1] if i > 1 else running[1] for i in range(1, n + 1)]
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
-    return mean, math.sqrt(var / len(d))
-
-
 def bench(which: str, workdir: Path) -> str:
     root = project(which, workdir)
     stock = run(root, recipe(which, None))
@@ -150,7 +142,7 @@ def bench(which: str, workdir: Path) -> str:
             if label == t:
                 cells += ["", ""]
             else:
-                mean, se = paired(per_chunk(label), per_chunk(t))
+                mean, se = paired_difference(per_chunk(label), per_chunk(t))
                 verdict = ("**win**" if mean < 0 and -mean > 3 * se else
                            "loss" if mean > 0 and mean > 3 * se else "no significant difference")
                 cells += [f"{mean:+.5f} ± {se:.5f} ({mean / se:+.1f} SE)", verdict]

@@ -137,7 +137,6 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
     waiting = [n for n in nodes if not n.spec.lazy or n.name in keep]  # a lazy node asked for by name runs
     failure: BaseException | None = None
     counted = {n.name for n in waiting}  # what the progress line counts
-    total = len(waiting)
 
     started: dict[str, float] = {}
     built: list[float] = []  # seconds of the nodes that did work (reused ones take none)
@@ -152,9 +151,10 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
         if not reused and name in counted:
             built.append(seconds)
         done = len(counted.intersection(results))
-        left = total - done
+        left = len(counted) - done
         eta = f", about {_duration(sum(built) / len(built) * left)} left" if built and left else ""
-        log.info("[%d/%d] %s %s%s", done, total, name, "reused" if reused else f"done in {_duration(seconds)}", eta)
+        log.info("[%d/%d] %s %s%s", done, len(counted), name, "reused" if reused else f"done in {_duration(seconds)}",
+                 eta)
 
     while (waiting and failure is None) or running:
         progressed = False
@@ -247,7 +247,8 @@ def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, u
     preflight(ctx, {n.name for n in nodes})
     parallel = parallel or parallel_from_env()
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = execute(ctx, nodes, local_submit(ctx, pool), parallel=parallel, keep=frozenset({until} - {None}))
+        results = execute(ctx, nodes, local_submit(ctx, pool), parallel=parallel,
+                          keep=frozenset([until] if until else []))
     ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     reused, built = summarize(results)
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,

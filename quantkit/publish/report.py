@@ -226,11 +226,20 @@ def task_diff_se(a: dict, b: dict, task: str) -> float | None:
     the two scores' errors combined as if independent."""
     ia, ib = a.get("tasks_items", {}).get(task), b.get("tasks_items", {}).get(task)
     if ia and ib and ia[:2] == ib[:2] and len(ia[2]) == len(ib[2]) > 1:
-        d = [x - y for x, y in zip(ia[2], ib[2])]
-        mean = sum(d) / len(d)
-        return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
-    sa, sb = a["tasks_se"].get(task), b["tasks_se"].get(task)
-    return None if sa is None or sb is None else math.hypot(sa, sb)
+        return paired_difference(ia[2], ib[2])[1]
+    return _combined(a["tasks_se"].get(task), b["tasks_se"].get(task))
+
+
+def paired_difference(a, b) -> tuple[float, float]:
+    """Mean of the per-item differences ``a - b`` and its standard error (sd / sqrt(n))."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def _combined(err_a: float | None, err_b: float | None) -> float | None:
+    """Two independent errors combined; None when either is unknown."""
+    return None if err_a is None or err_b is None else math.hypot(err_a, err_b)
 
 
 def _tie(diff: float | None, err: float | None) -> bool | None:
@@ -243,13 +252,8 @@ def _tie(diff: float | None, err: float | None) -> bool | None:
 
 
 def _within_error(diff: float | None, err_a: float | None, err_b: float | None) -> bool | None:
-    """True when ``diff`` is no larger than the combined standard error of the two numbers (a tie);
-    None when an error is unknown (then only exact equality is a tie)."""
-    if diff is None:
-        return None
-    if err_a is None or err_b is None:
-        return True if diff == 0 else None
-    return abs(diff) <= math.hypot(err_a, err_b)
+    """``_tie`` against the combined standard error of the two numbers."""
+    return _tie(diff, _combined(err_a, err_b))
 
 
 def rtn_comparisons(rows: list[dict]) -> list[dict]:
@@ -270,7 +274,7 @@ def rtn_comparisons(rows: list[dict]) -> list[dict]:
         rtn = next((x for x in same if x["quant"]["sym"] == q["sym"]), same[0])
         diff = rtn["kld_mean"] - r["kld_mean"]  # above 0: the method is closer to the base than rounding
         errs = (r["kld_mean_err"], rtn["kld_mean_err"])
-        se = math.hypot(*errs) if None not in errs else None
+        se = _combined(*errs)
         if se is None:
             verdict = "unknown"
         elif diff > RTN_SEPARATION * se:
