@@ -25,8 +25,7 @@ def awq(*, model: ModelSnapshot, spec: AWQVariant, calibration: CalibrationText,
     """Quantize ``model`` with AWQ as ``spec`` says; the checkpoint is at the entry's root."""
 
     def config(gm, **common):
-        # GPTQModel's "sym" is the opposite of AWQ's zero point.
-        return gm.AWQConfig(bits=spec.w_bit, group_size=spec.q_group_size, sym=not spec.zero_point,
+        return gm.AWQConfig(bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
                             format=getattr(gm.FORMAT, spec.version), **common)
 
     return quantize_with_gptqmodel(

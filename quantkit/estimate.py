@@ -493,9 +493,7 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         return Cost(64 * 1024, llama_tool_ram(facts, size, ev.ctx if ev else 512))
     if kind in ("gptq", "awq", "rtn"):
         spec = getattr(recipe, kind)[params["index"]]
-        bits = getattr(spec, "bits", None) or getattr(spec, "w_bit")
-        return Cost(checkpoint_bytes(facts, bits, getattr(spec, "group_size", None) or getattr(spec, "q_group_size")),
-                    gptqmodel_ram(facts))
+        return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size), gptqmodel_ram(facts))
     if kind in ("score-hf", "tasks-hf", "bench-hf"):
         # float32 on the CPU; a quantized checkpoint is scored next to its float32 base (KLD).
         models = 1 if params.get("is_base", True) else 2

@@ -450,6 +450,19 @@ class AWQVariant(Section):
     def name(self) -> str:
         return self.label or f"AWQ-{self.w_bit}bit-g{self.q_group_size}"
 
+    # The names GPTQ and RTN variants use, so code reading any checkpoint spec asks one way.
+    @property
+    def bits(self) -> int:
+        return self.w_bit
+
+    @property
+    def group_size(self) -> int:
+        return self.q_group_size
+
+    @property
+    def sym(self) -> bool:
+        return not self.zero_point  # GPTQModel's "sym" is the opposite of AWQ's zero point
+
 
 class RTNVariant(Section):
     """Plain round-to-nearest in GPTQ's format (GPTQModel's weight-only RTN, no calibration, no smoothing): a

@@ -112,8 +112,6 @@ def _quant_settings(fmt: str, label: str, resolved: dict) -> dict | None:
         except pydantic.ValidationError:  # a recipe of another quantkit version
             continue
         if spec.name == label:
-            if isinstance(spec, AWQVariant):
-                return {"bits": spec.w_bit, "group_size": spec.q_group_size, "sym": not spec.zero_point}
             return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym}
     return None
 
