@@ -3,9 +3,17 @@
 A step's output folder is ``<root>/<step>/<key>/`` where ``key`` is the digest of
 everything that determines the output (recipe section, input digests, tool
 version). It is built in a staging folder and renamed into place only after
-``entry.json`` (inputs, outputs with sha256 and size, timings) is written, so a
-folder at the final path is always complete. A per-key lock makes a second
-process wait for the first instead of building the same thing twice.
+``entry.json`` (inputs, outputs with sha256 and size, timings) is written and every
+file is fsynced, so a folder at the final path is always complete, even after a power
+loss. A per-key lock makes a second process wait for the first instead of building
+the same thing twice.
+
+The store never serves a damaged entry: ``Store.check`` is the one place that decides
+whether an entry is intact. Every reuse (``get``, hence ``ensure`` and the executor's
+lazy reuse) compares each file's size with ``entry.json``, which is cheap; a file about
+to be linked into a run folder or published is compared by sha256 (``Store.verify``).
+A damaged entry is moved aside with a warning naming it, and the next build makes it
+again.
 
 Everything temporary a process needs (staging folders, GPTQModel's offload
 folder, base logits, lm-eval task includes) lives in its own scratch folder,
@@ -29,11 +37,12 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +66,31 @@ _PURPOSE = re.compile(r"[a-z0-9][a-z0-9._-]{0,40}")
 class FileRecord:
     sha256: str
     size: int
+
+
+def file_problem(path: Path, record: FileRecord, *, digest: bool = False) -> str | None:
+    """What is wrong with ``path`` against its record (size; with ``digest``, sha256 too), or None.
+
+    The one check of a stored file, used for store entries and for the run-folder and published
+    copies a manifest lists."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except OSError as e:
+        return f"{path.name} cannot be read ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path.name} is not a regular file"
+    if st.st_size != record.size:
+        return f"{path.name} is {st.st_size} bytes, its record says {record.size}"
+    if digest:
+        try:
+            actual = sha256_file(path)
+        except OSError as e:
+            return f"{path.name} cannot be read ({e.strerror})"
+        if actual != record.sha256:
+            return f"{path.name} has sha256 {actual[:12]}…, its record says {record.sha256[:12]}…"
+    return None
 
 
 @dataclass(frozen=True)
@@ -326,9 +360,76 @@ class Store:
     # ------------------------------------------------------------ entries
 
     def get(self, step: str, inputs: dict[str, Any]) -> Entry | None:
-        """The finished entry for these inputs, or None."""
+        """The finished, intact entry for these inputs, or None (a damaged one is moved aside first).
+
+        Every reuse comes through here: ``ensure``, and the executor's and the planner's ``stored``."""
         key = self.key(inputs)
-        return self._read(step, key, reused=True)
+        entry = self._read(step, key, reused=True)
+        if entry is not None and (why := self.check(entry)) is not None:
+            self._discard(step, key, why, locked=False)
+            return None
+        return entry
+
+    def check(self, entry: Entry, *, names: Iterable[str] | None = None, digests: bool = False) -> str | None:
+        """Why ``entry`` is damaged, or None when it is intact: each file (or each of ``names``) has
+        the size ``entry.json`` records and, with ``digests``, its sha256."""
+        for name in entry.files if names is None else names:
+            record = entry.files.get(name)
+            if record is None:
+                return f"it has no output named {name!r}"
+            if (problem := file_problem(entry.path / name, record, digest=digests)) is not None:
+                return problem
+        return None
+
+    def verify(self, entry: Entry, names: Iterable[str] | None = None) -> None:
+        """Raise StoreError unless the files (default: all) match their sha256 in ``entry.json``.
+
+        Called before a file is linked into a run folder or published. A damaged entry is moved
+        aside first, so the next run builds it again."""
+        why = self.check(entry, names=names, digests=True)
+        if why is not None:
+            self._discard(entry.step, entry.key, why, locked=False, digests=True)
+            raise StoreError(f"store entry {entry.path} is damaged ({why}); it was moved aside, "
+                             "run again to rebuild it")
+
+    def recheck(self, step: str, key: str) -> None:
+        """Check an entry's files by sha256 because a copy of them (a run folder's hard link) was found
+        damaged; move it aside if it is, so the next run builds it again."""
+        entry = self._read(step, key, reused=True)
+        if entry is not None and (why := self.check(entry, digests=True)) is not None:
+            self._discard(step, key, why, locked=False, recheck=False)
+
+    def _discard(self, step: str, key: str, why: str, *, locked: bool, recheck: bool = True,
+                 digests: bool = False) -> None:
+        """Move a damaged entry aside (under its key's lock, unless the caller holds it) and delete it.
+
+        With ``recheck``, the entry is read and checked again under the lock: another process may have
+        replaced it with a good one meanwhile. A key whose lock another process holds is left to it."""
+        final = self._final(step, key)
+        fd = None
+        try:
+            if not locked:
+                fd = try_lock(self._lock_path(step, key), create=True)
+                if fd is None:  # another process is building or discarding it; build() waits for it
+                    return
+            if recheck:
+                try:
+                    entry = self._read(step, key, reused=True)
+                except StoreError:
+                    entry = None
+                if entry is not None and self.check(entry, digests=digests) is None:
+                    return
+            if not final.is_dir():
+                return
+            aside = self._move_aside(step, key)
+        except OSError as e:  # a read-only store: it is not served, but it stays
+            log.warning("store entry %s is damaged (%s) and could not be moved aside: %s", final, why, e)
+            return
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log.warning("store entry %s is damaged (%s): moved aside, it will be rebuilt", final, why)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def _read(self, step: str, key: str, *, reused: bool) -> Entry | None:
         final = self._final(step, key)
@@ -358,13 +459,21 @@ class Store:
         try:
             if not final.is_dir():
                 return False
-            # A staging name: if this process dies here, the next build of the key (or gc) removes it.
-            aside = final.with_name(f"{STAGING_PREFIX}{key}-rm{uuid.uuid4().hex[:6]}")
-            os.replace(final, aside)
+            aside = self._move_aside(step, key)
         finally:
             os.close(fd)
         shutil.rmtree(aside, ignore_errors=True)
         return True
+
+    def _move_aside(self, step: str, key: str) -> Path:
+        """Rename the entry to a staging name (the caller holds its key's lock); return that name.
+
+        Readers see the entry whole or not at all. If this process dies before deleting it, the next
+        build of the key (or gc) removes it."""
+        final = self._final(step, key)
+        aside = final.with_name(f"{STAGING_PREFIX}{key}-rm{uuid.uuid4().hex[:6]}")
+        os.replace(final, aside)
+        return aside
 
     @contextlib.contextmanager
     def build(self, step: str, inputs: dict[str, Any]) -> Iterator[Staging]:
@@ -380,7 +489,10 @@ class Store:
         with self._lock(step, key):
             done = self._read(step, key, reused=True)
             if done is not None:
-                raise AlreadyBuilt(done)
+                why = self.check(done)
+                if why is None:
+                    raise AlreadyBuilt(done)
+                self._discard(step, key, why, locked=True)
             for stale in parent.glob(f"{STAGING_PREFIX}{key}-*"):
                 # We hold the key's lock, so any temp folder for it is from a dead run.
                 log.info("removing unfinished output of an interrupted run: %s", stale)
@@ -395,13 +507,16 @@ class Store:
                 for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
                     rel = f.relative_to(tmp).as_posix()
                     files[rel] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+                    _fsync(f)  # on disk before the rename publishes it: a power loss cannot leave it short
                 staging.info.setdefault("seconds", round(time.perf_counter() - start, 3))
                 record = {"schema": ENTRY_SCHEMA, "step": step, "key": key, "inputs": inputs,
                           "files": files, "info": staging.info}
                 write_json_atomic(tmp / ENTRY, record)
-                _fsync_dir(tmp)
+                for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+                    _fsync(folder)
+                _fsync(tmp)
                 os.replace(tmp, self._final(step, key))
-                _fsync_dir(parent)
+                _fsync(parent)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -435,7 +550,8 @@ class AlreadyBuilt(Exception):
         super().__init__(entry.path)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's (its names') data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
