@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from quantkit.errors import StoreError
 from quantkit.paths import inside
 from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot
-from quantkit.store import Entry, exclusive
+from quantkit.store import Entry, FileRecord, Store, exclusive, file_problem
 
+LINKED_FORMATS = ("gguf", "gptq", "awq")  # the variants whose store files are linked into the run folder
 MANIFEST_SCHEMA = 2  # 2: steps are graph nodes (kind:label), base logits not listed (transient)
 READABLE_SCHEMAS = (1, 2)  # 1 listed the same fields with hand-written step names
 
@@ -97,6 +99,28 @@ def run_folder_lock(recipe: Recipe, root: Path) -> contextlib.AbstractContextMan
     return exclusive(folder.with_name(f".{folder.name}.lock"), f"writing and publishing {folder}")
 
 
+def _place(store: Store, entry: Entry, name: str, dest: Path) -> None:
+    """Put the store file ``name`` of ``entry`` at ``dest`` in the run folder; idempotent.
+
+    A ``dest`` that already is that file (a re-run's hard link) is left alone. Anything else is
+    replaced, after the file's sha256 was checked against ``entry.json`` (``Store.verify``)."""
+    src = entry.path / name
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)  # also what earlier versions left behind
+    if _same_file(src, dest):
+        return
+    store.verify(entry, [name])
+    _link(src, dest)
+
+
+def _same_file(src: Path, dest: Path) -> bool:
+    try:
+        a, b = src.stat(), dest.lstat()  # a symlink at dest is never "the same": it gets replaced
+    except FileNotFoundError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+
 def _link(src: Path, dest: Path) -> None:
     """Put a store file into the run folder: a hard link (no copy) when the filesystem allows."""
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -105,7 +129,44 @@ def _link(src: Path, dest: Path) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copy2(src, tmp)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    finally:
+        # rename() does nothing when both names are already one file (POSIX): the tmp name would stay.
+        tmp.unlink(missing_ok=True)
+
+
+def _linked_files(manifest: dict) -> Iterator[tuple[dict, str, FileRecord]]:
+    """``(variant, path in the run folder, record)`` of every store file a manifest's run folder links."""
+    for v in manifest["variants"]:
+        if v.get("format") not in LINKED_FORMATS or not v.get("file"):
+            continue
+        for name, rec in (v.get("files") or {}).items():
+            rel = v["file"] if v["format"] == "gguf" else f"{v['file']}/{name}"
+            yield v, rel, FileRecord(rec["sha256"], rec["size"])
+
+
+def damaged_files(folder: Path, manifest: dict, *, digests: bool = False) -> list[tuple[dict, str]]:
+    """``(variant, what is wrong)`` for each file a manifest lists that ``folder`` (a run folder or a
+    published run) does not hold as recorded: its size, and with ``digests`` its sha256."""
+    found = []
+    for v, rel, record in _linked_files(manifest):
+        problem = file_problem(inside(folder, *rel.split("/")), record, digest=digests)
+        if problem is not None:
+            found.append((v, f"{folder.name}/{rel}: {problem}"))
+    return found
+
+
+def differing_files(published: Path, run_folder: Path, manifest: dict) -> list[str]:
+    """The files of ``manifest`` whose size in ``published`` is not their size in ``run_folder`` (or
+    that either lacks): a published run that shared a damaged store file, rebuilt since. Cheap."""
+    def size(path: Path) -> int | None:
+        with contextlib.suppress(OSError):
+            return path.lstat().st_size
+        return None
+
+    return [rel for _, rel, _ in _linked_files(manifest)
+            if (a := size(published / rel)) is None or a != size(run_folder / rel)]
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -140,15 +201,15 @@ def write_run_folder(ctx, node, deps) -> Path:
     with run_folder_lock(ctx.recipe, ctx.root):
         out.mkdir(parents=True, exist_ok=True)
         for v in variants:
-            if v.format == "gguf":
-                _link(v.entry.file("model.gguf"), inside(out, v.file_name))
+            if v.format == "gguf":  # LINKED_FORMATS
+                _place(ctx.store, v.entry, "model.gguf", inside(out, v.file_name))
             elif v.format in ("gptq", "awq"):
                 folder = inside(out, v.file_name)
                 folder.mkdir(exist_ok=True)
                 for name in v.entry.files:
                     dest = inside(folder, *Path(name).parts)
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    _link(v.entry.path / name, dest)
+                    _place(ctx.store, v.entry, name, dest)
         manifest = Manifest(
             recipe={"name": ctx.recipe.name, "file": _relative(ctx.recipe_file, ctx.root),
                     "sha256": sha256_file(ctx.recipe_file), "resolved": ctx.recipe.model_dump(mode="json")},
@@ -187,8 +248,21 @@ def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
 
     facts = model_facts(model.path)
     calib_readme = ctx.root / "calibration" / "README.md"
+    manifest = Manifest.read(manifest_path).to_dict()
+
+    def verify() -> None:
+        """Every file about to be published matches the manifest's sha256. The run folder holds hard links
+        into the store, so a damaged file's store entry is checked too and moved aside if damaged: the next
+        run rebuilds it and links the good file."""
+        damaged = damaged_files(manifest_path.parent, manifest, digests=True)
+        for step, key in dict.fromkeys((v["step"], v["key"]) for v, _ in damaged):
+            ctx.store.recheck(step, key)
+        if damaged:
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise StoreError(f"not published: {damaged[0][1]}{more}; run again to rebuild it")
+
     with run_folder_lock(ctx.recipe, ctx.root):
-        return release(run_dir=manifest_path.parent, manifest=Manifest.read(manifest_path).to_dict(), root=ctx.root,
+        return release(run_dir=manifest_path.parent, manifest=manifest, root=ctx.root, verify=verify,
                        settings=ctx.recipe.publish or Publish(), recipe_yaml=ctx.recipe_file.read_text(),
                        config=facts["config"], chat_template=facts["chat_template"], eos_token=facts["eos_token"],
                        calibration_readme=calib_readme.read_text() if calib_readme.is_file() else None)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantkit.errors import PublishError, RegressionError
+from quantkit.runfolder import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
 from quantkit.paths import inside
 from quantkit.publish.hublayout import CARD, HubRepo, gguf_commands, plan_repos
@@ -445,13 +446,17 @@ def base_origin(manifest: dict, *, root: Path) -> dict | None:
 def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_yaml: str,
             config: dict | None = None, chat_template: str | None = None, eos_token: str | None = None,
             calibration_readme: str | None = None, run_id: str | None = None,
-            gguf_split: Path | None = None, hub_api=None) -> Published:
+            gguf_split: Path | None = None, hub_api=None, verify: Callable[[], None] | None = None) -> Published:
     """Report, gate, publish: render into ``run_dir/report/``; raise RegressionError (report
     written, nothing published) if the gate fails; else publish to the recipe's target.
 
     ``settings``: ``recipe.publish or recipe.Publish()``; ``hub_api``: an ``HfApi`` to push with
-    (default: one with ``$HF_TOKEN``).
+    (default: one with ``$HF_TOKEN``); ``verify``: called before anything is published (the run
+    checks every file against the manifest's sha256). A previous release whose files no longer
+    have the sizes of the run folder's (damaged since, and rebuilt) is not "unchanged": the run is
+    published again.
     """
+
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
     check_chat_templates(run_dir=run_dir, manifest=manifest, chat_template=chat_template)
@@ -468,7 +473,8 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     if prev and not gate["failed"]:
         prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
         if prev_manifest.is_file() and \
-                release_fingerprint(json.loads(prev_manifest.read_text())) == release_fingerprint(manifest):
+                release_fingerprint(json.loads(prev_manifest.read_text())) == release_fingerprint(manifest) \
+                and not differing_files(prev_manifest.parent, run_dir, manifest):
             unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
     shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
@@ -481,6 +487,8 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
         _record_unchanged(store / recipe, manifest_path=run_dir / "manifest.json", since=unchanged_since)
         log.info("%s: unchanged since %s; nothing published", recipe, unchanged_since)
         return Published(unchanged_since, store / recipe / unchanged_since, unchanged_since=unchanged_since)
+    if verify is not None:
+        verify()
     run_id = run_id or run_id_for(run_dir / "manifest.json")
     hub: dict[str, str] = {}
 
