@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import SourceError
+from quantkit.nofollow import read_beneath
 from quantkit.recipe import Calibration
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ class CalibrationText:
 
 def load_calibration(spec: Calibration, *, root: Path) -> CalibrationText:
     if spec.files:
-        parts = [(root / f).read_text(encoding="utf-8") for f in spec.files]
+        # never through a symlink (quantkit.nofollow): a link would make the worker read one of its own files
+        parts = [read_beneath(root, f).decode("utf-8") for f in spec.files]
         sources = tuple(spec.files)
     else:
         parts, sources = _from_hub(spec), (f"hub:{spec.dataset.name}/{spec.dataset.config or ''}/"

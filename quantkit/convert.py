@@ -33,6 +33,7 @@ def convert(*, model: ModelSnapshot, base_type: str, model_name: str, toolchain:
     inputs = convert_inputs(model=model, base_type=base_type, model_name=model_name, toolchain=toolchain)
 
     def produce(staging: Staging) -> None:
+        model.check_links()  # the converter follows links: none may have appeared since fetch_model
         out = staging.path / OUTPUT
         run = run_tool([sys.executable, toolchain.convert_script, model.path, "--outfile", out,
                         "--outtype", base_type, "--model-name", model_name],

@@ -141,6 +141,7 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     label = spec.label or step
 
     def produce(staging: Staging) -> None:
+        model.check_links()  # GPTQModel and transformers follow links: none may have appeared since fetch_model
         gm = import_gptqmodel()
         import torch
 

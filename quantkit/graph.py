@@ -255,10 +255,12 @@ def _quantize_inputs(ctx, node, deps):
 
 
 def _text(ctx) -> tuple[Path, str]:
-    from quantkit.scoring.llamacpp import text_sha256
+    """The evaluation text and its digest, at every use: refused if it is (or sits under) a symlink, since
+    the tools that read it by path would follow one."""
+    from quantkit.nofollow import open_beneath, sha256_of
 
-    text_file = ctx.root / ctx.recipe.evaluation.file
-    return text_file, text_sha256(text_file)
+    with open_beneath(ctx.root, ctx.recipe.evaluation.file) as f:
+        return ctx.root / ctx.recipe.evaluation.file, sha256_of(f)
 
 
 def _gguf(entry: Entry) -> tuple[Path, str]:

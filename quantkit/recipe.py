@@ -828,13 +828,16 @@ def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Pro
         wanted.append((("calibration", "files", i), f))
     if recipe.evaluation:
         wanted.append((("evaluation", "file"), recipe.evaluation.file))
-    out = []
+    from quantkit.recipefiles import pointed_problems  # symlinks, local tasks that are not data
+
+    out = pointed_problems(recipe, root, file, lines)
+    linked = bool(out)  # then nothing below reads a file (it could be read through a link)
     for loc, rel in wanted:
         p = root / rel
         if not p.is_file():
             out.append(Problem(file, lines.get(loc, 0), dotted(loc), f"file '{rel}' does not exist",
                                "add the file or fix the path"))
-    if recipe.evaluation and recipe.calibration.files:
+    if recipe.evaluation and recipe.calibration.files and not linked:
         eval_bytes = (root / recipe.evaluation.file).read_bytes() if (root / recipe.evaluation.file).is_file() else b""
         for i, f in enumerate(recipe.calibration.files):
             p = root / f

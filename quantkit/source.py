@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.digest import DigestCache, digest_of
 from quantkit.errors import SourceError
+from quantkit.nofollow import SymlinkError, symlink_on_path, symlinks_below
 from quantkit.recipe import ModelSource
 from quantkit.store import Entry, FileRecord
 
@@ -47,6 +50,11 @@ class ModelSnapshot:
         files = {rel: FileRecord(sha, (self.path / rel).stat().st_size) for rel, sha in self.files.items()}
         return Entry("source", self.digest[:32], self.path, {}, files, {}, reused=True)
 
+    def check_links(self) -> None:
+        """``check_no_links`` again, where a step is about to read the folder (a link swapped in since
+        ``fetch_model`` looked is refused too)."""
+        check_no_links(self.path, blobs=self.path.parents[1] / "blobs" if self.repo is not None else None)
+
     def describe(self) -> dict:
         return {"repo": self.repo, "revision": self.revision, "commit": self.commit,
                 "path": str(self.path), "digest": self.digest, "files": self.files}
@@ -61,9 +69,35 @@ def allowed_patterns(source: ModelSource) -> tuple[str, ...]:
     return patterns
 
 
+def _hub_blob_link(path: Path, blobs: Path | None) -> bool:
+    """A Hub cache snapshot's link to a blob of its own repo (``../../blobs/<hash>``) that is a regular file."""
+    if blobs is None:
+        return False
+    target = Path(os.path.normpath(path.parent / os.readlink(path)))
+    try:
+        return os.path.realpath(target.parent) == os.path.realpath(blobs) and stat.S_ISREG(target.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def check_no_links(folder: Path, *, blobs: Path | None) -> None:
+    """Refuse a model folder with a symlink in it (``SymlinkError``), except, in a Hub cache snapshot,
+    the links huggingface_hub makes to its own blobs: a link elsewhere would make the converter embed
+    (and publish) a file of the worker's, e.g. a chat_template.jinja linked to a secret."""
+    if links := symlinks_below(folder, allow=lambda p: _hub_blob_link(p, blobs)):
+        raise SymlinkError(f"model folder {folder} has {len(links)} symlink(s): {', '.join(links[:3])}; "
+                           "quantkit follows no link in a model folder")
+
+
+def _blobs(source: ModelSource, folder: Path) -> Path | None:
+    """The Hub cache's blob folder of a downloaded snapshot (``<repo>/snapshots/<commit>``); None for a local one."""
+    return folder.parents[1] / "blobs" if source.repo is not None else None
+
+
 def _select(folder: Path, source: ModelSource) -> list[Path]:
     patterns = allowed_patterns(source)
     chosen, refused = [], []
+    check_no_links(folder, blobs=_blobs(source, folder))
     # huggingface_hub keeps download metadata in <folder>/.cache/: not model files.
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts):
         rel = f.relative_to(folder).as_posix()
@@ -86,7 +120,10 @@ def _select(folder: Path, source: ModelSource) -> list[Path]:
 def fetch_model(*, source: ModelSource, root: Path, digests: DigestCache) -> ModelSnapshot:
     """Resolve the recipe's model to a local folder and digest the files used."""
     if source.path is not None:
-        folder = (root / source.path).resolve()
+        if (link := symlink_on_path(root, source.path)) is not None:
+            raise SymlinkError(f"model folder {source.path}: {link} is a symlink; quantkit follows no link in a "
+                               "model folder")
+        folder = Path(root).resolve() / source.path
         if not folder.is_dir():
             raise SourceError(f"model folder {source.path} does not exist (for the demo: `quantkit demo-model`)")
         commit = None

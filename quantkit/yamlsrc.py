@@ -19,6 +19,8 @@ MAX_DEPTH = 12
 MAX_NODES = 20_000
 
 Path_ = tuple[str | int, ...]
+# Explicit tags that only restate what a plain value is; any other (!function, !!python/..., !!binary) is refused.
+PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map"))
 
 
 def dotted(path: Path_) -> str:
@@ -75,6 +77,11 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Path_, 
         raw = path.read_bytes()
     except OSError as e:
         raise RecipeError([Problem(name, 0, "", f"cannot read recipe: {e.strerror}", "check the path")]) from None
+    return parse_yaml(raw, name)
+
+
+def parse_yaml(raw: bytes, name: str) -> tuple[Any, dict[Path_, int]]:
+    """``load_yaml`` of bytes already read (by a caller that opened the file its own way)."""
     if len(raw) > MAX_BYTES:
         raise RecipeError([Problem(name, 1, "", f"recipe is {len(raw)} bytes, over the {MAX_BYTES} limit",
                                    "a recipe is a short file; remove what does not belong")])
@@ -94,6 +101,11 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Path_, 
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise RecipeError([Problem(name, line, "", "YAML anchors and aliases are not allowed in recipes",
                                            "write the value out where it is used")])
+            tag = getattr(event, "tag", None)
+            if tag is not None and tag not in PLAIN_TAGS and not (tag == "!" and isinstance(event, yaml.ScalarEvent)):
+                raise RecipeError([Problem(name, line, "", f"YAML tag '{tag}' is not allowed: the file is data, "
+                                           "and a tag asks the reader to build (or run) something else",
+                                           "remove the tag; write a plain string, number, list or mapping")])
             if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
                 nodes += 1
                 if nodes > MAX_NODES:

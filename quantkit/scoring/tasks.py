@@ -32,15 +32,18 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quantkit.digest import sha256_file, write_json_atomic
+from quantkit.digest import write_json_atomic
 from quantkit.errors import ChanceLevelError, VerificationError
+from quantkit.nofollow import SymlinkError, open_beneath, regular_files_below, sha256_of, symlink_on_path
 from quantkit.recipe import TaskSpec
+from quantkit.scoring.taskconfig import read_task_config, task_folder
 from quantkit.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -128,28 +131,60 @@ class ResolvedTask:
 
 
 def resolve_task(spec: TaskSpec, *, root: Path) -> ResolvedTask:
-    """A recipe task: local (``path``, or ``calibration/tasks/<name>/`` when present) or one lm-eval ships."""
-    folder = Path(root) / spec.path if spec.path else Path(root) / LOCAL_TASKS_DIR / spec.name
+    """A recipe task: local (``path``, or ``calibration/tasks/<name>/`` when present) or one lm-eval ships.
+
+    A local task is data (``quantkit.scoring.taskconfig``): its ``task.yaml`` is checked here, before
+    anything is scored, and RecipeError names the line that is not allowed. Nothing in it is read
+    through a symlink (SymlinkError): not its folder, a folder above it in the project, nor a file in it."""
+    rel = task_folder(spec.name, spec.path)
+    if (link := symlink_on_path(root, rel)) is not None:
+        raise SymlinkError(f"task {spec.name}: {Path(root) / link} is a symlink")
+    folder = Path(root) / rel
     if spec.path and not (folder / TASK_YAML).is_file():
         raise VerificationError(f"task {spec.name}: {folder} has no {TASK_YAML}")
     if not (folder / TASK_YAML).is_file():
         return ResolvedTask(spec, None, {})
-    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    return ResolvedTask(spec, folder, files)
+    files = {}
+    for p in regular_files_below(folder):
+        name = p.relative_to(folder).as_posix()
+        with open_beneath(folder, name) as f:
+            files[name] = sha256_of(f)
+    task = ResolvedTask(spec, folder, files)
+    _task_config(task)
+    return task
+
+
+def _task_bytes(task: ResolvedTask, rel: str) -> bytes:
+    """A file of a local task as it was digested by ``resolve_task`` (read again without following links)."""
+    with open_beneath(task.local_dir, rel) as f:
+        raw = f.read()
+    if hashlib.sha256(raw).hexdigest() != task.files_sha256.get(rel):
+        raise VerificationError(f"task {task.name}: {task.local_dir / rel} changed since the task was resolved")
+    return raw
+
+
+def _task_config(task: ResolvedTask) -> dict:
+    """The allow-listed lm-eval config of a local task (``taskconfig.check_task_config``)."""
+    shown = task.local_dir / TASK_YAML
+    shown = os.path.relpath(shown) if shown.is_relative_to(Path.cwd()) else str(shown)
+    return read_task_config(_task_bytes(task, TASK_YAML), file=shown, name=task.name, folder=task.local_dir)
 
 
 def _resolved_yaml(task: ResolvedTask, dest: Path) -> None:
-    """Copy a local task YAML with its data file paths made absolute (lm-eval resolves them from the cwd)."""
+    """Write lm-eval the checked config of a local task (never the file's own mapping), reading copies of
+    its data files made here: what lm-eval loads is what ``resolve_task`` digested. The datasets cache of
+    the copies stays in ``dest`` too (removed with it)."""
     import yaml
 
-    config = yaml.safe_load((task.local_dir / TASK_YAML).read_text())
-    if config.get("task") != task.name:
-        raise VerificationError(f"{task.local_dir / TASK_YAML} defines task {config.get('task')!r}, "
-                                f"the recipe asks for {task.name!r}")
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    if isinstance(files, dict):
-        for split, rel in files.items():
-            files[split] = str((task.local_dir / rel).resolve())
+    config = _task_config(task)
+    data = dest / f"{task.name}.data"
+    data.mkdir()
+    files = {}
+    for split, rel in config["dataset_kwargs"]["data_files"].items():
+        copy = data / f"{split}{Path(rel).suffix}"
+        copy.write_bytes(_task_bytes(task, rel))
+        files[split] = str(copy)
+    config["dataset_kwargs"] = {"data_files": files, "cache_dir": str(dest / f"{task.name}.datasets-cache")}
     (dest / f"{task.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 

@@ -1,0 +1,77 @@
+"""What a recipe points at, checked when it is validated: no symlinks, and local tasks that are data.
+
+The model folder (every file in it), task folders, calibration and evaluation files arrive in the same
+pull request as the recipe. Each problem names the recipe line that points at the file (a symlink) or
+the ``task.yaml`` line that is not allowed (``quantkit.scoring.taskconfig``). The steps check again when
+they read (``quantkit.nofollow``), so a recipe object that skipped validation is refused as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from quantkit.errors import Problem, RecipeError
+from quantkit.nofollow import SymlinkError, read_beneath, symlink_on_path, symlinks_below
+from quantkit.scoring.taskconfig import TASK_YAML, read_task_config, task_folder
+from quantkit.yamlsrc import dotted
+
+if TYPE_CHECKING:
+    from quantkit.recipe import Recipe
+
+LINK_FIX = "replace the link with the file itself (commit the file, not a symlink to it)"
+
+
+def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Problem]:
+    """Every symlink among the files the recipe points at, and every disallowed part of its local tasks."""
+    out: list[Problem] = []
+
+    def problem(loc: tuple, message: str, fix: str = LINK_FIX) -> None:
+        line = next((lines[loc[:cut]] for cut in range(len(loc), -1, -1) if loc[:cut] in lines), 0)
+        out.append(Problem(file, line, dotted(loc), message, fix))
+
+    def linked(loc: tuple, rel: str, what: str) -> bool:
+        if (link := symlink_on_path(root, rel)) is not None:
+            problem(loc, f"{what} '{rel}' " + ("is a symlink" if link == rel else f"is under a symlink ('{link}')")
+                    + "; quantkit follows no link in what a recipe points at")
+            return True
+        return False
+
+    for i, f in enumerate(recipe.calibration.files or []):
+        linked(("calibration", "files", i), f, "calibration file")
+    if recipe.model.path is not None:
+        loc = ("model", "path")
+        folder = root / recipe.model.path
+        if not linked(loc, recipe.model.path, "model folder") and folder.is_dir():
+            if links := symlinks_below(folder):
+                problem(loc, f"the model folder has {len(links)} symlink(s): {', '.join(links[:3])}; a link "
+                        "would make the worker read (and publish) a file outside the folder")
+    if recipe.evaluation is None:
+        return out
+    linked(("evaluation", "file"), recipe.evaluation.file, "evaluation file")
+    for i, spec in enumerate(recipe.evaluation.tasks):
+        loc = ("evaluation", "tasks", i) + (("path",) if spec.path else ())
+        rel = task_folder(spec.name, spec.path)
+        if linked(loc, rel, "task folder"):
+            continue
+        folder = root / rel
+        if not folder.is_dir():
+            if spec.path:
+                problem(loc, f"task folder '{rel}' does not exist",
+                        "add the folder with its task.yaml, or fix the path")
+            continue  # a task lm-eval ships
+        if links := symlinks_below(folder):
+            problem(loc, f"task folder '{rel}' has symlink(s): {', '.join(links[:3])}")
+            continue
+        if not (folder / TASK_YAML).is_file():
+            if spec.path:
+                problem(loc, f"task folder '{rel}' has no {TASK_YAML}", "add task.yaml, or fix the path")
+            continue
+        try:
+            read_task_config(read_beneath(root, f"{rel}/{TASK_YAML}"), file=f"{rel}/{TASK_YAML}", name=spec.name,
+                             folder=folder)
+        except RecipeError as e:
+            out += e.problems
+        except SymlinkError as e:  # swapped for a link since the walk above
+            problem(loc, str(e))
+    return out
