@@ -42,6 +42,9 @@ def _from_hub(spec: Calibration) -> list[str]:
         import datasets
     except ImportError as e:
         raise SourceError("a Hub calibration dataset needs the 'datasets' package: pip install 'quantkit[hub]'") from e
+    if Path(ds.name).exists():  # datasets would load this folder (or script) instead of the Hub repo
+        raise SourceError(f"calibration dataset {ds.name} is also a path here; only a Hub repo id is loaded "
+                          "(rename or remove the local folder)")
     try:
         rows = datasets.load_dataset(ds.name, ds.config, split=ds.split, revision=ds.revision)
     except Exception as e:  # datasets raises many types; the message names the cause

@@ -13,12 +13,12 @@ files live in this checkout); a Hub model runs on the ``gpu`` pool.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import Problem, RecipeError
-from quantkit.recipe import Recipe, load_recipe
+from quantkit.paths import name_problem, write_atomic
+from quantkit.recipe import TEMPLATE_MARKERS, Recipe, load_recipe
 from quantkit.yamlsrc import load_yaml
 
 PREFECT_YAML = "prefect.yaml"
@@ -56,6 +56,10 @@ def deployment_specs(root: Path) -> list[DeploymentSpec]:
     seen: dict[str, str] = {}
     for path in sorted((root / "recipes").glob("*.yaml")):
         rel = path.relative_to(root).as_posix()
+        if (why := name_problem(path.stem)) is not None:  # the file name is a parameter in prefect.yaml
+            problems.append(Problem(rel, 1, "", f"the recipe's file name: {why}",
+                                    "rename the file, e.g. recipes/llama-8b.yaml"))
+            continue
         try:
             recipe = load_recipe(path, root=root)
         except RecipeError as e:
@@ -75,7 +79,10 @@ def deployment_specs(root: Path) -> list[DeploymentSpec]:
 
 
 def _q(value: str) -> str:
-    """A YAML scalar: a JSON string is valid YAML and quotes everything that needs it."""
+    """A YAML scalar: a JSON string is valid YAML and quotes everything that needs it. Prefect expands
+    ``{{ }}`` in every value at deploy time; the recipe refuses them, and this refuses them again."""
+    if any(m in value for m in TEMPLATE_MARKERS):
+        raise ValueError(f"{value!r} would be expanded as a template by prefect deploy")
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -155,7 +162,5 @@ def sync(root: Path, *, check: bool = False) -> SyncResult:
     current = path.read_text(encoding="utf-8") if path.is_file() else None
     changed = current != text
     if changed and not check:
-        tmp = path.with_name(f".{PREFECT_YAML}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text.encode("utf-8"))  # a temp name of its own, renamed over prefect.yaml
     return SyncResult(path, changed, tuple(f"quantize/{s.name}" for s in specs))

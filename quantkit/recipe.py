@@ -35,6 +35,10 @@ SAFE_TEXT_RE = re.compile(r"^[A-Za-z0-9 ._/@:+=,()\-]*$")
 TENSOR_PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*\-]{1,128}$")
 MOVING_REFS = {"main", "master", "head", "dev", "develop", "latest"}
 WORKER_ALLOWS_REMOTE_CODE = "QUANTKIT_ALLOW_REMOTE_CODE"
+WORKER_ALLOWS_PICKLE = "QUANTKIT_ALLOW_PICKLE"
+# Prefect expands these in prefect.yaml at deploy time ({{ $HF_TOKEN }}, {{ prefect.blocks.* }}); Jinja's
+# statement marker too, so no recipe text that reaches a templated file can ask for a secret.
+TEMPLATE_MARKERS = ("{{", "}}", "{%")
 
 
 class Invalid(ValueError):
@@ -94,6 +98,33 @@ def _project_path(value: str, info: ValidationInfo) -> str:
 ProjectPath = Annotated[str, pydantic.AfterValidator(_project_path)]
 
 
+def _project_dir(value: str, info: ValidationInfo) -> str:
+    """A folder quantkit writes into (runs/, artifacts/): inside the project, symlinks included, and each
+    component one safe name, because the writer joins it from the project root with ``paths.inside``."""
+    try:
+        value = _project_path(value, info)
+    except Invalid as e:
+        raise Invalid(str(e), f"make '{value}' a real folder in the project (not a link), or write another "
+                      "folder here") from None
+    for part in PurePosixPath(value).parts:
+        if (why := name_problem(part)) is not None:
+            raise Invalid(f"folder '{value}': {why}", "use a folder name like runs or out/artifacts")
+    return value
+
+
+# Checked even when the recipe leaves it out (``validate_default``): a symlinked runs/ is refused either way.
+ProjectDir = Annotated[str, pydantic.AfterValidator(_project_dir)]
+
+
+def no_templating(value: str) -> str:
+    """Text written into a file another tool templates (prefect.yaml): no template markers at all."""
+    if found := [m for m in TEMPLATE_MARKERS if m in value]:
+        raise Invalid(f"contains {' and '.join(repr(m) for m in found)}: prefect deploy would expand it as a "
+                      "template (e.g. {{ $HF_TOKEN }} writes the token into the deployment)",
+                      "remove the braces; write the text without {{, }} or {%")
+    return value
+
+
 def _repo_id(v: str | None) -> str | None:
     if v is not None and not REPO_RE.match(v):
         raise Invalid(f"'{v}' is not a Hugging Face repo id", "write owner/name, e.g. meta-llama/Llama-3.1-8B-Instruct")
@@ -137,6 +168,14 @@ class ModelSource(Section):
                           f"remove it, or run on a worker that sets {WORKER_ALLOWS_REMOTE_CODE}=1")
         return v
 
+    @field_validator("allow_pickle")
+    @classmethod
+    def _pickle(cls, v: bool) -> bool:
+        if v and os.environ.get(WORKER_ALLOWS_PICKLE) != "1":
+            raise Invalid("allow_pickle loads .bin/.pt weights, which can run code, and this worker does not allow it",
+                          f"convert the weights to safetensors, or run on a worker that sets {WORKER_ALLOWS_PICKLE}=1")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
         if (self.repo is None) == (self.path is None):
@@ -160,10 +199,22 @@ class ModelSource(Section):
 class HubDataset(Section):
     """A Hub dataset for calibration on real runs (not reachable offline)."""
 
-    name: SafeText
+    name: SafeText = Field(description="Hub dataset repo id, owner/name; never a local path")
     config: SafeText | None = None
     split: SafeText = "train"
     revision: str
+
+    @field_validator("name")
+    @classmethod
+    def _hub_repo(cls, v: str, info: ValidationInfo) -> str:
+        # datasets.load_dataset reads a local folder or script when one has this name: only a repo id that
+        # names no file in the project reaches the Hub.
+        _repo_id(v)
+        root = (info.context or {}).get("root")
+        if root is not None and (Path(root) / v).exists():
+            raise Invalid(f"'{v}' is also a path in the project, which datasets would load instead of the Hub "
+                          "repo", "name a Hub dataset (owner/name) that no project folder shadows")
+        return v
     column: SafeText = "text"
     max_rows: int = Field(1000, ge=1, le=1_000_000)
 
@@ -553,7 +604,8 @@ class Publish(Section):
     repo: str | None = Field(None, description="older form: the GGUF repo id (owner/name); owner defaults to its "
                              "owner, the GPTQ/AWQ repos still follow 'repos'")
     private: bool = Field(True, description="create the Hub repos private")
-    dir: ProjectPath = Field("artifacts", description="local artifact store: <dir>/<recipe>/<run-id>/ and latest")
+    dir: ProjectDir = Field("artifacts", validate_default=True,
+                            description="local artifact store: <dir>/<recipe>/<run-id>/ and latest")
     thresholds: PublishThresholds = PublishThresholds()
 
     _repo = field_validator("repo")(_repo_id)
@@ -621,7 +673,7 @@ class Publish(Section):
 
 
 class Output(Section):
-    dir: ProjectPath = Field("runs", description="run folders (manifest, links to outputs) go here")
+    dir: ProjectDir = Field("runs", validate_default=True, description="run folders (manifest, links to outputs) go here")
 
 
 CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
@@ -675,7 +727,7 @@ class Recipe(Section):
     awq: list[AWQVariant] = Field(default_factory=list, max_length=16)
     rtn: list[RTNVariant] = Field(default_factory=list, max_length=16,
                                   description="round-to-nearest references: scored and reported, never published")
-    output: Output = Output()
+    output: Output = Field({}, validate_default=True)  # a dict, so its default dir is checked like a given one
     publish: Publish | None = Field(None, description="publishing and the regression gate; local store if absent")
     schedule: Schedule | None = Field(None, description="cron for the deployment (none: runs only when asked)")
 
@@ -692,7 +744,7 @@ class Recipe(Section):
     def _description(cls, v: str | None) -> str | None:
         if v is not None and any(ord(c) < 32 and c not in "\n\t" for c in v):
             raise Invalid("description contains control characters", "remove them")
-        return v
+        return None if v is None else no_templating(v)
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Recipe:
@@ -716,6 +768,11 @@ class Recipe(Section):
             seen[label] = loc
         if self.publish is not None and self.publish.target == "hub":
             self.publish.hub_repo_ids(self)  # one valid repo per format and per GPTQ/AWQ config
+        if self.publish is None:  # publishing still writes to the default artifacts/: check it as if given
+            try:
+                _project_dir(Publish.model_fields["dir"].default, info)
+            except Invalid as e:
+                raise Invalid(str(e), e.fix, loc=("publish", "dir")) from None
         return self
 
     def variant_labels(self) -> list[tuple[tuple, str, str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from quantkit.digest import DigestCache, digest_of
 from quantkit.errors import SourceError
 from quantkit.nofollow import SymlinkError, symlink_on_path, symlinks_below
-from quantkit.recipe import ModelSource
+from quantkit.recipe import WORKER_ALLOWS_PICKLE, WORKER_ALLOWS_REMOTE_CODE, ModelSource
 from quantkit.store import Entry, FileRecord
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class ModelSnapshot:
     commit: str | None  # what the revision resolved to on the Hub
     files: dict[str, str]  # relative path -> sha256 of the files quantkit uses
     digest: str
+    trust_remote_code: bool = False  # the recipe asked; loaders pass remote_code_allowed(this) on
 
     def as_entry(self) -> Entry:
         """The source folder in the shape of a step output, so the HF base sits in the same tables as
@@ -58,6 +59,28 @@ class ModelSnapshot:
     def describe(self) -> dict:
         return {"repo": self.repo, "revision": self.revision, "commit": self.commit,
                 "path": str(self.path), "digest": self.digest, "files": self.files}
+
+
+def remote_code_allowed(asked: bool) -> bool:
+    """``trust_remote_code`` for transformers and GPTQModel: True when the recipe asks for it and this
+    worker, the process about to load the model, sets QUANTKIT_ALLOW_REMOTE_CODE=1. A recipe that asks on
+    a worker that does not allow it is refused (SourceError), never loaded without the code it needs."""
+    if not asked:
+        return False
+    if os.environ.get(WORKER_ALLOWS_REMOTE_CODE) != "1":
+        raise SourceError(f"the recipe sets model.trust_remote_code, which runs the model's Python code, and this "
+                          f"worker does not allow it: set {WORKER_ALLOWS_REMOTE_CODE}=1 on the worker, or remove it")
+    return True
+
+
+def check_worker_allows(source: ModelSource) -> None:
+    """The worker's own say over what the recipe allows: pickle weights need QUANTKIT_ALLOW_PICKLE=1 and
+    remote code QUANTKIT_ALLOW_REMOTE_CODE=1 in the environment of the process that reads the model."""
+    if source.allow_pickle and os.environ.get(WORKER_ALLOWS_PICKLE) != "1":
+        raise SourceError(f"the recipe sets model.allow_pickle (pickle weights can run code when loaded) and this "
+                          f"worker does not allow it: set {WORKER_ALLOWS_PICKLE}=1 on the worker, or convert the "
+                          "weights to safetensors")
+    remote_code_allowed(source.trust_remote_code)
 
 
 def allowed_patterns(source: ModelSource) -> tuple[str, ...]:
@@ -119,6 +142,7 @@ def _select(folder: Path, source: ModelSource) -> list[Path]:
 
 def fetch_model(*, source: ModelSource, root: Path, digests: DigestCache) -> ModelSnapshot:
     """Resolve the recipe's model to a local folder and digest the files used."""
+    check_worker_allows(source)
     if source.path is not None:
         if (link := symlink_on_path(root, source.path)) is not None:
             raise SymlinkError(f"model folder {source.path}: {link} is a symlink; quantkit follows no link in a "
@@ -131,7 +155,7 @@ def fetch_model(*, source: ModelSource, root: Path, digests: DigestCache) -> Mod
         folder, commit = _download(source)
     files = {f.relative_to(folder).as_posix(): digests.sha256(f) for f in _select(folder, source)}
     return ModelSnapshot(path=folder, repo=source.repo, revision=source.revision, commit=commit,
-                         files=files, digest=digest_of(files))
+                         files=files, digest=digest_of(files), trust_remote_code=source.trust_remote_code)
 
 
 def _download(source: ModelSource) -> tuple[Path, str]:

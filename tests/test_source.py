@@ -82,13 +82,18 @@ def test_hub_revision_not_cached_is_a_clear_error(offline_hub, tmp_path):
         fetch_model(source=source, root=tmp_path, digests=DigestCache(tmp_path / "d.json"))
 
 
-def test_local_pickle_only_refused_unless_allowed(tmp_path):
+def test_local_pickle_only_refused_unless_allowed(tmp_path, monkeypatch):
     _checkpoint_files(tmp_path / "models" / "m", pickle_only=True)
     with pytest.raises(SourceError, match="only pickle weights .*pytorch_model.bin.*allow_pickle: true"):
         fetch_model(source=ModelSource(path="models/m"), root=tmp_path, digests=DigestCache(tmp_path / "d.json"))
-    snap = fetch_model(source=ModelSource(path="models/m", allow_pickle=True), root=tmp_path,
-                       digests=DigestCache(tmp_path / "d.json"))
+    monkeypatch.setenv("QUANTKIT_ALLOW_PICKLE", "1")  # the recipe's allow_pickle needs the worker's yes too
+    source = ModelSource(path="models/m", allow_pickle=True)
+    snap = fetch_model(source=source, root=tmp_path, digests=DigestCache(tmp_path / "d.json"))
     assert "pytorch_model.bin" in snap.files and "modeling_evil.py" not in snap.files
+    # A recipe validated where pickle was allowed, run on a worker that does not allow it: refused there.
+    monkeypatch.delenv("QUANTKIT_ALLOW_PICKLE")
+    with pytest.raises(SourceError, match="model.allow_pickle .*set QUANTKIT_ALLOW_PICKLE=1 on the worker"):
+        fetch_model(source=source, root=tmp_path, digests=DigestCache(tmp_path / "d.json"))
 
 
 def test_local_digest_changes_with_content(tmp_path):
