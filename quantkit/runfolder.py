@@ -19,7 +19,7 @@ from typing import Any
 from quantkit import __version__
 from quantkit.digest import sha256_file, write_json_atomic
 from quantkit.errors import StoreError
-from quantkit.paths import inside
+from quantkit.paths import inside, open_fixed, project_parts, write_atomic
 from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot
 from quantkit.store import Entry, FileRecord, Store, exclusive, file_problem
@@ -89,14 +89,18 @@ class Variant:
 
 
 def run_dir(recipe: Recipe, root: Path) -> Path:
-    return inside(root / recipe.output.dir, recipe.name)
+    # Joined from the project root: a runs/ that is a symlink leading out of the project is refused.
+    return inside(root, *project_parts(recipe.output.dir), recipe.name)
 
 
 def run_folder_lock(recipe: Recipe, root: Path) -> contextlib.AbstractContextManager[None]:
     """Held while a run writes runs/<name>/ and while it publishes from it: two runs of one recipe
     share that folder (their steps are shared through the store's own locks)."""
     folder = run_dir(recipe, root)
-    return exclusive(folder.with_name(f".{folder.name}.lock"), f"writing and publishing {folder}")
+    lock = folder.with_name(f".{folder.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    os.close(open_fixed(lock, os.O_WRONLY | os.O_CREAT))  # a symlink planted at the lock's name is refused
+    return exclusive(lock, f"writing and publishing {folder}")
 
 
 def _place(store: Store, entry: Entry, name: str, dest: Path) -> None:
@@ -221,7 +225,7 @@ def write_run_folder(ctx, node, deps) -> Path:
         path = out / "manifest.json"
         write_json_atomic(path, manifest.to_dict())
         # The resolved recipe travels with what it produced.
-        (out / "recipe.yaml").write_bytes(ctx.recipe_file.read_bytes())
+        write_atomic(out / "recipe.yaml", ctx.recipe_file.read_bytes())  # replaces a symlink, never follows it
     return path
 
 

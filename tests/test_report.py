@@ -195,7 +195,7 @@ def test_one_modelfile_per_gguf(tmp_path):
     ggufs = [v["file"] for v in manifest["variants"] if v["format"] == "gguf"]
     assert sorted(p.name for p in tmp_path.glob("*.Modelfile")) == sorted(g[:-5] + ".Modelfile" for g in ggufs)
     text = (tmp_path / f"{STEM}-Q4_K_M.Modelfile").read_text()
-    assert f"FROM ./{STEM}-Q4_K_M.gguf\n" in text
+    assert f'FROM "./{STEM}-Q4_K_M.gguf"\n' in text
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER num_ctx 4096" in text

@@ -6,7 +6,18 @@ llama.cpp version, the recipe, and the calibration texts with their licences fro
 
 from __future__ import annotations
 
+import re
+
 FORMAT_TAGS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq"}
+
+
+def fenced(text: str, info: str = "") -> list[str]:
+    """``text`` as a fenced code block whose fence no line of it can close: the recipe is a pull request's
+    text (its comments too). CommonMark closes a backtick fence only with a run at least as long, so the
+    fence is one backtick longer than the longest run inside (three at least)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, *text.rstrip().splitlines(), fence]
 
 
 def calibration_licences(readme: str) -> dict[str, dict[str, str]]:
@@ -30,19 +41,11 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
     """The model card (README.md of the published folder) as a huggingface_hub ``ModelCard``.
 
     ``table`` is report.md's comparison table (markdown lines), so the card shows the same rows."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     m, rows = report["model"], report["variants"]
     formats = sorted({r["format"] for r in rows if r["format"] in FORMAT_TAGS})
-    evals = []
-    for r in rows:
-        for metric, value, dataset in ([("perplexity", r["ppl"], report["evaluation"]["file"]),
-                                        ("kl_divergence_mean", r["kld_mean"], report["evaluation"]["file"])]
-                                       + [("accuracy", s, t) for t, s in r["tasks"].items()]):
-            if value is not None and not (metric == "kl_divergence_mean" and r["is_base"]):
-                evals.append(EvalResult(task_type="text-generation", dataset_type=str(dataset),
-                                        dataset_name=str(dataset), metric_type=metric, metric_value=value,
-                                        metric_name=f"{r['label']} {metric}"))
+    evals = _evals(report, rows)
     data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
                          quantized_by="quantkit", tags=[*formats, "quantized", "quantkit"],
                          library_name="gguf" if "gguf" in formats else None, model_name=f"{m['name']}-quantized",
@@ -60,7 +63,7 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
         "full report in `report.md` / `report.json`, plot in `plot.png`", "",
         "## Variants", "", *table, "", *_mix_lines(report),
         "## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "", *calib, "",
-        "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""])
+        "## Recipe", "", *fenced(recipe_yaml, "yaml"), ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
@@ -84,11 +87,18 @@ def _evals(report: dict, rows: list[dict]) -> list:
     for r in rows:
         for metric, value, dataset in ([("perplexity", r["ppl"], report["evaluation"]["file"]),
                                         ("kl_divergence_mean", r["kld_mean"], report["evaluation"]["file"])]
-                                       + [("accuracy", s, t) for t, s in r["tasks"].items()]):
+                                       + [(_task_metric(report, t), s, (report.get("task_metrics") or {})
+                                           .get(t, {}).get("task", t)) for t, s in r["tasks"].items()]):
             if value is not None and not (metric == "kl_divergence_mean" and r["is_base"]):
                 out.append(EvalResult(task_type=PIPELINE_TAG, dataset_type=str(dataset), dataset_name=str(dataset),
                                       metric_type=metric, metric_value=value, metric_name=f"{r['label']} {metric}"))
     return out
+
+
+def _task_metric(report: dict, column: str) -> str:
+    """The metric a task column holds (an older report without ``task_metrics``: plain accuracy)."""
+    metric = (report.get("task_metrics") or {}).get(column, {}).get("metric")
+    return metric if metric and metric != "score" else "accuracy"
 
 
 def _calibration_lines(report: dict, calibration_readme: str | None) -> list[str]:
@@ -150,7 +160,7 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
         body += ["## Other formats of this release", "", *others, ""]
     body += ["## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "",
              *_calibration_lines(report, calibration_readme), "",
-             "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+             "## Recipe", "", *fenced(recipe_yaml, "yaml"), ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 

@@ -16,6 +16,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from quantkit.errors import PublishError
+
 # Ollama's template/chatml.gotmpl and llama3-instruct.gotmpl (the .Messages forms).
 CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
@@ -112,7 +114,7 @@ def render_modelfile(gguf_file: str, chat_template: str | None, *, num_ctx: int,
                      eos_token: str | None = None) -> str:
     tpl = ollama_template(chat_template, eos_token=eos_token)
     lines = [f"# Ollama Modelfile written by quantkit. Use: ollama create NAME -f {modelfile_name(gguf_file)}",
-             f"FROM ./{gguf_file}", ""]
+             f"FROM {modelfile_quote('./' + gguf_file)}", ""]
     if tpl.template is None:
         known = ", ".join(SHAPE_NAMES.values())
         if tpl.shape == "embedded":
@@ -124,15 +126,28 @@ def render_modelfile(gguf_file: str, chat_template: str | None, *, num_ctx: int,
                       "# prompt as it is."]
     else:
         lines.append(f"# TEMPLATE: Ollama's {SHAPE_NAMES[tpl.shape]} template, matching the model's Jinja chat template.")
-        for part in (tpl.template, tpl.system or ""):
-            if '"""' in part:
-                raise ValueError('a template or system prompt contains """, which a Modelfile cannot quote')
-        lines.append(f'TEMPLATE """{tpl.template}"""')
+        lines.append(f"TEMPLATE {modelfile_quote(tpl.template, block=True)}")
         if tpl.system:
-            lines.append(f'SYSTEM """{tpl.system}"""')
-    lines += [f'PARAMETER stop "{s}"' for s in tpl.stop]
-    lines.append(f"PARAMETER num_ctx {num_ctx}")
+            lines.append(f"SYSTEM {modelfile_quote(tpl.system, block=True)}")
+    lines += [f"PARAMETER stop {modelfile_quote(s)}" for s in tpl.stop]
+    lines.append(f"PARAMETER num_ctx {int(num_ctx)}")
     return "\n".join(lines) + "\n"
+
+
+def modelfile_quote(value: str, *, block: bool = False) -> str:
+    """One Modelfile value, quoted so that nothing in it is read as Modelfile syntax.
+
+    Ollama's parser (parser/parser.go) has no escapes: a value in double quotes ends at a quote before a
+    space or a line end, a value in triple quotes at the first triple quote. So a one-line value without
+    a quote goes in double quotes; a ``block`` (a template, a system prompt) or any other value in triple
+    quotes; and a value holding a triple quote (a chat template comes from the model folder, a pull
+    request's text) is refused rather than let it add commands to the file."""
+    if not block and not any(c in value for c in '"\r\n'):
+        return f'"{value}"'
+    if '"""' in value:
+        raise PublishError('the model\'s chat template puts """ in a Modelfile value, which a Modelfile cannot '
+                           "quote; not published (remove it from the template's system prompt)")
+    return f'"""{value}"""'
 
 
 def modelfile_name(gguf_file: str) -> str:

@@ -40,7 +40,7 @@ from typing import Any, Callable
 from quantkit.errors import PublishError, RegressionError
 from quantkit.runfolder import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
-from quantkit.paths import inside
+from quantkit.paths import inside, open_fixed, project_parts
 from quantkit.publish.hublayout import CARD, HubRepo, gguf_commands, plan_repos
 from quantkit.publish.report import build_report, load_report, variants_table, write_report
 from quantkit.store import exclusive
@@ -72,52 +72,115 @@ class Published:
 # --- regression gate ------------------------------------------------------------------------------
 
 def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, previous_run: str | None = None) -> dict:
-    """Compare ``current`` report with the last published one and with the recovery floors.
+    """Compare ``current`` report with the last published one and with the recovery floors, each check with its
+    error: a check **fails** only when even its optimistic bound (``gate_sigmas`` standard errors above the
+    estimate) is under the limit, **passes** when its pessimistic bound clears the limit, and is **inconclusive**
+    when the two bounds straddle it. Inconclusive checks block only with ``thresholds.strict``.
 
-    Pure: returns ``{"previous_run", "failed", "findings", "changes"}``; ``findings`` are the
-    checks that failed, ``changes`` every compared number (for the report).
+    Task checks use the per-item results (paired) when both sides scored the same items with the same metric.
+    Pure: returns ``{"previous_run", "failed", "findings", "inconclusive", "changes", "sigmas", "strict"}``;
+    ``findings`` are the checks that block, ``changes`` every check (for the report).
     ``thresholds``: anything with the attributes of ``recipe.PublishThresholds``.
     """
-    findings, changes = [], []
+    from quantkit.publish.report import task_se
+
+    z = getattr(thresholds, "gate_sigmas", 3.0)
+    strict = bool(getattr(thresholds, "strict", False))
+    changes: list[dict] = []
     before = {v["id"]: v for v in (previous or {}).get("variants", [])}
     floors = {"gptq": thresholds.min_recovery_gptq, "awq": thresholds.min_recovery_awq,
               "gguf": thresholds.min_recovery_gguf}
+    metrics_now, metrics_before = current.get("task_metrics") or {}, (previous or {}).get("task_metrics") or {}
+    by_id = {v["id"]: v for v in current["variants"]}
+
+    def check(v: dict, name: str, now: float, limit: float, margin: float, se: float | None, scale: float,
+              previous_value: float | None, message: str) -> None:
+        """``margin``: how far the estimate is above its limit in the measured unit; ``scale`` turns it into the
+        unit of ``now`` and ``limit`` (a recovery ratio divides by the base score)."""
+        bound = None if se is None else (round(now - z * se * scale, 6), round(now + z * se * scale, 6))
+        if se is None:  # no error known: the point estimate decides, and the report says so
+            verdict = "passed" if margin >= 0 else "failed"
+        else:
+            verdict = "passed" if margin - z * se >= 0 else "failed" if margin + z * se < 0 else "inconclusive"
+        changes.append({"id": v["id"], "check": name, "previous": previous_value, "now": now, "limit": round(limit, 6),
+                        "bound": bound, "se": None if se is None else se * scale, "verdict": verdict,
+                        "message": message + (f"; {z:g}-SE bounds {bound[0]:.4f}–{bound[1]:.4f}" if bound else
+                                              "; its error is unknown")})
+
     for v in current["variants"]:
         if v.get("is_base") or v.get("reference"):  # a reference (RTN) is compared with, never gated
             continue
         old = before.get(v["id"])
         if old and old.get("kld_mean") is not None and v.get("kld_mean") is not None:
-            noise = 2 * math.hypot(old.get("kld_mean_err") or 0.0, v.get("kld_mean_err") or 0.0)
-            limit = old["kld_mean"] * (1 + thresholds.max_kld_increase) + noise
-            change = {"id": v["id"], "check": "kld_mean", "previous": old["kld_mean"], "now": v["kld_mean"],
-                      "delta": v["kld_mean"] - old["kld_mean"], "limit": round(limit, 6)}
-            changes.append(change)
-            if v["kld_mean"] > limit:
-                findings.append(change | {"message": f"mean KLD {old['kld_mean']:.5f} → {v['kld_mean']:.5f} "
-                                          f"(+{100 * (v['kld_mean'] / old['kld_mean'] - 1):.1f}%, limit {limit:.5f})"})
+            limit = old["kld_mean"] * (1 + thresholds.max_kld_increase)
+            # lower is better: the margin is the room left under the limit
+            se = math.hypot(old.get("kld_mean_err") or 0.0, v.get("kld_mean_err") or 0.0) or None
+            check(v, "kld_mean", v["kld_mean"], limit, limit - v["kld_mean"], se, -1.0, old["kld_mean"],
+                  f"mean KLD {old['kld_mean']:.5f} → {v['kld_mean']:.5f} "
+                  f"({100 * (v['kld_mean'] / old['kld_mean'] - 1):+.1f}%, limit {limit:.5f})")
         for task, now in v.get("tasks", {}).items():
-            check = (current.get("task_checks") or {}).get(task, {})
-            if not check.get("discriminates", True):
+            verdict = (current.get("task_checks") or {}).get(task, {})
+            if not verdict.get("discriminates", True):
                 # A task that separates no variants (base at the ceiling, all within their error) cannot show
                 # a regression either: one item of 16 is not evidence (the report names the task).
                 changes.append({"id": v["id"], "check": f"task:{task}", "previous": None, "now": now,
-                                "skipped": check.get("why")})
+                                "skipped": verdict.get("why"), "verdict": "skipped"})
                 continue
             prev = (old or {}).get("tasks", {}).get(task)
-            if prev is not None:
-                limit = prev - thresholds.max_task_drop
-                change = {"id": v["id"], "check": f"task:{task}", "previous": prev, "now": now, "delta": now - prev,
-                          "limit": round(limit, 6)}
-                changes.append(change)
-                if now < limit:
-                    findings.append(change | {"message": f"{task} {prev:.4f} → {now:.4f} (limit {limit:.4f})"})
+            if prev is not None and metrics_before.get(task) != metrics_now.get(task):
+                changes.append({"id": v["id"], "check": f"task:{task}", "previous": prev, "now": now,
+                                "verdict": "skipped", "skipped": "the last release scored this task with another "
+                                "metric: the two numbers are not comparable"})
+            elif prev is not None:
+                drop = thresholds.max_task_drop
+                pair = _paired(v, old, task)
+                se = (_diff_se(*pair) if pair else
+                      _hypot(task_se(now, v.get("tasks_n", {}).get(task)), task_se(prev, old.get("tasks_n", {}).get(task))))
+                check(v, f"task:{task}", now, prev - drop, now - prev + drop, se, 1.0, prev,
+                      f"{task} {prev:.4f} → {now:.4f} (limit {prev - drop:.4f})")
             floor = floors.get(v["format"])
             ratio = v.get("recovery", {}).get(task)
-            if floor is not None and ratio is not None and ratio < floor:
-                findings.append({"id": v["id"], "check": f"recovery:{task}", "previous": None, "now": ratio,
-                                 "delta": ratio - floor, "limit": floor,
-                                 "message": f"{task} recovery {ratio:.3f} of the base score, under {floor:g}"})
-    return {"previous_run": previous_run, "failed": bool(findings), "findings": findings, "changes": changes}
+            base = by_id.get(v.get("recovery_base") or "") or _recovery_base(current, v, task)
+            if floor is None or ratio is None or base is None:
+                continue
+            b = base["tasks"][task]
+            pair = _paired(v, base, task)
+            if pair:  # the per-item differences v_i - floor * b_i: their mean is >= 0 exactly when ratio >= floor
+                se = _diff_se(pair[0], [floor * x for x in pair[1]])
+            else:
+                se = _hypot(task_se(now, v.get("tasks_n", {}).get(task)),
+                            None if (e := task_se(b, base.get("tasks_n", {}).get(task))) is None else floor * e)
+            check(v, f"recovery:{task}", ratio, floor, now - floor * b, se, 1 / b, None,
+                  f"{task} recovery {ratio:.3f} of the base score ({base['id']}), floor {floor:g}")
+    findings = [c for c in changes if c["verdict"] == "failed" or (strict and c["verdict"] == "inconclusive")]
+    return {"previous_run": previous_run, "failed": bool(findings), "findings": findings,
+            "inconclusive": [c for c in changes if c["verdict"] == "inconclusive"], "changes": changes,
+            "sigmas": z, "strict": strict}
+
+
+def _recovery_base(report: dict, v: dict, task: str) -> dict | None:
+    """The row a variant's recovery is measured against (quantkit.publish.report: the HF base for torch formats
+    when it has task scores, else the first row)."""
+    rows = report["variants"]
+    hf = next((r for r in rows if r["format"] == "hf" and r.get("tasks")), None)
+    ref = hf if v["format"] in ("gptq", "awq", "rtn") and hf else rows[0]
+    return ref if task in ref.get("tasks", {}) else None
+
+
+def _paired(a: dict, b: dict, task: str):
+    from quantkit.publish.report import paired_items
+
+    return paired_items(a, b, task)
+
+
+def _diff_se(a, b) -> float:
+    from quantkit.publish.report import paired_difference
+
+    return paired_difference(a, b)[1]
+
+
+def _hypot(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else math.hypot(a, b)
 
 
 def release_fingerprint(manifest: dict) -> str:
@@ -135,9 +198,18 @@ def _record_unchanged(folder: Path, *, manifest_path: Path, since: str) -> None:
     """Append this run to ``<store>/<recipe>/unchanged.jsonl`` (the published runs stay untouched)."""
     line = {"at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "unchanged_since": since,
             "manifest_sha256": hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()}
-    with exclusive(folder / ".publish.lock", "recording an unchanged run"), \
-            open(folder / UNCHANGED_LOG, "a", encoding="utf-8") as fh:
+    with _publish_lock(folder, "recording an unchanged run"), \
+            os.fdopen(open_fixed(folder / UNCHANGED_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a",
+                      encoding="utf-8") as fh:
         fh.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def _publish_lock(folder: Path, what: str):
+    """The recipe's publish lock, ``<store>/<recipe>/.publish.lock``. The folder is in the project, where a
+    pull request can add files: a symlink planted at the lock's name is refused, not truncated through."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.close(open_fixed(folder / ".publish.lock", os.O_WRONLY | os.O_CREAT))
+    return exclusive(folder / ".publish.lock", what)
 
 
 def latest_report(store: Path, recipe: str) -> tuple[str, dict] | None:
@@ -182,12 +254,19 @@ def run_id_for(manifest_path: Path, *, now: datetime | None = None) -> str:
 
 def collect_files(run_dir: Path, report_dir: Path) -> dict[str, Path]:
     """``{path in the published folder: source}``: the run folder's files, then the rendered report
-    (README.md, report.*, plot.png, Modelfiles) at the top level. Hidden files are skipped."""
+    (README.md, report.*, plot.png, Modelfiles) at the top level. Hidden files are skipped. A symlink
+    anywhere in either folder is refused: publishing hard-links or copies what it finds, and a link
+    (committed in a pull request under runs/) would publish the file it points at."""
     run_dir, report_dir = Path(run_dir), Path(report_dir)
     files: dict[str, Path] = {}
     for folder in (run_dir, report_dir):
+        if folder.is_symlink():
+            raise PublishError(f"{folder} is a symlink; nothing is published through one")
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(folder)
+            if p.is_symlink():
+                raise PublishError(f"{p} is a symlink; nothing is published through one (remove it from the "
+                                   "run folder: quantkit writes no links there)")
             if p.is_file() and not any(part.startswith(".") for part in rel.parts) and \
                     not (folder == run_dir and p.is_relative_to(report_dir)):
                 files[rel.as_posix()] = p
@@ -198,9 +277,12 @@ def _place(src: Path, dest: Path) -> None:
     """A file into the staged folder: a hard link (GGUFs are big) or, across filesystems, a copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dest)
+        os.link(src, dest, follow_symlinks=False)
     except OSError:
-        shutil.copy2(src, dest)
+        shutil.copy2(src, dest, follow_symlinks=False)
+    if dest.is_symlink():  # src became a link after collect_files looked: the link is not published either
+        dest.unlink()
+        raise PublishError(f"{src} is a symlink; nothing is published through one")
 
 
 def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, run_id: str,
@@ -212,7 +294,7 @@ def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, 
     """
     folder = inside(store, recipe)
     final = inside(folder, run_id)
-    with exclusive(folder / ".publish.lock", f"publishing {recipe}"):
+    with _publish_lock(folder, f"publishing {recipe}"):
         if final.exists():
             raise PublishError(f"{final} is already published; a published run is never overwritten "
                                "(a new run gets a new run id)")
@@ -456,11 +538,10 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     have the sizes of the run folder's (damaged since, and rebuilt) is not "unchanged": the run is
     published again.
     """
-
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
     check_chat_templates(run_dir=run_dir, manifest=manifest, chat_template=chat_template)
-    store = Path(root) / settings.dir
+    store = inside(Path(root), *project_parts(settings.dir))  # a symlinked artifacts/ leading out is refused
     th = settings.thresholds
     prev = latest_report(store, recipe)
     origin = base_origin(manifest, root=Path(root))
