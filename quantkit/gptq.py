@@ -29,7 +29,7 @@ from quantkit.calibration import CalibrationText
 from quantkit.errors import QuantkitError, VerificationError
 from quantkit.recipe import GPTQVariant
 from quantkit.samples import choose_windows, samples_digest
-from quantkit.source import ModelSnapshot
+from quantkit.source import ModelSnapshot, remote_code_allowed
 from quantkit.store import Entry, Staging, Store
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
                 if (windows is None) != qconfig.uses_weight_only_lifecycle():  # the key would misname the inputs
                     raise QuantizerError(f"{step} {label}: {type(qconfig).__name__} "
                                          + ("needs calibration text" if windows is None else "reads no calibration"))
-                qmodel = gm.GPTQModel.load(str(model.path), qconfig, device=dev)
+                qmodel = gm.GPTQModel.load(str(model.path), qconfig, device=dev,
+                                           trust_remote_code=remote_code_allowed(model.trust_remote_code))
                 backend = getattr(gm.BACKEND, cpu_kernel) if cpu_kernel and dev == "cpu" else gm.BACKEND.AUTO
                 qmodel.quantize(None if windows is None else [{"input_ids": w, "attention_mask": [1] * len(w)}
                                                               for w in windows],
@@ -190,7 +191,7 @@ def _calibration_windows(model: ModelSnapshot, spec, calibration: CalibrationTex
     import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=remote_code_allowed(model.trust_remote_code))
     ids = tokenizer(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
     offsets, windows = choose_windows(ids, samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
     torch.manual_seed(spec.seed)

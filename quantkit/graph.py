@@ -410,7 +410,8 @@ def _score_hf(ctx, node, deps):
     return stored_json(ctx.store, "score-hf", _score_hf_inputs(ctx, node, deps), "score",
                        lambda staging: score_hf(model_dir=model_dir, text_file=_text(ctx)[0],
                                                 spec=ctx.recipe.evaluation, base_model_dir=base,
-                                                device=torch_device()).to_dict())
+                                                device=torch_device(),
+                                                trust_remote_code=ctx.recipe.model.trust_remote_code).to_dict())
 
 
 def _tasks_hf(ctx, node, deps):
@@ -437,7 +438,8 @@ def _bench_hf(ctx, node, deps):
     model_dir, _ = _model_dir_and_identity(node, deps)
     entry = stored_json(ctx.store, "bench-hf", _bench_hf_inputs(ctx, node, deps), "speed",
                         lambda staging: bench_hf(model_dir=model_dir, gen_tokens=spec.bench_gen_tokens,
-                                                 reps=spec.bench_reps, device=torch_device()))
+                                                 reps=spec.bench_reps, device=torch_device(),
+                                                 trust_remote_code=ctx.recipe.model.trust_remote_code))
     log.info("bench %s: %s (tg %.1f t/s in transformers)", node.label, "reused" if entry.reused else "measured",
              entry.info["speed"]["tg_tokens_per_s"])
     return entry

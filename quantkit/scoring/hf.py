@@ -25,6 +25,7 @@ from pathlib import Path
 
 from quantkit.errors import VerificationError
 from quantkit.recipe import Evaluation
+from quantkit.source import remote_code_allowed
 from quantkit.scoring.windows import Score, max_chunks, percentile, ppl_and_err, read_eval_text, scored_per_chunk
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,14 @@ BACKEND = "torch"
 PROGRESS_SECONDS = 30.0
 
 
-def load_causal_lm(model_dir: Path, *, device: str = "cpu"):
+def load_causal_lm(model_dir: Path, *, device: str = "cpu", trust_remote_code: bool = False):
     """Model and tokenizer of a checkpoint, in eval mode.
 
     The one place checkpoints are loaded for scoring: GPTQ/AWQ loading
     (gptqmodel) goes here. Plain checkpoints load in float32 on CPU (the
     reference must not be rounded further); on GPU in their saved dtype.
+    ``trust_remote_code``: the recipe's ``model.trust_remote_code``; passed on to transformers only
+    when this worker allows it too (``quantkit.source.remote_code_allowed``).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,9 +50,10 @@ def load_causal_lm(model_dir: Path, *, device: str = "cpu"):
         from quantkit.gptq import import_gptqmodel
 
         import_gptqmodel()  # through quantkit, so that GPTQModel's import leaves the HF cache settings alone
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    remote = remote_code_allowed(trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
     dtype = torch.float32 if device == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=remote).to(device)
     model.eval()
     return model, tokenizer
 
@@ -86,13 +90,14 @@ def _scored_log_probs(model, window, first: int):
 
 
 def score_hf(*, model_dir: Path, text_file: Path, spec: Evaluation, base_model_dir: Path | None = None,
-             device: str = "cpu") -> Score:
+             device: str = "cpu", trust_remote_code: bool = False) -> Score:
     """PPL of a HF checkpoint on llama-perplexity's windows, and KLD against ``base_model_dir`` if given."""
     import torch
 
     start = time.perf_counter()
-    model, tokenizer = load_causal_lm(model_dir, device=device)
-    base = load_causal_lm(base_model_dir, device=device)[0] if base_model_dir is not None else None
+    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
+    base = (load_causal_lm(base_model_dir, device=device, trust_remote_code=trust_remote_code)[0]
+            if base_model_dir is not None else None)
     windows = eval_windows(tokenizer, read_eval_text(text_file), spec)
     n_chunks, ctx = windows.shape
     first = ctx // 2
@@ -140,12 +145,13 @@ def score_hf(*, model_dir: Path, text_file: Path, spec: Evaluation, base_model_d
                  printed=printed)
 
 
-def bench_hf(*, model_dir: Path, gen_tokens: int = 32, reps: int = 1, device: str = "cpu") -> dict:
+def bench_hf(*, model_dir: Path, gen_tokens: int = 32, reps: int = 1, device: str = "cpu",
+             trust_remote_code: bool = False) -> dict:
     """Greedy generation tokens/s of a checkpoint in transformers (the kernel GPTQModel picks on this
     machine: its torch kernels on CPU). Prompt processing is not measured here."""
     import torch
 
-    model, tokenizer = load_causal_lm(model_dir, device=device)
+    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
     prompt = tokenizer("The quick brown fox", return_tensors="pt").to(device)
     rates = []
     with torch.inference_mode():
