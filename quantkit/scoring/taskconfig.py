@@ -78,15 +78,16 @@ class _Checker:
 
     def text(self, path: tuple, value: Any, *, template: bool) -> str | None:
         if not isinstance(value, str):
-            self.bad(path, f"must be a string, not {type(value).__name__}", TEMPLATE_FIX if template else "quote it")
+            self.bad(path, f"the value must be a string, not {type(value).__name__}",
+                     TEMPLATE_FIX if template else "quote it")
             return None
         if len(value) > TEMPLATE_MAX:
-            self.bad(path, f"is {len(value)} characters, over the {TEMPLATE_MAX} limit", "shorten it")
+            self.bad(path, f"the value is {len(value)} characters, over the {TEMPLATE_MAX} limit", "shorten it")
             return None
         if not (TEMPLATE_RE if template else PLAIN_RE).fullmatch(value):
-            what = ("is not plain text with {{field}} references: Jinja expressions, calls, filters, "
-                    "{% %} blocks and control characters are refused (lm-eval renders them unsandboxed)"
-                    if template else "may not contain '{', '}' or control characters")
+            what = ("only plain text around {{field}} references is allowed: no Jinja expression, call, filter, "
+                    "{% %} block or control character (lm-eval renders templates unsandboxed)"
+                    if template else "the value may not contain '{', '}' or control characters")
             self.bad(path, what, TEMPLATE_FIX if template else "write plain text")
             return None
         names = re.findall(rf"\{{\{{ ?({FIELD}) ?\}}\}}", value) if template else []
@@ -155,10 +156,12 @@ def check_task_config(data: Any, lines: dict, *, file: str, name: str, folder: P
             elif (ok := c.data_file(where, rel)) is not None:
                 files[split] = ok
     out["dataset_kwargs"] = {"data_files": files}
+    named = set(kwargs["data_files"]) if isinstance(kwargs, dict) and isinstance(kwargs.get("data_files"), dict) \
+        else set()
     for key in SPLIT_KEYS:
         if key in data:
-            if data[key] not in files:
-                c.bad((key,), f"{key} {data[key]!r} is not a split of data_files ({', '.join(files) or 'none'})",
+            if data[key] not in named:
+                c.bad((key,), f"{key} {data[key]!r} is not a split of data_files ({', '.join(named) or 'none'})",
                       "name a key of dataset_kwargs.data_files")
             out[key] = data[key]
     if not any(k in data for k in SPLIT_KEYS):
