@@ -888,7 +888,7 @@ def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Pro
     from quantkit.recipefiles import pointed_problems  # symlinks, local tasks that are not data
 
     out = pointed_problems(recipe, root, file, lines)
-    linked = bool(out)  # then nothing below reads a file (it could be read through a link)
+    linked = any(p.file == file for p in out)  # a link: then nothing below reads a file (it could follow it)
     for loc, rel in wanted:
         p = root / rel
         if not p.is_file():
