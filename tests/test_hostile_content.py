@@ -9,7 +9,6 @@ secret appears in no file under the project (runs/, artifacts/ included) or the 
 from __future__ import annotations
 
 import os
-import textwrap
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -177,7 +176,8 @@ TASK_CASES = [
      "'process_results' is not allowed"),
     ("metric from the Hub", _with(TASK, "  - metric: acc\n", "  - metric: evil-metric\n"), "evil-metric",
      "metric_list[0]", "is not a built-in multiple-choice metric"),
-    ("hf_evaluate metric", _with(TASK, "    higher_is_better: true\n", "    higher_is_better: true\n    hf_evaluate: true\n"),
+    ("hf_evaluate metric",
+     _with(TASK, "    higher_is_better: true\n", "    higher_is_better: true\n    hf_evaluate: true\n"),
      "hf_evaluate", "metric_list[0].hf_evaluate", "'hf_evaluate' is not allowed in a metric"),
     ("dataset script", _with(TASK, "dataset_path: json", "dataset_path: evil/dataset-with-a-script"),
      "dataset_path", "dataset_path", "another loader could run a dataset script"),
@@ -370,7 +370,8 @@ def test_steps_refuse_links_without_validation(world):
         load_calibration(Calibration(files=["calibration/calib.txt"]), root=world.root)
 
     _link(world.root / "calibration" / "eval", world.outside)
-    ctx = SimpleNamespace(root=world.root, recipe=SimpleNamespace(evaluation=SimpleNamespace(file="calibration/eval/heldout.txt")))
+    evaluation = SimpleNamespace(file="calibration/eval/heldout.txt")
+    ctx = SimpleNamespace(root=world.root, recipe=SimpleNamespace(evaluation=evaluation))
     with pytest.raises(SymlinkError, match="calibration/eval"):
         _text(ctx)
 
