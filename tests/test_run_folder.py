@@ -71,7 +71,8 @@ def test_a_damaged_store_file_is_never_linked(tmp_path):
 def _manifest(entry, file="m-Q4_K_M.gguf"):
     return {"variants": [{"format": "gguf", "label": "Q4_K_M", "file": file, "step": entry.step, "key": entry.key,
                           "files": {n: {"sha256": r.sha256, "size": r.size} for n, r in entry.files.items()}},
-                         {"format": "hf", "label": "BF16", "file": "models/x", "files": {"w": {"sha256": "0", "size": 1}}},
+                         {"format": "hf", "label": "BF16", "file": "models/x",
+                          "files": {"w": {"sha256": "0", "size": 1}}},
                          {"format": "rtn", "label": "RTN", "file": None, "files": {}}]}
 
 

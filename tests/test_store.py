@@ -97,13 +97,19 @@ def test_second_process_waits_and_reuses(tmp_path, caplog):
 # --- a damaged entry is never served (#23) ------------------------------------------------------------
 
 def test_data_files_are_on_disk_before_the_entry_is_renamed_into_place(tmp_path, monkeypatch):
-    import quantkit.store as store_module
-
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(store_module.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                               real_fsync(fd))[1])
-    monkeypatch.setattr(store_module.os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b))[1])
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dest):
+        events.append(("rename", str(dest)))
+        real_replace(src, dest)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
 
     def nested(staging):
         _write(staging)
