@@ -544,6 +544,10 @@ class PublishThresholds(Section):
     min_recovery_gguf: float | None = Field(None, ge=0, le=1, description="same for GGUF variants; off by default")
     recommend_max_kld: float = Field(0.05, gt=0, le=10, description="the report recommends the smallest variant "
                                      "whose mean KLD is under this")
+    gate_sigmas: float = Field(3.0, ge=1, le=10, description="standard errors each gate check's bounds lie from "
+                               "its estimate (3: one-sided 99.87 % under a normal error); a check fails only when "
+                               "its optimistic bound misses the limit")
+    strict: bool = Field(False, description="inconclusive checks (bounds straddling the limit) block publishing too")
 
 
 HUB_FORMATS = ("gguf", "gptq", "awq")

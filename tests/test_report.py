@@ -360,3 +360,85 @@ def test_publish_section_is_strict():
     with pytest.raises(pydantic.ValidationError, match="extra"):
         Publish.model_validate({"thresholds": {"max_kld_incrase": 0.1}})
     assert re.match(r"\d{8}T\d{6}Z-[0-9a-f]{8}$", pub.run_id_for(Path(__file__)))
+
+
+def _items(right: int, n: int = 371, *, flip_down: int = 0, flip_up: int = 0) -> list[int]:
+    """``right`` items correct, then ``flip_down`` of those wrong and ``flip_up`` of the wrong ones right: a
+    variant that mostly agrees with the base item by item, as a quantized model does."""
+    out = [1] * right + [0] * (n - right)
+    for i in range(flip_down):
+        out[i] = 0
+    for i in range(flip_up):
+        out[right + i] = 1
+    return out
+
+
+def _task(items: list[int], backend: str, **extra) -> dict:
+    """quantkit.scoring.tasks' summary of one task on one variant (acc_token_norm, the metric all backends share)."""
+    return {"acc_token_norm": sum(items) / len(items), "n": len(items), "chance": 0.25, "p_value": 1e-9,
+            "metric": "acc_token_norm", "backend": backend, "correct": items, "items_sha256": "5e" * 32,
+            "per_item": {"acc_token_norm": items}} | extra
+
+
+def gated_manifest(gptq_items: list[int]) -> dict:
+    """The demo's shape: the base scores 0.752 on 371 items of finish-the-sentence, every format on one metric."""
+    m = make_manifest()
+    base = _items(279)
+    for v in m["variants"]:
+        v["scores"].pop("tasks", None)
+        if v["format"] == "hf":
+            # lm-eval's acc of the same items is lower (summed log-likelihood): it must not share the column
+            v["scores"]["tasks"] = {"fts": _task(base, "lm-eval-hf", acc=0.70, acc_norm=0.71)}
+        elif v["format"] == "gptq":
+            v["scores"]["tasks"] = {"fts": _task(gptq_items, "lm-eval-hf", acc=0.65, acc_norm=0.66)}
+        elif v["label"] in ("F16", "Q2_K"):
+            v["scores"]["tasks"] = {"fts": _task(_items(279, flip_down=3, flip_up=2) if v["label"] == "F16"
+                                                 else _items(279, flip_down=30, flip_up=12), "llama-perplexity")}
+    return m
+
+
+def test_gate_fails_only_outside_the_error_and_shows_its_bounds():
+    th = PublishThresholds()
+    # a real regression: GPTQ loses 100 of the base's 279 items (recovery 0.67, many standard errors under 0.94)
+    bad = pub.regression_gate(build_report(gated_manifest(_items(279, flip_down=100))), None, thresholds=th)
+    assert bad["failed"] and [(f["id"], f["check"], f["verdict"]) for f in bad["findings"]] == [
+        ("gptq:GPTQ-4bit-g128", "recovery:fts", "failed")]
+    assert bad["findings"][0]["bound"][1] < 0.94
+
+    # the issue's case: 0.7062 against 0.7520 (recovery 0.939), a fraction of a standard error under 0.94
+    close = build_report(gated_manifest(_items(279, flip_down=35, flip_up=18)))
+    gate = pub.regression_gate(close, None, thresholds=th)
+    [check] = [c for c in gate["changes"] if c["id"].startswith("gptq:")]
+    assert round(check["now"], 3) == 0.939 and check["verdict"] == "inconclusive"
+    lo, hi = check["bound"]
+    assert lo < 0.94 < hi and hi - lo < 0.2  # paired: the error of the per-item differences, not two binomials
+    assert not gate["failed"] and gate["inconclusive"] == [check]
+    strict = pub.regression_gate(close, None, thresholds=th.model_copy(update={"strict": True}))
+    assert strict["failed"] and strict["findings"] == [check]
+
+    md = render_markdown(close | {"regression": gate})
+    assert "**passed, with inconclusive checks**" in md
+    assert f"| gptq:GPTQ-4bit-g128 | recovery:fts | – | {check['now']:.5f} | 0.94 | {lo:.5f}–{hi:.5f} | inconclusive |" in md
+
+
+def test_a_task_column_holds_one_metric_for_every_format():
+    report = build_report(gated_manifest(_items(279, flip_down=35, flip_up=18)))
+    assert report["task_metrics"] == {"fts": {"task": "fts", "metric": "acc_token_norm"}}
+    rows = {r["id"]: r for r in report["variants"]}
+    # lm-eval's acc (0.70) never lands in the column beside llama.cpp's acc_token_norm
+    assert rows["hf:BF16"]["tasks"]["fts"] == pytest.approx(279 / 371)
+    assert rows["gguf:F16"]["tasks"]["fts"] == pytest.approx(278 / 371)
+    # F16 and the HF base: paired over the same items, the 5 items that differ are within the error
+    bases = report["task_checks"]["fts"]["bases"]
+    assert bases["paired"] and bases["agree"] and bases["difference"] == pytest.approx(-1 / 371)
+    assert "gguf:F16 − hf:BF16 (the same weights in two backends): -0.0027 ± 0.0060 (paired): they agree" in \
+        render_markdown(report)
+    assert "| fts (acc_token_norm) |" in render_markdown(report).replace(" | pp t/s", " |")
+    # a variant without the shared metric gets a column of its own instead of sharing one
+    m = gated_manifest(_items(279))
+    for v in m["variants"]:
+        if v["format"] == "gptq":
+            v["scores"]["tasks"] = {"fts": {"acc": 0.65, "n": 371, "metric": "acc", "backend": "lm-eval-hf"}}
+    split = build_report(m)
+    assert split["task_metrics"] == {"fts [acc]": {"task": "fts", "metric": "acc"},
+                                     "fts [acc_token_norm]": {"task": "fts", "metric": "acc_token_norm"}}

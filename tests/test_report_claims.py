@@ -19,7 +19,7 @@ def with_task(manifest: dict, scores: dict[str, float], n: int, task: str = "whi
     for v in manifest["variants"]:
         v["scores"].pop("tasks", None)
         if v["format"] == "gguf" and v["label"] in scores:
-            v["scores"]["tasks"] = {task: {"acc": scores[v["label"]], "acc_norm": None, "n": n, "metric": "acc",
+            v["scores"]["tasks"] = {task: {"acc_token_norm": scores[v["label"]], "n": n, "metric": "acc_token_norm",
                                            "backend": "llama-perplexity"}}
     return manifest
 
@@ -32,9 +32,9 @@ def test_a_task_every_variant_aces_recommends_nothing():
     assert not any("task" in rec["why"] for rec in report["recommended"])
     assert all(r["task_mean"] is None for r in report["variants"])
     md = render_markdown(report)
-    assert "- `which-word-fits`, 16 items: **does not discriminate**: every variant scores 1.0000" in md
+    assert "- `which-word-fits (acc_token_norm)`, 16 items: **does not discriminate**: every variant scores 1.0000" in md
     assert "- no recommendation from task scores: no task separates the variants (see Tasks)" in md
-    assert "which-word-fits †" in md.split("## Variants", 1)[1].splitlines()[2]
+    assert "which-word-fits (acc_token_norm) †" in md.split("## Variants", 1)[1].splitlines()[2]
     assert table_rows(md)["gguf:Q2_K"][""] == ""  # not starred
 
 
@@ -61,10 +61,10 @@ def test_a_discriminating_task_shows_ties_and_recommends_among_the_tied():
     report = build_report(with_task(make_manifest(), scores, 400), config=CONFIG)
     assert report["task_checks"]["which-word-fits"]["discriminates"] is True
     rows = table_rows(render_markdown(report))
-    assert rows["gguf:Q4_K_M"]["which-word-fits"] == "0.7750 (tie)"  # 0.025 below the base, within 0.02·√2
-    assert rows["gguf:IQ4_XS"]["which-word-fits"] == "0.7500"  # 0.05 below: outside it
-    assert rows["gguf:Q3_K_M"]["which-word-fits"] == "0.6800"  # 0.12 below: a real loss
-    assert rows["gguf:Q2_K"]["which-word-fits"] == "0.5200"
+    assert rows["gguf:Q4_K_M"]["which-word-fits (acc_token_norm)"] == "0.7750 (tie)"  # 0.025 below the base, within 0.02·√2
+    assert rows["gguf:IQ4_XS"]["which-word-fits (acc_token_norm)"] == "0.7500"  # 0.05 below: outside it
+    assert rows["gguf:Q3_K_M"]["which-word-fits (acc_token_norm)"] == "0.6800"  # 0.12 below: a real loss
+    assert rows["gguf:Q2_K"]["which-word-fits (acc_token_norm)"] == "0.5200"
     why = {rec["id"]: rec["why"] for rec in report["recommended"] if "task" in rec["why"]}
     # Q8_0 scores highest; Q6_K, Q5_K_M and Q4_K_M are within the error of it: the smallest of them wins.
     assert list(why) == ["gguf:Q4_K_M"]
@@ -118,7 +118,7 @@ def test_ties_are_judged_item_by_item_when_both_saw_the_same_items():
     for v in manifest["variants"]:
         if v["label"] in per_item:
             v["scores"]["tasks"]["which-word-fits"]["correct"] = per_item[v["label"]]
-            assert sum(per_item[v["label"]]) / 200 == v["scores"]["tasks"]["which-word-fits"]["acc"]
+            assert sum(per_item[v["label"]]) / 200 == v["scores"]["tasks"]["which-word-fits"]["acc_token_norm"]
     rows = {r["id"]: r for r in build_report(manifest, config=CONFIG)["variants"]}
     assert rows["gguf:Q8_0"]["task_ties"]["which-word-fits"] is False
     assert rows["gguf:Q4_K_M"]["task_ties"]["which-word-fits"] is True

@@ -91,19 +91,18 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
     floors = {"gptq": thresholds.min_recovery_gptq, "awq": thresholds.min_recovery_awq,
               "gguf": thresholds.min_recovery_gguf}
     metrics_now, metrics_before = current.get("task_metrics") or {}, (previous or {}).get("task_metrics") or {}
-    by_id = {v["id"]: v for v in current["variants"]}
 
     def check(v: dict, name: str, now: float, limit: float, margin: float, se: float | None, scale: float,
               previous_value: float | None, message: str) -> None:
         """``margin``: how far the estimate is above its limit in the measured unit; ``scale`` turns it into the
         unit of ``now`` and ``limit`` (a recovery ratio divides by the base score)."""
-        bound = None if se is None else (round(now - z * se * scale, 6), round(now + z * se * scale, 6))
+        bound = None if se is None else tuple(sorted((round(now - z * se * scale, 6), round(now + z * se * scale, 6))))
         if se is None:  # no error known: the point estimate decides, and the report says so
             verdict = "passed" if margin >= 0 else "failed"
         else:
             verdict = "passed" if margin - z * se >= 0 else "failed" if margin + z * se < 0 else "inconclusive"
         changes.append({"id": v["id"], "check": name, "previous": previous_value, "now": now, "limit": round(limit, 6),
-                        "bound": bound, "se": None if se is None else se * scale, "verdict": verdict,
+                        "bound": bound, "se": None if se is None else se * abs(scale), "verdict": verdict,
                         "message": message + (f"; {z:g}-SE bounds {bound[0]:.4f}–{bound[1]:.4f}" if bound else
                                               "; its error is unknown")})
 
@@ -140,7 +139,7 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
                       f"{task} {prev:.4f} → {now:.4f} (limit {prev - drop:.4f})")
             floor = floors.get(v["format"])
             ratio = v.get("recovery", {}).get(task)
-            base = by_id.get(v.get("recovery_base") or "") or _recovery_base(current, v, task)
+            base = _recovery_base(current, v, task)
             if floor is None or ratio is None or base is None:
                 continue
             b = base["tasks"][task]

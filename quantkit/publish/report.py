@@ -55,18 +55,58 @@ def _num(d: dict | None, *keys: str) -> float | None:
     return None
 
 
-def _task_value(score) -> float | None:
-    """A task score: a number, or quantkit.scoring.tasks' summary dict, whose ``metric`` names the value that counts
-    (the one both backends compute)."""
-    if isinstance(score, dict):
-        score = score.get(score.get("metric", "acc"))
-    return float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
+# A task's column shows one metric for every row: the first of these that every row has (llama-perplexity
+# computes only acc_token_norm, so a run with GGUF variants reports that one).
+METRIC_PREFERENCE = ("acc_token_norm", "acc_norm", "acc")
+BARE_SCORE = "score"  # a task score given as a bare number: its metric is not known
 
 
-def _task_n(score) -> int | None:
-    """Items behind a task score (quantkit.scoring.tasks' summary has ``n``); None for a bare number."""
-    n = score.get("n") if isinstance(score, dict) else None
-    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+def _task_raw(score) -> dict | None:
+    """A task score as ``{"values": {metric: value}, "items": {metric: per-item 0/1}, "n", "items_sha256"}``,
+    from quantkit.scoring.tasks' summary dict or a bare number; None when it holds no number."""
+    if not isinstance(score, dict):
+        value = _num({"v": score}, "v")
+        return None if value is None else {"values": {BARE_SCORE: value}, "items": {}, "n": None,
+                                           "items_sha256": None}
+    values = {m: v for m in (*METRIC_PREFERENCE, score.get("metric") or "acc") if (v := _num(score, m)) is not None}
+    items = dict(score.get("per_item") or {})
+    if isinstance(score.get("correct"), list) and score.get("metric"):
+        items.setdefault(score["metric"], score["correct"])
+    n = score.get("n")
+    return {"values": values, "items": {m: tuple(v) for m, v in items.items() if isinstance(v, (list, tuple))},
+            "n": int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None,
+            "items_sha256": score.get("items_sha256")} if values else None
+
+
+def _task_columns(rows: list[dict]) -> dict[str, dict]:
+    """One column per (task, metric), named by the task alone when every row has its metric: each row's
+    ``tasks``, ``tasks_n`` and ``tasks_items`` keyed by column; returns ``{column: {"task", "metric"}}``."""
+    columns: dict[str, dict] = {}
+    for task in sorted({t for r in rows for t in r["task_raw"]}):
+        have = [set(r["task_raw"][task]["values"]) for r in rows if task in r["task_raw"]]
+        common = set.intersection(*have)
+        pick = next((m for m in METRIC_PREFERENCE if m in common), min(common) if common else None)
+        for r in rows:
+            raw = r["task_raw"].get(task)
+            if raw is None:
+                continue
+            metric = pick or next(m for m in (*METRIC_PREFERENCE, *sorted(raw["values"])) if m in raw["values"])
+            col = task if pick else f"{task} [{metric}]"
+            columns[col] = {"task": task, "metric": metric}
+            r["tasks"][col] = raw["values"][metric]
+            if raw["n"]:
+                r["tasks_n"][col] = raw["n"]
+            if metric in raw["items"]:
+                r["tasks_items"][col] = (raw["items_sha256"], metric, raw["items"][metric])
+    for r in rows:
+        del r["task_raw"]
+    return dict(sorted(columns.items()))
+
+
+def task_header(report: dict, column: str) -> str:
+    """A task column's heading: the task and the metric its numbers are."""
+    meta = (report.get("task_metrics") or {}).get(column)
+    return f"{meta['task']} ({meta['metric']})" if meta and meta["metric"] != BARE_SCORE else column
 
 
 def _variant_row(v: dict, resolved: dict) -> dict:
@@ -83,13 +123,9 @@ def _variant_row(v: dict, resolved: dict) -> dict:
         "ppl": _num(scores, "ppl"), "ppl_err": _num(scores, "ppl_err"),
         "kld_mean": _num(scores, "kld_mean"), "kld_mean_err": _num(scores, "kld_mean_err"),
         "kld_p99": _num(scores, "kld_p99"), "same_top_pct": _num(scores, "same_top_pct"),
-        "tasks": {k: v for k, v in ((k, _task_value(s)) for k, s in (scores.get("tasks") or {}).items())
-                  if v is not None},
-        "tasks_n": {k: n for k, n in ((k, _task_n(s)) for k, s in (scores.get("tasks") or {}).items())
-                    if n is not None},
-        "tasks_items": {k: (s.get("backend"), s.get("metric"), tuple(s["correct"]))
-                        for k, s in (scores.get("tasks") or {}).items()
-                        if isinstance(s, dict) and isinstance(s.get("correct"), list)},
+        "task_raw": {k: raw for k, raw in ((k, _task_raw(s)) for k, s in (scores.get("tasks") or {}).items())
+                     if raw is not None},
+        "tasks": {}, "tasks_n": {}, "tasks_items": {},  # by column: filled by _task_columns
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
         "mix": _mix_row((v.get("info") or {}).get("mix")),
@@ -161,6 +197,7 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
     rows = [_variant_row(v, manifest["recipe"].get("resolved") or {}) for v in manifest["variants"]]
     if not rows:
         raise ReportSchemaError("the manifest lists no variants")
+    task_metrics = _task_columns(rows)
     base = rows[0]
     base["is_base"] = True
     hf_base = next((r for r in rows if r["format"] == "hf"), None)
@@ -188,6 +225,8 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
         ses = [r["tasks_se"].get(t) for t in mine]
         r["task_mean_se"] = (math.sqrt(sum(e * e for e in ses)) / len(ses)
                              if r["task_mean"] is not None and None not in ses else None)
+    for t, check in task_checks.items():
+        check["bases"] = _bases_agree(base, hf_base, t)
     quantized = [r for r in ranked if not r["is_base"]]
     frontier = pareto_frontier(quantized, "kld_mean")
     for r in rows:
@@ -202,11 +241,24 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
         r["serve"] = _serve(r, chat_template, ctx)
     hardware = hardware_fit(ranked, ModelShape.from_config(config)) if config else None
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "task_checks": task_checks,
+    return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "task_metrics": task_metrics,
+            "task_checks": task_checks,
             "caveats": caveats, "variants": rows, "pareto": frontier, "rtn_comparisons": against_rtn,
             "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
             "hardware": hardware, "regression": regression}
+
+
+def _bases_agree(base: dict, hf_base: dict | None, task: str) -> dict | None:
+    """The GGUF base against the HF checkpoint it was converted from, on one task column: the same weights, so
+    a difference beyond the error means the two backends do not measure the same thing."""
+    if hf_base is None or hf_base is base or task not in base["tasks"] or task not in hf_base["tasks"]:
+        return None
+    diff = base["tasks"][task] - hf_base["tasks"][task]
+    se = task_diff_se(base, hf_base, task)
+    return {"gguf": base["id"], "hf": hf_base["id"], "difference": diff, "se": se,
+            "paired": paired_items(base, hf_base, task) is not None,
+            "agree": None if se is None else abs(diff) <= 3 * se}
 
 
 def task_se(score: float, n: int | None) -> float | None:
@@ -220,12 +272,21 @@ def task_se(score: float, n: int | None) -> float | None:
 
 def task_diff_se(a: dict, b: dict, task: str) -> float | None:
     """Standard error of the difference of two rows' scores on ``task``: paired, item by item, when both were
-    scored on the same items by the same backend and metric (sd of the per-item differences / sqrt(n)); else
-    the two scores' errors combined as if independent."""
-    ia, ib = a.get("tasks_items", {}).get(task), b.get("tasks_items", {}).get(task)
-    if ia and ib and ia[:2] == ib[:2] and len(ia[2]) == len(ib[2]) > 1:
-        return paired_difference(ia[2], ib[2])[1]
+    scored on the same items with the same metric (sd of the per-item differences / sqrt(n)); else the two
+    scores' errors combined as if independent."""
+    pair = paired_items(a, b, task)
+    if pair:
+        return paired_difference(*pair)[1]
     return _combined(a["tasks_se"].get(task), b["tasks_se"].get(task))
+
+
+def paired_items(a: dict, b: dict, task: str) -> tuple[tuple, tuple] | None:
+    """Both rows' per-item results on ``task`` when they are the same items (same digest, or both unknown) with
+    the same metric; None otherwise. Backends do not matter: every backend computes a metric by one definition."""
+    ia, ib = (a.get("tasks_items") or {}).get(task), (b.get("tasks_items") or {}).get(task)
+    if ia and ib and list(ia[:2]) == list(ib[:2]) and len(ia[2]) == len(ib[2]) > 1:
+        return tuple(ia[2]), tuple(ib[2])
+    return None
 
 
 def paired_difference(a, b) -> tuple[float, float]:
@@ -448,7 +509,8 @@ def variants_table(report: dict) -> list[str]:
     tasks = report["tasks"]
     checks = report.get("task_checks") or {}
     head = ["", "format", "variant", "size GiB", "bpw", "PPL", "ΔPPL", "mean KLD", "KLD p99", "same top %",
-            *[t if checks.get(t, {}).get("discriminates", True) else f"{t} †" for t in tasks], "pp t/s", "tg t/s"]
+            *[task_header(report, t) + ("" if checks.get(t, {}).get("discriminates", True) else " †") for t in tasks],
+            "pp t/s", "tg t/s"]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in report["variants"]:
         dppl = _f(r["dppl"], "+.4f") + (" (tie)" if r.get("dppl_tie") else "")
@@ -508,11 +570,20 @@ def _tasks_md(report: dict) -> list[str]:
     if not checks:
         return []
     out = ["", "## Tasks", "", "A task counts towards a recommendation only when its scores separate the variants. "
-           "Standard errors are binomial over the task's items.", ""]
+           "Standard errors are binomial over the task's items. A column holds one metric, by one definition, for "
+           "every format: `acc_token_norm` picks the choice with the highest mean log-likelihood per token after "
+           "the tokens all choices share (llama.cpp's `--multiple-choice` rule, computed the same way from the "
+           "torch checkpoints); lm-eval's `acc` and `acc_norm` of the torch checkpoints are in the manifest.", ""]
     for task, c in checks.items():
         n = f", {c['n']} items" if c.get("n") else ""
         verdict = "discriminates" if c["discriminates"] else "**does not discriminate**"
-        out.append(f"- `{task}`{n}: {verdict}: {c['why']}")
+        out.append(f"- `{task_header(report, task)}`{n}: {verdict}: {c['why']}")
+        b = c.get("bases")
+        if b and b["se"] is not None:
+            out.append(f"  - {b['gguf']} − {b['hf']} (the same weights in two backends): {b['difference']:+.4f} ± "
+                       f"{b['se']:.4f}{' (paired)' if b['paired'] else ''}: "
+                       + ("they agree within 3 standard errors" if b["agree"] else
+                          "**they differ by more than 3 standard errors**: the backends do not measure alike"))
     return out
 
 
@@ -553,14 +624,24 @@ def _rtn_md(report: dict) -> list[str]:
 def _regression_md(reg: dict | None) -> list[str]:
     if not reg:
         return []
+    z = reg.get("sigmas")
+    state = ("FAILED, not published" if reg["failed"] else
+             "passed, with inconclusive checks" if reg.get("inconclusive") else "passed")
     out = ["", "## Regression check", "",
-           f"Compared with {reg.get('previous_run') or 'no earlier published run'}: "
-           f"**{'FAILED, not published' if reg['failed'] else 'passed'}**", ""]
-    if reg.get("findings"):
-        out += ["| variant | check | previous | now | limit |", "|---|---|---:|---:|---:|"]
-        for f in reg["findings"]:
+           f"Compared with {reg.get('previous_run') or 'no earlier published run'}: **{state}**", ""]
+    checks = [c for c in reg.get("changes") or reg.get("findings") or [] if c.get("verdict") != "skipped"]
+    if checks:
+        out += [f"Each check's bounds lie {z:g} standard errors (paired over the items where both sides scored the "
+                "same ones) either side of its estimate: it fails when both are on the wrong side of the limit, "
+                "and is inconclusive when they straddle it"
+                + (" (inconclusive blocks publishing: strict gating)." if reg.get("strict") else
+                   " (inconclusive does not block publishing unless the recipe sets strict)."), ""]
+        out += ["| variant | check | previous | now | limit | bounds | verdict |", "|---|---|---:|---:|---:|---|---|"]
+        for f in checks:
+            bound = f.get("bound")
             out.append(f"| {f['id']} | {f['check']} | {_f(f.get('previous'), '.5f')} | {_f(f['now'], '.5f')} | "
-                       f"{f['limit']} |")
+                       f"{f['limit']} | {f'{bound[0]:.5f}–{bound[1]:.5f}' if bound else 'error unknown'} | "
+                       f"{f.get('verdict', 'failed')} |")
     return out
 
 
@@ -628,7 +709,10 @@ def render_plot(report: dict, path: Path) -> None:
     quantized = [r for r in report["variants"] if not r["is_base"]]
     panels = [("kld_mean", "mean KL divergence vs base (log, lower is better)", True)]
     if any(r.get("task_mean") is not None for r in quantized):  # only tasks that discriminate
-        panels.append(("task_mean", "mean score, tasks that discriminate (higher is better)", False))
+        counted = [t for t, c in (report.get("task_checks") or {}).items() if c["discriminates"]]
+        metrics = sorted({(report.get("task_metrics") or {}).get(t, {}).get("metric", BARE_SCORE) for t in counted})
+        panels.append(("task_mean", f"mean {' / '.join(metrics)} over tasks that discriminate (higher is better)",
+                       False))
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), dpi=120, squeeze=False)
     base_gib = report["variants"][0]["size_gib"]
     for ax, (metric, ylabel, log_y) in zip(axes[0], panels):

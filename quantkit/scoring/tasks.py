@@ -15,9 +15,13 @@ first ``limit`` documents, as ``simple_evaluate(limit=...)`` does.
   ``echo``), so it is not used. llama.cpp picks the choice with the highest
   *mean* log-likelihood per answer token (tokens after the prefix all choices
   share); that is neither ``acc`` nor ``acc_norm``, so it is recorded as
-  ``acc_token_norm``. The HF backend computes ``acc_token_norm`` too, from
-  lm-eval's per-choice log-likelihoods divided by the continuation's token
-  count, so the two backends have one number in common.
+  ``acc_token_norm``. The HF backend computes ``acc_token_norm`` by the same
+  definition (``token_norm_choice``): from lm-eval's per-choice log-likelihoods
+  when the choices share no token past the context, else from the model's
+  per-token log-probabilities over exactly llama.cpp's tokens. So every format
+  has one metric in common, item by item, and that is the one a task is
+  reported, compared and gated on (``REPORTED_METRIC``); ``acc`` and
+  ``acc_norm`` stay in the result for the torch backends.
 
 A task counts as above chance when an exact one-sided test rejects "every
 item is answered by a uniform guess": the number correct is compared with a
@@ -53,6 +57,12 @@ TASK_YAML = "task.yaml"
 RESULT_FILE = "task.json"
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed; the GGUF items are built with the same
 BACKEND_HF = "lm-eval-hf"
+# The metric every backend computes (llama-perplexity computes only this one): a task's column, its paired
+# comparisons and the regression gate use it, so two formats are never compared on different definitions.
+REPORTED_METRIC = "acc_token_norm"
+# Bumped when the HF scorer's result changes meaning (2: acc_token_norm by llama.cpp's exact definition,
+# per-item results for every metric), so an older stored result is not reused.
+HF_SCORER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -80,14 +90,11 @@ class TaskResult:
     correct: tuple[int, ...] = field(repr=False)  # per item, for ``metric``
     seconds: float = 0.0
     versions: dict = field(default_factory=dict)
+    per_item: dict = field(default_factory=dict, repr=False)  # {metric: per-item 0/1} for every metric computed
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"correct": list(self.correct)}
-
-    def summary(self) -> dict:
-        """What lands in ``Variant.scores["tasks"][task]``."""
-        return {"acc": self.acc, "acc_norm": self.acc_norm, "acc_token_norm": self.acc_token_norm, "n": self.n,
-                "chance": self.chance, "p_value": self.p_value, "metric": self.metric, "backend": self.backend}
+        return asdict(self) | {"correct": list(self.correct),
+                               "per_item": {m: list(v) for m, v in self.per_item.items()}}
 
 
 # ---------------------------------------------------------------- chance test
@@ -204,7 +211,8 @@ def task_manager(tasks: list[ResolvedTask], *, store: Store | None = None) -> It
                                                else tempfile.TemporaryDirectory(prefix="quantkit-tasks-")))
             for t in local:
                 _resolved_yaml(t, include)
-        yield TaskManager(include_path=str(include) if include else None)
+        # Indexing the thousands of tasks lm-eval ships takes 10-30 s per manager: only when a task needs them.
+        yield TaskManager(include_path=str(include) if include else None, include_defaults=len(local) < len(tasks))
 
 
 def load_items(task: ResolvedTask, manager) -> list[TaskItem]:
@@ -273,18 +281,49 @@ def score_task_hf(*, model_dir: Path, task: ResolvedTask, items: list[TaskItem],
         if s["arguments"][0][0] != item.context:
             raise VerificationError(f"{task.name} doc {s['doc_id']}: lm-eval's prompt differs from the GGUF item's")
         lls = [float(r[0]) for r in s["filtered_resps"]]
-        n_tok = [max(1, len(tokenizer(item.context + c, add_special_tokens=False).input_ids)
-                     - len(tokenizer(item.context, add_special_tokens=False).input_ids)) for c in item.choices]
         acc.append(int(s["acc"]))
         acc_norm.append(int(s["acc_norm"]))
-        tok_norm.append(int(max(range(len(lls)), key=lambda i: lls[i] / n_tok[i]) == item.gold))
+        tok_norm.append(int(token_norm_choice(lm, item, lls) == item.gold))
         n_choices.append(len(lls))
     n = len(items)
     versions = {"lm_eval": lm_eval.__version__, "transformers": transformers.__version__}
     return TaskResult(task=task.name, backend=BACKEND_HF, acc=sum(acc) / n, acc_norm=sum(acc_norm) / n,
-                      acc_token_norm=sum(tok_norm) / n, n=n, chance=sum(1 / k for k in n_choices) / n, metric="acc",
-                      p_value=p_above_chance(acc, n_choices), correct=tuple(acc),
-                      seconds=round(time.perf_counter() - start, 3), versions=versions)
+                      acc_token_norm=sum(tok_norm) / n, n=n, chance=sum(1 / k for k in n_choices) / n,
+                      metric=REPORTED_METRIC, p_value=p_above_chance(tok_norm, n_choices), correct=tuple(tok_norm),
+                      seconds=round(time.perf_counter() - start, 3), versions=versions,
+                      per_item={"acc": tuple(acc), "acc_norm": tuple(acc_norm), REPORTED_METRIC: tuple(tok_norm)})
+
+
+def token_norm_choice(lm, item: TaskItem, lls: list[float]) -> int:
+    """The choice llama-perplexity's ``--multiple-choice`` picks, from the HF model: the highest mean
+    log-likelihood over the tokens of ``context + choice`` after the prefix all choices' token sequences share.
+
+    lm-eval's ``lls[i]`` is the summed log-likelihood of choice i's tokens after the context's tokens (the same
+    token sequences: lm-eval encodes context + continuation whole, as llama.cpp does). When the shared prefix is
+    exactly the context, the mean is ``lls[i]`` over that token count. When the choices share more (a common
+    first word) or the context's tokens are not a prefix of every sequence, llama.cpp's mean covers other
+    tokens: those are scored here from the model's own per-token log-probabilities."""
+    pairs = [lm._encode_pair(item.context, c) for c in item.choices]
+    seqs = [ctx + cont for ctx, cont in pairs]
+    shared = 0
+    while all(len(s) > shared + 1 for s in seqs) and len({s[shared] for s in seqs}) == 1:
+        shared += 1
+    if all(len(ctx) == shared and s[:shared] == ctx for s, (ctx, _) in zip(seqs, pairs)):
+        means = [ll / (len(s) - shared) for ll, s in zip(lls, seqs)]
+    else:
+        means = [_mean_logprob_after(lm, s, shared) for s in seqs]
+    return max(range(len(means)), key=lambda i: means[i])
+
+
+def _mean_logprob_after(lm, tokens: list[int], start: int) -> float:
+    """Mean log-probability of ``tokens[start:]``, each given the tokens before it (one forward pass)."""
+    import torch
+
+    with torch.no_grad():
+        logits = lm._model_call(torch.tensor([tokens[:-1]], device=lm.device))[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs[torch.arange(start - 1, len(tokens) - 1), torch.tensor(tokens[start:])]
+    return float(picked.mean())
 
 
 # ---------------------------------------------------------------- stored steps
@@ -335,7 +374,8 @@ def _score_tasks(*, specs: list[TaskSpec], root: Path, store: Store, label: str,
             items = _ITEMS[key]
             inputs = task_inputs(task, items, variant=variant, backend=backend, backend_version=backend_version)
             entry = _stored(store, step, inputs, lambda: score(task, items, manager()))
-            out[task.name] = _log_result(entry, label)
+            # the items' digest lets the report pair two variants item by item only when they saw the same items
+            out[task.name] = _log_result(entry, label) | {"items_sha256": items_sha256(items)}
     return out
 
 
@@ -345,7 +385,8 @@ def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], roo
     import transformers
 
     return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-hf", variant=identity,
-                        backend=BACKEND_HF, backend_version=f"transformers {transformers.__version__}",
+                        backend=BACKEND_HF,
+                        backend_version=f"transformers {transformers.__version__}; scorer {HF_SCORER_VERSION}",
                         score=lambda task, items, manager: score_task_hf(model_dir=model_dir, task=task,
                                                                          items=items, manager=manager))
 
@@ -368,7 +409,7 @@ def _log_result(entry: Entry, label: str) -> dict:
              r["metric"], r[r["metric"]], r["n"], r["chance"], r["p_value"], " reused" if entry.reused else "")
     # ``correct`` (per item, for ``metric``) lets the report compare two variants item by item (paired)
     return {k: r[k] for k in ("acc", "acc_norm", "acc_token_norm", "n", "chance", "p_value", "metric", "backend",
-                              "correct")} | {"task": r["task"]}
+                              "correct")} | {"task": r["task"], "per_item": r.get("per_item") or {r["metric"]: r["correct"]}}
 
 
 def check_tasks(scores: dict[str, dict], *, label: str, alpha: float) -> None:

@@ -107,4 +107,5 @@ def score_task_gguf(*, gguf: Path, task: str, items: list[TaskItem], toolchain, 
     return TaskResult(task=task, backend=BACKEND, acc=None, acc_norm=None, acc_token_norm=sum(correct) / n, n=n,
                       chance=sum(1 / k for k in n_choices) / n, metric="acc_token_norm",
                       p_value=p_above_chance(correct, n_choices), correct=tuple(correct),
-                      seconds=round(time.perf_counter() - start, 3), versions={"llama_cpp": toolchain.commit})
+                      seconds=round(time.perf_counter() - start, 3), versions={"llama_cpp": toolchain.commit},
+                      per_item={"acc_token_norm": tuple(correct)})
