@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from quantkit.cli import main
+from quantkit.digest import sha256_file
 from quantkit.ggufinfo import read_gguf
 from quantkit.toolchain import ensure_toolchain
 
@@ -108,13 +109,42 @@ def test_tensor_override_applied(first_run):
     assert {t.name: t.tensor_type.name for t in plain.tensors}["output.weight"] != "Q8_0"
 
 
+def listing(folder: Path) -> list[str]:
+    """Every name under ``folder``, hidden ones included."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
 def test_rerun_reuses_everything(first_run, capsys, monkeypatch):
     recipe, store = first_run
-    before = json.loads((recipe.parents[1] / "runs" / "tiny-chain" / "manifest.json").read_text())
+    run_dir = recipe.parents[1] / "runs" / "tiny-chain"
+    before = json.loads((run_dir / "manifest.json").read_text())
+    cold = listing(run_dir)
     manifest, out = run(recipe, store, capsys, monkeypatch)
     assert "built: nothing (every step was already done)" in out
     assert "reused: convert, imatrix, quantize:Q8_0, quantize:Q4_K_M" in out
     assert shas(manifest) == shas(before)
+    assert listing(run_dir) == cold, "a re-run leaves exactly what the cold run left (#22: no .<name>.tmp links)"
+
+
+def test_truncated_store_entry_is_rebuilt_and_the_good_file_published(first_run, capsys, monkeypatch, caplog):
+    # What a power loss leaves of a file that was never fsynced (#23): a finished entry, a short GGUF. The run
+    # folder and the published run hold hard links to it, so they are short too.
+    recipe, store = first_run
+    root = recipe.parents[1]
+    before = json.loads((root / "runs" / "tiny-chain" / "manifest.json").read_text())
+    (q2,) = [v for v in before["variants"] if v["label"] == "Q2_K"]
+    stored = store / q2["step"] / q2["key"] / "model.gguf"
+    good = q2["files"]["model.gguf"]
+    with open(stored, "r+b") as f:
+        f.truncate(good["size"] // 2)
+    with caplog.at_level("WARNING", logger="quantkit.store"):
+        manifest, out = run(recipe, store, capsys, monkeypatch)
+    assert f"store entry {stored.parent} is damaged (model.gguf is {good['size'] // 2} bytes" in caplog.text
+    assert "built: quantize:Q2_K\n" in out  # nothing else
+    assert shas(manifest) == shas(before)
+    for path in (stored, root / "runs" / "tiny-chain" / q2["file"],
+                 root / "artifacts" / "tiny-chain" / "latest" / q2["file"]):
+        assert sha256_file(path) == good["sha256"], path  # rebuilt byte-identical, linked and published
 
 
 def test_clean_rerun_is_bit_identical(first_run, tmp_path, capsys, monkeypatch):
