@@ -486,11 +486,14 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
 
         return target_cost(recipe, kind, params, facts, base_bytes=base)
     if kind in ("score-gguf", "tasks-gguf", "bench-gguf"):
+        from quantkit.scoring.tasks_llamacpp import BATCH_CTX
+
         size = base
         index = _variant_index(recipe, params)
         if index is not None:
             size = quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
-        return Cost(64 * 1024, llama_tool_ram(facts, size, ev.ctx if ev else 512))
+        # multiple-choice tasks batch whole tasks into a context of their own
+        return Cost(64 * 1024, llama_tool_ram(facts, size, BATCH_CTX if kind == "tasks-gguf" else ev.ctx if ev else 512))
     if kind in ("gptq", "awq", "rtn"):
         spec = getattr(recipe, kind)[params["index"]]
         return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size), gptqmodel_ram(facts))

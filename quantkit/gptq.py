@@ -38,6 +38,8 @@ STEP = "gptq"
 BACKEND = "gptqmodel"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+# Spec fields added after checkpoints were stored, with their defaults (see checkpoint_inputs).
+LATER_DEFAULTS = {"clip": True}
 # GPTQModel writes its offload folder into the config; it differs per run and names a host path.
 VOLATILE_META = ("offload_to_disk_path",)
 # tokenicer (imported by GPTQModel) points these at /tmp/tokenicer_hf_home unless they are set.
@@ -116,7 +118,9 @@ def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationTex
 def checkpoint_inputs(*, model: ModelSnapshot, spec, calibration: CalibrationText | None) -> dict:
     """The store key's source of a GPTQ, AWQ or RTN checkpoint (the step name separates them). RTN reads no
     calibration text (``None``), so its key does not name one: new calibration text does not rebuild it."""
-    inputs = {"model_digest": model.digest, "spec": spec.model_dump(exclude={"label"}),
+    # a setting added later is left out at its default, so the checkpoints made before it keep their keys
+    later = {name for name, default in LATER_DEFAULTS.items() if getattr(spec, name, default) == default}
+    inputs = {"model_digest": model.digest, "spec": spec.model_dump(exclude={"label"} | later),
               "backend": {"name": BACKEND, "version": backend_version()}}
     if calibration is not None:
         inputs["calibration_sha256"] = calibration.sha256
@@ -126,14 +130,15 @@ def checkpoint_inputs(*, model: ModelSnapshot, spec, calibration: CalibrationTex
 def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size: int,
                             calibration: CalibrationText | None, store: Store, device: str | None,
                             make_config: Callable[[Any], Any], cpu_kernel: str | None,
-                            expect: dict[str, Any]) -> Entry:
+                            expect: dict[str, Any], around: Callable[[], Any] = contextlib.nullcontext) -> Entry:
     """The steps GPTQ, AWQ and RTN share: preflight, key, sample, quantize, save, verify.
 
     ``make_config(gm, **common)`` builds GPTQModel's quantize config, passing ``common`` (the
     offload folder) on; ``cpu_kernel`` names the
     ``gptqmodel.BACKEND`` to pack with on CPU (None: GPTQModel's choice); ``expect`` is what the
     saved config.json's ``quantization_config`` must hold. ``calibration`` None: a weight-only config
-    (RTN), quantized without samples.
+    (RTN), quantized without samples. ``around()`` is a context manager held while GPTQModel quantizes
+    (settings its config does not carry).
     """
     layers = check_group_size(model.path, group_size)
     version = backend_version()
@@ -162,9 +167,10 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
                 qmodel = gm.GPTQModel.load(str(model.path), qconfig, device=dev,
                                            trust_remote_code=remote_code_allowed(model.trust_remote_code))
                 backend = getattr(gm.BACKEND, cpu_kernel) if cpu_kernel and dev == "cpu" else gm.BACKEND.AUTO
-                qmodel.quantize(None if windows is None else [{"input_ids": w, "attention_mask": [1] * len(w)}
-                                                              for w in windows],
-                                batch_size=1, backend=backend)
+                with around():
+                    qmodel.quantize(None if windows is None else [{"input_ids": w, "attention_mask": [1] * len(w)}
+                                                                  for w in windows],
+                                    batch_size=1, backend=backend)
                 qmodel.save(str(staging.path))
                 del qmodel  # its offloaded layers are files in ``offload``: let go before it is removed
         except QuantkitError:

@@ -496,6 +496,8 @@ class AWQVariant(Section):
     samples: int = Field(128, ge=1, le=4096)
     seq_len: int = Field(512, ge=16, le=32_768)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    clip: bool = Field(True, description="AWQ's clipping search after the scale search (AutoAWQ's apply_clip): "
+                       "a grid over each linear's weight range; on a CPU most of AWQ's time")
 
     @property
     def name(self) -> str:

@@ -394,10 +394,11 @@ def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], roo
 def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], root: Path, store: Store, toolchain,
                      label: str, threads: int | None = None) -> dict[str, dict]:
     """Every recipe task on one GGUF through llama-perplexity, stored; same return shape as ``score_tasks_hf``."""
-    from quantkit.scoring.tasks_llamacpp import BACKEND, score_task_gguf
+    from quantkit.scoring.tasks_llamacpp import BACKEND, BATCH_CTX, PARALLEL, score_task_gguf
 
+    # the batch layout is in the key: another one can move a near-tie
     return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-gguf", variant=gguf_sha256,
-                        backend=BACKEND, backend_version=f"llama.cpp {toolchain.build}",
+                        backend=BACKEND, backend_version=f"llama.cpp {toolchain.build}; np {PARALLEL} ctx {BATCH_CTX}",
                         score=lambda task, items, manager: score_task_gguf(gguf=gguf, task=task.name, items=items,
                                                                            toolchain=toolchain, threads=threads,
                                                                            store=store))
