@@ -221,9 +221,10 @@ def quantize(recipe: str, publish: bool = True) -> dict:
     start = time.perf_counter()
     with quantkit_logs_to_prefect():
         ctx = RunContext.from_env(recipe)  # a bad recipe fails here, before any task
-        preflight(ctx)
+        rows = preflight(ctx)
         nodes = build_graph(ctx.recipe, publish=publish)
-        results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps), parallel=PARALLEL)
+        results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps), parallel=PARALLEL,
+                          estimates={r.name: r.seconds for r in rows})
         ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     manifest_path = results["run-folder"]
     manifest = json.loads(manifest_path.read_text())

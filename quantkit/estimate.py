@@ -505,6 +505,64 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
     return Cost(0, None)
 
 
+# --- time per node kind --------------------------------------------------------------------------------
+# Seconds per (token x weight) a node kind spends, fitted on the demo (SmolLM2-135M, 2 cores, quiet machine:
+# benchmarks/README.md, "Where the demo's time goes"). The console's ETA scales them by how fast this
+# machine ran the nodes already done, so only their ratios matter: a GPTQ, AWQ or torch pass is not an
+# average node.
+RATE = {
+    "llama": 2.0e-11,  # llama.cpp evaluating tokens (imatrix, perplexity, KLD, tasks, bench)
+    "torch": 9.0e-11,  # a float32 transformers forward on the CPU (score-hf, tasks-hf)
+    "torch-quant": 1.8e-10,  # the same through a GPTQ/AWQ checkpoint's torch kernels
+    "gptq": 2.1e-10,  # GPTQModel per calibration token (forward, Hessians, the layer solves)
+    "awq": 1.2e-10,  # AWQ's scale search per calibration token
+    "awq-clip": 3.5e-9,  # AWQ's clipping search: on at most 512 sampled tokens
+}
+PER_WEIGHT = {"convert": 5e-8, "quantize": 4e-8, "quantize-iq": 1.1e-7, "rtn": 1e-7}
+TASK_TOKENS = 100  # tokens llama.cpp evaluates per multiple-choice item (the context once, then each choice)
+TASK_CHOICES = 4  # lm-eval's torch backend evaluates the context again with each choice
+
+
+def seconds(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> float | None:
+    """The node's wall time on the reference machine (see RATE); None when nothing is known."""
+    if facts is None or not facts.tensors:
+        return None
+    w = facts.parameters
+    ev = recipe.evaluation
+    scored = min(ev.max_tokens, 10 ** 9) if ev else 0
+    limits = {t.name: t.limit or 500 for t in (ev.tasks if ev else [])}
+    if kind == "convert":
+        return w * PER_WEIGHT["convert"]
+    if kind == "imatrix":
+        return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * w * RATE["llama"] * 1.5
+    if kind == "quantize":
+        qtype = recipe.gguf.types[params["index"]].type
+        return w * PER_WEIGHT["quantize-iq" if qtype.upper().startswith("IQ") else "quantize"]
+    if kind in ("base-logits", "score-gguf"):
+        return scored * w * RATE["llama"]
+    if kind == "tasks-gguf":
+        return limits.get(params.get("task"), 500) * TASK_TOKENS * w * RATE["llama"] + 2
+    if kind == "bench-gguf":
+        return (128 + 32 * 8) * (ev.bench_reps if ev else 1) * w * RATE["llama"] + 1
+    if kind in ("score-hf", "tasks-hf", "bench-hf"):
+        rate = RATE["torch"] if params.get("is_base", True) or params.get("label") == "HF" else RATE["torch-quant"]
+        if kind == "score-hf":
+            return scored * w * rate * (1 if params.get("is_base", True) else 2)
+        if kind == "tasks-hf":
+            return limits.get(params.get("task"), 500) * TASK_TOKENS * TASK_CHOICES * w * rate + 5
+        return 160 * (ev.bench_reps if ev else 1) * w * rate + 5
+    if kind == "gptq":
+        spec = recipe.gptq[params["index"]]
+        return spec.samples * spec.seq_len * w * RATE["gptq"] + 10
+    if kind == "awq":
+        spec = recipe.awq[params["index"]]
+        tokens = spec.samples * spec.seq_len
+        return tokens * w * RATE["awq"] + (min(tokens, 512) * w * RATE["awq-clip"] if spec.clip else 0) + 10
+    if kind == "rtn":
+        return w * PER_WEIGHT["rtn"] + 10
+    return None
+
+
 def gptqmodel_ram(facts: ModelFacts) -> int:
     """GPTQModel quantizes layer by layer (lazily loaded, finished layers offloaded to disk): the
     embedding stays resident in its own dtype, one decoder layer is held in f32 beside the Hessian of its

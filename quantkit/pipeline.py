@@ -118,18 +118,42 @@ def _printed_to(out):
                 s.active = [f for f in s.active if f is not out]
 
 
+class Eta:
+    """Time left: the plan's estimates of the nodes not done, times how fast this machine is against them
+    (seconds taken / seconds estimated over the nodes built so far). A node without an estimate counts as
+    the mean of those with one. Reused nodes take no time and do not change the speed."""
+
+    def __init__(self, estimates: dict[str, float | None], counted: set[str]):
+        self.counted = counted
+        known = [s for n, s in estimates.items() if n in counted and s is not None]
+        fill = sum(known) / len(known) if known else 1.0
+        self.estimate = {n: estimates.get(n) if estimates.get(n) is not None else fill for n in counted}
+        self.taken = self.expected = 0.0
+
+    def left(self, name: str, seconds: float | None, done: set[str]) -> float | None:
+        if seconds is not None and name in self.estimate:
+            self.taken += seconds
+            self.expected += self.estimate[name]
+        if not self.expected:
+            return None
+        rest = sum(s for n, s in self.estimate.items() if n not in done)
+        return rest * self.taken / self.expected if rest else None
+
+
 def node_log_file(ctx: RunContext, node: Node) -> Path:
     """``<store>/logs/<recipe>/<node>.log``: the last run's library output of that node."""
     return inside(ctx.store.root / "logs", ctx.recipe.name, node.name.replace(":", "-") + ".log")
 
 
 def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int = 1,
-            poll: float = 0.05, keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+            poll: float = 0.05, keep: frozenset[str] = frozenset(),
+            estimates: dict[str, float | None] | None = None) -> dict[str, Any]:
     """Run every node once its needs are done; return ``{node name: result}``.
 
     At most ``parallel`` nodes are in flight. The first failure stops new submissions; nodes already
     running finish, then the failure is raised. Transient results are removed at the end, except the
-    nodes in ``keep``.
+    nodes in ``keep``. ``estimates`` (the plan's seconds per node) weigh the ETA: what is left is their
+    sum, scaled by how this machine ran the estimated nodes done so far.
     """
     by_name = {n.name: n for n in nodes}
     results: dict[str, Any] = {}
@@ -139,7 +163,7 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
     counted = {n.name for n in waiting}  # what the progress line counts
 
     started: dict[str, float] = {}
-    built: list[float] = []  # seconds of the nodes that did work (reused ones take none)
+    eta = Eta(estimates or {}, counted)
 
     def start(node: Node) -> None:
         started[node.name] = time.perf_counter()
@@ -148,13 +172,10 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
     def finished(name: str) -> None:
         seconds = time.perf_counter() - started.pop(name)
         reused = isinstance(results[name], Entry) and results[name].reused
-        if not reused and name in counted:
-            built.append(seconds)
         done = len(counted.intersection(results))
-        left = len(counted) - done
-        eta = f", about {_duration(sum(built) / len(built) * left)} left" if built and left else ""
+        left = eta.left(name, None if reused else seconds, set(results))
         log.info("[%d/%d] %s %s%s", done, len(counted), name, "reused" if reused else f"done in {_duration(seconds)}",
-                 eta)
+                 f", about {_duration(left)} left" if left else "")
 
     while (waiting and failure is None) or running:
         progressed = False
@@ -244,11 +265,11 @@ def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, u
     nodes = build_graph(ctx.recipe, publish=publish)
     if until:
         nodes = needed_for(nodes, until)
-    preflight(ctx, {n.name for n in nodes})
+    rows = preflight(ctx, {n.name for n in nodes})
     parallel = parallel or parallel_from_env()
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
         results = execute(ctx, nodes, local_submit(ctx, pool), parallel=parallel,
-                          keep=frozenset([until] if until else []))
+                          keep=frozenset([until] if until else []), estimates={r.name: r.seconds for r in rows})
     ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     reused, built = summarize(results)
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,
@@ -261,9 +282,9 @@ def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, u
                      published.status if published else None)
 
 
-def preflight(ctx: RunContext, names: set[str] | None = None) -> None:
+def preflight(ctx: RunContext, names: set[str] | None = None) -> list:
     """Refuse before any work when the plan's disk or RAM estimate (of the nodes ``names``, default all)
-    exceeds what the machine has."""
+    exceeds what the machine has; return the plan's rows (quantkit.plan.PlannedNode) of those nodes."""
     from quantkit.errors import ResourceError
     from quantkit.plan import GiB, machine, plan, totals
 
@@ -276,3 +297,4 @@ def preflight(ctx: RunContext, names: set[str] | None = None) -> None:
     if need.ram_bytes and need.ram_bytes > have.available_ram:
         raise ResourceError(f"node {need.ram_node} needs about {need.ram_bytes / GiB:.2f} GiB of RAM, "
                             f"{have.available_ram / GiB:.2f} GiB is available")
+    return rows

@@ -15,7 +15,7 @@ from typing import Any
 
 from quantkit.context import RunContext
 from quantkit.errors import QuantkitError
-from quantkit.estimate import FactsUnavailable, GiB, ModelFacts, cost, read_hub_facts, read_local_facts
+from quantkit.estimate import FactsUnavailable, GiB, ModelFacts, cost, read_hub_facts, read_local_facts, seconds
 from quantkit.graph import Node, Source, build_graph
 
 DONE, TODO = "done", "to do"
@@ -36,6 +36,7 @@ class PlannedNode:
     gpu: bool
     network: bool
     unknown: str | None = None  # why disk or RAM is unknown
+    seconds: float | None = None  # estimated wall time on the reference machine (quantkit.estimate.seconds)
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,12 @@ def plan(ctx: RunContext, *, publish: bool = True) -> list[PlannedNode]:
     for node in nodes:
         status, why, key = _status(ctx, node, results, source, lazy)
         spec = node.spec
-        c = cost(ctx.recipe, node.kind, {**node.params, "label": node.label}, facts)
+        node_params = {**node.params, "label": node.label}
+        c = cost(ctx.recipe, node.kind, node_params, facts)
         out.append(PlannedNode(node.name, node.kind, node.label, status, why, node.needs, key, c.disk_bytes,
                                c.ram_bytes, spec.time_class, spec.gpu, spec.network(ctx.recipe),
-                               c.unknown and (unknown_why or c.unknown)))
+                               c.unknown and (unknown_why or c.unknown),
+                               seconds(ctx.recipe, node.kind, node_params, facts)))
     return out
 
 
@@ -159,6 +162,10 @@ def totals(rows: list[PlannedNode]) -> Totals:
     return Totals(disk, worst.ram_bytes if worst else None, worst.name if worst else None, unknown)
 
 
+def _duration(s: float) -> str:
+    return f"{s:.0f}s" if s < 90 else f"{s / 60:.0f} min"
+
+
 def _fmt(n: int | None) -> str:
     if n is None:
         return "unknown"
@@ -170,7 +177,8 @@ def render(rows: list[PlannedNode], *, have: Machine | None = None) -> str:
     for r in rows:
         flags = "/".join(f for f, on in (("gpu", r.gpu), ("net", r.network)) if on)
         table.append((r.name, r.status, r.why, _fmt(r.disk_bytes), _fmt(r.ram_bytes),
-                      r.time_class + (f" {flags}" if flags else ""),
+                      (f"~{_duration(r.seconds)}" if r.seconds is not None else r.time_class)
+                      + (f" {flags}" if flags else ""),
                       ", ".join(r.needs) if len(r.needs) <= 3 else f"{len(r.needs)} nodes"))
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
