@@ -76,7 +76,7 @@ def test_samples_are_seeded_windows(tiny_llama, calibration):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq-noclip"])
 def test_quantized_checkpoint_reloads_and_scores(method, snapshot, calibration, store, base_ppl, repo_root):
     import json
 
@@ -86,7 +86,7 @@ def test_quantized_checkpoint_reloads_and_scores(method, snapshot, calibration, 
     else:
         from quantkit.awq import awq
 
-        step, spec = awq, AWQVariant(label="g128", samples=SAMPLES, seq_len=SEQ_LEN)
+        step, spec = awq, AWQVariant(label="g128", samples=SAMPLES, seq_len=SEQ_LEN, clip=method == "awq")
         want = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
     entry = step(model=snapshot, spec=spec, calibration=calibration, store=store)
@@ -104,6 +104,12 @@ def test_quantized_checkpoint_reloads_and_scores(method, snapshot, calibration, 
     again = step(model=snapshot, spec=spec.model_copy(update={"label": "renamed"}), calibration=calibration,
                  store=store)
     assert again.reused and again.path == entry.path
+    if method == "awq-noclip":
+        # without the clipping search the weights come out otherwise: another key, other bytes
+        clipped = step(model=snapshot, spec=spec.model_copy(update={"clip": True}), calibration=calibration,
+                       store=store)
+        assert clipped.path != entry.path
+        assert clipped.files["model.safetensors"].sha256 != entry.files["model.safetensors"].sha256
 
 
 def test_group_size_preflight_names_the_layer(snapshot, calibration, tmp_path):
@@ -117,3 +123,16 @@ def test_group_size_preflight_names_the_layer(snapshot, calibration, tmp_path):
     assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
     assert not (tmp_path / "gptq").exists()  # refused before the store was touched
     assert check_group_size(snapshot.path, 128) == 28  # 7 linears x 4 layers
+
+
+def test_awq_clip_is_in_the_key_only_when_turned_off():
+    """Checkpoints stored before `clip` existed were clipped: at its default the key is what it was."""
+    from types import SimpleNamespace
+
+    from quantkit.gptq import checkpoint_inputs
+
+    model = SimpleNamespace(digest="ab" * 32)
+    default = checkpoint_inputs(model=model, spec=AWQVariant(), calibration=None)
+    off = checkpoint_inputs(model=model, spec=AWQVariant(clip=False), calibration=None)
+    assert "clip" not in default["spec"] and off["spec"]["clip"] is False
+    assert {k: v for k, v in off["spec"].items() if k != "clip"} == default["spec"]
