@@ -6,8 +6,11 @@ A thin layer; the graph decides the steps. What Prefect adds:
 - nodes that use a GPU hold a slot of the global concurrency limit ``gpu`` (1 slot by default) and, on
   Ray, ask Ray for a GPU;
 - only nodes that touch the network retry, with backoff (the download; a Hub publish);
-- a task's cache key is the node's store key, the digest of everything that decides its output, so an
-  unchanged re-run is all cache hits and a changed type recomputes only that type;
+- a task carries only what is the same on every machine: the run's ``RunSpec`` (recipe, project and store
+  paths), the node, its inputs' results and the plan's estimate of it; the process that runs it builds its
+  own context (toolchain, threads, device) and first checks its own free disk and RAM against the estimate;
+- the store is the one cache: Prefect caches nothing, a node whose output is stored is reused by the store
+  (an unchanged re-run builds nothing, a changed type recomputes only that type);
 - tasks exchange results (store entries, paths), never a shared mutable context;
 - the tools' output (logger ``quantkit.tool``) and the steps' lines reach the run's logs line by line;
 - the run's variants become table, markdown and link artifacts.
@@ -20,7 +23,6 @@ the embedded way, with no Prefect at all.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -40,10 +42,10 @@ from prefect.logging.handlers import APILogHandler
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from quantkit.context import RunContext
+from quantkit.context import RunContext, RunSpec
 from quantkit.graph import Node, build_graph
-from quantkit.pipeline import execute, preflight, run_node, summarize
-from quantkit.store import ENTRY, Entry
+from quantkit.pipeline import execute, run_node, summarize
+from quantkit.plan import PlannedNode, plan
 
 GPU_LIMIT = "gpu"  # global concurrency limit; scripts/prefect-up.sh creates it with 1 slot
 PARALLEL = int(os.environ.get("QUANTKIT_PARALLEL", "4"))  # nodes in flight at once
@@ -51,13 +53,6 @@ RAY_ENV = "QUANTKIT_RAY_ADDRESS"
 
 
 # --- one task per node ------------------------------------------------------------------------------
-
-def _node_cache_key(_context, parameters: dict) -> str | None:
-    """The node's store key: content digests of everything that decides its output, never paths."""
-    ctx, node, deps = parameters["ctx"], parameters["node"], parameters["deps"]
-    key = node.spec.key(ctx, node, deps)
-    return f"quantkit-{node.spec.store_step}-{key}" if key else None
-
 
 def _from_hub_or_network(_task, _task_run, state) -> bool:
     """Retry a failed download or upload, not a local mistake (a missing folder, a bad recipe)."""
@@ -67,13 +62,15 @@ def _from_hub_or_network(_task, _task_run, state) -> bool:
         cause is not None and type(cause).__module__.startswith(("huggingface_hub", "requests", "httpx", "urllib3")))
 
 
-def run_node_task(ctx: RunContext, node: Node, deps: dict[str, Any]) -> Any:
-    """The one task function: the node's kind, holding a GPU slot when it needs one."""
+def run_node_task(run: RunSpec, node: Node, deps: dict[str, Any], estimate: PlannedNode | None = None) -> Any:
+    """The one task function: this machine's context for the run, its preflight, the node's kind, holding a
+    GPU slot when it needs one."""
     with quantkit_logs_to_prefect():
+        ctx = run.context()
         if node.spec.gpu:
             with concurrency(GPU_LIMIT, occupy=1):
-                return run_node(ctx, node, deps)
-        return run_node(ctx, node, deps)
+                return run_node(ctx, node, deps, estimate)
+        return run_node(ctx, node, deps, estimate)
 
 
 node_task = task(run_node_task, name="node")
@@ -81,12 +78,9 @@ node_task = task(run_node_task, name="node")
 
 def task_for(ctx: RunContext, node: Node):
     spec = node.spec
+    # The store is the one cache: nothing persisted beside it, nothing to repair when an entry is removed.
     options: dict[str, Any] = dict(name=node.kind, task_run_name=node.name.replace(":", "-"),
-                                   tags=["gpu"] if spec.gpu else [])
-    if spec.inputs is not None and spec.store_step is not None:
-        options.update(cache_key_fn=_node_cache_key, persist_result=True)
-    else:
-        options.update(cache_policy=NO_CACHE)
+                                   tags=["gpu"] if spec.gpu else [], cache_policy=NO_CACHE, persist_result=False)
     if spec.network(ctx.recipe):  # only the world is flaky: a local failure fails the same way again
         options.update(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
                        retry_condition_fn=_from_hub_or_network)
@@ -94,27 +88,18 @@ def task_for(ctx: RunContext, node: Node):
 
 
 class Submitted:
-    """A Prefect future in the shape quantkit.pipeline.execute polls. A cache hit counts as reused; a
-    cache hit whose store folder was deleted since (a cleaned store) is built again."""
+    """A Prefect future in the shape quantkit.pipeline.execute polls. The task gets the run's ``RunSpec``,
+    never the head's context; whether the node was reused is the store's answer (``Entry.reused``)."""
 
-    def __init__(self, ctx: RunContext, node: Node, deps: dict[str, Any]):
-        self.ctx, self.node, self.deps = ctx, node, deps
-        self.task = task_for(ctx, node)
+    def __init__(self, ctx: RunContext, node: Node, deps: dict[str, Any], estimate: PlannedNode | None = None):
         with _ray_resources(node):
-            self.future = self.task.submit(ctx=ctx, node=node, deps=deps)
+            self.future = task_for(ctx, node).submit(run=ctx.spec, node=node, deps=deps, estimate=estimate)
 
     def done(self) -> bool:
         return self.future.state.is_final()
 
     def result(self) -> Any:
-        value = self.future.result()  # the in-memory result (a node that is not cached persists none)
-        if self.future.state.name != "Cached" or not isinstance(value, Entry):
-            return value
-        if (value.path / ENTRY).is_file():
-            return dataclasses.replace(value, reused=True)
-        get_run_logger().warning("%s: cached, but %s is gone from the store; building it again", self.node.name,
-                                 value.path)
-        return self.task.with_options(refresh_cache=True)(ctx=self.ctx, node=self.node, deps=self.deps)
+        return self.future.result()
 
 
 @contextlib.contextmanager
@@ -220,11 +205,13 @@ def quantize(recipe: str, publish: bool = True) -> dict:
     """
     start = time.perf_counter()
     with quantkit_logs_to_prefect():
-        ctx = RunContext.from_env(recipe)  # a bad recipe fails here, before any task
-        rows = preflight(ctx)
+        # The head only plans: a bad recipe fails here, before any task; the toolchain, the threads and the
+        # preflight are each worker's own (Submitted sends the RunSpec and the node's estimate).
+        ctx = RunContext.from_env(recipe, toolchain="find")
+        rows = {r.name: r for r in plan(ctx, publish=publish)}
         nodes = build_graph(ctx.recipe, publish=publish)
-        results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps), parallel=PARALLEL,
-                          estimates={r.name: r.seconds for r in rows})
+        results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps, rows.get(node.name)),
+                          parallel=PARALLEL, estimates={n: r.seconds for n, r in rows.items()})
         ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     manifest_path = results["run-folder"]
     manifest = json.loads(manifest_path.read_text())

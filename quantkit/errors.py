@@ -118,3 +118,38 @@ class ResourceError(QuantkitError, RuntimeError):
     """Not enough disk or memory for what the run still has to do (checked before any work)."""
 
     tip = "free space, point QUANTKIT_STORE at a larger disk, or shorten the recipe (`quantkit plan` shows the estimates)"
+
+
+class NodeDoesNotFit(ResourceError):
+    """The machine that picked a node has less free disk or available RAM than the node's estimate."""
+
+    def __init__(self, node: str, host: str, need_disk: int | None, need_ram: int | None, free_disk: int,
+                 available_ram: int):
+        self.node, self.host = node, host
+        self.need_disk, self.need_ram = need_disk, need_ram
+        self.free_disk, self.available_ram = free_disk, available_ram
+        super().__init__(node, host, need_disk, need_ram, free_disk, available_ram)
+
+    def __str__(self) -> str:
+        gib = 2**30
+        short = []
+        if self.need_disk and self.need_disk > self.free_disk:
+            short.append(f"about {self.need_disk / gib:.2f} GiB of disk, {self.free_disk / gib:.2f} GiB is free")
+        if self.need_ram and self.need_ram > self.available_ram:
+            short.append(f"about {self.need_ram / gib:.2f} GiB of RAM, "
+                         f"{self.available_ram / gib:.2f} GiB is available")
+        return f"{self.host} cannot run {self.node}: it needs {'; and '.join(short)}"
+
+
+class RecipeChanged(QuantkitError, RuntimeError):
+    """The recipe file a node's machine reads is not the one the run was planned from."""
+
+    tip = "let the run finish before editing its recipe, or start it again"
+
+    def __init__(self, path: str, planned: str, found: str):
+        self.path, self.planned, self.found = path, planned, found
+        super().__init__(path, planned, found)
+
+    def __str__(self) -> str:
+        return (f"{self.path} changed since the run was planned (sha256 {self.planned[:12]}, now {self.found[:12]}); "
+                "a node would run another recipe than its inputs were made for")

@@ -381,13 +381,6 @@ def _checkpoint_inputs(ctx, node, deps):
                              calibration=None if node.kind == "rtn" else src.calibration)
 
 
-def torch_device() -> str:
-    """Where torch scores and benches checkpoints: the GPU when this worker has one."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _model_dir_and_identity(node: Node, deps: Results) -> tuple[Path, str]:
     made = deps[node.needs[0]]
     if isinstance(made, Source):
@@ -399,7 +392,8 @@ def _score_hf_inputs(ctx, node, deps):
     spec = ctx.recipe.evaluation
     _, identity = _model_dir_and_identity(node, deps)
     return {"model": identity, "base": None if node.params["is_base"] else deps["source"].model.digest,
-            "text_sha256": _text(ctx)[1], "ctx": spec.ctx, "max_tokens": spec.max_tokens}
+            "text_sha256": _text(ctx)[1], "ctx": spec.ctx, "max_tokens": spec.max_tokens,
+            "device": ctx.device}  # sums in another order on a GPU
 
 
 def _score_hf(ctx, node, deps):
@@ -410,7 +404,7 @@ def _score_hf(ctx, node, deps):
     return stored_json(ctx.store, "score-hf", _score_hf_inputs(ctx, node, deps), "score",
                        lambda staging: score_hf(model_dir=model_dir, text_file=_text(ctx)[0],
                                                 spec=ctx.recipe.evaluation, base_model_dir=base,
-                                                device=torch_device(),
+                                                device=ctx.device,
                                                 trust_remote_code=ctx.recipe.model.trust_remote_code).to_dict())
 
 
@@ -424,11 +418,9 @@ def _tasks_hf(ctx, node, deps):
 
 
 def _bench_hf_inputs(ctx, node, deps):
-    import torch
-
     spec = ctx.recipe.evaluation
     return {"model": _model_dir_and_identity(node, deps)[1], "gen": spec.bench_gen_tokens, "reps": spec.bench_reps,
-            "threads": torch.get_num_threads()}
+            "threads": ctx.threads, "device": ctx.device}  # what bench_hf runs with, on the machine that runs it
 
 
 def _bench_hf(ctx, node, deps):
@@ -438,7 +430,7 @@ def _bench_hf(ctx, node, deps):
     model_dir, _ = _model_dir_and_identity(node, deps)
     entry = stored_json(ctx.store, "bench-hf", _bench_hf_inputs(ctx, node, deps), "speed",
                         lambda staging: bench_hf(model_dir=model_dir, gen_tokens=spec.bench_gen_tokens,
-                                                 reps=spec.bench_reps, device=torch_device(),
+                                                 reps=spec.bench_reps, device=ctx.device, threads=ctx.threads,
                                                  trust_remote_code=ctx.recipe.model.trust_remote_code))
     log.info("bench %s: %s (tg %.1f t/s in transformers)", node.label, "reused" if entry.reused else "measured",
              entry.info["speed"]["tg_tokens_per_s"])

@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from quantkit.context import RunContext
+from quantkit.errors import NodeDoesNotFit, QuantkitError
 from quantkit.graph import Node, build_graph, needed_for, with_reuse
 from quantkit.paths import inside
 from quantkit.store import Entry
@@ -39,14 +41,20 @@ class Pending(Protocol):
 Submit = Callable[[Node, dict[str, Any]], Pending]
 
 
-def run_node(ctx: RunContext, node: Node, deps: dict[str, Any]) -> Any:
+def run_node(ctx: RunContext, node: Node, deps: dict[str, Any], estimate: Any = None) -> Any:
     """One node, in this process: what a thread, a Prefect task or a Ray worker calls.
+
+    ``ctx`` is this process's (a worker builds its own from the run's ``RunSpec``). With the plan's
+    ``estimate`` of the node (a quantkit.plan.PlannedNode), this machine first checks that it can hold
+    it (``preflight_node``).
 
     What in-process libraries print (GPTQModel's per-layer bars, tqdm, lm-eval, transformers) goes to
     the node's log file in the store, not the console (``-v`` keeps it on the console): thousands of
     carriage-return lines would bury quantkit's own. The llama.cpp tools' lines already go to the
     ``quantkit.tool`` logger.
     """
+    if estimate is not None:
+        preflight_node(ctx, node, deps, estimate)
     if logging.getLogger("quantkit.tool").isEnabledFor(logging.DEBUG):
         return node.spec.run(ctx, node, deps)
     log_file = node_log_file(ctx, node)
@@ -187,7 +195,10 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
                 continue
             lazy = [d for d in node.needs if by_name[d].spec.lazy and d not in results]
             if lazy:
-                stored = node.spec.stored(ctx, node, {d: results[d] for d in eager})
+                try:
+                    stored = node.spec.stored(ctx, node, {d: results[d] for d in eager})
+                except QuantkitError:  # a head without the toolchain cannot tell: the node's machine will
+                    stored = None
                 if stored is not None:  # its result exists: the lazy input is not needed for it
                     results[node.name] = with_reuse(stored)
                     started[node.name] = time.perf_counter()
@@ -250,8 +261,10 @@ def summarize(results: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]
     return (tuple(n for n, e in entries.items() if e.reused), tuple(n for n, e in entries.items() if not e.reused))
 
 
-def local_submit(ctx: RunContext, pool: concurrent.futures.Executor) -> Submit:
-    return lambda node, deps: pool.submit(run_node, ctx, node, deps)
+def local_submit(ctx: RunContext, pool: concurrent.futures.Executor,
+                 estimates: dict[str, Any] | None = None) -> Submit:
+    """Run each node in ``pool``, after checking its estimate (``estimates``: node name -> PlannedNode)."""
+    return lambda node, deps: pool.submit(run_node, ctx, node, deps, (estimates or {}).get(node.name))
 
 
 def parallel_from_env() -> int:
@@ -268,7 +281,7 @@ def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, u
     rows = preflight(ctx, {n.name for n in nodes})
     parallel = parallel or parallel_from_env()
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = execute(ctx, nodes, local_submit(ctx, pool), parallel=parallel,
+        results = execute(ctx, nodes, local_submit(ctx, pool, {r.name: r for r in rows}), parallel=parallel,
                           keep=frozenset([until] if until else []), estimates={r.name: r.seconds for r in rows})
     ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     reused, built = summarize(results)
@@ -298,3 +311,24 @@ def preflight(ctx: RunContext, names: set[str] | None = None) -> list:
         raise ResourceError(f"node {need.ram_node} needs about {need.ram_bytes / GiB:.2f} GiB of RAM, "
                             f"{have.available_ram / GiB:.2f} GiB is available")
     return rows
+
+
+def preflight_node(ctx: RunContext, node: Node, deps: dict[str, Any], estimate: Any) -> None:
+    """On the machine that runs ``node``, before it starts: refuse (``NodeDoesNotFit``, with the numbers)
+    when this machine's free disk under the store or its available RAM is below the node's estimate
+    (``estimate``: the plan's row of the node). A node the store already holds needs neither, nor does one
+    with no store key that the plan found done (the source on disk)."""
+    from quantkit.plan import DONE, machine
+
+    need_disk, need_ram = estimate.disk_bytes, estimate.ram_bytes
+    if (not need_disk and not need_ram) or (estimate.status == DONE and node.spec.store_step is None):
+        return
+    have = machine(ctx.store.root)
+    if (not need_disk or need_disk <= have.free_disk) and (not need_ram or need_ram <= have.available_ram):
+        return
+    try:
+        if node.spec.stored(ctx, node, deps) is not None:
+            return
+    except QuantkitError:
+        pass  # cannot tell: the node decides when it runs; this machine still cannot hold it
+    raise NodeDoesNotFit(node.name, socket.gethostname(), need_disk, need_ram, have.free_disk, have.available_ram)

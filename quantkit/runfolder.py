@@ -31,12 +31,18 @@ READABLE_SCHEMAS = (1, 2)  # 1 listed the same fields with hand-written step nam
 
 @dataclass(frozen=True)
 class ManifestStep:
-    """One stored node of the run: its store key, whether it was reused, how long it took when built."""
+    """One stored node of the run: its store key, whether it was reused, how long it took when built, and
+    the machine that built it (host name, llama.cpp build and its folder there, threads; None in manifests
+    before they were kept)."""
 
     step: str
     key: str
     reused: bool
     seconds: float | None
+    host: str | None = None
+    toolchain: str | None = None
+    toolchain_dir: str | None = None
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,11 +201,16 @@ def variants_of(ctx, node, deps) -> list[Variant]:
     return out
 
 
+def _made_by(entry: Entry) -> tuple[str | None, str | None, str | None, int | None]:
+    made = entry.info.get("made_by") or {}
+    return made.get("host"), made.get("toolchain"), made.get("toolchain_dir"), made.get("threads")
+
+
 def write_run_folder(ctx, node, deps) -> Path:
     """Link every output into ``runs/<recipe>/`` and write ``manifest.json``; return its path."""
     src = deps["source"]
     variants = variants_of(ctx, node, deps)
-    steps = tuple(ManifestStep(name, r.key, r.reused, r.info.get("seconds"))
+    steps = tuple(ManifestStep(name, r.key, r.reused, r.info.get("seconds"), *_made_by(r))
                   for name, r in deps.items() if isinstance(r, Entry))
     out = run_dir(ctx.recipe, ctx.root)
     with run_folder_lock(ctx.recipe, ctx.root):

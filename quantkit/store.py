@@ -252,6 +252,7 @@ def _size(path: Path) -> int:
 class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.made_by: dict[str, Any] = {}  # this machine's host and toolchain, written into each entry built
 
     @staticmethod
     def key(inputs: dict[str, Any]) -> str:
@@ -509,6 +510,8 @@ class Store:
                     files[rel] = {"sha256": sha256_file(f), "size": f.stat().st_size}
                     _fsync(f)  # on disk before the rename publishes it: a power loss cannot leave it short
                 staging.info.setdefault("seconds", round(time.perf_counter() - start, 3))
+                if self.made_by:
+                    staging.info.setdefault("made_by", self.made_by)
                 record = {"schema": ENTRY_SCHEMA, "step": step, "key": key, "inputs": inputs,
                           "files": files, "info": staging.info}
                 write_json_atomic(tmp / ENTRY, record)

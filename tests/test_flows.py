@@ -1,8 +1,9 @@
 """The Prefect flow on the tiny trained Llama, against a temporary Prefect server.
 
-Every step is a task; an unchanged re-run is all cache hits (the cache key is the store key);
-changing one type recomputes only that type; tool output reaches the run's logs; the variants
-become artifacts.
+Every step is a task; the store is the one cache (Prefect caches and persists nothing): an unchanged
+re-run builds nothing, changing one type recomputes only that type; a node that does not fit the
+machine that runs it is refused there with the numbers; tool output reaches the run's logs; the
+variants become artifacts.
 """
 
 from __future__ import annotations
@@ -132,22 +133,25 @@ def test_variants_become_artifacts(first):
     assert rows[1]["sha256"] == manifest["variants"][1]["files"]["model.gguf"]["sha256"][:12]
 
 
-def test_unchanged_rerun_is_all_cache_hits(first, project):
+def test_unchanged_rerun_is_all_store_hits(first, project):
     before, _, _ = first
-    result, states, _ = run_flow(project, "Q2_K")
+    result, states, logs = run_flow(project, "Q2_K")
     assert {n: s for n, s in states.items() if n in STORE_STEPS | {"quantize-Q2_K"}} == dict.fromkeys(
-        STORE_STEPS | {"quantize-Q2_K"}, "Cached")
+        STORE_STEPS | {"quantize-Q2_K"}, "Completed")  # no Prefect cache: the store says it is done
     assert result["built"] == []
     assert result["reused"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
     assert manifest_shas(result) == manifest_shas(before)
+    assert "quantize Q4_K_M: reused" in logs
+    persisted = [p for p in PREFECT_RESULTS[0].rglob("*") if p.is_file()]
+    assert persisted == [], "Prefect persisted results beside the store"
 
 
 def test_changed_type_recomputes_only_that_type(first, project):
     before, _, _ = first
     result, states, _ = run_flow(project, "Q3_K_S")
     assert states["quantize-Q3_K_S"] == "Completed"
-    assert {states[n] for n in STORE_STEPS} == {"Cached"}
     assert result["built"] == ["quantize:Q3_K_S"]
+    assert result["reused"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M"]
     shas = manifest_shas(result)
     unchanged = ("F16", "Q8_0", "Q4_K_M")
     assert {k: shas[k] for k in unchanged} == {k: manifest_shas(before)[k] for k in unchanged}
@@ -173,3 +177,19 @@ def test_planted_token_not_in_prefect_records(first, project):
     leaked += [str(p) for p in project.parent.parent.rglob("*")
                if p.is_file() and p.stat().st_size < 1 << 24 and PLANTED_TOKEN.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_a_node_that_does_not_fit_its_machine_is_refused_there(first, project, monkeypatch):
+    """The flow's process only plans; the task that picks quantize:Q5_K_S checks its own machine (here one
+    with 1 MiB free disk and RAM) and fails with the numbers. Stored nodes need no room and are reused."""
+    import quantkit.plan
+    from quantkit.errors import NodeDoesNotFit
+
+    monkeypatch.setattr(quantkit.plan, "machine", lambda root: quantkit.plan.Machine(2**20, 2**20))
+    project.write_text(RECIPE % "Q5_K_S")
+    state = quantize(str(project), return_state=True)
+    assert state.is_failed(), state
+    refused = state.result(raise_on_failure=False)
+    assert isinstance(refused, NodeDoesNotFit), refused
+    assert refused.node == "quantize:Q5_K_S" and refused.available_ram == 2**20
+    assert "cannot run quantize:Q5_K_S: it needs about" in str(refused) and "GiB is available" in str(refused)

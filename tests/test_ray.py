@@ -4,7 +4,9 @@ and a Ray worker killed while it quantizes does not lose the run.
 The cluster is `ray start --head` with its own worker processes (not the test's); the flow runs in
 its own process against a real Prefect server; machines would share the store through a common
 path, here one folder. The cluster declares one logical GPU so GPU nodes (which ask Ray for one)
-can be placed; on a CPU machine they run on the CPU as usual.
+can be placed; on a CPU machine they run on the CPU as usual. The cluster's workers have a thread count
+of their own (``QUANTKIT_THREADS=1``, the flow's process 2): each node builds its context where it runs,
+and the manifest says which machine facts made each step.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,7 @@ from test_worker_kill import BIN, Site, free_port  # noqa: E402
 pytestmark = pytest.mark.slow
 
 NAME = "tiny-ray"
+WORKER_THREADS = "1"  # the flow's own process has QUANTKIT_THREADS=2 (Site)
 RECIPE = tiny_recipe(NAME, """\
 evaluation:
   file: calibration/eval/en-prose-heldout.txt
@@ -72,9 +76,12 @@ class RayCluster:
                           "QUANTKIT_RAY_ADDRESS": self.address}
 
     def start(self) -> None:
-        self.site.cli(str(BIN / "ray"), "start", "--head", "--port", self.address.split(":")[1], "--num-cpus", "2",
-                      "--num-gpus", "1", "--include-dashboard=false", "--disable-usage-stats",
-                      "--temp-dir", self.temp)
+        # The workers inherit the environment of `ray start`, not the flow's: another thread count.
+        args = [str(BIN / "ray"), "start", "--head", "--port", self.address.split(":")[1], "--num-cpus", "2",
+                "--num-gpus", "1", "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", self.temp]
+        done = subprocess.run(args, cwd=self.site.root, env=self.site.env | {"QUANTKIT_THREADS": WORKER_THREADS},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
     def stop(self) -> None:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.site.env, capture_output=True, timeout=120)
@@ -112,6 +119,11 @@ def test_flow_on_ray_matches_a_local_run(cluster, local_run):
     log = (cluster.logs / "flow.log").read_text()
     assert "Connecting to an existing Ray instance" in log and "Using Ray cluster with 1 nodes" in log
     assert outcome(manifest) == local_run
+    steps = json.loads(manifest.read_text())["steps"]
+    made = {(s["host"], s["toolchain"], s["threads"]) for s in steps}
+    assert cluster.env["QUANTKIT_THREADS"] == "2" and len(steps) >= 5
+    assert made == {(socket.gethostname(), steps[0]["toolchain"], int(WORKER_THREADS))}, steps
+    assert steps[0]["toolchain"] and steps[0]["toolchain_dir"]
     COUNTERS["Ray runs identical to quantkit run"] += 1
 
 

@@ -146,11 +146,20 @@ def score_hf(*, model_dir: Path, text_file: Path, spec: Evaluation, base_model_d
 
 
 def bench_hf(*, model_dir: Path, gen_tokens: int = 32, reps: int = 1, device: str = "cpu",
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, threads: int | None = None) -> dict:
     """Greedy generation tokens/s of a checkpoint in transformers (the kernel GPTQModel picks on this
-    machine: its torch kernels on CPU). Prompt processing is not measured here."""
+    machine: its torch kernels on CPU), with ``threads`` torch threads when given (the count the store
+    key holds). Prompt processing is not measured here."""
     import torch
 
+    if threads is not None and threads != torch.get_num_threads():
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return bench_hf(model_dir=model_dir, gen_tokens=gen_tokens, reps=reps, device=device,
+                            trust_remote_code=trust_remote_code)
+        finally:
+            torch.set_num_threads(saved)
     model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
     prompt = tokenizer("The quick brown fox", return_tensors="pt").to(device)
     rates = []
