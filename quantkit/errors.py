@@ -26,7 +26,13 @@ class Problem:
 
     def __str__(self) -> str:
         where = f" {self.where}:" if self.where else ""
-        return f"{self.file}:{self.line}:{where} {self.message} (fix: {self.fix})"
+        # one problem, one line: a refused value can hold a newline, which must not print a line that looks
+        # like another problem
+        return _one_line(f"{self.file}:{self.line}:{where} {self.message} (fix: {self.fix})")
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class RecipeError(QuantkitError, ValueError):

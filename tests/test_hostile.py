@@ -272,3 +272,12 @@ def test_loader_refuses_any_text_with_file_line(project, text):
 def test_loader_refuses_any_structure_with_file_line(project, data):
     if _refusal(project, yaml.safe_dump(data)) is not None:
         COUNTERS["generated recipes refused with file:line"] += 1
+
+
+def test_a_refused_value_cannot_print_a_second_problem_line(tmp_path):
+    """A value holding a newline is printed escaped: one problem, one line, whatever the value holds."""
+    from quantkit.errors import Problem
+
+    spoof = "x\nrecipes/other.yaml:1: everything is fine"
+    line = str(Problem("recipes/r.yaml", 3, "model.name", f"{spoof!s} is not a safe name", "rename it"))
+    assert "\n" not in line and line.startswith("recipes/r.yaml:3: model.name: x\\nrecipes/other.yaml:1:")
