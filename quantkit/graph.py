@@ -384,6 +384,7 @@ def _checkpoint_inputs(ctx, node, deps):
 def _model_dir_and_identity(node: Node, deps: Results) -> tuple[Path, str]:
     made = deps[node.needs[0]]
     if isinstance(made, Source):
+        made.model.check_links()  # transformers follows links: none may have appeared since fetch_model
         return made.model.path, made.model.digest
     return made.path, made.key
 
