@@ -533,7 +533,7 @@ def render_markdown(report: dict) -> str:
            + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
            f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
            "variant (first row); ★ = recommended; (tie) = differs from the base by less than its standard error "
-           "(paired over the items when both were scored on the same ones by the same backend); † = the task does "
+           "(paired over the items when both were scored on the same ones with the same metric); † = the task does "
            "not discriminate (see Tasks)"
            + ("; ref = round-to-nearest reference, not published (see Against round-to-nearest)."
               if any(r.get("reference") for r in report["variants"]) else "."), ""]
@@ -580,10 +580,11 @@ def _tasks_md(report: dict) -> list[str]:
         out.append(f"- `{task_header(report, task)}`{n}: {verdict}: {c['why']}")
         b = c.get("bases")
         if b and b["se"] is not None:
+            said = ("identical on every item" if b["paired"] and b["se"] == 0 and b["difference"] == 0 else
+                    "they agree within 3 standard errors" if b["agree"] else
+                    "**they differ by more than 3 standard errors**: the backends do not measure alike")
             out.append(f"  - {b['gguf']} − {b['hf']} (the same weights in two backends): {b['difference']:+.4f} ± "
-                       f"{b['se']:.4f}{' (paired)' if b['paired'] else ''}: "
-                       + ("they agree within 3 standard errors" if b["agree"] else
-                          "**they differ by more than 3 standard errors**: the backends do not measure alike"))
+                       f"{b['se']:.4f}{' (paired)' if b['paired'] else ''}: {said}")
     return out
 
 
