@@ -442,3 +442,19 @@ def test_a_task_column_holds_one_metric_for_every_format():
     split = build_report(m)
     assert split["task_metrics"] == {"fts [acc]": {"task": "fts", "metric": "acc"},
                                      "fts [acc_token_norm]": {"task": "fts", "metric": "acc_token_norm"}}
+
+
+def test_the_same_scores_again_pass_every_comparison_with_the_last_release():
+    """A re-run that measured the same values (the same files on the same tokens) is not 'inconclusive'."""
+    report = build_report(gated_manifest(_items(279, flip_down=35, flip_up=18)))
+    gate = pub.regression_gate(report, report, thresholds=PublishThresholds(), previous_run="r1")
+    versus = [c for c in gate["changes"] if c["check"] == "kld_mean" or c["check"].startswith("task:")]
+    assert versus and {c["verdict"] for c in versus} == {"passed"}
+    # a variant 5 % worse in mean KLD, within the +10 % allowed but not by 3 unpaired errors: inconclusive
+    worse = build_report(gated_manifest(_items(279, flip_down=35, flip_up=18)))
+    for r in worse["variants"]:
+        if r["id"] == "gguf:Q4_K_M":
+            r["kld_mean"] *= 1.05
+    [c] = [c for c in pub.regression_gate(worse, report, thresholds=PublishThresholds())["changes"]
+           if c["id"] == "gguf:Q4_K_M" and c["check"] == "kld_mean"]
+    assert c["verdict"] == "inconclusive" and c["bound"][0] < c["limit"] < c["bound"][1]

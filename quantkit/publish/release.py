@@ -112,8 +112,12 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
         old = before.get(v["id"])
         if old and old.get("kld_mean") is not None and v.get("kld_mean") is not None:
             limit = old["kld_mean"] * (1 + thresholds.max_kld_increase)
-            # lower is better: the margin is the room left under the limit
-            se = math.hypot(old.get("kld_mean_err") or 0.0, v.get("kld_mean_err") or 0.0) or None
+            # Lower is better: the margin is the room left under the limit. Both means are over the same tokens,
+            # so their errors are not independent; without per-token values the difference's error is bounded
+            # by treating them as independent, except that the same value twice is the same file scored again
+            # (the scorer is deterministic): then the difference has no error.
+            same = v["kld_mean"] == old["kld_mean"]
+            se = 0.0 if same else math.hypot(old.get("kld_mean_err") or 0.0, v.get("kld_mean_err") or 0.0) or None
             check(v, "kld_mean", v["kld_mean"], limit, limit - v["kld_mean"], se, -1.0, old["kld_mean"],
                   f"mean KLD {old['kld_mean']:.5f} → {v['kld_mean']:.5f} "
                   f"({100 * (v['kld_mean'] / old['kld_mean'] - 1):+.1f}%, limit {limit:.5f})")
