@@ -181,15 +181,17 @@ def test_planted_token_not_in_prefect_records(first, project):
 
 def test_a_node_that_does_not_fit_its_machine_is_refused_there(first, project, monkeypatch):
     """The flow's process only plans; the task that picks quantize:Q5_K_S checks its own machine (here one
-    with 1 MiB free disk and RAM) and fails with the numbers. Stored nodes need no room and are reused."""
+    with no free disk and 1 KiB of RAM) and fails with the numbers. Stored nodes need no room and are reused."""
     import quantkit.plan
     from quantkit.errors import NodeDoesNotFit
 
-    monkeypatch.setattr(quantkit.plan, "machine", lambda root: quantkit.plan.Machine(2**20, 2**20))
+    monkeypatch.setattr(quantkit.plan, "machine", lambda root: quantkit.plan.Machine(0, 1024))
     project.write_text(RECIPE % "Q5_K_S")
     state = quantize(str(project), return_state=True)
     assert state.is_failed(), state
     refused = state.result(raise_on_failure=False)
     assert isinstance(refused, NodeDoesNotFit), refused
-    assert refused.node == "quantize:Q5_K_S" and refused.available_ram == 2**20
-    assert "cannot run quantize:Q5_K_S: it needs about" in str(refused) and "GiB is available" in str(refused)
+    assert refused.node == "quantize:Q5_K_S" and (refused.free_disk, refused.available_ram) == (0, 1024)
+    assert refused.need_disk > 0 and refused.need_ram > 1024
+    assert "cannot run quantize:Q5_K_S: it needs about" in str(refused)
+    assert "GiB of disk, 0.00 GiB is free; and about" in str(refused)

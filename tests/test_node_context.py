@@ -71,7 +71,7 @@ def test_keys_of_machine_dependent_results_name_the_machine():
     made = SimpleNamespace(path=Path("/store/gptq/k"), key="k" * 32)
     bench_hf = Node("bench-hf:W4", "bench-hf", "W4", ("gptq:W4",))
     score_hf = Node("score-hf:HF", "score-hf", "HF", ("source",), {"is_base": True})
-    source = graph.Source(SimpleNamespace(path=Path("/m"), digest="d" * 64), None)
+    source = graph.Source(SimpleNamespace(path=Path("/m"), digest="d" * 64, check_links=lambda: None), None)
     cpu3, cpu2, gpu3 = (machine_ctx(recipe, threads=3, device="cpu"), machine_ctx(recipe, threads=2, device="cpu"),
                         machine_ctx(recipe, threads=3, device="cuda"))
     hf = graph._bench_hf_inputs(cpu3, bench_hf, {"gptq:W4": made})
