@@ -81,7 +81,9 @@ def shard_lines(rows: list[dict]) -> list[str]:
     out = ["## Split files", "",
            "GGUFs over the per-file limit are published as llama-gguf-split shards. llama.cpp loads them by the "
            "first shard (`llama-server -m <first shard>`, or `-hf` from the Hub); Ollama cannot import shards, "
-           "so merge them into one file first.", ""]
+           "so merge them into one file first. The merged file has every tensor and metadata value of the "
+           "original plus the `split.*` keys llama-gguf-split leaves (`split.count` 0), so its sha256 is not the "
+           "manifest's; each shard's is below.", ""]
     for r in split:
         out += [f"**{r['label']}** (`{r['file']}`, {len(r['shards'])} shards): "
                 f"`{r['serve'].get('merge') or ''}`", "", "| shard | bytes | sha256 |", "|---|---|---|"]

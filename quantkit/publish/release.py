@@ -614,9 +614,11 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
 
     ``settings``: ``recipe.publish or recipe.Publish()``; ``hub_api``: an ``HfApi`` to push with
     (default: one with ``$HF_TOKEN``); ``verify``: called before anything is published (the run
-    checks every file against the manifest's sha256). A previous release whose files no longer
-    have the sizes of the run folder's (damaged since, and rebuilt) is not "unchanged": the run is
-    published again.
+    checks every file against the manifest's sha256); ``gguf_split``: llama-gguf-split (default: the
+    pinned toolchain's), which splits every GGUF over ``settings.max_file_gib`` in the staged folder,
+    whose manifest and report then list the shards (the run folder keeps its file). A previous release
+    whose files no longer have the sizes of the run folder's (damaged since, and rebuilt) is not
+    "unchanged": the run is published again.
     """
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
@@ -665,8 +667,6 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
             (staged / "plot.png").unlink(missing_ok=True)  # a hard link to the run's: rendered anew, not through it
             shown = build_report(sharded, config=config, chat_template=chat_template,
                                  recommend_max_kld=th.recommend_max_kld, regression=gate, base_origin=origin)
-            if unchanged_since:
-                shown["unchanged_since"] = unchanged_since
             write_report(shown, staged, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
                          calibration_readme=calibration_readme)
         if settings.target == "hub":
