@@ -290,8 +290,9 @@ def test_the_token_reaches_the_hub_and_is_logged_and_written_nowhere(published):
 
 def test_split_ggufs_keep_their_tags(tmp_path, monkeypatch, tiny_f16_gguf, toolchain):
     """A GGUF over publish.max_file_gib goes up as the pinned llama-gguf-split's shards (the tiny Llama's
-    real GGUF): llama.cpp's quant-tag rule (``llama-server -hf repo:Q4_K_M``) picks all of them, and the
-    card lists them with the merge line Ollama needs instead of ``ollama run`` (Ollama cannot import shards)."""
+    real GGUF): the pinned llama.cpp's ``-hf repo:Q4_K_M`` fetches all of them from the local Hub and runs,
+    quantkit's mirror of its rule agrees, and the card lists them with the merge line Ollama needs instead of
+    ``ollama run`` (Ollama cannot import shards)."""
     import huggingface_hub.constants as c
     from huggingface_hub import HfApi
 
@@ -316,7 +317,18 @@ def test_split_ggufs_keep_their_tags(tmp_path, monkeypatch, tiny_f16_gguf, toolc
                                      api=HfApi(endpoint=hub.url, token=TOKEN), max_file_bytes=limit)
         assert list(urls) == [GGUF_REPO]
         files = hub.tree(GGUF_REPO, "r1")
+        # What `llama-server -hf me/…-GGUF:Q4_K_M` does, with the pinned llama.cpp's own download code
+        # (common/download.cpp, shared by every tool): list the repo, take the first shard, fetch its siblings.
+        env = {**_env(tmp_path, hub), "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+        heldout = Path(__file__).resolve().parents[1] / "calibration" / "eval" / "en-prose-heldout.txt"
+        fetched = subprocess.run([toolchain.binary("llama-perplexity"), "-hf", f"{GGUF_REPO}:Q4_K_M", "-f", heldout,
+                                  "-c", "128", "--chunks", "2", "-t", "2"], env=env, capture_output=True, text=True,
+                                 timeout=300)
+        got = sorted(path.rsplit("/", 1)[1] for method, path in hub.requests
+                     if method == "GET" and f"/{GGUF_REPO}/resolve/" in path)
+    assert fetched.returncode == 0 and "Final estimate: PPL" in fetched.stderr + fetched.stdout, fetched.stderr[-3000:]
     (variant,) = [v for v in sharded["variants"] if v.get("shards")]
+    assert got == [s["file"] for s in variant["shards"]]  # every shard, nothing else
     shards = [s["file"] for s in variant["shards"]]
     assert len(shards) >= 3 and shards[0] == f"{STEM}-Q4_K_M-00001-of-{len(shards):05d}.gguf"
     assert f"{STEM}-Q4_K_M.gguf" not in files and set(shards) <= set(files)
