@@ -132,7 +132,9 @@ def test_quant_tags_resolve_as_llama_cpp_and_the_hub_resolve_them():
     assert cmds["Q4_K_M"] == {"ollama": "ollama run hf.co/me/M-GGUF:Q4_K_M",
                               "llama_server": "llama-server --hf-repo me/M-GGUF --hf-file M-Q4_K_M.gguf"}
     assert cmds["Q4_K_M-noimat"]["llama_server"] == "llama-server -hf me/M-GGUF:Q4_K_M-noimat"
-    assert cmds["Q8_0"] == {"ollama": "ollama run hf.co/me/M-GGUF:Q8_0", "llama_server": "llama-server -hf me/M-GGUF:Q8_0"}
+    # shards: Ollama cannot import them, so the merge line instead of `ollama run`
+    assert cmds["Q8_0"] == {"merge": "llama-gguf-split --merge M-Q8_0-00001-of-00002.gguf M-Q8_0.gguf",
+                            "llama_server": "llama-server -hf me/M-GGUF:Q8_0"}
 
 
 def test_layout_puts_each_checkpoint_at_a_repo_root(tmp_path):
