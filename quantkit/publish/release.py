@@ -9,6 +9,10 @@ renamed into place, so it is complete or absent; a published run id is never rep
 happens from the staged folder before that rename: if it fails, nothing is published locally, and
 every repo is created and checked for the run's tag before the first commit.
 
+A GGUF over ``publish.max_file_gib`` (default just under the Hub's 50 GB per-file limit) is published, locally
+and on the Hub, as the pinned ``llama-gguf-split`` shards, made in the staged folder (``shard_staged``); the
+published manifest and report list each shard with its sha256, and the run folder keeps its one file.
+
 Rendering lives in ``quantkit.publish.report``; this module only decides and moves files.
 
 Trying the Hub path against real repositories (the tests use the local Hub of tests/localhub.py)::
@@ -545,9 +549,10 @@ def publish_hub_repos(*, staged: Path, manifest: dict, report: dict, settings: A
                       recipe_yaml: str, calibration_readme: str | None = None, gguf_split: Path | None = None,
                       api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES) -> dict[str, str]:
     """Push a staged run as one repo per format (``quantkit.publish.hublayout.plan_repos``); return
-    ``{repo id: commit URL}``. GGUFs over ``max_file_bytes`` are split first (``shard_staged``), and
-    ``manifest``/``report`` should be the ones that list the shards. Every repo is created (or found) and checked for the run's tag before the
-    first commit, so a missing permission or a reused run id stops the release before anything is pushed.
+    ``{repo id: commit URL}``. GGUFs over ``max_file_bytes`` are split first (``shard_staged``; ``release``
+    has done it already, and its ``manifest`` and ``report`` list the shards). Every repo is created (or
+    found) and checked for the run's tag before the first commit, so a missing permission or a reused run id
+    stops the release before anything is pushed.
     ``settings``: ``recipe.Publish`` (owner, repo templates, private)."""
     from huggingface_hub.errors import HfHubHTTPError
 
