@@ -145,3 +145,13 @@ def test_a_release_without_the_splitter_is_refused_before_anything_is_published(
                     recipe_yaml=RECIPE_YAML, config=CONFIG, run_id="r1")
     store = tmp_path / "artifacts" / "smollm2-135m-demo"
     assert not (store / "r1").exists() and not (store / "latest").exists() and not list(store.glob(".tmp-*"))
+
+
+def test_max_file_gib_stays_under_the_hub_limit():
+    import pydantic
+
+    assert Publish().max_file_gib == 46.5 and 49.9e9 < Publish().max_file_bytes < pub.HUB_MAX_FILE_BYTES
+    assert pub.shard_bytes_for(Publish().max_file_bytes) == 48_431_000_000  # 3% left for the first shard's metadata
+    for bad in (0, 47):
+        with pytest.raises(pydantic.ValidationError, match="max_file_gib"):
+            Publish(max_file_gib=bad)
