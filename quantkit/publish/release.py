@@ -467,8 +467,8 @@ def shard_staged(staged: Path, manifest: dict, *, gguf_split: Path | None, max_f
         shards = split_gguf(staged / name, dest=staged, gguf_split=gguf_split, max_file_bytes=max_file_bytes)
         (staged / name).unlink()  # a hard link into the run folder: the run keeps its file
         v["shards"] = [{"file": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in shards]
-        log.info("%s (%.2f GB) is published as %d shards of at most %.2f GB", name, size / 1e9, len(shards),
-                 max_file_bytes / 1e9)
+        log.info("%s (%.3g GiB) is published as %d shards (publish.max_file_gib %.3g)", name, size / 2**30,
+                 len(shards), max_file_bytes / 2**30)
     if big:
         (staged / "manifest.json").unlink(missing_ok=True)  # a hard link to the run's: replaced, not written through
         write_json_atomic(staged / "manifest.json", out)
