@@ -20,6 +20,8 @@ from quantkit.publish import release as pub
 from quantkit.recipe import Evaluation, Publish
 from quantkit.scoring.llamacpp import base_logits, score_gguf
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "calibration" / "eval" / "en-prose-heldout.txt"
 SPEC = Evaluation(file="calibration/eval/en-prose-heldout.txt", ctx=128, max_tokens=4 * 128)
