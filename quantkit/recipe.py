@@ -600,6 +600,9 @@ class HubRepos(Section):
         return v
 
 
+HUB_MAX_FILE_GIB = 46.5  # the Hub refuses files over 50 GB (46.57 GiB); a split GGUF's shards stay under it
+
+
 class Publish(Section):
     """Where a scored run goes: the local artifact store (always), and the Hub when target is 'hub':
     one repo per format, named by ``repos`` (templates over owner, model, bits and group size)."""
@@ -612,9 +615,16 @@ class Publish(Section):
     private: bool = Field(True, description="create the Hub repos private")
     dir: ProjectDir = Field("artifacts", validate_default=True,
                             description="local artifact store: <dir>/<recipe>/<run-id>/ and latest")
+    max_file_gib: float = Field(HUB_MAX_FILE_GIB, gt=0, le=HUB_MAX_FILE_GIB,
+                                description="a GGUF larger than this is published as llama-gguf-split shards "
+                                "(default: just under the Hub's 50 GB per-file limit)")
     thresholds: PublishThresholds = PublishThresholds()
 
     _repo = field_validator("repo")(_repo_id)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_gib * 2**30)
 
     @field_validator("owner")
     @classmethod

@@ -280,4 +280,5 @@ def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
         return release(run_dir=manifest_path.parent, manifest=manifest, root=ctx.root, verify=verify,
                        settings=ctx.recipe.publish or Publish(), recipe_yaml=ctx.recipe_file.read_text(),
                        config=facts["config"], chat_template=facts["chat_template"], eos_token=facts["eos_token"],
-                       calibration_readme=calib_readme.read_text() if calib_readme.is_file() else None)
+                       calibration_readme=calib_readme.read_text() if calib_readme.is_file() else None,
+                       gguf_split=ctx.toolchain.binary("llama-gguf-split") if ctx.toolchain else None)

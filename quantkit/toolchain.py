@@ -1,4 +1,4 @@
-"""The pinned llama.cpp toolchain: converter, gguf-py and the four binaries.
+"""The pinned llama.cpp toolchain: converter, gguf-py and the binaries quantkit runs.
 
 One llama.cpp version, used everywhere and written into every manifest. An
 existing install is used when its version matches; otherwise the tree that the
@@ -45,7 +45,8 @@ PIN = Pin(
     converter_sha256="e9a1da876330bbce9687541ab31736542a01b4ac43c6686126514a50f122fb7f",
 )
 
-BINARIES = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
+# llama-server: what users chat with (the serve check); llama-gguf-split: shards for files over the Hub's limit.
+BINARIES = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server", "llama-gguf-split")
 STAMP = "toolchain.json"
 # Env vars naming an existing install: a folder with the binaries, a llama.cpp source tree.
 ENV_BIN = "QUANTKIT_LLAMA_CPP_BIN"
@@ -67,7 +68,7 @@ def cmake_args(*, cuda: bool, cuda_arch: str | None = None) -> list[str]:
         "-DLLAMA_BUILD_TOOLS=ON",
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
-        "-DLLAMA_BUILD_SERVER=OFF",
+        "-DLLAMA_BUILD_SERVER=ON",
         "-DLLAMA_BUILD_APP=OFF",
         "-DLLAMA_CURL=OFF",  # the tools never download; quantkit does
         f"-DLLAMA_BUILD_COMMIT={PIN.commit}",

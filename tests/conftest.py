@@ -74,6 +74,31 @@ def tiny_llama() -> pathlib.Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def toolchain():
+    """The pinned llama.cpp toolchain, found (never built); the test is skipped without it."""
+    from quantkit.errors import ToolchainError
+    from quantkit.toolchain import find_toolchain
+
+    try:
+        return find_toolchain()
+    except ToolchainError as e:
+        pytest.skip(f"no pinned llama.cpp toolchain ({e}); run `quantkit toolchain --build`")
+
+
+@pytest.fixture(scope="session")
+def tiny_f16_gguf(tiny_llama, toolchain, tmp_path_factory) -> pathlib.Path:
+    """The tiny Llama converted to an F16 GGUF by the pinned converter (once per session)."""
+    import sys
+
+    from quantkit.proc import run_tool
+
+    f16 = tmp_path_factory.mktemp("tiny-gguf") / "f16.gguf"
+    run_tool([sys.executable, toolchain.convert_script, tiny_llama, "--outfile", f16, "--outtype", "f16"],
+             env=toolchain.python_env())
+    return f16
+
+
 def pytest_terminal_summary(terminalreporter):
     from figures import COUNTERS
 

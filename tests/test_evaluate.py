@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-from quantkit.errors import ToolchainError, VerificationError
+from quantkit.errors import VerificationError
 from quantkit.proc import run_tool
 from quantkit.recipe import Evaluation
 from quantkit.scoring.llamacpp import (
@@ -25,7 +24,6 @@ from quantkit.scoring.llamacpp import (
     score_gguf,
 )
 from quantkit.scoring.windows import base_logits_bytes, estimate_base_logits_bytes, read_logits_header, scored_per_chunk
-from quantkit.toolchain import find_toolchain
 
 pytestmark = pytest.mark.slow
 
@@ -36,24 +34,14 @@ SPEC = Evaluation(file="calibration/eval/en-prose-heldout.txt", ctx=CTX, max_tok
 
 
 @pytest.fixture(scope="session")
-def toolchain():
-    try:
-        return find_toolchain()
-    except ToolchainError as e:
-        pytest.skip(f"no pinned llama.cpp toolchain ({e}); run `quantkit toolchain --build`")
-
-
-@pytest.fixture(scope="session")
 def tiny_model_dir(tiny_llama) -> Path:
     return Path(tiny_llama)
 
 
 @pytest.fixture(scope="session")
-def ggufs(tiny_model_dir, toolchain, tmp_path_factory) -> dict[str, Path]:
+def ggufs(tiny_f16_gguf, toolchain, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf")
-    f16 = out / "f16.gguf"
-    run_tool([sys.executable, toolchain.convert_script, tiny_model_dir, "--outfile", f16, "--outtype", "f16"],
-             env=toolchain.python_env())
+    f16 = tiny_f16_gguf
     files = {"F16": f16}
     for qtype in ("Q8_0", "Q2_K"):
         files[qtype] = out / f"{qtype}.gguf"

@@ -4,6 +4,7 @@ GPTQ repo's root, and llama.cpp's quant-tag rule over the repo's listing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -131,7 +132,9 @@ def test_quant_tags_resolve_as_llama_cpp_and_the_hub_resolve_them():
     assert cmds["Q4_K_M"] == {"ollama": "ollama run hf.co/me/M-GGUF:Q4_K_M",
                               "llama_server": "llama-server --hf-repo me/M-GGUF --hf-file M-Q4_K_M.gguf"}
     assert cmds["Q4_K_M-noimat"]["llama_server"] == "llama-server -hf me/M-GGUF:Q4_K_M-noimat"
-    assert cmds["Q8_0"] == {"ollama": "ollama run hf.co/me/M-GGUF:Q8_0", "llama_server": "llama-server -hf me/M-GGUF:Q8_0"}
+    # shards: Ollama cannot import them, so the merge line instead of `ollama run`
+    assert cmds["Q8_0"] == {"merge": "llama-gguf-split --merge M-Q8_0-00001-of-00002.gguf M-Q8_0.gguf",
+                            "llama_server": "llama-server -hf me/M-GGUF:Q8_0"}
 
 
 def test_layout_puts_each_checkpoint_at_a_repo_root(tmp_path):
@@ -287,45 +290,58 @@ def test_the_token_reaches_the_hub_and_is_logged_and_written_nowhere(published):
         assert not any(TOKEN.encode() in data for data in published["hub"].tree(repo_id, "r1").values())
 
 
-def test_split_ggufs_keep_their_tags(tmp_path, monkeypatch):
-    """A GGUF over the per-file limit goes up as llama-gguf-split's shards, which both quant-tag rules
-    resolve (a stand-in splitter: the pinned toolchain does not build llama-gguf-split)."""
+def test_split_ggufs_keep_their_tags(tmp_path, monkeypatch, tiny_f16_gguf, toolchain):
+    """A GGUF over publish.max_file_gib goes up as the pinned llama-gguf-split's shards (the tiny Llama's
+    real GGUF): the pinned llama.cpp's ``-hf repo:Q4_K_M`` fetches all of them from the local Hub and runs,
+    quantkit's mirror of its rule agrees, and the card lists them with the merge line Ollama needs instead of
+    ``ollama run`` (Ollama cannot import shards)."""
     import huggingface_hub.constants as c
     from huggingface_hub import HfApi
 
+    splitter = toolchain.binary("llama-gguf-split")
+    if not splitter.is_file():
+        pytest.skip("the toolchain has no llama-gguf-split (built before #28); run `quantkit toolchain --build`")
     monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
-    splitter = tmp_path / "llama-gguf-split"
-    splitter.write_text(textwrap.dedent(f"""\
-        #!{sys.executable}
-        import sys
-        from pathlib import Path
-        size, src, prefix = sys.argv[3], Path(sys.argv[4]), sys.argv[5]
-        assert sys.argv[1:3] == ["--split", "--split-max-size"] and size == "1M", sys.argv
-        data = src.read_bytes()
-        parts = [data[i:i + 1000**2] for i in range(0, len(data), 1000**2)]
-        for i, part in enumerate(parts, 1):
-            Path(f"{{prefix}}-{{i:05d}}-of-{{len(parts):05d}}.gguf").write_bytes(part)
-        """))
-    splitter.chmod(0o755)
     manifest = hub_manifest()
     manifest["variants"] = manifest["variants"][:5]  # F16 … Q4_K_M
     manifest["recipe"]["resolved"] |= {"gptq": [], "awq": []}
     run = make_run_dir(tmp_path, manifest)
     big = run / f"{STEM}-Q4_K_M.gguf"
-    big.write_bytes(big.read_bytes() + b"\0" * 2_500_000)
-    report = pub.build_report(manifest, config=CONFIG, chat_template=CHATML)
+    big.write_bytes(tiny_f16_gguf.read_bytes())
+    limit = big.stat().st_size // 3
+    sharded = pub.shard_staged(run, manifest, gguf_split=splitter, max_file_bytes=limit)
+    report = pub.build_report(sharded, config=CONFIG, chat_template=CHATML)
     with LocalHub(token=TOKEN) as hub:
-        urls = pub.publish_hub_repos(staged=run, manifest=manifest, report=report,
+        urls = pub.publish_hub_repos(staged=run, manifest=sharded, report=report,
                                      settings=Publish(target="hub", owner=OWNER), run_id="r1", recipe="demo",
                                      recipe_yaml=RECIPE_YAML, gguf_split=splitter,
-                                     api=HfApi(endpoint=hub.url, token=TOKEN), max_file_bytes=2_000_000,
-                                     shard_bytes=1_000_000)
+                                     api=HfApi(endpoint=hub.url, token=TOKEN), max_file_bytes=limit)
         assert list(urls) == [GGUF_REPO]
         files = hub.tree(GGUF_REPO, "r1")
-    shards = [f"{STEM}-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+        # What `llama-server -hf me/…-GGUF:Q4_K_M` does, with the pinned llama.cpp's own download code
+        # (common/download.cpp, shared by every tool): list the repo, take the first shard, fetch its siblings.
+        env = {**_env(tmp_path, hub), "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+        heldout = Path(__file__).resolve().parents[1] / "calibration" / "eval" / "en-prose-heldout.txt"
+        fetched = subprocess.run([toolchain.binary("llama-perplexity"), "-hf", f"{GGUF_REPO}:Q4_K_M", "-f", heldout,
+                                  "-c", "128", "--chunks", "2", "-t", "2"], env=env, capture_output=True, text=True,
+                                 timeout=300)
+        got = sorted(path.rsplit("/", 1)[1] for method, path in hub.requests
+                     if method == "GET" and f"/{GGUF_REPO}/resolve/" in path)
+    # loaded from the shards and computing (the log's last lines can be lost at exit: scoring/llamacpp.py)
+    assert fetched.returncode == 0 and "calculating perplexity over 2 chunks" in fetched.stderr, fetched.stderr[-3000:]
+    (variant,) = [v for v in sharded["variants"] if v.get("shards")]
+    assert got == [s["file"] for s in variant["shards"]]  # every shard, nothing else
+    shards = [s["file"] for s in variant["shards"]]
+    assert len(shards) >= 3 and shards[0] == f"{STEM}-Q4_K_M-00001-of-{len(shards):05d}.gguf"
     assert f"{STEM}-Q4_K_M.gguf" not in files and set(shards) <= set(files)
-    assert b"".join(files[s] for s in shards) == big.read_bytes()
+    assert all(len(files[s]) <= limit for s in shards)
     assert llama_cpp_pick(sorted(files), "Q4_K_M") == shards and hub_tag_files(sorted(files), "Q4_K_M") == shards
+    assert [hashlib.sha256(files[s["file"]]).hexdigest() for s in variant["shards"]] == \
+        [s["sha256"] for s in variant["shards"]]  # the shards the manifest pins went up
     card = files["README.md"].decode()
-    assert f"`ollama run hf.co/{GGUF_REPO}:Q4_K_M`" in card and f"`{shards[0]}`" in card
+    merge = f"llama-gguf-split --merge {shards[0]} {STEM}-Q4_K_M.gguf"
+    assert f"`ollama run hf.co/{GGUF_REPO}:Q4_K_M`" not in card and f"merge first: `{merge}`" in card
+    assert f"`llama-server -hf {GGUF_REPO}:Q4_K_M`" in card and f"`{shards[0]}`" in card
+    assert all(f"| `{s['file']}` | {s['size']} | `{s['sha256']}` |" in card for s in variant["shards"])
+    assert f"`ollama run hf.co/{GGUF_REPO}:Q8_0`" in card  # one file: Ollama pulls it as it is

@@ -339,9 +339,9 @@ def test_hub_refuses_oversized_gguf_without_gguf_split(tmp_path):
     (tmp_path / "README.md").write_text("card")
     files = pub.plan_hub_files(tmp_path, max_file_bytes=100)
     assert [f.split for f in files] == [False, True]
-    with pytest.raises(PublishError, match="big.gguf is 0.0 GB, over the Hub's 50 GB per-file limit, "
+    with pytest.raises(PublishError, match=r"big.gguf is 2.79e-07 GiB, over publish.max_file_gib \(9.31e-08 GiB\), "
                                            "and llama-gguf-split is not built"):
-        pub.split_large_ggufs(files, work=tmp_path / "w", gguf_split=None)
+        pub.split_large_ggufs(files, work=tmp_path / "w", gguf_split=None, max_file_bytes=100)
     with pytest.raises(PublishError, match="must be split"):
         pub.hub_operations(files)
     assert pub.split_names("m.gguf", 120 * 10**9) == ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf",

@@ -61,7 +61,7 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
         f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
         f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
         "full report in `report.md` / `report.json`, plot in `plot.png`", "",
-        "## Variants", "", *table, "", *_mix_lines(report),
+        "## Variants", "", *table, "", *_mix_lines(report), *shard_lines(rows),
         "## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "", *calib, "",
         "## Recipe", "", *fenced(recipe_yaml, "yaml"), ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -70,6 +70,26 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
 FORMAT_TITLES = {"gguf": "GGUF", "gptq": "GPTQ", "awq": "AWQ"}
 PIPELINE_TAG = "text-generation"  # quantkit quantizes causal language models
 LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers"}  # GPTQ/AWQ load with from_pretrained
+
+
+def shard_lines(rows: list[dict]) -> list[str]:
+    """The "Split files" section: each GGUF published as llama-gguf-split shards, shard by shard with its
+    size and sha256, and the line that merges them (llama.cpp loads the first shard; Ollama needs one file)."""
+    split = [r for r in rows if r.get("shards")]
+    if not split:
+        return []
+    out = ["## Split files", "",
+           "GGUFs over the per-file limit are published as llama-gguf-split shards. llama.cpp loads them by the "
+           "first shard (`llama-server -m <first shard>`, or `-hf` from the Hub); Ollama cannot import shards, "
+           "so merge them into one file first. The merged file has every tensor and metadata value of the "
+           "original plus the `split.*` keys llama-gguf-split leaves (`split.count` 0), so its sha256 is not the "
+           "manifest's; each shard's is below.", ""]
+    for r in split:
+        out += [f"**{r['label']}** (`{r['file']}`, {len(r['shards'])} shards): "
+                f"`{r['serve'].get('merge') or ''}`", "", "| shard | bytes | sha256 |", "|---|---|---|"]
+        out += [f"| `{s['file']}` | {s['size']} | `{s['sha256']}` |" for s in r["shards"]]
+        out.append("")
+    return out
 
 
 def _mix_lines(report: dict) -> list[str]:
@@ -137,8 +157,9 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
         for label, name in repo.ggufs.items():
             c = (commands or {}).get(label, {})
             shown = [f for f in (files or [name]) if f == name or f.startswith(name.removesuffix(".gguf") + "-000")]
-            body.append(f"| {label} | {', '.join(f'`{f}`' for f in shown) or f'`{name}`'} | "
-                        f"{'`' + c['ollama'] + '`' if c.get('ollama') else '–'} | "
+            ollama = (f"`{c['ollama']}`" if c.get("ollama") else
+                      f"merge first: `{c['merge']}`, then the `.Modelfile`" if c.get("merge") else "–")
+            body.append(f"| {label} | {', '.join(f'`{f}`' for f in shown) or f'`{name}`'} | {ollama} | "
                         f"{'`' + c['llama_server'] + '`' if c.get('llama_server') else '–'} |")
         body += ["", ("Each GGUF carries the model's chat template; the `.Modelfile` next to it is the same "
                       "model for `ollama create` from a local download."), ""]
@@ -155,7 +176,7 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
              f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
              (f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
               "the whole run's report (every format) in `report.md` / `report.json`, plot in `plot.png`"), "",
-             "## Scores", "", *table, "", *_mix_lines({**report, "variants": own})]
+             "## Scores", "", *table, "", *_mix_lines({**report, "variants": own}), *shard_lines(own)]
     if others:
         body += ["## Other formats of this release", "", *others, ""]
     body += ["## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "",

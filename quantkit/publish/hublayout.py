@@ -18,8 +18,9 @@ Why the names (each source read for this):
   gives ``--hf-file`` wherever the tag would pick another file.
 - ``from_pretrained(repo)`` and ``vllm serve repo`` read ``config.json`` at the repo root, never from a
   subfolder, so each GPTQ/AWQ checkpoint is the root of its own repo.
-- Split GGUFs keep llama-gguf-split's ``<Model>-<label>-00001-of-00003.gguf`` names, which both rules
-  above resolve (llama.cpp downloads every shard of the matched first one).
+- Split GGUFs keep llama-gguf-split's ``<Model>-<label>-00001-of-00003.gguf`` names, which llama.cpp's
+  rule resolves (it downloads every shard of the matched first one). Ollama cannot import split GGUFs
+  (quantkit issue #28), so the card gives the ``llama-gguf-split --merge`` line instead of ``ollama run``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import PublishError
-from quantkit.publish.modelfile import modelfile_name
+from quantkit.publish.modelfile import merge_command, modelfile_name
 
 HUB_FORMATS = ("gguf", "gptq", "awq")
 SHARED_FILES = ("report.md", "report.json", "plot.png", "manifest.json", "recipe.yaml")  # in every repo
@@ -134,9 +135,10 @@ def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
         repo["settings"][label] = s
         if fmt == "gguf":
             name = v["file"]
-            if "/" in name or not (staged / name).is_file():
-                raise PublishError(f"GGUF {name} is not a file at the top of the staged run")
-            repo["files"][name] = staged / name
+            parts = [s["file"] for s in v.get("shards") or []] or [name]  # split: its shards, in order
+            if any("/" in p or not (staged / p).is_file() for p in parts):
+                raise PublishError(f"GGUF {name} is not a file (or its shards are not) at the top of the staged run")
+            repo["files"].update({p: staged / p for p in parts})
             repo["ggufs"][label] = name
             if (staged / modelfile_name(name)).is_file():
                 repo["files"][modelfile_name(name)] = staged / modelfile_name(name)
@@ -199,7 +201,9 @@ def gguf_commands(repo: HubRepo, paths: list[str]) -> dict[str, dict[str, str]]:
         mine = sorted(p for p in paths if p == file or _split(p)[0] == prefix and _split(p)[2] > 1)
         first = next((p for p in mine if _split(p)[1] == 1), file)
         cmds = {}
-        if hub_tag_files(paths, label) == mine:
+        if first != file:  # shards: Ollama cannot import them, so a user merges them first
+            cmds["merge"] = merge_command(first, file)
+        elif hub_tag_files(paths, label) == mine:
             cmds["ollama"] = f"ollama run hf.co/{repo.repo_id}:{label}"
         if llama_cpp_pick(paths, label) == mine:
             cmds["llama_server"] = f"llama-server -hf {repo.repo_id}:{label}"

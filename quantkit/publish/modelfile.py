@@ -111,10 +111,15 @@ SHAPE_NAMES = {"chatml": "ChatML", "llama3": "Llama-3", "gemma": "Gemma", "mistr
 
 
 def render_modelfile(gguf_file: str, chat_template: str | None, *, num_ctx: int,
-                     eos_token: str | None = None) -> str:
+                     eos_token: str | None = None, shards: list[str] | None = None) -> str:
+    """``shards``: the files ``gguf_file`` is published as (llama-gguf-split); Ollama cannot import
+    shards, so the Modelfile says how to merge them into ``gguf_file`` first."""
     tpl = ollama_template(chat_template, eos_token=eos_token)
-    lines = [f"# Ollama Modelfile written by quantkit. Use: ollama create NAME -f {modelfile_name(gguf_file)}",
-             f"FROM {modelfile_quote('./' + gguf_file)}", ""]
+    lines = [f"# Ollama Modelfile written by quantkit. Use: ollama create NAME -f {modelfile_name(gguf_file)}"]
+    if shards:
+        lines += [f"# {gguf_file} is published as {len(shards)} shards, which Ollama cannot import: merge them first",
+                  f"#   {merge_command(shards[0], gguf_file)}"]
+    lines += [f"FROM {modelfile_quote('./' + gguf_file)}", ""]
     if tpl.template is None:
         known = ", ".join(SHAPE_NAMES.values())
         if tpl.shape == "embedded":
@@ -159,6 +164,11 @@ def llama_server_command(gguf_file: str, *, ctx: int, gpu: bool = True) -> str:
     if gpu:
         cmd += ["-ngl", "999"]
     return shlex.join(cmd)
+
+
+def merge_command(first_shard: str, merged: str) -> str:
+    """How a user rebuilds one GGUF from its llama-gguf-split shards (Ollama cannot import shards)."""
+    return shlex.join(["llama-gguf-split", "--merge", first_shard, merged])
 
 
 def vllm_serve_command(folder: str, *, fmt: str, ctx: int) -> str:

@@ -9,6 +9,10 @@ renamed into place, so it is complete or absent; a published run id is never rep
 happens from the staged folder before that rename: if it fails, nothing is published locally, and
 every repo is created and checked for the run's tag before the first commit.
 
+A GGUF over ``publish.max_file_gib`` (default just under the Hub's 50 GB per-file limit) is published, locally
+and on the Hub, as the pinned ``llama-gguf-split`` shards, made in the staged folder (``shard_staged``); the
+published manifest and report list each shard with its sha256, and the run folder keeps its one file.
+
 Rendering lives in ``quantkit.publish.report``; this module only decides and moves files.
 
 Trying the Hub path against real repositories (the tests use the local Hub of tests/localhub.py)::
@@ -41,7 +45,7 @@ from quantkit.errors import PublishError, RegressionError
 from quantkit.runfolder import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
 from quantkit.paths import inside, open_fixed, project_parts
-from quantkit.publish.hublayout import CARD, HubRepo, gguf_commands, plan_repos
+from quantkit.publish.hublayout import CARD, SPLIT_RE, HubRepo, gguf_commands, plan_repos
 from quantkit.publish.report import build_report, load_report, variants_table, write_report
 from quantkit.store import exclusive
 
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 HUB_MAX_FILE_BYTES = 50 * 1000**3  # the Hub refuses single files over 50 GB
-SPLIT_MAX_BYTES = 45 * 1000**3  # shard size asked of llama-gguf-split, under the limit with margin
+SPLIT_MAX_BYTES = 45 * 1000**3  # a shard size for estimates (split_names); publishing asks shard_bytes_for
 TOKEN_ENV = "HF_TOKEN"
 
 
@@ -197,6 +201,13 @@ def release_fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(variants, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _differing_unsplit(published_manifest: Path, run_dir: Path, manifest: dict) -> list[str]:
+    """``runfolder.differing_files`` of a published run, leaving out the GGUFs it published as shards (their
+    shards' sha256 are in its manifest; the whole file is not there to compare)."""
+    split = {v["file"] for v in json.loads(Path(published_manifest).read_text())["variants"] if v.get("shards")}
+    return [rel for rel in differing_files(Path(published_manifest).parent, run_dir, manifest) if rel not in split]
+
+
 def _record_unchanged(folder: Path, *, manifest_path: Path, since: str) -> None:
     """Append this run to ``<store>/<recipe>/unchanged.jsonl`` (the published runs stay untouched)."""
     line = {"at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "unchanged_since": since,
@@ -334,7 +345,7 @@ class HubFile:
 
 
 def plan_hub_files(folder: Path, *, max_file_bytes: int = HUB_MAX_FILE_BYTES) -> list[HubFile]:
-    """Every file of a staged run folder with its path in the repo; GGUFs over the Hub's limit are
+    """Every file of a staged run folder with its path in the repo; GGUFs over the limit are
     marked for splitting, and any other file over it is refused."""
     out = []
     for p in sorted(Path(folder).rglob("*")):
@@ -349,8 +360,16 @@ def plan_hub_files(folder: Path, *, max_file_bytes: int = HUB_MAX_FILE_BYTES) ->
     return out
 
 
+def shard_bytes_for(max_file_bytes: int) -> int:
+    """The shard size asked of llama-gguf-split for files of at most ``max_file_bytes``. It bounds the
+    tensor data of a shard; the first shard also carries the metadata (the vocabulary: megabytes), so
+    3% is left for it."""
+    return max(1000**2, int(max_file_bytes * 0.97) // 1000**2 * 1000**2)
+
+
 def split_names(path_in_repo: str, size: int, *, shard_bytes: int = SPLIT_MAX_BYTES) -> list[str]:
-    """The shard names llama-gguf-split writes: ``<stem>-00001-of-00003.gguf``."""
+    """The shard names llama-gguf-split writes, ``<stem>-00001-of-00003.gguf``, for an estimate of the
+    count (it splits between tensors, so the real count can be one more: ``split_gguf`` lists what it wrote)."""
     n = max(1, math.ceil(size / shard_bytes))
     stem = path_in_repo.removesuffix(".gguf")
     return [f"{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
@@ -371,31 +390,88 @@ def _size_arg(shard_bytes: int) -> str:
     return f"{shard_bytes // 1000**3}G" if shard_bytes % 1000**3 == 0 else f"{max(1, shard_bytes // 1000**2)}M"
 
 
+def _missing_splitter(name: str, size: int, max_file_bytes: int) -> PublishError:
+    return PublishError(f"{name} is {size / 2**30:.3g} GiB, over publish.max_file_gib ({max_file_bytes / 2**30:.3g} "
+                        "GiB), and llama-gguf-split is not built: run `quantkit toolchain --build`")
+
+
+def split_gguf(src: Path, *, dest: Path, gguf_split: Path, max_file_bytes: int) -> list[Path]:
+    """Split ``src`` into ``dest/<stem>-0000i-of-0000n.gguf`` with llama-gguf-split; return the shards in
+    order. The shards are what llama.cpp loads by the first one and ``--merge`` joins again. A shard over
+    ``max_file_bytes`` (one tensor larger than the limit) is refused."""
+    from quantkit.proc import run_tool
+
+    src, stem = Path(src), Path(src).name.removesuffix(".gguf")
+
+    def written() -> list[Path]:  # this file's shards only (``M-Q4_K_M-noimat-…`` are not ``M-Q4_K_M``'s)
+        return sorted(p for p in Path(dest).glob(f"{stem}-*-of-*.gguf")
+                      if (m := SPLIT_RE.match(p.name.removesuffix(".gguf"))) and m.group(1) == stem)
+
+    if written():
+        raise PublishError(f"{dest} already holds shards of {src.name}")
+    run_tool([gguf_split, "--split", "--split-max-size", _size_arg(shard_bytes_for(max_file_bytes)),
+              src, Path(dest) / stem])
+    shards = written()
+    counts = {SPLIT_RE.match(p.name.removesuffix(".gguf")).group(3) for p in shards}
+    if not shards or len(counts) != 1 or int(counts.pop()) != len(shards):
+        raise PublishError(f"llama-gguf-split wrote {[p.name for p in shards]} for {src.name}; "
+                           "expected <stem>-00001-of-0000N.gguf … (its shard naming may have changed)")
+    big = [p.name for p in shards if p.stat().st_size > max_file_bytes]
+    if big:
+        raise PublishError(f"{', '.join(big)} is still over publish.max_file_gib ({max_file_bytes / 2**30:.3g} GiB) "
+                           "after splitting: one tensor is larger than that; raise it")
+    return shards
+
+
 def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | None,
-                      shard_bytes: int = SPLIT_MAX_BYTES) -> list[HubFile]:
+                      max_file_bytes: int = HUB_MAX_FILE_BYTES) -> list[HubFile]:
     """Replace GGUFs over the limit by their shards (llama-gguf-split), or refuse when it is missing."""
     if not any(f.split for f in files):
         return files
     if gguf_split is None or not Path(gguf_split).is_file():
         big = next(f for f in files if f.split)
-        raise PublishError(f"{big.path_in_repo} is {big.size / 1e9:.1f} GB, over the Hub's "
-                           f"{HUB_MAX_FILE_BYTES / 1e9:.0f} GB per-file limit, and llama-gguf-split is not built "
-                           "(the pinned toolchain does not build it yet); publish locally or build llama-gguf-split")
-    from quantkit.proc import run_tool
-
+        raise _missing_splitter(big.path_in_repo, big.size, max_file_bytes)
     out = []
     for f in files:
         if not f.split:
             out.append(f)
             continue
-        prefix = work / f.path_in_repo.removesuffix(".gguf")
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        run_tool([gguf_split, "--split", "--split-max-size", _size_arg(shard_bytes), f.local, prefix])
-        for name in split_names(f.path_in_repo, f.size, shard_bytes=shard_bytes):
-            shard = work / name
-            if not shard.is_file():
-                raise PublishError(f"llama-gguf-split did not write {shard}; its shard naming may have changed")
-            out.append(HubFile(name, shard, shard.stat().st_size))
+        dest = (work / f.path_in_repo).parent
+        dest.mkdir(parents=True, exist_ok=True)
+        for shard in split_gguf(f.local, dest=dest, gguf_split=gguf_split, max_file_bytes=max_file_bytes):
+            out.append(HubFile(shard.relative_to(work).as_posix(), shard, shard.stat().st_size))
+    return out
+
+
+def oversized_ggufs(staged: Path, manifest: dict, *, max_file_bytes: int) -> list[str]:
+    """The manifest's GGUF files in the staged folder larger than ``max_file_bytes``."""
+    return [v["file"] for v in manifest["variants"] if v["format"] == "gguf" and v.get("file")
+            and (Path(staged) / v["file"]).is_file() and (Path(staged) / v["file"]).stat().st_size > max_file_bytes]
+
+
+def shard_staged(staged: Path, manifest: dict, *, gguf_split: Path | None, max_file_bytes: int) -> dict:
+    """Replace each GGUF of the staged run over ``max_file_bytes`` by its shards, in place; return the
+    manifest with each split variant's ``shards`` (file, size, sha256 of every shard, in order), which is
+    also written as the staged ``manifest.json`` (the run folder's stays as the run wrote it)."""
+    from quantkit.digest import sha256_file, write_json_atomic
+
+    staged, out = Path(staged), json.loads(json.dumps(manifest))
+    big = oversized_ggufs(staged, out, max_file_bytes=max_file_bytes)
+    for v in out["variants"]:
+        name = v.get("file")
+        if name not in big:
+            continue
+        size = (staged / name).stat().st_size
+        if gguf_split is None or not Path(gguf_split).is_file():
+            raise _missing_splitter(name, size, max_file_bytes)
+        shards = split_gguf(staged / name, dest=staged, gguf_split=gguf_split, max_file_bytes=max_file_bytes)
+        (staged / name).unlink()  # a hard link into the run folder: the run keeps its file
+        v["shards"] = [{"file": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in shards]
+        log.info("%s (%.3g GiB) is published as %d shards (publish.max_file_gib %.3g)", name, size / 2**30,
+                 len(shards), max_file_bytes / 2**30)
+    if big:
+        (staged / "manifest.json").unlink(missing_ok=True)  # a hard link to the run's: replaced, not written through
+        write_json_atomic(staged / "manifest.json", out)
     return out
 
 
@@ -416,9 +492,9 @@ def _hub_error(repo_id: str, e: Exception) -> PublishError:
 
 
 def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recipe: str,
-                gguf_split: Path | None = None, api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES,
-                shard_bytes: int = SPLIT_MAX_BYTES) -> str:
-    """Push a folder as one commit to one repo, tagged ``run_id``; return the commit URL.
+                gguf_split: Path | None = None, api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES) -> str:
+    """Push a folder as one commit to one repo, tagged ``run_id``; return the commit URL. A GGUF over
+    ``max_file_bytes`` goes up as its llama-gguf-split shards (a release's are split when staged).
 
     The token comes from ``$HF_TOKEN`` only and is never logged or written.
     """
@@ -429,7 +505,7 @@ def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recip
     work = Path(folder).parent / f".split-{run_id}-{uuid.uuid4().hex[:8]}"
     try:
         files = split_large_ggufs(plan_hub_files(folder, max_file_bytes=max_file_bytes), work=work,
-                                  gguf_split=gguf_split, shard_bytes=shard_bytes)
+                                  gguf_split=gguf_split, max_file_bytes=max_file_bytes)
         ops = hub_operations(files)
         api = _hub_api(api)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -447,19 +523,13 @@ def publish_hub(*, folder: Path, repo_id: str, private: bool, run_id: str, recip
     return commit.commit_url
 
 
-def hub_paths(repo: HubRepo, *, max_file_bytes: int = HUB_MAX_FILE_BYTES,
-              shard_bytes: int = SPLIT_MAX_BYTES) -> list[str]:
-    """The repo's file paths once GGUFs over the limit are split (as ``split_large_ggufs`` names them)."""
-    out = [CARD]
-    for name, path in repo.files.items():
-        size = path.stat().st_size
-        split = size > max_file_bytes and name.endswith(".gguf")
-        out += split_names(name, size, shard_bytes=shard_bytes) if split else [name]
-    return sorted(out)
+def hub_paths(repo: HubRepo) -> list[str]:
+    """The repo's file paths (a release's big GGUFs are already shards in ``repo.files``)."""
+    return sorted([CARD, *repo.files])
 
 
-def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str, calibration_readme: str | None = None,
-               max_file_bytes: int = HUB_MAX_FILE_BYTES, shard_bytes: int = SPLIT_MAX_BYTES) -> dict[str, str]:
+def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str,
+               calibration_readme: str | None = None) -> dict[str, str]:
     """``{repo id: README.md text}``: each repo's own card (its rows of the report, the base row for
     reference, its settings, the commands that fetch its files, links to the other repos)."""
     from quantkit.publish.card import render_repo_card
@@ -467,7 +537,7 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str, calibrat
     cards = {}
     for repo in repos:
         rows = [r for r in report["variants"] if r["id"] in repo.variant_ids or r["is_base"]]
-        paths = hub_paths(repo, max_file_bytes=max_file_bytes, shard_bytes=shard_bytes)
+        paths = hub_paths(repo)
         cards[repo.repo_id] = str(render_repo_card(
             report, repo=repo, siblings=repos, table=variants_table({**report, "variants": rows}),
             recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if repo.format == "gguf" else None,
@@ -477,19 +547,20 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str, calibrat
 
 def publish_hub_repos(*, staged: Path, manifest: dict, report: dict, settings: Any, run_id: str, recipe: str,
                       recipe_yaml: str, calibration_readme: str | None = None, gguf_split: Path | None = None,
-                      api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES,
-                      shard_bytes: int = SPLIT_MAX_BYTES) -> dict[str, str]:
+                      api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES) -> dict[str, str]:
     """Push a staged run as one repo per format (``quantkit.publish.hublayout.plan_repos``); return
-    ``{repo id: commit URL}``. Every repo is created (or found) and checked for the run's tag before the
-    first commit, so a missing permission or a reused run id stops the release before anything is pushed.
+    ``{repo id: commit URL}``. GGUFs over ``max_file_bytes`` are split first (``shard_staged``; ``release``
+    has done it already, and its ``manifest`` and ``report`` list the shards). Every repo is created (or
+    found) and checked for the run's tag before the first commit, so a missing permission or a reused run id
+    stops the release before anything is pushed.
     ``settings``: ``recipe.Publish`` (owner, repo templates, private)."""
     from huggingface_hub.errors import HfHubHTTPError
 
+    manifest = shard_staged(staged, manifest, gguf_split=gguf_split, max_file_bytes=max_file_bytes)
     repos = plan_repos(staged=staged, manifest=manifest, settings=settings)
     if not repos:
         raise PublishError(f"{recipe} has no GGUF, GPTQ or AWQ variant to push to the Hub")
-    cards = repo_cards(report, repos, recipe_yaml=recipe_yaml, calibration_readme=calibration_readme,
-                       max_file_bytes=max_file_bytes, shard_bytes=shard_bytes)
+    cards = repo_cards(report, repos, recipe_yaml=recipe_yaml, calibration_readme=calibration_readme)
     api = _hub_api(api)
     for repo in repos:
         try:
@@ -511,10 +582,21 @@ def publish_hub_repos(*, staged: Path, manifest: dict, report: dict, settings: A
             (folder / CARD).write_text(cards[repo.repo_id], encoding="utf-8")
             urls[repo.repo_id] = publish_hub(folder=folder, repo_id=repo.repo_id, private=settings.private,
                                              run_id=run_id, recipe=recipe, gguf_split=gguf_split, api=api,
-                                             max_file_bytes=max_file_bytes, shard_bytes=shard_bytes)
+                                             max_file_bytes=max_file_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return urls
+
+
+def _toolchain_splitter() -> Path | None:
+    """The pinned toolchain's llama-gguf-split, or None when there is none (refused only if a file needs it)."""
+    from quantkit.errors import ToolchainError
+    from quantkit.toolchain import find_toolchain
+
+    try:
+        return find_toolchain().binary("llama-gguf-split")
+    except ToolchainError:
+        return None
 
 
 def base_origin(manifest: dict, *, root: Path) -> dict | None:
@@ -537,9 +619,11 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
 
     ``settings``: ``recipe.publish or recipe.Publish()``; ``hub_api``: an ``HfApi`` to push with
     (default: one with ``$HF_TOKEN``); ``verify``: called before anything is published (the run
-    checks every file against the manifest's sha256). A previous release whose files no longer
-    have the sizes of the run folder's (damaged since, and rebuilt) is not "unchanged": the run is
-    published again.
+    checks every file against the manifest's sha256); ``gguf_split``: llama-gguf-split (default: the
+    pinned toolchain's), which splits every GGUF over ``settings.max_file_gib`` in the staged folder,
+    whose manifest and report then list the shards (the run folder keeps its file). A previous release
+    whose files no longer have the sizes of the run folder's (damaged since, and rebuilt) is not
+    "unchanged": the run is published again.
     """
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
@@ -558,7 +642,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
         prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
         if prev_manifest.is_file() and \
                 release_fingerprint(json.loads(prev_manifest.read_text())) == release_fingerprint(manifest) \
-                and not differing_files(prev_manifest.parent, run_dir, manifest):
+                and not _differing_unsplit(prev_manifest, run_dir, manifest):
             unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
     shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
@@ -574,13 +658,28 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     if verify is not None:
         verify()
     run_id = run_id or run_id_for(run_dir / "manifest.json")
+    max_file_bytes = getattr(settings, "max_file_bytes", HUB_MAX_FILE_BYTES)
     hub: dict[str, str] = {}
 
-    def upload(staged: Path) -> None:
-        hub.update(publish_hub_repos(staged=staged, manifest=manifest, report=report, settings=settings,
-                                     run_id=run_id, recipe=recipe, recipe_yaml=recipe_yaml,
-                                     calibration_readme=calibration_readme, gguf_split=gguf_split, api=hub_api))
+    def stage(staged: Path) -> None:
+        """GGUFs over publish.max_file_gib become shards in the staged folder, and its manifest, report,
+        card and Modelfiles are rendered again to list them; then the Hub upload, if any."""
+        needed = oversized_ggufs(staged, manifest, max_file_bytes=max_file_bytes)
+        sharded = shard_staged(staged, manifest, max_file_bytes=max_file_bytes,
+                               gguf_split=gguf_split or (_toolchain_splitter() if needed else None))
+        shown = report
+        if needed:
+            (staged / "plot.png").unlink(missing_ok=True)  # a hard link to the run's: rendered anew, not through it
+            shown = build_report(sharded, config=config, chat_template=chat_template,
+                                 recommend_max_kld=th.recommend_max_kld, regression=gate, base_origin=origin)
+            write_report(shown, staged, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
+                         calibration_readme=calibration_readme)
+        if settings.target == "hub":
+            hub.update(publish_hub_repos(staged=staged, manifest=sharded, report=shown, settings=settings,
+                                         run_id=run_id, recipe=recipe, recipe_yaml=recipe_yaml,
+                                         calibration_readme=calibration_readme, api=hub_api,
+                                         max_file_bytes=max_file_bytes))
 
     path = publish_local(run_dir=run_dir, report_dir=report_dir, store=store, recipe=recipe, run_id=run_id,
-                         before_rename=upload if settings.target == "hub" else None)
+                         before_rename=stage)
     return Published(run_id, path, next(iter(hub.values()), None), hub_commits=dict(hub))

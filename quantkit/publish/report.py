@@ -26,7 +26,8 @@ from quantkit.errors import QuantkitError
 from quantkit.paths import inside
 from quantkit.publish.card import render_card
 from quantkit.publish.hardware import GIB, ModelShape, hardware_fit
-from quantkit.publish.modelfile import llama_server_command, modelfile_name, render_modelfile, vllm_serve_command
+from quantkit.publish.modelfile import (llama_server_command, merge_command, modelfile_name, render_modelfile,
+                                       vllm_serve_command)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def _variant_row(v: dict, resolved: dict) -> dict:
         "mix": _mix_row((v.get("info") or {}).get("mix")),
         "reference": v["format"] in REFERENCE_FORMATS,
         "quant": _quant_settings(v["format"], v["label"], resolved),
+        "shards": v.get("shards"),  # [{file, size, sha256}] when published as llama-gguf-split shards
     }
 
 
@@ -471,6 +473,10 @@ def _knee(front: list[dict]) -> dict | None:
 
 
 def _serve(r: dict, chat_template: str | None, ctx: int) -> dict:
+    if r["format"] == "gguf" and r["file"] and r.get("shards"):  # llama.cpp loads shards by the first one
+        first = r["shards"][0]["file"]
+        return {"modelfile": modelfile_name(r["file"]), "command": llama_server_command(first, ctx=ctx),
+                "merge": merge_command(first, r["file"]), "num_ctx": ctx}
     if r["format"] == "gguf" and r["file"]:
         return {"modelfile": modelfile_name(r["file"]), "command": llama_server_command(r["file"], ctx=ctx),
                 "num_ctx": ctx}
@@ -559,8 +565,9 @@ def render_markdown(report: dict) -> str:
     out += ["", "## How to run", ""]
     for r in report["variants"]:
         if r["serve"].get("command"):
-            mf = r["serve"].get("modelfile")
-            extra = f" (Ollama: `ollama create NAME -f {mf}`)" if mf else ""
+            mf, merge = r["serve"].get("modelfile"), r["serve"].get("merge")
+            extra = (f" (Ollama cannot import shards: `{merge}`, then `ollama create NAME -f {mf}`)" if merge
+                     else f" (Ollama: `ollama create NAME -f {mf}`)" if mf else "")
             out.append(f"- {r['id']}: `{r['serve']['command']}`{extra}")
     return "\n".join(out) + "\n"
 
@@ -770,7 +777,8 @@ def _max_frontier(rows: list[dict], metric: str) -> list[dict]:
 def render_modelfiles(report: dict, *, chat_template: str | None, eos_token: str | None = None) -> dict[str, str]:
     """``{file name: Modelfile text}``, one per GGUF variant."""
     return {r["serve"]["modelfile"]: render_modelfile(r["file"], chat_template, num_ctx=r["serve"]["num_ctx"],
-                                                      eos_token=eos_token)
+                                                      eos_token=eos_token,
+                                                      shards=[s["file"] for s in r.get("shards") or []])
             for r in report["variants"] if r["serve"].get("modelfile")}
 
 
