@@ -337,7 +337,8 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: s
     jobs = jobs or os.cpu_count() or 2
     log.info("configuring llama.cpp %s (%s)", PIN.commit, f"CUDA {arch or 'ggml default archs'}" if cuda else "CPU")
     run_tool(["cmake", "-S", src, "-B", cmake_build, *flags])
-    log.info("building %s with %d jobs (about 4 minutes on 2 cores)", ", ".join(BINARIES), jobs)
+    log.info("building %s with %d jobs (several minutes on 2 cores; llama-server is the largest)", ", ".join(BINARIES),
+             jobs)
     run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", *BINARIES])
     bin_dir = build / "bin"
     bin_dir.mkdir(exist_ok=True)
