@@ -511,15 +511,15 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
 # machine ran the nodes already done, so only their ratios matter: a GPTQ, AWQ or torch pass is not an
 # average node.
 RATE = {
-    "llama": 2.0e-11,  # llama.cpp evaluating tokens (imatrix, perplexity, KLD, tasks, bench)
-    "torch": 9.0e-11,  # a float32 transformers forward on the CPU (score-hf, tasks-hf)
-    "torch-quant": 1.8e-10,  # the same through a GPTQ/AWQ checkpoint's torch kernels
-    "gptq": 2.1e-10,  # GPTQModel per calibration token (forward, Hessians, the layer solves)
-    "awq": 1.2e-10,  # AWQ's scale search per calibration token
-    "awq-clip": 3.5e-9,  # AWQ's clipping search: on at most 512 sampled tokens
+    "llama": 1.8e-11,  # llama.cpp evaluating tokens (imatrix, perplexity, KLD, bench): 42 s for 16k imatrix tokens
+    "torch-score": 2.0e-11,  # transformers float32 on the CPU, windows of ctx tokens with the full logits (score-hf)
+    "torch-tasks": 6.0e-12,  # lm-eval's torch backend, batches of 8 requests (tasks-hf): 71 s for 200 items
+    "gptq": 2.5e-10,  # GPTQModel per calibration token (forward, Hessians, the layer solves): 79 s
+    "awq": 4.0e-10,  # AWQ's scale search per calibration token: 120 s without clipping
+    "awq-clip": 5.5e-9,  # AWQ's clipping search, on at most 512 sampled tokens: 382 s more with it
 }
-PER_WEIGHT = {"convert": 5e-8, "quantize": 4e-8, "quantize-iq": 1.1e-7, "rtn": 1e-7}
-TASK_TOKENS = 100  # tokens llama.cpp evaluates per multiple-choice item (the context once, then each choice)
+PER_WEIGHT = {"convert": 4.5e-8, "quantize": 2.6e-8, "quantize-iq": 7.4e-8, "rtn": 1e-7}
+TASK_TOKENS = 55  # effective tokens per multiple-choice item for llama.cpp (the context once, batched choices)
 TASK_CHOICES = 4  # lm-eval's torch backend evaluates the context again with each choice
 
 
@@ -534,23 +534,22 @@ def seconds(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -
     if kind == "convert":
         return w * PER_WEIGHT["convert"]
     if kind == "imatrix":
-        return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * w * RATE["llama"] * 1.5
+        return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * w * RATE["llama"]
     if kind == "quantize":
         qtype = recipe.gguf.types[params["index"]].type
         return w * PER_WEIGHT["quantize-iq" if qtype.upper().startswith("IQ") else "quantize"]
     if kind in ("base-logits", "score-gguf"):
         return scored * w * RATE["llama"]
     if kind == "tasks-gguf":
-        return limits.get(params.get("task"), 500) * TASK_TOKENS * w * RATE["llama"] + 2
+        return limits.get(params.get("task"), 500) * TASK_TOKENS * w * RATE["llama"] + 1
     if kind == "bench-gguf":
-        return (128 + 32 * 8) * (ev.bench_reps if ev else 1) * w * RATE["llama"] + 1
-    if kind in ("score-hf", "tasks-hf", "bench-hf"):
-        rate = RATE["torch"] if params.get("is_base", True) or params.get("label") == "HF" else RATE["torch-quant"]
-        if kind == "score-hf":
-            return scored * w * rate * (1 if params.get("is_base", True) else 2)
-        if kind == "tasks-hf":
-            return limits.get(params.get("task"), 500) * TASK_TOKENS * TASK_CHOICES * w * rate + 5
-        return 160 * (ev.bench_reps if ev else 1) * w * rate + 5
+        return (128 + 32 * 8) * (ev.bench_reps if ev else 1) * w * RATE["llama"]
+    if kind == "score-hf":  # a quantized checkpoint is scored beside its base (KLD)
+        return scored * w * RATE["torch-score"] * (1 if params.get("is_base", True) else 2)
+    if kind == "tasks-hf":
+        return limits.get(params.get("task"), 500) * TASK_TOKENS * 2 * TASK_CHOICES * w * RATE["torch-tasks"] + 3
+    if kind == "bench-hf":
+        return 3.0 * (ev.bench_reps if ev else 1)
     if kind == "gptq":
         spec = recipe.gptq[params["index"]]
         return spec.samples * spec.seq_len * w * RATE["gptq"] + 10
