@@ -26,7 +26,7 @@ def test_a_slow_node_ahead_is_in_the_eta():
 
 def test_the_demo_plan_knows_which_nodes_are_slow():
     """SmolLM2's shapes (read from its config, no weights): AWQ with the clipping search costs several GPTQs,
-    a torch task pass several llama.cpp ones; the demo turns clipping off."""
+    a torch task pass twice a llama.cpp one or more; the demo turns clipping off."""
     recipe = load_recipe(DEMO)
     shapes = {"model.embed_tokens.weight": [49152, 576]} | {
         f"model.layers.{i}.{m}.weight": s for i in range(30) for m, s in
@@ -41,4 +41,4 @@ def test_the_demo_plan_knows_which_nodes_are_slow():
     clipped = seconds(recipe.model_copy(update={"awq": [recipe.awq[0].model_copy(update={"clip": True})]}),
                       "awq", {"index": 0}, facts)
     assert clipped > 3 * est["awq"] and clipped > 3 * est["gptq"]
-    assert est["tasks-hf"] > 3 * est["tasks-gguf"] > 3 * est["quantize"]
+    assert est["tasks-hf"] > 2 * est["tasks-gguf"] > 2 * est["quantize"]  # measured: 71 s, 26-45 s, 3 s
