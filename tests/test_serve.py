@@ -1,0 +1,168 @@
+"""The serve check (#25) on the tiny Llama: a GGUF chats through llama-server --jinja, a checkpoint in
+transformers, and each bad input gets a failed check with its reason instead of a hang.
+
+The tiny model was trained on documents wrapped in BOS/EOS; with TEMPLATE (turns separated by newlines)
+its greedy reply ends with EOS after a few words. Each GGUF case is derived from one conversion with
+gguf-py's gguf_new_metadata, so the session converts once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantkit.errors import ToolchainError
+from quantkit.proc import run_tool
+from quantkit.serving import MESSAGES
+from quantkit.serving.llamaserver import check_gguf
+from quantkit.serving.transformers import check_checkpoint
+from quantkit.toolchain import find_toolchain
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+UNK = 0  # tests/tinyllama.py: <unk>, never generated
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+RAISES_ON_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                    "{{ raise_exception('System role not supported') }}{% endif %}"
+                    "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def toolchain():
+    try:
+        tools = find_toolchain()
+    except ToolchainError as e:
+        pytest.skip(f"no pinned llama.cpp toolchain ({e}); run `quantkit toolchain --build`")
+    if not tools.binary("llama-server").is_file():
+        pytest.skip("the toolchain has no llama-server; run `quantkit toolchain --build`")
+    return tools
+
+
+def _copy_model(src: Path, dest: Path, *, template: str) -> Path:
+    dest.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dest / f.name)
+    (dest / "chat_template.jinja").write_text(template)
+    tok = json.loads((dest / "tokenizer_config.json").read_text())
+    tok.pop("chat_template", None)  # chat_template.jinja wins; keep one source of truth
+    (dest / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    return dest
+
+
+def _set_eos(model_dir: Path, eos: int) -> None:
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((model_dir / name).read_text())
+        cfg["eos_token_id"] = eos
+        (model_dir / name).write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture(scope="session")
+def models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """HF checkpoints: "chat" (the tiny model with TEMPLATE: it ends its reply with EOS), "never" (the same
+    with EOS set to <unk>, which it never emits: its end of turn is not its EOS), "raises" (a template that
+    raises on a system message)."""
+    root = tmp_path_factory.mktemp("serve-models")
+    never = _copy_model(Path(tiny_llama), root / "never", template=TEMPLATE)
+    _set_eos(never, UNK)
+    return {"chat": _copy_model(Path(tiny_llama), root / "chat", template=TEMPLATE), "never": never,
+            "raises": _copy_model(Path(tiny_llama), root / "raises", template=RAISES_ON_SYSTEM)}
+
+
+@pytest.fixture(scope="session")
+def ggufs(models, toolchain, tmp_path_factory) -> dict[str, Path]:
+    """One conversion of "chat", then copies with other metadata (gguf_new_metadata)."""
+    out = tmp_path_factory.mktemp("serve-gguf")
+    chat = out / "chat.gguf"
+    run_tool([sys.executable, toolchain.convert_script, models["chat"], "--outfile", chat, "--outtype", "f16"],
+             env=toolchain.python_env())
+    new_metadata = toolchain.src / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+
+    def derive(name: str, *args) -> Path:
+        dest = out / f"{name}.gguf"
+        run_tool([sys.executable, new_metadata, *args, "--force", chat, dest], env=toolchain.python_env())
+        return dest
+
+    return {"chat": chat, "no-template": derive("no-template", "--remove-metadata", "tokenizer.chat_template"),
+            "raises": derive("raises", "--chat-template", RAISES_ON_SYSTEM),
+            "never": derive("never", "--special-token-by-id", "eos", str(UNK))}
+
+
+def _server_pids(server: Path) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.fspath(server).encode() in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+def _check(ggufs, models, toolchain, tmp_path, name, source, **kw):
+    check = check_gguf(gguf=ggufs[name], source_dir=models[source], server=toolchain.binary("llama-server"),
+                       workdir=tmp_path, max_tokens=MAX_TOKENS, threads=2, **kw)
+    assert not _server_pids(toolchain.binary("llama-server")), "a llama-server was left running"
+    return check
+
+
+def test_gguf_chats_through_llama_server(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "chat", "chat")
+    assert check.failures == []
+    assert (check.loads, check.chat_stops, check.template_matches, check.tool_call) == (True, True, True, "n/a")
+    assert check.reply and check.tokens_per_s > 0
+
+
+def test_gguf_without_chat_template_fails(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "no-template", "chat")
+    assert not check.passed and "carries no chat template" in check.failures[0]
+
+
+def test_template_that_raises_on_system_fails(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "raises", "raises")
+    assert not check.passed
+    assert "System role not supported" in " ".join(check.failures), check.failures
+
+
+def test_eos_never_emitted_runs_to_the_limit(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "never", "never")
+    assert check.loads and check.template_matches and check.chat_stops is False
+    assert check.failures == [f"chat did not stop within {MAX_TOKENS} tokens (finish_reason 'length'): the "
+                              "end-of-turn token is missing or is not the one the model emits"]
+
+
+def test_server_that_never_comes_up_is_stopped(ggufs, models, tmp_path):
+    fake = tmp_path / "never-ready-server"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    check = check_gguf(gguf=ggufs["chat"], source_dir=models["chat"], server=fake, workdir=tmp_path,
+                       max_tokens=MAX_TOKENS, start_timeout=1.0)
+    assert not check.passed and not check.loads
+    assert check.failures[0].startswith("llama-server was not ready within 1 s (GET /health)")
+    assert not _server_pids(fake), "the server that never came up was left running"
+
+
+def test_checkpoint_chats_in_transformers(models):
+    check = check_checkpoint(model_dir=models["chat"], source_dir=models["chat"], max_tokens=MAX_TOKENS)
+    assert check.failures == [] and check.chat_stops and check.template_matches and check.tokens_per_s > 0
+
+
+def test_checkpoint_that_never_stops_fails(models):
+    check = check_checkpoint(model_dir=models["never"], source_dir=models["never"], max_tokens=MAX_TOKENS)
+    assert check.loads and check.chat_stops is False
+    assert check.failures[0].startswith(f"chat did not stop within {MAX_TOKENS} tokens")
+
+
+def test_checkpoint_template_that_raises_fails(models):
+    check = check_checkpoint(model_dir=models["raises"], source_dir=models["raises"], max_tokens=MAX_TOKENS)
+    assert not check.passed and "System role not supported" in check.failures[0]
