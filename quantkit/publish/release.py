@@ -471,8 +471,9 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str, calibrat
     for repo in repos:
         rows = [r for r in report["variants"] if r["id"] in repo.variant_ids or r["is_base"]]
         paths = hub_paths(repo, max_file_bytes=max_file_bytes, shard_bytes=shard_bytes)
+        own = {**report, "variants": rows}
         cards[repo.repo_id] = str(render_repo_card(
-            report, repo=repo, siblings=repos, table=variants_table({**report, "variants": rows}) + serving_md({**report, "variants": rows}),
+            report, repo=repo, siblings=repos, table=variants_table(own) + serving_md(own),
             recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if repo.format == "gguf" else None,
             files=paths, calibration_readme=calibration_readme))
     return cards
@@ -580,8 +581,9 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
         for vid, why in bad.items():
             log.warning("not publishing %s: its serve check failed: %s", vid, why)
         if not any(v.get("file") and v["format"] in ("gguf", "gptq", "awq") for v in publishable["variants"]):
-            raise PublishError("nothing published: every artifact failed its serve check ("
-                               + "; ".join(f"{vid}: {why}" for vid, why in bad.items()) + f"); see {report_dir / 'report.md'}")
+            reasons = "; ".join(f"{vid}: {why}" for vid, why in bad.items())
+            raise PublishError(f"nothing published: every artifact failed its serve check ({reasons}); "
+                               f"see {report_dir / 'report.md'}")
     if verify is not None:
         verify()
     run_id = run_id or run_id_for(run_dir / "manifest.json")

@@ -593,9 +593,10 @@ def serving_md(report: dict) -> list[str]:
     for r in rows:
         s = r["serving"]
         verdict = "passed" if s.get("passed") else "**not published**: " + "; ".join(s.get("failures") or [])
-        out.append(f"| {r['id']} | {s.get('backend', '?')} | {_yes(s.get('loads'))} | {_yes(s.get('chat_stops'))} | "
-                   f"{_yes(s.get('template_matches'))} | {s.get('tool_call', 'n/a')} | {s.get('vllm', 'not checked')} | "
-                   f"{_f(s.get('tokens_per_s'), '.1f')} | {verdict.replace('|', '/')} |")
+        cells = [r["id"], s.get("backend", "?"), _yes(s.get("loads")), _yes(s.get("chat_stops")),
+                 _yes(s.get("template_matches")), s.get("tool_call", "n/a"), s.get("vllm", "not checked"),
+                 _f(s.get("tokens_per_s"), ".1f"), verdict.replace("|", "/")]
+        out.append("| " + " | ".join(cells) + " |")
     return out
 
 
