@@ -94,7 +94,29 @@ def ggufs(models, toolchain, tmp_path_factory) -> dict[str, Path]:
 
     return {"chat": chat, "no-template": derive("no-template", "--remove-metadata", "tokenizer.chat_template"),
             "raises": derive("raises", "--chat-template", RAISES_ON_SYSTEM),
-            "never": derive("never", "--special-token-by-id", "eos", str(UNK))}
+            "never": never_stops(chat, out / "never.gguf", toolchain)}
+
+
+# llama.cpp ends generation on any token spelled </s>, whatever the EOS id says: to make the token the model
+# ends its turn with (id 2) an ordinary one, it is renamed, and the EOS id points at <unk>.
+RENAME_EOS = """
+import sys
+import gguf
+from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+reader = gguf.GGUFReader(sys.argv[1])
+tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+tokens[2] = "<turn-end>"
+arch = reader.fields["general.architecture"].contents()
+writer = gguf.GGUFWriter(sys.argv[2], arch=arch, endianess=reader.endianess)
+copy_with_new_metadata(reader, writer, {
+    "tokenizer.ggml.tokens": MetadataDetails(gguf.GGUFValueType.ARRAY, tokens, sub_type=gguf.GGUFValueType.STRING),
+    "tokenizer.ggml.eos_token_id": MetadataDetails(gguf.GGUFValueType.UINT32, 0)}, [])  # writes and closes
+"""
+
+
+def never_stops(src: Path, dest: Path, toolchain) -> Path:
+    run_tool([sys.executable, "-c", RENAME_EOS, src, dest], env=toolchain.python_env())
+    return dest
 
 
 def _server_pids(server: Path) -> list[int]:
@@ -166,3 +188,53 @@ def test_checkpoint_that_never_stops_fails(models):
 def test_checkpoint_template_that_raises_fails(models):
     check = check_checkpoint(model_dir=models["raises"], source_dir=models["raises"], max_tokens=MAX_TOKENS)
     assert not check.passed and "System role not supported" in check.failures[0]
+
+
+PIPELINE_RECIPE = """\
+name: tiny-serve
+model:
+  path: models/tiny
+  name: tiny-llama
+calibration:
+  files: [calibration/en-prose.txt]
+gguf:
+  base_type: f16
+  imatrix: {enabled: false}
+  types: [Q8_0, Q2_K]
+serve: {max_tokens: 24}
+"""
+
+
+def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, repo_root, tmp_path, capsys,
+                                                            monkeypatch):
+    """`quantkit run` with a serve section: a serve node per GGUF in the plan and on the console, the report's
+    Serving table, and a release holding exactly the GGUFs whose check passed."""
+    from quantkit.cli import main
+
+    root = tmp_path / "proj"
+    (root / "recipes").mkdir(parents=True)
+    recipe = root / "recipes" / "tiny.yaml"
+    recipe.write_text(PIPELINE_RECIPE)
+    (root / "calibration").mkdir()
+    shutil.copy2(repo_root / "calibration" / "en-prose.txt", root / "calibration" / "en-prose.txt")
+    shutil.copytree(models["chat"], root / "models" / "tiny")
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    monkeypatch.chdir(root)
+    assert main(["plan", str(recipe)]) == 0
+    plan = capsys.readouterr().out
+    assert all(f"serve-gguf:{label}" in plan for label in ("F16", "Q8_0", "Q2_K")), plan
+    main(["run", str(recipe)])
+    out = capsys.readouterr().out
+    assert sum(line.count("serve-gguf:") for line in out.splitlines() if "] serve-gguf:" in line) == 3, out
+    report = json.loads((root / "runs" / "tiny-serve" / "report" / "report.json").read_text())
+    checks = {r["id"]: r["serving"] for r in report["variants"]}
+    assert set(checks) == {"gguf:F16", "gguf:Q8_0", "gguf:Q2_K"}
+    assert checks["gguf:F16"]["passed"], checks["gguf:F16"]  # the converted base chats and stops
+    passed = {vid.split(":")[1] for vid, c in checks.items() if c["passed"]}
+    latest = root / "artifacts" / "tiny-serve" / "latest"
+    published = {p.name.removeprefix("tiny-llama-").removesuffix(".gguf") for p in latest.glob("*.gguf")}
+    assert published == passed
+    for vid, c in checks.items():
+        if not c["passed"]:
+            assert f"not published {vid}: {c['failures'][0]}" in out
+    assert not _server_pids(toolchain.binary("llama-server"))
