@@ -30,6 +30,9 @@ MAX_TOKENS = 24
 UNK = 0  # tests/tinyllama.py: <unk>, never generated
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+WITH_TOOLS = ("{{ bos_token }}{% if tools %}<|tools|>\n{{ tools | tojson }}\n{% endif %}"
+              "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 RAISES_ON_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                     "{{ raise_exception('System role not supported') }}{% endif %}"
                     "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -75,7 +78,8 @@ def models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     never = _copy_model(Path(tiny_llama), root / "never", template=TEMPLATE)
     _set_eos(never, UNK)
     return {"chat": _copy_model(Path(tiny_llama), root / "chat", template=TEMPLATE), "never": never,
-            "raises": _copy_model(Path(tiny_llama), root / "raises", template=RAISES_ON_SYSTEM)}
+            "raises": _copy_model(Path(tiny_llama), root / "raises", template=RAISES_ON_SYSTEM),
+            "tools": _copy_model(Path(tiny_llama), root / "tools", template=WITH_TOOLS)}
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +98,7 @@ def ggufs(models, toolchain, tmp_path_factory) -> dict[str, Path]:
 
     return {"chat": chat, "no-template": derive("no-template", "--remove-metadata", "tokenizer.chat_template"),
             "raises": derive("raises", "--chat-template", RAISES_ON_SYSTEM),
+            "tools": derive("tools", "--chat-template", WITH_TOOLS),
             "never": never_stops(chat, out / "never.gguf", toolchain)}
 
 
@@ -143,6 +148,12 @@ def test_gguf_chats_through_llama_server(ggufs, models, toolchain, tmp_path):
     assert check.failures == []
     assert (check.loads, check.chat_stops, check.template_matches, check.tool_call) == (True, True, True, "n/a")
     assert check.reply and check.tokens_per_s > 0
+
+
+def test_template_with_tools_gets_a_tool_request(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "tools", "tools")
+    # the tiny model answers in prose, not with a call: "no", and that is no failure
+    assert check.failures == [] and check.tool_call == "no" and check.template_matches
 
 
 def test_gguf_without_chat_template_fails(ggufs, models, toolchain, tmp_path):
