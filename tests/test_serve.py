@@ -249,3 +249,28 @@ def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, 
         if not c["passed"]:
             assert f"not published {vid}: {c['failures'][0]}" in out
     assert not _server_pids(toolchain.binary("llama-server"))
+
+
+def test_gptq_checkpoint_chats_in_transformers(models, repo_root, tmp_path):
+    """A real GPTQ checkpoint of the chat model (GPTQModel, 16 x 128 tokens): loads on the CPU, renders the
+    source's template, stops at end of turn."""
+    pytest.importorskip("gptqmodel", reason="needs the GPTQ/AWQ backend: pip install 'quantkit[gptq]'")
+    import hashlib
+
+    from quantkit.calibration import CalibrationText
+    from quantkit.digest import digest_of, sha256_file
+    from quantkit.gptq import gptq
+    from quantkit.recipe import GPTQVariant
+    from quantkit.source import ModelSnapshot
+    from quantkit.store import Store
+
+    files = {f.name: sha256_file(f) for f in sorted(models["chat"].iterdir()) if f.is_file()}
+    snapshot = ModelSnapshot(path=models["chat"], repo=None, revision=None, commit=None, files=files,
+                             digest=digest_of(files))
+    text = (repo_root / "calibration" / "en-prose.txt").read_text(encoding="utf-8")
+    calibration = CalibrationText(text, hashlib.sha256(text.encode()).hexdigest(), ("calibration/en-prose.txt",))
+    entry = gptq(model=snapshot, spec=GPTQVariant(group_size=64, samples=16, seq_len=128), calibration=calibration,
+                 store=Store(tmp_path / "store"))
+    check = check_checkpoint(model_dir=entry.path, source_dir=models["chat"], max_tokens=MAX_TOKENS)
+    assert check.failures == [] and check.loads and check.chat_stops and check.template_matches
+    assert check.backend == "transformers (cpu)" and check.vllm == "not checked" and check.tokens_per_s > 0
