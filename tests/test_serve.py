@@ -181,8 +181,41 @@ def test_server_that_never_comes_up_is_stopped(ggufs, models, tmp_path):
     check = check_gguf(gguf=ggufs["chat"], source_dir=models["chat"], server=fake, workdir=tmp_path,
                        max_tokens=MAX_TOKENS, start_timeout=1.0)
     assert not check.passed and not check.loads
-    assert check.failures[0].startswith("llama-server was not ready within 1 s (GET /health)")
+    assert check.failures[0].startswith("llama-server was not ready within 1 s (GET /health; a slower machine "
+                                        "needs a larger serve.start_timeout_s)")
     assert not _server_pids(fake), "the server that never came up was left running"
+
+
+KILLED_WORKER = """
+import sys
+from pathlib import Path
+from quantkit.serving.llamaserver import running_server
+with running_server(server=Path(sys.argv[1]), gguf=Path(sys.argv[2]), workdir=Path(sys.argv[3]), start_timeout=60):
+    pass
+"""
+
+
+def test_a_killed_worker_takes_its_server_with_it(ggufs, tmp_path):
+    """SIGKILL runs no ``finally``: the server dies with the process that started it (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+    import time
+
+    fake = tmp_path / "slow-server"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    worker = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, fake, ggufs["chat"], tmp_path],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 30
+    while not _server_pids(fake):
+        assert time.monotonic() < deadline and worker.poll() is None, "the server never started"
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while _server_pids(fake) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _server_pids(fake), "the killed worker's server was left running"
 
 
 def test_checkpoint_chats_in_transformers(models):

@@ -136,7 +136,8 @@ def running_server(*, server: Path, gguf: Path, workdir: Path, threads: int | No
                     break
             if time.monotonic() > deadline:
                 raise ServerDidNotStart(f"llama-server was not ready within {start_timeout:g} s "
-                                        f"(GET /health); last output: {_tail(log_path) or 'none'}")
+                                        f"(GET /health; a slower machine needs a larger serve.start_timeout_s); "
+                                        f"last output: {_tail(log_path) or 'none'}")
             time.sleep(0.2)
         log.debug("llama-server ready on %s", url)
         yield url
