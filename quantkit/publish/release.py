@@ -564,7 +564,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
         prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
         if prev_manifest.is_file() and \
                 release_fingerprint(json.loads(prev_manifest.read_text())) == release_fingerprint(manifest) \
-                and not differing_files(prev_manifest.parent, run_dir, manifest):
+                and not differing_files(prev_manifest.parent, run_dir, publishable):
             unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
     shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
@@ -576,7 +576,8 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
         # Same files, same scores: a new release would be a copy. Nothing is published (nor pushed).
         _record_unchanged(store / recipe, manifest_path=run_dir / "manifest.json", since=unchanged_since)
         log.info("%s: unchanged since %s; nothing published", recipe, unchanged_since)
-        return Published(unchanged_since, store / recipe / unchanged_since, unchanged_since=unchanged_since)
+        return Published(unchanged_since, store / recipe / unchanged_since, unchanged_since=unchanged_since,
+                         refused=bad)
     if bad:
         for vid, why in bad.items():
             log.warning("not publishing %s: its serve check failed: %s", vid, why)
