@@ -498,6 +498,8 @@ def test_publish_leaves_out_what_failed_its_serve_check_and_names_why(tmp_path):
     assert ("| gguf:Q2_K | llama-server | yes | **no** | yes | yes | not checked | 42.0 | **not published**: "
             "chat did not stop within 64 tokens (finish_reason 'length') |" in serving.splitlines())
     assert "## Serving" in (done.path / "README.md").read_text()  # the card shows the same table
+    how = md.split("## How to run", 1)[1]
+    assert f"{STEM}-Q4_K_M.gguf" in how and f"{STEM}-Q2_K.gguf" not in how
     again = pub.release(run_dir=make_run_dir(tmp_path, manifest, "run2"), manifest=manifest, root=tmp_path,
                         settings=Publish(dir="artifacts"), recipe_yaml=RECIPE_YAML, chat_template=CHATML)
     assert again.unchanged_since == done.run_id and again.refused == why  # the missing files are no change

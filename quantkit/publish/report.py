@@ -559,8 +559,9 @@ def render_markdown(report: dict) -> str:
     out += mix_md(report)
     out += _hardware_md(report)
     out += ["", "## How to run", ""]
+    bad = refused(report)
     for r in report["variants"]:
-        if r["serve"].get("command"):
+        if r["serve"].get("command") and r["id"] not in bad:  # not published: nothing to run
             mf = r["serve"].get("modelfile")
             extra = f" (Ollama: `ollama create NAME -f {mf}`)" if mf else ""
             out.append(f"- {r['id']}: `{r['serve']['command']}`{extra}")
