@@ -76,7 +76,7 @@ def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
 def _get(url: str, timeout: float) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"{}")
+            return r.status, _json(r.read())
     except urllib.error.HTTPError as e:
         return e.code, _json(e.read())
 
