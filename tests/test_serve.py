@@ -19,7 +19,6 @@ import pytest
 
 from quantkit.errors import ToolchainError
 from quantkit.proc import run_tool
-from quantkit.serving import MESSAGES
 from quantkit.serving.llamaserver import check_gguf
 from quantkit.serving.transformers import check_checkpoint
 from quantkit.toolchain import find_toolchain
