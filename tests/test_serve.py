@@ -306,3 +306,12 @@ def test_gptq_checkpoint_chats_in_transformers(models, repo_root, tmp_path):
     check = check_checkpoint(model_dir=entry.path, source_dir=models["chat"], max_tokens=MAX_TOKENS)
     assert check.failures == [] and check.loads and check.chat_stops and check.template_matches
     assert check.backend == "transformers (cpu)" and check.vllm == "not checked" and check.tokens_per_s > 0
+
+
+def test_a_leading_bos_is_the_only_difference_allowed():
+    from quantkit.serving.llamaserver import same_prompt
+
+    assert same_prompt("<|user|>\nHi\n", "<s><|user|>\nHi\n", "<s>")
+    assert same_prompt("<s><|user|>\nHi\n", "<s><|user|>\nHi\n", "<s>")
+    assert not same_prompt("<|user|>\nHi\n", "<s><|user|>\nHi\n", None)
+    assert not same_prompt("<|user|>\nHi", "<s><|user|>\nHi\n", "<s>")

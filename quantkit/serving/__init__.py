@@ -57,12 +57,17 @@ class ServeCheck:
 def reference_prompt(model_dir: Path, messages=MESSAGES, *, trust_remote_code: bool = False) -> str:
     """What transformers renders from the checkpoint's chat template (``add_generation_prompt=True``).
     Raises whatever the template raises (the caller turns it into a failed check)."""
+    return reference(model_dir, messages, trust_remote_code=trust_remote_code)[0]
+
+
+def reference(model_dir: Path, messages=MESSAGES, *, trust_remote_code: bool = False) -> tuple[str, str | None]:
+    """``reference_prompt`` and the checkpoint's BOS text (None when it has none)."""
     from transformers import AutoTokenizer
 
     from quantkit.source import remote_code_allowed
 
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_allowed(trust_remote_code))
-    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True), tok.bos_token
 
 
 def short(text: str, n: int = 200) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.ggufinfo import chat_template
-from quantkit.serving import MESSAGES, TOOL, TOOL_MESSAGES, ServeCheck, reference_prompt, short
+from quantkit.serving import MESSAGES, TOOL, TOOL_MESSAGES, ServeCheck, reference, short
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,16 @@ def check_gguf(*, gguf: Path, source_dir: Path, server: Path, workdir: Path, max
         return check.fail("the GGUF carries no chat template (tokenizer.chat_template): llama-server --jinja "
                           "and Ollama would chat in a guessed format")
     try:
-        expected = reference_prompt(source_dir, trust_remote_code=trust_remote_code)
+        expected, bos = reference(source_dir, trust_remote_code=trust_remote_code)
     except Exception as e:  # the template is the model's data: whatever it raises is the verdict
-        expected = None
+        expected, bos = None, None
         check.fail(f"transformers cannot render the checkpoint's chat template: {e.__class__.__name__}: {short(e)}")
     try:
         with running_server(server=server, gguf=gguf, workdir=workdir, threads=threads,
                             start_timeout=start_timeout, extra_args=extra_args) as url:
             check.loads = True
             _chat(check, url, max_tokens)
-            _template(check, url, expected)
+            _template(check, url, expected, bos)
             if "tools" in template:
                 _tool(check, url, max_tokens)
     except ServerDidNotStart as e:
@@ -193,7 +193,7 @@ def _chat(check: ServeCheck, url: str, max_tokens: int) -> None:
         check.fail("chat returned no text")
 
 
-def _template(check: ServeCheck, url: str, expected: str | None) -> None:
+def _template(check: ServeCheck, url: str, expected: str | None, bos: str | None) -> None:
     status, body = _post(f"{url}/apply-template", {"messages": list(MESSAGES)})
     if status != 200:
         check.template_matches = False
@@ -202,16 +202,15 @@ def _template(check: ServeCheck, url: str, expected: str | None) -> None:
     if expected is None:
         return
     got = body.get("prompt") or ""
-    check.template_matches = _same_prompt(got, expected)
+    check.template_matches = same_prompt(got, expected, bos)
     if not check.template_matches:
         check.fail(f"the prompt llama-server renders differs from the checkpoint's template: "
                    f"{short(got, 120)!r} vs {short(expected, 120)!r}")
 
 
-def _same_prompt(server: str, hf: str) -> bool:
-    """llama-server leaves a leading BOS out of the rendered text (it adds the token when it tokenizes)."""
-    return server == hf or any(hf.startswith(bos) and hf[len(bos):] == server for bos in ("<s>", "<|begin_of_text|>",
-                                                                                          "<bos>", "<|startoftext|>"))
+def same_prompt(server: str, hf: str, bos: str | None) -> bool:
+    """Equal, or equal but for a leading BOS that llama-server leaves out of the text (its tokenizer adds it)."""
+    return server == hf or bool(bos) and hf.startswith(bos) and hf[len(bos):] == server
 
 
 def _tool(check: ServeCheck, url: str, max_tokens: int) -> None:
