@@ -88,6 +88,8 @@ def cmd_run(args) -> int:
         print(f"not published: {result.publish_status} (the same files and scores)")
     elif result.published:
         print(f"published: {result.published}")
+    for refused in (result.publish_status or "").split("; not published ")[1:]:
+        print(f"not published {refused}")  # an artifact whose serve check failed, and why
     if result.reused:
         print(f"reused: {', '.join(result.reused)}")
     print(f"built: {', '.join(result.built) if result.built else 'nothing (every step was already done)'}")

@@ -485,7 +485,7 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         from quantkit.budget import target_cost
 
         return target_cost(recipe, kind, params, facts, base_bytes=base)
-    if kind in ("score-gguf", "tasks-gguf", "bench-gguf"):
+    if kind in ("score-gguf", "tasks-gguf", "bench-gguf", "serve-gguf"):
         from quantkit.scoring.tasks_llamacpp import BATCH_CTX
 
         size = base
@@ -494,6 +494,8 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
             size = quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
         # multiple-choice tasks batch whole tasks into a context of their own
         return Cost(64 * 1024, llama_tool_ram(facts, size, BATCH_CTX if kind == "tasks-gguf" else ev.ctx if ev else 512))
+    if kind == "serve-hf":  # one checkpoint in float32, a short generation
+        return Cost(64 * 1024, TORCH_BASE + facts.parameters * 4)
     if kind in ("gptq", "awq", "rtn"):
         spec = getattr(recipe, kind)[params["index"]]
         return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size), gptqmodel_ram(facts))
@@ -542,6 +544,9 @@ def seconds(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -
         return scored * w * RATE["llama"]
     if kind == "tasks-gguf":
         return limits.get(params.get("task"), 500) * TASK_TOKENS * w * RATE["llama"] + 1
+    if kind in ("serve-gguf", "serve-hf"):  # a server start (or a load) and three short requests
+        tokens = 3 * ((recipe.serve.max_tokens if recipe.serve else 64) + 64)
+        return tokens * w * (RATE["llama"] if kind == "serve-gguf" else RATE["torch-score"]) + 2
     if kind == "bench-gguf":
         return (128 + 32 * 8) * (ev.bench_reps if ev else 1) * w * RATE["llama"]
     if kind == "score-hf":  # a quantized checkpoint is scored beside its base (KLD)

@@ -97,6 +97,7 @@ class StepKind:
 
 # Checkpoints GPTQModel makes, each kind also the name of its recipe list; rtn is a reference, never published.
 CHECKPOINT_KINDS = ("gptq", "awq", "rtn")
+SERVED_FORMATS = ("gguf", "gptq", "awq")  # what is published is served first (rtn is a reference)
 
 
 def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
@@ -162,6 +163,11 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
             if ev.bench:
                 nodes.append(Node(f"bench-hf:{label}", "bench-hf", label, (made_by,)))
         variants.insert(len([v for v in variants if v[0] == "gguf"]), ("hf", "HF", "source"))
+    if recipe.serve is not None:  # each artifact in the program that serves it, before the run folder and publish
+        for fmt, label, made_by in variants:
+            if fmt in SERVED_FORMATS:
+                kind = "serve-gguf" if fmt == "gguf" else "serve-hf"
+                nodes.append(Node(f"{kind}:{label}", kind, label, (made_by, "source")))
     everything = tuple(n.name for n in nodes if not KINDS[n.kind].lazy)
     nodes.append(Node("run-folder", "run-folder", recipe.name, everything,
                       {"variants": tuple(variants)}))
@@ -438,6 +444,65 @@ def _bench_hf(ctx, node, deps):
     return entry
 
 
+def _serve_gguf_inputs(ctx, node, deps):
+    from quantkit.serving import CHECK_VERSION
+
+    spec = ctx.recipe.serve
+    return {"gguf_sha256": _gguf(deps[node.needs[0]])[1], "source": deps["source"].model.digest,
+            "max_tokens": spec.max_tokens, "start_timeout_s": spec.start_timeout_s, "llama_cpp": ctx.tools.build,
+            "check": CHECK_VERSION}
+
+
+def _serve_gguf(ctx, node, deps):
+    from quantkit.serving.llamaserver import check_gguf
+
+    spec, src = ctx.recipe.serve, deps["source"]
+
+    def produce(staging) -> dict:
+        src.model.check_links()  # transformers reads the source's template: no link may have appeared
+        staging.info.update(tool=ctx.tools.version)
+        return check_gguf(gguf=_gguf(deps[node.needs[0]])[0], source_dir=src.model.path,
+                          server=ctx.tools.binary("llama-server"), workdir=staging.path, max_tokens=spec.max_tokens,
+                          start_timeout=spec.start_timeout_s, threads=ctx.threads,
+                          extra_args=tuple(ctx.tools.offload_args()),
+                          trust_remote_code=ctx.recipe.model.trust_remote_code).to_dict()
+
+    return _log_serve(node, stored_json(ctx.store, "serve-gguf", _serve_gguf_inputs(ctx, node, deps), "serve", produce))
+
+
+def _serve_hf_inputs(ctx, node, deps):
+    from quantkit.serving import CHECK_VERSION
+
+    return {"model": _model_dir_and_identity(node, deps)[1], "source": deps["source"].model.digest,
+            "max_tokens": ctx.recipe.serve.max_tokens, "threads": ctx.threads, "check": CHECK_VERSION}
+
+
+def _serve_hf(ctx, node, deps):
+    from quantkit.serving.transformers import check_checkpoint
+
+    model_dir, _ = _model_dir_and_identity(node, deps)
+    src = deps["source"]
+
+    def produce(staging) -> dict:
+        src.model.check_links()
+        return check_checkpoint(model_dir=model_dir, source_dir=src.model.path, max_tokens=ctx.recipe.serve.max_tokens,
+                                threads=ctx.threads, trust_remote_code=ctx.recipe.model.trust_remote_code).to_dict()
+
+    return _log_serve(node, stored_json(ctx.store, "serve-hf", _serve_hf_inputs(ctx, node, deps), "serve", produce))
+
+
+def _log_serve(node: Node, entry: Entry) -> Entry:
+    s = entry.info["serve"]
+    how = "reused" if entry.reused else "checked"
+    if s["passed"]:
+        log.info("serve %s: %s in %s, chat stops, template matches, tool call %s%s", node.label, how, s["backend"],
+                 s["tool_call"], f", {s['tokens_per_s']:.1f} t/s" if s.get("tokens_per_s") else "")
+    else:
+        log.warning("serve %s: %s in %s: FAILED: %s (not published)", node.label, how, s["backend"],
+                    "; ".join(s["failures"]))
+    return entry
+
+
 def _sensitivity(ctx, node, deps):
     from quantkit.sensitivity import measure
 
@@ -528,6 +593,10 @@ KINDS: dict[str, StepKind] = {
     "tasks-hf": StepKind(_tasks_hf, "task accuracy", store_step="tasks-hf", gpu=True),
     "bench-hf": StepKind(_bench_hf, "speed.json (transformers)", _bench_hf_inputs, "bench-hf", gpu=True,
                          time_class="seconds"),
+    "serve-gguf": StepKind(_serve_gguf, "serve.json (llama-server --jinja: chat, template, tool call, t/s)",
+                           _serve_gguf_inputs, "serve-gguf", time_class="seconds"),
+    "serve-hf": StepKind(_serve_hf, "serve.json (transformers on CPU: chat stops at end of turn, t/s)",
+                         _serve_hf_inputs, "serve-hf", time_class="seconds"),
     "sensitivity": StepKind(_sensitivity, "sensitivity.json (per-tensor error and bytes of one type)",
                             _sensitivity_inputs, "sensitivity"),
     "sensitivity-kld": StepKind(_sensitivity_kld, "calibration.json (KLD per tensor group)", _sensitivity_kld_inputs,
@@ -569,6 +638,8 @@ def variant_scores(ctx: RunContext, fmt: str, label: str, deps: Results) -> dict
         scores["tasks"] = tasks
     if (bench := deps.get(f"bench-{kind}:{label}")) is not None:
         scores["speed"] = bench.info["speed"]
+    if (serve := deps.get(f"serve-{kind}:{label}")) is not None:
+        scores["serve"] = serve.info["serve"]
     return scores
 
 

@@ -730,6 +730,15 @@ class Schedule(Section):
         return v
 
 
+class Serve(Section):
+    """The serve check (quantkit.serving): each GGUF chats through llama-server --jinja, each GPTQ/AWQ
+    checkpoint in transformers on the CPU; an artifact whose check fails is not published."""
+
+    max_tokens: int = Field(64, ge=4, le=4096, description="bound on each reply: a reply that has not stopped "
+                            "by then fails 'did not stop'")
+    start_timeout_s: float = Field(60.0, gt=0, le=3600, description="how long llama-server may take to be ready")
+
+
 class Recipe(Section):
     """One reproducible run. ``name`` becomes the Prefect deployment name."""
 
@@ -743,6 +752,7 @@ class Recipe(Section):
     awq: list[AWQVariant] = Field(default_factory=list, max_length=16)
     rtn: list[RTNVariant] = Field(default_factory=list, max_length=16,
                                   description="round-to-nearest references: scored and reported, never published")
+    serve: Serve | None = Field(None, description="serve each artifact before publishing ({} for the defaults)")
     output: Output = Field({}, validate_default=True)  # a dict, so its default dir is checked like a given one
     publish: Publish | None = Field(None, description="publishing and the regression gate; local store if absent")
     schedule: Schedule | None = Field(None, description="cron for the deployment (none: runs only when asked)")

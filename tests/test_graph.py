@@ -38,7 +38,8 @@ def test_demo_graph_has_every_unit_of_work(demo):
                 *(f"tasks-gguf:{label}:{t.name}" for label in gguf for t in demo.evaluation.tasks),
                 *(f"gptq:{v.name}" for v in demo.gptq), *(f"awq:{v.name}" for v in demo.awq),
                 *(f"{kind}-hf:{label}" for label in ["HF", *checkpoints] for kind in ("score", "bench")),
-                *(f"tasks-hf:{label}:{t.name}" for label in ["HF", *checkpoints] for t in demo.evaluation.tasks)}
+                *(f"tasks-hf:{label}:{t.name}" for label in ["HF", *checkpoints] for t in demo.evaluation.tasks),
+                *(f"serve-gguf:{label}" for label in gguf), *(f"serve-hf:{label}" for label in checkpoints)}
     assert set(names) == expected
     assert sorted(labels) == sorted(gguf + checkpoints)
     # Dependencies come first, and every kind is defined once.
@@ -51,6 +52,8 @@ def test_demo_graph_has_every_unit_of_work(demo):
     assert by["quantize:Q4_K_M"].needs == ("convert", "imatrix")
     assert by["score-gguf:Q2_K"].needs == ("quantize:Q2_K", "convert", "base-logits")
     assert by["score-gguf:F16"].needs == ("convert",)  # the base is scored without KLD, so no logits
+    assert by["serve-gguf:Q2_K"].needs == ("quantize:Q2_K", "source")  # the source's template is the reference
+    assert by["serve-hf:GPTQ-4bit-g64"].needs == ("gptq:GPTQ-4bit-g64", "source")
     assert set(by["run-folder"].needs) == set(names) - {"run-folder", "publish", "base-logits"}
     variants = [label for _, label, _ in by["run-folder"].params["variants"]]
     assert variants == [*gguf, "HF", *checkpoints]

@@ -458,3 +458,57 @@ def test_the_same_scores_again_pass_every_comparison_with_the_last_release():
     [c] = [c for c in pub.regression_gate(worse, report, thresholds=PublishThresholds())["changes"]
            if c["id"] == "gguf:Q4_K_M" and c["check"] == "kld_mean"]
     assert c["verdict"] == "inconclusive" and c["bound"][0] < c["limit"] < c["bound"][1]
+
+
+def _served(manifest: dict, failed: dict[str, str]) -> dict:
+    """Every GGUF/GPTQ/AWQ variant with a serve check (quantkit.serving); ``failed``: id -> reason."""
+    from quantkit.serving import ServeCheck
+
+    for v in manifest["variants"]:
+        vid = f"{v['format']}:{v['label']}"
+        if v["format"] not in ("gguf", "gptq", "awq"):
+            continue
+        check = ServeCheck("llama-server" if v["format"] == "gguf" else "transformers (cpu)", loads=True,
+                           chat_stops=True, template_matches=True, tokens_per_s=42.0, reply="Blue.",
+                           tool_call="n/a" if v["format"] != "gguf" else "yes")
+        if vid in failed:
+            check.chat_stops = False
+            check.fail(failed[vid])
+        v["scores"]["serve"] = check.to_dict()
+    return manifest
+
+
+def test_publish_leaves_out_what_failed_its_serve_check_and_names_why(tmp_path):
+    why = {"gguf:Q2_K": "chat did not stop within 64 tokens (finish_reason 'length')",
+           "gptq:GPTQ-4bit-g128": "transformers cannot load it: ValueError: no kernel"}
+    manifest = _served(make_manifest(), why)
+    run = make_run_dir(tmp_path, manifest)
+    done = pub.release(run_dir=run, manifest=manifest, root=tmp_path, settings=Publish(dir="artifacts"),
+                       recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    assert done.refused == why
+    assert "not published gguf:Q2_K: chat did not stop" in done.status
+    published = {p.name for p in done.path.iterdir()}
+    assert f"{STEM}-Q2_K.gguf" not in published and f"{STEM}-Q2_K.Modelfile" not in published
+    assert f"{STEM}-GPTQ-4bit-g128" not in published
+    assert {f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q4_K_M.Modelfile", f"{STEM}-AWQ-4bit-g128"} <= published
+    md = (done.path / "report.md").read_text()
+    serving = md.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    assert ("| gguf:Q4_K_M | llama-server | yes | yes | yes | yes | not checked | 42.0 | passed |"
+            in serving.splitlines())
+    assert ("| gguf:Q2_K | llama-server | yes | **no** | yes | yes | not checked | 42.0 | **not published**: "
+            "chat did not stop within 64 tokens (finish_reason 'length') |" in serving.splitlines())
+    assert "## Serving" in (done.path / "README.md").read_text()  # the card shows the same table
+    how = md.split("## How to run", 1)[1]
+    assert f"{STEM}-Q4_K_M.gguf" in how and f"{STEM}-Q2_K.gguf" not in how
+    again = pub.release(run_dir=make_run_dir(tmp_path, manifest, "run2"), manifest=manifest, root=tmp_path,
+                        settings=Publish(dir="artifacts"), recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    assert again.unchanged_since == done.run_id and again.refused == why  # the missing files are no change
+
+
+def test_nothing_to_publish_when_every_artifact_failed_its_serve_check(tmp_path):
+    manifest = make_manifest()
+    _served(manifest, {f"{v['format']}:{v['label']}": "chat returned no text" for v in manifest["variants"]})
+    with pytest.raises(PublishError, match="nothing published: every artifact failed its serve check"):
+        pub.release(run_dir=make_run_dir(tmp_path, manifest), manifest=manifest, root=tmp_path,
+                    settings=Publish(dir="artifacts"), recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    assert not (tmp_path / "artifacts" / "smollm2-135m-demo" / "latest").exists()

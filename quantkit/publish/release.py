@@ -46,7 +46,7 @@ from quantkit.runfolder import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
 from quantkit.paths import inside, open_fixed, project_parts
 from quantkit.publish.hublayout import CARD, SPLIT_RE, HubRepo, gguf_commands, plan_repos
-from quantkit.publish.report import build_report, load_report, variants_table, write_report
+from quantkit.publish.report import build_report, load_report, refused, serving_md, variants_table, write_report
 from quantkit.store import exclusive
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,12 @@ class Published:
     hub_commit: str | None = None  # commit URL of the first Hub repo (the GGUF one) when pushed
     unchanged_since: str | None = None  # set when nothing new was published: the run this one equals
     hub_commits: dict[str, str] = field(default_factory=dict)  # repo id -> commit URL, every repo pushed
+    refused: dict[str, str] = field(default_factory=dict)  # variant id -> why its serve check failed (not published)
 
     @property
     def status(self) -> str:
-        return f"unchanged since {self.unchanged_since}" if self.unchanged_since else f"published {self.run_id}"
+        done = f"unchanged since {self.unchanged_since}" if self.unchanged_since else f"published {self.run_id}"
+        return done + "".join(f"; not published {vid}: {why}" for vid, why in self.refused.items())
 
 
 # --- regression gate ------------------------------------------------------------------------------
@@ -266,9 +268,10 @@ def run_id_for(manifest_path: Path, *, now: datetime | None = None) -> str:
     return f"{stamp}-{hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()[:8]}"
 
 
-def collect_files(run_dir: Path, report_dir: Path) -> dict[str, Path]:
+def collect_files(run_dir: Path, report_dir: Path, *, skip: frozenset[str] = frozenset()) -> dict[str, Path]:
     """``{path in the published folder: source}``: the run folder's files, then the rendered report
-    (README.md, report.*, plot.png, Modelfiles) at the top level. Hidden files are skipped. A symlink
+    (README.md, report.*, plot.png, Modelfiles) at the top level. Hidden files are skipped, and so is
+    everything under a top-level name in ``skip`` (an artifact that failed its serve check). A symlink
     anywhere in either folder is refused: publishing hard-links or copies what it finds, and a link
     (committed in a pull request under runs/) would publish the file it points at."""
     run_dir, report_dir = Path(run_dir), Path(report_dir)
@@ -282,7 +285,7 @@ def collect_files(run_dir: Path, report_dir: Path) -> dict[str, Path]:
                 raise PublishError(f"{p} is a symlink; nothing is published through one (remove it from the "
                                    "run folder: quantkit writes no links there)")
             if p.is_file() and not any(part.startswith(".") for part in rel.parts) and \
-                    not (folder == run_dir and p.is_relative_to(report_dir)):
+                    not (folder == run_dir and (p.is_relative_to(report_dir) or rel.parts[0] in skip)):
                 files[rel.as_posix()] = p
     return files
 
@@ -300,7 +303,7 @@ def _place(src: Path, dest: Path) -> None:
 
 
 def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, run_id: str,
-                  before_rename: Callable[[Path], None] | None = None) -> Path:
+                  before_rename: Callable[[Path], None] | None = None, skip: frozenset[str] = frozenset()) -> Path:
     """Publish into ``<store>/<recipe>/<run_id>/`` and point ``latest`` at it; return the folder.
 
     Built as ``.tmp-<run_id>-*`` and renamed; ``before_rename(staged)`` (the Hub upload) runs on
@@ -319,7 +322,7 @@ def publish_local(*, run_dir: Path, report_dir: Path, store: Path, recipe: str, 
         tmp = folder / f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            for rel, src in collect_files(run_dir, report_dir).items():
+            for rel, src in collect_files(run_dir, report_dir, skip=skip).items():
                 _place(src, inside(tmp, *rel.split("/")))
             if before_rename is not None:
                 before_rename(tmp)
@@ -538,8 +541,9 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str,
     for repo in repos:
         rows = [r for r in report["variants"] if r["id"] in repo.variant_ids or r["is_base"]]
         paths = hub_paths(repo)
+        own = {**report, "variants": rows}
         cards[repo.repo_id] = str(render_repo_card(
-            report, repo=repo, siblings=repos, table=variants_table({**report, "variants": rows}),
+            report, repo=repo, siblings=repos, table=variants_table(own) + serving_md(own),
             recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if repo.format == "gguf" else None,
             files=paths, calibration_readme=calibration_readme))
     return cards
@@ -627,7 +631,6 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     """
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
-    check_chat_templates(run_dir=run_dir, manifest=manifest, chat_template=chat_template)
     store = inside(Path(root), *project_parts(settings.dir))  # a symlinked artifacts/ leading out is refused
     th = settings.thresholds
     prev = latest_report(store, recipe)
@@ -637,12 +640,15 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     gate = regression_gate(draft, prev[1] if prev else None, thresholds=th, previous_run=prev[0] if prev else None)
     report = build_report(manifest, config=config, chat_template=chat_template,
                           recommend_max_kld=th.recommend_max_kld, regression=gate, base_origin=origin)
+    bad = refused(report)
+    publishable = _without(manifest, bad)
+    check_chat_templates(run_dir=run_dir, manifest=publishable, chat_template=chat_template)
     unchanged_since = None
     if prev and not gate["failed"]:
         prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
         if prev_manifest.is_file() and \
                 release_fingerprint(json.loads(prev_manifest.read_text())) == release_fingerprint(manifest) \
-                and not _differing_unsplit(prev_manifest, run_dir, manifest):
+                and not _differing_unsplit(prev_manifest, run_dir, publishable):
             unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
     shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
@@ -654,7 +660,15 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
         # Same files, same scores: a new release would be a copy. Nothing is published (nor pushed).
         _record_unchanged(store / recipe, manifest_path=run_dir / "manifest.json", since=unchanged_since)
         log.info("%s: unchanged since %s; nothing published", recipe, unchanged_since)
-        return Published(unchanged_since, store / recipe / unchanged_since, unchanged_since=unchanged_since)
+        return Published(unchanged_since, store / recipe / unchanged_since, unchanged_since=unchanged_since,
+                         refused=bad)
+    if bad:
+        for vid, why in bad.items():
+            log.warning("not publishing %s: its serve check failed: %s", vid, why)
+        if not any(v.get("file") and v["format"] in ("gguf", "gptq", "awq") for v in publishable["variants"]):
+            reasons = "; ".join(f"{vid}: {why}" for vid, why in bad.items())
+            raise PublishError(f"nothing published: every artifact failed its serve check ({reasons}); "
+                               f"see {report_dir / 'report.md'}")
     if verify is not None:
         verify()
     run_id = run_id or run_id_for(run_dir / "manifest.json")
@@ -664,8 +678,8 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     def stage(staged: Path) -> None:
         """GGUFs over publish.max_file_gib become shards in the staged folder, and its manifest, report,
         card and Modelfiles are rendered again to list them; then the Hub upload, if any."""
-        needed = oversized_ggufs(staged, manifest, max_file_bytes=max_file_bytes)
-        sharded = shard_staged(staged, manifest, max_file_bytes=max_file_bytes,
+        needed = oversized_ggufs(staged, publishable, max_file_bytes=max_file_bytes)
+        sharded = shard_staged(staged, publishable, max_file_bytes=max_file_bytes,
                                gguf_split=gguf_split or (_toolchain_splitter() if needed else None))
         shown = report
         if needed:
@@ -681,5 +695,15 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
                                          max_file_bytes=max_file_bytes))
 
     path = publish_local(run_dir=run_dir, report_dir=report_dir, store=store, recipe=recipe, run_id=run_id,
-                         before_rename=stage)
-    return Published(run_id, path, next(iter(hub.values()), None), hub_commits=dict(hub))
+                         before_rename=stage,
+                         skip=frozenset(v["file"] for v in manifest["variants"] if v.get("file") and _vid(v) in bad))
+    return Published(run_id, path, next(iter(hub.values()), None), hub_commits=dict(hub), refused=bad)
+
+
+def _vid(v: dict) -> str:
+    return f"{v['format']}:{v['label']}"
+
+
+def _without(manifest: dict, bad: dict[str, str]) -> dict:
+    """The manifest as publishing sees it: the artifacts that failed their serve check have no file."""
+    return {**manifest, "variants": [{**v, "file": None} if _vid(v) in bad else v for v in manifest["variants"]]}

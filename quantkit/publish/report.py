@@ -131,6 +131,7 @@ def _variant_row(v: dict, resolved: dict) -> dict:
         "threads": speed.get("threads"),
         "mix": _mix_row((v.get("info") or {}).get("mix")),
         "reference": v["format"] in REFERENCE_FORMATS,
+        "serving": scores.get("serve"),  # quantkit.serving.ServeCheck.to_dict(), or None when not checked
         "quant": _quant_settings(v["format"], v["label"], resolved),
         "shards": v.get("shards"),  # [{file, size, sha256}] when published as llama-gguf-split shards
     }
@@ -547,6 +548,7 @@ def render_markdown(report: dict) -> str:
         out += [f"> **Read this first.** {caveat}", ""]
     out += ["## Variants", ""]
     out += variants_table(report)
+    out += serving_md(report)
     out += _tasks_md(report)
     out += _rtn_md(report)
     out += ["", "## Recommended", ""]
@@ -563,13 +565,47 @@ def render_markdown(report: dict) -> str:
     out += mix_md(report)
     out += _hardware_md(report)
     out += ["", "## How to run", ""]
+    bad = refused(report)
     for r in report["variants"]:
-        if r["serve"].get("command"):
+        if r["serve"].get("command") and r["id"] not in bad:  # not published: nothing to run
             mf, merge = r["serve"].get("modelfile"), r["serve"].get("merge")
             extra = (f" (Ollama cannot import shards: `{merge}`, then `ollama create NAME -f {mf}`)" if merge
                      else f" (Ollama: `ollama create NAME -f {mf}`)" if mf else "")
             out.append(f"- {r['id']}: `{r['serve']['command']}`{extra}")
     return "\n".join(out) + "\n"
+
+
+def _yes(value: bool | None) -> str:
+    return "–" if value is None else "yes" if value else "**no**"
+
+
+def refused(report: dict) -> dict[str, str]:
+    """``{variant id: why}`` for every artifact whose serve check failed: publish leaves them out."""
+    return {r["id"]: "; ".join(r["serving"]["failures"]) for r in report["variants"]
+            if r.get("serving") and not r["serving"].get("passed", True)}
+
+
+def serving_md(report: dict) -> list[str]:
+    """The serve checks (quantkit.serving), one row per artifact checked; empty when none was."""
+    rows = [r for r in report["variants"] if r.get("serving")]
+    if not rows:
+        return []
+    out = ["", "## Serving", "",
+           "Each artifact in the program people serve it with: GGUFs through `llama-server --jinja` (the template "
+           "embedded in the file), GPTQ/AWQ checkpoints in transformers on the CPU. *Chat stops*: a short multi-turn "
+           "chat ends with the end-of-turn token within the token limit; *template matches*: the prompt rendered "
+           "equals what transformers renders from the source checkpoint's chat template; *tool call*: n/a when the "
+           "template does not mention tools. An artifact that fails a check is not published.", "",
+           "| variant | program | loads | chat stops | template matches | tool call | vLLM | t/s | verdict |",
+           "|---|---|---|---|---|---|---|---:|---|"]
+    for r in rows:
+        s = r["serving"]
+        verdict = "passed" if s.get("passed") else "**not published**: " + "; ".join(s.get("failures") or [])
+        cells = [r["id"], s.get("backend", "?"), _yes(s.get("loads")), _yes(s.get("chat_stops")),
+                 _yes(s.get("template_matches")), s.get("tool_call", "n/a"), s.get("vllm", "not checked"),
+                 _f(s.get("tokens_per_s"), ".1f"), verdict.replace("|", "/")]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def _tasks_md(report: dict) -> list[str]:
@@ -791,10 +827,12 @@ def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template
     write_json_atomic(out_dir / "report.json", validate_report(report))
     written.append(out_dir / "report.json")
     published = {**report, "variants": [r for r in report["variants"] if not r.get("reference")]}
+    bad = refused(report)  # failed their serve check: no Modelfile for them
     texts = {"report.md": render_markdown(report),
-             "README.md": str(render_card(published, table=variants_table(published), recipe_yaml=recipe_yaml,
-                                       calibration_readme=calibration_readme)),
-             **render_modelfiles(report, chat_template=chat_template, eos_token=eos_token)}
+             "README.md": str(render_card(published, table=variants_table(published) + serving_md(published),
+                                       recipe_yaml=recipe_yaml, calibration_readme=calibration_readme)),
+             **render_modelfiles({**report, "variants": [r for r in report["variants"] if r["id"] not in bad]},
+                                 chat_template=chat_template, eos_token=eos_token)}
     for name, text in texts.items():
         dest = inside(out_dir, name)  # Modelfile names carry variant labels
         tmp = dest.with_name(f".{name}.tmp")

@@ -1,0 +1,75 @@
+"""The serve check: each artifact proven in the program people serve it with (issue #25).
+
+A GGUF chats through ``llama-server --jinja`` (``quantkit.serving.llamaserver``); a GPTQ/AWQ
+checkpoint answers a chat in transformers on the CPU (``quantkit.serving.transformers``). Both
+return a ``ServeCheck``: what worked, and for each check that failed, why. A failed check is a
+result, not an exception: the report shows it and ``publish`` leaves that artifact out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# A short multi-turn chat: system, user, assistant, user. The same messages go to the server, to the
+# source checkpoint's template (the reference rendering) and to transformers.
+MESSAGES = (
+    {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hello! How can I help you?"},
+    {"role": "user", "content": "Name one colour."},
+)
+TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_MESSAGES = ({"role": "user", "content": "What is the weather in Paris?"},)
+VLLM_NOT_CHECKED = "not checked"  # vLLM is not installable on these workers (docs/serving.md)
+CHECK_VERSION = 1  # part of the store key: a change to what is checked re-runs the serve nodes
+
+
+@dataclass
+class ServeCheck:
+    """One artifact in the program that serves it. ``None``: not checked (an earlier check failed);
+    ``tool_call``: "yes", "no" or "n/a" (the template does not mention tools)."""
+
+    backend: str  # "llama-server" or "transformers (cpu)"
+    loads: bool = False
+    chat_stops: bool | None = None
+    template_matches: bool | None = None
+    tool_call: str = "n/a"
+    vllm: str = VLLM_NOT_CHECKED
+    tokens_per_s: float | None = None
+    reply: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def fail(self, why: str) -> ServeCheck:
+        self.failures.append(why)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+
+def reference_prompt(model_dir: Path, messages=MESSAGES, *, trust_remote_code: bool = False) -> str:
+    """What transformers renders from the checkpoint's chat template (``add_generation_prompt=True``).
+    Raises whatever the template raises (the caller turns it into a failed check)."""
+    return reference(model_dir, messages, trust_remote_code=trust_remote_code)[0]
+
+
+def reference(model_dir: Path, messages=MESSAGES, *, trust_remote_code: bool = False) -> tuple[str, str | None]:
+    """``reference_prompt`` and the checkpoint's BOS text (None when it has none)."""
+    from transformers import AutoTokenizer
+
+    from quantkit.source import remote_code_allowed
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_allowed(trust_remote_code))
+    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True), tok.bos_token
+
+
+def short(text: str, n: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 1] + "…"

@@ -1,0 +1,224 @@
+"""A GGUF in ``llama-server --jinja``: chat, the rendered prompt, a tool call, tokens/s.
+
+The server runs on a free port of 127.0.0.1, in a process group of its own that also dies with the
+thread that started it (PR_SET_PDEATHSIG), and is stopped in ``finally``: a failed check, an
+exception or a killed worker leave no server behind. It is started from an argument list, never a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from quantkit.ggufinfo import chat_template
+from quantkit.serving import MESSAGES, TOOL, TOOL_MESSAGES, ServeCheck, reference, short
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+CTX = 1024  # the chat is short: a small context keeps the KV cache and the start cheap
+REQUEST_TIMEOUT = 120.0  # seconds for one request (generation is bounded by max_tokens)
+
+
+class ServerDidNotStart(Exception):
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _libc_prctl():
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+    return None
+
+
+_PRCTL = _libc_prctl()  # looked up here: the child between fork and exec only calls it
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the thread that started it dies (a killed worker)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds; reaped either way."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _get(url: str, timeout: float) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, _json(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, _json(e.read())
+
+
+def _post(url: str, body: dict, timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, _json(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, _json(e.read())
+
+
+def _json(raw: bytes) -> dict:
+    try:
+        value = json.loads(raw or b"{}")
+    except ValueError:
+        return {"error": {"message": short(raw.decode("utf-8", "replace"))}}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _error(status: int, body: dict) -> str:
+    err = body.get("error")
+    msg = err.get("message") if isinstance(err, dict) else err
+    return f"HTTP {status}: {short(msg or body)}"
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        return " | ".join(short(ln, 160) for ln in lines[-n:])
+    return ""
+
+
+@contextlib.contextmanager
+def running_server(*, server: Path, gguf: Path, workdir: Path, threads: int | None = None,
+                   start_timeout: float = 60.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """``llama-server --jinja`` on ``gguf``; yields its base URL once /health says ok. Raises
+    ServerDidNotStart (with the reason) when it exits or is not healthy within ``start_timeout``."""
+    port = free_port()
+    argv = [os.fspath(server), "-m", os.fspath(gguf), "--jinja", "--host", HOST, "--port", str(port),
+            "-c", str(CTX), "-np", "1", *(["-t", str(threads)] if threads else []), *extra_args]
+    log_path = workdir / "llama-server.log"
+    log.debug("running: %s", " ".join(argv))
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        url, deadline = f"http://{HOST}:{port}", time.monotonic() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise ServerDidNotStart(f"llama-server exited with code {proc.returncode} before it was ready: "
+                                        f"{_tail(log_path)}")
+            with contextlib.suppress(OSError):
+                status, _ = _get(f"{url}/health", timeout=2.0)
+                if status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise ServerDidNotStart(f"llama-server was not ready within {start_timeout:g} s "
+                                        f"(GET /health; a slower machine needs a larger serve.start_timeout_s); "
+                                        f"last output: {_tail(log_path) or 'none'}")
+            time.sleep(0.2)
+        log.debug("llama-server ready on %s", url)
+        yield url
+    finally:
+        stop(proc)
+
+
+def check_gguf(*, gguf: Path, source_dir: Path, server: Path, workdir: Path, max_tokens: int = 64,
+               start_timeout: float = 60.0, threads: int | None = None, trust_remote_code: bool = False,
+               extra_args: tuple[str, ...] = ()) -> ServeCheck:
+    """Serve ``gguf`` and check it; every problem becomes a failure in the returned ServeCheck."""
+    check = ServeCheck("llama-server")
+    template = chat_template(gguf)
+    if template is None:
+        return check.fail("the GGUF carries no chat template (tokenizer.chat_template): llama-server --jinja "
+                          "and Ollama would chat in a guessed format")
+    try:
+        expected, bos = reference(source_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:  # the template is the model's data: whatever it raises is the verdict
+        expected, bos = None, None
+        check.fail(f"transformers cannot render the checkpoint's chat template: {e.__class__.__name__}: {short(e)}")
+    try:
+        with running_server(server=server, gguf=gguf, workdir=workdir, threads=threads,
+                            start_timeout=start_timeout, extra_args=extra_args) as url:
+            check.loads = True
+            _chat(check, url, max_tokens)
+            _template(check, url, expected, bos)
+            if "tools" in template:
+                _tool(check, url, max_tokens)
+    except ServerDidNotStart as e:
+        check.fail(e.why)
+    except (OSError, ValueError) as e:  # the connection dropped, a request timed out
+        check.fail(f"llama-server stopped answering: {e.__class__.__name__}: {short(e)}")
+    return check
+
+
+def _chat(check: ServeCheck, url: str, max_tokens: int) -> None:
+    status, body = _post(f"{url}/v1/chat/completions", {"messages": list(MESSAGES), "max_tokens": max_tokens,
+                                                       "temperature": 0, "seed": 0})
+    if status != 200:
+        check.chat_stops = False
+        check.fail(f"chat failed: {_error(status, body)}")
+        return
+    choice = (body.get("choices") or [{}])[0]
+    text = (choice.get("message") or {}).get("content") or ""
+    check.reply = short(text)
+    check.tokens_per_s = (body.get("timings") or {}).get("predicted_per_second")
+    check.chat_stops = choice.get("finish_reason") == "stop" and bool(text.strip())
+    if choice.get("finish_reason") != "stop":
+        check.fail(f"chat did not stop within {max_tokens} tokens (finish_reason {choice.get('finish_reason')!r}): "
+                   "the end-of-turn token is missing or is not the one the model emits")
+    elif not text.strip():
+        check.fail("chat returned no text")
+
+
+def _template(check: ServeCheck, url: str, expected: str | None, bos: str | None) -> None:
+    status, body = _post(f"{url}/apply-template", {"messages": list(MESSAGES)})
+    if status != 200:
+        check.template_matches = False
+        check.fail(f"llama-server cannot render the chat: {_error(status, body)}")
+        return
+    if expected is None:
+        return
+    got = body.get("prompt") or ""
+    check.template_matches = same_prompt(got, expected, bos)
+    if not check.template_matches:
+        check.fail(f"the prompt llama-server renders differs from the checkpoint's template: "
+                   f"{short(got, 120)!r} vs {short(expected, 120)!r}")
+
+
+def same_prompt(server: str, hf: str, bos: str | None) -> bool:
+    """Equal, or equal but for a leading BOS that llama-server leaves out of the text (its tokenizer adds it)."""
+    return server == hf or bool(bos) and hf.startswith(bos) and hf[len(bos):] == server
+
+
+def _tool(check: ServeCheck, url: str, max_tokens: int) -> None:
+    status, body = _post(f"{url}/v1/chat/completions", {"messages": list(TOOL_MESSAGES), "tools": [TOOL],
+                                                       "max_tokens": max_tokens, "temperature": 0, "seed": 0})
+    if status != 200:
+        check.tool_call = "no"
+        check.fail(f"a request with a tool failed: {_error(status, body)}")
+        return
+    msg = ((body.get("choices") or [{}])[0]).get("message") or {}
+    check.tool_call = "yes" if msg.get("tool_calls") else "no"  # plain text instead of a call is no error

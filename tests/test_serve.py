@@ -1,0 +1,317 @@
+"""The serve check (#25) on the tiny Llama: a GGUF chats through llama-server --jinja, a checkpoint in
+transformers, and each bad input gets a failed check with its reason instead of a hang.
+
+The tiny model was trained on documents wrapped in BOS/EOS; with TEMPLATE (turns separated by newlines)
+its greedy reply ends with EOS after a few words. Each GGUF case is derived from one conversion with
+gguf-py's gguf_new_metadata, so the session converts once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantkit.errors import ToolchainError
+from quantkit.proc import run_tool
+from quantkit.serving.llamaserver import check_gguf
+from quantkit.serving.transformers import check_checkpoint
+from quantkit.toolchain import find_toolchain
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+UNK = 0  # tests/tinyllama.py: <unk>, never generated
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+WITH_TOOLS = ("{{ bos_token }}{% if tools %}<|tools|>\n{{ tools | tojson }}\n{% endif %}"
+              "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+RAISES_ON_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                    "{{ raise_exception('System role not supported') }}{% endif %}"
+                    "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def toolchain():
+    try:
+        tools = find_toolchain()
+    except ToolchainError as e:
+        pytest.skip(f"no pinned llama.cpp toolchain ({e}); run `quantkit toolchain --build`")
+    if not tools.binary("llama-server").is_file():
+        pytest.skip("the toolchain has no llama-server; run `quantkit toolchain --build`")
+    return tools
+
+
+def _copy_model(src: Path, dest: Path, *, template: str) -> Path:
+    dest.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dest / f.name)
+    (dest / "chat_template.jinja").write_text(template)
+    tok = json.loads((dest / "tokenizer_config.json").read_text())
+    tok.pop("chat_template", None)  # chat_template.jinja wins; keep one source of truth
+    (dest / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    return dest
+
+
+def _set_eos(model_dir: Path, eos: int) -> None:
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((model_dir / name).read_text())
+        cfg["eos_token_id"] = eos
+        (model_dir / name).write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture(scope="session")
+def models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """HF checkpoints: "chat" (the tiny model with TEMPLATE: it ends its reply with EOS), "never" (the same
+    with EOS set to <unk>, which it never emits: its end of turn is not its EOS), "raises" (a template that
+    raises on a system message)."""
+    root = tmp_path_factory.mktemp("serve-models")
+    never = _copy_model(Path(tiny_llama), root / "never", template=TEMPLATE)
+    _set_eos(never, UNK)
+    return {"chat": _copy_model(Path(tiny_llama), root / "chat", template=TEMPLATE), "never": never,
+            "raises": _copy_model(Path(tiny_llama), root / "raises", template=RAISES_ON_SYSTEM),
+            "tools": _copy_model(Path(tiny_llama), root / "tools", template=WITH_TOOLS)}
+
+
+@pytest.fixture(scope="session")
+def ggufs(models, toolchain, tmp_path_factory) -> dict[str, Path]:
+    """One conversion of "chat", then copies with other metadata (gguf_new_metadata)."""
+    out = tmp_path_factory.mktemp("serve-gguf")
+    chat = out / "chat.gguf"
+    run_tool([sys.executable, toolchain.convert_script, models["chat"], "--outfile", chat, "--outtype", "f16"],
+             env=toolchain.python_env())
+    new_metadata = toolchain.src / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+
+    def derive(name: str, *args) -> Path:
+        dest = out / f"{name}.gguf"
+        run_tool([sys.executable, new_metadata, *args, "--force", chat, dest], env=toolchain.python_env())
+        return dest
+
+    return {"chat": chat, "no-template": derive("no-template", "--remove-metadata", "tokenizer.chat_template"),
+            "raises": derive("raises", "--chat-template", RAISES_ON_SYSTEM),
+            "tools": derive("tools", "--chat-template", WITH_TOOLS),
+            "never": never_stops(chat, out / "never.gguf", toolchain)}
+
+
+# llama.cpp ends generation on any token spelled </s>, whatever the EOS id says: to make the token the model
+# ends its turn with (id 2) an ordinary one, it is renamed, and the EOS id points at <unk>.
+RENAME_EOS = """
+import sys
+import gguf
+from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+reader = gguf.GGUFReader(sys.argv[1])
+tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+tokens[2] = "<turn-end>"
+arch = reader.fields["general.architecture"].contents()
+writer = gguf.GGUFWriter(sys.argv[2], arch=arch, endianess=reader.endianess)
+copy_with_new_metadata(reader, writer, {
+    "tokenizer.ggml.tokens": MetadataDetails(gguf.GGUFValueType.ARRAY, tokens, sub_type=gguf.GGUFValueType.STRING),
+    "tokenizer.ggml.eos_token_id": MetadataDetails(gguf.GGUFValueType.UINT32, 0)}, [])  # writes and closes
+"""
+
+
+def never_stops(src: Path, dest: Path, toolchain) -> Path:
+    run_tool([sys.executable, "-c", RENAME_EOS, src, dest], env=toolchain.python_env())
+    return dest
+
+
+def _server_pids(server: Path) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.fspath(server).encode() in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+def _check(ggufs, models, toolchain, tmp_path, name, source, **kw):
+    check = check_gguf(gguf=ggufs[name], source_dir=models[source], server=toolchain.binary("llama-server"),
+                       workdir=tmp_path, max_tokens=MAX_TOKENS, threads=2, **kw)
+    assert not _server_pids(toolchain.binary("llama-server")), "a llama-server was left running"
+    return check
+
+
+def test_gguf_chats_through_llama_server(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "chat", "chat")
+    assert check.failures == []
+    assert (check.loads, check.chat_stops, check.template_matches, check.tool_call) == (True, True, True, "n/a")
+    assert check.reply and check.tokens_per_s > 0
+
+
+def test_template_with_tools_gets_a_tool_request(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "tools", "tools")
+    # the tiny model answers in prose, not with a call: "no", and that is no failure
+    assert check.failures == [] and check.tool_call == "no" and check.template_matches
+
+
+def test_gguf_without_chat_template_fails(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "no-template", "chat")
+    assert not check.passed and "carries no chat template" in check.failures[0]
+
+
+def test_template_that_raises_on_system_fails(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "raises", "raises")
+    assert not check.passed
+    assert "System role not supported" in " ".join(check.failures), check.failures
+
+
+def test_eos_never_emitted_runs_to_the_limit(ggufs, models, toolchain, tmp_path):
+    check = _check(ggufs, models, toolchain, tmp_path, "never", "never")
+    assert check.loads and check.template_matches and check.chat_stops is False
+    assert check.failures == [f"chat did not stop within {MAX_TOKENS} tokens (finish_reason 'length'): the "
+                              "end-of-turn token is missing or is not the one the model emits"]
+
+
+def test_server_that_never_comes_up_is_stopped(ggufs, models, tmp_path):
+    fake = tmp_path / "never-ready-server"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    check = check_gguf(gguf=ggufs["chat"], source_dir=models["chat"], server=fake, workdir=tmp_path,
+                       max_tokens=MAX_TOKENS, start_timeout=1.0)
+    assert not check.passed and not check.loads
+    assert check.failures[0].startswith("llama-server was not ready within 1 s (GET /health; a slower machine "
+                                        "needs a larger serve.start_timeout_s)")
+    assert not _server_pids(fake), "the server that never came up was left running"
+
+
+KILLED_WORKER = """
+import sys
+from pathlib import Path
+from quantkit.serving.llamaserver import running_server
+with running_server(server=Path(sys.argv[1]), gguf=Path(sys.argv[2]), workdir=Path(sys.argv[3]), start_timeout=60):
+    pass
+"""
+
+
+def test_a_killed_worker_takes_its_server_with_it(ggufs, tmp_path):
+    """SIGKILL runs no ``finally``: the server dies with the process that started it (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+    import time
+
+    fake = tmp_path / "slow-server"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    worker = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, fake, ggufs["chat"], tmp_path],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 30
+    while not _server_pids(fake):
+        assert time.monotonic() < deadline and worker.poll() is None, "the server never started"
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while _server_pids(fake) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _server_pids(fake), "the killed worker's server was left running"
+
+
+def test_checkpoint_chats_in_transformers(models):
+    check = check_checkpoint(model_dir=models["chat"], source_dir=models["chat"], max_tokens=MAX_TOKENS)
+    assert check.failures == [] and check.chat_stops and check.template_matches and check.tokens_per_s > 0
+
+
+def test_checkpoint_that_never_stops_fails(models):
+    check = check_checkpoint(model_dir=models["never"], source_dir=models["never"], max_tokens=MAX_TOKENS)
+    assert check.loads and check.chat_stops is False
+    assert check.failures[0].startswith(f"chat did not stop within {MAX_TOKENS} tokens")
+
+
+def test_checkpoint_template_that_raises_fails(models):
+    check = check_checkpoint(model_dir=models["raises"], source_dir=models["raises"], max_tokens=MAX_TOKENS)
+    assert not check.passed and "System role not supported" in check.failures[0]
+
+
+PIPELINE_RECIPE = """\
+name: tiny-serve
+model:
+  path: models/tiny
+  name: tiny-llama
+calibration:
+  files: [calibration/en-prose.txt]
+gguf:
+  base_type: f16
+  imatrix: {enabled: false}
+  types: [Q8_0, Q2_K]
+serve: {max_tokens: 24}
+"""
+
+
+def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, repo_root, tmp_path, capsys,
+                                                            monkeypatch):
+    """`quantkit run` with a serve section: a serve node per GGUF in the plan and on the console, the report's
+    Serving table, and a release holding exactly the GGUFs whose check passed."""
+    from quantkit.cli import main
+
+    root = tmp_path / "proj"
+    (root / "recipes").mkdir(parents=True)
+    recipe = root / "recipes" / "tiny.yaml"
+    recipe.write_text(PIPELINE_RECIPE)
+    (root / "calibration").mkdir()
+    shutil.copy2(repo_root / "calibration" / "en-prose.txt", root / "calibration" / "en-prose.txt")
+    shutil.copytree(models["chat"], root / "models" / "tiny")
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    monkeypatch.chdir(root)
+    assert main(["plan", str(recipe)]) == 0
+    plan = capsys.readouterr().out
+    assert all(f"serve-gguf:{label}" in plan for label in ("F16", "Q8_0", "Q2_K")), plan
+    main(["run", str(recipe)])
+    out = capsys.readouterr().out
+    assert "serve-gguf:F16, serve-gguf:Q8_0, serve-gguf:Q2_K" in out, out  # on the "built:" line
+    report = json.loads((root / "runs" / "tiny-serve" / "report" / "report.json").read_text())
+    checks = {r["id"]: r["serving"] for r in report["variants"]}
+    assert set(checks) == {"gguf:F16", "gguf:Q8_0", "gguf:Q2_K"}
+    assert checks["gguf:F16"]["passed"], checks["gguf:F16"]  # the converted base chats and stops
+    passed = {vid.split(":")[1] for vid, c in checks.items() if c["passed"]}
+    latest = root / "artifacts" / "tiny-serve" / "latest"
+    published = {p.name.removeprefix("tiny-llama-").removesuffix(".gguf") for p in latest.glob("*.gguf")}
+    assert published == passed
+    for vid, c in checks.items():
+        if not c["passed"]:
+            assert f"not published {vid}: {c['failures'][0]}" in out
+    assert not _server_pids(toolchain.binary("llama-server"))
+
+
+def test_gptq_checkpoint_chats_in_transformers(models, repo_root, tmp_path):
+    """A real GPTQ checkpoint of the chat model (GPTQModel, 16 x 128 tokens): loads on the CPU, renders the
+    source's template, stops at end of turn."""
+    pytest.importorskip("gptqmodel", reason="needs the GPTQ/AWQ backend: pip install 'quantkit[gptq]'")
+    import hashlib
+
+    from quantkit.calibration import CalibrationText
+    from quantkit.digest import digest_of, sha256_file
+    from quantkit.gptq import gptq
+    from quantkit.recipe import GPTQVariant
+    from quantkit.source import ModelSnapshot
+    from quantkit.store import Store
+
+    files = {f.name: sha256_file(f) for f in sorted(models["chat"].iterdir()) if f.is_file()}
+    snapshot = ModelSnapshot(path=models["chat"], repo=None, revision=None, commit=None, files=files,
+                             digest=digest_of(files))
+    text = (repo_root / "calibration" / "en-prose.txt").read_text(encoding="utf-8")
+    calibration = CalibrationText(text, hashlib.sha256(text.encode()).hexdigest(), ("calibration/en-prose.txt",))
+    entry = gptq(model=snapshot, spec=GPTQVariant(group_size=64, samples=16, seq_len=128), calibration=calibration,
+                 store=Store(tmp_path / "store"))
+    check = check_checkpoint(model_dir=entry.path, source_dir=models["chat"], max_tokens=MAX_TOKENS)
+    assert check.failures == [] and check.loads and check.chat_stops and check.template_matches
+    assert check.backend == "transformers (cpu)" and check.vllm == "not checked" and check.tokens_per_s > 0
+
+
+def test_a_leading_bos_is_the_only_difference_allowed():
+    from quantkit.serving.llamaserver import same_prompt
+
+    assert same_prompt("<|user|>\nHi\n", "<s><|user|>\nHi\n", "<s>")
+    assert same_prompt("<s><|user|>\nHi\n", "<s><|user|>\nHi\n", "<s>")
+    assert not same_prompt("<|user|>\nHi\n", "<s><|user|>\nHi\n", None)
+    assert not same_prompt("<|user|>\nHi", "<s><|user|>\nHi\n", "<s>")
