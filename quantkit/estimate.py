@@ -462,6 +462,9 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
     if kind == "convert":
         # The converter streams one tensor at a time: the source tensor, its f32 copy and the output copy.
         return Cost(base, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
+    if kind == "mmproj":  # the vision tower and projector, written as F16 and as Q8_0 (34 bytes per 32 weights)
+        vision = vision_parameters(facts)
+        return Cost(int(vision * (2 + 34 / 32)) + 2 * 64 * 1024, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
     if kind == "imatrix":
         spec = recipe.gguf.imatrix
         # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
@@ -535,6 +538,8 @@ def seconds(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -
     limits = {t.name: t.limit or 500 for t in (ev.tasks if ev else [])}
     if kind == "convert":
         return w * PER_WEIGHT["convert"]
+    if kind == "mmproj":  # two conversions of the vision tower
+        return 2 * vision_parameters(facts) * PER_WEIGHT["convert"] + 2
     if kind == "imatrix":
         return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * w * RATE["llama"]
     if kind == "quantize":
@@ -565,6 +570,14 @@ def seconds(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -
     if kind == "rtn":
         return w * PER_WEIGHT["rtn"] + 10
     return None
+
+
+VISION_PARTS = ("vision_model", "vision_tower", "visual.", "multi_modal_projector", "connector", "mm_projector")
+
+
+def vision_parameters(facts: ModelFacts) -> int:
+    """Weights of the vision tower and its projector (what ``--mmproj`` converts), by their HF names."""
+    return sum(t.count for t in facts.tensors if any(part in t.name for part in VISION_PARTS))
 
 
 def gptqmodel_ram(facts: ModelFacts) -> int:

@@ -110,6 +110,8 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
         base = spec.base_type.upper()
         nodes.append(Node("convert", "convert", base, ("source",)))
         variants.append(("gguf", base, "convert"))
+        if wants_mmproj(recipe):  # the vision projector, published beside the GGUFs (quantkit.mmproj)
+            nodes.append(Node("mmproj", "mmproj", "F16, Q8_0", ("source",)))
         uses = [spec.imatrix.enabled and spec.uses_imatrix(v) for v in spec.types]
         if any(uses) or spec.targets:
             nodes.append(Node("imatrix", "imatrix", f"ctx {spec.imatrix.ctx} x {spec.imatrix.chunks} chunks",
@@ -167,7 +169,8 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
         for fmt, label, made_by in variants:
             if fmt in SERVED_FORMATS:
                 kind = "serve-gguf" if fmt == "gguf" else "serve-hf"
-                nodes.append(Node(f"{kind}:{label}", kind, label, (made_by, "source")))
+                with_projector = ("mmproj",) if kind == "serve-gguf" and any(n.kind == "mmproj" for n in nodes) else ()
+                nodes.append(Node(f"{kind}:{label}", kind, label, (made_by, "source", *with_projector)))
     everything = tuple(n.name for n in nodes if not KINDS[n.kind].lazy)
     nodes.append(Node("run-folder", "run-folder", recipe.name, everything,
                       {"variants": tuple(variants)}))
@@ -175,6 +178,12 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
         nodes.append(Node("publish", "publish", (recipe.publish.target if recipe.publish else "local"),
                           ("run-folder", "source")))
     return nodes
+
+
+def wants_mmproj(recipe: Recipe) -> bool:
+    """Whether the run converts a projector: ``model.mmproj`` (a local model's is decided from its config.json
+    when the recipe is loaded); a Hub model left undecided gets the node, which decides once it is downloaded."""
+    return recipe.model.mmproj if recipe.model.mmproj is not None else recipe.model.repo is not None
 
 
 def needed_for(nodes: list[Node], name: str) -> list[Node]:
@@ -222,6 +231,28 @@ def _convert_inputs(ctx, node, deps):
     from quantkit.convert import convert_inputs
 
     return convert_inputs(**_convert_kw(ctx, deps))
+
+
+def _mmproj_kw(ctx, deps) -> dict:
+    return dict(model=deps["source"].model, model_name=ctx.recipe.model.display_name, toolchain=ctx.tools)
+
+
+def _mmproj(ctx, node, deps):
+    import json
+
+    from quantkit.mmproj import convert_mmproj
+
+    model = deps["source"].model
+    model.check_links()
+    config = json.loads((model.path / "config.json").read_text())
+    return convert_mmproj(**_mmproj_kw(ctx, deps), config=config, store=ctx.store,
+                          asked=ctx.recipe.model.mmproj is True)
+
+
+def _mmproj_inputs(ctx, node, deps):
+    from quantkit.mmproj import mmproj_inputs
+
+    return mmproj_inputs(**_mmproj_kw(ctx, deps))
 
 
 def _imatrix_kw(ctx, deps):
@@ -448,9 +479,22 @@ def _serve_gguf_inputs(ctx, node, deps):
     from quantkit.serving import CHECK_VERSION
 
     spec = ctx.recipe.serve
+    projector = _projector(node, deps)
     return {"gguf_sha256": _gguf(deps[node.needs[0]])[1], "source": deps["source"].model.digest,
             "max_tokens": spec.max_tokens, "start_timeout_s": spec.start_timeout_s, "llama_cpp": ctx.tools.build,
-            "check": CHECK_VERSION}
+            "check": CHECK_VERSION, **({"mmproj_sha256": projector[1]} if projector else {})}
+
+
+def _projector(node: Node, deps: Results) -> tuple[Path, str] | None:
+    """The projector a GGUF is served with, as ``llama-server -hf`` picks it (the closest bit count): F16
+    beside the unquantized base, Q8_0 beside every quantized type; None for a text model."""
+    from quantkit.mmproj import store_name
+
+    entry = deps.get("mmproj")
+    if not isinstance(entry, Entry):
+        return None
+    name = store_name("F16" if node.label.upper() in ("F16", "BF16", "F32") else "Q8_0")
+    return entry.file(name), entry.files[name].sha256
 
 
 def _serve_gguf(ctx, node, deps):
@@ -464,7 +508,7 @@ def _serve_gguf(ctx, node, deps):
         return check_gguf(gguf=_gguf(deps[node.needs[0]])[0], source_dir=src.model.path,
                           server=ctx.tools.binary("llama-server"), workdir=staging.path, max_tokens=spec.max_tokens,
                           start_timeout=spec.start_timeout_s, threads=ctx.threads,
-                          extra_args=tuple(ctx.tools.offload_args()),
+                          extra_args=tuple(ctx.tools.offload_args()), mmproj=(_projector(node, deps) or (None,))[0],
                           trust_remote_code=ctx.recipe.model.trust_remote_code).to_dict()
 
     return _log_serve(node, stored_json(ctx.store, "serve-gguf", _serve_gguf_inputs(ctx, node, deps), "serve", produce))
@@ -575,6 +619,8 @@ KINDS: dict[str, StepKind] = {
     "source": StepKind(_source, "the pinned model folder and the calibration text",
                        network=lambda recipe: recipe.model.repo is not None or recipe.calibration.dataset is not None),
     "convert": StepKind(_convert, "model.gguf (the unquantized base)", _convert_inputs, "convert"),
+    "mmproj": StepKind(_mmproj, "mmproj-F16.gguf, mmproj-Q8_0.gguf (the vision projector)", _mmproj_inputs, "mmproj",
+                       time_class="seconds"),
     "imatrix": StepKind(_imatrix, "imatrix.dat", _imatrix_inputs, "imatrix", gpu=True),
     "quantize": StepKind(_quantize, "model.gguf", _quantize_inputs, "quantize"),
     "base-logits": StepKind(_base_logits, "the base's logits on the evaluation text", _base_logits_inputs,

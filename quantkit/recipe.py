@@ -152,6 +152,8 @@ class ModelSource(Section):
     name: SafeName | None = Field(None, description="name used in file names and GGUF metadata")
     allow_pickle: bool = Field(False, description="allow pickle .bin/.pt weights (they can run code on load)")
     trust_remote_code: bool = Field(False, description=f"needs the worker to set {WORKER_ALLOWS_REMOTE_CODE}=1 too")
+    mmproj: bool | None = Field(None, description="convert the vision projector (mmproj-<name>-F16.gguf) beside the "
+                                "GGUFs: true or false; absent: decided from config.json (a vision_config)")
 
     _repo = field_validator("repo")(_repo_id)
 
@@ -901,7 +903,9 @@ def _load(path: Path, root: Path, display: str) -> Recipe:
     problems = _check_files(recipe, root, display, lines)
     if problems:
         raise RecipeError(problems)
-    return recipe
+    from quantkit.recipefiles import resolve_mmproj  # a local model's config.json decides model.mmproj
+
+    return resolve_mmproj(recipe, root, display, lines)
 
 
 def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Problem]:

@@ -75,3 +75,45 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
         except SymlinkError as e:  # swapped for a link since the walk above
             problem(loc, str(e))
     return out
+
+
+def _config(recipe: Recipe, root: Path) -> dict | None:
+    """A local model's config.json (read without following a link), or None when it is not there yet."""
+    import json
+
+    try:
+        data = json.loads(read_beneath(root, f"{recipe.model.path}/config.json"))
+    except (OSError, ValueError, SymlinkError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def resolve_mmproj(recipe: Recipe, root: Path, file: str, lines: dict) -> Recipe:
+    """The recipe with ``model.mmproj`` decided for a local model: its config.json's ``vision_config``
+    when the recipe leaves it out. A Hub model's is decided when it is downloaded (the ``mmproj`` node).
+    A GPTQ/AWQ section of a vision-language model is refused: GPTQModel would quantize its language model
+    only and write a checkpoint without the vision tower, which loads as neither the VLM nor a text model."""
+    from quantkit.mmproj import vision_architecture
+
+    config = _config(recipe, root) if recipe.model.path is not None else None
+    vision = None if config is None else vision_architecture(config) is not None
+    problems = []
+
+    def problem(loc: tuple, message: str, fix: str) -> None:
+        problems.append(Problem(file, lines.get(loc, lines.get(loc[:1], 0)), dotted(loc), message, fix))
+
+    if recipe.model.mmproj and vision is False:
+        problem(("model", "mmproj"), f"model.mmproj is true but {recipe.model.path}/config.json has no "
+                "vision_config: the model has no vision projector", "remove model.mmproj")
+    if vision or (recipe.model.mmproj and vision is None):
+        for fmt in ("gptq", "awq"):
+            if getattr(recipe, fmt):
+                problem((fmt,), f"{fmt} of a vision-language model is not supported: GPTQModel quantizes the "
+                        "language model and the checkpoint would lack the vision tower",
+                        f"remove the '{fmt}' section (the GGUFs and their projector are published), or point "
+                        "model.path at the text model alone")
+    if problems:
+        raise RecipeError(problems)
+    if recipe.model.mmproj is None and vision is not None:
+        return recipe.model_copy(update={"model": recipe.model.model_copy(update={"mmproj": vision})})
+    return recipe

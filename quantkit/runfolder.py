@@ -57,11 +57,13 @@ class Manifest:
     variants: tuple[dict, ...]  # Variant.describe()
     quantkit: str = __version__
     schema: int = MANIFEST_SCHEMA
+    projectors: tuple[dict, ...] = ()  # a VLM's mmproj files (projector_records); the key is absent without any
 
     def to_dict(self) -> dict:
         return {"schema": self.schema, "quantkit": self.quantkit, "recipe": self.recipe, "model": self.model,
                 "calibration": self.calibration, "toolchain": self.toolchain,
-                "steps": [asdict(s) for s in self.steps], "variants": list(self.variants)}
+                "steps": [asdict(s) for s in self.steps], "variants": list(self.variants),
+                **({"projectors": list(self.projectors)} if self.projectors else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -70,7 +72,8 @@ class Manifest:
                              f"({', '.join(map(str, READABLE_SCHEMAS))})")
         return cls(recipe=data["recipe"], model=data["model"], calibration=data["calibration"],
                    toolchain=data.get("toolchain"), steps=tuple(ManifestStep(**s) for s in data["steps"]),
-                   variants=tuple(data["variants"]), quantkit=data["quantkit"], schema=data["schema"])
+                   variants=tuple(data["variants"]), quantkit=data["quantkit"], schema=data["schema"],
+                   projectors=tuple(data.get("projectors") or ()))
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -154,6 +157,8 @@ def _linked_files(manifest: dict) -> Iterator[tuple[dict, str, FileRecord]]:
         for name, rec in (v.get("files") or {}).items():
             rel = v["file"] if v["format"] == "gguf" else f"{v['file']}/{name}"
             yield v, rel, FileRecord(rec["sha256"], rec["size"])
+    for p in manifest.get("projectors") or []:
+        yield p, p["file"], FileRecord(p["sha256"], p["size"])
 
 
 def damaged_files(folder: Path, manifest: dict, *, digests: bool = False) -> list[tuple[dict, str]]:
@@ -213,8 +218,12 @@ def write_run_folder(ctx, node, deps) -> Path:
     steps = tuple(ManifestStep(name, r.key, r.reused, r.info.get("seconds"), *_made_by(r))
                   for name, r in deps.items() if isinstance(r, Entry))
     out = run_dir(ctx.recipe, ctx.root)
+    projector = deps.get("mmproj")  # an Entry, or None for a model without a projector
+    projectors = projector_records(projector, ctx.recipe.model.display_name) if isinstance(projector, Entry) else []
     with run_folder_lock(ctx.recipe, ctx.root):
         out.mkdir(parents=True, exist_ok=True)
+        for p in projectors:
+            _place(ctx.store, projector, p["store_file"], inside(out, p["file"]))
         for v in variants:
             if v.format == "gguf":  # LINKED_FORMATS
                 _place(ctx.store, v.entry, "model.gguf", inside(out, v.file_name))
@@ -232,12 +241,24 @@ def write_run_folder(ctx, node, deps) -> Path:
             calibration=src.calibration.describe(),
             toolchain={"llama_cpp": ctx.tools.commit, "version": ctx.tools.version,
                        "origin": ctx.tools.origin, "cuda": ctx.tools.cuda} if ctx.toolchain else None,
-            steps=steps, variants=tuple(v.describe() for v in variants))
+            steps=steps, variants=tuple(v.describe() for v in variants), projectors=tuple(projectors))
         path = out / "manifest.json"
         write_json_atomic(path, manifest.to_dict())
         # The resolved recipe travels with what it produced.
         write_atomic(out / "recipe.yaml", ctx.recipe_file.read_bytes())  # replaces a symlink, never follows it
     return path
+
+
+def projector_records(entry: Entry, model_name: str) -> list[dict]:
+    """The manifest's ``projectors``: per type, its name in the run folder and the GGUF repo, its store file,
+    sha256 and size, and what the converter made (``quantkit.mmproj``)."""
+    from quantkit.mmproj import TYPES, file_name, store_name
+
+    made = entry.info.get("projectors") or {}
+    return [{"file": file_name(model_name, t), "type": t, "store_file": store_name(t), "step": entry.step,
+             "key": entry.key, "reused": entry.reused, "sha256": entry.files[store_name(t)].sha256,
+             "size": entry.files[store_name(t)].size, "architecture": entry.info.get("architecture"),
+             "projector_type": (made.get(t) or {}).get("projector_type")} for t in TYPES if store_name(t) in entry.files]
 
 
 def model_facts(model_dir: Path) -> dict:

@@ -61,7 +61,7 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
         f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
         f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
         "full report in `report.md` / `report.json`, plot in `plot.png`", "",
-        "## Variants", "", *table, "", *_mix_lines(report), *shard_lines(rows),
+        "## Variants", "", *table, "", *_mix_lines(report), *shard_lines(rows), *_projector_lines(report),
         "## Calibration data", "", f"sha256 of the calibration text: `{report['calibration']['sha256']}`", "", *calib, "",
         "## Recipe", "", *fenced(recipe_yaml, "yaml"), ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -90,6 +90,13 @@ def shard_lines(rows: list[dict]) -> list[str]:
         out += [f"| `{s['file']}` | {s['size']} | `{s['sha256']}` |" for s in r["shards"]]
         out.append("")
     return out
+
+
+def _projector_lines(report: dict) -> list[str]:
+    from quantkit.publish.report import projector_md
+
+    lines = projector_md(report)
+    return [*lines[1:], ""] if lines else []  # the section without report.md's leading blank line
 
 
 def _mix_lines(report: dict) -> list[str]:
@@ -163,6 +170,7 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
                         f"{'`' + c['llama_server'] + '`' if c.get('llama_server') else '–'} |")
         body += ["", ("Each GGUF carries the model's chat template; the `.Modelfile` next to it is the same "
                       "model for `ollama create` from a local download."), ""]
+        body += _projector_lines(report)
     else:
         body += ["## Use", "", "```bash", f"vllm serve {repo.repo_id}", "```", "", "```python",
                  "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -50,6 +50,7 @@ class HubRepo:
     files: dict[str, Path] = field(default_factory=dict)  # path in the repo -> file of the staged run
     settings: dict[str, dict] = field(default_factory=dict)  # variant label -> quantization settings
     ggufs: dict[str, str] = field(default_factory=dict)  # variant label -> GGUF file name (GGUF repos)
+    projectors: tuple[str, ...] = ()  # mmproj-<name>-<type>.gguf beside the GGUFs (a VLM's GGUF repo)
 
     @property
     def url(self) -> str:
@@ -149,13 +150,19 @@ def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
                 raise PublishError(f"{fmt} checkpoint {v['file']} has no config.json; "
                                    "from_pretrained and vLLM could not load it from the repo root")
             repo["files"].update(files)
+    projectors = tuple(p["file"] for p in manifest.get("projectors") or [])
+    for p in projectors:  # at the root with the GGUFs: where llama-server -hf looks for them
+        if "/" in p or not (staged / p).is_file():
+            raise PublishError(f"projector {p} is not a file at the top of the staged run")
     out = []
     for repo_id, r in sorted(repos.items(), key=lambda kv: (HUB_FORMATS.index(kv[1]["format"]), kv[0])):
         files = dict(r["files"])
+        if r["format"] == "gguf":
+            files.update({p: staged / p for p in projectors})
         for name, path in shared.items():
             files.setdefault(name, path)  # a checkpoint's own file of that name wins
         out.append(HubRepo(r["format"], repo_id, tuple(r["ids"]), dict(sorted(files.items())), r["settings"],
-                           r["ggufs"]))
+                           r["ggufs"], projectors if r["format"] == "gguf" else ()))
     return out
 
 
@@ -181,6 +188,31 @@ def llama_cpp_pick(paths: list[str], tag: str) -> list[str]:
             continue
         return [q for q in paths if q.endswith(".gguf") and _split(q)[0] == prefix and _split(q)[2] == count]
     return []
+
+
+def quant_bits(path: str) -> int:
+    """Pinned llama.cpp's ``extract_quant_bits``: the first number in the name's last ``-``/``.`` part (Q4_K_M
+    -> 4, F16 -> 16; ``…-Q4_K_M-noimat`` -> 0)."""
+    m = re.search(r"[-.]([A-Z0-9_]+)$", _split(path)[0], re.IGNORECASE)
+    digits = re.search(r"[0-9]+", m.group(1)) if m else None
+    return int(digits.group(0)) if digits else 0
+
+
+def llama_cpp_projector(paths: list[str], model: str, tag: str = "") -> str | None:
+    """The projector ``llama-server -hf repo[:tag]`` fetches with ``model`` (pinned llama.cpp's
+    ``find_best_mmproj``): a ``.gguf`` whose path contains ``mmproj`` in the model's folder or above it, the
+    deepest, then the one whose bit count is closest to the tag's (the model file's when no tag)."""
+    want = int(d.group(0)) if tag and (d := re.search(r"[0-9]+", tag)) else 0 if tag else quant_bits(model)
+    model_dirs = model.split("/")[:-1]
+    best, best_key = None, None
+    for p in paths:
+        dirs = p.split("/")[:-1]
+        if not p.endswith(".gguf") or "mmproj" not in p or dirs != model_dirs[:len(dirs)]:
+            continue
+        key = (len(dirs), -abs(quant_bits(p) - want))
+        if best_key is None or key > best_key:
+            best, best_key = p, key
+    return best
 
 
 def hub_tag_files(paths: list[str], tag: str) -> list[str]:

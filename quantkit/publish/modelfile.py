@@ -111,15 +111,22 @@ SHAPE_NAMES = {"chatml": "ChatML", "llama3": "Llama-3", "gemma": "Gemma", "mistr
 
 
 def render_modelfile(gguf_file: str, chat_template: str | None, *, num_ctx: int,
-                     eos_token: str | None = None, shards: list[str] | None = None) -> str:
+                     eos_token: str | None = None, shards: list[str] | None = None,
+                     projector: str | None = None) -> str:
     """``shards``: the files ``gguf_file`` is published as (llama-gguf-split); Ollama cannot import
-    shards, so the Modelfile says how to merge them into ``gguf_file`` first."""
+    shards, so the Modelfile says how to merge them into ``gguf_file`` first. ``projector``: a VLM's
+    mmproj file, a second FROM (``ollama create`` stores a GGUF of architecture ``clip`` as the model's
+    projector layer, ``application/vnd.ollama.image.projector``)."""
     tpl = ollama_template(chat_template, eos_token=eos_token)
     lines = [f"# Ollama Modelfile written by quantkit. Use: ollama create NAME -f {modelfile_name(gguf_file)}"]
     if shards:
         lines += [f"# {gguf_file} is published as {len(shards)} shards, which Ollama cannot import: merge them first",
                   f"#   {merge_command(shards[0], gguf_file)}"]
-    lines += [f"FROM {modelfile_quote('./' + gguf_file)}", ""]
+    lines += [f"FROM {modelfile_quote('./' + gguf_file)}"]
+    if projector:
+        lines += ["# The vision projector, downloaded beside the GGUF: Ollama loads it with the model for images.",
+                  f"FROM {modelfile_quote('./' + projector)}"]
+    lines.append("")
     if tpl.template is None:
         known = ", ".join(SHAPE_NAMES.values())
         if tpl.shape == "embedded":

@@ -200,6 +200,8 @@ def release_fingerprint(manifest: dict) -> str:
                  "files": {name: rec.get("sha256") for name, rec in (v.get("files") or {}).items()},
                  "scores": {k: val for k, val in (v.get("scores") or {}).items() if k != "speed"}}
                 for v in manifest["variants"]]
+    if projectors := manifest.get("projectors"):  # absent for text models: their fingerprints stay as they were
+        variants.append({"projectors": {p["file"]: p["sha256"] for p in projectors}})
     return hashlib.sha256(json.dumps(variants, sort_keys=True, default=str).encode()).hexdigest()
 
 

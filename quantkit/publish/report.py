@@ -249,7 +249,33 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
             "caveats": caveats, "variants": rows, "pareto": frontier, "rtn_comparisons": against_rtn,
             "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
-            "hardware": hardware, "regression": regression}
+            "hardware": hardware, "regression": regression,
+            **({"projectors": projectors} if (projectors := _projectors(manifest)) else {})}
+
+
+def _projectors(manifest: dict) -> list[dict]:
+    """A VLM's mmproj files (the manifest's ``projectors``): name, type, bytes, sha256, projector type."""
+    return [{k: p.get(k) for k in ("file", "type", "size", "sha256", "architecture", "projector_type")}
+            for p in manifest.get("projectors") or []]
+
+
+def projector_md(report: dict) -> list[str]:
+    """The "Vision projector" section of report.md and the cards: the files and how to load them."""
+    projectors = report.get("projectors") or []
+    if not projectors:
+        return []
+    first = projectors[0]["file"]
+    out = ["", "## Vision projector", "",
+           f"The model reads images through its projector ({projectors[0].get('architecture') or 'vision tower'}, "
+           f"`{projectors[0].get('projector_type') or '?'}`), a separate GGUF loaded with any text GGUF below. "
+           "`llama-server -hf` downloads the one beside the GGUF whose bit count is closest to the chosen quant; "
+           "with files on disk:", "",
+           f"- llama-server: `{llama_server_command('MODEL.gguf', ctx=4096)} --mmproj {first}`",
+           f"- llama-mtmd-cli: `llama-mtmd-cli -m MODEL.gguf --mmproj {first} --image photo.jpg -p 'Describe it.'`",
+           f"- Ollama: the `.Modelfile` beside each GGUF has a second `FROM ./{first}` line", "",
+           "| file | type | bytes | sha256 |", "|---|---|---|---|"]
+    out += [f"| `{p['file']}` | {p['type']} | {p['size']} | `{p['sha256']}` |" for p in projectors]
+    return out
 
 
 def _bases_agree(base: dict, hf_base: dict | None, task: str) -> dict | None:
@@ -564,6 +590,7 @@ def render_markdown(report: dict) -> str:
     out += _regression_md(report.get("regression"))
     out += mix_md(report)
     out += _hardware_md(report)
+    out += projector_md(report)
     out += ["", "## How to run", ""]
     bad = refused(report)
     for r in report["variants"]:
@@ -605,6 +632,9 @@ def serving_md(report: dict) -> list[str]:
                  _yes(s.get("template_matches")), s.get("tool_call", "n/a"), s.get("vllm", "not checked"),
                  _f(s.get("tokens_per_s"), ".1f"), verdict.replace("|", "/")]
         out.append("| " + " | ".join(cells) + " |")
+    if images := [(r["id"], r["serving"]["image"]) for r in rows if r["serving"].get("image", "n/a") != "n/a"]:
+        out += ["", "*Image* (llama-server with the vision projector: a chat with a small test image is answered and "
+                "the image adds tokens to its prompt): " + ", ".join(f"{vid} {img}" for vid, img in images)]
     return out
 
 
@@ -812,9 +842,11 @@ def _max_frontier(rows: list[dict], metric: str) -> list[dict]:
 
 def render_modelfiles(report: dict, *, chat_template: str | None, eos_token: str | None = None) -> dict[str, str]:
     """``{file name: Modelfile text}``, one per GGUF variant."""
+    projector = next((p["file"] for p in report.get("projectors") or [] if p["type"] == "F16"), None)
     return {r["serve"]["modelfile"]: render_modelfile(r["file"], chat_template, num_ctx=r["serve"]["num_ctx"],
                                                       eos_token=eos_token,
-                                                      shards=[s["file"] for s in r.get("shards") or []])
+                                                      shards=[s["file"] for s in r.get("shards") or []],
+                                                      projector=projector)
             for r in report["variants"] if r["serve"].get("modelfile")}
 
 

@@ -37,6 +37,7 @@ class ServeCheck:
     chat_stops: bool | None = None
     template_matches: bool | None = None
     tool_call: str = "n/a"
+    image: str = "n/a"  # with a vision projector: "yes" when llama-server --mmproj takes an image into the prompt
     vllm: str = VLLM_NOT_CHECKED
     tokens_per_s: float | None = None
     reply: str | None = None
@@ -73,3 +74,19 @@ def reference(model_dir: Path, messages=MESSAGES, *, trust_remote_code: bool = F
 def short(text: str, n: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def sample_image(width: int = 96, height: int = 80) -> bytes:
+    """A small RGB image (a colour gradient) as PNG, written with the standard library: what the serve
+    check shows a vision model through its projector."""
+    import struct
+    import zlib
+
+    rows = b"".join(b"\x00" + bytes(v for x in range(width) for v in (x * 255 // width, y * 255 // height, 128))
+                    for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))

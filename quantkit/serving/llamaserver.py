@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.ggufinfo import chat_template
-from quantkit.serving import MESSAGES, TOOL, TOOL_MESSAGES, ServeCheck, reference, short
+from quantkit.serving import MESSAGES, TOOL, TOOL_MESSAGES, ServeCheck, reference, short, sample_image
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,9 @@ def running_server(*, server: Path, gguf: Path, workdir: Path, threads: int | No
 
 def check_gguf(*, gguf: Path, source_dir: Path, server: Path, workdir: Path, max_tokens: int = 64,
                start_timeout: float = 60.0, threads: int | None = None, trust_remote_code: bool = False,
-               extra_args: tuple[str, ...] = ()) -> ServeCheck:
-    """Serve ``gguf`` and check it; every problem becomes a failure in the returned ServeCheck."""
+               extra_args: tuple[str, ...] = (), mmproj: Path | None = None) -> ServeCheck:
+    """Serve ``gguf`` and check it; every problem becomes a failure in the returned ServeCheck. ``mmproj``:
+    the vision projector, served with it (``--mmproj``) and shown an image."""
     check = ServeCheck("llama-server")
     template = chat_template(gguf)
     if template is None:
@@ -161,9 +162,12 @@ def check_gguf(*, gguf: Path, source_dir: Path, server: Path, workdir: Path, max
         check.fail(f"transformers cannot render the checkpoint's chat template: {e.__class__.__name__}: {short(e)}")
     try:
         with running_server(server=server, gguf=gguf, workdir=workdir, threads=threads,
-                            start_timeout=start_timeout, extra_args=extra_args) as url:
+                            start_timeout=start_timeout,
+                            extra_args=(*extra_args, *(("--mmproj", os.fspath(mmproj)) if mmproj else ()))) as url:
             check.loads = True
             _chat(check, url, max_tokens)
+            if mmproj is not None:
+                _image(check, url)
             _template(check, url, expected, bos)
             if "tools" in template:
                 _tool(check, url, max_tokens)
@@ -191,6 +195,28 @@ def _chat(check: ServeCheck, url: str, max_tokens: int) -> None:
                    "the end-of-turn token is missing or is not the one the model emits")
     elif not text.strip():
         check.fail("chat returned no text")
+
+
+def _image(check: ServeCheck, url: str) -> None:
+    """The projector encodes an image into the prompt: a chat with the test image is answered, and its
+    prompt is longer than the same chat without the image by the image's tokens."""
+    import base64
+
+    text = {"type": "text", "text": "Describe the image."}
+    picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                          + base64.b64encode(sample_image()).decode()}}
+    counts = []
+    for content in ([text, picture], [text]):
+        status, body = _post(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
+                                                           "max_tokens": 4, "temperature": 0, "seed": 0})
+        if status != 200:
+            check.image = "no"
+            check.fail(f"a chat with an image failed: {_error(status, body)}")
+            return
+        counts.append((body.get("usage") or {}).get("prompt_tokens") or 0)
+    check.image = "yes" if counts[0] > counts[1] else "no"
+    if check.image == "no":
+        check.fail(f"the image added no tokens to the prompt ({counts[0]} with it, {counts[1]} without)")
 
 
 def _template(check: ServeCheck, url: str, expected: str | None, bos: str | None) -> None:
