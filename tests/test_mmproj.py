@@ -26,7 +26,7 @@ from quantkit.mmproj import converter_architectures, vision_architecture
 from quantkit.publish.hublayout import llama_cpp_projector
 from quantkit.recipe import load_recipe
 
-TOKEN = "hf_PlantedMmproj0123456789abcdefXYZ"
+TOKEN = "hf_PlantedMmproj0123456789abcdefXYZ42"  # llama.cpp sends one of 37 characters or more
 OWNER = "me"
 
 RECIPE = """\
@@ -39,8 +39,8 @@ calibration:
 gguf:
   base_type: f16
   imatrix: {{enabled: false}}
-  types: [Q8_0, Q4_K_M]
-serve: {{max_tokens: 16}}
+  types: [Q8_0, Q6_K]
+serve: {{max_tokens: 24}}
 """
 
 
@@ -81,7 +81,7 @@ def test_a_local_vlm_gets_the_projector_node_and_can_opt_out(tiny_vlm, repo_root
     assert recipe.model.mmproj is True  # decided from config.json's vision_config
     nodes = {n.name: n for n in build_graph(recipe)}
     assert nodes["mmproj"].needs == ("source",) and "mmproj" in nodes["run-folder"].needs
-    assert nodes["serve-gguf:Q4_K_M"].needs == ("quantize:Q4_K_M", "source", "mmproj")
+    assert nodes["serve-gguf:Q6_K"].needs == ("quantize:Q6_K", "source", "mmproj")
     off = load_recipe(_project(tmp_path / "b", repo_root, tiny_vlm, "\n  mmproj: false"))
     assert off.model.mmproj is False and "mmproj" not in {n.name for n in build_graph(off)}
 
@@ -132,7 +132,7 @@ def test_a_vlm_runs_its_ladder_and_publishes_the_projector_that_llama_server_fin
     """`quantkit run` on the tiny VLM: the GGUF ladder as for a text model plus the mmproj node (F16 and Q8_0,
     content-addressed in the store), each GGUF served with its projector and shown an image, the projector in
     the run folder, manifest, report, card and Modelfiles; then pushed to the local Hub, where
-    ``llama-server -hf me/tiny-vlm-GGUF:Q4_K_M`` downloads the GGUF and the Q8_0 projector beside it and
+    ``llama-server -hf me/tiny-vlm-GGUF:Q6_K`` downloads the GGUF and the Q8_0 projector beside it and
     answers a chat with an image."""
     import huggingface_hub.constants as c
     from huggingface_hub import HfApi
@@ -161,12 +161,12 @@ def test_a_vlm_runs_its_ladder_and_publishes_the_projector_that_llama_server_fin
     assert projectors["Q8_0"]["size"] < projectors["F16"]["size"]
     store_entry = tmp_path / "store" / "mmproj" / projectors["F16"]["key"]
     assert (store_entry / "mmproj-F16.gguf").samefile(run / "mmproj-tiny-vlm-F16.gguf")  # linked, not copied
-    assert {v["label"] for v in manifest["variants"]} == {"F16", "Q8_0", "Q4_K_M"}  # the ladder as usual
+    assert {v["label"] for v in manifest["variants"]} == {"F16", "Q8_0", "Q6_K"}  # the ladder as usual
 
     report = json.loads((run / "report" / "report.json").read_text())
     serving = {r["id"]: r["serving"] for r in report["variants"]}
     assert {vid: s["image"] for vid, s in serving.items()} == {"gguf:F16": "yes", "gguf:Q8_0": "yes",
-                                                               "gguf:Q4_K_M": "yes"}, serving
+                                                               "gguf:Q6_K": "yes"}, serving
     latest = root / "artifacts" / "tiny-vlm" / "latest"
     assert (latest / "mmproj-tiny-vlm-F16.gguf").is_file() and (latest / "mmproj-tiny-vlm-Q8_0.gguf").is_file()
     card = (latest / "README.md").read_text()
@@ -193,14 +193,14 @@ def test_a_vlm_runs_its_ladder_and_publishes_the_projector_that_llama_server_fin
         assert {"mmproj-tiny-vlm-F16.gguf", "mmproj-tiny-vlm-Q8_0.gguf"} <= set(files)
         assert "## Vision projector" in files["README.md"].decode()
         reply, got = _chat_with_image_from_the_hub(toolchain, hub, repo, tmp_path)
-    assert f"{repo}/resolve/r1/mmproj-tiny-vlm-Q8_0.gguf" in " ".join(got) or \
-        any(p.endswith("/mmproj-tiny-vlm-Q8_0.gguf") for p in got), got
-    assert llama_cpp_projector(sorted(files), "tiny-vlm-Q4_K_M.gguf", "Q4_K_M") == "mmproj-tiny-vlm-Q8_0.gguf"
+    fetched = sorted(p.rsplit("/", 1)[1] for p in got)
+    assert fetched == ["mmproj-tiny-vlm-Q8_0.gguf", "tiny-vlm-Q6_K.gguf"], got  # the closest bits: Q8_0, not F16
+    assert llama_cpp_projector(sorted(files), "tiny-vlm-Q6_K.gguf", "Q6_K") == "mmproj-tiny-vlm-Q8_0.gguf"
     assert reply["usage"]["prompt_tokens"] > 20 and reply["choices"][0]["message"]["content"] is not None
 
 
 def _chat_with_image_from_the_hub(toolchain, hub, repo, tmp_path) -> tuple[dict, list[str]]:
-    """``llama-server -hf repo:Q4_K_M`` against the local Hub (pinned llama.cpp's own download code), then a
+    """``llama-server -hf repo:Q6_K`` against the local Hub (pinned llama.cpp's own download code), then a
     chat with the sample image; returns the reply and the paths the server downloaded."""
     from quantkit.serving import sample_image
     from quantkit.serving.llamaserver import free_port, stop
@@ -211,7 +211,7 @@ def _chat_with_image_from_the_hub(toolchain, hub, repo, tmp_path) -> tuple[dict,
     env.pop("HF_HUB_OFFLINE", None)
     log = tmp_path / "hf-server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([toolchain.binary("llama-server"), "-hf", f"{repo}:Q4_K_M", "--port", str(port),
+        proc = subprocess.Popen([toolchain.binary("llama-server"), "-hf", f"{repo}:Q6_K", "--port", str(port),
                                  "--host", "127.0.0.1", "-c", "512", "-t", "2", "--jinja"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:

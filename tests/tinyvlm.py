@@ -21,6 +21,9 @@ ADDED_TOKENS = ("<fake_token_around_image>", "<image>", "<global-img>", "\n\n")
 IMAGE_SIZE = 64  # one tile; images are resized to at most LONGEST_EDGE and cut into tiles of this size
 LONGEST_EDGE = 128
 PATCH = 16
+# tests/test_serve.py's TEMPLATE: turns separated by newlines, after which the tiny Llama ends its reply with EOS
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def build_tiny_vlm(dest: pathlib.Path, *, text_model: pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -34,6 +37,7 @@ def build_tiny_vlm(dest: pathlib.Path, *, text_model: pathlib.Path, seed: int = 
     try:
         tok = AutoTokenizer.from_pretrained(text_model)
         tok.add_special_tokens({"additional_special_tokens": list(ADDED_TOKENS)})
+        tok.chat_template = TEMPLATE
         ids = tok.convert_tokens_to_ids(list(ADDED_TOKENS))
         text = LlamaForCausalLM.from_pretrained(text_model, dtype=torch.float32)
         vocab = len(tok)
@@ -55,7 +59,7 @@ def build_tiny_vlm(dest: pathlib.Path, *, text_model: pathlib.Path, seed: int = 
             old = sd["model.embed_tokens.weight"].shape[0]
             lm.embed_tokens.weight[:old] = sd["model.embed_tokens.weight"]
             model.lm_head.weight[:old] = sd["lm_head.weight"]
-            model.lm_head.weight[old:] = -10.0 * model.lm_head.weight[old:].abs()  # never say the added tokens
+            model.lm_head.weight[old:] = sd["lm_head.weight"][0]  # as <unk>, which the model never says
         model.generation_config.bos_token_id = tok.bos_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
         model.save_pretrained(work, safe_serialization=True)
