@@ -181,9 +181,10 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
 
 
 def wants_mmproj(recipe: Recipe) -> bool:
-    """Whether the run converts a projector: ``model.mmproj`` (a local model's is decided from its config.json
-    when the recipe is loaded); a Hub model left undecided gets the node, which decides once it is downloaded."""
-    return recipe.model.mmproj if recipe.model.mmproj is not None else recipe.model.repo is not None
+    """Whether the run converts a projector: ``model.mmproj``, which the loader decides from a local model's
+    config.json. A Hub model's config is not known before the download: the source node refuses a VLM whose
+    recipe leaves it out (``quantkit.mmproj.check_decided``), so a text model's plan has no such node."""
+    return bool(recipe.model.mmproj)
 
 
 def needed_for(nodes: list[Node], name: str) -> list[Node]:
@@ -213,6 +214,10 @@ def dependents(nodes: list[Node]) -> dict[str, list[str]]:
 def _source(ctx: RunContext, node: Node, deps: Results) -> Source:
     model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
     log.info("model %s: %d files, digest %s", model.repo or model.path, len(model.files), model.digest[:12])
+    if ctx.recipe.model.mmproj is None:
+        from quantkit.mmproj import check_decided
+
+        check_decided(model)
     return Source(model, load_calibration(ctx.recipe.calibration, root=ctx.root))
 
 

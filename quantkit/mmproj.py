@@ -55,6 +55,20 @@ def vision_architecture(config: dict) -> str | None:
     return ""
 
 
+def check_decided(model: ModelSnapshot) -> None:
+    """A downloaded model whose recipe left ``model.mmproj`` out (a Hub model: its config.json was not known
+    when the recipe was loaded) must not be a vision-language model: whether its projector is published is
+    then the recipe's decision, and the run stops at its first node to ask for it."""
+    import json
+
+    model.check_links()
+    config = json.loads((model.path / "config.json").read_text())
+    if (arch := vision_architecture(config) if isinstance(config, dict) else None) is not None:
+        raise ProjectorError(f"{model.repo or model.path.name} is a vision-language model ({arch or 'vision_config'}): "
+                             "set model.mmproj: true to publish its vision projector beside the GGUFs, or false to "
+                             "publish the text GGUFs alone")
+
+
 def converter_architectures(src: Path) -> frozenset[str]:
     """The architectures the pinned converter converts with ``--mmproj``: the keys of ``MMPROJ_MODEL_MAP`` in
     its ``conversion/__init__.py``, read as data (importing it needs torch and runs the tree's code)."""

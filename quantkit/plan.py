@@ -37,6 +37,7 @@ class PlannedNode:
     network: bool
     unknown: str | None = None  # why disk or RAM is unknown
     seconds: float | None = None  # estimated wall time on the reference machine (quantkit.estimate.seconds)
+    shards: int | None = None  # a GGUF over publish.max_file_gib: the llama-gguf-split shards it is published as
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,23 @@ def plan(ctx: RunContext, *, publish: bool = True) -> list[PlannedNode]:
         out.append(PlannedNode(node.name, node.kind, node.label, status, why, node.needs, key, c.disk_bytes,
                                c.ram_bytes, spec.time_class, spec.gpu, spec.network(ctx.recipe),
                                c.unknown and (unknown_why or c.unknown),
-                               seconds(ctx.recipe, node.kind, node_params, facts)))
+                               seconds(ctx.recipe, node.kind, node_params, facts),
+                               publish_shards(ctx.recipe, node.kind, c.disk_bytes)))
     return out
+
+
+GGUF_KINDS = ("convert", "quantize", "quantize-mix")  # each makes one published GGUF
+
+
+def publish_shards(recipe, kind: str, size: int | None) -> int | None:
+    """How many shards a GGUF of ``size`` bytes is published as (``publish.max_file_gib``), when more than one."""
+    from quantkit.publish.release import shard_bytes_for, split_names
+    from quantkit.recipe import Publish
+
+    limit = (recipe.publish or Publish()).max_file_bytes
+    if kind not in GGUF_KINDS or size is None or size <= limit:
+        return None
+    return len(split_names("x.gguf", size, shard_bytes=shard_bytes_for(limit)))
 
 
 def model_facts(ctx: RunContext, source: Source | None) -> tuple[ModelFacts | None, str | None]:
@@ -176,7 +192,8 @@ def render(rows: list[PlannedNode], *, have: Machine | None = None) -> str:
     table = [("node", "status", "why", "disk", "peak RAM", "time", "needs")]
     for r in rows:
         flags = "/".join(f for f, on in (("gpu", r.gpu), ("net", r.network)) if on)
-        table.append((r.name, r.status, r.why, _fmt(r.disk_bytes), _fmt(r.ram_bytes),
+        disk = _fmt(r.disk_bytes) + (f" ({r.shards} shards)" if r.shards else "")
+        table.append((r.name, r.status, r.why, disk, _fmt(r.ram_bytes),
                       (f"~{_duration(r.seconds)}" if r.seconds is not None else r.time_class)
                       + (f" {flags}" if flags else ""),
                       ", ".join(r.needs) if len(r.needs) <= 3 else f"{len(r.needs)} nodes"))

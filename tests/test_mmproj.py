@@ -107,12 +107,26 @@ def test_gptq_of_a_vlm_is_refused_with_the_reason(tiny_vlm, repo_root, tmp_path)
     assert (p.line, p.where) == (12, "gptq") and "checkpoint would lack the vision tower" in p.message
 
 
-def test_a_hub_model_decides_when_it_is_downloaded(tmp_path):
+def test_a_hub_vlm_must_say_whether_its_projector_is_published(tiny_vlm, tiny_llama):
+    """A Hub model's config.json is not known when the recipe is loaded: the graph has no mmproj node unless the
+    recipe asks, and the source node stops a run of a VLM whose recipe does not say."""
+    from quantkit.mmproj import ProjectorError, check_decided
     from quantkit.recipe import Recipe
+    from quantkit.source import ModelSnapshot
 
     hub = Recipe.model_validate({"name": "x", "model": {"repo": "o/m", "revision": "a" * 40},
                                  "calibration": {"files": ["calibration/c.txt"]}, "gguf": {"types": ["Q4_K_M"]}})
-    assert hub.model.mmproj is None and "mmproj" in {n.name for n in build_graph(hub)}
+    assert hub.model.mmproj is None and "mmproj" not in {n.name for n in build_graph(hub)}
+    asked = hub.model_copy(update={"model": hub.model.model_copy(update={"mmproj": True})})
+    assert "mmproj" in {n.name for n in build_graph(asked)}
+
+    def snapshot(path):
+        return ModelSnapshot(repo="o/m", revision="a" * 40, commit="a" * 40, path=path, digest="d", files={})
+
+    check_decided(snapshot(tiny_llama))  # a text model: nothing to decide
+    with pytest.raises(ProjectorError, match=r"o/m is a vision-language model \(Idefics3ForConditionalGeneration\): "
+                                             "set model.mmproj: true"):
+        check_decided(snapshot(tiny_vlm))
 
 
 def test_llama_cpp_picks_the_projector_with_the_closest_bits():

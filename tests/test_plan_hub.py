@@ -163,3 +163,17 @@ def test_offline_plan_says_what_is_unknown_and_why(project, tmp_path, monkeypatc
                        f"quantize:Q8_0, ...): {why}"]
     assert text.splitlines()[-1].startswith("whether it fits is unknown; this machine has ")
     assert "new disk and peak RAM: unknown" in text  # not "0 KiB"
+
+
+def test_plan_shows_the_shards_of_ggufs_over_max_file_gib(project, online):
+    """From headers alone: with publish.max_file_gib 5, the 15 GiB F16 and the 7.95 GiB Q8_0 are published
+    as llama-gguf-split shards (at most 97 % of the limit each), the 4.58 GiB Q4_K_M as one file."""
+    recipe = project / "recipes" / "llama-8b.yaml"
+    recipe.write_text(recipe.read_text() + "publish: {max_file_gib: 5}\n")
+    rows = {r.name: r for r in plan(context(project))}
+    shard = 5 * GiB * 0.97
+    assert rows["convert"].shards == -(-rows["convert"].disk_bytes // shard) == 4
+    assert rows["quantize:Q8_0"].shards == 2 and rows["quantize:Q4_K_M"].shards is None
+    assert all(r.shards is None for n, r in rows.items() if not n.startswith(("convert", "quantize:")))
+    line = next(ln for ln in render(list(rows.values())).splitlines() if ln.startswith("convert "))
+    assert f"{rows['convert'].disk_bytes / GiB:.2f} GiB (4 shards)" in line
