@@ -253,3 +253,28 @@ def _chat_with_image_from_the_hub(toolchain, hub, repo, tmp_path) -> tuple[dict,
     got = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
     assert "loaded multimodal model" in log.read_text(), log.read_text()[-3000:]
     return reply, got
+
+
+# --- the projector as a published file ---------------------------------------------------------------------
+
+def test_a_damaged_or_changed_projector_is_caught_like_a_gguf(tmp_path):
+    """The manifest's projectors are checked as its GGUFs are (size, sha256) before publishing, and a new
+    projector makes a new release (the fingerprint covers it; a text model's fingerprint is as it was)."""
+    from quantkit.publish.release import release_fingerprint
+    from quantkit.runfolder import damaged_files
+
+    good = b"projector bytes"
+    (tmp_path / "mmproj-M-F16.gguf").write_bytes(good)
+    p = {"file": "mmproj-M-F16.gguf", "type": "F16", "step": "mmproj", "key": "k" * 32, "size": len(good),
+         "sha256": hashlib.sha256(good).hexdigest()}
+    manifest = {"variants": [], "projectors": [p]}
+    assert damaged_files(tmp_path, manifest, digests=True) == []
+    (tmp_path / "mmproj-M-F16.gguf").write_bytes(b"projector bytez")  # same size, other bytes
+    ((where, why),) = damaged_files(tmp_path, manifest, digests=True)
+    assert where is p and why.startswith(f"{tmp_path.name}/mmproj-M-F16.gguf: ")
+    assert damaged_files(tmp_path, manifest) == []  # the size alone cannot tell
+    text = {"variants": [{"format": "gguf", "label": "F16", "file": "M-F16.gguf", "files": {}, "scores": {}}]}
+    with_projector = {**text, "projectors": [p]}
+    changed = {**text, "projectors": [{**p, "sha256": "0" * 64}]}
+    assert len({release_fingerprint(m) for m in (text, with_projector, changed)}) == 3
+    assert release_fingerprint(text) == release_fingerprint({**text, "projectors": []})
