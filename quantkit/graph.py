@@ -522,8 +522,11 @@ def _serve_gguf(ctx, node, deps):
 def _serve_hf_inputs(ctx, node, deps):
     from quantkit.serving import CHECK_VERSION
 
+    from quantkit.serving.vllm import vllm_version, why_not
+
+    vllm = {} if why_not(ctx.device) else {"vllm": vllm_version()}  # checked in vLLM only on a CUDA worker with it
     return {"model": _model_dir_and_identity(node, deps)[1], "source": deps["source"].model.digest,
-            "max_tokens": ctx.recipe.serve.max_tokens, "threads": ctx.threads, "check": CHECK_VERSION}
+            "max_tokens": ctx.recipe.serve.max_tokens, "threads": ctx.threads, "check": CHECK_VERSION, **vllm}
 
 
 def _serve_hf(ctx, node, deps):
@@ -534,8 +537,15 @@ def _serve_hf(ctx, node, deps):
 
     def produce(staging) -> dict:
         src.model.check_links()
-        return check_checkpoint(model_dir=model_dir, source_dir=src.model.path, max_tokens=ctx.recipe.serve.max_tokens,
-                                threads=ctx.threads, trust_remote_code=ctx.recipe.model.trust_remote_code).to_dict()
+        from quantkit.serving.vllm import check_vllm
+
+        check = check_checkpoint(model_dir=model_dir, source_dir=src.model.path, max_tokens=ctx.recipe.serve.max_tokens,
+                                 threads=ctx.threads, trust_remote_code=ctx.recipe.model.trust_remote_code)
+        check.vllm = check_vllm(model_dir=model_dir, device=ctx.device, max_tokens=ctx.recipe.serve.max_tokens,
+                                trust_remote_code=ctx.recipe.model.trust_remote_code)
+        if check.vllm.startswith("no"):
+            check.fail(check.vllm.removeprefix("no: "))
+        return check.to_dict()
 
     return _log_serve(node, stored_json(ctx.store, "serve-hf", _serve_hf_inputs(ctx, node, deps), "serve", produce))
 

@@ -1,0 +1,25 @@
+"""The vLLM serve check (quantkit/serving/vllm.py) where vLLM cannot run: "not checked", with the reason logged,
+and the serve-hf store key as it was. The check itself runs only on a CUDA worker with vLLM installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+
+from quantkit.serving import VLLM_NOT_CHECKED
+from quantkit.serving.vllm import check_vllm, why_not
+
+
+def test_a_cpu_run_is_not_checked_in_vllm_and_says_why(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="quantkit.serving.vllm")
+    assert why_not("cpu") == "the run's device is cpu, and vLLM needs a CUDA GPU"
+    assert check_vllm(model_dir=tmp_path, device="cpu") == VLLM_NOT_CHECKED
+    assert "vLLM: not checked: the run's device is cpu" in caplog.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_without_vllm_a_cuda_run_is_not_checked_either(tmp_path):
+    assert why_not("cuda").startswith("vLLM is not installed")
+    assert check_vllm(model_dir=tmp_path, device="cuda") == VLLM_NOT_CHECKED
