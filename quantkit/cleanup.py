@@ -26,7 +26,7 @@ from quantkit.store import ENTRY, SCRATCH, Leftover, Store
 log = logging.getLogger(__name__)
 
 # Steps whose outputs are large (models, the base logits): kept only when a manifest names their key.
-LARGE_STEPS = frozenset({"convert", "imatrix", "quantize", "gptq", "awq", "rtn", "base-logits"})
+LARGE_STEPS = frozenset({"convert", "mmproj", "imatrix", "quantize", "gptq", "awq", "rtn", "base-logits"})
 _DIGEST = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
 _KEY = re.compile(r"[0-9a-f]{32}")
 
