@@ -140,6 +140,8 @@ def gguf_tensors(facts: ModelFacts) -> list[GGUFTensor]:
     for t in facts.tensors:
         if t.name.endswith(("rotary_emb.inv_freq", "masked_bias", ".attn.bias")) or not t.shape:
             continue
+        if any(part in t.name for part in VISION_PARTS):  # a VLM's vision tower goes to its mmproj file instead
+            continue
         rows = t.count // t.shape[-1] if t.shape[-1] else 0
         out.append(GGUFTensor(gguf_name(t.name), t.shape[-1], rows, len(t.shape)))
 
