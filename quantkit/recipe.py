@@ -791,7 +791,7 @@ class ToolchainPin(Section):
         if (self.version is None) != (self.sdist_sha256 is None):
             raise Invalid("'version' and 'sdist_sha256' go together: a release is pinned by its bytes",
                           "give both (`quantkit run --track` writes them), or neither for quantkit's pin",
-                          loc=("version",) if self.version is None else ("sdist_sha256",))
+                          loc=("version",) if self.version is not None else ("sdist_sha256",))
         return self
 
 
