@@ -1,0 +1,206 @@
+"""The nightly's tracking run (#30): compare with the last release, then publish or hold; end to end on the
+tiny Llama served by the local Hub, where a pushed commit (a chat template fix) is picked up, rebuilt from
+convert on, compared, published and proposed as a pin bump, and a night with no upstream change reuses
+everything and publishes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_report import CHATML, CONFIG, RECIPE_YAML, make_manifest, make_run_dir
+
+from quantkit.publish import release as pub
+from quantkit.recipe import Publish
+
+C1 = "c1" * 20
+PATCH = "--- a/recipes/x.yaml\n+++ b/recipes/x.yaml\n@@ -1 +1 @@\n-  revision: old\n+  revision: new\n"
+
+
+def _release(tmp_path, manifest, name, run_id, tracking=None):
+    return pub.release(run_dir=make_run_dir(tmp_path, manifest, name), manifest=manifest, root=tmp_path,
+                       settings=Publish(), recipe_yaml=RECIPE_YAML, config=CONFIG, chat_template=CHATML,
+                       run_id=run_id, tracking=tracking)
+
+
+def _moved(manifest: dict) -> dict:
+    manifest["model"] = {**manifest["model"], "commit": "b" * 40, "revision": "b" * 40}
+    manifest["variants"][4]["files"]["model.gguf"]["sha256"] = "ff" * 32  # Q4_K_M rebuilt: other bytes
+    return manifest
+
+
+def test_a_tracked_change_that_fails_the_gate_is_held_with_its_reason(tmp_path):
+    first = _release(tmp_path, make_manifest(), "run1", "r1")
+    assert first.status == "published r1"
+    worse = _moved(make_manifest(Q4_K_M=0.2))  # mean KLD 0.060 -> 0.200, errors 0.0012 each
+    held = _release(tmp_path, worse, "run2", "r2", tracking={"patch": PATCH})
+    assert held.held.startswith("failed: gguf:Q4_K_M kld_mean: mean KLD 0.06000 → 0.20000")
+    assert held.status.startswith("held: failed") and held.pin_patch is None
+    folder = tmp_path / "artifacts" / "smollm2-135m-demo"
+    assert os.readlink(folder / "latest") == "r1" and not (folder / "r2").exists()
+    assert not (tmp_path / "run2" / "pin-bump.patch").exists()
+    md = (tmp_path / "run2" / "report" / "report.md").read_text()
+    assert "## Since the last release (r1)" in md
+    assert f"**Held, not published**: {held.held}" in md
+    assert f"What changed: model commit `{'a' * 40}` → `{'b' * 40}`. Unchanged: llama.cpp commit `0c1e570`" in md
+    assert "| gguf:Q4_K_M | rebuilt, other bytes | kld_mean | 0.06000 | 0.20000 | +0.14000 ± 0.00170 | failed |" in md
+    since = json.loads((tmp_path / "run2" / "report" / "report.json").read_text())["since_release"]
+    assert since["same_sets"] and [i["changed"] for i in since["inputs"]] == [True, False, False]
+
+
+def test_an_inconclusive_check_holds_a_tracked_change_that_a_plain_run_would_publish(tmp_path):
+    _release(tmp_path, make_manifest(), "run1", "r1")
+    # 0.060 -> 0.0665 against a limit of 0.066 (+10 %), with a combined error of 0.0017: straddles it.
+    assert _release(tmp_path, _moved(make_manifest(Q4_K_M=0.0665)), "run2", "r2").status == "published r2"
+    shutil.rmtree(tmp_path / "artifacts")
+    _release(tmp_path, make_manifest(), "run3", "r1")
+    held = _release(tmp_path, _moved(make_manifest(Q4_K_M=0.0665)), "run4", "r2", tracking={"patch": PATCH})
+    assert held.held.startswith("inconclusive: gguf:Q4_K_M kld_mean")
+
+
+def test_a_tracked_change_that_passes_is_published_with_its_pin_bump(tmp_path):
+    _release(tmp_path, make_manifest(), "run1", "r1")
+    same_scores = _moved(make_manifest())
+    published = _release(tmp_path, same_scores, "run2", "r2", tracking={"patch": PATCH})
+    assert published.status == "published r2"
+    assert published.pin_patch == tmp_path / "run2" / "pin-bump.patch"
+    assert published.pin_patch.read_text() == PATCH
+    md = (published.path / "report.md").read_text()
+    assert "| gguf:Q4_K_M | rebuilt, other bytes | kld_mean | 0.06000 | 0.06000 | +0.00000 ± 0.00000 | passed |" in md
+    assert "| gguf:Q8_0 | same bytes | kld_mean |" in md
+
+
+def test_the_other_evaluation_settings_hold_a_tracked_change(tmp_path):
+    _release(tmp_path, make_manifest(), "run1", "r1")
+    moved = _moved(make_manifest())
+    moved["recipe"]["resolved"]["evaluation"]["ctx"] = 1024
+    held = _release(tmp_path, moved, "run2", "r2", tracking={"patch": PATCH})
+    assert held.held.startswith("scored on other evaluation settings than r1")
+
+
+# --- end to end: the tiny Llama on the local Hub ----------------------------------------------------------
+
+RECIPE = textwrap.dedent(f"""\
+    # The nightly's recipe: a plain run keeps these pins; `quantkit run --track` follows main.
+    name: tiny-nightly
+    model:
+      repo: org/tiny-llama
+      revision: {C1}   # the release's commit
+      track: main      # what the nightly follows
+      name: tiny-llama
+    calibration:
+      files: [calibration/en-prose.txt]
+    evaluation:
+      file: calibration/eval/en-prose-heldout.txt
+      ctx: 128
+      max_tokens: 1024
+      bench: false
+    gguf:
+      base_type: f16
+      imatrix: {{enabled: false}}
+      types: [Q4_K_M]
+    """)
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory, repo_root, tiny_llama, toolchain):
+    """A project with the recipe, the local Hub serving the tiny Llama at C1 on main, and a store."""
+    from huggingface_hub import constants
+
+    from localhub import LocalHub
+
+    root = tmp_path_factory.mktemp("nightly")
+    (root / "recipes").mkdir()
+    (root / "recipes" / "tiny.yaml").write_text(RECIPE)
+    shutil.copytree(repo_root / "calibration", root / "calibration")
+    with LocalHub("org/tiny-llama", tiny_llama, C1) as hub, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "ENDPOINT", hub.url)
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        mp.setattr(constants, "HF_HUB_CACHE", str(root / "hf-cache"))
+        mp.setenv("HF_ENDPOINT", hub.url)
+        mp.delenv("HF_HUB_OFFLINE", raising=False)
+        mp.setenv("HF_TOKEN", "hf_localhubtoken")
+        mp.setenv("QUANTKIT_PROJECT", str(root))
+        mp.setenv("QUANTKIT_STORE", str(root / "store"))
+        yield root, hub
+
+
+def _run(capsys, *args) -> str:
+    from quantkit.cli import main
+
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def _line(out: str, prefix: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.slow
+def test_nightly_reuses_an_unchanged_upstream_then_picks_up_a_new_commit(nightly, capsys):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from quantkit.ggufinfo import chat_template
+
+    root, hub = nightly
+    recipe = root / "recipes" / "tiny.yaml"
+    folder = root / "artifacts" / "tiny-nightly"
+    out = _run(capsys, "run", str(recipe))  # the release the nightly compares with
+    first = os.readlink(folder / "latest")
+    assert _line(out, "published:").endswith(first)
+
+    # A night with nothing new upstream: every step reused, nothing published.
+    out = _run(capsys, "run", "--track", str(recipe))
+    assert f"track: model: org/tiny-llama main is at {C1}; the recipe pins {C1}: unchanged" in out
+    assert f"not published: unchanged since {first}" in out
+    assert _line(out, "built:") == "built: nothing (every step was already done)"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [first, "latest",
+                                                                                       "unchanged.jsonl"]
+
+    # Upstream fixes its chat template.
+    tok = json.loads(hub.tree("org/tiny-llama")["tokenizer_config.json"])
+    tok["chat_template"] = "{# tool calls fixed #}" + tok["chat_template"]
+    commit = HfApi().create_commit(repo_id="org/tiny-llama", commit_message="Fix the chat template", operations=[
+        CommitOperationAdd("tokenizer_config.json", json.dumps(tok, indent=2).encode())])
+    c2 = commit.oid
+    assert c2 != C1
+
+    out = _run(capsys, "plan", "--track", str(recipe))
+    assert f"track: model: org/tiny-llama main is at {c2}; the recipe pins {C1}: changed" in out
+    assert not (root / "runs" / "tiny-nightly.tracked").exists()  # a plan writes nothing
+
+    out = _run(capsys, "run", "--track", str(recipe))
+    assert f"track: running with the new pins: {root / 'runs' / 'tiny-nightly.tracked' / 'recipe.yaml'}" in out
+    # Rebuilt from convert on (the model folder is new), nothing earlier reused under another name.
+    built = _line(out, "built:").removeprefix("built: ").split(", ")
+    assert built[:2] == ["convert", "quantize:Q4_K_M"] and "score-gguf:Q4_K_M" in built
+    assert "reused:" not in out
+    second = os.readlink(folder / "latest")
+    assert second != first and _line(out, "published:").endswith(second)
+    manifest = json.loads((folder / second / "manifest.json").read_text())
+    assert manifest["model"]["commit"] == c2 and manifest["model"]["revision"] == c2
+    assert chat_template(folder / second / "tiny-llama-Q4_K_M.gguf") == tok["chat_template"]
+    md = (folder / second / "report.md").read_text()
+    assert f"## Since the last release ({first})" in md
+    assert f"What changed: model commit `{C1}` → `{c2}`. Unchanged: llama.cpp commit `0c1e570`" in md
+    row = next(line for line in md.splitlines() if line.startswith("| gguf:Q4_K_M | rebuilt, other bytes | kld_mean"))
+    assert row.endswith("| +0.00000 ± 0.00000 | passed |")  # the same weights: the same KLD, to the digit
+    # The pin bump: the recipe with the new commit, comments kept, as a patch that git applies.
+    patch = root / "runs" / "tiny-nightly" / "pin-bump.patch"
+    assert _line(out, "pin bump:").startswith(f"pin bump: {patch}")
+    assert f"-  revision: {C1}   # the release's commit\n+  revision: {c2}   # the release's commit\n" in \
+        patch.read_text()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "apply", "--check", str(patch)], cwd=root, check=True)
+    assert (folder / second / "recipe.yaml").read_text() == recipe.read_text().replace(C1, c2)
+
+    # The next night, before the bump is merged: the same new pins, everything reused, nothing published.
+    out = _run(capsys, "run", "--track", str(recipe))
+    assert f"not published: unchanged since {second}" in out
+    assert _line(out, "built:") == "built: nothing (every step was already done)"
