@@ -120,6 +120,7 @@ def nightly(tmp_path_factory, repo_root, tiny_llama, toolchain):
     shutil.copytree(repo_root / "calibration", root / "calibration")
     with LocalHub("org/tiny-llama", tiny_llama, C1) as hub, pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "ENDPOINT", hub.url)
+        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
         mp.setattr(constants, "HF_HUB_OFFLINE", False)
         mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
         mp.setattr(constants, "HF_HUB_CACHE", str(root / "hf-cache"))
@@ -164,10 +165,9 @@ def test_nightly_reuses_an_unchanged_upstream_then_picks_up_a_new_commit(nightly
                                                                                        "unchanged.jsonl"]
 
     # Upstream fixes its chat template.
-    tok = json.loads(hub.tree("org/tiny-llama")["tokenizer_config.json"])
-    tok["chat_template"] = "{# tool calls fixed #}" + tok["chat_template"]
+    template = "{# tool calls fixed #}" + hub.tree("org/tiny-llama")["chat_template.jinja"].decode()
     commit = HfApi().create_commit(repo_id="org/tiny-llama", commit_message="Fix the chat template", operations=[
-        CommitOperationAdd("tokenizer_config.json", json.dumps(tok, indent=2).encode())])
+        CommitOperationAdd("chat_template.jinja", template.encode())])
     c2 = commit.oid
     assert c2 != C1
 
@@ -185,7 +185,7 @@ def test_nightly_reuses_an_unchanged_upstream_then_picks_up_a_new_commit(nightly
     assert second != first and _line(out, "published:").endswith(second)
     manifest = json.loads((folder / second / "manifest.json").read_text())
     assert manifest["model"]["commit"] == c2 and manifest["model"]["revision"] == c2
-    assert chat_template(folder / second / "tiny-llama-Q4_K_M.gguf") == tok["chat_template"]
+    assert chat_template(folder / second / "tiny-llama-Q4_K_M.gguf") == template
     md = (folder / second / "report.md").read_text()
     assert f"## Since the last release ({first})" in md
     assert f"What changed: model commit `{C1}` → `{c2}`. Unchanged: llama.cpp commit `0c1e570`" in md
