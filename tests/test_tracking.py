@@ -202,3 +202,35 @@ def test_plan_track_says_what_would_change_before_any_work(project, package_inde
     assert ("track: toolchain: newest llama-cpp-python for 'latest' is 0.3.37; the recipe builds with 0.3.36: "
             "changed (fetched and built by the run, in its own cache folder)") in out
     assert not (Path(package_index).parent / "cache").exists()  # nothing fetched, nothing built
+
+
+def test_a_tracking_run_pins_the_new_release_by_its_bytes_and_builds_it_in_its_own_folder(project, package_index,
+                                                                                          toolchain):
+    """``run --track`` up to the build: the re-pinned recipe names the release and its sdist's sha256, the
+    patch proposes both, and the run's toolchain is looked for in the release's own cache folder (building
+    the real llama.cpp there takes 4 to 13 minutes on 2 cores, README: not in the suite)."""
+    import hashlib
+
+    from quantkit.errors import ToolchainError
+    from quantkit.toolchain import recipe_toolchain, release_dir
+    from quantkit.tracking import prepare, record_for
+
+    text = BASE.format(rev=C1, track="", toolchain="toolchain:\n  track: latest   # the nightly's llama.cpp\n")
+    path = write(project, text)
+    tracked = prepare(path)
+    sha = hashlib.sha256((package_index / "llama_cpp_python-0.3.37.tar.gz").read_bytes()).hexdigest()
+    assert tracked.recipe_file == project / "runs" / "tracked.tracked" / "recipe.yaml"
+    assert tracked.resolution.lines() == [
+        "toolchain: newest llama-cpp-python for 'latest' is 0.3.37; the recipe builds with 0.3.36: changed "
+        f"(llama.cpp 5e6f7a8, sdist sha256 {sha[:12]})"]
+    assert tracked.recipe_file.read_text() == text + f"  version: 0.3.37\n  sdist_sha256: {sha}\n"
+    record = record_for(tracked.recipe_file)
+    assert record["recipe"] == "recipes/r.yaml" and f"+  sdist_sha256: {sha}\n" in record["patch"]
+    pinned = load_recipe(tracked.recipe_file)
+    with pytest.raises(ToolchainError, match=f"llama-cpp-python 0.3.37 is not built in {release_dir('0.3.37', False)}"):
+        recipe_toolchain(pinned.toolchain, build=False)
+    assert record_for(path) is None  # the recipe itself is not a tracking run's copy
+    # With no newer release, the recipe runs as it is: nothing written.
+    path = write(project, BASE.format(rev=C1, track="", toolchain="toolchain: {track: '<0.3.37'}\n"))
+    again = prepare(path)
+    assert again.recipe_file == path.resolve() and not again.resolution.changed
