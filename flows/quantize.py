@@ -181,6 +181,7 @@ def publish_artifacts(manifest_path: Path, manifest: dict, published: Any = None
             f"**{published.status}**" + (f": `{published.path}`" if not published.unchanged_since else ""),
             *(f"pin bump (a tracking run's new pins, for the recipe): `{published.pin_patch}`",) * bool(
                 getattr(published, "pin_patch", None)),
+            *(f"pull request for the pin bump: {published.pin_pr}",) * bool(getattr(published, "pin_pr", None)),
             *(f"[plot]({plot.resolve().as_uri()})",) * plot.is_file(),
             "",
             (report / "report.md").read_text(encoding="utf-8"),

@@ -204,3 +204,117 @@ def test_nightly_reuses_an_unchanged_upstream_then_picks_up_a_new_commit(nightly
     out = _run(capsys, "run", "--track", str(recipe))
     assert f"not published: unchanged since {second}" in out
     assert _line(out, "built:") == "built: nothing (every step was already done)"
+
+
+# --- the pin bump as a pull request, against a local server answering as GitHub's REST API -----------------
+
+class FakeGitHub:
+    """The five calls of quantkit.publish.pullrequest, answered as docs.github.com/en/rest documents them,
+    over one repository held in memory."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.branches = {"main": "0" * 40}
+        self.files = {"main": dict(files)}
+        self.pulls: list[dict] = []
+        self.auth: list[str] = []
+        gh = self
+
+        def blob(data: bytes) -> str:
+            return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _json(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self, method: str) -> None:
+                import base64
+                from urllib.parse import parse_qs, unquote, urlsplit
+
+                gh.auth.append(self.headers.get("Authorization") or "")
+                url = urlsplit(self.path)
+                parts = unquote(url.path).strip("/").split("/")
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if parts[:3] != ["repos", "me", "recipes"]:
+                    return self._json(404, {"message": "Not Found"})
+                rest = parts[3:]
+                if method == "GET" and rest[:3] == ["git", "ref", "heads"]:
+                    return self._json(200, {"object": {"sha": gh.branches["/".join(rest[3:])]}})
+                if method == "GET" and rest[0] == "contents":
+                    ref = parse_qs(url.query)["ref"][0]
+                    data = gh.files[ref]["/".join(rest[1:])]
+                    return self._json(200, {"sha": blob(data), "content": base64.b64encode(data).decode()})
+                if method == "POST" and rest == ["git", "refs"]:
+                    name = body["ref"].removeprefix("refs/heads/")
+                    if name in gh.branches:
+                        return self._json(422, {"message": "Reference already exists"})
+                    gh.branches[name] = body["sha"]
+                    gh.files[name] = dict(gh.files["main"])
+                    return self._json(201, {"ref": body["ref"]})
+                if method == "PUT" and rest[0] == "contents":
+                    path = "/".join(rest[1:])
+                    if body["sha"] != blob(gh.files[body["branch"]][path]):
+                        return self._json(409, {"message": "sha does not match"})
+                    gh.files[body["branch"]][path] = base64.b64decode(body["content"])
+                    return self._json(200, {"commit": {"sha": "1" * 40}})
+                if method == "POST" and rest == ["pulls"]:
+                    gh.pulls.append(body)
+                    return self._json(201, {"html_url": f"https://github.test/me/recipes/pull/{len(gh.pulls)}"})
+                return self._json(404, {"message": "Not Found"})
+
+            def do_GET(self):  # noqa: N802
+                self._route("GET")
+
+            def do_POST(self):  # noqa: N802
+                self._route("POST")
+
+            def do_PUT(self):  # noqa: N802
+                self._route("PUT")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_the_pin_bump_opens_a_pull_request_when_the_worker_names_a_repository(tmp_path, monkeypatch, caplog):
+    import hashlib
+
+    original = b"name: smollm2-135m-demo\nmodel:\n  repo: org/x\n  revision: old\n"
+    gh = FakeGitHub({"recipes/x.yaml": original})
+    try:
+        monkeypatch.setenv("QUANTKIT_PIN_REPO", "me/recipes")
+        monkeypatch.setenv("QUANTKIT_PIN_API", gh.url)
+        monkeypatch.setenv("GITHUB_TOKEN", "ghp_localtoken")
+        tracking = {"patch": PATCH, "recipe": "recipes/x.yaml", "recipe_sha256": hashlib.sha256(original).hexdigest()}
+        _release(tmp_path, make_manifest(), "run1", "r1")
+        published = _release(tmp_path, _moved(make_manifest()), "run2", "r2", tracking=tracking)
+        assert published.pin_pr == "https://github.test/me/recipes/pull/1"
+        (pr,) = gh.pulls
+        assert (pr["head"], pr["base"]) == ("quantkit/pin-smollm2-135m-demo-r2", "main")
+        assert "## Since the last release (r1)" in pr["body"]
+        assert gh.files["quantkit/pin-smollm2-135m-demo-r2"]["recipes/x.yaml"] == RECIPE_YAML.encode()
+        assert gh.files["main"]["recipes/x.yaml"] == original  # only the branch has the new pins
+        assert set(gh.auth) == {"Bearer ghp_localtoken"}
+        # The recipe changed on main since the run started: no pull request, the release stands.
+        gh.files["main"]["recipes/x.yaml"] = original + b"# edited\n"
+        third = _release(tmp_path, _moved(make_manifest(Q4_K_M=0.059)), "run3", "r3", tracking=tracking)
+        assert third.status == "published r3" and third.pin_pr is None and len(gh.pulls) == 1
+        assert "is not the recipe this run started from" in caplog.text
+        assert "ghp_localtoken" not in caplog.text
+    finally:
+        gh.close()

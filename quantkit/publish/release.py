@@ -70,6 +70,7 @@ class Published:
     refused: dict[str, str] = field(default_factory=dict)  # variant id -> why its serve check failed (not published)
     held: str | None = None  # a tracking run not published, and why (quantkit.publish.since.hold_reason)
     pin_patch: Path | None = None  # a published tracking run's pin bump (quantkit.tracking.PATCH)
+    pin_pr: str | None = None  # the pull request that proposes it, when the worker names a repository
 
     @property
     def status(self) -> str:
@@ -720,8 +721,29 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
         patch = inside(run_dir, PATCH)
         write_atomic(patch, tracking["patch"].encode("utf-8"))
         log.info("published with new pins; the recipe's pin bump: %s", patch)
+    pr = _pin_pull_request(tracking, recipe_yaml, recipe=recipe, run_id=run_id, report=report) if patch else None
     return Published(run_id, path, next(iter(hub.values()), None), hub_commits=dict(hub), refused=bad,
-                     pin_patch=patch)
+                     pin_patch=patch, pin_pr=pr)
+
+
+def _pin_pull_request(tracking: dict, recipe_yaml: str, *, recipe: str, run_id: str, report: dict) -> str | None:
+    """The pin bump as a pull request when the worker names a repository (quantkit.publish.pullrequest).
+    The release is out already: a forge that refuses is a warning, and the patch stays in the run folder."""
+    from quantkit.publish.pullrequest import Forge, open_pin_pr
+    from quantkit.publish.since import since_md
+
+    try:
+        forge = Forge.from_env()
+        if forge is None:
+            return None
+        body = "\n".join([f"quantkit's nightly published release `{run_id}` of `{recipe}` with new pins; this "
+                          "makes the recipe say what it was made from (a plain run reproduces it).",
+                          *since_md(report)])
+        return open_pin_pr(forge, path=tracking["recipe"], started_from_sha256=tracking["recipe_sha256"],
+                           new_text=recipe_yaml, recipe=recipe, run_id=run_id, body=body)
+    except PublishError as e:
+        log.warning("no pull request for the pin bump: %s", e)
+        return None
 
 
 def _track_against(report: dict, tracking: dict | None, *, store: Path, recipe: str, prev, manifest: dict,
