@@ -74,18 +74,19 @@ def cmd_plan(args) -> int:
         resolution, pinned = plan_recipe(args.recipe)
         for line in resolution.lines():
             print(f"track: {line}", file=sys.stderr if args.json else sys.stdout)
-        if resolution.toolchain_changed:
-            print("track: the plan below uses the recipe's toolchain: the new release is fetched and built by "
-                  "`quantkit run --track`, and every GGUF node is to do with it", file=sys.stderr if args.json else
-                  sys.stdout)
         if pinned is not None:
             ctx = replace(ctx, recipe=pinned)
+        if resolution.toolchain_changed:  # a release the run fetches and builds: nothing after the source is done
+            print(f"track: llama-cpp-python {resolution.toolchain_after} is fetched and built by `quantkit run "
+                  "--track`; every node after the source is to do with it", file=sys.stderr if args.json else
+                  sys.stdout)
+            ctx = replace(ctx, toolchain=None)
     rows = plan(ctx)
     have = machine(ctx.store.root)
     if args.json:
         print(to_json(rows, have))
         return 0
-    if ctx.toolchain is None:
+    if ctx.toolchain is None and not (args.track and resolution.toolchain_changed):
         print("toolchain: not built yet (quantkit toolchain --build); nodes after the source show as to do")
     print(render(rows, have=have))
     return 0

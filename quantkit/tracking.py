@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 RECORD = "tracking.json"
 PATCH = "pin-bump.patch"  # written into the run folder when a tracking run publishes
 SUFFIX = ".tracked"
+_RECIPE_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}\.ya?ml$")
 
 
 class TrackingError(QuantkitError):
@@ -206,8 +207,8 @@ def prepare(recipe_file: str | Path, *, hub_api=None, versions: list[str] | None
             (res.toolchain_changed and pinned.toolchain.version != res.toolchain_after):
         raise TrackingError(f"editing {rel} did not pin {res.model_after or res.toolchain_after}")
     write_json_atomic(inside(folder, RECORD), {
-        "recipe": rel, "recipe_sha256": sha256_file(path), "resolution": res.to_dict(),
-        "patch": pin_patch(text, new, rel)})
+        "recipe": rel, "recipe_sha256": sha256_file(path), "pinned_sha256": sha256_file(target),
+        "resolution": res.to_dict(), "patch": pin_patch(text, new, rel)})
     log.info("tracking run of %s with new pins: %s", rel, target)
     return TrackedRun(target, res)
 
@@ -220,7 +221,15 @@ def record_for(recipe_file: Path) -> dict | None:
     record = recipe_file.parent / RECORD
     if not record.is_file() or record.is_symlink():
         return None
-    return json.loads(record.read_text(encoding="utf-8"))
+    data = json.loads(record.read_text(encoding="utf-8"))
+    # Written by prepare for exactly this file, naming a recipe of the project: anything else (a record
+    # edited, or committed under runs/ in a pull request) would steer the patch and the pull request.
+    rel = data.get("recipe") if isinstance(data, dict) else None
+    if data.get("pinned_sha256") != sha256_file(recipe_file) or not isinstance(rel, str) or \
+            not _RECIPE_PATH.match(rel) or ".." in rel.split("/"):
+        raise TrackingError(f"{record} does not belong to {recipe_file} (its sha256 or its recipe path differ): "
+                            "run `quantkit run --track` on the recipe again")
+    return data
 
 
 def plan_recipe(recipe_file: str | Path, *, hub_api=None) -> tuple[Resolution, Recipe | None]:

@@ -201,6 +201,9 @@ def test_plan_track_says_what_would_change_before_any_work(project, package_inde
     out = capsys.readouterr().out
     assert ("track: toolchain: newest llama-cpp-python for 'latest' is 0.3.37; the recipe builds with 0.3.36: "
             "changed (fetched and built by the run, in its own cache folder)") in out
+    assert "track: llama-cpp-python 0.3.37 is fetched and built by `quantkit run --track`; every node after the " \
+           "source is to do with it" in out
+    assert "not built yet" not in out
     assert not (Path(package_index).parent / "cache").exists()  # nothing fetched, nothing built
 
 
@@ -234,3 +237,19 @@ def test_a_tracking_run_pins_the_new_release_by_its_bytes_and_builds_it_in_its_o
     path = write(project, BASE.format(rev=C1, track="", toolchain="toolchain: {track: '<0.3.37'}\n"))
     again = prepare(path)
     assert again.recipe_file == path.resolve() and not again.resolution.changed
+
+
+def test_a_tracking_record_that_is_not_the_runs_own_is_refused(project, package_index):
+    from quantkit.tracking import TrackingError, prepare, record_for
+
+    tracked = prepare(write(project, BASE.format(rev=C1, track="", toolchain="toolchain: {track: latest}\n")))
+    record = tracked.recipe_file.parent / "tracking.json"
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "recipe": "../../etc/x.yaml"}))
+    with pytest.raises(TrackingError, match="does not belong to"):
+        record_for(tracked.recipe_file)
+    record.write_text(json.dumps(data))
+    assert record_for(tracked.recipe_file)["recipe"] == "recipes/r.yaml"
+    tracked.recipe_file.write_text(tracked.recipe_file.read_text() + "# edited after the run was prepared\n")
+    with pytest.raises(TrackingError, match="does not belong to"):
+        record_for(tracked.recipe_file)
