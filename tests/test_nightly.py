@@ -174,6 +174,10 @@ def test_nightly_reuses_an_unchanged_upstream_then_picks_up_a_new_commit(nightly
     out = _run(capsys, "plan", "--track", str(recipe))
     assert f"track: model: org/tiny-llama main is at {c2}; the recipe pins {C1}: changed" in out
     assert not (root / "runs" / "tiny-nightly.tracked").exists()  # a plan writes nothing
+    status = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] in (
+        ["source"], ["convert"], ["quantize:Q4_K_M"])}
+    assert status == {"source": "to", "convert": "to", "quantize:Q4_K_M": "to"}  # the new commit: "to do"
+    assert "not on disk yet" in next(line for line in out.splitlines() if line.startswith("source"))
 
     out = _run(capsys, "run", "--track", str(recipe))
     assert f"track: running with the new pins: {root / 'runs' / 'tiny-nightly.tracked' / 'recipe.yaml'}" in out
