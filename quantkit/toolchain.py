@@ -361,6 +361,14 @@ RELEASE_STAMP = "release.json"
 _CHANGELOG_COMMIT = re.compile(r"llama\.cpp@([0-9a-f]{7,40})")
 
 
+def vendored_commit(changelog: str, version: str) -> re.Match | None:
+    """The llama.cpp commit a release vendors, from its CHANGELOG (newest first): the first ``llama.cpp@<sha>``
+    at or below the release's own ``## [version]`` heading. A release that did not update llama.cpp still
+    vendors the one an earlier entry names; entries above it (Unreleased) are not in it."""
+    heading = re.search(rf"^##\s*\[{re.escape(version)}\]", changelog, re.MULTILINE)
+    return _CHANGELOG_COMMIT.search(changelog, heading.start() if heading else 0)
+
+
 def _pip(*args: str):
     """pip with this interpreter and the machine's own index settings (PIP_INDEX_URL, PIP_FIND_LINKS...)."""
     return run_tool([sys.executable, "-m", "pip", *args])
@@ -417,7 +425,7 @@ def fetch_release(version: str, dest: Path, *, sdist_sha256: str | None = None) 
         shutil.rmtree(staging, ignore_errors=True)
         with tarfile.open(tarballs[0]) as tar:
             changelog = tar.extractfile(f"{top}/CHANGELOG.md") if f"{top}/CHANGELOG.md" in tar.getnames() else None
-            m = _CHANGELOG_COMMIT.search(changelog.read().decode("utf-8", "replace")) if changelog else None
+            m = vendored_commit(changelog.read().decode("utf-8", "replace"), version) if changelog else None
             if m is None:
                 raise ToolchainError(f"{tarballs[0].name}: its CHANGELOG.md names no llama.cpp commit "
                                      "('llama.cpp@<sha>'), so its binaries could not say which tree they are")

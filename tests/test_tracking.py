@@ -133,8 +133,9 @@ def fake_release(folder: Path, version: str, commit: str, tree: dict[str, bytes]
     files = {"PKG-INFO": f"Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: {version}\n".encode(),
              "pyproject.toml": b'[build-system]\nrequires = []\nbuild-backend = "fakebackend"\nbackend-path = ["."]\n',
              "fakebackend.py": BACKEND.replace("{version}", version).encode(),
-             "CHANGELOG.md": f"# Changelog\n\n## [{version}]\n\n- feat: update llama.cpp to "
-                             f"ggml-org/llama.cpp@{commit}\n".encode(),
+             "CHANGELOG.md": f"# Changelog\n\n## [Unreleased]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@"
+                             f"badc0ffee\n\n## [{version}]\n\n- fix: a binding\n\n## [0.3.0]\n\n- feat: update "
+                             f"llama.cpp to ggml-org/llama.cpp@{commit}\n".encode(),
              **{f"vendor/llama.cpp/{name}": data for name, data in tree.items()}}
     path = folder / f"{top}.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
@@ -159,6 +160,17 @@ def package_index(tmp_path, monkeypatch, toolchain):
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     return index
+
+
+def test_the_vendored_commit_is_the_newest_at_or_below_the_release():
+    from quantkit.toolchain import vendored_commit
+
+    # In the form of llama-cpp-python's CHANGELOG.md; 0.3.36's sdist names llama.cpp@0c1e57098 first (the pin).
+    log = ("# Changelog\n\n## [Unreleased]\n\n## [0.3.36]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0c1e57098\n"
+           "\n## [0.3.35]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@4df29be4f\n")
+    assert vendored_commit(log, "0.3.36").group(1) == "0c1e57098"
+    assert vendored_commit(log, "0.3.35").group(1) == "4df29be4f"
+    assert vendored_commit("no commit named", "0.3.36") is None
 
 
 def test_toolchain_track_resolves_the_newest_release_and_fetches_it_beside_the_pin(package_index, toolchain):
