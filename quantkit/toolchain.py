@@ -490,6 +490,9 @@ def ensure_release_toolchain(version: str, sdist_sha256: str, *, cuda: bool | No
     pin = _release_pin(folder, version, sdist_sha256)
     if pin is None or not (folder / "src" / "convert_hf_to_gguf.py").is_file():
         pin = fetch_release(version, folder, sdist_sha256=sdist_sha256)
+    if (pin.commit, pin.converter_sha256) == (PIN.commit, PIN.converter_sha256):
+        # A release of the bindings only: it vendors the pinned llama.cpp, whose tools are built already.
+        return _link_pinned_build(folder, pin, version, sdist_sha256, cuda)
     arch = cuda_architectures(cuda_arch) if cuda else None
     flags = [f"-DLLAMA_BUILD_COMMIT={pin.commit}" if a.startswith("-DLLAMA_BUILD_COMMIT=") else a
              for a in cmake_args(cuda=cuda, cuda_arch=arch)]
@@ -505,6 +508,26 @@ def ensure_release_toolchain(version: str, sdist_sha256: str, *, cuda: bool | No
         os.replace(tmp, bin_dir / b)
     tc = Toolchain(src=folder / "src", bin_dir=bin_dir, commit=pin.commit, origin="cache", cuda=cuda, pin=pin)
     write_json_atomic(folder / STAMP, {**tc.describe(), "cmake_args": flags})
+    return find_release_toolchain(version, sdist_sha256, cuda=cuda)
+
+
+def _link_pinned_build(folder: Path, pin: Pin, version: str, sdist_sha256: str, cuda: bool) -> Toolchain:
+    """The pinned build's binaries (same commit, same flags) linked into a release's folder, built if missing."""
+    pinned = ensure_toolchain(cuda=cuda)
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for b in BINARIES:
+        tmp = bin_dir / f".{b}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(pinned.binary(b), tmp)
+        except OSError:
+            shutil.copy2(pinned.binary(b), tmp)
+        os.replace(tmp, bin_dir / b)
+    log.info("%s %s vendors the pinned llama.cpp %s: its binaries are the pinned build's (%s)", PIN.package,
+             version, pin.commit, pinned.bin_dir)
+    tc = Toolchain(src=folder / "src", bin_dir=bin_dir, commit=pin.commit, origin="cache", cuda=cuda, pin=pin)
+    write_json_atomic(folder / STAMP, {**tc.describe(), "linked_from": str(pinned.bin_dir)})
     return find_release_toolchain(version, sdist_sha256, cuda=cuda)
 
 

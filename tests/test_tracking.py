@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import tarfile
 import textwrap
@@ -265,3 +266,43 @@ def test_a_tracking_record_that_is_not_the_runs_own_is_refused(project, package_
     tracked.recipe_file.write_text(tracked.recipe_file.read_text() + "# edited after the run was prepared\n")
     with pytest.raises(TrackingError, match="does not belong to"):
         record_for(tracked.recipe_file)
+
+
+def test_a_release_of_the_bindings_only_uses_the_pinned_build_and_another_commit_is_checked(tmp_path, monkeypatch,
+                                                                                            toolchain):
+    """A release that vendors the pinned llama.cpp (same commit, same converter) gets the pinned build's
+    real binaries in its own folder, and reports its own release; binaries of another commit in a release's
+    folder are refused."""
+    import hashlib
+
+    from quantkit.errors import ToolchainError
+    from quantkit.toolchain import ensure_release_toolchain, find_release_toolchain, release_dir
+
+    index = tmp_path / "index"
+    index.mkdir()
+    same = fake_release(index, "0.3.37", "0c1e57098", {"convert_hf_to_gguf.py": (toolchain.src / "convert_hf_to_gguf.py")
+                                                      .read_bytes()})
+    other = fake_release(index, "0.3.38", "5e6f7a8b9", {"convert_hf_to_gguf.py": b"# another tree\n"})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUANTKIT_LLAMA_CPP_BIN", str(toolchain.bin_dir))  # the pinned build, where it is
+    monkeypatch.setenv("QUANTKIT_LLAMA_CPP_SRC", str(toolchain.src))
+    sha = hashlib.sha256(same.read_bytes()).hexdigest()
+    tc = ensure_release_toolchain("0.3.37", sha, cuda=False)
+    assert tc.bin_dir == release_dir("0.3.37", False) / "bin" and tc.commit == "0c1e570"
+    assert tc.version == "llama.cpp 0c1e570 (llama-cpp-python 0.3.37)"
+    assert (tc.bin_dir / "llama-quantize").stat().st_size == toolchain.binary("llama-quantize").stat().st_size
+    assert find_release_toolchain("0.3.37", sha, cuda=False) == tc  # found again without fetching
+    with pytest.raises(ToolchainError, match="is not built"):
+        find_release_toolchain("0.3.37", "0" * 64, cuda=False)  # another sdist under the same version
+    # 0.3.38 vendors another commit: its folder holding the pinned binaries is not its toolchain.
+    from quantkit.toolchain import STAMP, fetch_release
+
+    folder = release_dir("0.3.38", False)
+    folder.mkdir(parents=True)
+    fetch_release("0.3.38", folder)
+    shutil.copytree(tc.bin_dir, folder / "bin")
+    (folder / STAMP).write_text("{}")
+    with pytest.raises(ToolchainError, match="does not hold llama.cpp 5e6f7a8 of llama-cpp-python 0.3.38"):
+        find_release_toolchain("0.3.38", hashlib.sha256(other.read_bytes()).hexdigest(), cuda=False)
