@@ -306,3 +306,16 @@ def test_a_release_of_the_bindings_only_uses_the_pinned_build_and_another_commit
     (folder / STAMP).write_text("{}")
     with pytest.raises(ToolchainError, match="does not hold llama.cpp 5e6f7a8 of llama-cpp-python 0.3.38"):
         find_release_toolchain("0.3.38", hashlib.sha256(other.read_bytes()).hexdigest(), cuda=False)
+
+
+def test_tracking_offline_is_one_line_and_writes_nothing(project, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    path = write(project, BASE.format(rev=C1, track="  track: main\n", toolchain=""))
+    assert main(["run", "--track", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.track 'main' needs the Hub, and HF_HUB_OFFLINE is set\n")
+    assert not (project / "runs").exists() and not (project / "store").exists()
+    assert main(["run", "--track", str(write(project, BASE.format(rev=C1, track="", toolchain="")))]) == 1
+    assert "tracks nothing: add model.track or toolchain.track" in capsys.readouterr().err
