@@ -445,6 +445,21 @@ def fetch_release(version: str, dest: Path, *, sdist_sha256: str | None = None) 
     return pin
 
 
+def fetched_release(version: str, folder: Path) -> Pin | None:
+    """The pins of ``version`` when its sdist was fetched into ``folder`` already (a file on the index is
+    never replaced, so the sha256 recorded then still names it), else None."""
+    import json
+
+    try:
+        pin = Pin(**json.loads((folder / RELEASE_STAMP).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    conv = folder / "src" / "convert_hf_to_gguf.py"
+    if pin.version != version or not conv.is_file() or sha256_file(conv) != pin.converter_sha256:
+        return None
+    return pin
+
+
 def _release_pin(folder: Path, version: str, sdist_sha256: str) -> Pin | None:
     import json
 

@@ -90,7 +90,7 @@ def resolve(recipe: Recipe, *, fetch: bool, hub_api=None, versions: list[str] | 
     newer llama-cpp-python sdist into its own cache folder, which pins its sha256 and commit (a run); without
     it (a plan) only its version is known."""
     from quantkit.source import resolve_track
-    from quantkit.toolchain import PIN, default_cuda, fetch_release, newest_release, release_dir
+    from quantkit.toolchain import PIN, default_cuda, fetch_release, fetched_release, newest_release, release_dir
 
     out: dict = {}
     m = recipe.model
@@ -111,7 +111,7 @@ def resolve(recipe: Recipe, *, fetch: bool, hub_api=None, versions: list[str] | 
         if fetch and after != before:
             folder = release_dir(after, default_cuda(None))
             folder.mkdir(parents=True, exist_ok=True)
-            pin = fetch_release(after, folder)
+            pin = fetched_release(after, folder) or fetch_release(after, folder)
             out.update(sdist_sha256=pin.sdist_sha256, llama_cpp_after=pin.commit)
     return Resolution(**out)
 

@@ -242,6 +242,10 @@ def test_a_tracking_run_pins_the_new_release_by_its_bytes_and_builds_it_in_its_o
     assert tracked.recipe_file.read_text() == text + f"  version: 0.3.37\n  sdist_sha256: {sha}\n"
     record = record_for(tracked.recipe_file)
     assert record["recipe"] == "recipes/r.yaml" and f"+  sdist_sha256: {sha}\n" in record["patch"]
+    # The next night finds the release fetched already: no second download.
+    (package_index / "llama_cpp_python-0.3.37.tar.gz").rename(package_index.parent / "gone.tar.gz")
+    fake_release(package_index, "0.3.37", "999999999", {"convert_hf_to_gguf.py": b"# never downloaded\n"})
+    assert prepare(path).resolution.sdist_sha256 == sha
     pinned = load_recipe(tracked.recipe_file)
     with pytest.raises(ToolchainError, match=f"llama-cpp-python 0.3.37 is not built in {release_dir('0.3.37', False)}"):
         recipe_toolchain(pinned.toolchain, build=False)
