@@ -60,7 +60,14 @@ def test_an_inconclusive_check_holds_a_tracked_change_that_a_plain_run_would_pub
     shutil.rmtree(tmp_path / "artifacts")
     _release(tmp_path, make_manifest(), "run3", "r1")
     held = _release(tmp_path, _moved(make_manifest(Q4_K_M=0.0665)), "run4", "r2", tracking={"patch": PATCH})
-    assert held.held.startswith("inconclusive: gguf:Q4_K_M kld_mean")
+    assert held.held.startswith("not shown with its error: gguf:Q4_K_M kld_mean")
+    # A task score that moved, with no item count to give its error, does not pass with its error either.
+    shutil.rmtree(tmp_path / "artifacts")
+    _release(tmp_path, make_manifest(), "run5", "r1")
+    better = _moved(make_manifest())
+    better["variants"][4]["scores"]["tasks"]["arc_easy"] = 0.61
+    held = _release(tmp_path, better, "run6", "r2", tracking={"patch": PATCH})
+    assert held.held.startswith("not shown with its error: gguf:Q4_K_M task:arc_easy: arc_easy 0.5893 → 0.6100")
 
 
 def test_a_tracked_change_that_passes_is_published_with_its_pin_bump(tmp_path):

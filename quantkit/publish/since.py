@@ -46,16 +46,20 @@ def since_last_release(previous: dict, current: dict, gate: dict, *, previous_ru
 
 def hold_reason(since: dict, gate: dict) -> str | None:
     """Why a tracking run with changed inputs is not published, or None: it publishes only when every check
-    passes with its error (an inconclusive check holds it too), on the sets the last release was scored on."""
+    passes with its error (an inconclusive check holds it too, as does a moved value whose error is unknown), on
+    the sets the last release was scored on."""
     if not since["same_sets"]:
         return (f"scored on other evaluation settings than {since['previous_run']}: the differences are not "
                 "paired; publish with a plain run after reviewing the recipe change")
     failed = [c for c in gate.get("changes") or [] if c["verdict"] == "failed"]
-    unsure = [c for c in gate.get("changes") or [] if c["verdict"] == "inconclusive"]
+    # A check that passed on its point estimate alone, with a value that moved, did not pass with its error.
+    unsure = [c for c in gate.get("changes") or [] if c["verdict"] == "inconclusive" or (
+        c["verdict"] == "passed" and c.get("se") is None and c.get("previous") not in (None, c["now"]))]
     if failed or unsure:
         first = (failed or unsure)[0]
         more = len(failed) + len(unsure) - 1
-        return (f"{'failed' if failed else 'inconclusive'}: {first['id']} {first['check']}: {first['message']}"
+        return (f"{'failed' if failed else 'not shown with its error'}: {first['id']} {first['check']}: "
+                f"{first['message']}"
                 + (f" (and {more} more)" if more > 0 else ""))
     return None
 
