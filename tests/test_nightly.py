@@ -117,8 +117,6 @@ RECIPE = textwrap.dedent(f"""\
 @pytest.fixture(scope="module")
 def nightly(tmp_path_factory, repo_root, tiny_llama, toolchain):
     """A project with the recipe, the local Hub serving the tiny Llama at C1 on main, and a store."""
-    from huggingface_hub import constants
-
     from localhub import LocalHub
 
     root = tmp_path_factory.mktemp("nightly")
@@ -126,17 +124,34 @@ def nightly(tmp_path_factory, repo_root, tiny_llama, toolchain):
     (root / "recipes" / "tiny.yaml").write_text(RECIPE)
     shutil.copytree(repo_root / "calibration", root / "calibration")
     with LocalHub("org/tiny-llama", tiny_llama, C1) as hub, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "ENDPOINT", hub.url)
-        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)
-        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        mp.setattr(constants, "HF_HUB_CACHE", str(root / "hf-cache"))
-        mp.setenv("HF_ENDPOINT", hub.url)
-        mp.delenv("HF_HUB_OFFLINE", raising=False)
-        mp.setenv("HF_TOKEN", "hf_localhubtoken")
-        mp.setenv("QUANTKIT_PROJECT", str(root))
-        mp.setenv("QUANTKIT_STORE", str(root / "store"))
+        on_local_hub(mp, hub, root)
         yield root, hub
+
+
+def on_local_hub(mp: pytest.MonkeyPatch, hub, root: Path) -> None:
+    """huggingface_hub in this process talks to ``hub``, with a cache, project and store under ``root``."""
+    from huggingface_hub import constants
+
+    mp.setattr(constants, "ENDPOINT", hub.url)
+    mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    mp.setattr(constants, "HF_HUB_OFFLINE", False)
+    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    mp.setattr(constants, "HF_HUB_CACHE", str(root / "hf-cache"))
+    mp.setenv("HF_ENDPOINT", hub.url)
+    mp.delenv("HF_HUB_OFFLINE", raising=False)
+    mp.setenv("HF_TOKEN", "hf_localhubtoken")
+    mp.setenv("QUANTKIT_PROJECT", str(root))
+    mp.setenv("QUANTKIT_STORE", str(root / "store"))
+
+
+def push_template_fix(hub) -> tuple[str, str]:
+    """A new commit on the local Hub's main: the chat template fixed. Returns (commit, template)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    template = "{# tool calls fixed #}" + hub.tree("org/tiny-llama")["chat_template.jinja"].decode()
+    commit = HfApi().create_commit(repo_id="org/tiny-llama", commit_message="Fix the chat template", operations=[
+        CommitOperationAdd("chat_template.jinja", template.encode())])
+    return commit.oid, template
 
 
 def _run(capsys, *args) -> str:
@@ -152,8 +167,6 @@ def _line(out: str, prefix: str) -> str:
 
 @pytest.mark.slow
 def test_nightly_reuses_an_unchanged_upstream_then_picks_up_a_new_commit(nightly, capsys):
-    from huggingface_hub import CommitOperationAdd, HfApi
-
     from quantkit.ggufinfo import chat_template
 
     root, hub = nightly
@@ -172,10 +185,7 @@ def test_nightly_reuses_an_unchanged_upstream_then_picks_up_a_new_commit(nightly
                                                                                        "unchanged.jsonl"]
 
     # Upstream fixes its chat template.
-    template = "{# tool calls fixed #}" + hub.tree("org/tiny-llama")["chat_template.jinja"].decode()
-    commit = HfApi().create_commit(repo_id="org/tiny-llama", commit_message="Fix the chat template", operations=[
-        CommitOperationAdd("chat_template.jinja", template.encode())])
-    c2 = commit.oid
+    c2, template = push_template_fix(hub)
     assert c2 != C1
 
     out = _run(capsys, "plan", "--track", str(recipe))
