@@ -43,6 +43,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from quantkit.context import RunContext, RunSpec
+from quantkit.tracking import prepare as prepare_tracking
 from quantkit.graph import Node, build_graph
 from quantkit.pipeline import execute, run_node, summarize
 from quantkit.plan import PlannedNode, plan
@@ -178,6 +179,9 @@ def publish_artifacts(manifest_path: Path, manifest: dict, published: Any = None
         plot = report / "plot.png"
         create_markdown_artifact("\n".join([
             f"**{published.status}**" + (f": `{published.path}`" if not published.unchanged_since else ""),
+            *(f"pin bump (a tracking run's new pins, for the recipe): `{published.pin_patch}`",) * bool(
+                getattr(published, "pin_patch", None)),
+            *(f"pull request for the pin bump: {published.pin_pr}",) * bool(getattr(published, "pin_pr", None)),
             *(f"[plot]({plot.resolve().as_uri()})",) * plot.is_file(),
             "",
             (report / "report.md").read_text(encoding="utf-8"),
@@ -198,13 +202,21 @@ def task_runner(ray_address: str | None = None):
 
 
 @flow(name="quantize", task_runner=task_runner())
-def quantize(recipe: str, publish: bool = True) -> dict:
+def quantize(recipe: str, publish: bool = True, track: bool = False) -> dict:
     """Run one recipe: every node of its graph as a task, dependencies first.
 
     ``recipe`` is the recipe's path, relative to the working directory (the project, in a deployment).
+    ``track`` (the nightly schedule's parameter): first resolve the recipe's ``model.track`` and
+    ``toolchain.track`` to new pins and run with them; the release step then publishes or holds
+    (quantkit.tracking, docs/nightly.md).
     """
     start = time.perf_counter()
     with quantkit_logs_to_prefect():
+        if track:
+            tracked = prepare_tracking(recipe)  # the Hub and the package index: before any task
+            for line in tracked.resolution.lines():
+                get_run_logger().info("track: %s", line)
+            recipe = str(tracked.recipe_file)
         # The head only plans: a bad recipe fails here, before any task; the toolchain, the threads and the
         # preflight are each worker's own (Submitted sends the RunSpec and the node's estimate).
         ctx = RunContext.from_env(recipe, toolchain="find")

@@ -66,12 +66,27 @@ def cmd_plan(args) -> int:
     from quantkit.plan import machine, plan, render, to_json
 
     ctx = RunContext.from_env(args.recipe, toolchain="find")
+    if args.track:  # what would change upstream, before any work; then the plan with the new model pin
+        from dataclasses import replace
+
+        from quantkit.tracking import plan_recipe
+
+        resolution, pinned = plan_recipe(args.recipe)
+        for line in resolution.lines():
+            print(f"track: {line}", file=sys.stderr if args.json else sys.stdout)
+        if pinned is not None:
+            ctx = replace(ctx, recipe=pinned)
+        if resolution.toolchain_changed:  # a release the run fetches and builds: nothing after the source is done
+            print(f"track: llama-cpp-python {resolution.toolchain_after} is fetched and built by `quantkit run "
+                  "--track`; every node after the source is to do with it", file=sys.stderr if args.json else
+                  sys.stdout)
+            ctx = replace(ctx, toolchain=None)
     rows = plan(ctx)
     have = machine(ctx.store.root)
     if args.json:
         print(to_json(rows, have))
         return 0
-    if ctx.toolchain is None:
+    if ctx.toolchain is None and not (args.track and resolution.toolchain_changed):
         print("toolchain: not built yet (quantkit toolchain --build); nodes after the source show as to do")
     print(render(rows, have=have))
     return 0
@@ -81,13 +96,29 @@ def cmd_run(args) -> int:
     from quantkit.context import RunContext
     from quantkit.pipeline import run
 
-    result = run(RunContext.from_env(args.recipe), publish=not args.no_publish, until=args.until)
+    recipe = args.recipe
+    if args.track:
+        from quantkit.tracking import prepare
+
+        tracked = prepare(args.recipe)
+        for line in tracked.resolution.lines():
+            print(f"track: {line}")
+        if tracked.resolution.changed:
+            print(f"track: running with the new pins: {tracked.recipe_file}")
+        recipe = tracked.recipe_file
+    result = run(RunContext.from_env(recipe), publish=not args.no_publish, until=args.until)
     if result.manifest:
         print(f"manifest: {result.manifest}")
     if result.publish_status and result.publish_status.startswith("unchanged"):
         print(f"not published: {result.publish_status} (the same files and scores)")
+    elif result.publish_status and result.publish_status.startswith("held"):
+        print(f"not published: {result.publish_status.split(';')[0]} (see {result.run_dir}/report/report.md)")
     elif result.published:
         print(f"published: {result.published}")
+        from quantkit.tracking import PATCH
+
+        if args.track and (result.run_dir / PATCH).is_file():
+            print(f"pin bump: {result.run_dir / PATCH} (apply it to the recipe: git apply)")
     for refused in (result.publish_status or "").split("; not published ")[1:]:
         print(f"not published {refused}")  # an artifact whose serve check failed, and why
     if result.reused:
@@ -182,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="every node of the run: done or to do (and why), estimated disk/RAM")
     s.add_argument("recipe")
     s.add_argument("--json", action="store_true", help="machine-readable, with totals and this machine")
+    s.add_argument("--track", action="store_true", help="first say what model.track and toolchain.track name "
+                   "upstream now and what would change (docs/nightly.md)")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("run", help="run a recipe locally (no Prefect server needed)")
@@ -189,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-publish", action="store_true", help="stop after the run folder; no report, no publish")
     s.add_argument("--until", metavar="NODE", help="run only this node and what it needs (names: quantkit plan); "
                    "no run folder")
+    s.add_argument("--track", action="store_true", help="resolve model.track and toolchain.track to new pins, "
+                   "run with them, compare with the last release, publish or hold (docs/nightly.md)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("toolchain", help="show the pinned llama.cpp toolchain; --build makes it")

@@ -19,7 +19,7 @@ from pathlib import Path
 from quantkit.errors import QuantkitError, RecipeChanged
 from quantkit.recipe import Recipe, find_project_root, load_recipe
 from quantkit.store import Store, default_store_root
-from quantkit.toolchain import Toolchain, ensure_toolchain, find_toolchain
+from quantkit.toolchain import Toolchain, ensure_toolchain, find_toolchain, recipe_toolchain
 
 CUDA_ENV = "QUANTKIT_CUDA"
 THREADS_ENV = "QUANTKIT_THREADS"
@@ -27,6 +27,14 @@ THREADS_ENV = "QUANTKIT_THREADS"
 
 def wants_cuda() -> bool:
     return os.environ.get(CUDA_ENV) == "1"
+
+
+def _toolchain(recipe: Recipe, *, build: bool) -> Toolchain:
+    """The recipe's llama.cpp: quantkit's pin, or the release its ``toolchain`` section pins (built when
+    missing with ``build``, else only found)."""
+    if recipe.toolchain is None or recipe.toolchain.version is None:
+        return ensure_toolchain(cuda=wants_cuda()) if build else find_toolchain(cuda=wants_cuda())
+    return recipe_toolchain(recipe.toolchain, cuda=wants_cuda(), build=build)
 
 
 def threads_from_env() -> int:
@@ -78,10 +86,10 @@ class RunContext:
         root = find_project_root(path.parent)
         recipe = load_recipe(path, root=root)  # a bad recipe fails here, before any work
         if toolchain == "ensure":
-            tc = ensure_toolchain(cuda=wants_cuda())
+            tc = _toolchain(recipe, build=True)
         else:
             try:
-                tc = find_toolchain(cuda=wants_cuda())
+                tc = _toolchain(recipe, build=False)
             except QuantkitError:
                 tc = None
         ctx = cls(recipe=recipe, recipe_file=path.resolve(), root=root, store=Store(default_store_root()),
@@ -97,7 +105,7 @@ class RunContext:
         if found != spec.recipe_sha256:
             raise RecipeChanged(str(spec.recipe_file), spec.recipe_sha256, found)
         recipe = load_recipe(spec.recipe_file, root=spec.root)
-        tc = ensure_toolchain(cuda=wants_cuda())
+        tc = _toolchain(recipe, build=True)
         store = Store(spec.store_root)
         ctx = cls(recipe=recipe, recipe_file=spec.recipe_file, root=spec.root, store=store, toolchain=tc,
                   threads=threads_from_env())

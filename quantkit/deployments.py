@@ -40,13 +40,16 @@ class DeploymentSpec:
     pool: str
     cron: str | None
     timezone: str | None
+    track: bool = False  # the schedule's runs follow model.track / toolchain.track (docs/nightly.md)
 
 
 def spec_for(recipe: Recipe, rel_path: str) -> DeploymentSpec:
     pool = POOL_LOCAL if recipe.model.path is not None else POOL_GPU
     sched = recipe.schedule
+    tracks = recipe.model.track is not None or (recipe.toolchain is not None and recipe.toolchain.track is not None)
     return DeploymentSpec(name=recipe.name, recipe=rel_path, description=recipe.description, pool=pool,
-                          cron=sched.cron if sched else None, timezone=sched.timezone if sched else None)
+                          cron=sched.cron if sched else None, timezone=sched.timezone if sched else None,
+                          track=bool(sched) and tracks)
 
 
 def deployment_specs(root: Path) -> list[DeploymentSpec]:
@@ -142,6 +145,8 @@ def render(specs: list[DeploymentSpec]) -> str:
         if s.cron:
             out.append(f"    schedules:\n      - cron: {_q(s.cron)}\n        timezone: {_q(s.timezone or 'UTC')}\n"
                        "        active: true\n")
+            if s.track:  # the scheduled runs track upstream; a run started by hand keeps the recipe's pins
+                out.append("        parameters:\n          track: true\n")
         else:
             out.append("    schedules: []\n")
     return "".join(out)

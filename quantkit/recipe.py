@@ -34,6 +34,10 @@ REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-
 SAFE_TEXT_RE = re.compile(r"^[A-Za-z0-9 ._/@:+=,()\-]*$")
 TENSOR_PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*\-]{1,128}$")
 MOVING_REFS = {"main", "master", "head", "dev", "develop", "latest"}
+# model.track: a branch name or a tag pattern (fnmatch: * ? [..]); never a path ('..') or a ref prefix.
+TRACK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/*?\[\]+-]{0,99}$")
+SDIST_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+RELEASE_RE = re.compile(r"^[0-9]{1,4}(\.[0-9]{1,4}){1,3}$")  # a llama-cpp-python release: 0.3.36
 WORKER_ALLOWS_REMOTE_CODE = "QUANTKIT_ALLOW_REMOTE_CODE"
 WORKER_ALLOWS_PICKLE = "QUANTKIT_ALLOW_PICKLE"
 # Prefect expands these in prefect.yaml at deploy time ({{ $HF_TOKEN }}, {{ prefect.blocks.* }}); Jinja's
@@ -154,8 +158,18 @@ class ModelSource(Section):
     trust_remote_code: bool = Field(False, description=f"needs the worker to set {WORKER_ALLOWS_REMOTE_CODE}=1 too")
     mmproj: bool | None = Field(None, description="convert the vision projector (mmproj-<name>-F16.gguf) beside the "
                                 "GGUFs: true or false; absent: decided from config.json (a vision_config)")
+    track: str | None = Field(None, description="branch or tag pattern (v*) that `quantkit run --track` follows; "
+                              "'revision' stays the pin a plain run uses (docs/nightly.md)")
 
     _repo = field_validator("repo")(_repo_id)
+
+    @field_validator("track")
+    @classmethod
+    def _track(cls, v: str | None) -> str | None:
+        if v is not None and (not TRACK_RE.match(v) or ".." in v or v.startswith("refs/pr/")):
+            raise Invalid(f"track '{v}' is not a branch name or a tag pattern",
+                          "write a branch (main) or a tag pattern (v*), letters, digits and . _ / * ? [ ] + - only")
+        return v
 
     @field_validator("revision")
     @classmethod
@@ -186,6 +200,9 @@ class ModelSource(Section):
             raise Invalid("'repo' has no pinned 'revision'", "add revision: <40-digit commit sha or a tag>")
         if self.path is not None and self.revision is not None:
             raise Invalid("'revision' applies to 'repo' only", "remove it; a local 'path' is pinned by its digest")
+        if self.path is not None and self.track is not None:
+            raise Invalid("'track' follows a Hub repo, and this model is a local 'path'",
+                          "remove 'track', or give 'repo' with 'revision'", loc=("track",))
         if self.name is None and (why := name_problem(self.display_name)) is not None:
             raise Invalid(f"the file names come from the model folder's name: {why}",
                           "add model.name: a safe name for the files, e.g. my-model")
@@ -732,6 +749,54 @@ class Schedule(Section):
         return v
 
 
+class ToolchainPin(Section):
+    """The llama.cpp toolchain: quantkit's pinned llama-cpp-python sdist unless ``version`` names another
+    release (pinned by its sha256); ``track`` is what `quantkit run --track` follows (docs/nightly.md)."""
+
+    version: str | None = Field(None, description="llama-cpp-python sdist version, e.g. 0.3.37 (default: "
+                                "quantkit's pin)")
+    sdist_sha256: str | None = Field(None, description="sha256 of that sdist (64 hex); required with 'version'")
+    track: str | None = Field(None, description="'latest', or a version range such as '>=0.3.36,<0.4'")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str | None) -> str | None:
+        if v is not None and not RELEASE_RE.match(v):
+            raise Invalid(f"version '{v}' is not a release number", "write a release such as 0.3.37")
+        return v
+
+    @field_validator("sdist_sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        if v is not None and not SDIST_SHA_RE.match(v):
+            raise Invalid("sdist_sha256 is not a sha256", "write the sdist's 64 lowercase hex digits")
+        return v
+
+    @field_validator("track")
+    @classmethod
+    def _track(cls, v: str | None) -> str | None:
+        if v is None or v == "latest":
+            return v
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+        try:
+            spec = SpecifierSet(v)
+        except InvalidSpecifier:
+            spec = None
+        if spec is None or not len(spec) or not SAFE_TEXT_RE.match(v.replace("<", "").replace(">", "").replace("!", "")
+                                                                    .replace("~", "")):
+            raise Invalid(f"track '{v}' is not 'latest' or a version range", "write latest, or e.g. '>=0.3.36,<0.4'")
+        return v
+
+    @model_validator(mode="after")
+    def _pinned(self) -> ToolchainPin:
+        if (self.version is None) != (self.sdist_sha256 is None):
+            raise Invalid("'version' and 'sdist_sha256' go together: a release is pinned by its bytes",
+                          "give both (`quantkit run --track` writes them), or neither for quantkit's pin",
+                          loc=("version",) if self.version is not None else ("sdist_sha256",))
+        return self
+
+
 class Serve(Section):
     """The serve check (quantkit.serving): each GGUF chats through llama-server --jinja, each GPTQ/AWQ
     checkpoint in transformers on the CPU; an artifact whose check fails is not published."""
@@ -758,6 +823,7 @@ class Recipe(Section):
     output: Output = Field({}, validate_default=True)  # a dict, so its default dir is checked like a given one
     publish: Publish | None = Field(None, description="publishing and the regression gate; local store if absent")
     schedule: Schedule | None = Field(None, description="cron for the deployment (none: runs only when asked)")
+    toolchain: ToolchainPin | None = Field(None, description="another llama.cpp release, or what --track follows")
 
     @field_validator("name")
     @classmethod

@@ -281,6 +281,7 @@ def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
     """Render the report, apply the regression gate, publish (local store by default)."""
     from quantkit.publish.release import release
     from quantkit.recipe import Publish
+    from quantkit.tracking import record_for
 
     facts = model_facts(model.path)
     calib_readme = ctx.root / "calibration" / "README.md"
@@ -302,4 +303,5 @@ def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
                        settings=ctx.recipe.publish or Publish(), recipe_yaml=ctx.recipe_file.read_text(),
                        config=facts["config"], chat_template=facts["chat_template"], eos_token=facts["eos_token"],
                        calibration_readme=calib_readme.read_text() if calib_readme.is_file() else None,
-                       gguf_split=ctx.toolchain.binary("llama-gguf-split") if ctx.toolchain else None)
+                       gguf_split=ctx.toolchain.binary("llama-gguf-split") if ctx.toolchain else None,
+                       tracking=record_for(ctx.recipe_file))

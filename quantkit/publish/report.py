@@ -588,6 +588,7 @@ def render_markdown(report: dict) -> str:
         out.append(f"- unchanged since {report['unchanged_since']}: the same files and scores as that published run, "
                    "so no new release was made")
     out += _regression_md(report.get("regression"))
+    out += _since_md(report)
     out += mix_md(report)
     out += _hardware_md(report)
     out += projector_md(report)
@@ -600,6 +601,12 @@ def render_markdown(report: dict) -> str:
                      else f" (Ollama: `ollama create NAME -f {mf}`)" if mf else "")
             out.append(f"- {r['id']}: `{r['serve']['command']}`{extra}")
     return "\n".join(out) + "\n"
+
+
+def _since_md(report: dict) -> list[str]:
+    from quantkit.publish.since import since_md  # a tracking run's comparison with the last release
+
+    return since_md(report)
 
 
 def _yes(value: bool | None) -> str:
