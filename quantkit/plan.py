@@ -15,8 +15,8 @@ from typing import Any
 
 from quantkit.context import RunContext
 from quantkit.errors import QuantkitError
-from quantkit.estimate import FactsUnavailable, GiB, ModelFacts, cost, read_hub_facts, read_local_facts, seconds
-from quantkit.graph import Node, Source, build_graph
+from quantkit.estimate import FactsUnavailable, GiB, ModelFacts, read_hub_facts, read_local_facts
+from quantkit.graph import KINDS, Node, Source, build_graph, node_cost, node_seconds
 
 DONE, TODO = "done", "to do"
 
@@ -65,7 +65,8 @@ def machine(store_root: Path) -> Machine:
     return Machine(shutil.disk_usage(path).free, available)
 
 
-def _local_source(ctx: RunContext) -> Source | None:
+def local_source(ctx: RunContext) -> Source | None:
+    """The source node's result when the model folder is on disk (a Hub model in the local cache), else None."""
     from quantkit.calibration import load_calibration
     from quantkit.digest import DigestCache
     from quantkit.source import fetch_model
@@ -92,7 +93,7 @@ def _hub_cached(ctx: RunContext) -> bool:
 
 def plan(ctx: RunContext, *, publish: bool = True) -> list[PlannedNode]:
     nodes = build_graph(ctx.recipe, publish=publish)
-    source = _local_source(ctx)
+    source = next((found(ctx) for n in nodes if (found := n.spec.found) is not None), None)
     facts, unknown_why = model_facts(ctx, source)
     lazy = {n.name for n in nodes if n.spec.lazy}
     results: dict[str, Any] = {}
@@ -100,12 +101,10 @@ def plan(ctx: RunContext, *, publish: bool = True) -> list[PlannedNode]:
     for node in nodes:
         status, why, key = _status(ctx, node, results, source, lazy)
         spec = node.spec
-        node_params = {**node.params, "label": node.label}
-        c = cost(ctx.recipe, node.kind, node_params, facts)
+        c = node_cost(ctx.recipe, node, facts)
         out.append(PlannedNode(node.name, node.kind, node.label, status, why, node.needs, key, c.disk_bytes,
                                c.ram_bytes, spec.time_class, spec.gpu, spec.network(ctx.recipe),
-                               c.unknown and (unknown_why or c.unknown),
-                               seconds(ctx.recipe, node.kind, node_params, facts)))
+                               c.unknown and (unknown_why or c.unknown), node_seconds(ctx.recipe, node, facts)))
     return out
 
 
@@ -126,10 +125,10 @@ def model_facts(ctx: RunContext, source: Source | None) -> tuple[ModelFacts | No
 def _status(ctx: RunContext, node: Node, results: dict, source: Source | None,
             lazy: set[str]) -> tuple[str, str, str | None]:
     """(status, why, store key when it can be computed yet); a done node's result goes into ``results``."""
-    if node.kind == "source":
+    if node.spec.found is not None:  # not in the store: on disk (the model folder) or not
         if source is None:
             return TODO, "not on disk yet" if ctx.recipe.model.repo else "the model folder is missing", None
-        results["source"] = source
+        results[node.name] = source
         return DONE, f"on disk, digest {source.model.digest[:12]}", None
     if ctx.toolchain is None:
         return TODO, "the toolchain is not built", None
@@ -155,8 +154,8 @@ def _status(ctx: RunContext, node: Node, results: dict, source: Source | None,
 
 def totals(rows: list[PlannedNode]) -> Totals:
     todo = [r for r in rows if r.status != DONE]  # the source too: a download adds its bytes
-    unknown = tuple(r.name for r in todo if r.disk_bytes is None or (r.ram_bytes is None and r.kind not in
-                                                                      ("source", "run-folder", "publish")))
+    # a kind that takes measurable time has a peak RAM; the source, the run folder and publishing have none
+    unknown = tuple(r.name for r in todo if r.disk_bytes is None or (r.ram_bytes is None and KINDS[r.kind].seconds))
     disk = sum(r.disk_bytes or 0 for r in todo)
     worst = max(todo, key=lambda r: r.ram_bytes or 0, default=None)
     return Totals(disk, worst.ram_bytes if worst else None, worst.name if worst else None, unknown)
