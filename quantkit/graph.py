@@ -145,11 +145,15 @@ CHECKPOINT_KINDS = ("gptq", "awq", "rtn")
 
 @dataclass(frozen=True)
 class Format:
-    """What a variant of one format (a kind's ``format``) is in the run folder and beyond."""
+    """What a variant of one format (a kind's ``format``) is in the run folder, the report and publishing."""
 
     suffix: str | None = None  # placed in the run folder as <model>-<label><suffix>; None: not placed
     single: str | None = None  # the one store file it is; else every file of its entry, in a folder
-    served: bool = False  # served before publishing (what is published)
+    served: bool = False  # served before publishing, and published
+    llama_cpp: bool = False  # a GGUF file: llama.cpp's commands, shards, Modelfiles
+    torch: bool = False  # scored in torch: its tasks are compared with the HF base's
+    base: bool = False  # the unquantized model itself (the torch formats' reference)
+    checkpoint: bool = False  # a quantized checkpoint users serve with transformers or vLLM
 
     def file_name(self, model: str, label: str) -> str | None:
         return None if self.suffix is None else f"{model}-{label}{self.suffix}"
@@ -163,12 +167,17 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "gguf": Format(".gguf", "model.gguf", served=True),
-    "gptq": Format("", served=True),
-    "awq": Format("", served=True),
-    "rtn": Format(),  # a reference: scored, never placed nor published
-    "hf": Format(),  # the source folder itself
+    "gguf": Format(".gguf", "model.gguf", served=True, llama_cpp=True),
+    "gptq": Format("", served=True, torch=True, checkpoint=True),
+    "awq": Format("", served=True, torch=True, checkpoint=True),
+    "rtn": Format(torch=True),  # a reference: scored, never placed nor published
+    "hf": Format(torch=True, base=True),  # the source folder itself
 }
+
+
+def format_of(variant: Mapping) -> Format:
+    """The ``Format`` of a manifest's or a report's variant (a dict with "format")."""
+    return FORMATS[variant["format"]]
 
 
 def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:

@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from quantkit.graph import FORMATS, format_of
 from quantkit.errors import PublishError, RegressionError
 from quantkit.runfolder import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
@@ -171,8 +172,8 @@ def _recovery_base(report: dict, v: dict, task: str) -> dict | None:
     """The row a variant's recovery is measured against (quantkit.publish.report: the HF base for torch formats
     when it has task scores, else the first row)."""
     rows = report["variants"]
-    hf = next((r for r in rows if r["format"] == "hf" and r.get("tasks")), None)
-    ref = hf if v["format"] in ("gptq", "awq", "rtn") and hf else rows[0]
+    hf = next((r for r in rows if format_of(r).base and r.get("tasks")), None)
+    ref = hf if format_of(v).torch and not format_of(v).base and hf else rows[0]
     return ref if task in ref.get("tasks", {}) else None
 
 
@@ -247,7 +248,7 @@ def check_chat_templates(*, run_dir: Path, manifest: dict, chat_template: str | 
         return
     missing = []
     for v in manifest["variants"]:
-        if v["format"] != "gguf" or not v.get("file"):
+        if not format_of(v).llama_cpp or not v.get("file"):
             continue
         found = gguf_chat_template(Path(run_dir) / v["file"])
         if found is None:
@@ -448,7 +449,7 @@ def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | No
 
 def oversized_ggufs(staged: Path, manifest: dict, *, max_file_bytes: int) -> list[str]:
     """The manifest's GGUF files in the staged folder larger than ``max_file_bytes``."""
-    return [v["file"] for v in manifest["variants"] if v["format"] == "gguf" and v.get("file")
+    return [v["file"] for v in manifest["variants"] if format_of(v).llama_cpp and v.get("file")
             and (Path(staged) / v["file"]).is_file() and (Path(staged) / v["file"]).stat().st_size > max_file_bytes]
 
 
@@ -544,7 +545,7 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str,
         own = {**report, "variants": rows}
         cards[repo.repo_id] = str(render_repo_card(
             report, repo=repo, siblings=repos, table=variants_table(own) + serving_md(own),
-            recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if repo.format == "gguf" else None,
+            recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if FORMATS[repo.format].llama_cpp else None,
             files=paths, calibration_readme=calibration_readme))
     return cards
 
@@ -665,7 +666,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     if bad:
         for vid, why in bad.items():
             log.warning("not publishing %s: its serve check failed: %s", vid, why)
-        if not any(v.get("file") and v["format"] in ("gguf", "gptq", "awq") for v in publishable["variants"]):
+        if not any(v.get("file") and format_of(v).served for v in publishable["variants"]):
             reasons = "; ".join(f"{vid}: {why}" for vid, why in bad.items())
             raise PublishError(f"nothing published: every artifact failed its serve check ({reasons}); "
                                f"see {report_dir / 'report.md'}")
