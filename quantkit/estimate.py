@@ -21,6 +21,7 @@ one 2-core machine); the plan shows a time class per node kind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -150,6 +151,7 @@ def gguf_tensors(facts: ModelFacts) -> list[GGUFTensor]:
     return sorted(out, key=order)
 
 
+@functools.lru_cache(maxsize=None)  # called per tensor and type: the import and the lookup are most of its time
 def _sizes(type_name: str) -> tuple[int, int]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 

@@ -318,7 +318,7 @@ def run_sequence(ctx: RunContext, submitter: Callable[[dict[str, Any]], Submit],
     else:
         from quantkit.plan import plan
 
-        rows = [r for r in plan(ctx, publish=publish) if r.name in names]
+        rows = plan(ctx, publish=publish, names=names, cost_done=False)
     results = execute(ctx, nodes, submitter({r.name: r for r in rows}), parallel=parallel,
                       keep=frozenset([until] if until else []), estimates={r.name: r.seconds for r in rows})
     ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
@@ -339,7 +339,7 @@ def preflight(ctx: RunContext, names: set[str] | None = None, *, publish: bool =
     from quantkit.errors import ResourceError
     from quantkit.plan import GiB, machine, plan, totals
 
-    rows = [r for r in plan(ctx, publish=publish) if names is None or r.name in names]
+    rows = plan(ctx, publish=publish, names=names, cost_done=False)  # a done node needs nothing
     need = totals(rows)
     have = machine(ctx.store.root)
     if need.disk_bytes and need.disk_bytes > have.free_disk:

@@ -15,7 +15,7 @@ from typing import Any
 
 from quantkit.context import RunContext
 from quantkit.errors import QuantkitError
-from quantkit.estimate import FactsUnavailable, GiB, ModelFacts, read_hub_facts, read_local_facts
+from quantkit.estimate import Cost, FactsUnavailable, GiB, ModelFacts, read_hub_facts, read_local_facts
 from quantkit.graph import KINDS, Node, Source, build_graph, node_cost, node_seconds
 
 DONE, TODO = "done", "to do"
@@ -91,20 +91,29 @@ def _hub_cached(ctx: RunContext) -> bool:
         return False
 
 
-def plan(ctx: RunContext, *, publish: bool = True) -> list[PlannedNode]:
-    nodes = build_graph(ctx.recipe, publish=publish)
+def plan(ctx: RunContext, *, publish: bool = True, names: set[str] | None = None,
+         cost_done: bool = True) -> list[PlannedNode]:
+    """Every node of the run (with ``names``, those nodes: a set closed under their needs), its status and its
+    estimates. ``cost_done=False`` leaves the figures of done nodes out (None): what a run's preflight needs,
+    which a warm run would otherwise spend most of its time on."""
+    nodes = [n for n in build_graph(ctx.recipe, publish=publish) if names is None or n.name in names]
     source = next((found(ctx) for n in nodes if (found := n.spec.found) is not None), None)
-    facts, unknown_why = model_facts(ctx, source)
+    facts: list = []  # read when a figure is first needed (the safetensors headers)
     lazy = {n.name for n in nodes if n.spec.lazy}
     results: dict[str, Any] = {}
     out = []
     for node in nodes:
         status, why, key = _status(ctx, node, results, source, lazy)
         spec = node.spec
-        c = node_cost(ctx.recipe, node, facts)
+        if status == DONE and not cost_done:
+            c, secs, unknown_why = Cost(None, None), None, None
+        else:
+            if not facts:
+                facts.extend(model_facts(ctx, source))
+            c, secs, unknown_why = node_cost(ctx.recipe, node, facts[0]), node_seconds(ctx.recipe, node, facts[0]), facts[1]
         out.append(PlannedNode(node.name, node.kind, node.label, status, why, node.needs, key, c.disk_bytes,
                                c.ram_bytes, spec.time_class, spec.gpu, spec.network(ctx.recipe),
-                               c.unknown and (unknown_why or c.unknown), node_seconds(ctx.recipe, node, facts)))
+                               c.unknown and (unknown_why or c.unknown), secs))
     return out
 
 
