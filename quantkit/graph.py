@@ -10,6 +10,15 @@ and the kill-point test all iterate this graph.
 Nodes exchange results, never live shared objects: a result is a store ``Entry`` (a key, digests and
 a path in the store), a ``Source`` or a path, all picklable, so a node can run in another process
 or on another machine that shares the store.
+
+Adding a kind is its step function and one entry in ``KINDS`` (every field but ``run`` and ``produces``
+has a default), plus the line in ``build_graph`` that makes its nodes::
+
+    "quantize": StepKind(_quantize, "model.gguf", _quantize_inputs, "quantize",
+                         cost=_est("quantize_cost"), seconds=_est("quantize_seconds"), large=True, format="gguf"),
+
+The executor, ``plan``, the preflight, the flow and `store gc` read it there; a measuring kind adds
+``scores=`` (how its result enters its variant's scores), a variant format is a row of ``FORMATS``.
 """
 
 from __future__ import annotations
@@ -791,7 +800,8 @@ def variant_scores(ctx: RunContext, made_by: str, deps: Results, nodes: list[Nod
                 if n.spec.scores is not None and n.needs[:1] == (made_by,) and n.name in deps]
     for n in measured:
         n.spec.scores(scores, deps[n.name])
-    if scores.get("kld_mean") is None and ctx.recipe.evaluation.kld and any(n.params.get("is_base") for n in measured):
+    ev = ctx.recipe.evaluation
+    if ev and ev.kld and scores.get("kld_mean") is None and any(n.params.get("is_base") for n in measured):
         scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)  # the base against itself
     return scores
 

@@ -62,6 +62,7 @@ def run_node(ctx: RunContext, node: Node, deps: dict[str, Any], estimate: Any = 
         stored = None
     if stored is not None:
         ctx.store.record_use(stored)  # `store gc` leaves what a live run uses
+        log.info("%s: reused from the store (%s/%s)", node.name, stored.step, stored.key[:12])
         result = with_reuse(stored)
     else:
         if estimate is not None:
