@@ -242,13 +242,23 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
                 log.error("%s failed: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 failure = failure or e
         if not progressed:
-            time.sleep(poll)
+            _wait(running.values(), poll)
     if failure is not None:
         raise failure
     if waiting:
         raise RuntimeError(f"nodes never became ready: {[n.name for n in waiting]}")  # a graph bug
     discard_transient(ctx, [n for n in nodes if n.name not in keep], results)
     return {n.name: results[n.name] for n in nodes if n.name in results}  # graph order, not finishing order
+
+
+def _wait(pending, poll: float) -> None:
+    """Until one of ``pending`` is done: at once for the local pool's futures (a warm run is a chain of store
+    hits, and a fixed poll would add to each of them), else ``poll`` seconds (Prefect's futures)."""
+    pending = list(pending)
+    if pending and all(isinstance(f, concurrent.futures.Future) for f in pending):
+        concurrent.futures.wait(pending, timeout=poll, return_when=concurrent.futures.FIRST_COMPLETED)
+    else:
+        time.sleep(poll)
 
 
 def _duration(seconds: float) -> str:

@@ -101,11 +101,14 @@ def plan(ctx: RunContext, *, publish: bool = True, names: set[str] | None = None
     facts: list = []  # read when a figure is first needed (the safetensors headers)
     lazy = {n.name for n in nodes if n.spec.lazy}
     results: dict[str, Any] = {}
+    statuses = {node.name: _status(ctx, node, results, source, lazy) for node in nodes}
+    # a lazy node is made only for a dependent still to do
+    wanted = {d for n in nodes if statuses[n.name][0] != DONE for d in n.needs}
     out = []
     for node in nodes:
-        status, why, key = _status(ctx, node, results, source, lazy)
+        status, why, key = statuses[node.name]
         spec = node.spec
-        if status == DONE and not cost_done:
+        if not cost_done and (status == DONE or (spec.lazy and node.name not in wanted)):
             c, secs, unknown_why = Cost(None, None), None, None
         else:
             if not facts:

@@ -33,6 +33,7 @@ raises ``ChanceLevelError`` when p >= alpha.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -157,8 +158,15 @@ def resolve_task(spec: TaskSpec, *, root: Path) -> ResolvedTask:
         with open_beneath(folder, name) as f:
             files[name] = sha256_of(f)
     task = ResolvedTask(spec, folder, files)
-    _task_config(task)
+    _checked(spec, folder, tuple(sorted(files.items())))
     return task
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(spec: TaskSpec, folder: Path, files: tuple) -> None:
+    """``_task_config`` once per task and content (its files' sha256 are the key): each variant's task node
+    resolves the task again, and parsing its YAML is most of that."""
+    _task_config(ResolvedTask(spec, folder, dict(files)))
 
 
 def _task_bytes(task: ResolvedTask, rel: str) -> bytes:
@@ -328,6 +336,7 @@ def _mean_logprob_after(lm, tokens: list[int], start: int) -> float:
 
 # ---------------------------------------------------------------- stored steps
 
+@functools.lru_cache(maxsize=None)
 def _version(package: str) -> str:
     """An installed package's version without importing it (lm-eval and transformers take seconds to import,
     and a stored task result is checked on every run)."""
