@@ -164,6 +164,11 @@ class Format:
     base: bool = False  # the unquantized model itself (the torch formats' reference)
     checkpoint: bool = False  # a quantized checkpoint users serve with transformers or vLLM
 
+    @property
+    def reference(self) -> bool:
+        """Scored for comparison, never recommended nor published (rtn)."""
+        return not self.served and not self.base
+
     def file_name(self, model: str, label: str) -> str | None:
         return None if self.suffix is None else f"{model}-{label}{self.suffix}"
 

@@ -42,15 +42,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantkit.graph import FORMATS, format_of
+from quantkit import __version__
 from quantkit.errors import PublishError, RegressionError
 from quantkit.runfolder import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
-from quantkit.paths import inside, open_fixed, project_parts
+from quantkit.paths import inside, open_fixed, project_parts, write_atomic
 from quantkit.publish.hublayout import CARD, SPLIT_RE, HubRepo, gguf_commands, plan_repos
 from quantkit.publish.report import build_report, load_report, refused, serving_md, variants_table, write_report
 from quantkit.store import exclusive
 
 log = logging.getLogger(__name__)
+RENDERED = ".rendered"  # in report/: the digest of what the report was rendered from (hidden: never published)
 
 LATEST = "latest"
 HUB_MAX_FILE_BYTES = 50 * 1000**3  # the Hub refuses single files over 50 GB
@@ -652,9 +654,18 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
                 and not _differing_unsplit(prev_manifest, run_dir, publishable):
             unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
-    shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
-    write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
-                 calibration_readme=calibration_readme)
+    rendered = hashlib.sha256(json.dumps([__version__, report, recipe_yaml, chat_template, eos_token,
+                                          calibration_readme], sort_keys=True, default=str).encode()).hexdigest()
+    marker = report_dir / RENDERED
+    if not (marker.is_file() and marker.read_text(encoding="utf-8").strip() == rendered):
+        # A warm re-run renders the same report: kept, since the card and the plot load huggingface_hub and
+        # matplotlib (seconds). The marker is written last, so a render cut short is done again.
+        shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
+        write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
+                     calibration_readme=calibration_readme)
+        write_atomic(marker, rendered.encode())
+    else:
+        log.info("report for %s: unchanged (%s)", recipe, report_dir)
     if gate["failed"]:
         raise RegressionError(recipe, gate["findings"], str(report_dir / "report.md"))
     if unchanged_since:

@@ -20,7 +20,7 @@ import logging
 import math
 from pathlib import Path
 
-from quantkit.graph import format_of
+from quantkit.graph import FORMATS, format_of
 from quantkit import __version__
 from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
@@ -37,7 +37,6 @@ REPORT_SCHEMA = 1
 # report reads; variants, model, recipe, calibration and toolchain keep their shape.
 MANIFEST_SCHEMAS = (1, 2)
 DEFAULT_RECOMMEND_KLD = 0.05  # mean KLD under which a variant counts as "close to the base"
-REFERENCE_FORMATS = ("rtn",)  # scored for comparison, never recommended or published
 RTN_SEPARATION = 3.0  # combined standard errors by which a mean KLD must differ from RTN's to count
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin")
 
@@ -131,7 +130,7 @@ def _variant_row(v: dict, resolved: dict) -> dict:
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
         "mix": _mix_row((v.get("info") or {}).get("mix")),
-        "reference": v["format"] in REFERENCE_FORMATS,
+        "reference": format_of(v).reference,
         "serving": scores.get("serve"),  # quantkit.serving.ServeCheck.to_dict(), or None when not checked
         "quant": _quant_settings(v["format"], v["label"], resolved),
         "shards": v.get("shards"),  # [{file, size, sha256}] when published as llama-gguf-split shards
@@ -766,7 +765,7 @@ def render_plot(report: dict, path: Path) -> None:
                    and not r.get("mix")]
             if pts:
                 ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60,
-                           label=f"{fmt} (reference)" if fmt in REFERENCE_FORMATS else fmt, zorder=3)
+                           label=f"{fmt} (reference)" if FORMATS[fmt].reference else fmt, zorder=3)
         mixes = [r for r in quantized if r.get("mix") and r.get(metric) is not None and (not log_y or r[metric] > 0)]
         if mixes:  # size-budget variants beside the stock types
             ax.scatter([r["size_gib"] for r in mixes], [r[metric] for r in mixes], marker="*", s=140,
