@@ -194,6 +194,11 @@ def format_of(variant: Mapping) -> Format:
     return FORMATS[variant["format"]]
 
 
+def _variant(made_by: Node, label: str | None = None) -> tuple[str, str, str]:
+    """(format, label, node that made it): the format is its kind's."""
+    return made_by.spec.format, label or made_by.label, made_by.name
+
+
 def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
     """Every node of the recipe's run, dependencies first."""
     nodes: list[Node] = [Node("source", "source", recipe.model.repo or recipe.model.path or "")]
@@ -208,7 +213,7 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
         spec = recipe.gguf
         base = labels[("gguf", "base_type")]
         nodes.append(Node("convert", "convert", base, ("source",)))
-        variants.append(("gguf", base, "convert"))
+        variants.append(_variant(nodes[-1]))
         uses = [spec.imatrix.enabled and spec.uses_imatrix(v) for v in spec.types]
         if any(uses) or spec.targets:
             nodes.append(Node("imatrix", "imatrix", f"ctx {spec.imatrix.ctx} x {spec.imatrix.chunks} chunks",
@@ -217,7 +222,7 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
             label = labels[("gguf", "types", i)]
             nodes.append(Node(f"quantize:{label}", "quantize", label,
                               ("convert", "imatrix") if uses[i] else ("convert",), {"index": i}))
-            variants.append(("gguf", label, f"quantize:{label}"))
+            variants.append(_variant(nodes[-1]))
         if spec.targets:  # size budgets: measure every candidate type once, then one mix per target
             from quantkit.sensitivity import CANDIDATES
 
@@ -232,7 +237,7 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
                                   ("source", "convert", "imatrix", *tables, "sensitivity-kld"), {"index": i}))
                 nodes.append(Node(f"quantize-mix:{label}", "quantize-mix", label,
                                   ("convert", "imatrix", f"mix:{label}"), {"index": i}))
-                variants.append(("gguf", label, f"quantize-mix:{label}"))
+                variants.append(_variant(nodes[-1]))
         if ev:
             if ev.kld:
                 nodes.append(Node("base-logits", "base-logits", base, ("convert",)))
@@ -251,7 +256,7 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
     checkpoints = [(fmt, labels[(fmt, i)], i) for fmt in CHECKPOINT_KINDS for i in range(len(getattr(recipe, fmt)))]
     for fmt, label, i in checkpoints:
         nodes.append(Node(f"{fmt}:{label}", fmt, label, ("source",), {"index": i}))
-        variants.append((fmt, label, f"{fmt}:{label}"))
+        variants.append(_variant(nodes[-1]))
     if checkpoints and ev:
         for label, made_by in [("HF", "source")] + [(label, f"{fmt}:{label}") for fmt, label, _ in checkpoints]:
             is_base = made_by == "source"
@@ -262,7 +267,7 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
                                   {"task": t.name, "must_beat_chance": is_base}))
             if ev.bench:
                 nodes.append(Node(f"bench-hf:{label}", "bench-hf", label, (made_by,)))
-        variants.insert(len([v for v in variants if v[0] == "gguf"]), ("hf", "HF", "source"))
+        variants.insert(len([v for v in variants if v[0] == "gguf"]), _variant(nodes[0], "HF"))
     if recipe.serve is not None:  # each artifact in the program that serves it, before the run folder and publish
         for fmt, label, made_by in variants:
             if FORMATS[fmt].served:
