@@ -381,8 +381,8 @@ IN_PROCESS = {"gptq", "score-hf"}  # run inside quantkit's Python: the whole tre
 
 def estimates(size: dict) -> list[dict]:
     """Each measured node with the estimate ``quantkit plan`` makes for it and the error (estimate / measured - 1)."""
-    from quantkit.estimate import ModelFacts, cost
-    from quantkit.graph import build_graph
+    from quantkit.estimate import ModelFacts
+    from quantkit.graph import build_graph, node_cost
 
     facts = ModelFacts.from_headers(size["headers"], size["config"])
     recipe = recipe_of(size["name"], gptq=size.get("gptq") is not None)
@@ -390,7 +390,7 @@ def estimates(size: dict) -> list[dict]:
     rows = []
     for measured in size["nodes"]:
         node = graph[measured["node"]]
-        c = cost(recipe, node.kind, {**node.params, "label": node.label}, facts)
+        c = node_cost(recipe, node, facts)
         ram = measured["rss"] if node.kind in IN_PROCESS else measured["tool_rss"]
         disk = measured["bytes"] if measured["bytes"] > 1 * MiB else None
         rows.append({**measured, "ram": ram, "est_ram": c.ram_bytes, "est_disk": c.disk_bytes if disk else None,
@@ -450,8 +450,8 @@ def at_8b(fits: dict, name: str = "llama-8b") -> list[str]:
     the fitted lines extrapolated to its parameter count: do the formulas grow as the measurements do?"""
     import numpy as np
 
-    from quantkit.estimate import ModelFacts, cost
-    from quantkit.graph import build_graph
+    from quantkit.estimate import ModelFacts
+    from quantkit.graph import build_graph, node_cost
 
     cfg = config_for(name)
     facts = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": list(s)} for n, s in tensor_shapes(cfg)}], cfg)
@@ -462,7 +462,7 @@ def at_8b(fits: dict, name: str = "llama-8b") -> list[str]:
     for node in build_graph(recipe, publish=False):
         if node.name not in fits:
             continue
-        c = cost(recipe, node.kind, {**node.params, "label": node.label}, facts)
+        c = node_cost(recipe, node, facts)
         _, ram, disk = (np.polyval(f, b) for f in fits[node.name])
         show = lambda v: "" if v is None else f"{v / GiB:.2f}"  # noqa: E731
         out.append(f"| {node.name} | {show(c.ram_bytes)} | {ram:.2f} | {show(c.disk_bytes)} | "

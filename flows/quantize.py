@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from quantkit.context import RunContext, RunSpec
+from quantkit.graph import Node
+from quantkit.pipeline import run_node, run_sequence
+from quantkit.plan import PlannedNode
 from quantkit.tracking import prepare as prepare_tracking
-from quantkit.graph import Node, build_graph
-from quantkit.pipeline import execute, run_node, summarize
-from quantkit.plan import PlannedNode, plan
 
 GPU_LIMIT = "gpu"  # global concurrency limit; scripts/prefect-up.sh creates it with 1 slot
 PARALLEL = int(os.environ.get("QUANTKIT_PARALLEL", "4"))  # nodes in flight at once
@@ -210,7 +209,6 @@ def quantize(recipe: str, publish: bool = True, track: bool = False) -> dict:
     ``toolchain.track`` to new pins and run with them; the release step then publishes or holds
     (quantkit.tracking, docs/nightly.md).
     """
-    start = time.perf_counter()
     with quantkit_logs_to_prefect():
         if track:
             tracked = prepare_tracking(recipe)  # the Hub and the package index: before any task
@@ -220,18 +218,11 @@ def quantize(recipe: str, publish: bool = True, track: bool = False) -> dict:
         # The head only plans: a bad recipe fails here, before any task; the toolchain, the threads and the
         # preflight are each worker's own (Submitted sends the RunSpec and the node's estimate).
         ctx = RunContext.from_env(recipe, toolchain="find")
-        rows = {r.name: r for r in plan(ctx, publish=publish)}
-        nodes = build_graph(ctx.recipe, publish=publish)
-        results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps, rows.get(node.name)),
-                          parallel=PARALLEL, estimates={n: r.seconds for n, r in rows.items()})
-        ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
-    manifest_path = results["run-folder"]
-    manifest = json.loads(manifest_path.read_text())
-    publish_artifacts(manifest_path, manifest, results.get("publish"))
-    reused, built = summarize(results)
-    get_run_logger().info("run %s done in %.1fs: %d steps built, %d reused", ctx.recipe.name,
-                          time.perf_counter() - start, len(built), len(reused))
-    return {"manifest": str(manifest_path), "built": list(built), "reused": list(reused)}
+        done = run_sequence(ctx, lambda rows: lambda node, deps: Submitted(ctx, node, deps, rows.get(node.name)),
+                            publish=publish, parallel=PARALLEL, whole_run_here=False)
+    manifest = json.loads(done.manifest.read_text())
+    publish_artifacts(done.manifest, manifest, done.release)
+    return {"manifest": str(done.manifest), "built": list(done.built), "reused": list(done.reused)}
 
 
 def on_ray(address: str):

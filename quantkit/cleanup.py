@@ -25,8 +25,6 @@ from quantkit.store import ENTRY, SCRATCH, Leftover, Store
 
 log = logging.getLogger(__name__)
 
-# Steps whose outputs are large (models, the base logits): kept only when a manifest names their key.
-LARGE_STEPS = frozenset({"convert", "mmproj", "imatrix", "quantize", "gptq", "awq", "rtn", "base-logits"})
 _DIGEST = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
 _KEY = re.compile(r"[0-9a-f]{32}")
 
@@ -74,6 +72,9 @@ def referenced(manifest_files: Iterable[Path]) -> set[str]:
 
 def unreferenced_entries(store: Store, refs: set[str]) -> list[Leftover]:
     """Finished entries neither ``refs`` nor a live run names; ``note`` says which step."""
+    from quantkit.graph import large_store_steps
+
+    large = large_store_steps()  # models, the base logits: kept only when a manifest names their key
     live = store.live_uses()
     out = []
     for entry_file in sorted(store.root.glob(f"*/*/{ENTRY}")):
@@ -81,7 +82,7 @@ def unreferenced_entries(store: Store, refs: set[str]) -> list[Leftover]:
         step, key = folder.parent.name, folder.name
         if step == SCRATCH or not _KEY.fullmatch(key) or key in refs or (step, key) in live:
             continue
-        if step not in LARGE_STEPS:
+        if step not in large:
             try:
                 inputs = json.loads(entry_file.read_text()).get("inputs", {})
             except (OSError, ValueError):

@@ -37,6 +37,13 @@ def _toolchain(recipe: Recipe, *, build: bool) -> Toolchain:
     return recipe_toolchain(recipe.toolchain, cuda=wants_cuda(), build=build)
 
 
+def _gpu_driver() -> bool:
+    """Whether an NVIDIA (``/proc/driver/nvidia/gpus/*``) or AMD ROCm (``/dev/kfd``) GPU driver is loaded: without
+    one, torch cannot see a GPU."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/kfd").exists()
+
+
 def threads_from_env() -> int:
     return int(os.environ.get(THREADS_ENV, 0) or 0) or os.cpu_count() or 1
 
@@ -119,7 +126,10 @@ class RunContext:
 
     @functools.cached_property
     def device(self) -> str:
-        """Where torch scores and benches checkpoints: the GPU when this machine has one."""
+        """Where torch scores and benches checkpoints: the GPU when this machine has one. A machine without a
+        GPU driver is answered without importing torch (seconds), since every run reads it for the keys."""
+        if not _gpu_driver():
+            return "cpu"
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,7 +7,6 @@ the output one at a time, so peak RAM stays near the largest tensor.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from quantkit.errors import VerificationError

@@ -21,6 +21,7 @@ one 2-core machine); the plan shows a time class per node kind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -152,6 +153,7 @@ def gguf_tensors(facts: ModelFacts) -> list[GGUFTensor]:
     return sorted(out, key=order)
 
 
+@functools.lru_cache(maxsize=None)  # called per tensor and type: the import and the lookup are most of its time
 def _sizes(type_name: str) -> tuple[int, int]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -451,65 +453,111 @@ def _variant_index(recipe: Recipe, params: dict) -> int | None:
     return labels.index(params["label"]) if params.get("label") in labels else None
 
 
-def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> Cost:
-    """The estimate for one node of ``kind``; ``params`` are the node's (quantkit.graph.Node.params)."""
+def kind_cost(estimate, recipe: Recipe, params: dict, facts: ModelFacts | None) -> Cost:
+    """A node's disk and peak RAM from its kind's ``estimate(recipe, params, facts)`` (quantkit.graph's
+    ``StepKind.cost``; None: adds nothing, RAM unknown); ``params`` are the node's, with its label."""
     if facts is None:
         return Cost(None, None, "the model's safetensors headers are not available")
     if not facts.tensors:
         return Cost(None, None, "the model has no safetensors weights to read shapes from")
-    ev = recipe.evaluation
-    base = gguf_file_bytes(facts, base_types(facts, recipe.gguf.base_type)) if recipe.gguf else 0
-    if kind == "source":
-        return Cost(facts.source_bytes if facts.origin == "hub" else 0, None)
-    if kind == "convert":
-        # The converter streams one tensor at a time: the source tensor, its f32 copy and the output copy.
-        return Cost(base, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
-    if kind == "mmproj":  # the vision tower and projector, written as F16 and as Q8_0 (34 bytes per 32 weights)
-        vision = vision_parameters(facts)
-        return Cost(int(vision * (2 + 34 / 32)) + 2 * 64 * 1024, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
-    if kind == "imatrix":
-        spec = recipe.gguf.imatrix
-        # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
-        disk = sum(t.ne0 * 4 + 512 for t, _ in base_types(facts, "f16")
-                   if t.dims >= 2 and t.name.startswith("blk.")) + 64 * 1024
-        # llama-imatrix (--no-repack) holds one more context of logits than llama-perplexity.
-        return Cost(disk, llama_tool_ram(facts, base, spec.ctx) + spec.ctx * (facts.vocab or 0) * 4)
-    if kind == "quantize":
-        size = quantize_bytes(facts, recipe.gguf.types[params["index"]].type, **_variant_kwargs(recipe, params["index"]))
-        # llama-quantize reads one tensor at a time into a buffer (the base type), converts it to f32 and
-        # quantizes it into a third (about a byte per weight): the largest tensor sets the peak, not the file.
-        in_bytes = 4 if recipe.gguf.base_type == "f32" else 2
-        return Cost(size, QUANTIZE_BASE + facts.largest_tensor * (in_bytes + 4 + 1))
-    if kind == "base-logits":
-        from quantkit.scoring.windows import estimate_base_logits_bytes
+    return Cost(0, None) if estimate is None else estimate(recipe, params, facts)
 
-        if facts.vocab is None:
-            return Cost(None, llama_tool_ram(facts, base, ev.ctx), "config.json has no vocab_size")
-        return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), llama_tool_ram(facts, base, ev.ctx))
-    if kind in ("sensitivity", "sensitivity-kld", "mix", "quantize-mix"):  # size budgets (quantkit.budget)
-        from quantkit.budget import target_cost
 
-        return target_cost(recipe, kind, params, facts, base_bytes=base)
-    if kind in ("score-gguf", "tasks-gguf", "bench-gguf", "serve-gguf"):
-        from quantkit.scoring.tasks_llamacpp import BATCH_CTX
+def base_gguf_bytes(recipe: Recipe, facts: ModelFacts) -> int:
+    return gguf_file_bytes(facts, base_types(facts, recipe.gguf.base_type)) if recipe.gguf else 0
 
-        size = base
-        index = _variant_index(recipe, params)
-        if index is not None:
-            size = quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
-        # multiple-choice tasks batch whole tasks into a context of their own
-        return Cost(64 * 1024, llama_tool_ram(facts, size, BATCH_CTX if kind == "tasks-gguf" else ev.ctx if ev else 512))
-    if kind == "serve-hf":  # one checkpoint in float32, a short generation
-        return Cost(64 * 1024, TORCH_BASE + facts.parameters * 4)
-    if kind in ("gptq", "awq", "rtn"):
-        spec = getattr(recipe, kind)[params["index"]]
-        return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size), gptqmodel_ram(facts))
-    if kind in ("score-hf", "tasks-hf", "bench-hf"):
-        # float32 on the CPU; a quantized checkpoint is scored next to its float32 base (KLD).
-        models = 1 if params.get("is_base", True) else 2
-        logits = (ev.ctx if ev else 512) * (facts.vocab or 0) * 4 * 3
-        return Cost(64 * 1024, TORCH_BASE + models * facts.parameters * 4 + logits)
-    return Cost(0, None)
+
+def _eval_ctx(recipe: Recipe) -> int:
+    return recipe.evaluation.ctx if recipe.evaluation else 512
+
+
+def source_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    return Cost(facts.source_bytes if facts.origin == "hub" else 0, None)
+
+
+def convert_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    # The converter streams one tensor at a time: the source tensor, its f32 copy and the output copy.
+    return Cost(base_gguf_bytes(recipe, facts), CONVERTER_BASE + facts.largest_tensor * (4 + 2))
+
+
+def mmproj_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """The vision tower and projector, written as F16 and as Q8_0 (34 bytes per 32 weights)."""
+    vision = vision_parameters(facts)
+    return Cost(int(vision * (2 + 34 / 32)) + 2 * 64 * 1024, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
+
+
+def imatrix_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    spec = recipe.gguf.imatrix
+    # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
+    disk = sum(t.ne0 * 4 + 512 for t, _ in base_types(facts, "f16")
+               if t.dims >= 2 and t.name.startswith("blk.")) + 64 * 1024
+    # llama-imatrix (--no-repack) holds one more context of logits than llama-perplexity.
+    return Cost(disk, llama_tool_ram(facts, base_gguf_bytes(recipe, facts), spec.ctx) + spec.ctx * (facts.vocab or 0) * 4)
+
+
+def quantize_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    size = quantize_bytes(facts, recipe.gguf.types[params["index"]].type, **_variant_kwargs(recipe, params["index"]))
+    # llama-quantize reads one tensor at a time into a buffer (the base type), converts it to f32 and
+    # quantizes it into a third (about a byte per weight): the largest tensor sets the peak, not the file.
+    in_bytes = 4 if recipe.gguf.base_type == "f32" else 2
+    return Cost(size, QUANTIZE_BASE + facts.largest_tensor * (in_bytes + 4 + 1))
+
+
+def base_logits_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    from quantkit.scoring.windows import estimate_base_logits_bytes
+
+    ev, base = recipe.evaluation, base_gguf_bytes(recipe, facts)
+    if facts.vocab is None:
+        return Cost(None, llama_tool_ram(facts, base, ev.ctx), "config.json has no vocab_size")
+    return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), llama_tool_ram(facts, base, ev.ctx))
+
+
+def _scored_gguf_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
+    """The GGUF a scoring node reads: the base, or the type its label names."""
+    index = _variant_index(recipe, params)
+    if index is None:
+        return base_gguf_bytes(recipe, facts)
+    return quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
+
+
+def llama_eval_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """score-gguf, bench-gguf, serve-gguf: a llama.cpp tool over one context of the evaluation."""
+    return Cost(64 * 1024, llama_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), _eval_ctx(recipe)))
+
+
+def tasks_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    from quantkit.scoring.tasks_llamacpp import BATCH_CTX
+
+    # multiple-choice tasks batch whole tasks into a context of their own
+    return Cost(64 * 1024, llama_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), BATCH_CTX))
+
+
+def serve_hf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    # one checkpoint in float32, a short generation
+    return Cost(64 * 1024, TORCH_BASE + facts.parameters * 4)
+
+
+def _checkpoint_cost(spec, facts: ModelFacts) -> Cost:
+    return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size), gptqmodel_ram(facts))
+
+
+def gptq_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    return _checkpoint_cost(recipe.gptq[params["index"]], facts)
+
+
+def awq_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    return _checkpoint_cost(recipe.awq[params["index"]], facts)
+
+
+def rtn_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    return _checkpoint_cost(recipe.rtn[params["index"]], facts)
+
+
+def torch_eval_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    # float32 on the CPU; a quantized checkpoint is scored next to its float32 base (KLD).
+    models = 1 if params.get("is_base", True) else 2
+    logits = _eval_ctx(recipe) * (facts.vocab or 0) * 4 * 3
+    return Cost(64 * 1024, TORCH_BASE + models * facts.parameters * 4 + logits)
 
 
 # --- time per node kind --------------------------------------------------------------------------------
@@ -530,48 +578,95 @@ TASK_TOKENS = 55  # effective tokens per multiple-choice item for llama.cpp (the
 TASK_CHOICES = 4  # lm-eval's torch backend evaluates the context again with each choice
 
 
-def seconds(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> float | None:
-    """The node's wall time on the reference machine (see RATE); None when nothing is known."""
-    if facts is None or not facts.tensors:
+def kind_seconds(estimate, recipe: Recipe, params: dict, facts: ModelFacts | None) -> float | None:
+    """A node's wall time on the reference machine from its kind's ``estimate`` (``StepKind.seconds``);
+    None when nothing is known."""
+    if estimate is None or facts is None or not facts.tensors:
         return None
-    w = facts.parameters
-    ev = recipe.evaluation
-    scored = min(ev.max_tokens, 10 ** 9) if ev else 0
-    limits = {t.name: t.limit or 500 for t in (ev.tasks if ev else [])}
-    if kind == "convert":
-        return w * PER_WEIGHT["convert"]
-    if kind == "mmproj":  # two conversions of the vision tower
-        return 2 * vision_parameters(facts) * PER_WEIGHT["convert"] + 2
-    if kind == "imatrix":
-        return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * w * RATE["llama"]
-    if kind == "quantize":
-        qtype = recipe.gguf.types[params["index"]].type
-        return w * PER_WEIGHT["quantize-iq" if qtype.upper().startswith("IQ") else "quantize"]
-    if kind in ("base-logits", "score-gguf"):
-        return scored * w * RATE["llama"]
-    if kind == "tasks-gguf":
-        return limits.get(params.get("task"), 500) * TASK_TOKENS * w * RATE["llama"] + 1
-    if kind in ("serve-gguf", "serve-hf"):  # a server start (or a load) and three short requests
-        tokens = 3 * ((recipe.serve.max_tokens if recipe.serve else 64) + 64)
-        return tokens * w * (RATE["llama"] if kind == "serve-gguf" else RATE["torch-score"]) + 2
-    if kind == "bench-gguf":
-        return (128 + 32 * 8) * (ev.bench_reps if ev else 1) * w * RATE["llama"]
-    if kind == "score-hf":  # a quantized checkpoint is scored beside its base (KLD)
-        return scored * w * RATE["torch-score"] * (1 if params.get("is_base", True) else 2)
-    if kind == "tasks-hf":
-        return limits.get(params.get("task"), 500) * TASK_TOKENS * 2 * TASK_CHOICES * w * RATE["torch-tasks"] + 3
-    if kind == "bench-hf":
-        return 3.0 * (ev.bench_reps if ev else 1)
-    if kind == "gptq":
-        spec = recipe.gptq[params["index"]]
-        return spec.samples * spec.seq_len * w * RATE["gptq"] + 10
-    if kind == "awq":
-        spec = recipe.awq[params["index"]]
-        tokens = spec.samples * spec.seq_len
-        return tokens * w * RATE["awq"] + (min(tokens, 512) * w * RATE["awq-clip"] if spec.clip else 0) + 10
-    if kind == "rtn":
-        return w * PER_WEIGHT["rtn"] + 10
-    return None
+    return estimate(recipe, params, facts)
+
+
+def _scored_tokens(recipe: Recipe) -> int:
+    return min(recipe.evaluation.max_tokens, 10 ** 9) if recipe.evaluation else 0
+
+
+def _task_limit(recipe: Recipe, params: dict) -> int:
+    limits = {t.name: t.limit or 500 for t in (recipe.evaluation.tasks if recipe.evaluation else [])}
+    return limits.get(params.get("task"), 500)
+
+
+def _bench_reps(recipe: Recipe) -> int:
+    return recipe.evaluation.bench_reps if recipe.evaluation else 1
+
+
+def _serve_tokens(recipe: Recipe) -> int:  # a server start (or a load) and three short requests
+    return 3 * ((recipe.serve.max_tokens if recipe.serve else 64) + 64)
+
+
+def convert_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return facts.parameters * PER_WEIGHT["convert"]
+
+
+def mmproj_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:  # two conversions
+    return 2 * vision_parameters(facts) * PER_WEIGHT["convert"] + 2
+
+
+def imatrix_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * facts.parameters * RATE["llama"]
+
+
+def quantize_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    qtype = recipe.gguf.types[params["index"]].type
+    return facts.parameters * PER_WEIGHT["quantize-iq" if qtype.upper().startswith("IQ") else "quantize"]
+
+
+def llama_score_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    """base-logits, score-gguf: the evaluation text through llama-perplexity."""
+    return _scored_tokens(recipe) * facts.parameters * RATE["llama"]
+
+
+def tasks_gguf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return _task_limit(recipe, params) * TASK_TOKENS * facts.parameters * RATE["llama"] + 1
+
+
+def serve_gguf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return _serve_tokens(recipe) * facts.parameters * RATE["llama"] + 2
+
+
+def serve_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return _serve_tokens(recipe) * facts.parameters * RATE["torch-score"] + 2
+
+
+def bench_gguf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return (128 + 32 * 8) * _bench_reps(recipe) * facts.parameters * RATE["llama"]
+
+
+def score_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    # a quantized checkpoint is scored beside its base (KLD)
+    return _scored_tokens(recipe) * facts.parameters * RATE["torch-score"] * (1 if params.get("is_base", True) else 2)
+
+
+def tasks_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return _task_limit(recipe, params) * TASK_TOKENS * 2 * TASK_CHOICES * facts.parameters * RATE["torch-tasks"] + 3
+
+
+def bench_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return 3.0 * _bench_reps(recipe)
+
+
+def gptq_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    spec = recipe.gptq[params["index"]]
+    return spec.samples * spec.seq_len * facts.parameters * RATE["gptq"] + 10
+
+
+def awq_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    spec, w = recipe.awq[params["index"]], facts.parameters
+    tokens = spec.samples * spec.seq_len
+    return tokens * w * RATE["awq"] + (min(tokens, 512) * w * RATE["awq-clip"] if spec.clip else 0) + 10
+
+
+def rtn_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return facts.parameters * PER_WEIGHT["rtn"] + 10
 
 
 VISION_PARTS = ("vision_model", "vision_tower", "visual.", "multi_modal_projector", "connector", "mm_projector")

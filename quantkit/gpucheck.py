@@ -207,13 +207,13 @@ def run_nodes(*, recipe, recipe_file: Path, root: Path, toolchain, store, thread
     """The check recipe's graph (quantkit.graph; no run folder, no publishing), one node at a time, each
     timed. Returns label -> figures for every variant the graph scores."""
     from quantkit.context import RunContext
-    from quantkit.graph import build_graph, variant_scores
+    from quantkit.graph import FORMATS, build_graph, variant_scores
     from quantkit.pipeline import execute, run_node
 
     ctx = RunContext(recipe=recipe, recipe_file=recipe_file, root=root, store=store, toolchain=toolchain,
                      threads=threads)
     nodes = build_graph(recipe, publish=False)
-    folder = next(n for n in nodes if n.kind == "run-folder")
+    folder = nodes[-1]  # the run folder: every variant, and the nodes that measure them
 
     class Done:  # execute() polls a future; these nodes run in this thread, one at a time
         def __init__(self, node, deps):
@@ -226,8 +226,8 @@ def run_nodes(*, recipe, recipe_file: Path, root: Path, toolchain, store, thread
             return self.value
 
     results = execute(ctx, [n for n in nodes if n is not folder], Done)
-    return {label: _figures(fmt, variant_scores(ctx, fmt, label, results) | (
-                {"backend": "torch"} if fmt != "gguf" else {}))
+    return {label: _figures(fmt, variant_scores(ctx, made_by, results, nodes) | (
+                {"backend": "torch"} if FORMATS[fmt].torch else {}))
             for fmt, label, made_by in folder.params["variants"]}
 
 

@@ -10,10 +10,20 @@ and the kill-point test all iterate this graph.
 Nodes exchange results, never live shared objects: a result is a store ``Entry`` (a key, digests and
 a path in the store), a ``Source`` or a path, all picklable, so a node can run in another process
 or on another machine that shares the store.
+
+Adding a kind is its step function and one entry in ``KINDS`` (every field but ``run`` and ``produces``
+has a default), plus the line in ``build_graph`` that makes its nodes::
+
+    "quantize": StepKind(_quantize, "model.gguf", _quantize_inputs, "quantize",
+                         cost=_est("quantize_cost"), seconds=_est("quantize_seconds"), large=True, format="gguf"),
+
+The executor, ``plan``, the preflight, the flow and `store gc` read it there; a measuring kind adds
+``scores=`` (how its result enters its variant's scores), a variant format is a row of ``FORMATS``.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -70,8 +80,15 @@ Results = Mapping[str, Any]  # node name -> result, for the node's needs
 
 @dataclass(frozen=True)
 class StepKind:
-    """What one kind of node does. ``inputs`` is the store key's source (None for nodes that are not
-    stored); ``run`` produces the result; ``store_step`` is the store folder its output lives in."""
+    """What one kind of node is, the one definition every tool reads (run, plan, preflight, flow, gc, report).
+
+    ``inputs`` is the store key's source (None for nodes that are not stored); ``run`` produces the result;
+    ``store_step`` is the store folder its output lives in. ``cost`` and ``seconds`` estimate it
+    (``f(recipe, params, facts)``, quantkit.estimate; params are the node's with its label); ``large``: `store
+    gc --entries` keeps its entries only when a manifest names their key. ``format``: the variant format its
+    output is (None: not a variant). ``scores``: how its result enters its variant's scores
+    (``f(scores, result)``), for the measuring kinds. ``check``: run on its result, built or reused (the chance
+    test of a task)."""
 
     run: Callable[[RunContext, Node, Results], Any]
     produces: str
@@ -82,34 +99,121 @@ class StepKind:
     lazy: bool = False  # made only when a dependent that is not stored yet needs it
     transient: bool = False  # removed from the store when the run no longer needs it
     time_class: str = "minutes"
+    cost: Callable[[Recipe, Mapping, Any], Any] | None = None
+    seconds: Callable[[Recipe, Mapping, Any], float] | None = None
+    large: bool = False
+    format: str | None = None
+    scores: Callable[[dict, Any], None] | None = None
+    check: Callable[[RunContext, Node, Any], None] | None = None
+    found: Callable[[RunContext], Any] | None = None  # the plan's result of a kind not in the store, when on disk
 
     def key(self, ctx: RunContext, node: Node, deps: Results) -> str | None:
         return None if self.inputs is None else Store.key(self.inputs(ctx, node, deps))
 
     def stored(self, ctx: RunContext, node: Node, deps: Results) -> Entry | None:
-        """The finished result without running, when the store holds it."""
+        """The finished result without running, when the store holds it: the one answer to "is this node
+        done?" (the executor's reuse, the plan, the preflight)."""
         if self.inputs is None or self.store_step is None:
             return None
         return ctx.store.get(self.store_step, self.inputs(ctx, node, deps))
+
+
+def _late(module: str, name: str) -> Callable:
+    """``module.name``, imported when first called: a kind is listed here without loading its module."""
+    def call(*args, **kw):
+        return getattr(importlib.import_module(module), name)(*args, **kw)
+
+    call.__qualname__ = f"{module}.{name}"
+    return call
+
+
+def node_cost(recipe: Recipe, node: Node, facts) -> Any:
+    """The plan's disk and peak RAM of ``node`` (quantkit.estimate.Cost)."""
+    from quantkit.estimate import kind_cost
+
+    return kind_cost(node.spec.cost, recipe, {**node.params, "label": node.label}, facts)
+
+
+def node_seconds(recipe: Recipe, node: Node, facts) -> float | None:
+    """The plan's wall time of ``node`` on the reference machine."""
+    from quantkit.estimate import kind_seconds
+
+    return kind_seconds(node.spec.seconds, recipe, {**node.params, "label": node.label}, facts)
+
+
+def large_store_steps() -> frozenset[str]:
+    """The store folders of large outputs (models, the base logits), for `store gc`."""
+    return frozenset(k.store_step for k in KINDS.values() if k.large and k.store_step)
 
 
 # --- the graph -------------------------------------------------------------------------------------
 
 # Checkpoints GPTQModel makes, each kind also the name of its recipe list; rtn is a reference, never published.
 CHECKPOINT_KINDS = ("gptq", "awq", "rtn")
-SERVED_FORMATS = ("gguf", "gptq", "awq")  # what is published is served first (rtn is a reference)
+
+
+@dataclass(frozen=True)
+class Format:
+    """What a variant of one format (a kind's ``format``) is in the run folder, the report and publishing."""
+
+    suffix: str | None = None  # placed in the run folder as <model>-<label><suffix>; None: not placed
+    single: str | None = None  # the one store file it is; else every file of its entry, in a folder
+    served: bool = False  # served before publishing, and published
+    llama_cpp: bool = False  # a GGUF file: llama.cpp's commands, shards, Modelfiles
+    torch: bool = False  # scored in torch: its tasks are compared with the HF base's
+    base: bool = False  # the unquantized model itself (the torch formats' reference)
+    checkpoint: bool = False  # a quantized checkpoint users serve with transformers or vLLM
+
+    @property
+    def reference(self) -> bool:
+        """Scored for comparison, never recommended nor published (rtn)."""
+        return not self.served and not self.base
+
+    def file_name(self, model: str, label: str) -> str | None:
+        return None if self.suffix is None else f"{model}-{label}{self.suffix}"
+
+    def placed(self, file_name: str, store_name: str) -> str:
+        """Where a store file of the variant is in the run folder (relative, '/'-separated)."""
+        return file_name if self.single else f"{file_name}/{store_name}"
+
+    def store_files(self, entry: Entry) -> list[str]:
+        return [self.single] if self.single else list(entry.files)
+
+
+FORMATS: dict[str, Format] = {
+    "gguf": Format(".gguf", "model.gguf", served=True, llama_cpp=True),
+    "gptq": Format("", served=True, torch=True, checkpoint=True),
+    "awq": Format("", served=True, torch=True, checkpoint=True),
+    "rtn": Format(torch=True),  # a reference: scored, never placed nor published
+    "hf": Format(torch=True, base=True),  # the source folder itself
+}
+
+
+def format_of(variant: Mapping) -> Format:
+    """The ``Format`` of a manifest's or a report's variant (a dict with "format")."""
+    return FORMATS[variant["format"]]
+
+
+def _variant(made_by: Node, label: str | None = None) -> tuple[str, str, str]:
+    """(format, label, node that made it): the format is its kind's."""
+    return made_by.spec.format, label or made_by.label, made_by.name
 
 
 def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
     """Every node of the recipe's run, dependencies first."""
     nodes: list[Node] = [Node("source", "source", recipe.model.repo or recipe.model.path or "")]
     ev = recipe.evaluation
+    if ev and ev.tasks and (recipe.gguf or recipe.gptq or recipe.awq or recipe.rtn):
+        # a task's items, built once (lm-eval's loader), keyed by the task's files; every variant's task node
+        # is keyed by their digest
+        nodes += [Node(f"task-items:{t.name}", "task-items", t.name, (), {"task": t.name}) for t in ev.tasks]
     variants: list[tuple[str, str, str]] = []  # (format, label, node that made it)
+    labels = {loc: label for loc, _, label in recipe.variant_labels()}  # the one place labels are decided
     if recipe.gguf:
         spec = recipe.gguf
-        base = spec.base_type.upper()
+        base = labels[("gguf", "base_type")]
         nodes.append(Node("convert", "convert", base, ("source",)))
-        variants.append(("gguf", base, "convert"))
+        variants.append(_variant(nodes[-1]))
         if wants_mmproj(recipe):  # the vision projector, published beside the GGUFs (quantkit.mmproj)
             nodes.append(Node("mmproj", "mmproj", "F16, Q8_0", ("source",)))
         uses = [spec.imatrix.enabled and spec.uses_imatrix(v) for v in spec.types]
@@ -117,10 +221,10 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
             nodes.append(Node("imatrix", "imatrix", f"ctx {spec.imatrix.ctx} x {spec.imatrix.chunks} chunks",
                               ("source", "convert")))
         for i, v in enumerate(spec.types):
-            label = spec.label(v)
+            label = labels[("gguf", "types", i)]
             nodes.append(Node(f"quantize:{label}", "quantize", label,
                               ("convert", "imatrix") if uses[i] else ("convert",), {"index": i}))
-            variants.append(("gguf", label, f"quantize:{label}"))
+            variants.append(_variant(nodes[-1]))
         if spec.targets:  # size budgets: measure every candidate type once, then one mix per target
             from quantkit.sensitivity import CANDIDATES
 
@@ -130,12 +234,12 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
             nodes.append(Node("sensitivity-kld", "sensitivity-kld", "KLD per tensor group",
                               ("source", "convert", "imatrix", *tables)))
             for i, target in enumerate(spec.targets):
-                label = target.name
+                label = labels[("gguf", "targets", i)]
                 nodes.append(Node(f"mix:{label}", "mix", label,
                                   ("source", "convert", "imatrix", *tables, "sensitivity-kld"), {"index": i}))
                 nodes.append(Node(f"quantize-mix:{label}", "quantize-mix", label,
                                   ("convert", "imatrix", f"mix:{label}"), {"index": i}))
-                variants.append(("gguf", label, f"quantize-mix:{label}"))
+                variants.append(_variant(nodes[-1]))
         if ev:
             if ev.kld:
                 nodes.append(Node("base-logits", "base-logits", base, ("convert",)))
@@ -146,28 +250,29 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
                                   tuple(dict.fromkeys((made_by, "convert", *logits))),
                                   {"is_base": is_base}))
                 for t in ev.tasks:
-                    nodes.append(Node(f"tasks-gguf:{label}:{t.name}", "tasks-gguf", label, (made_by,),
+                    nodes.append(Node(f"tasks-gguf:{label}:{t.name}", "tasks-gguf", label,
+                                      (made_by, f"task-items:{t.name}"),
                                       {"task": t.name, "must_beat_chance": is_base or label.upper() == "Q8_0"}))
                 if ev.bench:
                     nodes.append(Node(f"bench-gguf:{label}", "bench-gguf", label, (made_by,)))
-    checkpoints = [(fmt, v.name, i) for fmt in CHECKPOINT_KINDS for i, v in enumerate(getattr(recipe, fmt))]
+    checkpoints = [(fmt, labels[(fmt, i)], i) for fmt in CHECKPOINT_KINDS for i in range(len(getattr(recipe, fmt)))]
     for fmt, label, i in checkpoints:
         nodes.append(Node(f"{fmt}:{label}", fmt, label, ("source",), {"index": i}))
-        variants.append((fmt, label, f"{fmt}:{label}"))
+        variants.append(_variant(nodes[-1]))
     if checkpoints and ev:
         for label, made_by in [("HF", "source")] + [(label, f"{fmt}:{label}") for fmt, label, _ in checkpoints]:
             is_base = made_by == "source"
             nodes.append(Node(f"score-hf:{label}", "score-hf", label, tuple(dict.fromkeys((made_by, "source"))),
                               {"is_base": is_base}))
             for t in ev.tasks:
-                nodes.append(Node(f"tasks-hf:{label}:{t.name}", "tasks-hf", label, (made_by,),
+                nodes.append(Node(f"tasks-hf:{label}:{t.name}", "tasks-hf", label, (made_by, f"task-items:{t.name}"),
                                   {"task": t.name, "must_beat_chance": is_base}))
             if ev.bench:
                 nodes.append(Node(f"bench-hf:{label}", "bench-hf", label, (made_by,)))
-        variants.insert(len([v for v in variants if v[0] == "gguf"]), ("hf", "HF", "source"))
+        variants.insert(len([v for v in variants if v[0] == "gguf"]), _variant(nodes[0], "HF"))
     if recipe.serve is not None:  # each artifact in the program that serves it, before the run folder and publish
         for fmt, label, made_by in variants:
-            if fmt in SERVED_FORMATS:
+            if FORMATS[fmt].served:
                 kind = "serve-gguf" if fmt == "gguf" else "serve-hf"
                 with_projector = ("mmproj",) if kind == "serve-gguf" and any(n.kind == "mmproj" for n in nodes) else ()
                 nodes.append(Node(f"{kind}:{label}", kind, label, (made_by, "source", *with_projector)))
@@ -381,25 +486,49 @@ def _bench_gguf(ctx, node, deps):
     return entry
 
 
-def _task_spec(ctx, node):
-    return next(t for t in ctx.recipe.evaluation.tasks if t.name == node.params["task"])
+def _task(ctx, node):
+    from quantkit.scoring.tasks import resolve_task
+
+    return resolve_task(next(t for t in ctx.recipe.evaluation.tasks if t.name == node.params["task"]), root=ctx.root)
 
 
-def _check_chance(ctx, node, scores: dict) -> dict:
-    from quantkit.scoring.tasks import check_tasks
+def _task_items_inputs(ctx, node, deps):
+    from quantkit.scoring.tasks import items_inputs
 
+    return items_inputs(_task(ctx, node))
+
+
+def _task_items(ctx, node, deps):
+    from quantkit.scoring.tasks import make_items
+
+    return make_items(_task(ctx, node), store=ctx.store)
+
+
+def _items(node: Node, deps: Results) -> Entry:
+    return deps[f"task-items:{node.params['task']}"]
+
+
+def _check_chance(ctx, node, entry: Entry) -> None:
+    from quantkit.scoring.tasks import check_tasks, log_task, task_summary
+
+    log_task(entry, node.label)
     if node.params["must_beat_chance"]:
-        check_tasks(scores, label=node.label, alpha=ctx.recipe.evaluation.chance_alpha)
-    return scores
+        check_tasks({node.params["task"]: task_summary(entry)}, label=node.label, alpha=ctx.recipe.evaluation.chance_alpha)
+
+
+def _tasks_gguf_inputs(ctx, node, deps):
+    from quantkit.scoring.tasks import gguf_task_inputs
+
+    return gguf_task_inputs(_task(ctx, node), _items(node, deps), gguf_sha256=_gguf(deps[node.needs[0]])[1],
+                            toolchain=ctx.tools)
 
 
 def _tasks_gguf(ctx, node, deps):
-    from quantkit.scoring.tasks import score_tasks_gguf
+    from quantkit.scoring.tasks import score_task_gguf_stored
 
     gguf, sha = _gguf(deps[node.needs[0]])
-    return _check_chance(ctx, node, score_tasks_gguf(gguf=gguf, gguf_sha256=sha, specs=[_task_spec(ctx, node)],
-                                                     root=ctx.root, store=ctx.store, toolchain=ctx.tools,
-                                                     label=node.label, threads=ctx.threads))
+    return score_task_gguf_stored(gguf=gguf, gguf_sha256=sha, task=_task(ctx, node), items=_items(node, deps),
+                                  store=ctx.store, toolchain=ctx.tools, threads=ctx.threads)
 
 
 def _checkpoint(ctx, node, deps):
@@ -451,13 +580,18 @@ def _score_hf(ctx, node, deps):
                                                 trust_remote_code=ctx.recipe.model.trust_remote_code).to_dict())
 
 
+def _tasks_hf_inputs(ctx, node, deps):
+    from quantkit.scoring.tasks import hf_task_inputs
+
+    return hf_task_inputs(_task(ctx, node), _items(node, deps), identity=_model_dir_and_identity(node, deps)[1])
+
+
 def _tasks_hf(ctx, node, deps):
-    from quantkit.scoring.tasks import score_tasks_hf
+    from quantkit.scoring.tasks import score_task_hf_stored
 
     model_dir, identity = _model_dir_and_identity(node, deps)
-    return _check_chance(ctx, node, score_tasks_hf(model_dir=model_dir, identity=identity,
-                                                   specs=[_task_spec(ctx, node)], root=ctx.root, store=ctx.store,
-                                                   label=node.label))
+    return score_task_hf_stored(model_dir=model_dir, identity=identity, task=_task(ctx, node), items=_items(node, deps),
+                                store=ctx.store)  # on the CPU, as its key says
 
 
 def _bench_hf_inputs(ctx, node, deps):
@@ -630,41 +764,88 @@ def _hub_publish(recipe: Recipe) -> bool:
     return recipe.publish is not None and recipe.publish.target == "hub"
 
 
+def _est(name: str) -> Callable:
+    return _late("quantkit.estimate", name)
+
+
+def _budget(name: str) -> Callable:
+    return _late("quantkit.budget", name)
+
+
+def _score_into(scores: dict, entry: Entry) -> None:
+    scores.update(entry.info["score"])
+
+
+def _tasks_into(scores: dict, entry: Entry) -> None:
+    from quantkit.scoring.tasks import task_summary
+
+    summary = task_summary(entry)
+    scores.setdefault("tasks", {})[summary["task"]] = summary
+
+
+def _speed_into(scores: dict, entry: Entry) -> None:
+    scores["speed"] = entry.info["speed"]
+
+
+def _serve_into(scores: dict, entry: Entry) -> None:
+    scores["serve"] = entry.info["serve"]
+
+
 KINDS: dict[str, StepKind] = {
-    "source": StepKind(_source, "the pinned model folder and the calibration text",
-                       network=lambda recipe: recipe.model.repo is not None or recipe.calibration.dataset is not None),
-    "convert": StepKind(_convert, "model.gguf (the unquantized base)", _convert_inputs, "convert"),
+    "source": StepKind(_source, "the pinned model folder and the calibration text", cost=_est("source_cost"),
+                       network=lambda recipe: recipe.model.repo is not None or recipe.calibration.dataset is not None,
+                       format="hf", found=_late("quantkit.plan", "local_source")),
+    "convert": StepKind(_convert, "model.gguf (the unquantized base)", _convert_inputs, "convert",
+                        cost=_est("convert_cost"), seconds=_est("convert_seconds"), large=True, format="gguf"),
     "mmproj": StepKind(_mmproj, "mmproj-F16.gguf, mmproj-Q8_0.gguf (the vision projector)", _mmproj_inputs, "mmproj",
-                       time_class="seconds"),
-    "imatrix": StepKind(_imatrix, "imatrix.dat", _imatrix_inputs, "imatrix", gpu=True),
-    "quantize": StepKind(_quantize, "model.gguf", _quantize_inputs, "quantize"),
+                       time_class="seconds", cost=_est("mmproj_cost"), seconds=_est("mmproj_seconds"), large=True),
+    "imatrix": StepKind(_imatrix, "imatrix.dat", _imatrix_inputs, "imatrix", gpu=True,
+                        cost=_est("imatrix_cost"), seconds=_est("imatrix_seconds"), large=True),
+    "quantize": StepKind(_quantize, "model.gguf", _quantize_inputs, "quantize",
+                         cost=_est("quantize_cost"), seconds=_est("quantize_seconds"), large=True, format="gguf"),
     "base-logits": StepKind(_base_logits, "the base's logits on the evaluation text", _base_logits_inputs,
-                            "base-logits", gpu=True, lazy=True, transient=True),
-    "score-gguf": StepKind(_score_gguf, "score.json (PPL, KLD)", _score_gguf_inputs, "score-gguf", gpu=True),
-    "tasks-gguf": StepKind(_tasks_gguf, "task accuracy", store_step="tasks-gguf", gpu=True),
+                            "base-logits", gpu=True, lazy=True, transient=True, cost=_est("base_logits_cost"),
+                            seconds=_est("llama_score_seconds"), large=True),
+    "score-gguf": StepKind(_score_gguf, "score.json (PPL, KLD)", _score_gguf_inputs, "score-gguf", gpu=True,
+                           cost=_est("llama_eval_cost"), seconds=_est("llama_score_seconds"), scores=_score_into),
+    "task-items": StepKind(_task_items, "items.json (a task's questions as lm-eval builds them)", _task_items_inputs,
+                           "task-items", time_class="seconds"),
+    "tasks-gguf": StepKind(_tasks_gguf, "task accuracy", _tasks_gguf_inputs, "tasks-gguf", gpu=True,
+                           cost=_est("tasks_gguf_cost"), seconds=_est("tasks_gguf_seconds"), scores=_tasks_into,
+                           check=_check_chance),
     "bench-gguf": StepKind(_bench_gguf, "speed.json (llama-bench)", _bench_gguf_inputs, "bench", gpu=True,
-                           time_class="seconds"),
+                           time_class="seconds", cost=_est("llama_eval_cost"), seconds=_est("bench_gguf_seconds"),
+                           scores=_speed_into),
     "gptq": StepKind(_checkpoint, "a GPTQ checkpoint (GPTQModel)", _checkpoint_inputs, "gptq", gpu=True,
-                     time_class="hours"),
+                     time_class="hours", cost=_est("gptq_cost"), seconds=_est("gptq_seconds"), large=True,
+                     format="gptq"),
     "awq": StepKind(_checkpoint, "an AWQ checkpoint (GPTQModel)", _checkpoint_inputs, "awq", gpu=True,
-                    time_class="hours"),
+                    time_class="hours", cost=_est("awq_cost"), seconds=_est("awq_seconds"), large=True, format="awq"),
     "rtn": StepKind(_checkpoint, "a round-to-nearest checkpoint (GPTQModel), a reference never published",
-                    _checkpoint_inputs, "rtn", gpu=True),
-    "score-hf": StepKind(_score_hf, "score.json (PPL, KLD in torch)", _score_hf_inputs, "score-hf", gpu=True),
-    "tasks-hf": StepKind(_tasks_hf, "task accuracy", store_step="tasks-hf", gpu=True),
+                    _checkpoint_inputs, "rtn", gpu=True, cost=_est("rtn_cost"), seconds=_est("rtn_seconds"),
+                    large=True, format="rtn"),
+    "score-hf": StepKind(_score_hf, "score.json (PPL, KLD in torch)", _score_hf_inputs, "score-hf", gpu=True,
+                         cost=_est("torch_eval_cost"), seconds=_est("score_hf_seconds"), scores=_score_into),
+    "tasks-hf": StepKind(_tasks_hf, "task accuracy", _tasks_hf_inputs, "tasks-hf", gpu=True,
+                         cost=_est("torch_eval_cost"), seconds=_est("tasks_hf_seconds"), scores=_tasks_into,
+                         check=_check_chance),
     "bench-hf": StepKind(_bench_hf, "speed.json (transformers)", _bench_hf_inputs, "bench-hf", gpu=True,
-                         time_class="seconds"),
+                         time_class="seconds", cost=_est("torch_eval_cost"), seconds=_est("bench_hf_seconds"),
+                         scores=_speed_into),
     "serve-gguf": StepKind(_serve_gguf, "serve.json (llama-server --jinja: chat, template, tool call, t/s)",
-                           _serve_gguf_inputs, "serve-gguf", time_class="seconds"),
+                           _serve_gguf_inputs, "serve-gguf", time_class="seconds", cost=_est("llama_eval_cost"),
+                           seconds=_est("serve_gguf_seconds"), scores=_serve_into),
     "serve-hf": StepKind(_serve_hf, "serve.json (transformers on CPU: chat stops at end of turn, t/s)",
-                         _serve_hf_inputs, "serve-hf", time_class="seconds"),
+                         _serve_hf_inputs, "serve-hf", time_class="seconds", cost=_est("serve_hf_cost"),
+                         seconds=_est("serve_hf_seconds"), scores=_serve_into),
     "sensitivity": StepKind(_sensitivity, "sensitivity.json (per-tensor error and bytes of one type)",
-                            _sensitivity_inputs, "sensitivity"),
+                            _sensitivity_inputs, "sensitivity", cost=_budget("sensitivity_cost")),
     "sensitivity-kld": StepKind(_sensitivity_kld, "calibration.json (KLD per tensor group)", _sensitivity_kld_inputs,
-                                "sensitivity-kld", gpu=True),
+                                "sensitivity-kld", gpu=True, cost=_budget("sensitivity_kld_cost")),
     "mix": StepKind(_mix, "tensor-types.txt (the searched mix) and mix.json", _mix_inputs, "mix",
-                    time_class="seconds"),
-    "quantize-mix": StepKind(_quantize_mix, "model.gguf with its tensor-types.txt", _quantize_mix_inputs, "quantize"),
+                    time_class="seconds", cost=_budget("mix_cost")),
+    "quantize-mix": StepKind(_quantize_mix, "model.gguf with its tensor-types.txt", _quantize_mix_inputs, "quantize",
+                             cost=_budget("quantize_mix_cost"), large=True, format="gguf"),
     "run-folder": StepKind(_run_folder, "runs/<recipe>/ with manifest.json", time_class="seconds"),
     "publish": StepKind(_publish, "report, cards, Modelfiles; the published run", network=_hub_publish,
                         time_class="seconds"),
@@ -682,25 +863,17 @@ def stored_json(store: Store, step: str, inputs: dict, what: str, compute: Calla
     return store.ensure(step, inputs, produce)
 
 
-def variant_scores(ctx: RunContext, fmt: str, label: str, deps: Results) -> dict:
-    """A variant's scores as the manifest and report read them, from its score, task and bench nodes."""
-    kind = "gguf" if fmt == "gguf" else "hf"
+def variant_scores(ctx: RunContext, made_by: str, deps: Results, nodes: list[Node] | None = None) -> dict:
+    """A variant's scores as the manifest and report read them: what each measuring node of the variant
+    (``made_by``, the node that made it, is its first need) adds through its kind's ``scores``."""
     scores: dict = {}
-    if (score := deps.get(f"score-{kind}:{label}")) is not None:
-        scores = dict(score.info["score"])
-        if scores.get("kld_mean") is None and ctx.recipe.evaluation.kld and (
-                (fmt == "gguf" and label == ctx.recipe.gguf.base_type.upper()) or fmt == "hf"):
-            scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)  # the base against itself
-    tasks = {}
-    for t in ctx.recipe.evaluation.tasks if ctx.recipe.evaluation else []:
-        if (r := deps.get(f"tasks-{kind}:{label}:{t.name}")) is not None:
-            tasks.update(r)
-    if tasks:
-        scores["tasks"] = tasks
-    if (bench := deps.get(f"bench-{kind}:{label}")) is not None:
-        scores["speed"] = bench.info["speed"]
-    if (serve := deps.get(f"serve-{kind}:{label}")) is not None:
-        scores["serve"] = serve.info["serve"]
+    measured = [n for n in (nodes if nodes is not None else build_graph(ctx.recipe))
+                if n.spec.scores is not None and n.needs[:1] == (made_by,) and n.name in deps]
+    for n in measured:
+        n.spec.scores(scores, deps[n.name])
+    ev = ctx.recipe.evaluation
+    if ev and ev.kld and scores.get("kld_mean") is None and any(n.params.get("is_base") for n in measured):
+        scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)  # the base against itself
     return scores
 
 

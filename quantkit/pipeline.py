@@ -44,6 +44,8 @@ Submit = Callable[[Node, dict[str, Any]], Pending]
 def run_node(ctx: RunContext, node: Node, deps: dict[str, Any], estimate: Any = None) -> Any:
     """One node, in this process: what a thread, a Prefect task or a Ray worker calls.
 
+    Whether the node is done is the store's answer (``StepKind.stored``), asked here, on the machine that
+    runs it (its key may hold this machine's threads or device): a stored result is reused without running.
     ``ctx`` is this process's (a worker builds its own from the run's ``RunSpec``). With the plan's
     ``estimate`` of the node (a quantkit.plan.PlannedNode), this machine first checks that it can hold
     it (``preflight_node``).
@@ -53,8 +55,25 @@ def run_node(ctx: RunContext, node: Node, deps: dict[str, Any], estimate: Any = 
     carriage-return lines would bury quantkit's own. The llama.cpp tools' lines already go to the
     ``quantkit.tool`` logger.
     """
-    if estimate is not None:
-        preflight_node(ctx, node, deps, estimate)
+    spec = node.spec
+    try:
+        stored = spec.stored(ctx, node, deps)
+    except QuantkitError:  # its inputs cannot be read here: running it says why
+        stored = None
+    if stored is not None:
+        ctx.store.record_use(stored)  # `store gc` leaves what a live run uses
+        log.info("%s: reused from the store (%s/%s)", node.name, stored.step, stored.key[:12])
+        result = with_reuse(stored)
+    else:
+        if estimate is not None:
+            preflight_node(ctx, node, deps, estimate)
+        result = _run_logged(ctx, node, deps)
+    if spec.check is not None:
+        spec.check(ctx, node, result)
+    return result
+
+
+def _run_logged(ctx: RunContext, node: Node, deps: dict[str, Any]) -> Any:
     if logging.getLogger("quantkit.tool").isEnabledFor(logging.DEBUG):
         return node.spec.run(ctx, node, deps)
     log_file = node_log_file(ctx, node)
@@ -223,13 +242,23 @@ def execute(ctx: RunContext, nodes: list[Node], submit: Submit, *, parallel: int
                 log.error("%s failed: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 failure = failure or e
         if not progressed:
-            time.sleep(poll)
+            _wait(running.values(), poll)
     if failure is not None:
         raise failure
     if waiting:
         raise RuntimeError(f"nodes never became ready: {[n.name for n in waiting]}")  # a graph bug
     discard_transient(ctx, [n for n in nodes if n.name not in keep], results)
     return {n.name: results[n.name] for n in nodes if n.name in results}  # graph order, not finishing order
+
+
+def _wait(pending, poll: float) -> None:
+    """Until one of ``pending`` is done: at once for the local pool's futures (a warm run is a chain of store
+    hits, and a fixed poll would add to each of them), else ``poll`` seconds (Prefect's futures)."""
+    pending = list(pending)
+    if pending and all(isinstance(f, concurrent.futures.Future) for f in pending):
+        concurrent.futures.wait(pending, timeout=poll, return_when=concurrent.futures.FIRST_COMPLETED)
+    else:
+        time.sleep(poll)
 
 
 def _duration(seconds: float) -> str:
@@ -253,6 +282,7 @@ class RunResult:
     built: tuple[str, ...]
     published: Path | None = None
     publish_status: str | None = None  # "published <run id>" or "unchanged since <run id>"
+    release: Any = None  # the publish node's result (quantkit.publish.release), for the flow's artifacts
 
 
 def summarize(results: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -273,16 +303,35 @@ def parallel_from_env() -> int:
 
 
 def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, until: str | None = None) -> RunResult:
-    """The recipe's whole run; with ``until``, only that node and what it needs (no run folder)."""
+    """The recipe's whole run in this process's threads; with ``until``, only that node and what it needs."""
+    parallel = parallel or parallel_from_env()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+        return run_sequence(ctx, lambda rows: local_submit(ctx, pool, rows), publish=publish, parallel=parallel,
+                            until=until)
+
+
+def run_sequence(ctx: RunContext, submitter: Callable[[dict[str, Any]], Submit], *, publish: bool = True,
+                 parallel: int = 1, until: str | None = None, whole_run_here: bool = True) -> RunResult:
+    """The one run sequence of `quantkit run` and the Prefect flow: build the graph, preflight, execute, sweep,
+    then the manifest (the run folder node) and what was published.
+
+    ``submitter(rows)`` gives the executor's submit function, ``rows`` the plan's estimate of each node (each
+    node's machine checks it before it starts). ``whole_run_here``: this machine runs every node, so the run's
+    totals are checked here before any work; a flow's head only plans. With ``until``, only that node and what
+    it needs run (no run folder)."""
     start = time.perf_counter()
     nodes = build_graph(ctx.recipe, publish=publish)
     if until:
         nodes = needed_for(nodes, until)
-    rows = preflight(ctx, {n.name for n in nodes})
-    parallel = parallel or parallel_from_env()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = execute(ctx, nodes, local_submit(ctx, pool, {r.name: r for r in rows}), parallel=parallel,
-                          keep=frozenset([until] if until else []), estimates={r.name: r.seconds for r in rows})
+    names = {n.name for n in nodes}
+    if whole_run_here:
+        rows = preflight(ctx, names, publish=publish)
+    else:
+        from quantkit.plan import plan
+
+        rows = plan(ctx, publish=publish, names=names, cost_done=False)
+    results = execute(ctx, nodes, submitter({r.name: r for r in rows}), parallel=parallel,
+                      keep=frozenset([until] if until else []), estimates={r.name: r.seconds for r in rows})
     ctx.store.sweep()  # what a node's process left when it died (a lost Ray worker, a killed tool)
     reused, built = summarize(results)
     log.info("run %s done in %.1fs: %d steps built, %d reused%s", ctx.recipe.name, time.perf_counter() - start,
@@ -292,16 +341,16 @@ def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, u
     manifest = results["run-folder"]
     published = results.get("publish")
     return RunResult(manifest.parent, manifest, reused, built, published.path if published else None,
-                     published.status if published else None)
+                     published.status if published else None, published)
 
 
-def preflight(ctx: RunContext, names: set[str] | None = None) -> list:
+def preflight(ctx: RunContext, names: set[str] | None = None, *, publish: bool = True) -> list:
     """Refuse before any work when the plan's disk or RAM estimate (of the nodes ``names``, default all)
     exceeds what the machine has; return the plan's rows (quantkit.plan.PlannedNode) of those nodes."""
     from quantkit.errors import ResourceError
     from quantkit.plan import GiB, machine, plan, totals
 
-    rows = [r for r in plan(ctx) if names is None or r.name in names]
+    rows = plan(ctx, publish=publish, names=names, cost_done=False)  # a done node needs nothing
     need = totals(rows)
     have = machine(ctx.store.root)
     if need.disk_bytes and need.disk_bytes > have.free_disk:

@@ -15,8 +15,8 @@ from typing import Any
 
 from quantkit.context import RunContext
 from quantkit.errors import QuantkitError
-from quantkit.estimate import FactsUnavailable, GiB, ModelFacts, cost, read_hub_facts, read_local_facts, seconds
-from quantkit.graph import Node, Source, build_graph
+from quantkit.estimate import Cost, FactsUnavailable, GiB, ModelFacts, read_hub_facts, read_local_facts
+from quantkit.graph import KINDS, Node, Source, build_graph, node_cost, node_seconds
 
 DONE, TODO = "done", "to do"
 
@@ -66,7 +66,8 @@ def machine(store_root: Path) -> Machine:
     return Machine(shutil.disk_usage(path).free, available)
 
 
-def _local_source(ctx: RunContext) -> Source | None:
+def local_source(ctx: RunContext) -> Source | None:
+    """The source node's result when the model folder is on disk (a Hub model in the local cache), else None."""
     from quantkit.calibration import load_calibration
     from quantkit.digest import DigestCache
     from quantkit.source import fetch_model
@@ -91,22 +92,32 @@ def _hub_cached(ctx: RunContext) -> bool:
         return False
 
 
-def plan(ctx: RunContext, *, publish: bool = True) -> list[PlannedNode]:
-    nodes = build_graph(ctx.recipe, publish=publish)
-    source = _local_source(ctx)
-    facts, unknown_why = model_facts(ctx, source)
+def plan(ctx: RunContext, *, publish: bool = True, names: set[str] | None = None,
+         cost_done: bool = True) -> list[PlannedNode]:
+    """Every node of the run (with ``names``, those nodes: a set closed under their needs), its status and its
+    estimates. ``cost_done=False`` leaves the figures of done nodes out (None): what a run's preflight needs,
+    which a warm run would otherwise spend most of its time on."""
+    nodes = [n for n in build_graph(ctx.recipe, publish=publish) if names is None or n.name in names]
+    source = next((found(ctx) for n in nodes if (found := n.spec.found) is not None), None)
+    facts: list = []  # read when a figure is first needed (the safetensors headers)
     lazy = {n.name for n in nodes if n.spec.lazy}
     results: dict[str, Any] = {}
+    statuses = {node.name: _status(ctx, node, results, source, lazy) for node in nodes}
+    # a lazy node is made only for a dependent still to do
+    wanted = {d for n in nodes if statuses[n.name][0] != DONE for d in n.needs}
     out = []
     for node in nodes:
-        status, why, key = _status(ctx, node, results, source, lazy)
+        status, why, key = statuses[node.name]
         spec = node.spec
-        node_params = {**node.params, "label": node.label}
-        c = cost(ctx.recipe, node.kind, node_params, facts)
+        if not cost_done and (status == DONE or (spec.lazy and node.name not in wanted)):
+            c, secs, unknown_why = Cost(None, None), None, None
+        else:
+            if not facts:
+                facts.extend(model_facts(ctx, source))
+            c, secs, unknown_why = node_cost(ctx.recipe, node, facts[0]), node_seconds(ctx.recipe, node, facts[0]), facts[1]
         out.append(PlannedNode(node.name, node.kind, node.label, status, why, node.needs, key, c.disk_bytes,
                                c.ram_bytes, spec.time_class, spec.gpu, spec.network(ctx.recipe),
-                               c.unknown and (unknown_why or c.unknown),
-                               seconds(ctx.recipe, node.kind, node_params, facts),
+                               c.unknown and (unknown_why or c.unknown), secs,
                                publish_shards(ctx.recipe, node.kind, c.disk_bytes)))
     return out
 
@@ -142,10 +153,10 @@ def model_facts(ctx: RunContext, source: Source | None) -> tuple[ModelFacts | No
 def _status(ctx: RunContext, node: Node, results: dict, source: Source | None,
             lazy: set[str]) -> tuple[str, str, str | None]:
     """(status, why, store key when it can be computed yet); a done node's result goes into ``results``."""
-    if node.kind == "source":
+    if node.spec.found is not None:  # not in the store: on disk (the model folder) or not
         if source is None:
             return TODO, "not on disk yet" if ctx.recipe.model.repo else "the model folder is missing", None
-        results["source"] = source
+        results[node.name] = source
         return DONE, f"on disk, digest {source.model.digest[:12]}", None
     if ctx.toolchain is None:
         return TODO, "the toolchain is not built", None
@@ -171,8 +182,8 @@ def _status(ctx: RunContext, node: Node, results: dict, source: Source | None,
 
 def totals(rows: list[PlannedNode]) -> Totals:
     todo = [r for r in rows if r.status != DONE]  # the source too: a download adds its bytes
-    unknown = tuple(r.name for r in todo if r.disk_bytes is None or (r.ram_bytes is None and r.kind not in
-                                                                      ("source", "run-folder", "publish")))
+    # a kind that takes measurable time has a peak RAM; the source, the run folder and publishing have none
+    unknown = tuple(r.name for r in todo if r.disk_bytes is None or (r.ram_bytes is None and KINDS[r.kind].seconds))
     disk = sum(r.disk_bytes or 0 for r in todo)
     worst = max(todo, key=lambda r: r.ram_bytes or 0, default=None)
     return Totals(disk, worst.ram_bytes if worst else None, worst.name if worst else None, unknown)

@@ -682,14 +682,15 @@ class Publish(Section):
         base checkpoint is not: it is on the Hub already). Raises Invalid, naming the recipe path, for a
         repo id the Hub would refuse and for two GPTQ or AWQ configs that would share one repo."""
         model = recipe.model.display_name
+        labels = {loc: label for loc, _, label in recipe.variant_labels()}
         out: list[tuple[tuple, str, str, str]] = []
         if recipe.gguf:
-            out += [(("gguf", "types", i), "gguf", recipe.gguf.label(v), self.repo_id("gguf", model=model))
-                    for i, v in enumerate(recipe.gguf.types)]
-        out += [(("gptq", i), "gptq", v.name, self.repo_id("gptq", model=model, bits=v.bits, group=v.group_size))
-                for i, v in enumerate(recipe.gptq)]
-        out += [(("awq", i), "awq", v.name, self.repo_id("awq", model=model, bits=v.w_bit, group=v.q_group_size))
-                for i, v in enumerate(recipe.awq)]
+            out += [(("gguf", "types", i), "gguf", labels[("gguf", "types", i)], self.repo_id("gguf", model=model))
+                    for i in range(len(recipe.gguf.types))]
+        out += [(("gptq", i), "gptq", labels[("gptq", i)],
+                 self.repo_id("gptq", model=model, bits=v.bits, group=v.group_size)) for i, v in enumerate(recipe.gptq)]
+        out += [(("awq", i), "awq", labels[("awq", i)],
+                 self.repo_id("awq", model=model, bits=v.w_bit, group=v.q_group_size)) for i, v in enumerate(recipe.awq)]
         seen: dict[str, tuple] = {}
         for loc, fmt, label, repo_id in out:
             where = ("publish", "repo") if fmt == "gguf" and self.repo else ("publish", "repos", fmt)

@@ -24,7 +24,6 @@ from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot
 from quantkit.store import Entry, FileRecord, Store, exclusive, file_problem
 
-LINKED_FORMATS = ("gguf", "gptq", "awq")  # the variants whose store files are linked into the run folder
 MANIFEST_SCHEMA = 2  # 2: steps are graph nodes (kind:label), base logits not listed (transient)
 READABLE_SCHEMAS = (1, 2)  # 1 listed the same fields with hand-written step names
 
@@ -151,12 +150,14 @@ def _link(src: Path, dest: Path) -> None:
 
 def _linked_files(manifest: dict) -> Iterator[tuple[dict, str, FileRecord]]:
     """``(variant, path in the run folder, record)`` of every store file a manifest's run folder links."""
+    from quantkit.graph import FORMATS
+
     for v in manifest["variants"]:
-        if v.get("format") not in LINKED_FORMATS or not v.get("file"):
+        fmt = FORMATS.get(v.get("format"))
+        if fmt is None or fmt.suffix is None or not v.get("file"):
             continue
         for name, rec in (v.get("files") or {}).items():
-            rel = v["file"] if v["format"] == "gguf" else f"{v['file']}/{name}"
-            yield v, rel, FileRecord(rec["sha256"], rec["size"])
+            yield v, fmt.placed(v["file"], name), FileRecord(rec["sha256"], rec["size"])
     for p in manifest.get("projectors") or []:
         yield p, p["file"], FileRecord(p["sha256"], p["size"])
 
@@ -190,19 +191,18 @@ def _relative(path: Path, root: Path) -> str:
 
 def variants_of(ctx, node, deps) -> list[Variant]:
     """The run's variants in report order, each with the scores its graph nodes produced."""
-    from quantkit.graph import variant_scores
+    from quantkit.graph import FORMATS, Source, build_graph, variant_scores
 
     stem = ctx.recipe.model.display_name
+    nodes = build_graph(ctx.recipe)
     out = []
     for fmt, label, made_by in node.params["variants"]:
         made = deps[made_by]
-        if fmt == "hf":
+        if isinstance(made, Source):  # the model folder itself, where it is
             entry, file_name = made.model.as_entry(), _relative(made.model.path, ctx.root)
-        elif fmt == "rtn":
-            entry, file_name = made, None
         else:
-            entry, file_name = made, f"{stem}-{label}.gguf" if fmt == "gguf" else f"{stem}-{label}"
-        out.append(Variant(fmt, label, entry, file_name, variant_scores(ctx, fmt, label, deps)))
+            entry, file_name = made, FORMATS[fmt].file_name(stem, label)
+        out.append(Variant(fmt, label, entry, file_name, variant_scores(ctx, made_by, deps, nodes)))
     return out
 
 
@@ -213,6 +213,8 @@ def _made_by(entry: Entry) -> tuple[str | None, str | None, str | None, int | No
 
 def write_run_folder(ctx, node, deps) -> Path:
     """Link every output into ``runs/<recipe>/`` and write ``manifest.json``; return its path."""
+    from quantkit.graph import FORMATS
+
     src = deps["source"]
     variants = variants_of(ctx, node, deps)
     steps = tuple(ManifestStep(name, r.key, r.reused, r.info.get("seconds"), *_made_by(r))
@@ -225,15 +227,13 @@ def write_run_folder(ctx, node, deps) -> Path:
         for p in projectors:
             _place(ctx.store, projector, p["store_file"], inside(out, p["file"]))
         for v in variants:
-            if v.format == "gguf":  # LINKED_FORMATS
-                _place(ctx.store, v.entry, "model.gguf", inside(out, v.file_name))
-            elif v.format in ("gptq", "awq"):
-                folder = inside(out, v.file_name)
-                folder.mkdir(exist_ok=True)
-                for name in v.entry.files:
-                    dest = inside(folder, *Path(name).parts)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    _place(ctx.store, v.entry, name, dest)
+            fmt = FORMATS[v.format]
+            if fmt.suffix is None:
+                continue
+            for name in fmt.store_files(v.entry):
+                dest = inside(out, *fmt.placed(v.file_name, name).split("/"))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _place(ctx.store, v.entry, name, dest)
         manifest = Manifest(
             recipe={"name": ctx.recipe.name, "file": _relative(ctx.recipe_file, ctx.root),
                     "sha256": sha256_file(ctx.recipe_file), "resolved": ctx.recipe.model_dump(mode="json")},

@@ -536,10 +536,10 @@ class Store:
             else:
                 found = self._read(step, self.key(inputs), reused=False)
                 assert found is not None
-        self._record_use(found)
+        self.record_use(found)
         return found
 
-    def _record_use(self, entry: Entry) -> None:
+    def record_use(self, entry: Entry) -> None:
         # So that `quantkit store gc --entries` never removes what a live run is using.
         try:
             self._owner().record_use(entry.step, entry.key)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from quantkit.estimate import ModelFacts, seconds
+from quantkit.estimate import ModelFacts
+from quantkit.graph import Node, node_seconds
 from quantkit.pipeline import Eta
 from quantkit.recipe import load_recipe
 
@@ -35,6 +36,9 @@ def test_the_demo_plan_knows_which_nodes_are_slow():
          ("mlp.down_proj", [576, 1536]))}
     facts = ModelFacts.from_headers([{k: {"dtype": "F32", "shape": v} for k, v in shapes.items()}],
                                     {"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30})
+    def seconds(recipe, kind, params, facts):
+        return node_seconds(recipe, Node(kind, kind, "", params=params), facts)
+
     est = {kind: seconds(recipe, kind, params, facts) for kind, params in (
         ("gptq", {"index": 0}), ("awq", {"index": 0}), ("tasks-gguf", {"task": "finish-the-sentence"}),
         ("tasks-hf", {"task": "finish-the-sentence", "is_base": True}), ("quantize", {"index": 3}))}

@@ -141,7 +141,7 @@ def test_unchanged_rerun_is_all_store_hits(first, project):
     assert result["built"] == []
     assert result["reused"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
     assert manifest_shas(result) == manifest_shas(before)
-    assert "quantize Q4_K_M: reused" in logs
+    assert "quantize:Q4_K_M: reused from the store (quantize/" in logs  # the worker asked the store
     persisted = [p for p in PREFECT_RESULTS[0].rglob("*") if p.is_file()]
     assert persisted == [], "Prefect persisted results beside the store"
 

@@ -33,6 +33,7 @@ def test_demo_graph_has_every_unit_of_work(demo):
     gguf = ["F16", *[demo.gguf.label(v) for v in demo.gguf.types]]
     checkpoints = [v.name for v in demo.gptq] + [v.name for v in demo.awq]
     expected = {"source", "convert", "imatrix", "base-logits", "run-folder", "publish",
+                *(f"task-items:{t.name}" for t in demo.evaluation.tasks),
                 *(f"quantize:{label}" for label in gguf[1:]),
                 *(f"{kind}-gguf:{label}" for label in gguf for kind in ("score", "bench")),
                 *(f"tasks-gguf:{label}:{t.name}" for label in gguf for t in demo.evaluation.tasks),
@@ -54,6 +55,8 @@ def test_demo_graph_has_every_unit_of_work(demo):
     assert by["score-gguf:F16"].needs == ("convert",)  # the base is scored without KLD, so no logits
     assert by["serve-gguf:Q2_K"].needs == ("quantize:Q2_K", "source")  # the source's template is the reference
     assert by["serve-hf:GPTQ-4bit-g64"].needs == ("gptq:GPTQ-4bit-g64", "source")
+    # a task node is keyed by the digest of its task's items, made once for every variant
+    assert by["tasks-gguf:Q2_K:which-word-fits"].needs == ("quantize:Q2_K", "task-items:which-word-fits")
     assert set(by["run-folder"].needs) == set(names) - {"run-folder", "publish", "base-logits"}
     variants = [label for _, label, _ in by["run-folder"].params["variants"]]
     assert variants == [*gguf, "HF", *checkpoints]

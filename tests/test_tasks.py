@@ -123,3 +123,12 @@ def test_both_backends_beat_chance_and_agree(tmp_path, repo_root, tiny_llama):
                              specs=[SHIPPED], root=repo_root, store=store, toolchain=toolchain, label="F16")
     assert again["code-lines"] == good_gg
     assert len(list((Path(store.root) / "tasks-gguf").glob("*/task.json"))) == 2
+    # the items are stored once per task, and a task result's key holds their digest (what `plan` computes)
+    from quantkit.scoring.tasks import gguf_task_inputs, make_items, resolve_task
+
+    assert len(list((Path(store.root) / "task-items").glob("*/items.json"))) == 2
+    task = resolve_task(SHIPPED, root=repo_root)
+    items = make_items(task, store=store)
+    assert items.reused and items.info["items_sha256"] == good_gg["items_sha256"]
+    assert store.get("tasks-gguf", gguf_task_inputs(task, items, gguf_sha256=gguf.files["model.gguf"].sha256,
+                                                   toolchain=toolchain)) is not None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from quantkit.graph import FORMATS
+
 FORMAT_TAGS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq"}
 
 
@@ -48,7 +50,7 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
     evals = _evals(report, rows)
     data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
                          quantized_by="quantkit", tags=[*formats, "quantized", "quantkit"],
-                         library_name="gguf" if "gguf" in formats else None, model_name=f"{m['name']}-quantized",
+                         library_name=next((f for f in formats if FORMATS[f].llama_cpp), None), model_name=f"{m['name']}-quantized",
                          eval_results=evals or None)
     licences = calibration_licences(calibration_readme) if calibration_readme else {}
     calib = [f"- `{s}`: {licences[s]['source']} (licence: {licences[s]['licence']})" if s in licences
@@ -149,7 +151,7 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
     m, fmt = report["model"], repo.format
     own = [r for r in report["variants"] if r["id"] in repo.variant_ids]
     title = FORMAT_TITLES[fmt]
-    bits = sorted({s.get("bits") or s.get("w_bit") for s in repo.settings.values() if fmt != "gguf"})
+    bits = sorted({s.get("bits") or s.get("w_bit") for s in repo.settings.values() if FORMATS[fmt].checkpoint})
     tags = [fmt, "quantized", "quantkit", *[f"{b}-bit" for b in bits if b]]
     data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
                          library_name=LIBRARY[fmt], pipeline_tag=PIPELINE_TAG, quantized_by="quantkit", tags=tags,
@@ -159,7 +161,7 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
             if m["repo"] else "a local checkpoint (no Hub base model)")
     others = [f"- {FORMAT_TITLES[s.format]}: [{s.repo_id}]({s.url})" for s in siblings if s.repo_id != repo.repo_id]
     body = [f"# {m['name']} {title}", "", f"{title} quantization of {base}, made by quantkit.", ""]
-    if fmt == "gguf":
+    if FORMATS[fmt].llama_cpp:
         body += ["## Use", "", "| variant | file | Ollama | llama.cpp |", "|---|---|---|---|"]
         for label, name in repo.ggufs.items():
             c = (commands or {}).get(label, {})
@@ -180,7 +182,7 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
                   "(`pip install gptqmodel optimum`)."), ""]
     body += ["## Quantization settings", "", "```yaml", *_yaml(repo.settings).splitlines(), "```", "",
              f"- llama.cpp: {report['toolchain']['version']} (commit `{report['toolchain']['llama_cpp']}`)"
-             if fmt == "gguf" else f"- method: {title} through GPTQModel (see the recipe below)",
+             if FORMATS[fmt].llama_cpp else f"- method: {title} through GPTQModel (see the recipe below)",
              f"- quantkit {report['quantkit']}, recipe `{report['recipe']['name']}` (sha256 `{report['recipe']['sha256']}`)",
              (f"- scores on held-out text `{report['evaluation']['file']}`, context {report['evaluation']['ctx']}; "
               "the whole run's report (every format) in `report.md` / `report.json`, plot in `plot.png`"), "",

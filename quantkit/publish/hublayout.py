@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit.graph import FORMATS
 from quantkit.errors import PublishError
 from quantkit.publish.modelfile import merge_command, modelfile_name
 
@@ -72,7 +73,7 @@ def variant_settings(manifest: dict, fmt: str, label: str) -> dict[str, Any]:
     from quantkit.recipe import AWQVariant, GGUFSection, GPTQVariant
 
     resolved = manifest["recipe"].get("resolved") or {}
-    if fmt == "gguf":
+    if FORMATS[fmt].llama_cpp:
         section = resolved.get("gguf")
         if not section:
             return {"type": label}
@@ -97,10 +98,9 @@ def variant_settings(manifest: dict, fmt: str, label: str) -> dict[str, Any]:
 
 
 def _repo_id(settings: Any, fmt: str, model: str, s: dict) -> str:
-    if fmt == "gptq":
-        return settings.repo_id(fmt, model=model, bits=s["bits"], group=s["group_size"])
-    if fmt == "awq":
-        return settings.repo_id(fmt, model=model, bits=s["w_bit"], group=s["q_group_size"])
+    if FORMATS[fmt].checkpoint:  # GPTQ names them bits and group_size, AWQ w_bit and q_group_size
+        return settings.repo_id(fmt, model=model, bits=s["bits"] if "bits" in s else s["w_bit"],
+                                group=s["group_size"] if "group_size" in s else s["q_group_size"])
     return settings.repo_id(fmt, model=model)
 
 
@@ -130,11 +130,11 @@ def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
         repo = repos.setdefault(repo_id, {"format": fmt, "ids": [], "files": {}, "settings": {}, "ggufs": {}})
         if repo["format"] != fmt:
             raise PublishError(f"{repo_id} would hold both {repo['format']} and {fmt} files: one repo per format")
-        if fmt != "gguf" and repo["ids"]:
+        if FORMATS[fmt].checkpoint and repo["ids"]:
             raise PublishError(f"{repo['ids'][0]} and {fmt}:{label} would both be the root of {repo_id}")
         repo["ids"].append(f"{fmt}:{label}")
         repo["settings"][label] = s
-        if fmt == "gguf":
+        if FORMATS[fmt].llama_cpp:
             name = v["file"]
             parts = [s["file"] for s in v.get("shards") or []] or [name]  # split: its shards, in order
             if any("/" in p or not (staged / p).is_file() for p in parts):

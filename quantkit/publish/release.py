@@ -41,15 +41,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from quantkit.graph import FORMATS, format_of
+from quantkit import __version__
 from quantkit.errors import PublishError, RegressionError
 from quantkit.runfolder import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
-from quantkit.paths import inside, open_fixed, project_parts
+from quantkit.paths import inside, open_fixed, project_parts, write_atomic
 from quantkit.publish.hublayout import CARD, SPLIT_RE, HubRepo, gguf_commands, plan_repos
 from quantkit.publish.report import build_report, load_report, refused, serving_md, variants_table, write_report
 from quantkit.store import exclusive
 
 log = logging.getLogger(__name__)
+RENDERED = ".rendered"  # in report/: the digest of what the report was rendered from (hidden: never published)
 
 LATEST = "latest"
 HUB_MAX_FILE_BYTES = 50 * 1000**3  # the Hub refuses single files over 50 GB
@@ -176,8 +179,8 @@ def _recovery_base(report: dict, v: dict, task: str) -> dict | None:
     """The row a variant's recovery is measured against (quantkit.publish.report: the HF base for torch formats
     when it has task scores, else the first row)."""
     rows = report["variants"]
-    hf = next((r for r in rows if r["format"] == "hf" and r.get("tasks")), None)
-    ref = hf if v["format"] in ("gptq", "awq", "rtn") and hf else rows[0]
+    hf = next((r for r in rows if format_of(r).base and r.get("tasks")), None)
+    ref = hf if format_of(v).torch and not format_of(v).base and hf else rows[0]
     return ref if task in ref.get("tasks", {}) else None
 
 
@@ -254,7 +257,7 @@ def check_chat_templates(*, run_dir: Path, manifest: dict, chat_template: str | 
         return
     missing = []
     for v in manifest["variants"]:
-        if v["format"] != "gguf" or not v.get("file"):
+        if not format_of(v).llama_cpp or not v.get("file"):
             continue
         found = gguf_chat_template(Path(run_dir) / v["file"])
         if found is None:
@@ -455,7 +458,7 @@ def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | No
 
 def oversized_ggufs(staged: Path, manifest: dict, *, max_file_bytes: int) -> list[str]:
     """The manifest's GGUF files in the staged folder larger than ``max_file_bytes``."""
-    return [v["file"] for v in manifest["variants"] if v["format"] == "gguf" and v.get("file")
+    return [v["file"] for v in manifest["variants"] if format_of(v).llama_cpp and v.get("file")
             and (Path(staged) / v["file"]).is_file() and (Path(staged) / v["file"]).stat().st_size > max_file_bytes]
 
 
@@ -551,7 +554,7 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str,
         own = {**report, "variants": rows}
         cards[repo.repo_id] = str(render_repo_card(
             report, repo=repo, siblings=repos, table=variants_table(own) + serving_md(own),
-            recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if repo.format == "gguf" else None,
+            recipe_yaml=recipe_yaml, commands=gguf_commands(repo, paths) if FORMATS[repo.format].llama_cpp else None,
             files=paths, calibration_readme=calibration_readme))
     return cards
 
@@ -666,9 +669,18 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
                 and not _differing_unsplit(prev_manifest, run_dir, publishable):
             unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
-    shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
-    write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
-                 calibration_readme=calibration_readme)
+    rendered = hashlib.sha256(json.dumps([__version__, report, recipe_yaml, chat_template, eos_token,
+                                          calibration_readme], sort_keys=True, default=str).encode()).hexdigest()
+    marker = report_dir / RENDERED
+    if not (marker.is_file() and marker.read_text(encoding="utf-8").strip() == rendered):
+        # A warm re-run renders the same report: kept, since the card and the plot load huggingface_hub and
+        # matplotlib (seconds). The marker is written last, so a render cut short is done again.
+        shutil.rmtree(report_dir, ignore_errors=True)  # no Modelfile of a variant the recipe dropped
+        write_report(report, report_dir, recipe_yaml=recipe_yaml, chat_template=chat_template, eos_token=eos_token,
+                     calibration_readme=calibration_readme)
+        write_atomic(marker, rendered.encode())
+    else:
+        log.info("report for %s: unchanged (%s)", recipe, report_dir)
     if held and not unchanged_since:
         log.warning("%s: held, not published: %s", recipe, held)
         return Published(prev[0] if prev else "", report_dir, held=held, refused=bad)
@@ -683,7 +695,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     if bad:
         for vid, why in bad.items():
             log.warning("not publishing %s: its serve check failed: %s", vid, why)
-        if not any(v.get("file") and v["format"] in ("gguf", "gptq", "awq") for v in publishable["variants"]):
+        if not any(v.get("file") and format_of(v).served for v in publishable["variants"]):
             reasons = "; ".join(f"{vid}: {why}" for vid, why in bad.items())
             raise PublishError(f"nothing published: every artifact failed its serve check ({reasons}); "
                                f"see {report_dir / 'report.md'}")

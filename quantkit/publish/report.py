@@ -20,6 +20,7 @@ import logging
 import math
 from pathlib import Path
 
+from quantkit.graph import FORMATS, format_of
 from quantkit import __version__
 from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
@@ -36,7 +37,6 @@ REPORT_SCHEMA = 1
 # report reads; variants, model, recipe, calibration and toolchain keep their shape.
 MANIFEST_SCHEMAS = (1, 2)
 DEFAULT_RECOMMEND_KLD = 0.05  # mean KLD under which a variant counts as "close to the base"
-REFERENCE_FORMATS = ("rtn",)  # scored for comparison, never recommended or published
 RTN_SEPARATION = 3.0  # combined standard errors by which a mean KLD must differ from RTN's to count
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin")
 
@@ -130,7 +130,7 @@ def _variant_row(v: dict, resolved: dict) -> dict:
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
         "mix": _mix_row((v.get("info") or {}).get("mix")),
-        "reference": v["format"] in REFERENCE_FORMATS,
+        "reference": format_of(v).reference,
         "serving": scores.get("serve"),  # quantkit.serving.ServeCheck.to_dict(), or None when not checked
         "quant": _quant_settings(v["format"], v["label"], resolved),
         "shards": v.get("shards"),  # [{file, size, sha256}] when published as llama-gguf-split shards
@@ -203,15 +203,15 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
     task_metrics = _task_columns(rows)
     base = rows[0]
     base["is_base"] = True
-    hf_base = next((r for r in rows if r["format"] == "hf"), None)
+    hf_base = next((r for r in rows if format_of(r).base), None)
     for r in rows:
-        r.setdefault("is_base", r["format"] == "hf")
+        r.setdefault("is_base", format_of(r).base)
         r["parameters"] = r["parameters"] or base["parameters"]
         r["size_gib"] = r["size_bytes"] / GIB
         r["bpw"] = r["size_bytes"] * 8 / r["parameters"] if r["parameters"] else None
         r["dppl"] = r["ppl"] - base["ppl"] if None not in (r["ppl"], base["ppl"]) else None
         r["dppl_pct"] = 100 * r["dppl"] / base["ppl"] if r["dppl"] is not None else None
-        ref = hf_base if r["format"] in ("gptq", "awq", "rtn") and hf_base and hf_base["tasks"] else base
+        ref = hf_base if format_of(r).torch and not format_of(r).base and hf_base and hf_base["tasks"] else base
         r["recovery"] = {t: s / ref["tasks"][t] for t, s in r["tasks"].items() if ref["tasks"].get(t)}
         r["recovery_mean"] = sum(r["recovery"].values()) / len(r["recovery"]) if r["recovery"] else None
         r["tasks_se"] = {t: task_se(s, r["tasks_n"].get(t)) for t, s in r["tasks"].items()}
@@ -354,7 +354,7 @@ def rtn_comparisons(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         q = r.get("quant")
-        if r["format"] not in ("gptq", "awq") or not q or r["kld_mean"] is None:
+        if not format_of(r).checkpoint or not q or r["kld_mean"] is None:
             continue
         same = [x for x in refs if (x["quant"]["bits"], x["quant"]["group_size"]) == (q["bits"], q["group_size"])]
         if not same:
@@ -427,8 +427,8 @@ def _caveats(rows: list[dict], base_origin: dict | None, manifest: dict) -> list
     resolved = manifest["recipe"].get("resolved") or {}
     groups = sorted({g for g in [*(x.get("group_size") for x in resolved.get("gptq") or []),
                                  *(x.get("q_group_size") for x in resolved.get("awq") or [])] if g})
-    ggufs = [r["label"] for r in rows if r["format"] == "gguf" and not r["is_base"]]
-    others = [r["id"] for r in rows if r["format"] in ("gptq", "awq")]
+    ggufs = [r["label"] for r in rows if format_of(r).llama_cpp and not r["is_base"]]
+    others = [r["id"] for r in rows if format_of(r).checkpoint]
     grid = f"one scale and minimum per {block} weights" if block else "its own block grid"
     text = (f"The base checkpoint is not original weights: it was dequantized from a {qtype} "
             f"{base_origin.get('format', '').upper()} file" + (f" ({src})" if src else "") +
@@ -500,14 +500,14 @@ def _knee(front: list[dict]) -> dict | None:
 
 
 def _serve(r: dict, chat_template: str | None, ctx: int) -> dict:
-    if r["format"] == "gguf" and r["file"] and r.get("shards"):  # llama.cpp loads shards by the first one
+    if format_of(r).llama_cpp and r["file"] and r.get("shards"):  # llama.cpp loads shards by the first one
         first = r["shards"][0]["file"]
         return {"modelfile": modelfile_name(r["file"]), "command": llama_server_command(first, ctx=ctx),
                 "merge": merge_command(first, r["file"]), "num_ctx": ctx}
-    if r["format"] == "gguf" and r["file"]:
+    if format_of(r).llama_cpp and r["file"]:
         return {"modelfile": modelfile_name(r["file"]), "command": llama_server_command(r["file"], ctx=ctx),
                 "num_ctx": ctx}
-    if r["format"] in ("gptq", "awq") and r["file"]:
+    if format_of(r).checkpoint and r["file"]:
         return {"command": vllm_serve_command(r["file"], fmt=r["format"], ctx=ctx), "num_ctx": ctx}
     return {}
 
@@ -691,13 +691,13 @@ def _rtn_md(report: dict) -> list[str]:
                    f"{unlike})")
     compared = {c["id"] for c in comparisons}
     for r in report["variants"]:
-        if r["format"] in ("gptq", "awq") and r["id"] not in compared:
+        if format_of(r).checkpoint and r["id"] not in compared:
             q = r.get("quant")
             why = ("it has no mean KLD" if r["kld_mean"] is None else
                    f"no RTN variant with a mean KLD at {q['bits']} bits, group size {q['group_size']}" if q else
                    "its settings are not in the run's recipe")
             out.append(f"- `{r['id']}`: not compared ({why})")
-    if not any(r["format"] in ("gptq", "awq") for r in report["variants"]):
+    if not any(format_of(r).checkpoint for r in report["variants"]):
         out.append("- the run has no GPTQ or AWQ variant to compare")
     return out
 
@@ -802,7 +802,7 @@ def render_plot(report: dict, path: Path) -> None:
                    and not r.get("mix")]
             if pts:
                 ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60,
-                           label=f"{fmt} (reference)" if fmt in REFERENCE_FORMATS else fmt, zorder=3)
+                           label=f"{fmt} (reference)" if FORMATS[fmt].reference else fmt, zorder=3)
         mixes = [r for r in quantized if r.get("mix") and r.get(metric) is not None and (not log_y or r[metric] > 0)]
         if mixes:  # size-budget variants beside the stock types
             ax.scatter([r["size_gib"] for r in mixes], [r[metric] for r in mixes], marker="*", s=140,

@@ -33,6 +33,7 @@ raises ``ChanceLevelError`` when p >= alpha.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -157,8 +158,15 @@ def resolve_task(spec: TaskSpec, *, root: Path) -> ResolvedTask:
         with open_beneath(folder, name) as f:
             files[name] = sha256_of(f)
     task = ResolvedTask(spec, folder, files)
-    _task_config(task)
+    _checked(spec, folder, tuple(sorted(files.items())))
     return task
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(spec: TaskSpec, folder: Path, files: tuple) -> None:
+    """``_task_config`` once per task and content (its files' sha256 are the key): each variant's task node
+    resolves the task again, and parsing its YAML is most of that."""
+    _task_config(ResolvedTask(spec, folder, dict(files)))
 
 
 def _task_bytes(task: ResolvedTask, rel: str) -> bytes:
@@ -328,16 +336,61 @@ def _mean_logprob_after(lm, tokens: list[int], start: int) -> float:
 
 # ---------------------------------------------------------------- stored steps
 
-def _lm_eval_version() -> str:
-    import lm_eval
+@functools.lru_cache(maxsize=None)
+def _version(package: str) -> str:
+    """An installed package's version without importing it (lm-eval and transformers take seconds to import,
+    and a stored task result is checked on every run)."""
+    from importlib.metadata import version
 
-    return lm_eval.__version__
+    return version(package)
 
 
-def task_inputs(task: ResolvedTask, items: list[TaskItem], *, variant: str, backend: str, backend_version: str) -> dict:
-    return {"variant": variant, "task": task.name, "task_files": task.files_sha256, "items_sha256": items_sha256(items),
-            "num_fewshot": task.spec.num_fewshot, "limit": task.spec.limit, "lm_eval": _lm_eval_version(),
+ITEMS_FILE = "items.json"
+
+
+def items_inputs(task: ResolvedTask) -> dict:
+    """The key of a task's items (the ``task-items`` node): what lm-eval builds them from."""
+    return {"task": task.name, "task_files": task.files_sha256, "num_fewshot": task.spec.num_fewshot,
+            "limit": task.spec.limit, "fewshot_seed": FEWSHOT_SEED, "lm_eval": _version("lm_eval")}
+
+
+def make_items(task: ResolvedTask, *, store: Store) -> Entry:
+    """The task's items, built once by lm-eval's loader and stored (``items.json``, their digest in the entry):
+    every variant's task node reads them from the store and is keyed by their digest."""
+    def produce(staging) -> None:
+        with task_manager([task], store=store) as manager:
+            items = load_items(task, manager)
+        write_json_atomic(staging.path / ITEMS_FILE, [asdict(it) for it in items])
+        staging.info.update(items_sha256=items_sha256(items), n=len(items))
+
+    return store.ensure("task-items", items_inputs(task), produce)
+
+
+def stored_items(entry: Entry) -> list[TaskItem]:
+    items = [TaskItem(d["context"], tuple(d["choices"]), d["gold"])
+             for d in json.loads(entry.file(ITEMS_FILE).read_text(encoding="utf-8"))]
+    if items_sha256(items) != entry.info["items_sha256"]:
+        raise VerificationError(f"{entry.file(ITEMS_FILE)} does not hold the items its entry records")
+    return items
+
+
+def task_inputs(task: ResolvedTask, items_digest: str, *, variant: str, backend: str, backend_version: str) -> dict:
+    return {"variant": variant, "task": task.name, "task_files": task.files_sha256, "items_sha256": items_digest,
+            "num_fewshot": task.spec.num_fewshot, "limit": task.spec.limit, "lm_eval": _version("lm_eval"),
             "backend": backend, "backend_version": backend_version}
+
+
+def hf_task_inputs(task: ResolvedTask, items: Entry, *, identity: str) -> dict:
+    return task_inputs(task, items.info["items_sha256"], variant=identity, backend=BACKEND_HF,
+                       backend_version=f"transformers {_version('transformers')}; scorer {HF_SCORER_VERSION}")
+
+
+def gguf_task_inputs(task: ResolvedTask, items: Entry, *, gguf_sha256: str, toolchain) -> dict:
+    from quantkit.scoring.tasks_llamacpp import BACKEND, BATCH_CTX, PARALLEL
+
+    # the batch layout is in the key: another one can move a near-tie
+    return task_inputs(task, items.info["items_sha256"], variant=gguf_sha256, backend=BACKEND,
+                       backend_version=f"llama.cpp {toolchain.build}; np {PARALLEL} ctx {BATCH_CTX}")
 
 
 def _stored(store: Store, step: str, inputs: dict, produce_result) -> Entry:
@@ -349,65 +402,67 @@ def _stored(store: Store, step: str, inputs: dict, produce_result) -> Entry:
     return store.ensure(step, inputs, produce)
 
 
-# Items of a task, by (spec, task files' sha256): the same for every variant of a run.
-_ITEMS: dict[tuple, list[TaskItem]] = {}
+def score_task_hf_stored(*, model_dir: Path, identity: str, task: ResolvedTask, items: Entry, store: Store,
+                         device: str = "cpu") -> Entry:
+    """One task on one checkpoint (lm-eval's ``hf`` model), stored under ``hf_task_inputs``."""
+    def produce() -> TaskResult:
+        with task_manager([task], store=store) as manager:
+            return score_task_hf(model_dir=model_dir, task=task, items=stored_items(items), manager=manager,
+                                 device=device)
+
+    return _stored(store, "tasks-hf", hf_task_inputs(task, items, identity=identity), produce)
 
 
-def _score_tasks(*, specs: list[TaskSpec], root: Path, store: Store, label: str, step: str, variant: str,
-                 backend: str, backend_version: str, score) -> dict[str, dict]:
-    """Every recipe task on one variant, each result stored; ``score(task, items, manager)`` measures one."""
-    tasks = [resolve_task(s, root=root) for s in specs]
-    out = {}
-    with contextlib.ExitStack() as stack:
-        managers: list = []
+def score_task_gguf_stored(*, gguf: Path, gguf_sha256: str, task: ResolvedTask, items: Entry, store: Store, toolchain,
+                           threads: int | None = None) -> Entry:
+    """One task on one GGUF through llama-perplexity, stored under ``gguf_task_inputs``."""
+    from quantkit.scoring.tasks_llamacpp import score_task_gguf
 
-        def manager():
-            # lm-eval's TaskManager indexes every task it ships (seconds): only when something is missing.
-            if not managers:
-                managers.append(stack.enter_context(task_manager(tasks, store=store)))
-            return managers[0]
-
-        for task in tasks:
-            key = (task.spec, tuple(sorted(task.files_sha256.items())))
-            if key not in _ITEMS:
-                _ITEMS[key] = load_items(task, manager())
-            items = _ITEMS[key]
-            inputs = task_inputs(task, items, variant=variant, backend=backend, backend_version=backend_version)
-            entry = _stored(store, step, inputs, lambda: score(task, items, manager()))
-            # the items' digest lets the report pair two variants item by item only when they saw the same items
-            out[task.name] = _log_result(entry, label) | {"items_sha256": items_sha256(items)}
-    return out
+    return _stored(store, "tasks-gguf", gguf_task_inputs(task, items, gguf_sha256=gguf_sha256, toolchain=toolchain),
+                   lambda: score_task_gguf(gguf=gguf, task=task.name, items=stored_items(items), toolchain=toolchain,
+                                           threads=threads, store=store))
 
 
 def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], root: Path, store: Store,
                    label: str) -> dict[str, dict]:
-    """Every recipe task on one checkpoint, stored; returns ``{task: summary}`` for ``Variant.scores["tasks"]``."""
-    import transformers
-
-    return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-hf", variant=identity,
-                        backend=BACKEND_HF,
-                        backend_version=f"transformers {transformers.__version__}; scorer {HF_SCORER_VERSION}",
-                        score=lambda task, items, manager: score_task_hf(model_dir=model_dir, task=task,
-                                                                         items=items, manager=manager))
+    """Every task of ``specs`` on one checkpoint, stored; ``{task: summary}`` as ``Variant.scores["tasks"]``."""
+    out = {}
+    for spec in specs:
+        task = resolve_task(spec, root=root)
+        entry = score_task_hf_stored(model_dir=model_dir, identity=identity, task=task,
+                                     items=make_items(task, store=store), store=store)
+        log_task(entry, label)
+        out[task.name] = task_summary(entry)
+    return out
 
 
 def score_tasks_gguf(*, gguf: Path, gguf_sha256: str, specs: list[TaskSpec], root: Path, store: Store, toolchain,
                      label: str, threads: int | None = None) -> dict[str, dict]:
-    """Every recipe task on one GGUF through llama-perplexity, stored; same return shape as ``score_tasks_hf``."""
-    from quantkit.scoring.tasks_llamacpp import BACKEND, BATCH_CTX, PARALLEL, score_task_gguf
+    """Every task of ``specs`` on one GGUF, stored; same return shape as ``score_tasks_hf``."""
+    out = {}
+    for spec in specs:
+        task = resolve_task(spec, root=root)
+        entry = score_task_gguf_stored(gguf=gguf, gguf_sha256=gguf_sha256, task=task,
+                                       items=make_items(task, store=store), store=store, toolchain=toolchain,
+                                       threads=threads)
+        log_task(entry, label)
+        out[task.name] = task_summary(entry)
+    return out
 
-    # the batch layout is in the key: another one can move a near-tie
-    return _score_tasks(specs=specs, root=root, store=store, label=label, step="tasks-gguf", variant=gguf_sha256,
-                        backend=BACKEND, backend_version=f"llama.cpp {toolchain.build}; np {PARALLEL} ctx {BATCH_CTX}",
-                        score=lambda task, items, manager: score_task_gguf(gguf=gguf, task=task.name, items=items,
-                                                                           toolchain=toolchain, threads=threads,
-                                                                           store=store))
+
+def task_summary(entry: Entry) -> dict:
+    """A stored task result as ``Variant.scores["tasks"][task]`` holds it; the items' digest lets the report
+    pair two variants item by item only when they saw the same items."""
+    return _summary(entry.info["task"]) | {"items_sha256": entry.inputs["items_sha256"]}
 
 
-def _log_result(entry: Entry, label: str) -> dict:
+def log_task(entry: Entry, label: str) -> None:
     r = entry.info["task"]
     log.info("task %s on %s (%s): %s %.3f over %d items (chance %.3f, p=%.2g)%s", r["task"], label, r["backend"],
              r["metric"], r[r["metric"]], r["n"], r["chance"], r["p_value"], " reused" if entry.reused else "")
+
+
+def _summary(r: dict) -> dict:
     # ``correct`` (per item, for ``metric``) lets the report compare two variants item by item (paired)
     return {k: r[k] for k in ("acc", "acc_norm", "acc_token_norm", "n", "chance", "p_value", "metric", "backend",
                               "correct")} | {"task": r["task"], "per_item": r.get("per_item") or {r["metric"]: r["correct"]}}
@@ -420,5 +475,6 @@ def check_tasks(scores: dict[str, dict], *, label: str, alpha: float) -> None:
 
 
 __all__ = ["TaskItem", "TaskResult", "ResolvedTask", "resolve_task", "task_manager", "load_items", "items_sha256",
-           "p_above_chance", "check_above_chance", "check_tasks", "score_task_hf", "score_tasks_hf",
+           "p_above_chance", "check_above_chance", "check_tasks", "score_task_hf", "make_items", "stored_items",
+           "score_task_hf_stored", "score_task_gguf_stored", "task_summary", "score_tasks_hf",
            "score_tasks_gguf"]
