@@ -249,7 +249,63 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
             "caveats": caveats, "variants": rows, "pareto": frontier, "rtn_comparisons": against_rtn,
             "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
-            "hardware": hardware, "regression": regression}
+            "hardware": hardware, "regression": regression, "experts": expert_coverage(manifest)}
+
+
+def expert_coverage(manifest: dict) -> dict | None:
+    """Mixture-of-experts coverage from the variants' info (quantkit.experts, quantkit.gptq): the imatrix's
+    least-covered experts, the GGUF tensors that fell back for uncovered ones, the calibration tokens each
+    expert saw in GPTQ/AWQ. None for a dense model."""
+    imatrix, fallback, without, calibrated = None, {}, [], {}
+    for v in manifest["variants"]:
+        e = (v.get("info") or {}).get("experts")
+        if not e:
+            continue
+        vid = f"{v['format']}:{v['label']}"
+        if v["format"] == "gguf":
+            imatrix = imatrix or {k: e[k] for k in ("min_tokens", "least", "below")}
+            if e.get("fallback"):
+                fallback[vid] = {"type": e["fallback_type"], "tensors": e["fallback"]}
+            if e.get("without_importance"):
+                without.append(vid)
+        else:
+            calibrated[vid] = {"routing": e.get("routing"), "tokens_per_expert": e.get("tokens_per_expert")}
+    if imatrix is None and not calibrated:
+        return None
+    resolved = manifest["recipe"].get("resolved") or {}
+    min_tokens = imatrix["min_tokens"] if imatrix else (
+        ((resolved.get("gguf") or {}).get("imatrix") or {}).get("min_expert_tokens", 32))
+    short = {vid: c for vid, c in calibrated.items() if (c["tokens_per_expert"] or 0) < min_tokens}
+    return {"imatrix": imatrix, "fallback": fallback, "without_importance": without, "calibrated": calibrated,
+            "calibration_short": sorted(short), "min_tokens": min_tokens}
+
+
+def experts_md(report: dict) -> list[str]:
+    e = report.get("experts")
+    if not e:
+        return []
+    out = ["", "## Expert coverage", ""]
+    if im := e["imatrix"]:
+        out.append(f"Importance matrix: tokens routed to each expert on the calibration text (threshold "
+                   f"{im['min_tokens']}, `gguf.imatrix.min_expert_tokens`). Least covered:")
+        out += ["", "| layer | expert | tokens |", "|---:|---:|---:|"]
+        out += [f"| {layer} | {ex} | {n}{' (below)' if n < im['min_tokens'] else ''} |" for layer, ex, n in im["least"]]
+        out.append("")
+        if im["below"]:
+            out.append(f"- {len(im['below'])} expert(s) below the threshold: "
+                       + ", ".join(f"layer {layer} expert {ex} ({n})" for layer, ex, n in im["below"][:16]))
+        else:
+            out.append("- every expert reached the threshold")
+    for vid, fb in e["fallback"].items():
+        out.append(f"- {vid}: a type that needs importance data for every expert; the expert tensors of layers with "
+                   f"uncovered experts were made {fb['type']} instead: {', '.join(fb['tensors'])}")
+    for vid in e["without_importance"]:
+        out.append(f"- {vid}: uncovered experts were quantized without importance data (uniform weights, as "
+                   "without an imatrix; this type does not need one)")
+    for vid, c in e["calibrated"].items():
+        out.append(f"- {vid}: every expert calibrated on {c['tokens_per_expert']} tokens ({c['routing']})"
+                   + (f", fewer than {e['min_tokens']}" if vid in e["calibration_short"] else ""))
+    return out
 
 
 def _bases_agree(base: dict, hf_base: dict | None, task: str) -> dict | None:
@@ -563,6 +619,7 @@ def render_markdown(report: dict) -> str:
                    "so no new release was made")
     out += _regression_md(report.get("regression"))
     out += mix_md(report)
+    out += experts_md(report)
     out += _hardware_md(report)
     out += ["", "## How to run", ""]
     bad = refused(report)
