@@ -247,6 +247,8 @@ _DEFAULT = {  # llama_ftype_get_default_type
 _FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
              "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_0": "Q4_0", "Q2_K": "Q4_0",
              "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_ATTN_OUT_8_EXPERTS = {"Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S", "IQ3_M",
+                       "IQ4_XS"}
 _IQ_LOW = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"}
 _UNQUANTIZED = {"F16", "BF16", "F32"}
 
@@ -397,6 +399,8 @@ def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type
     if cat == "attn_output":
         if falcon:
             return "Q4_K" if ftype == "Q3_K_L" else new
+        if qs.n_expert == 8:
+            return "Q5_K" if ftype in _ATTN_OUT_8_EXPERTS else new
         return {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(ftype, new)
     if cat == "attn_qkv":
         if ftype in ("Q3_K_M", "Q3_K_L", "IQ3_M"):
