@@ -218,3 +218,24 @@ awq:
     assert "recipes/ernie.yaml:10: awq[0]:" in text
     assert "ernie4_5_moe.py:106" in text
     assert not (tmp_path / "runs").exists()
+
+
+# --- the size-budget search's roles --------------------------------------------------------------------------
+
+def test_expert_tensors_have_roles_of_their_own_and_routers_stay_precise():
+    from quantkit.budget import options
+    from quantkit.sensitivity import calibration_group, tensor_group
+
+    names = {"blk.3.ffn_gate_exps.weight": ("ffn_gate_exps", "ffn_exps"),
+             "blk.3.ffn_down_exps.weight": ("ffn_down_exps", "ffn_exps"),
+             "blk.3.ffn_up_shexp.weight": ("ffn_up_shexp", "ffn_shexp"),
+             "blk.3.ffn_gate_inp.weight": ("ffn_gate_inp", "router"),
+             "blk.3.ffn_gate_inp_shexp.weight": ("ffn_gate_inp_shexp", "router"),
+             "blk.3.ffn_down.weight": ("ffn_down", "ffn")}
+    assert {n: (calibration_group(n), tensor_group(n)) for n in names} == names
+    table = lambda ty, size, err: {"tensors": {  # noqa: E731
+        "blk.0.ffn_gate_inp_shexp.weight": {"quantized": True, "type": ty, "bytes": size, "error": err},
+        "blk.0.ffn_down_exps.weight": {"quantized": True, "type": ty, "bytes": 100 * size, "error": err}}}
+    opts = options({"q4_k": table("q4_k", 144, 2.0), "q8_0": table("q8_0", 272, 0.1)})
+    assert [c.type for c in opts["blk.0.ffn_gate_inp_shexp.weight"]] == ["q8_0"]
+    assert [c.type for c in opts["blk.0.ffn_down_exps.weight"]] == ["q4_k", "q8_0"]
