@@ -5,6 +5,7 @@ projection), priced as the converter stacks them and as llama-quantize types the
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -90,3 +91,19 @@ def test_the_moe_recipe_plans_from_headers_alone(project):
     text = render(list(rows.values()), have=Machine(free_disk=500 * GiB, available_ram=64 * GiB))
     print(text)
     print({t: round(s, 2) for t, s in sizes.items()})
+
+
+def test_hardware_fit_says_what_must_be_resident():
+    from quantkit.publish.hardware import ModelShape, hardware_fit
+
+    shape = ModelShape.from_config(CONFIG)
+    assert (shape.experts, shape.experts_per_token) == (128, 8)
+    assert shape.expert_parameters == 48 * 128 * 3 * H * FF  # 28.99 B of the 30.53 B
+    params = sum(math.prod(s) for _, s in shapes())
+    q4 = {"id": "gguf:Q4_K_M", "size_bytes": int(17.28 * GiB), "kld_mean": 0.01, "parameters": params}
+    hw = hardware_fit([q4], shape)
+    full, gpu = hw["needed_bytes"]["gguf:Q4_K_M"]["4096"], hw["gpu_bytes_experts_in_ram"]["gguf:Q4_K_M"]["4096"]
+    # with the experts in system RAM the GPU holds attention, embeddings and output (5 % of the parameters: 0.87
+    # of the 17.28 GiB) + 0.375 GiB of f16 KV cache at 4k + 0.5 GiB headroom
+    assert gpu == pytest.approx(0.87 * GiB + 0.375 * GiB + 0.5 * GiB, rel=0.01)
+    assert full == pytest.approx(17.28 * GiB + 0.375 * GiB + 0.5 * GiB, rel=0.001)
