@@ -124,8 +124,8 @@ def quantize_plan(*, coverage: Coverage | None, label: str, needs_imatrix: bool,
     if not below:
         return [], info
     if not needs_imatrix:
-        # llama-quantize gives them uniform weights: as good as without an imatrix, which these types allow
-        info["without_importance"] = True
+        # this type needs no imatrix: llama-quantize uses what data there is, uniform weights for 0 tokens
+        info["below_kept"] = True
         return [], info
     if action == "refuse":
         raise UncoveredExpertsError(label, below, min_tokens)

@@ -130,7 +130,15 @@ def test_moe_recipe_runs_end_to_end(moe_run):
         assert variants[label]["scores"]["kld_mean"] > 0, label
     # the imatrix's token counts: top-2 routing sends each of the 8 x 128 tokens to two experts per layer
     experts = variants["Q4_K_M"]["info"]["experts"]
-    assert experts["least"] and experts["below"] == []
+    least = [tuple(x) for x in experts["least"]]
+    assert least == sorted(least, key=lambda x: (x[2], x[0], x[1])) and len(least) == 8
+    # the brief training leaves some experts nearly unrouted (a router imbalance real MoE training fights too):
+    # IQ2_XXS, which needs importance data, gives their layers' expert tensors q4_k; Q4_K_M keeps its types
+    below_layers = sorted({layer for layer, _, n in experts["below"]})
+    assert all(n < 32 for *_, n in experts["below"])
+    iq2 = variants["IQ2_XXS"]["info"]["experts"]
+    assert iq2["fallback"] == [f"blk.{i}.ffn_{p}_exps.weight" for i in below_layers for p in ("gate", "up", "down")]
+    assert bool(experts["below"]) == bool(experts.get("below_kept"))
     gguf = root / "runs" / "tiny-moe" / "tiny-llama-Q4_K_M.gguf"
     assert {t for n, t in tensor_types(gguf).items() if "_exps" in n} <= {"Q4_K", "Q6_K"}
     # GPTQ and AWQ: every expert calibrated on the whole sample (8 windows x 64 tokens)
@@ -139,7 +147,7 @@ def test_moe_recipe_runs_end_to_end(moe_run):
     reports = list(root.rglob("report.md"))
     assert reports, "nothing published"
     text = reports[0].read_text()
-    assert "## Expert coverage" in text and "every expert reached the threshold" in text
+    assert "## Expert coverage" in text and f"| {least[0][0]} | {least[0][1]} | {least[0][2]}" in text
     assert "gptq:GPTQ-4bit-g128: every expert calibrated on 512 tokens" in text
 
 
@@ -182,7 +190,7 @@ def test_a_never_routed_expert_falls_back_by_name(tmp_path, repo_root, tiny_erni
     assert {types[n] for n in info["fallback"]} == {"Q4_K"}
     assert "IQ2_XXS" in set(types.values())  # the rest of the file is still the type asked for
     # a type that needs no importance data keeps its own types; the report says what happened
-    assert variants["Q4_K_M"]["info"]["experts"]["without_importance"] is True
+    assert variants["Q4_K_M"]["info"]["experts"]["below_kept"] is True
     from quantkit.publish.report import build_report, experts_md
 
     text = "\n".join(experts_md(build_report(manifest)))

@@ -266,7 +266,7 @@ def expert_coverage(manifest: dict) -> dict | None:
             imatrix = imatrix or {k: e[k] for k in ("min_tokens", "least", "below")}
             if e.get("fallback"):
                 fallback[vid] = {"type": e["fallback_type"], "tensors": e["fallback"]}
-            if e.get("without_importance"):
+            if e.get("below_kept"):
                 without.append(vid)
         else:
             calibrated[vid] = {"routing": e.get("routing"), "tokens_per_expert": e.get("tokens_per_expert")}
@@ -276,7 +276,7 @@ def expert_coverage(manifest: dict) -> dict | None:
     min_tokens = imatrix["min_tokens"] if imatrix else (
         ((resolved.get("gguf") or {}).get("imatrix") or {}).get("min_expert_tokens", 32))
     short = {vid: c for vid, c in calibrated.items() if (c["tokens_per_expert"] or 0) < min_tokens}
-    return {"imatrix": imatrix, "fallback": fallback, "without_importance": without, "calibrated": calibrated,
+    return {"imatrix": imatrix, "fallback": fallback, "below_kept": without, "calibrated": calibrated,
             "calibration_short": sorted(short), "min_tokens": min_tokens}
 
 
@@ -299,9 +299,9 @@ def experts_md(report: dict) -> list[str]:
     for vid, fb in e["fallback"].items():
         out.append(f"- {vid}: a type that needs importance data for every expert; the expert tensors of layers with "
                    f"uncovered experts were made {fb['type']} instead: {', '.join(fb['tensors'])}")
-    for vid in e["without_importance"]:
-        out.append(f"- {vid}: uncovered experts were quantized without importance data (uniform weights, as "
-                   "without an imatrix; this type does not need one)")
+    for vid in e["below_kept"]:
+        out.append(f"- {vid}: a type that needs no importance data; experts below the threshold were quantized "
+                   "with the little data they had (uniform weights for those with none, as without an imatrix)")
     for vid, c in e["calibrated"].items():
         out.append(f"- {vid}: every expert calibrated on {c['tokens_per_expert']} tokens ({c['routing']})"
                    + (f", fewer than {e['min_tokens']}" if vid in e["calibration_short"] else ""))
