@@ -269,8 +269,10 @@ def verify_checkpoint(path: Path, *, expect: dict[str, Any], layers: dict[str, t
 
 
 # transformers 5 loads Mixtral's experts under the names of its MoE layer, and GPTQModel saves them so
-_SAVED_NAMES = ((re.compile(r"\.block_sparse_moe\."), ".mlp."), (re.compile(r"(\.experts\.\d+)\.w1$"), r"\1.gate_proj"),
-                (re.compile(r"(\.experts\.\d+)\.w3$"), r"\1.up_proj"), (re.compile(r"(\.experts\.\d+)\.w2$"), r"\1.down_proj"))
+_SAVED_NAMES = ((re.compile(r"\.block_sparse_moe\."), ".mlp."),
+                (re.compile(r"(\.experts\.\d+)\.w1$"), r"\1.gate_proj"),
+                (re.compile(r"(\.experts\.\d+)\.w3$"), r"\1.up_proj"),
+                (re.compile(r"(\.experts\.\d+)\.w2$"), r"\1.down_proj"))
 
 
 def _saved_name(name: str) -> str:

@@ -41,7 +41,8 @@ def shapes() -> list[tuple[str, list[int]]]:
                 (p + "self_attn.q_norm.weight", [128]), (p + "self_attn.k_norm.weight", [128]),
                 (p + "mlp.gate.weight", [E, H])]
         for e in range(E):
-            out += [(p + f"mlp.experts.{e}.gate_proj.weight", [FF, H]), (p + f"mlp.experts.{e}.up_proj.weight", [FF, H]),
+            out += [(p + f"mlp.experts.{e}.gate_proj.weight", [FF, H]),
+                    (p + f"mlp.experts.{e}.up_proj.weight", [FF, H]),
                     (p + f"mlp.experts.{e}.down_proj.weight", [H, FF])]
     return out + [("model.norm.weight", [H]), ("lm_head.weight", [V, H])]
 
@@ -84,7 +85,8 @@ def test_the_moe_recipe_plans_from_headers_alone(project):
     f32 = 48 * (2 * H + 2 * 128 + E * H) + H
     q8 = (params - f32) * 34 // 32 + 4 * f32
     assert rows["quantize:Q8_0"].disk_bytes == pytest.approx(q8, rel=0.001)
-    sizes = {t: rows[f"quantize:{t}"].disk_bytes / GiB for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M")}
+    ladder = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M")
+    sizes = {t: rows[f"quantize:{t}"].disk_bytes / GiB for t in ladder}
     assert list(sizes.values()) == sorted(sizes.values(), reverse=True)
     # imatrix maps the 57 GiB bf16 base: its RAM is above that
     assert rows["imatrix"].ram_bytes > rows["convert"].disk_bytes

@@ -95,10 +95,13 @@ def hardware_fit(variants: list[dict], shape: ModelShape, *, contexts=CONTEXTS, 
     if shape.expert_parameters:
         # llama.cpp can keep the routed experts in system RAM (--cpu-moe) and put the rest on the GPU; the
         # experts' share of a file is estimated by their share of the parameters
-        moe = {str(v["id"]): {str(c): (round(v["size_bytes"] * (1 - min(1.0, shape.expert_parameters / v["parameters"])))
-                                       + shape.kv_cache_bytes(c, cache_type) + headroom) if _ctx_ok(shape, c) else None
-                              for c in contexts}
-               for v in variants if v.get("parameters")}
+        moe = {}
+        for v in variants:
+            if not v.get("parameters"):
+                continue
+            rest = round(v["size_bytes"] * (1 - min(1.0, shape.expert_parameters / v["parameters"])))
+            moe[str(v["id"])] = {str(c): rest + shape.kv_cache_bytes(c, cache_type) + headroom if _ctx_ok(shape, c)
+                                 else None for c in contexts}
     return {"cache_type": cache_type, "headroom_bytes": headroom, "contexts": list(contexts),
             "memory_gb": list(memory_gb), "model": shape.to_dict(), "gpu_bytes_experts_in_ram": moe,
             "kv_cache_bytes": {str(c): shape.kv_cache_bytes(c, cache_type) for c in contexts},
