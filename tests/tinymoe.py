@@ -11,8 +11,8 @@ BPE tokenizer whose pre-tokenizer hash the converter knows):
 ``kill_expert(src, dest, e)`` (ernie only) copies a built checkpoint and sets expert ``e``'s entry of every
 layer's router selection bias (``moe_statics.e_score_correction_bias``, one entry per router row) to -1:
 routing picks the top-k of softmax probability + bias, probabilities lie in (0, 1), so ``e`` is never
-chosen by transformers nor by llama.cpp (which reads the bias as ``ffn_exp_probs_b``). Every tensor width is a multiple of
-256 (K-quant super-blocks) and of 128 (GPTQ groups).
+chosen by transformers nor by llama.cpp (which reads the bias as ``ffn_exp_probs_b``). Every tensor
+width is a multiple of 256 (K-quant super-blocks) and of 128 (GPTQ groups).
 """
 
 from __future__ import annotations
