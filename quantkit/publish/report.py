@@ -774,7 +774,7 @@ def _hardware_md(report: dict) -> list[str]:
         share = shape["expert_parameters"]
         out += ["", f"Mixture of experts: {shape['experts']} routed experts, {shape['experts_per_token']} per token. "
                 f"Everything above must be resident (RAM or VRAM): llama.cpp reads every expert it may route to. "
-                f"The routed experts ({share / 1e9:.2f} B parameters) can stay in system RAM "
+                f"The routed experts ({share:,} parameters) can stay in system RAM "
                 "(`llama-server --cpu-moe`); the GPU then holds the rest plus the KV cache (estimated by the "
                 "experts' share of the parameters):", "",
                 "| variant | " + " | ".join(f"GPU GiB @ {c // 1024}k" for c in ctxs) + " |",
