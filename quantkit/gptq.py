@@ -74,16 +74,29 @@ class BackendMissingError(QuantizerError, ImportError):
 
 # Mixture-of-experts routers: GPTQModel keeps them in float (its model definitions leave them out of the
 # quantized modules), as llama.cpp does (src/llama-quant.cpp never quantizes ffn_gate_inp).
+# Mixture-of-experts families the installed GPTQModel cannot calibrate, with the reason at its source: refused by
+# `quantkit validate` for a local model (quantkit.recipefiles) and here before any work for a fetched one.
+# Found on the tiny Ernie-4.5 MoE of tests/tinymoe.py (GPTQ and AWQ fail the same way).
+GPTQMODEL_MOE_UNSUPPORTED = {
+    "Ernie4_5_MoeForCausalLM": "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: its model "
+                               "definition (gptqmodel/models/definitions/ernie4_5_moe.py:106) calls "
+                               "Ernie4_5_MoeModel._update_causal_mask, which transformers 5 removed",
+}
 ROUTER = re.compile(r"\.(?:mlp|block_sparse_moe)\.gate$|\.shared_expert_gate$")
+
+
+def _config(model_path: Path) -> dict:
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def is_moe(model_path: Path) -> bool:
     from quantkit.estimate import expert_count
 
-    try:
-        cfg = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    cfg = _config(model_path)
     return expert_count(cfg.get("text_config") or cfg) > 0
 
 
@@ -170,6 +183,9 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     (RTN), quantized without samples. ``around()`` is a context manager held while GPTQModel quantizes
     (settings its config does not carry).
     """
+    arch = next(iter(_config(model.path).get("architectures") or []), None)
+    if (why := GPTQMODEL_MOE_UNSUPPORTED.get(arch)) is not None:
+        raise QuantizerError(f"{step} {spec.label or step}: {arch}: {why}")
     layers = check_group_size(model.path, group_size)
     version = backend_version()
     inputs = checkpoint_inputs(model=model, spec=spec, calibration=calibration)

@@ -21,19 +21,12 @@ if TYPE_CHECKING:
 
 LINK_FIX = "replace the link with the file itself (commit the file, not a symlink to it)"
 
-# Mixture-of-experts families the installed GPTQModel cannot calibrate, with the reason at its source.
-# Found on the tiny Ernie-4.5 MoE of tests/tinymoe.py (GPTQ and AWQ fail the same way).
-GPTQMODEL_MOE_UNSUPPORTED = {
-    "Ernie4_5_MoeForCausalLM": "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: its model "
-                               "definition (gptqmodel/models/definitions/ernie4_5_moe.py:106) calls "
-                               "Ernie4_5_MoeModel._update_causal_mask, which transformers 5 removed",
-}
-
-
 def moe_problems(recipe: Recipe, root: Path, problem) -> None:
     """GPTQ/AWQ variants of a local model whose MoE family GPTQModel cannot calibrate: refused here, before any
     work, at the variant's line. (A Hub model's config is read by ``plan``/``run`` once it is fetched.)"""
     import json
+
+    from quantkit.gptq import GPTQMODEL_MOE_UNSUPPORTED
 
     if recipe.model.path is None or not (recipe.gptq or recipe.awq):
         return

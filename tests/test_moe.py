@@ -247,3 +247,18 @@ def test_expert_tensors_have_roles_of_their_own_and_routers_stay_precise():
     opts = options({"q4_k": table("q4_k", 144, 2.0), "q8_0": table("q8_0", 272, 0.1)})
     assert [c.type for c in opts["blk.0.ffn_gate_inp_shexp.weight"]] == ["q8_0"]
     assert [c.type for c in opts["blk.0.ffn_down_exps.weight"]] == ["q4_k", "q8_0"]
+
+
+def test_gptq_refuses_such_a_family_before_any_work(tiny_ernie, tmp_path):
+    """A Hub model is only known once fetched: the step itself refuses, before GPTQModel loads anything."""
+    from quantkit.digest import digest_of
+    from quantkit.gptq import QuantizerError, gptq
+    from quantkit.recipe import GPTQVariant
+    from quantkit.source import ModelSnapshot
+    from quantkit.store import Store
+
+    snapshot = ModelSnapshot(path=tiny_ernie, repo=None, revision=None, commit=None, files={}, digest=digest_of({}))
+    store = Store(tmp_path / "store")
+    with pytest.raises(QuantizerError, match=r"gptq: Ernie4_5_MoeForCausalLM: GPTQModel 7.6 cannot quantize"):
+        gptq(model=snapshot, spec=GPTQVariant(), calibration=None, store=store)
+    assert not list((tmp_path / "store").glob("gptq/*"))
