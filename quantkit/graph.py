@@ -263,7 +263,8 @@ def _quantize(ctx, node, deps):
 def _quantize_inputs(ctx, node, deps):
     from quantkit.quantize import quantize_inputs
 
-    return quantize_inputs(**_quantize_kw(ctx, node, deps)[0])
+    kw, experts = _quantize_kw(ctx, node, deps)
+    return quantize_inputs(**kw, experts=experts)
 
 
 def _text(ctx) -> tuple[Path, str]:

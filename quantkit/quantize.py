@@ -21,10 +21,13 @@ IMATRIX_LINK = "imatrix.gguf"
 
 
 def quantize_inputs(*, base: Entry, qtype: str, imatrix: Entry | None, extra_args: list[str],
-                    toolchain: Toolchain) -> dict:
-    return {"base_sha256": base.files["model.gguf"].sha256, "type": qtype,
-            "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256 if imatrix else None,
-            "args": extra_args, "llama_cpp": toolchain.commit}
+                    toolchain: Toolchain, experts: dict | None = None) -> dict:
+    inputs = {"base_sha256": base.files["model.gguf"].sha256, "type": qtype,
+              "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256 if imatrix else None,
+              "args": extra_args, "llama_cpp": toolchain.commit}
+    if experts is not None:  # MoE only (dense keys unchanged): the threshold the entry's coverage facts used
+        inputs["expert_min_tokens"] = experts["min_tokens"]
+    return inputs
 
 
 def expert_args(*, imatrix: Entry | None, spec, variant, label: str) -> tuple[list[str], dict | None]:
@@ -44,7 +47,8 @@ def quantize(*, base: Entry, qtype: str, label: str, imatrix: Entry | None, extr
     """Quantize ``base`` to ``qtype``. ``extra_args`` are tensor overrides built by the recipe
     (argument list items, never shell text); ``experts``: expert coverage facts kept in the entry's info
     (their fallback arguments are in ``extra_args``, so in the key)."""
-    inputs = quantize_inputs(base=base, qtype=qtype, imatrix=imatrix, extra_args=extra_args, toolchain=toolchain)
+    inputs = quantize_inputs(base=base, qtype=qtype, imatrix=imatrix, extra_args=extra_args, toolchain=toolchain,
+                             experts=experts)
     threads = threads or os.cpu_count() or 1
     want = QUANT_TYPES[qtype]
 
