@@ -14,7 +14,7 @@ For each model (the demo's SmolLM2-135M and the tests' tiny Llama):
 The search's time is what a cold store pays for it (every sensitivity table, the KLD check per tensor
 group, the mix with its --dry-run), printed beside one stock quantization's (Q4_K_M) time.
 
-    nice -n 10 .venv/bin/python benchmarks/budget_search.py [--model demo|tiny|both] [--workdir DIR]
+    nice -n 10 .venv/bin/python benchmarks/budget_search.py [--model demo|tiny|moe|both] [--workdir DIR]
 
 The store is $QUANTKIT_STORE (default ~/.cache/quantkit/store): a second invocation reuses everything.
 """
@@ -39,12 +39,15 @@ from quantkit.store import default_store_root  # noqa: E402
 GIB = 2**30
 STOCK = ("Q4_K_M", "Q3_K_M", "IQ4_XS")
 CALIBRATION = {"demo": ["calibration/en-prose.txt", "calibration/code-python.txt", "calibration/ja-prose.txt"],
-               "tiny": ["calibration/en-prose.txt", "calibration/code-python.txt"]}
-IMATRIX = {"demo": "{enabled: true, ctx: 512, chunks: 32}", "tiny": "{enabled: true, ctx: 128, chunks: 16}"}
-MODEL_NAME = {"demo": "SmolLM2-135M-Instruct", "tiny": "tiny-llama"}  # as the demo recipe and the tests
-EVAL_CTX = {"demo": 256, "tiny": 128}
+               "tiny": ["calibration/en-prose.txt", "calibration/code-python.txt"],
+               "moe": ["calibration/en-prose.txt", "calibration/code-python.txt"]}
+IMATRIX = {"demo": "{enabled: true, ctx: 512, chunks: 32}", "tiny": "{enabled: true, ctx: 128, chunks: 16}",
+           "moe": "{enabled: true, ctx: 128, chunks: 16}"}
+# as the demo recipe and the tests; "moe" is tests/tinymoe.py's Mixtral (4 routed experts, 2 per token)
+MODEL_NAME = {"demo": "SmolLM2-135M-Instruct", "tiny": "tiny-llama", "moe": "tiny-mixtral"}
+EVAL_CTX = {"demo": 256, "tiny": 128, "moe": 128}
 # Scored tokens: the demo model costs ~10 s per 1k tokens per variant on a busy 2-core machine.
-EVAL_TOKENS = {"demo": 8192, "tiny": 16384}
+EVAL_TOKENS = {"demo": 8192, "tiny": 16384, "moe": 16384}
 CHUNK_LINE = re.compile(r"^\s*(\d+)\s+[-\d.]+ ±\s+[-\d.]+\s+[-\d.]+ ±\s+[-\d.]+\s+([-\d.]+) ±\s+[-\d.]+")
 
 
@@ -61,6 +64,12 @@ def model_folder(which: str) -> Path:
     dest = cache / f"tiny-llama-{source_digest()}"
     if not (dest / "config.json").exists():
         build_tiny_llama(dest)
+    if which == "moe":
+        import tinymoe
+
+        llama, dest = dest, cache / f"tiny-mixtral-moe-{tinymoe.source_digest('mixtral')}"
+        if not (dest / "config.json").exists():
+            tinymoe.build_tiny_moe(dest, family="mixtral", tokenizer_from=llama)
     return dest
 
 
@@ -171,7 +180,7 @@ def bench(which: str, workdir: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("demo", "tiny", "both"), default="both")
+    ap.add_argument("--model", choices=("demo", "tiny", "moe", "both"), default="both")
     ap.add_argument("--workdir", type=Path, default=REPO / ".quantkit" / "bench-budget")
     args = ap.parse_args()
     for which in (("tiny", "demo") if args.model == "both" else (args.model,)):

@@ -76,7 +76,7 @@ def options(tables: dict[str, dict], factors: dict[str, float] | None = None) ->
     """Per quantized tensor, its distinct choices from the sensitivity tables (type read back ->
     bytes, predicted error), ordered by bytes then type. Candidates that fell back to the same type
     collapse to one choice."""
-    from quantkit.sensitivity import calibration_group
+    from quantkit.sensitivity import ROUTER_ROLES, calibration_group
 
     factors = factors or {}
     out: dict[str, dict[str, Choice]] = {}
@@ -89,7 +89,9 @@ def options(tables: dict[str, dict], factors: dict[str, float] | None = None) ->
             have = out.setdefault(name, {}).get(c.type)
             if have is None or (c.error, c.bytes) < (have.error, have.bytes):
                 out[name][c.type] = c
-    return {n: sorted(cs.values(), key=lambda c: (c.bytes, c.type)) for n, cs in sorted(out.items())}
+    ranked = {n: sorted(cs.values(), key=lambda c: (c.bytes, c.type)) for n, cs in sorted(out.items())}
+    # MoE routers (tiny, and every token's expert choice goes through them): the most precise candidate only
+    return {n: cs[-1:] if calibration_group(n) in ROUTER_ROLES else cs for n, cs in ranked.items()}
 
 
 def fixed_bytes(tables: dict[str, dict]) -> int:

@@ -114,18 +114,50 @@ _BLOCK_NAMES = {  # HF suffix (after "layers.N.") -> GGUF name after "blk.N."
 }
 
 
+# Mixture-of-experts tensors (HF suffix after "layers.N.", with the expert index taken out) -> GGUF name.
+# The converter stacks a layer's experts into one 3-D tensor per projection (conversion/qwen.py,
+# conversion/llama.py, conversion/ernie.py); a fused gate_up_proj (transformers 5 checkpoints) splits in two.
+_EXPERT = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+                 "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+_MOE_NAMES = {
+    "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "mlp.moe_statics.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_F32_ALWAYS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+# Keys of config.json that hold the number of routed experts, by family.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "moe_num_experts", "n_routed_experts")
+
+
+def expert_count(cfg: dict) -> int:
+    return next((int(cfg[k]) for k in EXPERT_COUNT_KEYS if cfg.get(k)), 0)
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str  # GGUF name (blk.N.attn_v.weight, token_embd.weight, output.weight)
     ne0: int  # row width (the last dimension of the HF shape)
     rows: int
     dims: int
+    experts: int = 1  # ne[2] of a stacked expert tensor
 
 
 def gguf_name(hf: str) -> str:
     if m := _LAYER.match(hf):
         layer, rest = m.groups()
-        return f"blk.{layer}.{_BLOCK_NAMES.get(rest, rest)}"
+        if e := _EXPERT.match(rest):
+            return f"blk.{layer}.{_EXPERT_NAMES.get(e.group(2), e.group(2))}.weight"
+        return f"blk.{layer}.{_MOE_NAMES.get(rest) or _BLOCK_NAMES.get(rest, rest)}"
     if hf.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")):
         return "token_embd.weight"
     if hf.endswith("lm_head.weight") or hf == "embed_out.weight":
@@ -138,13 +170,34 @@ def gguf_name(hf: str) -> str:
 def gguf_tensors(facts: ModelFacts) -> list[GGUFTensor]:
     """The tensors the converter writes, in its order (token_embd, then by layer, output last)."""
     out = []
+    stacked: dict[str, list] = {}  # a layer's experts, one GGUF tensor per projection: [ne0, rows, experts]
     for t in facts.tensors:
         if t.name.endswith(("rotary_emb.inv_freq", "masked_bias", ".attn.bias")) or not t.shape:
             continue
         if any(part in t.name for part in VISION_PARTS):  # a VLM's vision tower goes to its mmproj file instead
             continue
+        name = gguf_name(t.name)
+        if t.name.endswith("mlp.experts.gate_up_proj") or t.name.endswith("mlp.experts.gate_up_proj.weight"):
+            # fused [experts, 2 * ff, embd]: the converter writes gate and up apart
+            n_exp, rows2, ne0 = t.shape[-3:]
+            for proj in ("gate", "up"):
+                out.append(GGUFTensor(name.replace("gate_up_proj", f"ffn_{proj}_exps").removesuffix(".weight")
+                                      + ".weight", ne0, n_exp * rows2 // 2, 3, n_exp))
+            continue
+        if t.name.endswith("mlp.experts.down_proj"):
+            out.append(GGUFTensor(name, t.shape[-1], t.count // t.shape[-1], 3, t.shape[0]))
+            continue
         rows = t.count // t.shape[-1] if t.shape[-1] else 0
-        out.append(GGUFTensor(gguf_name(t.name), t.shape[-1], rows, len(t.shape)))
+        if name.endswith("_exps.weight") and len(t.shape) == 2:
+            acc = stacked.setdefault(name, [t.shape[-1], 0, 0])
+            acc[1] += rows
+            acc[2] += 1
+            continue
+        if name.endswith("exp_probs_b.bias"):
+            out.append(GGUFTensor(name, t.shape[-1], 1, 1))  # the converter squeezes [1, experts] to 1-D
+            continue
+        out.append(GGUFTensor(name, t.shape[-1], rows, len(t.shape)))
+    out += [GGUFTensor(name, ne0, rows, 3, n) for name, (ne0, rows, n) in stacked.items()]
 
     def order(g: GGUFTensor):
         m = re.match(r"blk\.(\d+)\.", g.name)
@@ -177,7 +230,8 @@ def metadata_bytes(facts: ModelFacts, n_tensors: int) -> int:
 def base_types(facts: ModelFacts, base_type: str) -> list[tuple[GGUFTensor, str]]:
     """What the converter writes: 1-D tensors (norms, biases) in F32, the rest in the base type."""
     base = base_type.upper()
-    return [(t, "F32" if t.dims < 2 else base) for t in gguf_tensors(facts)]
+    # the converter also keeps routers in F32 (conversion/base.py: FFN_GATE_INP, FFN_GATE_INP_SHEXP)
+    return [(t, "F32" if t.dims < 2 or t.name.endswith(_F32_ALWAYS) else base) for t in gguf_tensors(facts)]
 
 
 def gguf_file_bytes(facts: ModelFacts, typed: list[tuple[GGUFTensor, str]]) -> int:
@@ -197,6 +251,8 @@ _DEFAULT = {  # llama_ftype_get_default_type
 _FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
              "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_0": "Q4_0", "Q2_K": "Q4_0",
              "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_ATTN_OUT_8_EXPERTS = {"Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S", "IQ3_M",
+                       "IQ4_XS"}
 _IQ_LOW = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"}
 _UNQUANTIZED = {"F16", "BF16", "F32"}
 
@@ -239,7 +295,8 @@ class _State:
 
 
 def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type: str | None) -> str:
-    """llama_tensor_get_type_impl for the dense architectures quantkit runs (MoE-only rules left out)."""
+    """llama_tensor_get_type_impl for the architectures quantkit runs, dense and mixture-of-experts
+    (the n_expert rules; the layer of a MoE model's ffn tensor read from its name, as layer_info does)."""
     falcon = qs.arch == "falcon"
     if cat == "output" or (qs.tied and cat == "token_embd"):
         if output_type:
@@ -250,7 +307,7 @@ def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type
             return "Q5_K"
         return new if new == "Q8_0" else "Q6_K"
     if ftype == "MXFP4_MOE":
-        return "Q8_0"
+        return "MXFP4" if t.experts > 1 else "Q8_0"
     if cat == "token_embd":
         if ftype in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
             return "Q2_K"
@@ -265,8 +322,10 @@ def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type
             if qs.n_gqa >= 4 or qs.n_expert >= 4:
                 return "Q4_K"
             return "IQ3_S" if ftype in ("IQ2_S", "IQ2_M") else "Q2_K"
+        if qs.n_expert == 8 and cat == "attn_k":
+            return "Q4_K"
         if cat == "ffn_down":
-            i = qs.i_ffn_down
+            i = qs.i_ffn_down  # here llama.cpp counts every ffn_down (routed and shared), not layers
             qs.i_ffn_down += 1
             if i < qs.n_layer // 8:
                 return "IQ3_S" if ftype in ("IQ2_S", "IQ2_M") else "Q2_K"
@@ -314,7 +373,7 @@ def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type
     if cat == "attn_q":
         return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(ftype, new)
     if cat == "ffn_down":
-        i, n = qs.i_ffn_down, qs.n_layer
+        i, n = _layer_of(qs, t, qs.i_ffn_down), qs.n_layer
         qs.i_ffn_down += 1
         if ftype == "Q2_K":
             return "Q3_K"
@@ -324,7 +383,7 @@ def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type
             return "Q4_K" if i < n // 8 else "Q3_K"
         if ftype == "Q3_K_M":
             return "Q5_K" if i < n // 16 else ("Q4_K" if not falcon or _more_bits(i, n) else "Q3_K")
-        if ftype == "IQ3_M" and i < n // 8:
+        if ftype == "IQ3_M" and (i < n // 8 or (qs.n_expert == 8 and _more_bits(i, n))):
             return "Q4_K"
         if ftype == "Q3_K_L":
             return "Q4_K" if falcon else "Q5_K"
@@ -344,6 +403,8 @@ def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type
     if cat == "attn_output":
         if falcon:
             return "Q4_K" if ftype == "Q3_K_L" else new
+        if qs.n_expert == 8:
+            return "Q5_K" if ftype in _ATTN_OUT_8_EXPERTS else new
         return {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(ftype, new)
     if cat == "attn_qkv":
         if ftype in ("Q3_K_M", "Q3_K_L", "IQ3_M"):
@@ -352,6 +413,14 @@ def _pick(qs: _State, new: str, t: GGUFTensor, ftype: str, cat: str, output_type
     if cat in ("ffn_gate", "ffn_up"):
         return new  # only IQ3_XS changes these (to IQ3_XXS in the middle layers), a smaller type
     return new
+
+
+def _layer_of(qs: _State, t: GGUFTensor, counted: int) -> int:
+    """layer_info: with experts the layer comes from the tensor's name (a layer has several ffn_down:
+    routed and shared), otherwise from the running count."""
+    if qs.n_expert > 1 and (m := re.match(r"blk\.(\d+)\.", t.name)):
+        return int(m.group(1))
+    return counted
 
 
 def _fallback(t: GGUFTensor, ty: str) -> str:
@@ -377,7 +446,7 @@ def quantize_types(facts: ModelFacts, qtype: str, *, base_type: str = "f16", has
     names = {t.name for t, _ in base}
     qs = _State(n_attention_wv=sum(_category(t.name) in ("attn_v", "attn_qkv", "attn_kv_b") for t, _ in base),
                 n_layer=n_layer, n_gqa=heads // kv_heads if kv_heads else 0,
-                n_expert=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0), arch=arch,
+                n_expert=expert_count(cfg), arch=arch,
                 is_70b=arch == "llama" and n_layer == 80 and heads != kv_heads, has_imatrix=has_imatrix,
                 tied="output.weight" not in names)
     patterns = [(re.compile(p), ty.upper()) for p, ty in sorted((tensor_types or {}).items())]

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -71,10 +72,51 @@ class BackendMissingError(QuantizerError, ImportError):
     tip = "install the GPTQ/AWQ backend: pip install 'quantkit[gptq]'"
 
 
+# Mixture-of-experts routers: GPTQModel keeps them in float (its model definitions leave them out of the
+# quantized modules), as llama.cpp does (src/llama-quant.cpp never quantizes ffn_gate_inp).
+# Mixture-of-experts families the installed GPTQModel cannot calibrate, with the reason at its source: refused by
+# `quantkit validate` for a local model (quantkit.recipefiles) and here before any work for a fetched one.
+# Found on the tiny Ernie-4.5 MoE of tests/tinymoe.py (GPTQ and AWQ fail the same way).
+GPTQMODEL_MOE_UNSUPPORTED = {
+    "Ernie4_5_MoeForCausalLM": "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: its model "
+                               "definition (gptqmodel/models/definitions/ernie4_5_moe.py:106) calls "
+                               "Ernie4_5_MoeModel._update_causal_mask, which transformers 5 removed",
+}
+ROUTER = re.compile(r"\.(?:mlp|block_sparse_moe)\.gate$|\.shared_expert_gate$")
+
+
+def _config(model_path: Path) -> dict:
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def is_moe(model_path: Path) -> bool:
+    from quantkit.estimate import expert_count
+
+    cfg = _config(model_path)
+    return expert_count(cfg.get("text_config") or cfg) > 0
+
+
+def moe_routing(gm) -> Any:
+    """GPTQModel's setting that sends every calibration token through every expert (ExpertsRoutingBypass):
+    an expert the router seldom picks is still calibrated on the whole sample, never left unquantized or
+    with NaN scales. Refused (QuantizerError) when the installed GPTQModel has no such setting."""
+    try:
+        from gptqmodel.quantization.config import ExpertsRoutingBypass, MoEConfig
+    except ImportError as e:
+        raise QuantizerError(f"GPTQModel {backend_version()} cannot route calibration to every expert "
+                             "(no MoEConfig/ExpertsRoutingBypass): a mixture-of-experts model would leave rarely "
+                             "routed experts uncalibrated; pin GPTQModel 7.6") from e
+    return MoEConfig(routing=ExpertsRoutingBypass())
+
+
 def linear_shapes(model_path: Path) -> dict[str, tuple[int, int]]:
     """(out, in) of every 2-D weight inside the decoder layers, read from safetensors headers only.
 
-    These are the linears GPTQModel quantizes; embeddings and lm_head stay in float.
+    These are the linears GPTQModel quantizes; embeddings, lm_head and MoE routers stay in float.
     """
     from safetensors import safe_open
 
@@ -84,7 +126,8 @@ def linear_shapes(model_path: Path) -> dict[str, tuple[int, int]]:
             for name in f.keys():
                 shape = f.get_slice(name).get_shape()
                 if ".layers." in name and name.endswith(".weight") and len(shape) == 2:
-                    shapes[name.removesuffix(".weight")] = (shape[0], shape[1])
+                    if not ROUTER.search(name.removesuffix(".weight")):
+                        shapes[name.removesuffix(".weight")] = (shape[0], shape[1])
     return dict(sorted(shapes.items(), key=lambda kv: _natural(kv[0])))
 
 
@@ -140,10 +183,16 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     (RTN), quantized without samples. ``around()`` is a context manager held while GPTQModel quantizes
     (settings its config does not carry).
     """
+    arch = next(iter(_config(model.path).get("architectures") or []), None)
+    if (why := GPTQMODEL_MOE_UNSUPPORTED.get(arch)) is not None:
+        raise QuantizerError(f"{step} {spec.label or step}: {arch}: {why}")
     layers = check_group_size(model.path, group_size)
     version = backend_version()
     inputs = checkpoint_inputs(model=model, spec=spec, calibration=calibration)
     label = spec.label or step
+    moe = is_moe(model.path) and calibration is not None
+    if moe:
+        inputs["moe_routing"] = "all-experts"  # only MoE keys name it: dense checkpoints keep theirs
 
     def produce(staging: Staging) -> None:
         model.check_links()  # GPTQModel and transformers follow links: none may have appeared since fetch_model
@@ -160,7 +209,8 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
         try:
             with store.scratch(f"{step}-offload") as offload:
                 log.debug("%s %s: GPTQModel offloads finished layers to %s", step, label, offload)
-                qconfig = make_config(gm, offload_to_disk_path=str(offload))
+                extra = {"moe": moe_routing(gm)} if moe else {}
+                qconfig = make_config(gm, offload_to_disk_path=str(offload), **extra)
                 if (windows is None) != qconfig.uses_weight_only_lifecycle():  # the key would misname the inputs
                     raise QuantizerError(f"{step} {label}: {type(qconfig).__name__} "
                                          + ("needs calibration text" if windows is None else "reads no calibration"))
@@ -183,6 +233,10 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
         verify_checkpoint(staging.path, expect=expect, layers=linear_shapes(model.path))
         staging.info.update(backend=BACKEND, backend_version=version, torch=torch.__version__, device=dev,
                             seconds=round(seconds, 3), samples=samples)
+        if moe:
+            # with the bypass every expert sees every calibration token (what the report names per expert)
+            staging.info["experts"] = {"routing": "all experts (GPTQModel ExpertsRoutingBypass)",
+                                       "tokens_per_expert": samples["count"] * spec.seq_len}
 
     entry = store.ensure(step, inputs, produce)
     log.info("%s %s: %s %s (%.1f s)", step, label, "reused" if entry.reused else "built", entry.path,
@@ -221,12 +275,26 @@ def verify_checkpoint(path: Path, *, expect: dict[str, Any], layers: dict[str, t
     for file in path.glob("*.safetensors"):
         with safe_open(file, framework="numpy") as f:
             packed.update(n.removesuffix(".qweight") for n in f.keys() if n.endswith(".qweight"))
-    missing = [name for name in layers if name not in packed]
+    packed = {_saved_name(n) for n in packed}
+    missing = [name for name in layers if _saved_name(name) not in packed]
     if missing:
         raise VerificationError(f"{missing[0]} was not quantized (no {missing[0]}.qweight in the output; "
                                 f"{len(missing)} of {len(layers)} linears missing)")
     if not (path / "tokenizer_config.json").exists():
         raise VerificationError(f"{path} has no tokenizer files")
+
+
+# transformers 5 loads Mixtral's experts under the names of its MoE layer, and GPTQModel saves them so
+_SAVED_NAMES = ((re.compile(r"\.block_sparse_moe\."), ".mlp."),
+                (re.compile(r"(\.experts\.\d+)\.w1$"), r"\1.gate_proj"),
+                (re.compile(r"(\.experts\.\d+)\.w3$"), r"\1.up_proj"),
+                (re.compile(r"(\.experts\.\d+)\.w2$"), r"\1.down_proj"))
+
+
+def _saved_name(name: str) -> str:
+    for pattern, to in _SAVED_NAMES:
+        name = pattern.sub(to, name)
+    return name
 
 
 def backend_version() -> str:

@@ -383,22 +383,29 @@ def _imatrix_inputs(ctx, node, deps):
 
 
 def _quantize_kw(ctx, node, deps):
+    from quantkit.quantize import expert_args
+
     spec = ctx.recipe.gguf
     v = spec.types[node.params["index"]]
-    return dict(base=deps["convert"], qtype=v.type, imatrix=deps.get("imatrix"), extra_args=spec.override_args(v),
-                toolchain=ctx.tools)
+    imatrix = deps.get("imatrix")
+    # MoE: the fallback for uncovered experts goes first, llama-quantize takes the first matching pattern
+    fallback, experts = expert_args(imatrix=imatrix, spec=spec, variant=v, label=node.label)
+    return dict(base=deps["convert"], qtype=v.type, imatrix=imatrix, extra_args=fallback + spec.override_args(v),
+                toolchain=ctx.tools), experts
 
 
 def _quantize(ctx, node, deps):
     from quantkit.quantize import quantize
 
-    return quantize(**_quantize_kw(ctx, node, deps), label=node.label, store=ctx.store, threads=ctx.threads)
+    kw, experts = _quantize_kw(ctx, node, deps)
+    return quantize(**kw, label=node.label, store=ctx.store, threads=ctx.threads, experts=experts)
 
 
 def _quantize_inputs(ctx, node, deps):
     from quantkit.quantize import quantize_inputs
 
-    return quantize_inputs(**_quantize_kw(ctx, node, deps))
+    kw, experts = _quantize_kw(ctx, node, deps)
+    return quantize_inputs(**kw, experts=experts)
 
 
 def _text(ctx) -> tuple[Path, str]:

@@ -7,6 +7,7 @@ import os
 
 from quantkit.calibration import CalibrationText
 from quantkit.errors import VerificationError
+from quantkit.experts import Coverage, describe, expert_token_counts
 from quantkit.ggufinfo import imatrix_chunks
 from quantkit.proc import run_tool
 from quantkit.recipe import ImatrixSpec
@@ -51,6 +52,13 @@ def imatrix(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, too
         if chunks < spec.chunks:
             log.warning("imatrix: calibration text gave %d chunks of %d tokens, recipe asked for %d",
                         chunks, spec.ctx, spec.chunks)
+        experts = expert_token_counts(out)
+        if experts:
+            coverage = Coverage(experts)
+            staging.info["experts"] = coverage.to_info()
+            if below := coverage.below(spec.min_expert_tokens):
+                log.warning("imatrix: %d expert(s) got fewer than %d tokens: %s", len(below), spec.min_expert_tokens,
+                            describe(below))
         staging.info.update(tool=toolchain.version, seconds=round(run.seconds, 3),
                             peak_rss_mib=round(run.peak_rss_mib, 1), chunks=chunks, threads=threads,
                             calibration=calibration.describe())

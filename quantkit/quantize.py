@@ -6,6 +6,7 @@ import logging
 import os
 
 from quantkit.errors import VerificationError
+from quantkit.experts import Coverage, needs_importance_data, quantize_plan
 from quantkit.ggufinfo import read_gguf
 from quantkit.proc import run_tool
 from quantkit.quanttypes import QUANT_TYPES
@@ -20,17 +21,34 @@ IMATRIX_LINK = "imatrix.gguf"
 
 
 def quantize_inputs(*, base: Entry, qtype: str, imatrix: Entry | None, extra_args: list[str],
-                    toolchain: Toolchain) -> dict:
-    return {"base_sha256": base.files["model.gguf"].sha256, "type": qtype,
-            "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256 if imatrix else None,
-            "args": extra_args, "llama_cpp": toolchain.commit}
+                    toolchain: Toolchain, experts: dict | None = None) -> dict:
+    inputs = {"base_sha256": base.files["model.gguf"].sha256, "type": qtype,
+              "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256 if imatrix else None,
+              "args": extra_args, "llama_cpp": toolchain.commit}
+    if experts is not None:  # MoE only (dense keys unchanged): the threshold the entry's coverage facts used
+        inputs["expert_min_tokens"] = experts["min_tokens"]
+    return inputs
+
+
+def expert_args(*, imatrix: Entry | None, spec, variant, label: str) -> tuple[list[str], dict | None]:
+    """For a MoE model quantized with an imatrix: the fallback --tensor-type arguments for layers whose
+    experts the calibration text left uncovered, and what the variant's info says about them
+    (quantkit.experts). ([], None) for a dense model or a variant without an imatrix."""
+    if imatrix is None:
+        return [], None
+    needs = needs_importance_data(QUANT_TYPES[variant.type].needs_imatrix,
+                                  {**spec.overrides.tensor_types, **variant.tensor_types})
+    return quantize_plan(coverage=Coverage.from_info(imatrix.info), label=label, needs_imatrix=needs,
+                         min_tokens=spec.imatrix.min_expert_tokens, action=spec.imatrix.uncovered_experts)
 
 
 def quantize(*, base: Entry, qtype: str, label: str, imatrix: Entry | None, extra_args: list[str],
-             toolchain: Toolchain, store: Store, threads: int | None = None) -> Entry:
+             toolchain: Toolchain, store: Store, threads: int | None = None, experts: dict | None = None) -> Entry:
     """Quantize ``base`` to ``qtype``. ``extra_args`` are tensor overrides built by the recipe
-    (argument list items, never shell text)."""
-    inputs = quantize_inputs(base=base, qtype=qtype, imatrix=imatrix, extra_args=extra_args, toolchain=toolchain)
+    (argument list items, never shell text); ``experts``: expert coverage facts kept in the entry's info
+    (their fallback arguments are in ``extra_args``, so in the key)."""
+    inputs = quantize_inputs(base=base, qtype=qtype, imatrix=imatrix, extra_args=extra_args, toolchain=toolchain,
+                             experts=experts)
     threads = threads or os.cpu_count() or 1
     want = QUANT_TYPES[qtype]
 
@@ -54,6 +72,8 @@ def quantize(*, base: Entry, qtype: str, label: str, imatrix: Entry | None, extr
                             peak_rss_mib=round(run.peak_rss_mib, 1), threads=threads,
                             gguf={"file_type": info.file_type, "parameters": info.parameters,
                                   "tensor_types": info.tensor_types})
+        if experts is not None:
+            staging.info["experts"] = experts
 
     entry = store.ensure(STEP, inputs, produce)
     size = entry.files[OUTPUT].size

@@ -384,6 +384,14 @@ class ImatrixSpec(Section):
     enabled: bool = True
     ctx: int = Field(512, ge=16, le=131_072)
     chunks: int = Field(100, ge=1, le=100_000)
+    # Mixture-of-experts models (quantkit.experts): an expert routed fewer calibration tokens than this
+    # has too little importance data. A few dozen tokens is a guess at "some", not a measured threshold;
+    # 0 acts only on experts that got none.
+    min_expert_tokens: int = Field(32, ge=0, le=10_000_000,
+                                   description="experts with fewer imatrix tokens are uncovered (MoE models)")
+    uncovered_experts: Literal["fallback", "refuse"] = Field(
+        "fallback", description="for types that need an imatrix: give uncovered layers' expert tensors q4_k "
+                                "(fallback, named in the report) or refuse the variant")
 
 
 class FitsBudget(Section):

@@ -21,6 +21,25 @@ if TYPE_CHECKING:
 
 LINK_FIX = "replace the link with the file itself (commit the file, not a symlink to it)"
 
+def moe_problems(recipe: Recipe, root: Path, problem) -> None:
+    """GPTQ/AWQ variants of a local model whose MoE family GPTQModel cannot calibrate: refused here, before any
+    work, at the variant's line. (A Hub model's config is read by ``plan``/``run`` once it is fetched.)"""
+    import json
+
+    from quantkit.gptq import GPTQMODEL_MOE_UNSUPPORTED
+
+    if recipe.model.path is None or not (recipe.gptq or recipe.awq):
+        return
+    try:
+        cfg = json.loads(read_beneath(root, f"{recipe.model.path}/config.json"))
+    except (OSError, ValueError, SymlinkError):
+        return  # no config yet (made by a setup step) or a link, reported above
+    arch = next(iter(cfg.get("architectures") or []), None) if isinstance(cfg, dict) else None
+    if (why := GPTQMODEL_MOE_UNSUPPORTED.get(arch)) is not None:
+        for fmt in ("gptq", "awq"):
+            for i, _ in enumerate(getattr(recipe, fmt)):
+                problem((fmt, i), f"{arch}: {why}", f"remove the {fmt} variant; the GGUF ladder supports this model")
+
 
 def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Problem]:
     """Every symlink among the files the recipe points at, and every disallowed part of its local tasks."""
@@ -46,6 +65,7 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
             if links := symlinks_below(folder):
                 problem(loc, f"the model folder has {len(links)} symlink(s): {', '.join(links[:3])}; a link "
                         "would make the worker read (and publish) a file outside the folder")
+    moe_problems(recipe, root, problem)
     if recipe.evaluation is None:
         return out
     linked(("evaluation", "file"), recipe.evaluation.file, "evaluation file")

@@ -48,7 +48,16 @@ CANDIDATES: dict[str, str] = {
     "q2_k": "Q2_K", "q3_k": "Q3_K_M", "iq4_xs": "IQ4_XS", "q4_k": "Q4_K_M", "q5_k": "Q5_K_M",
     "q6_k": "Q6_K", "q8_0": "Q8_0",
 }
-GROUPS = ("token_embd", "output", "attn", "ffn", "other")
+GROUPS = ("token_embd", "output", "attn", "ffn", "ffn_exps", "ffn_shexp", "router", "other")
+# Mixture-of-experts roles, llama.cpp's names. A layer's routed experts are one 3-D tensor per projection, so
+# a role's type applies to all its experts. Each role is a calibration_group of its own: the per-role KLD
+# check measures routed gate/up/down, shared expert and dense ffn apart (community measurements find the
+# expert down-projections far more sensitive than gate/up). The router ffn_gate_inp is never quantized by
+# llama-quantize (src/llama-quant.cpp keeps it in F32); a shared expert's gate (ffn_gate_inp_shexp) would
+# be, so budget.options keeps routers at their most precise candidate.
+EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+SHARED_EXPERT_ROLES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+ROUTER_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 # calibrate_groups: the group under test goes to PROBE_TYPE, everything else to REFERENCE_TYPE.
 PROBE_TYPE = "q3_k"
 REFERENCE_TYPE = "q8_0"
@@ -69,6 +78,13 @@ def tensor_group(name: str) -> str:
         return "output"
     if ".attn_" in name:
         return "attn"
+    role = calibration_group(name)
+    if role in ROUTER_ROLES:
+        return "router"
+    if role in EXPERT_ROLES:
+        return "ffn_exps"
+    if role in SHARED_EXPERT_ROLES:
+        return "ffn_shexp"
     if ".ffn_" in name:
         return "ffn"
     return "other"

@@ -74,6 +74,42 @@ def tiny_llama() -> pathlib.Path:
     return dest
 
 
+def _test_cache() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("QUANTKIT_TEST_CACHE", pathlib.Path.home() / ".cache" / "quantkit-tests"))
+
+
+def _tiny_moe(family: str, tiny_llama: pathlib.Path) -> pathlib.Path:
+    import tinymoe
+
+    dest = _test_cache() / f"tiny-{family}-moe-{tinymoe.source_digest(family)}"
+    if not (dest / "config.json").exists():
+        tinymoe.build_tiny_moe(dest, family=family, tokenizer_from=tiny_llama)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tiny_llama) -> pathlib.Path:
+    """A briefly trained tiny Mixtral (routed experts only; tests/tinymoe.py), cached like the tiny Llama."""
+    return _tiny_moe("mixtral", tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_ernie(tiny_llama) -> pathlib.Path:
+    """A briefly trained tiny Ernie-4.5 MoE (routed experts and a shared expert; tests/tinymoe.py)."""
+    return _tiny_moe("ernie", tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_ernie_dead(tiny_ernie) -> pathlib.Path:
+    """The tiny Ernie MoE with expert 3 never routed to (its router selection bias set to -1)."""
+    import tinymoe
+
+    dest = tiny_ernie.with_name(tiny_ernie.name + "-dead3")
+    if not (dest / "config.json").exists():
+        tinymoe.kill_expert(tiny_ernie, dest, 3)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def toolchain():
     """The pinned llama.cpp toolchain, found (never built); the test is skipped without it."""

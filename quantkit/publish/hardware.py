@@ -26,6 +26,10 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     max_context: int | None
+    # mixture of experts: weights of the routed experts (all layers), and how many a token uses
+    expert_parameters: int = 0
+    experts: int = 0
+    experts_per_token: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
@@ -38,7 +42,17 @@ class ModelShape:
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
         max_ctx = cfg.get("max_position_embeddings")
-        return cls(layers, kv_heads, head_dim, int(max_ctx) if max_ctx else None)
+        experts = next((int(cfg[k]) for k in ("num_local_experts", "num_experts", "moe_num_experts",
+                                              "n_routed_experts") if cfg.get(k)), 0)
+        expert_params, per_token = 0, 0
+        if experts:
+            ff = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0)
+            dense = int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index") or 0)
+            moe_layers = max(0, layers - dense - len(cfg.get("mlp_only_layers") or []))
+            expert_params = moe_layers * experts * 3 * int(cfg["hidden_size"]) * ff  # gate, up, down
+            per_token = int(cfg.get("num_experts_per_tok") or cfg.get("moe_k") or 0)
+        return cls(layers, kv_heads, head_dim, int(max_ctx) if max_ctx else None, expert_parameters=expert_params,
+                   experts=experts, experts_per_token=per_token)
 
     def kv_bytes_per_token(self, cache_type: str = "f16") -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES[cache_type]
@@ -77,8 +91,19 @@ def hardware_fit(variants: list[dict], shape: ModelShape, *, contexts=CONTEXTS, 
         fits[str(gb)] = {str(c): [v["id"] for v in ranked
                                   if need[v["id"]][str(c)] is not None and need[v["id"]][str(c)] <= gb * GIB]
                          for c in contexts}
+    moe = None
+    if shape.expert_parameters:
+        # llama.cpp can keep the routed experts in system RAM (--cpu-moe) and put the rest on the GPU; the
+        # experts' share of a file is estimated by their share of the parameters
+        moe = {}
+        for v in variants:
+            if not v.get("parameters"):
+                continue
+            rest = round(v["size_bytes"] * (1 - min(1.0, shape.expert_parameters / v["parameters"])))
+            moe[str(v["id"])] = {str(c): rest + shape.kv_cache_bytes(c, cache_type) + headroom if _ctx_ok(shape, c)
+                                 else None for c in contexts}
     return {"cache_type": cache_type, "headroom_bytes": headroom, "contexts": list(contexts),
-            "memory_gb": list(memory_gb), "model": shape.to_dict(),
+            "memory_gb": list(memory_gb), "model": shape.to_dict(), "gpu_bytes_experts_in_ram": moe,
             "kv_cache_bytes": {str(c): shape.kv_cache_bytes(c, cache_type) for c in contexts},
             "needed_bytes": need, "fits": fits}
 

@@ -249,7 +249,7 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
             "caveats": caveats, "variants": rows, "pareto": frontier, "rtn_comparisons": against_rtn,
             "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
-            "hardware": hardware, "regression": regression,
+            "hardware": hardware, "regression": regression, "experts": expert_coverage(manifest),
             **({"projectors": projectors} if (projectors := _projectors(manifest)) else {})}
 
 
@@ -275,6 +275,63 @@ def projector_md(report: dict) -> list[str]:
            f"- Ollama: the `.Modelfile` beside each GGUF has a second `FROM ./{first}` line", "",
            "| file | type | bytes | sha256 |", "|---|---|---|---|"]
     out += [f"| `{p['file']}` | {p['type']} | {p['size']} | `{p['sha256']}` |" for p in projectors]
+    return out
+
+
+
+def expert_coverage(manifest: dict) -> dict | None:
+    """Mixture-of-experts coverage from the variants' info (quantkit.experts, quantkit.gptq): the imatrix's
+    least-covered experts, the GGUF tensors that fell back for uncovered ones, the calibration tokens each
+    expert saw in GPTQ/AWQ. None for a dense model."""
+    imatrix, fallback, without, calibrated = None, {}, [], {}
+    for v in manifest["variants"]:
+        e = (v.get("info") or {}).get("experts")
+        if not e:
+            continue
+        vid = f"{v['format']}:{v['label']}"
+        if v["format"] == "gguf":
+            imatrix = imatrix or {k: e[k] for k in ("min_tokens", "least", "below")}
+            if e.get("fallback"):
+                fallback[vid] = {"type": e["fallback_type"], "tensors": e["fallback"]}
+            if e.get("below_kept"):
+                without.append(vid)
+        else:
+            calibrated[vid] = {"routing": e.get("routing"), "tokens_per_expert": e.get("tokens_per_expert")}
+    if imatrix is None and not calibrated:
+        return None
+    resolved = manifest["recipe"].get("resolved") or {}
+    min_tokens = imatrix["min_tokens"] if imatrix else (
+        ((resolved.get("gguf") or {}).get("imatrix") or {}).get("min_expert_tokens", 32))
+    short = {vid: c for vid, c in calibrated.items() if (c["tokens_per_expert"] or 0) < min_tokens}
+    return {"imatrix": imatrix, "fallback": fallback, "below_kept": without, "calibrated": calibrated,
+            "calibration_short": sorted(short), "min_tokens": min_tokens}
+
+
+def experts_md(report: dict) -> list[str]:
+    e = report.get("experts")
+    if not e:
+        return []
+    out = ["", "## Expert coverage", ""]
+    if im := e["imatrix"]:
+        out.append(f"Importance matrix: tokens routed to each expert on the calibration text (threshold "
+                   f"{im['min_tokens']}, `gguf.imatrix.min_expert_tokens`). Least covered:")
+        out += ["", "| layer | expert | tokens |", "|---:|---:|---:|"]
+        out += [f"| {layer} | {ex} | {n}{' (below)' if n < im['min_tokens'] else ''} |" for layer, ex, n in im["least"]]
+        out.append("")
+        if im["below"]:
+            out.append(f"- {len(im['below'])} expert(s) below the threshold: "
+                       + ", ".join(f"layer {layer} expert {ex} ({n})" for layer, ex, n in im["below"][:16]))
+        else:
+            out.append("- every expert reached the threshold")
+    for vid, fb in e["fallback"].items():
+        out.append(f"- {vid}: a type that needs importance data for every expert; the expert tensors of layers with "
+                   f"uncovered experts were made {fb['type']} instead: {', '.join(fb['tensors'])}")
+    for vid in e["below_kept"]:
+        out.append(f"- {vid}: a type that needs no importance data; experts below the threshold were quantized "
+                   "with the little data they had (uniform weights for those with none, as without an imatrix)")
+    for vid, c in e["calibrated"].items():
+        out.append(f"- {vid}: every expert calibrated on {c['tokens_per_expert']} tokens ({c['routing']})"
+                   + (f", fewer than {e['min_tokens']}" if vid in e["calibration_short"] else ""))
     return out
 
 
@@ -590,6 +647,7 @@ def render_markdown(report: dict) -> str:
     out += _regression_md(report.get("regression"))
     out += _since_md(report)
     out += mix_md(report)
+    out += experts_md(report)
     out += _hardware_md(report)
     out += projector_md(report)
     out += ["", "## How to run", ""]
@@ -750,6 +808,17 @@ def _hardware_md(report: dict) -> list[str]:
                  (f"beyond the model's {shape['max_context']} context" if shape["max_context"] and c > shape["max_context"]
                   else "nothing fits") for c in ctxs]
         out.append(f"| {gb} GB | " + " | ".join(cells) + " |")
+    if moe := hw.get("gpu_bytes_experts_in_ram"):
+        share = shape["expert_parameters"]
+        out += ["", f"Mixture of experts: {shape['experts']} routed experts, {shape['experts_per_token']} per token. "
+                f"Everything above must be resident (RAM or VRAM): llama.cpp reads every expert it may route to. "
+                f"The routed experts ({share:,} parameters) can stay in system RAM "
+                "(`llama-server --cpu-moe`); the GPU then holds the rest plus the KV cache (estimated by the "
+                "experts' share of the parameters):", "",
+                "| variant | " + " | ".join(f"GPU GiB @ {c // 1024}k" for c in ctxs) + " |",
+                "|---|" + "---:|" * len(ctxs)]
+        out += [f"| {vid} | " + " | ".join(_f(need[str(c)] / GIB if need[str(c)] else None, ".2f") for c in ctxs) + " |"
+                for vid, need in moe.items()]
     return out
 
 
