@@ -163,6 +163,10 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
             if ev.bench:
                 nodes.append(Node(f"bench-hf:{label}", "bench-hf", label, (made_by,)))
         variants.insert(len([v for v in variants if v[0] == "gguf"]), ("hf", "HF", "source"))
+    if ev and ev.sets:  # more held-out sets, each variant scored on each (quantkit.evalsets)
+        from quantkit.evalsets import set_nodes
+
+        nodes += set_nodes(recipe, variants)
     if recipe.serve is not None:  # each artifact in the program that serves it, before the run folder and publish
         for fmt, label, made_by in variants:
             if fmt in SERVED_FORMATS:
@@ -400,7 +404,8 @@ def _score_hf_inputs(ctx, node, deps):
     _, identity = _model_dir_and_identity(node, deps)
     return {"model": identity, "base": None if node.params["is_base"] else deps["source"].model.digest,
             "text_sha256": _text(ctx)[1], "ctx": spec.ctx, "max_tokens": spec.max_tokens,
-            "device": ctx.device}  # sums in another order on a GPU
+            "device": ctx.device,  # sums in another order on a GPU
+            **({} if node.params["is_base"] else {"kld_stats": "p99.9"})}
 
 
 def _score_hf(ctx, node, deps):
@@ -567,6 +572,15 @@ def _publish(ctx, node, deps):
     return publish_run(ctx, deps["source"].model, deps["run-folder"])
 
 
+def _evalsets(name: str) -> Callable:
+    """A node function of quantkit.evalsets (issue #26's evaluation sets), imported when it runs."""
+    def call(ctx, node, deps):
+        from quantkit import evalsets
+
+        return getattr(evalsets, name)(ctx, node, deps)
+    return call
+
+
 def _hub_publish(recipe: Recipe) -> bool:
     return recipe.publish is not None and recipe.publish.target == "hub"
 
@@ -604,6 +618,12 @@ KINDS: dict[str, StepKind] = {
     "mix": StepKind(_mix, "tensor-types.txt (the searched mix) and mix.json", _mix_inputs, "mix",
                     time_class="seconds"),
     "quantize-mix": StepKind(_quantize_mix, "model.gguf with its tensor-types.txt", _quantize_mix_inputs, "quantize"),
+    "set-logits": StepKind(_evalsets("set_logits"), "the reference log-probs on one more evaluation set",
+                           _evalsets("set_logits_inputs"), "base-logits", gpu=True, lazy=True, transient=True),
+    "score-set-gguf": StepKind(_evalsets("score_set_gguf"), "score.json on one more evaluation set (llama-perplexity)",
+                               _evalsets("score_set_gguf_inputs"), "score-gguf", gpu=True),
+    "score-set-hf": StepKind(_evalsets("score_set_hf"), "score.json on one more evaluation set (torch)",
+                             _evalsets("score_set_hf_inputs"), "score-hf", gpu=True),
     "run-folder": StepKind(_run_folder, "runs/<recipe>/ with manifest.json", time_class="seconds"),
     "publish": StepKind(_publish, "report, cards, Modelfiles; the published run", network=_hub_publish,
                         time_class="seconds"),
@@ -629,7 +649,7 @@ def variant_scores(ctx: RunContext, fmt: str, label: str, deps: Results) -> dict
         scores = dict(score.info["score"])
         if scores.get("kld_mean") is None and ctx.recipe.evaluation.kld and (
                 (fmt == "gguf" and label == ctx.recipe.gguf.base_type.upper()) or fmt == "hf"):
-            scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)  # the base against itself
+            scores.update(kld_mean=0.0, kld_p99=0.0, kld_p999=0.0, same_top_pct=100.0)  # the base against itself
     tasks = {}
     for t in ctx.recipe.evaluation.tasks if ctx.recipe.evaluation else []:
         if (r := deps.get(f"tasks-{kind}:{label}:{t.name}")) is not None:
@@ -640,6 +660,11 @@ def variant_scores(ctx: RunContext, fmt: str, label: str, deps: Results) -> dict
         scores["speed"] = bench.info["speed"]
     if (serve := deps.get(f"serve-{kind}:{label}")) is not None:
         scores["serve"] = serve.info["serve"]
+    if ctx.recipe.evaluation and ctx.recipe.evaluation.sets:
+        from quantkit.evalsets import set_scores
+
+        first = {k: v for k, v in scores.items() if k not in ("tasks", "speed", "serve")}
+        scores["sets"] = set_scores(ctx, fmt, label, deps, first)
     return scores
 
 

@@ -49,6 +49,8 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
     if recipe.evaluation is None:
         return out
     linked(("evaluation", "file"), recipe.evaluation.file, "evaluation file")
+    for i, s in enumerate(recipe.evaluation.sets):
+        linked(("evaluation", "sets", i, "file"), s.file, f"evaluation set '{s.name}'")
     for i, spec in enumerate(recipe.evaluation.tasks):
         loc = ("evaluation", "tasks", i) + (("path",) if spec.path else ())
         rel = task_folder(spec.name, spec.path)

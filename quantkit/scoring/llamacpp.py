@@ -47,6 +47,7 @@ PATTERNS = {
     "ppl_base": re.compile(rf"Mean PPL\(base\)\s+:\s+{_NUM} ± +{_NUM}"),
     "kld_mean": re.compile(rf"Mean    KLD:\s+{_NUM} ± +{_NUM}"),
     "kld_p99": re.compile(rf"99\.0%   KLD:\s+{_NUM}"),
+    "kld_p999": re.compile(rf"99\.9%   KLD:\s+{_NUM}"),
     "same_top": re.compile(rf"Same top p:\s+{_NUM} ± +{_NUM} %"),
 }
 
@@ -161,6 +162,8 @@ def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
     if kld:
         printed |= {"kld_mean": found["kld_mean"][0], "kld_mean_err": found["kld_mean"][1],
                     "kld_p99": found["kld_p99"][0], "same_top_pct": found["same_top"][0]}
+        if "kld_p999" in found:
+            printed["kld_p999"] = found["kld_p999"][0]
         if "ppl_base" in found:
             printed["ppl_base"] = found["ppl_base"][0]
 
@@ -170,18 +173,23 @@ def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
     return Score(backend=BACKEND, ppl=float(ppl), ppl_err=float(ppl_err), kld_mean=num("kld_mean"),
                  kld_mean_err=num("kld_mean_err"), kld_p99=num("kld_p99"), same_top_pct=num("same_top_pct"),
                  n_tokens=n_chunks * scored_per_chunk(ctx), n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
-                 printed=printed)
+                 printed=printed, kld_p999=num("kld_p999"))
 
 
 def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str, spec: Evaluation,
-                 toolchain: Toolchain) -> dict:
+KLD_STATS = "p99.9"  # in the score keys: scores stored before the 99.9th percentile was kept are made again
+
+
+def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str, spec, toolchain: Toolchain,
+                 kld: bool | None = None) -> dict:
+    """The store key's inputs of a GGUF score; ``spec`` is the Evaluation or an EvalSet (ctx, max_tokens)."""
+    kld = spec.kld if kld is None else kld
     return {"gguf_sha256": gguf_sha256, "base_sha256": base_sha256, "text_sha256": text_sha256,
-            "ctx": spec.ctx, "max_tokens": spec.max_tokens, "kld": spec.kld and base_sha256 is not None,
-            "llama_cpp": toolchain.build}
+            "ctx": spec.ctx, "max_tokens": spec.max_tokens, "kld": kld and base_sha256 is not None,
+            "llama_cpp": toolchain.build, **({"kld_stats": KLD_STATS} if kld and base_sha256 else {})}
 
 
 def text_sha256(text_file: Path) -> str:

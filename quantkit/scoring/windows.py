@@ -101,6 +101,8 @@ class Score:
     ctx: int
     seconds: float
     printed: dict[str, str] = field(default_factory=dict, hash=False)
+    kld_p999: float | None = None  # the 99.9th percentile (llama-perplexity prints it; scores before #26 lack it)
+    set_info: dict | None = None  # a chat set: conversations rendered, left out (tools), tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
