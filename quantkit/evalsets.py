@@ -45,8 +45,9 @@ def set_nodes(recipe: Recipe, variants: list[tuple[str, str, str]]) -> list:
                 is_base = made == "convert"
                 # on a chat set the reference is the HF checkpoint, so the F16 base is measured too
                 logits = (f"set-logits:{s.name}",) if ev.kld and (chat or not is_base) else ()
+                # a chat score's key holds its reference's, which names the source checkpoint
                 nodes.append(Node(f"score-set-gguf:{label}:{s.name}", "score-set-gguf", label,
-                                  tuple(dict.fromkeys((made, "convert", *logits))),
+                                  tuple(dict.fromkeys((made, "convert", *(("source",) if chat else ()), *logits))),
                                   {"set": s.name, "is_base": is_base}))
         if checkpoints:
             for label, made in [("HF", "source")] + [(label, made) for _, label, made in checkpoints]:
