@@ -449,8 +449,21 @@ def _variant_index(recipe: Recipe, params: dict) -> int | None:
     return labels.index(params["label"]) if params.get("label") in labels else None
 
 
+# evaluation.sets (quantkit.evalsets): each kind costs what its first-set kind costs at the set's ctx and tokens
+SET_KINDS = {"set-logits": "base-logits", "score-set-gguf": "score-gguf", "score-set-hf": "score-hf"}
+
+
+def _as_first_set(recipe: Recipe, kind: str, params: dict) -> tuple[Recipe, str]:
+    ev = recipe.evaluation
+    s = next(x for x in ev.sets if x.name == params["set"])
+    return recipe.model_copy(update={"evaluation": ev.model_copy(update={"ctx": s.ctx, "max_tokens": s.max_tokens})}), \
+        SET_KINDS[kind]
+
+
 def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> Cost:
     """The estimate for one node of ``kind``; ``params`` are the node's (quantkit.graph.Node.params)."""
+    if kind in SET_KINDS:
+        return cost(*_as_first_set(recipe, kind, params), params, facts)
     if facts is None:
         return Cost(None, None, "the model's safetensors headers are not available")
     if not facts.tensors:
@@ -527,6 +540,8 @@ TASK_CHOICES = 4  # lm-eval's torch backend evaluates the context again with eac
 
 def seconds(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> float | None:
     """The node's wall time on the reference machine (see RATE); None when nothing is known."""
+    if kind in SET_KINDS:
+        return seconds(*_as_first_set(recipe, kind, params), params, facts)
     if facts is None or not facts.tensors:
         return None
     w = facts.parameters
