@@ -208,7 +208,10 @@ def dependents(nodes: list[Node]) -> dict[str, list[str]]:
 def _source(ctx: RunContext, node: Node, deps: Results) -> Source:
     model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
     log.info("model %s: %d files, digest %s", model.repo or model.path, len(model.files), model.digest[:12])
-    return Source(model, load_calibration(ctx.recipe.calibration, root=ctx.root))
+    if ctx.recipe.calibration.conversations:
+        model.check_links()  # the chat template is read from the folder by transformers
+    return Source(model, load_calibration(ctx.recipe.calibration, root=ctx.root, model_dir=model.path,
+                                          trust_remote_code=ctx.recipe.model.trust_remote_code))
 
 
 def _convert_kw(ctx: RunContext, deps: Results) -> dict:

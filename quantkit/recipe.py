@@ -229,13 +229,25 @@ class Calibration(Section):
 
     files: list[ProjectPath] | None = Field(None, min_length=1, max_length=32)
     dataset: HubDataset | None = None
+    conversations: list[ProjectPath] = Field(
+        default_factory=list, max_length=32,
+        description="JSONL chat sets under calibration/, rendered through the chat template beside the text")
 
-    @field_validator("files")
+    @field_validator("files", "conversations")
     @classmethod
     def _under_calibration(cls, v: list[str] | None) -> list[str] | None:
         for f in v or []:
             if not f.startswith("calibration/"):
                 raise Invalid(f"'{f}' is not under calibration/", "add the text to calibration/ with its source and licence")
+        return v
+
+    @field_validator("conversations")
+    @classmethod
+    def _jsonl(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if not f.endswith(".jsonl"):
+                raise Invalid(f"'{f}' is not a .jsonl file of conversations",
+                              "write one {\"messages\": [...]} object per line in a .jsonl file")
         return v
 
     @model_validator(mode="after")
@@ -855,7 +867,7 @@ class Recipe(Section):
             raise Invalid(f"evaluation.file '{self.evaluation.file}' is also calibration text",
                           "score on held-out text: scores on text the quantizer saw are not evidence")
         for i, s in enumerate(self.evaluation.sets if self.evaluation else []):
-            if s.file in (self.calibration.files or []):
+            if s.file in (self.calibration.files or []) + self.calibration.conversations:
                 raise Invalid(f"evaluation set '{s.name}' ({s.file}) is also calibration text",
                               "score on held-out text: scores on text the quantizer saw are not evidence",
                               loc=("evaluation", "sets", i, "file"))
@@ -985,6 +997,8 @@ def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Pro
     wanted: list[tuple[tuple, str]] = []
     for i, f in enumerate(recipe.calibration.files or []):
         wanted.append((("calibration", "files", i), f))
+    for i, f in enumerate(recipe.calibration.conversations):
+        wanted.append((("calibration", "conversations", i), f))
     if recipe.evaluation:
         wanted.append((("evaluation", "file"), recipe.evaluation.file))
         wanted += [(("evaluation", "sets", i, "file"), s.file) for i, s in enumerate(recipe.evaluation.sets)]
@@ -1006,7 +1020,7 @@ def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Pro
                 out.append(Problem(file, lines.get(loc, 0), dotted(loc),
                                    f"evaluation text shares paragraphs with calibration file '{f}'",
                                    "use held-out text that the calibration never saw"))
-    if recipe.evaluation and not linked:
+    if recipe.evaluation and (recipe.evaluation.sets or recipe.calibration.conversations) and not linked:
         out += _check_sets(recipe, root, file, lines)
     return out
 
@@ -1018,8 +1032,19 @@ def _check_sets(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Prob
 
     out = []
     calib = [(f, (root / f).read_bytes()) for f in recipe.calibration.files or [] if (root / f).is_file()]
-    for i, s in enumerate(recipe.evaluation.sets):
-        loc = ("evaluation", "sets", i, "file")
+    for i, f in enumerate(recipe.calibration.conversations):
+        if (root / f).is_file():
+            try:
+                texts = [t for c in parse_conversations((root / f).read_bytes()) for t in c.texts()]
+            except ChatSetError as e:
+                loc = ("calibration", "conversations", i)
+                out.append(Problem(f, e.line, dotted(loc), f"calibration conversations: {e.message}",
+                                   "write one {\"messages\": [{\"role\": ..., \"content\": ...}]} object per line"))
+                continue
+            calib.append((f, "\n\n".join(texts).encode()))
+    convs = set(recipe.calibration.conversations)
+    for i, s in [(None, recipe.evaluation.all_sets()[0]), *enumerate(recipe.evaluation.sets)]:
+        loc = ("evaluation", "file") if i is None else ("evaluation", "sets", i, "file")
         p = root / s.file
         if not p.is_file():
             continue  # reported as missing above
@@ -1032,6 +1057,8 @@ def _check_sets(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Prob
                                    "write one {\"messages\": [{\"role\": ..., \"content\": ...}]} object per line"))
                 continue
         for f, cb in calib:
+            if i is None and f not in convs:
+                continue  # evaluation.file against the text files: checked above
             if _overlap(cb, data):
                 out.append(Problem(file, lines.get(loc, 0), dotted(loc),
                                    f"evaluation set '{s.name}' shares paragraphs with calibration file '{f}'",

@@ -39,6 +39,8 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
 
     for i, f in enumerate(recipe.calibration.files or []):
         linked(("calibration", "files", i), f, "calibration file")
+    for i, f in enumerate(recipe.calibration.conversations):
+        linked(("calibration", "conversations", i), f, "calibration conversations")
     if recipe.model.path is not None:
         loc = ("model", "path")
         folder = root / recipe.model.path

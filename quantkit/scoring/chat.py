@@ -128,23 +128,31 @@ def _template_text(tokenizer) -> str:
     return t if isinstance(t, str) else json.dumps(t) if t else ""
 
 
-def render_tokens(tokenizer, conversations: list[Conversation]) -> ChatTokens:
-    """The conversations through the tokenizer's chat template, tokenized with special tokens parsed, joined."""
+def render_texts(tokenizer, conversations: list[Conversation]) -> tuple[list[str], int]:
+    """Each conversation through the tokenizer's chat template (text), and how many were left out because they
+    use tools and the template does not mention them."""
     template = _template_text(tokenizer)
     if not template:
-        raise VerificationError("the checkpoint has no chat template: a chat set cannot be rendered")
+        raise VerificationError("the checkpoint has no chat template: conversations cannot be rendered")
     tools_ok = "tool" in template
-    ids: list[int] = []
-    used = skipped = 0
+    texts, skipped = [], 0
     for conv in conversations:
         if conv.uses_tools and not tools_ok:
             skipped += 1
             continue
-        text = tokenizer.apply_chat_template(list(conv.messages), tools=list(conv.tools) or None, tokenize=False)
+        texts.append(tokenizer.apply_chat_template(list(conv.messages), tools=list(conv.tools) or None,
+                                                   tokenize=False))
+    return texts, skipped
+
+
+def render_tokens(tokenizer, conversations: list[Conversation]) -> ChatTokens:
+    """The conversations through the tokenizer's chat template, tokenized with special tokens parsed, joined."""
+    texts, skipped = render_texts(tokenizer, conversations)
+    ids: list[int] = []
+    for text in texts:
         # The template writes BOS itself where the model wants one: add nothing more.
         ids += tokenizer(text, add_special_tokens=False).input_ids
-        used += 1
-    return ChatTokens(tuple(ids), used, skipped)
+    return ChatTokens(tuple(ids), len(texts), skipped)
 
 
 def chat_windows(ids: tuple[int, ...], spec, *, bos: int | None):

@@ -176,7 +176,8 @@ def score_windows(*, model, windows, model_dir: Path, base_model_dir: Path | Non
              n_chunks, seconds)
     return Score(backend=BACKEND, ppl=ppl, ppl_err=ppl_err, kld_mean=kld_mean, kld_mean_err=kld_err, kld_p99=kld_p99,
                  same_top_pct=same_pct, n_tokens=count, n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
-                 printed=printed, kld_p999=kld_p999)
+                 printed=printed, kld_p999=kld_p999,
+                 chunk_kld=[round(float(v.mean()), 6) for v in kld_values] if base is not None else None)
 
 
 def bench_hf(*, model_dir: Path, gen_tokens: int = 32, reps: int = 1, device: str = "cpu",

@@ -52,7 +52,26 @@ PATTERNS = {
 }
 
 
+# One line per chunk in --kl-divergence mode: chunk, PPL ± , ln(PPL(Q)/PPL(base)) ± , KLD ± , ... (running means)
+CHUNK_LINE = re.compile(rf"^\s*(\d+)\s+{_NUM} ±\s+\S+\s+\S+ ±\s+\S+\s+{_NUM} ±", re.MULTILINE)
+
 LOG_ATTEMPTS = 5
+
+
+def chunk_klds(text: str) -> list[float] | None:
+    """Each chunk's own mean KLD, from the running means llama-perplexity prints after every chunk (chunks score
+    equally many tokens, so chunk k's mean is k*m_k - (k-1)*m_(k-1)); None when the lines are not all there.
+    The printed 5 decimals bound each value's rounding error by about k * 1e-5: the paired per-chunk test."""
+    running: dict[int, float] = {}
+    for n, _, kld in CHUNK_LINE.findall(text):
+        running[int(n)] = float(kld)
+    if not running or sorted(running) != list(range(1, max(running) + 1)):
+        return None
+    out, prev = [], 0.0
+    for k in range(1, max(running) + 1):
+        out.append(round(k * running[k] - (k - 1) * prev, 6))
+        prev = running[k]
+    return out
 
 
 def parse_perplexity_log(text: str) -> dict[str, tuple[str, ...]]:
@@ -173,7 +192,7 @@ def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
     return Score(backend=BACKEND, ppl=float(ppl), ppl_err=float(ppl_err), kld_mean=num("kld_mean"),
                  kld_mean_err=num("kld_mean_err"), kld_p99=num("kld_p99"), same_top_pct=num("same_top_pct"),
                  n_tokens=n_chunks * scored_per_chunk(ctx), n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
-                 printed=printed, kld_p999=num("kld_p999"))
+                 printed=printed, kld_p999=num("kld_p999"), chunk_kld=chunk_klds(text) if kld else None)
 
 
 def _tail(text: str, lines: int = 20) -> str:
