@@ -43,13 +43,29 @@ def load_calibration(spec: Calibration, *, root: Path, model_dir: Path | None = 
     if spec.conversations:
         if model_dir is None:
             raise SourceError("calibration.conversations are rendered with the model's chat template: no model given")
-        text += "\n" + _rendered(spec, root, model_dir, trust_remote_code)
+        text = interleave(text, _rendered(spec, root, model_dir, trust_remote_code))
         sources += tuple(f"chat:{f}" for f in spec.conversations)
     return CalibrationText(text, hashlib.sha256(text.encode()).hexdigest(), sources,
                            parse_special=bool(spec.conversations))
 
 
-def _rendered(spec: Calibration, root: Path, model_dir: Path, trust_remote_code: bool) -> str:
+def interleave(text: str, conversations: list[str]) -> str:
+    """The rendered conversations spread evenly between the text's paragraphs: llama-imatrix reads only the
+    first ``chunks`` contexts, so conversations appended at the end would be cut with the text's tail."""
+    paragraphs = text.rstrip("\n").split("\n\n")
+    n, p = len(conversations), len(paragraphs)
+    slots: dict[int, list[str]] = {}
+    for i, conv in enumerate(conversations):
+        slots.setdefault((i + 1) * p // (n + 1), []).append(conv.rstrip("\n"))
+    out = []
+    for j, para in enumerate(paragraphs):
+        out += slots.get(j, [])
+        out.append(para)
+    out += slots.get(p, [])
+    return "\n\n".join(out) + "\n"
+
+
+def _rendered(spec: Calibration, root: Path, model_dir: Path, trust_remote_code: bool) -> list[str]:
     from transformers import AutoTokenizer
 
     from quantkit.scoring.chat import ChatSetError, parse_conversations, render_texts
@@ -66,7 +82,7 @@ def _rendered(spec: Calibration, root: Path, model_dir: Path, trust_remote_code:
         log.info("calibration: %d conversations of %s through the chat template (%d with tools left out)",
                  len(texts), f, skipped)
         out += texts
-    return "".join(out)
+    return out
 
 
 def _from_hub(spec: Calibration) -> list[str]:

@@ -212,3 +212,32 @@ def test_one_set_keeps_the_single_table():
     report = build_report(m)
     assert report["sets"] == [] and report["pareto_metric"] == "kld_mean"
     assert "## Evaluation sets" not in render_markdown(report)
+
+
+def test_calibration_conversations_are_rendered_between_the_paragraphs(tiny_llama):
+    """calibration.conversations go through the chat template and are spread through the text, so the imatrix's
+    bounded chunks see them; the text is marked for llama-imatrix --parse-special."""
+    from quantkit.calibration import interleave, load_calibration
+    from quantkit.recipe import Calibration
+
+    spec = Calibration(files=["calibration/en-prose.txt"], conversations=["calibration/chat-calibration.jsonl"])
+    calib = load_calibration(spec, root=REPO, model_dir=tiny_llama)
+    plain = load_calibration(Calibration(files=["calibration/en-prose.txt"]), root=REPO)
+    assert calib.parse_special and not plain.parse_special
+    assert calib.sources == ("calibration/en-prose.txt", "chat:calibration/chat-calibration.jsonl")
+    n = len(parse_conversations((REPO / "calibration" / "chat-calibration.jsonl").read_bytes()))
+    assert calib.text.count("<|assistant|>") == sum(
+        m["role"] == "assistant" for c in parse_conversations((REPO / "calibration" / "chat-calibration.jsonl")
+                                                                .read_bytes()) for m in c.messages)
+    first_chat = calib.text.index("<|user|>")
+    assert 0 < first_chat < len(calib.text) // n + len(calib.text) // 10  # not all at the end
+    assert interleave("a\n\nb\n\nc\n", ["X", "Y"]) == "a\n\nX\n\nb\n\nY\n\nc\n"
+
+
+def test_conversations_count_as_calibration_text_for_the_overlap_check(project, capsys):
+    shutil.copy(CHAT, project / "calibration" / "talk.jsonl")
+    code, err = _validate(project, capsys, RECIPE.replace(
+        "  files: [calibration/calib.txt]", "  files: [calibration/calib.txt]\n  conversations: [calibration/talk.jsonl]"))
+    assert code == 2
+    assert any("evaluation.sets[0].file: evaluation set 'chat' shares paragraphs with calibration file "
+               "'calibration/talk.jsonl'" in e for e in err), err
