@@ -103,8 +103,7 @@ def test_shipped_sets_are_held_out_from_every_calibration_file(capsys):
     """The demo's sets pass the same overlap check as its prose (validate reads every file)."""
     assert main(["validate", str(REPO / "recipes" / "smollm2-135m-demo.yaml")]) == 0, capsys.readouterr().err
     recipe = load_recipe(REPO / "recipes" / "smollm2-135m-demo.yaml")
-    assert {s.name: s.kind for s in recipe.evaluation.all_sets()} == {"prose": "text", "code": "text", "ja": "text",
-                                                                      "chat": "chat"}
+    assert {s.name: s.kind for s in recipe.evaluation.all_sets()} == {"prose": "text", "code": "text", "chat": "chat"}
 
 
 def test_shipped_chat_set():
