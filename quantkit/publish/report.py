@@ -268,7 +268,11 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
     _recommend(quantized, frontier, recommend_max_kld, counted, metric=metric)
     facts = _run_facts(manifest)
     facts["model"]["base_origin"] = base_origin
-    against_rtn = rtn_comparisons(rows)
+    against_rtn = [c | {"set": ev["name"]} for c in rtn_comparisons(rows)]
+    for name in set_names[1:]:  # the same test on every other set, on that set's numbers
+        on_set = [{**r, **{k: r["sets"][name][k] for k in ("kld_mean", "kld_mean_err")}} if name in r["sets"]
+                  else {**r, "kld_mean": None} for r in rows]
+        against_rtn += [c | {"set": name} for c in rtn_comparisons(on_set)]
     caveats = _caveats(rows, base_origin, manifest) + _rtn_caveats(against_rtn)
     ctx = min(num_ctx, ModelShape.from_config(config).max_context or num_ctx) if config else num_ctx
     for r in rows:
@@ -405,7 +409,8 @@ def rtn_comparisons(rows: list[dict]) -> list[dict]:
 
 def _rtn_caveats(comparisons: list[dict]) -> list[str]:
     """A calibrated method that does not beat plain rounding is the first thing to explain."""
-    return [f"{c['id']} does not beat plain round-to-nearest ({c['rtn']}) in mean KLD: "
+    return [f"{c['id']} does not beat plain round-to-nearest ({c['rtn']}) in mean KLD"
+            + (f" on set `{c['set']}`" if c.get("set") else "") + ": "
             f"{_pm(c['kld_mean'], c['kld_mean_err'])} against {_pm(c['rtn_kld_mean'], c['rtn_kld_mean_err'])}. "
             "A method that calibrates should be closer to the base than rounding; find out why (calibration "
             "samples, desc_act, damping, group size, the settings passed to GPTQModel) before comparing it further."
@@ -753,7 +758,8 @@ def _rtn_md(report: dict) -> list[str]:
            "Each GPTQ/AWQ variant against plain round-to-nearest (RTN: no calibration, the same bits and group "
            f"size). It beats RTN when its mean KLD is lower by more than {RTN_SEPARATION:g} combined standard "
            "errors (the two means' errors, combined as if independent: cautious, since both are scored on the same "
-           "tokens). RTN rows are references: not recommended and not published.", ""]
+           "tokens). RTN rows are references: not recommended and not published. Each line names the evaluation "
+           "set it was judged on.", ""]
     said = {"beats": "**beats**", "worse": "**is worse than**", "not separated": "**does not beat**",
             "unknown": "is not judged against"}
     for c in comparisons:
@@ -762,7 +768,8 @@ def _rtn_md(report: dict) -> list[str]:
         grid = {True: "symmetric", False: "with a zero point"}
         unlike = (f"; RTN {grid[c['rtn_sym']]}, {c['id'].split(':')[0].upper()} {grid[c['sym']]}: not like with like"
                   if c["sym"] != c["rtn_sym"] else "")
-        out.append(f"- `{c['id']}` {said[c['verdict']]} `{c['rtn']}`: mean KLD {_pm(c['kld_mean'], c['kld_mean_err'])}"
+        on = f" on set `{c['set']}`" if c.get("set") else ""
+        out.append(f"- `{c['id']}` {said[c['verdict']]} `{c['rtn']}`{on}: mean KLD {_pm(c['kld_mean'], c['kld_mean_err'])}"
                    f" vs {_pm(c['rtn_kld_mean'], c['rtn_kld_mean_err'])} (RTN − it = {c['difference']:+.5f}{sigmas}"
                    f"{unlike})")
     compared = {c["id"] for c in comparisons}
