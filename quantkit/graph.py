@@ -575,13 +575,17 @@ def _publish(ctx, node, deps):
     return publish_run(ctx, deps["source"].model, deps["run-folder"])
 
 
-def _evalsets(name: str) -> Callable:
-    """A node function of quantkit.evalsets (issue #26's evaluation sets), imported when it runs."""
-    def call(ctx, node, deps):
+@dataclass(frozen=True)
+class _evalsets:
+    """A node function of quantkit.evalsets (issue #26's evaluation sets), imported when it runs; a module-level
+    class, so a kind's functions pickle by reference like the others."""
+
+    name: str
+
+    def __call__(self, ctx, node, deps):
         from quantkit import evalsets
 
-        return getattr(evalsets, name)(ctx, node, deps)
-    return call
+        return getattr(evalsets, self.name)(ctx, node, deps)
 
 
 def _hub_publish(recipe: Recipe) -> bool:
