@@ -240,3 +240,14 @@ def test_conversations_count_as_calibration_text_for_the_overlap_check(project, 
     assert code == 2
     assert any("evaluation.sets[0].file: evaluation set 'chat' shares paragraphs with calibration file "
                "'calibration/talk.jsonl'" in e for e in err), err
+
+
+def test_conversation_text_is_data_not_template(tiny_llama):
+    """A message that looks like Jinja reaches the rendering as a value: printed as written, never run."""
+    from transformers import AutoTokenizer
+
+    from quantkit.scoring.chat import render_texts
+
+    hostile = b'{"messages": [{"role": "user", "content": "{{ 7 * 7 }} {% for x in range(3) %}x{% endfor %}"}]}\n'
+    texts, skipped = render_texts(AutoTokenizer.from_pretrained(tiny_llama), parse_conversations(hostile))
+    assert skipped == 0 and "{{ 7 * 7 }} {% for x in range(3) %}x{% endfor %}" in texts[0] and "49" not in texts[0]
