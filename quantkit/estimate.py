@@ -522,6 +522,18 @@ def _variant_index(recipe: Recipe, params: dict) -> int | None:
     return labels.index(params["label"]) if params.get("label") in labels else None
 
 
+# evaluation.sets (quantkit.evalsets): a set's kind costs what its first-set kind costs at the set's ctx and tokens
+def _as_first_set(recipe: Recipe, params: dict) -> Recipe:
+    ev = recipe.evaluation
+    s = next(x for x in ev.sets if x.name == params["set"])
+    return recipe.model_copy(update={"evaluation": ev.model_copy(update={"ctx": s.ctx, "max_tokens": s.max_tokens})})
+
+
+def on_set(name: str, recipe: Recipe, params: dict, facts: ModelFacts):
+    """The estimate ``name`` of a first-set kind, for its kind on one more evaluation set."""
+    return globals()[name](_as_first_set(recipe, params), params, facts)
+
+
 def kind_cost(estimate, recipe: Recipe, params: dict, facts: ModelFacts | None) -> Cost:
     """A node's disk and peak RAM from its kind's ``estimate(recipe, params, facts)`` (quantkit.graph's
     ``StepKind.cost``; None: adds nothing, RAM unknown); ``params`` are the node's, with its label."""

@@ -177,3 +177,12 @@ def imatrix_chunks(path: Path) -> int:
     if not tensors:
         raise VerificationError(f"{path} holds no importance data")
     return int(meta.get("imatrix.chunk_count") or 0)
+
+
+def adds_bos(path: Path) -> bool | None:
+    """``tokenizer.ggml.add_bos_token`` of a GGUF: whether llama.cpp puts BOS first in each window; None when
+    the file does not say (llama_vocab then picks a default per tokenizer, src/llama-vocab.cpp)."""
+    from gguf.constants import Keys
+
+    meta, _, _ = _read(path, "GGUF file", (Keys.Tokenizer.ADD_BOS,))
+    return bool(meta[Keys.Tokenizer.ADD_BOS]) if Keys.Tokenizer.ADD_BOS in meta else None

@@ -23,6 +23,7 @@ The executor, ``plan``, the preflight, the flow and `store gc` read it there; a 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -270,6 +271,10 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
             if ev.bench:
                 nodes.append(Node(f"bench-hf:{label}", "bench-hf", label, (made_by,)))
         variants.insert(len([v for v in variants if v[0] == "gguf"]), _variant(nodes[0], "HF"))
+    if ev and ev.sets:  # more held-out sets, each variant scored on each (quantkit.evalsets)
+        from quantkit.evalsets import set_nodes
+
+        nodes += set_nodes(recipe, variants)
     if recipe.serve is not None:  # each artifact in the program that serves it, before the run folder and publish
         for fmt, label, made_by in variants:
             if FORMATS[fmt].served:
@@ -323,7 +328,10 @@ def _source(ctx: RunContext, node: Node, deps: Results) -> Source:
         from quantkit.mmproj import check_decided
 
         check_decided(model)
-    return Source(model, load_calibration(ctx.recipe.calibration, root=ctx.root))
+    if ctx.recipe.calibration.conversations:
+        model.check_links()  # the chat template is read from the folder by transformers
+    return Source(model, load_calibration(ctx.recipe.calibration, root=ctx.root, model_dir=model.path,
+                                          trust_remote_code=ctx.recipe.model.trust_remote_code))
 
 
 def _convert_kw(ctx: RunContext, deps: Results) -> dict:
@@ -572,7 +580,8 @@ def _score_hf_inputs(ctx, node, deps):
     _, identity = _model_dir_and_identity(node, deps)
     return {"model": identity, "base": None if node.params["is_base"] else deps["source"].model.digest,
             "text_sha256": _text(ctx)[1], "ctx": spec.ctx, "max_tokens": spec.max_tokens,
-            "device": ctx.device}  # sums in another order on a GPU
+            "device": ctx.device,  # sums in another order on a GPU
+            **({} if node.params["is_base"] else {"kld_stats": "p99.9"})}
 
 
 def _score_hf(ctx, node, deps):
@@ -767,12 +776,21 @@ def _publish(ctx, node, deps):
     return publish_run(ctx, deps["source"].model, deps["run-folder"])
 
 
+def _evalsets(name: str) -> Callable:  # issue #26's evaluation sets
+    return _late("quantkit.evalsets", name)
+
+
 def _hub_publish(recipe: Recipe) -> bool:
     return recipe.publish is not None and recipe.publish.target == "hub"
 
 
 def _est(name: str) -> Callable:
     return _late("quantkit.estimate", name)
+
+
+def _on_set(name: str) -> Callable:
+    """A first-set kind's estimate ``name``, for its kind on one more evaluation set."""
+    return functools.partial(_late("quantkit.estimate", "on_set"), name)
 
 
 def _budget(name: str) -> Callable:
@@ -853,6 +871,15 @@ KINDS: dict[str, StepKind] = {
                     time_class="seconds", cost=_budget("mix_cost")),
     "quantize-mix": StepKind(_quantize_mix, "model.gguf with its tensor-types.txt", _quantize_mix_inputs, "quantize",
                              cost=_budget("quantize_mix_cost"), large=True, format="gguf"),
+    "set-logits": StepKind(_evalsets("set_logits"), "the reference log-probs on one more evaluation set",
+                           _evalsets("set_logits_inputs"), "base-logits", gpu=True, lazy=True, transient=True,
+                           cost=_on_set("base_logits_cost"), seconds=_on_set("llama_score_seconds"), large=True),
+    "score-set-gguf": StepKind(_evalsets("score_set_gguf"), "score.json on one more evaluation set (llama-perplexity)",
+                               _evalsets("score_set_gguf_inputs"), "score-gguf", gpu=True,
+                               cost=_on_set("llama_eval_cost"), seconds=_on_set("llama_score_seconds")),
+    "score-set-hf": StepKind(_evalsets("score_set_hf"), "score.json on one more evaluation set (torch)",
+                             _evalsets("score_set_hf_inputs"), "score-hf", gpu=True,
+                             cost=_on_set("torch_eval_cost"), seconds=_on_set("score_hf_seconds")),
     "run-folder": StepKind(_run_folder, "runs/<recipe>/ with manifest.json", time_class="seconds"),
     "publish": StepKind(_publish, "report, cards, Modelfiles; the published run", network=_hub_publish,
                         time_class="seconds"),
@@ -874,13 +901,20 @@ def variant_scores(ctx: RunContext, made_by: str, deps: Results, nodes: list[Nod
     """A variant's scores as the manifest and report read them: what each measuring node of the variant
     (``made_by``, the node that made it, is its first need) adds through its kind's ``scores``."""
     scores: dict = {}
-    measured = [n for n in (nodes if nodes is not None else build_graph(ctx.recipe))
-                if n.spec.scores is not None and n.needs[:1] == (made_by,) and n.name in deps]
+    graph = nodes if nodes is not None else build_graph(ctx.recipe)
+    measured = [n for n in graph if n.spec.scores is not None and n.needs[:1] == (made_by,) and n.name in deps]
     for n in measured:
         n.spec.scores(scores, deps[n.name])
     ev = ctx.recipe.evaluation
     if ev and ev.kld and scores.get("kld_mean") is None and any(n.params.get("is_base") for n in measured):
-        scores.update(kld_mean=0.0, kld_p99=0.0, same_top_pct=100.0)  # the base against itself
+        scores.update(kld_mean=0.0, kld_p99=0.0, kld_p999=0.0, same_top_pct=100.0)  # the base against itself
+    if ev and ev.sets:
+        from quantkit.evalsets import set_scores
+
+        maker = next(n for n in graph if n.name == made_by)
+        label = "HF" if maker.kind == "source" else maker.label
+        first = {k: v for k, v in scores.items() if k not in ("tasks", "speed", "serve")}
+        scores["sets"] = set_scores(ctx, maker.spec.format, label, deps, first)
     return scores
 
 

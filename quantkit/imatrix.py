@@ -23,7 +23,8 @@ TEXT = "calibration.txt"
 
 def imatrix_inputs(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, toolchain: Toolchain) -> dict:
     return {"base_sha256": base.files["model.gguf"].sha256, "calibration_sha256": calibration.sha256,
-            "ctx": spec.ctx, "chunks": spec.chunks, "llama_cpp": toolchain.build, "repack": False}
+            "ctx": spec.ctx, "chunks": spec.chunks, "llama_cpp": toolchain.build, "repack": False,
+            **({"parse_special": True} if calibration.parse_special else {})}
 
 
 def imatrix(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, toolchain: Toolchain, store: Store,
@@ -39,7 +40,9 @@ def imatrix(*, base: Entry, calibration: CalibrationText, spec: ImatrixSpec, too
                         "--no-ppl", "--output-frequency", "1000000", *toolchain.offload_args(),
                         # the same plain weight layout on every CPU, as for scoring: with AMX, llama.cpp would
                         # also hold a repacked copy of the layers (5.4 instead of 3.2 GiB for a 1B model)
-                        "--no-repack"],
+                        "--no-repack",
+                        # rendered conversations: <|im_start|> and the like are the special tokens, as in chat
+                        *(["--parse-special"] if calibration.parse_special else [])],
                        cwd=staging.path)
         out = staging.path / OUTPUT
         if not out.is_file():

@@ -76,7 +76,8 @@ def local_source(ctx: RunContext) -> Source | None:
         return None
     try:
         model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
-        calib = load_calibration(ctx.recipe.calibration, root=ctx.root) if ctx.recipe.calibration.files else None
+        calib = load_calibration(ctx.recipe.calibration, root=ctx.root, model_dir=model.path,
+                                 trust_remote_code=ctx.recipe.model.trust_remote_code) if ctx.recipe.calibration.files else None
     except QuantkitError:
         return None
     return Source(model, calib) if calib else None

@@ -248,13 +248,25 @@ class Calibration(Section):
 
     files: list[ProjectPath] | None = Field(None, min_length=1, max_length=32)
     dataset: HubDataset | None = None
+    conversations: list[ProjectPath] = Field(
+        default_factory=list, max_length=32,
+        description="JSONL chat sets under calibration/, rendered through the chat template beside the text")
 
-    @field_validator("files")
+    @field_validator("files", "conversations")
     @classmethod
     def _under_calibration(cls, v: list[str] | None) -> list[str] | None:
         for f in v or []:
             if not f.startswith("calibration/"):
                 raise Invalid(f"'{f}' is not under calibration/", "add the text to calibration/ with its source and licence")
+        return v
+
+    @field_validator("conversations")
+    @classmethod
+    def _jsonl(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if not f.endswith(".jsonl"):
+                raise Invalid(f"'{f}' is not a .jsonl file of conversations",
+                              "write one {\"messages\": [...]} object per line in a .jsonl file")
         return v
 
     @model_validator(mode="after")
@@ -277,10 +289,66 @@ class TaskSpec(Section):
     path: ProjectPath | None = None
 
 
+SET_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def _set_name(v: str) -> str:
+    if not SET_NAME_RE.match(v):
+        raise Invalid(f"set name '{v}' is not a short lowercase name",
+                      "use lowercase letters, digits, '_' and '-' (at most 32), e.g. code or chat")
+    return v
+
+
+SetName = Annotated[str, pydantic.AfterValidator(_set_name)]
+
+
+def default_set_name(file: str) -> str:
+    """The name of the set ``evaluation.file`` makes when ``evaluation.name`` is not given: its file stem,
+    lowercased, with anything else made '-' (en-prose-heldout)."""
+    stem = re.sub(r"[^a-z0-9_-]+", "-", PurePosixPath(file).stem.lower()).strip("-_")[:32]
+    return stem if SET_NAME_RE.match(stem) else "text"
+
+
+class EvalSet(Section):
+    """One more held-out set every variant is scored on (``evaluation.sets``).
+
+    ``format: text`` is scored as ``evaluation.file`` is (llama-perplexity on the raw text); ``format: chat`` is
+    a JSONL file of conversations (``{"messages": [...], "tools": [...]}`` per line) rendered through the
+    checkpoint's chat template, so special tokens and turn markers are scored as a chat user's prompt is
+    (``quantkit.scoring.chat``). The default is chat for ``.jsonl`` files, text otherwise."""
+
+    name: SetName
+    file: ProjectPath
+    format: Literal["text", "chat"] | None = None
+    ctx: int = Field(512, ge=16, le=131_072, description="context of each scored window (a long-context set: 4096+)")
+    max_tokens: int = Field(10_240, ge=64, le=10_000_000, description="bound on tokens (disk for the base logits)")
+
+    @property
+    def kind(self) -> str:
+        return self.format or ("chat" if self.file.endswith(".jsonl") else "text")
+
+    @model_validator(mode="after")
+    def _one_chunk(self) -> EvalSet:
+        if self.max_tokens < self.ctx:
+            raise Invalid(f"set '{self.name}': max_tokens {self.max_tokens} is less than one context of {self.ctx}",
+                          f"raise max_tokens to a multiple of ctx (e.g. {self.ctx * 8}) or lower ctx",
+                          loc=("max_tokens",))
+        if self.kind == "chat" and not self.file.endswith(".jsonl"):
+            raise Invalid(f"set '{self.name}': a chat set is a .jsonl file of conversations, not '{self.file}'",
+                          "write one {\"messages\": [...]} object per line in a .jsonl file", loc=("file",))
+        return self
+
+
 class Evaluation(Section):
-    """Held-out text the variants are scored on; never overlaps calibration text."""
+    """Held-out text the variants are scored on; never overlaps calibration text.
+
+    ``file``/``ctx``/``max_tokens`` are the first set (named ``name``, default the file's stem); ``sets`` adds
+    more, each with its own context, text or chat."""
 
     file: ProjectPath
+    name: SetName | None = Field(None, description="the name of the set 'file' makes (default: its file stem)")
+    sets: list[EvalSet] = Field(default_factory=list, max_length=16,
+                                description="more held-out sets: {name, file, format: text|chat, ctx, max_tokens}")
     ctx: int = Field(512, ge=16, le=131_072)
     max_tokens: int = Field(10_240, ge=64, le=10_000_000, description="bound on scored tokens (disk for base logits)")
     kld: bool = Field(True, description="KL divergence against the base model (needs its logits on disk once)")
@@ -305,7 +373,22 @@ class Evaluation(Section):
         if self.max_tokens < self.ctx:
             raise Invalid(f"evaluation.max_tokens {self.max_tokens} is less than one context of {self.ctx} tokens",
                           f"raise max_tokens to a multiple of ctx (e.g. {self.ctx * 20}) or lower ctx")
+        seen = {self.set_name: ("file",)}
+        for i, s in enumerate(self.sets):
+            if s.name in seen:
+                raise Invalid(f"evaluation set name '{s.name}' is used twice", "give each set its own name",
+                              loc=("sets", i, "name"))
+            seen[s.name] = ("sets", i)
         return self
+
+    @property
+    def set_name(self) -> str:
+        return self.name or default_set_name(self.file)
+
+    def all_sets(self) -> list[EvalSet]:
+        """Every set, the one ``file`` makes first (as an EvalSet: the same fields the scorers read)."""
+        return [EvalSet(name=self.set_name, file=self.file, format="text", ctx=self.ctx, max_tokens=self.max_tokens),
+                *self.sets]
 
 
 class TensorOverrides(Section):
@@ -860,6 +943,11 @@ class Recipe(Section):
         if self.evaluation and self.calibration.files and self.evaluation.file in self.calibration.files:
             raise Invalid(f"evaluation.file '{self.evaluation.file}' is also calibration text",
                           "score on held-out text: scores on text the quantizer saw are not evidence")
+        for i, s in enumerate(self.evaluation.sets if self.evaluation else []):
+            if s.file in (self.calibration.files or []) + self.calibration.conversations:
+                raise Invalid(f"evaluation set '{s.name}' ({s.file}) is also calibration text",
+                              "score on held-out text: scores on text the quantizer saw are not evidence",
+                              loc=("evaluation", "sets", i, "file"))
         lines = (info.context or {}).get("lines", {})
         seen: dict[str, tuple] = {}
         for loc, _, label in self.variant_labels():
@@ -988,8 +1076,11 @@ def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Pro
     wanted: list[tuple[tuple, str]] = []
     for i, f in enumerate(recipe.calibration.files or []):
         wanted.append((("calibration", "files", i), f))
+    for i, f in enumerate(recipe.calibration.conversations):
+        wanted.append((("calibration", "conversations", i), f))
     if recipe.evaluation:
         wanted.append((("evaluation", "file"), recipe.evaluation.file))
+        wanted += [(("evaluation", "sets", i, "file"), s.file) for i, s in enumerate(recipe.evaluation.sets)]
     from quantkit.recipefiles import pointed_problems  # symlinks, local tasks that are not data
 
     out = pointed_problems(recipe, root, file, lines)
@@ -1007,6 +1098,49 @@ def _check_files(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Pro
                 loc = ("evaluation", "file")
                 out.append(Problem(file, lines.get(loc, 0), dotted(loc),
                                    f"evaluation text shares paragraphs with calibration file '{f}'",
+                                   "use held-out text that the calibration never saw"))
+    if recipe.evaluation and (recipe.evaluation.sets or recipe.calibration.conversations) and not linked:
+        out += _check_sets(recipe, root, file, lines)
+    return out
+
+
+def _check_sets(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Problem]:
+    """Each more evaluation set: a chat set must be conversations (its own file:line names the bad one), and
+    no set may share a paragraph (or, for chat, a message) with the calibration text."""
+    from quantkit.scoring.chat import ChatSetError, parse_conversations
+
+    out = []
+    calib = [(f, (root / f).read_bytes()) for f in recipe.calibration.files or [] if (root / f).is_file()]
+    for i, f in enumerate(recipe.calibration.conversations):
+        if (root / f).is_file():
+            try:
+                texts = [t for c in parse_conversations((root / f).read_bytes()) for t in c.texts()]
+            except ChatSetError as e:
+                loc = ("calibration", "conversations", i)
+                out.append(Problem(f, e.line, dotted(loc), f"calibration conversations: {e.message}",
+                                   "write one {\"messages\": [{\"role\": ..., \"content\": ...}]} object per line"))
+                continue
+            calib.append((f, "\n\n".join(texts).encode()))
+    convs = set(recipe.calibration.conversations)
+    for i, s in [(None, recipe.evaluation.all_sets()[0]), *enumerate(recipe.evaluation.sets)]:
+        loc = ("evaluation", "file") if i is None else ("evaluation", "sets", i, "file")
+        p = root / s.file
+        if not p.is_file():
+            continue  # reported as missing above
+        data = p.read_bytes()
+        if s.kind == "chat":
+            try:
+                data = "\n\n".join(t for c in parse_conversations(data) for t in c.texts()).encode()
+            except ChatSetError as e:
+                out.append(Problem(s.file, e.line, dotted(loc), f"chat set '{s.name}': {e.message}",
+                                   "write one {\"messages\": [{\"role\": ..., \"content\": ...}]} object per line"))
+                continue
+        for f, cb in calib:
+            if i is None and f not in convs:
+                continue  # evaluation.file against the text files: checked above
+            if _overlap(cb, data):
+                out.append(Problem(file, lines.get(loc, 0), dotted(loc),
+                                   f"evaluation set '{s.name}' shares paragraphs with calibration file '{f}'",
                                    "use held-out text that the calibration never saw"))
     return out
 

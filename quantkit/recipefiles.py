@@ -58,6 +58,8 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
 
     for i, f in enumerate(recipe.calibration.files or []):
         linked(("calibration", "files", i), f, "calibration file")
+    for i, f in enumerate(recipe.calibration.conversations):
+        linked(("calibration", "conversations", i), f, "calibration conversations")
     if recipe.model.path is not None:
         loc = ("model", "path")
         folder = root / recipe.model.path
@@ -69,6 +71,8 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
     if recipe.evaluation is None:
         return out
     linked(("evaluation", "file"), recipe.evaluation.file, "evaluation file")
+    for i, s in enumerate(recipe.evaluation.sets):
+        linked(("evaluation", "sets", i, "file"), s.file, f"evaluation set '{s.name}'")
     for i, spec in enumerate(recipe.evaluation.tasks):
         loc = ("evaluation", "tasks", i) + (("path",) if spec.path else ())
         rel = task_folder(spec.name, spec.path)

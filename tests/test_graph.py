@@ -40,7 +40,11 @@ def test_demo_graph_has_every_unit_of_work(demo):
                 *(f"gptq:{v.name}" for v in demo.gptq), *(f"awq:{v.name}" for v in demo.awq),
                 *(f"{kind}-hf:{label}" for label in ["HF", *checkpoints] for kind in ("score", "bench")),
                 *(f"tasks-hf:{label}:{t.name}" for label in ["HF", *checkpoints] for t in demo.evaluation.tasks),
-                *(f"serve-gguf:{label}" for label in gguf), *(f"serve-hf:{label}" for label in checkpoints)}
+                *(f"serve-gguf:{label}" for label in gguf), *(f"serve-hf:{label}" for label in checkpoints),
+                # evaluation.sets: the reference on each set, every variant scored on each (quantkit.evalsets)
+                *(f"set-logits:{s.name}" for s in demo.evaluation.sets),
+                *(f"score-set-gguf:{label}:{s.name}" for label in gguf for s in demo.evaluation.sets),
+                *(f"score-set-hf:{label}:{s.name}" for label in ["HF", *checkpoints] for s in demo.evaluation.sets)}
     assert set(names) == expected
     assert sorted(labels) == sorted(gguf + checkpoints)
     # Dependencies come first, and every kind is defined once.
@@ -57,7 +61,11 @@ def test_demo_graph_has_every_unit_of_work(demo):
     assert by["serve-hf:GPTQ-4bit-g64"].needs == ("gptq:GPTQ-4bit-g64", "source")
     # a task node is keyed by the digest of its task's items, made once for every variant
     assert by["tasks-gguf:Q2_K:which-word-fits"].needs == ("quantize:Q2_K", "task-items:which-word-fits")
-    assert set(by["run-folder"].needs) == set(names) - {"run-folder", "publish", "base-logits"}
+    assert by["score-set-gguf:F16:code"].needs == ("convert",)  # a text set: the base against itself
+    assert by["score-set-gguf:F16:chat"].needs == ("convert", "source", "set-logits:chat")  # against the HF model
+    assert by["score-set-gguf:Q2_K:code"].needs == ("quantize:Q2_K", "convert", "set-logits:code")
+    lazy = {"base-logits", *(f"set-logits:{s.name}" for s in demo.evaluation.sets)}
+    assert set(by["run-folder"].needs) == set(names) - {"run-folder", "publish"} - lazy
     variants = [label for _, label, _ in by["run-folder"].params["variants"]]
     assert variants == [*gguf, "HF", *checkpoints]
 
@@ -78,7 +86,7 @@ def test_flags_and_publish_switch(demo):
     assert "publish" not in nodes
     gpu = {n.kind for n in nodes.values() if n.spec.gpu}
     assert gpu == {"imatrix", "base-logits", "score-gguf", "tasks-gguf", "bench-gguf", "gptq", "awq", "score-hf",
-                   "tasks-hf", "bench-hf"}
+                   "tasks-hf", "bench-hf", "set-logits", "score-set-gguf", "score-set-hf"}
     assert not any(n.spec.network(demo) for n in nodes.values())  # a local model folder, local publish
     hub = demo.model_copy(update={"model": demo.model.model_copy(update={"repo": "a/b", "path": None})})
     assert [n.name for n in build_graph(hub) if n.spec.network(hub)] == ["source"]

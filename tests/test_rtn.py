@@ -45,11 +45,13 @@ def test_each_method_is_compared_with_the_rtn_of_its_bits_group_and_grid():
     assert got == {"gptq:GPTQ-4bit-g128": ("rtn:RTN-4bit-g128", "beats", 24.7),
                    "awq:AWQ-4bit-g128": ("rtn:RTN-4bit-g128-asym", "not separated", 1.8)}
     md = render_markdown(report)
-    assert ("- `gptq:GPTQ-4bit-g128` **beats** `rtn:RTN-4bit-g128`: mean KLD 0.08000 ± 0.00200 vs "
+    assert ("- `gptq:GPTQ-4bit-g128` **beats** `rtn:RTN-4bit-g128` on set `en-prose-heldout`: mean KLD 0.08000 ± "
+            "0.00200 vs "
             "0.15000 ± 0.00200 (RTN − it = +0.07000, +24.7 standard errors)") in md
     assert "- `awq:AWQ-4bit-g128` **does not beat** `rtn:RTN-4bit-g128-asym`" in md
     assert report["caveats"] == [
-        "awq:AWQ-4bit-g128 does not beat plain round-to-nearest (rtn:RTN-4bit-g128-asym) in mean KLD: "
+        "awq:AWQ-4bit-g128 does not beat plain round-to-nearest (rtn:RTN-4bit-g128-asym) in mean KLD on set "
+        "`en-prose-heldout`: "
         "0.09000 ± 0.00200 against 0.09500 ± 0.00200. A method that calibrates should be closer to the base than "
         "rounding; find out why (calibration samples, desc_act, damping, group size, the settings passed to "
         "GPTQModel) before comparing it further."]

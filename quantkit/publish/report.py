@@ -123,7 +123,9 @@ def _variant_row(v: dict, resolved: dict) -> dict:
         "size_bytes": int(sum(weights)), "parameters": gguf_info.get("parameters"),
         "ppl": _num(scores, "ppl"), "ppl_err": _num(scores, "ppl_err"),
         "kld_mean": _num(scores, "kld_mean"), "kld_mean_err": _num(scores, "kld_mean_err"),
-        "kld_p99": _num(scores, "kld_p99"), "same_top_pct": _num(scores, "same_top_pct"),
+        "kld_p99": _num(scores, "kld_p99"), "kld_p999": _num(scores, "kld_p999"),
+        "same_top_pct": _num(scores, "same_top_pct"),
+        "sets": _set_rows(scores.get("sets")),
         "task_raw": {k: raw for k, raw in ((k, _task_raw(s)) for k, s in (scores.get("tasks") or {}).items())
                      if raw is not None},
         "tasks": {}, "tasks_n": {}, "tasks_items": {},  # by column: filled by _task_columns
@@ -135,6 +137,20 @@ def _variant_row(v: dict, resolved: dict) -> dict:
         "quant": _quant_settings(v["format"], v["label"], resolved),
         "shards": v.get("shards"),  # [{file, size, sha256}] when published as llama-gguf-split shards
     }
+
+
+SET_FIELDS = ("ppl", "ppl_err", "kld_mean", "kld_mean_err", "kld_p99", "kld_p999", "same_top_pct")
+
+
+def _set_rows(sets: dict | None) -> dict[str, dict]:
+    """A variant's scores per evaluation set (``evaluation.sets``, quantkit.evalsets), by set name."""
+    out = {}
+    for name, sc in (sets or {}).items():
+        if isinstance(sc, dict):
+            out[name] = {**{k: _num(sc, k) for k in SET_FIELDS}, "kind": sc.get("kind"), "ctx": sc.get("ctx"),
+                         "n_tokens": sc.get("n_tokens"), "backend": sc.get("backend"),
+                         "reference": sc.get("reference"), "set_info": sc.get("set_info")}
+    return out
 
 
 def _quant_settings(fmt: str, label: str, resolved: dict) -> dict | None:
@@ -165,6 +181,14 @@ def _mix_row(mix: dict | None) -> dict | None:
             "type_counts": mix.get("type_counts"), "summary": mix_summary(mix.get("tensors") or {})}
 
 
+def _first_set_name(evaluation: dict) -> str | None:
+    if not evaluation.get("file"):
+        return None
+    from quantkit.recipe import default_set_name
+
+    return evaluation.get("name") or default_set_name(str(evaluation["file"]))
+
+
 def _run_facts(manifest: dict) -> dict:
     resolved = manifest["recipe"].get("resolved") or {}
     model = manifest.get("model") or {}
@@ -178,7 +202,11 @@ def _run_facts(manifest: dict) -> dict:
                   "commit": model.get("commit"), "digest": model.get("digest")},
         "calibration": {"sha256": (manifest.get("calibration") or {}).get("sha256"),
                         "sources": list((manifest.get("calibration") or {}).get("sources") or [])},
-        "evaluation": {"file": evaluation.get("file"), "ctx": evaluation.get("ctx")},
+        "evaluation": {"file": evaluation.get("file"), "ctx": evaluation.get("ctx"), "name": _first_set_name(evaluation),
+                       "sets": [{"name": s.get("name"), "file": s.get("file"), "ctx": s.get("ctx"),
+                                 "kind": s.get("format") or ("chat" if str(s.get("file", "")).endswith(".jsonl")
+                                                             else "text")}
+                                for s in evaluation.get("sets") or [] if isinstance(s, dict)]},
         "toolchain": {"llama_cpp": (manifest.get("toolchain") or {}).get("llama_cpp"),
                       "version": (manifest.get("toolchain") or {}).get("version")},
         "publish": resolved.get("publish") or {},
@@ -230,14 +258,21 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
                              if r["task_mean"] is not None and None not in ses else None)
     for t, check in task_checks.items():
         check["bases"] = _bases_agree(base, hf_base, t)
+    ev = _run_facts(manifest)["evaluation"]
+    set_names = _worst_sets(rows, [ev["name"], *(s["name"] for s in ev["sets"])])
+    metric = "worst_kld_mean" if set_names else "kld_mean"  # with several sets, ranking uses each one's worst set
     quantized = [r for r in ranked if not r["is_base"]]
-    frontier = pareto_frontier(quantized, "kld_mean")
+    frontier = pareto_frontier(quantized, metric)
     for r in rows:
         r["pareto"] = r["id"] in frontier
-    _recommend(quantized, frontier, recommend_max_kld, counted)
+    _recommend(quantized, frontier, recommend_max_kld, counted, metric=metric)
     facts = _run_facts(manifest)
     facts["model"]["base_origin"] = base_origin
-    against_rtn = rtn_comparisons(rows)
+    against_rtn = [c | {"set": ev["name"]} for c in rtn_comparisons(rows)]
+    for name in set_names[1:]:  # the same test on every other set, on that set's numbers
+        on_set = [{**r, **{k: r["sets"][name][k] for k in ("kld_mean", "kld_mean_err")}} if name in r["sets"]
+                  else {**r, "kld_mean": None} for r in rows]
+        against_rtn += [c | {"set": name} for c in rtn_comparisons(on_set)]
     caveats = _caveats(rows, base_origin, manifest) + _rtn_caveats(against_rtn)
     ctx = min(num_ctx, ModelShape.from_config(config).max_context or num_ctx) if config else num_ctx
     for r in rows:
@@ -246,7 +281,8 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
     tasks = sorted({t for r in rows for t in r["tasks"]})
     return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "task_metrics": task_metrics,
             "task_checks": task_checks,
-            "caveats": caveats, "variants": rows, "pareto": frontier, "rtn_comparisons": against_rtn,
+            "caveats": caveats, "variants": rows, "pareto": frontier, "pareto_metric": metric, "sets": set_names,
+            "rtn_comparisons": against_rtn,
             "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
             "hardware": hardware, "regression": regression, "experts": expert_coverage(manifest),
@@ -333,6 +369,25 @@ def experts_md(report: dict) -> list[str]:
         out.append(f"- {vid}: every expert calibrated on {c['tokens_per_expert']} tokens ({c['routing']})"
                    + (f", fewer than {e['min_tokens']}" if vid in e["calibration_short"] else ""))
     return out
+
+
+def _worst_sets(rows: list[dict], order: list) -> list[str]:
+    """The evaluation sets' names (in the recipe's ``order``); each row gets its worst set: the one with the highest
+    mean KLD, with that set's mean and error, and its highest 99.9th percentile over the sets (``worst_*``). Empty
+    when the run scored one set."""
+    seen = {n for r in rows for n in r["sets"]}
+    names = [n for n in order if n in seen] + sorted(seen - set(order))
+    if len(names) < 2:
+        return []
+    for r in rows:
+        scored = [(n, sc) for n, sc in r["sets"].items() if sc["kld_mean"] is not None]
+        if len(scored) < len(names):  # a set it was not scored on could be its worst: not ranked on a guess
+            r.update(worst_set=None, worst_kld_mean=None, worst_kld_mean_err=None, worst_kld_p999=None)
+            continue
+        name, sc = max(scored, key=lambda x: x[1]["kld_mean"])
+        r.update(worst_set=name, worst_kld_mean=sc["kld_mean"], worst_kld_mean_err=sc["kld_mean_err"],
+                 worst_kld_p999=max((s["kld_p999"] for _, s in scored if s["kld_p999"] is not None), default=None))
+    return names
 
 
 def _bases_agree(base: dict, hf_base: dict | None, task: str) -> dict | None:
@@ -437,7 +492,8 @@ def rtn_comparisons(rows: list[dict]) -> list[dict]:
 
 def _rtn_caveats(comparisons: list[dict]) -> list[str]:
     """A calibrated method that does not beat plain rounding is the first thing to explain."""
-    return [f"{c['id']} does not beat plain round-to-nearest ({c['rtn']}) in mean KLD: "
+    return [f"{c['id']} does not beat plain round-to-nearest ({c['rtn']}) in mean KLD"
+            + (f" on set `{c['set']}`" if c.get("set") else "") + ": "
             f"{_pm(c['kld_mean'], c['kld_mean_err'])} against {_pm(c['rtn_kld_mean'], c['rtn_kld_mean_err'])}. "
             "A method that calibrates should be closer to the base than rounding; find out why (calibration "
             "samples, desc_act, damping, group size, the settings passed to GPTQModel) before comparing it further."
@@ -512,17 +568,22 @@ def pareto_frontier(rows: list[dict], metric: str) -> list[str]:
     return out
 
 
-def _recommend(rows: list[dict], frontier: list[str], max_kld: float, tasks: list[str]) -> None:
-    """``tasks``: the tasks that discriminate; the others drive nothing."""
+def _recommend(rows: list[dict], frontier: list[str], max_kld: float, tasks: list[str],
+               metric: str = "kld_mean") -> None:
+    """``tasks``: the tasks that discriminate; the others drive nothing. ``metric``: ``worst_kld_mean`` when
+    several sets were scored (each variant judged on its worst set, named in the reason)."""
     by_id = {r["id"]: r for r in rows}
-    good = [r for r in rows if r["kld_mean"] is not None and r["kld_mean"] < max_kld]
+    good = [r for r in rows if r.get(metric) is not None and r[metric] < max_kld]
     if good:
         r = min(good, key=lambda r: r["size_bytes"])
-        r["recommended"].append(f"smallest variant with mean KLD under {max_kld:g} ({r['kld_mean']:.4f})")
-    knee = _knee([by_id[i] for i in frontier])
+        where = (f"on its worst evaluation set (set `{r['worst_set']}`: {r[metric]:.4f} ± "
+                 f"{r['worst_kld_mean_err'] or 0:.4f})" if metric == "worst_kld_mean" else f"({r[metric]:.4f})")
+        r["recommended"].append(f"smallest variant with mean KLD under {max_kld:g} {where}")
+    knee = _knee([by_id[i] for i in frontier], metric)
     if knee is not None:
-        knee["recommended"].append("best quality per byte: the knee of the size/KLD Pareto frontier (furthest from "
-                                   "the line joining its smallest and largest variants)")
+        what = "worst-set mean KLD" if metric == "worst_kld_mean" else "KLD"
+        knee["recommended"].append(f"best quality per byte: the knee of the size/{what} Pareto frontier (furthest "
+                                   "from the line joining its smallest and largest variants)")
     scored = [r for r in rows if r["task_mean"] is not None]
     if not scored:
         return
@@ -538,14 +599,14 @@ def _recommend(rows: list[dict], frontier: list[str], max_kld: float, tasks: lis
     pick["recommended"].append(why)
 
 
-def _knee(front: list[dict]) -> dict | None:
+def _knee(front: list[dict], metric: str = "kld_mean") -> dict | None:
     """Frontier point furthest below the chord from the smallest to the largest variant
     (size linear, log KLD, both scaled to 0..1)."""
-    pts = [r for r in front if r["kld_mean"] > 0]
+    pts = [r for r in front if r[metric] > 0]
     if len(pts) < 3:
         return None
     xs = [r["size_bytes"] for r in pts]
-    ys = [math.log10(r["kld_mean"]) for r in pts]
+    ys = [math.log10(r[metric]) for r in pts]
     sx, sy = (max(xs) - min(xs)) or 1, (max(ys) - min(ys)) or 1
     x = [(v - min(xs)) / sx for v in xs]
     y = [(v - min(ys)) / sy for v in ys]
@@ -598,7 +659,9 @@ def variants_table(report: dict) -> list[str]:
     """The comparison table, one row per variant (markdown lines); the report and the card share it."""
     tasks = report["tasks"]
     checks = report.get("task_checks") or {}
+    worst = bool(report.get("sets"))
     head = ["", "format", "variant", "size GiB", "bpw", "PPL", "ΔPPL", "mean KLD", "KLD p99", "same top %",
+            *(["worst set: mean KLD", "worst p99.9 KLD"] if worst else []),
             *[task_header(report, t) + ("" if checks.get(t, {}).get("discriminates", True) else " †") for t in tasks],
             "pp t/s", "tg t/s"]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
@@ -611,6 +674,8 @@ def variants_table(report: dict) -> list[str]:
         cells = [mark, r["format"], label,
                  _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), dppl,
                  _f(r["kld_mean"], ".5f"), _f(r["kld_p99"], ".5f"), _f(r["same_top_pct"], ".2f"),
+                 *([f"{r['worst_set']}: {_f(r['worst_kld_mean'], '.5f')}" if r.get("worst_set") else "–",
+                    _f(r.get("worst_kld_p999"), ".5f")] if worst else []),
                  *task_cells, _f(r["pp_tps"], ".1f"), _f(r["tg_tps"], ".1f")]
         out.append("| " + " | ".join(cells) + " |")
     return out
@@ -621,7 +686,11 @@ def render_markdown(report: dict) -> str:
     out = [f"# {m['name']}: quantized variants ({report['recipe']['name']})", "",
            f"Base model: {m['repo'] or 'local checkpoint'}"
            + (f" @ `{m['commit'] or m['revision']}`" if m["repo"] else "") + f" · {report['toolchain']['version'] or 'llama.cpp ?'} · quantkit {report['quantkit']}",
-           f"Scored on `{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']}); KLD against the base "
+           (f"The table's PPL, KLD and (tie) columns are set `{report['sets'][0]}`, scored on "
+            if report.get("sets") else "Scored on ")
+           + f"`{report['evaluation']['file']}` (ctx {report['evaluation']['ctx']})"
+           + ("; the worst-set columns and the Evaluation sets section cover every set" if report.get("sets") else "")
+           + "; KLD against the base "
            "variant (first row); ★ = recommended; (tie) = differs from the base by less than its standard error "
            "(paired over the items when both were scored on the same ones with the same metric); † = the task does "
            "not discriminate (see Tasks)"
@@ -631,6 +700,7 @@ def render_markdown(report: dict) -> str:
         out += [f"> **Read this first.** {caveat}", ""]
     out += ["## Variants", ""]
     out += variants_table(report)
+    out += sets_md(report)
     out += serving_md(report)
     out += _tasks_md(report)
     out += _rtn_md(report)
@@ -640,7 +710,9 @@ def render_markdown(report: dict) -> str:
     if checks and not any(c["discriminates"] for c in checks.values()):
         out.append("- no recommendation from task scores: no task separates the variants (see Tasks)")
     if report["pareto"]:
-        out.append(f"- Pareto frontier (size vs mean KLD, smallest first): {', '.join(report['pareto'])}")
+        what = ("mean KLD on each variant's worst evaluation set" if report.get("pareto_metric") == "worst_kld_mean"
+                else "mean KLD")
+        out.append(f"- Pareto frontier (size vs {what}, smallest first): {', '.join(report['pareto'])}")
     if report.get("unchanged_since"):
         out.append(f"- unchanged since {report['unchanged_since']}: the same files and scores as that published run, "
                    "so no new release was made")
@@ -665,6 +737,52 @@ def _since_md(report: dict) -> list[str]:
     from quantkit.publish.since import since_md  # a tracking run's comparison with the last release
 
     return since_md(report)
+
+
+def set_heading(report: dict, name: str) -> str:
+    """What a set is: its kind, file, context, tokens and the reference its KLD is measured against."""
+    meta = next((s for s in (report["evaluation"].get("sets") or []) if s["name"] == name), None)
+    rows = [r["sets"][name] for r in report["variants"] if name in r.get("sets", {})]
+    first = next((sc for sc in rows if sc.get("n_tokens")), rows[0] if rows else {})
+    kind = first.get("kind") or (meta or {}).get("kind") or "text"
+    file = (meta or {}).get("file") or report["evaluation"].get("file")
+    info = next((sc["set_info"] for sc in rows if sc.get("set_info")), None)
+    what = ("conversations rendered through the checkpoint's chat template" if kind == "chat" else "raw text")
+    if info:
+        what += (f": {info['conversations']} conversations, {info['tokens']} tokens"
+                 + (f"; {info['skipped_tools']} that use tools left out (the template does not mention tools)"
+                    if info.get("skipped_tools") else ""))
+    ref = ("every row against the HF checkpoint's log-probs in torch (llama-perplexity does not parse special "
+           "tokens in text, so it reads these tokens and log-probs from a --kl-divergence-base file quantkit writes)"
+           if kind == "chat" else "GGUF rows against the base GGUF (llama-perplexity --kl-divergence), torch rows "
+           "against the HF checkpoint on the same windows")
+    return (f"### Set `{name}`: `{file}` ({what}; ctx {first.get('ctx') or (meta or {}).get('ctx')}, "
+            f"{first.get('n_tokens') or '?'} scored tokens). KLD: {ref}")
+
+
+def sets_md(report: dict) -> list[str]:
+    """One table per evaluation set (issue #26), when the run scored more than one."""
+    names = report.get("sets") or []
+    if not names:
+        return []
+    out = ["", "## Evaluation sets", "",
+           "Every variant on every held-out set. The worst set of a variant is the one where its mean KLD is "
+           "highest; recommendations and the Pareto frontier use it. Mean KLD ± one standard error over the "
+           "set's scored tokens."]
+    for name in names:
+        out += ["", set_heading(report, name), "",
+                "| format | variant | size GiB | PPL | mean KLD | KLD p99 | KLD p99.9 | same top % |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in report["variants"]:
+            sc = r["sets"].get(name)
+            if sc is None:
+                continue
+            mark = " (worst)" if r.get("worst_set") == name and len(names) > 1 and not r["is_base"] else ""
+            kld = "–" if sc["kld_mean"] is None else _pm(sc["kld_mean"], sc["kld_mean_err"])
+            out.append(f"| {r['format']} | {r['label']}{mark} | {_f(r['size_gib'], '.3f')} | "
+                       f"{_f(sc['ppl'], '.4f')} | {kld}{mark and ' ◀'} | {_f(sc['kld_p99'], '.5f')} | "
+                       f"{_f(sc['kld_p999'], '.5f')} | {_f(sc['same_top_pct'], '.2f')} |")
+    return out
 
 
 def _yes(value: bool | None) -> str:
@@ -735,7 +853,8 @@ def _rtn_md(report: dict) -> list[str]:
            "Each GPTQ/AWQ variant against plain round-to-nearest (RTN: no calibration, the same bits and group "
            f"size). It beats RTN when its mean KLD is lower by more than {RTN_SEPARATION:g} combined standard "
            "errors (the two means' errors, combined as if independent: cautious, since both are scored on the same "
-           "tokens). RTN rows are references: not recommended and not published.", ""]
+           "tokens). RTN rows are references: not recommended and not published. Each line names the evaluation "
+           "set it was judged on.", ""]
     said = {"beats": "**beats**", "worse": "**is worse than**", "not separated": "**does not beat**",
             "unknown": "is not judged against"}
     for c in comparisons:
@@ -744,7 +863,8 @@ def _rtn_md(report: dict) -> list[str]:
         grid = {True: "symmetric", False: "with a zero point"}
         unlike = (f"; RTN {grid[c['rtn_sym']]}, {c['id'].split(':')[0].upper()} {grid[c['sym']]}: not like with like"
                   if c["sym"] != c["rtn_sym"] else "")
-        out.append(f"- `{c['id']}` {said[c['verdict']]} `{c['rtn']}`: mean KLD {_pm(c['kld_mean'], c['kld_mean_err'])}"
+        on = f" on set `{c['set']}`" if c.get("set") else ""
+        out.append(f"- `{c['id']}` {said[c['verdict']]} `{c['rtn']}`{on}: mean KLD {_pm(c['kld_mean'], c['kld_mean_err'])}"
                    f" vs {_pm(c['rtn_kld_mean'], c['rtn_kld_mean_err'])} (RTN − it = {c['difference']:+.5f}{sigmas}"
                    f"{unlike})")
     compared = {c["id"] for c in comparisons}
@@ -857,7 +977,13 @@ def render_plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     quantized = [r for r in report["variants"] if not r["is_base"]]
-    panels = [("kld_mean", "mean KL divergence vs base (log, lower is better)", True)]
+    worst = report.get("pareto_metric") == "worst_kld_mean"
+    panels = [("worst_kld_mean", "mean KL divergence on each variant's worst set (log, lower is better)", True)
+              if worst else ("kld_mean", "mean KL divergence vs base (log, lower is better)", True)]
+    p999 = "worst_kld_p999" if worst else "kld_p999"
+    if any(r.get(p999) for r in quantized):
+        panels.append((p999, "99.9th percentile KL divergence" + (", worst set" if worst else "")
+                       + " (log, lower is better)", True))
     if any(r.get("task_mean") is not None for r in quantized):  # only tasks that discriminate
         counted = [t for t, c in (report.get("task_checks") or {}).items() if c["discriminates"]]
         metrics = sorted({(report.get("task_metrics") or {}).get(t, {}).get("metric", BARE_SCORE) for t in counted})
@@ -877,7 +1003,9 @@ def render_plot(report: dict, path: Path) -> None:
             ax.scatter([r["size_gib"] for r in mixes], [r[metric] for r in mixes], marker="*", s=140,
                        color="tab:purple", label="gguf, searched mix (gguf.targets)", zorder=3)
         pts = [r for r in quantized if r.get(metric) is not None and (not log_y or r[metric] > 0)]
-        front = ([r for i in report["pareto"] for r in pts if r["id"] == i] if metric == "kld_mean" else
+        front = ([r for i in report["pareto"] for r in pts if r["id"] == i]
+                 if metric == report.get("pareto_metric", "kld_mean") else
+                 pareto_rows([r for r in pts if not r.get("reference")], metric) if log_y else
                  _max_frontier([r for r in pts if not r.get("reference")], metric))
         if front:
             ax.plot([r["size_gib"] for r in front], [r[metric] for r in front], "-", color="tab:red", lw=1.5,
@@ -905,6 +1033,11 @@ def render_plot(report: dict, path: Path) -> None:
     fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(path)
+
+
+def pareto_rows(rows: list[dict], metric: str) -> list[dict]:
+    ids = pareto_frontier(rows, metric)
+    return [r for i in ids for r in rows if r["id"] == i]
 
 
 def _max_frontier(rows: list[dict], metric: str) -> list[dict]:

@@ -58,6 +58,14 @@ def load_causal_lm(model_dir: Path, *, device: str = "cpu", trust_remote_code: b
     return model, tokenizer
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before a text (as llama.cpp's ``add_bos`` does for the GGUF)."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    special = tokenizer("a", add_special_tokens=True).input_ids
+    bos = tokenizer.bos_token_id
+    return bos is not None and special[:1] == [bos] and plain[:1] != [bos]
+
+
 def eval_windows(tokenizer, text: str, spec: Evaluation):
     """The evaluation chunks as a (n_chunks, ctx) LongTensor, BOS already substituted as llama.cpp does."""
     import torch
@@ -66,7 +74,7 @@ def eval_windows(tokenizer, text: str, spec: Evaluation):
     plain = tokenizer("a", add_special_tokens=False).input_ids
     special = tokenizer("a", add_special_tokens=True).input_ids
     bos = tokenizer.bos_token_id
-    add_bos = bos is not None and special[:1] == [bos] and plain[:1] != [bos]
+    add_bos = tokenizer_adds_bos(tokenizer)
     if len(special) > len(plain) + int(add_bos):
         raise VerificationError(f"tokenizer appends {special[len(plain) + int(add_bos):]} after the text; "
                                 "llama-perplexity refuses vocabularies that add EOS")
@@ -89,16 +97,41 @@ def _scored_log_probs(model, window, first: int):
     return torch.log_softmax(logits.to(torch.float64).cpu(), dim=-1)
 
 
-def score_hf(*, model_dir: Path, text_file: Path, spec: Evaluation, base_model_dir: Path | None = None,
+def score_hf(*, model_dir: Path, text_file: Path, spec, base_model_dir: Path | None = None,
              device: str = "cpu", trust_remote_code: bool = False) -> Score:
-    """PPL of a HF checkpoint on llama-perplexity's windows, and KLD against ``base_model_dir`` if given."""
+    """PPL of a HF checkpoint on llama-perplexity's windows, and KLD against ``base_model_dir`` if given.
+    ``spec``: the Evaluation or an EvalSet (ctx, max_tokens)."""
+    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
+    windows = eval_windows(tokenizer, read_eval_text(text_file), spec)
+    return score_windows(model=model, windows=windows, model_dir=model_dir, base_model_dir=base_model_dir,
+                         device=device, trust_remote_code=trust_remote_code)
+
+
+def score_chat_hf(*, model_dir: Path, conversations, spec, base_model_dir: Path | None = None,
+                  device: str = "cpu", trust_remote_code: bool = False) -> Score:
+    """``score_hf`` on a chat set: the conversations rendered through the checkpoint's template
+    (quantkit.scoring.chat), cut as the chat base logits are."""
+    from dataclasses import replace
+
+    from quantkit.scoring.chat import chat_windows, render_tokens
+
+    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
+    chat = render_tokens(tokenizer, list(conversations))
+    windows, _ = chat_windows(chat.ids, spec, bos=tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None)
+    score = score_windows(model=model, windows=windows, model_dir=model_dir, base_model_dir=base_model_dir,
+                          device=device, trust_remote_code=trust_remote_code)
+    return replace(score, set_info={"conversations": chat.conversations, "skipped_tools": chat.skipped_tools,
+                                    "tokens": len(chat.ids)})
+
+
+def score_windows(*, model, windows, model_dir: Path, base_model_dir: Path | None = None, device: str = "cpu",
+                  trust_remote_code: bool = False) -> Score:
+    """PPL (and KLD against ``base_model_dir``) of a loaded model over (n_chunks, ctx) windows."""
     import torch
 
     start = time.perf_counter()
-    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
     base = (load_causal_lm(base_model_dir, device=device, trust_remote_code=trust_remote_code)[0]
             if base_model_dir is not None else None)
-    windows = eval_windows(tokenizer, read_eval_text(text_file), spec)
     n_chunks, ctx = windows.shape
     first = ctx // 2
     sum_nll = sum_nll2 = 0.0
@@ -127,22 +160,24 @@ def score_hf(*, model_dir: Path, text_file: Path, spec: Evaluation, base_model_d
     count = n_chunks * scored_per_chunk(ctx)
     ppl, ppl_err = ppl_and_err(sum_nll, sum_nll2, count)
     printed = {"ppl": f"{ppl:.6f}", "ppl_err": f"{ppl_err:.6f}"}
-    kld_mean = kld_err = kld_p99 = same_pct = None
+    kld_mean = kld_err = kld_p99 = kld_p999 = same_pct = None
     if base is not None:
         values = torch.cat(kld_values)
         kld_mean = float(values.mean())
         var = float((values * values).mean()) - kld_mean * kld_mean
         kld_err = math.sqrt(var / (count - 1)) if var > 0 and count > 10 else 0.0
-        kld_p99 = percentile(values.sort().values.tolist(), 0.99)
+        ordered = values.sort().values.tolist()
+        kld_p99, kld_p999 = percentile(ordered, 0.99), percentile(ordered, 0.999)
         same_pct = 100.0 * same_top / count
         printed |= {"kld_mean": f"{kld_mean:.6f}", "kld_mean_err": f"{kld_err:.6f}", "kld_p99": f"{kld_p99:.6f}",
-                    "same_top_pct": f"{same_pct:.3f}"}
+                    "kld_p999": f"{kld_p999:.6f}", "same_top_pct": f"{same_pct:.3f}"}
     seconds = time.perf_counter() - start
     log.info("scored %s in torch: PPL %s over %d tokens (%d chunks) in %.1fs", model_dir, printed["ppl"], count,
              n_chunks, seconds)
     return Score(backend=BACKEND, ppl=ppl, ppl_err=ppl_err, kld_mean=kld_mean, kld_mean_err=kld_err, kld_p99=kld_p99,
                  same_top_pct=same_pct, n_tokens=count, n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
-                 printed=printed)
+                 printed=printed, kld_p999=kld_p999,
+                 chunk_kld=[round(float(v.mean()), 6) for v in kld_values] if base is not None else None)
 
 
 def bench_hf(*, model_dir: Path, gen_tokens: int = 32, reps: int = 1, device: str = "cpu",

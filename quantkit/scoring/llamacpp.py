@@ -47,11 +47,31 @@ PATTERNS = {
     "ppl_base": re.compile(rf"Mean PPL\(base\)\s+:\s+{_NUM} ± +{_NUM}"),
     "kld_mean": re.compile(rf"Mean    KLD:\s+{_NUM} ± +{_NUM}"),
     "kld_p99": re.compile(rf"99\.0%   KLD:\s+{_NUM}"),
+    "kld_p999": re.compile(rf"99\.9%   KLD:\s+{_NUM}"),
     "same_top": re.compile(rf"Same top p:\s+{_NUM} ± +{_NUM} %"),
 }
 
 
+# One line per chunk in --kl-divergence mode: chunk, PPL ± , ln(PPL(Q)/PPL(base)) ± , KLD ± , ... (running means)
+CHUNK_LINE = re.compile(rf"^\s*(\d+)\s+{_NUM} ±\s+\S+\s+\S+ ±\s+\S+\s+{_NUM} ±", re.MULTILINE)
+
 LOG_ATTEMPTS = 5
+
+
+def chunk_klds(text: str) -> list[float] | None:
+    """Each chunk's own mean KLD, from the running means llama-perplexity prints after every chunk (chunks score
+    equally many tokens, so chunk k's mean is k*m_k - (k-1)*m_(k-1)); None when the lines are not all there.
+    The printed 5 decimals bound each value's rounding error by about k * 1e-5: the paired per-chunk test."""
+    running: dict[int, float] = {}
+    for n, _, kld in CHUNK_LINE.findall(text):
+        running[int(n)] = float(kld)
+    if not running or sorted(running) != list(range(1, max(running) + 1)):
+        return None
+    out, prev = [], 0.0
+    for k in range(1, max(running) + 1):
+        out.append(round(k * running[k] - (k - 1) * prev, 6))
+        prev = running[k]
+    return out
 
 
 def parse_perplexity_log(text: str) -> dict[str, tuple[str, ...]]:
@@ -161,6 +181,8 @@ def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
     if kld:
         printed |= {"kld_mean": found["kld_mean"][0], "kld_mean_err": found["kld_mean"][1],
                     "kld_p99": found["kld_p99"][0], "same_top_pct": found["same_top"][0]}
+        if "kld_p999" in found:
+            printed["kld_p999"] = found["kld_p999"][0]
         if "ppl_base" in found:
             printed["ppl_base"] = found["ppl_base"][0]
 
@@ -170,18 +192,23 @@ def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
     return Score(backend=BACKEND, ppl=float(ppl), ppl_err=float(ppl_err), kld_mean=num("kld_mean"),
                  kld_mean_err=num("kld_mean_err"), kld_p99=num("kld_p99"), same_top_pct=num("same_top_pct"),
                  n_tokens=n_chunks * scored_per_chunk(ctx), n_chunks=n_chunks, ctx=ctx, seconds=round(seconds, 3),
-                 printed=printed)
+                 printed=printed, kld_p999=num("kld_p999"), chunk_kld=chunk_klds(text) if kld else None)
 
 
 def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str, spec: Evaluation,
-                 toolchain: Toolchain) -> dict:
+KLD_STATS = "p99.9"  # in the score keys: scores stored before the 99.9th percentile was kept are made again
+
+
+def score_inputs(*, gguf_sha256: str, base_sha256: str | None, text_sha256: str, spec, toolchain: Toolchain,
+                 kld: bool | None = None) -> dict:
+    """The store key's inputs of a GGUF score; ``spec`` is the Evaluation or an EvalSet (ctx, max_tokens)."""
+    kld = spec.kld if kld is None else kld
     return {"gguf_sha256": gguf_sha256, "base_sha256": base_sha256, "text_sha256": text_sha256,
-            "ctx": spec.ctx, "max_tokens": spec.max_tokens, "kld": spec.kld and base_sha256 is not None,
-            "llama_cpp": toolchain.build}
+            "ctx": spec.ctx, "max_tokens": spec.max_tokens, "kld": kld and base_sha256 is not None,
+            "llama_cpp": toolchain.build, **({"kld_stats": KLD_STATS} if kld and base_sha256 else {})}
 
 
 def text_sha256(text_file: Path) -> str:

@@ -101,6 +101,9 @@ class Score:
     ctx: int
     seconds: float
     printed: dict[str, str] = field(default_factory=dict, hash=False)
+    kld_p999: float | None = None  # the 99.9th percentile (llama-perplexity prints it; scores before #26 lack it)
+    set_info: dict | None = None  # a chat set: conversations rendered, left out (tools), tokens
+    chunk_kld: list[float] | None = None  # each chunk's mean KLD, for paired per-chunk tests between variants
 
     def to_dict(self) -> dict:
         return asdict(self)
