@@ -46,6 +46,7 @@ from quantkit.context import RunContext, RunSpec
 from quantkit.graph import Node, build_graph
 from quantkit.pipeline import execute, run_node, summarize
 from quantkit.plan import PlannedNode, plan
+from quantkit.storelocks import require_working_locks
 
 GPU_LIMIT = "gpu"  # global concurrency limit; scripts/prefect-up.sh creates it with 1 slot
 PARALLEL = int(os.environ.get("QUANTKIT_PARALLEL", "4"))  # nodes in flight at once
@@ -208,6 +209,7 @@ def quantize(recipe: str, publish: bool = True) -> dict:
         # The head only plans: a bad recipe fails here, before any task; the toolchain, the threads and the
         # preflight are each worker's own (Submitted sends the RunSpec and the node's estimate).
         ctx = RunContext.from_env(recipe, toolchain="find")
+        require_working_locks(ctx.store.root)  # the shared store, as the head sees it; each worker checks its own
         rows = {r.name: r for r in plan(ctx, publish=publish)}
         nodes = build_graph(ctx.recipe, publish=publish)
         results = execute(ctx, nodes, lambda node, deps: Submitted(ctx, node, deps, rows.get(node.name)),

@@ -27,6 +27,7 @@ from quantkit.errors import NodeDoesNotFit, QuantkitError
 from quantkit.graph import Node, build_graph, needed_for, with_reuse
 from quantkit.paths import inside
 from quantkit.store import Entry
+from quantkit.storelocks import require_working_locks
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ def parallel_from_env() -> int:
 def run(ctx: RunContext, *, publish: bool = True, parallel: int | None = None, until: str | None = None) -> RunResult:
     """The recipe's whole run; with ``until``, only that node and what it needs (no run folder)."""
     start = time.perf_counter()
+    require_working_locks(ctx.store.root)  # before any work: a store where flock does not hold is refused
     nodes = build_graph(ctx.recipe, publish=publish)
     if until:
         nodes = needed_for(nodes, until)
