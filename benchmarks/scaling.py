@@ -68,6 +68,15 @@ SHAPES = {
     "llama-8b": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=4096, intermediate_size=14336,
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                      tie_word_embeddings=False),
+    # Outside the shapes above: Gemma-3-270M's vocabulary and widths (262144 tokens, 640 wide, 18 layers) in a
+    # Llama body, with a tokenizer of as many real pieces (the converter loads all of them) ...
+    "vocab-262k": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=640, intermediate_size=2048,
+                       num_hidden_layers=18, num_attention_heads=5, num_key_value_heads=1, vocab_size=262144,
+                       tie_word_embeddings=True, tokenizer_pieces=262144),
+    # ... and an FFN 16 times the width (Llama's is 2.7 to 4), few layers.
+    "ffn-wide": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=1024, intermediate_size=16384,
+                     num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=49152,
+                     tie_word_embeddings=True, tokenizer_pieces=0),
 }
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"]  # the demo's: sized by --dry-run
 MEASURED_TYPES = ["Q8_0", "Q4_K_M", "Q2_K"]  # the recipe's types: quantized for real (time and RAM)
@@ -84,6 +93,7 @@ DEMO = "smollm2-135m"  # not generated: models/smollm2-135m-instruct (quantkit d
 def config_for(name: str) -> dict:
     s = dict(SHAPES[name])
     arch = s.pop("arch")
+    s.pop("tokenizer_pieces", None)
     cfg = {"architectures": [arch], **s, "head_dim": s["hidden_size"] // s["num_attention_heads"],
            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
            "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, "use_cache": True}
@@ -153,7 +163,10 @@ def write_checkpoint(name: str, dest: Path) -> dict:
         (dest / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    if cfg["model_type"] == "llama":
+    pieces = SHAPES[name].get("tokenizer_pieces")
+    if pieces is not None:  # a sentencepiece model (padded to the vocabulary when 0), not the demo's tokenizer
+        shutil.copy(sentencepiece_model(pieces), dest / "tokenizer.model")
+    elif cfg["model_type"] == "llama":
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(TOKENIZER_FROM / f, dest / f)
     else:
@@ -164,15 +177,39 @@ def write_checkpoint(name: str, dest: Path) -> dict:
     return cfg
 
 
-def sentencepiece_model() -> Path:
-    """tests/tinyllama.py's tokenizer (trained on the calibration text in seconds), cached."""
+def sentencepiece_model(pieces: int = 0) -> Path:
+    """tests/tinyllama.py's tokenizer (trained on the calibration text in seconds), cached; with ``pieces``,
+    grown to that many pieces: made-up words of 3 to 10 letters after the trained ones, each with its
+    score, as a large real vocabulary has (the converter then reads every one, none is padding)."""
     from tests.tinyllama import _train_sentencepiece
 
     done = WORK / "spm" / "tokenizer.model"
     if not done.is_file():
         done.parent.mkdir(parents=True, exist_ok=True)
         _train_sentencepiece(done.parent)
-    return done
+    if not pieces:
+        return done
+    grown = WORK / "spm" / f"tokenizer-{pieces}.model"
+    if not grown.is_file():
+        import random
+
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(done.read_bytes())
+        seen = {p.piece for p in proto.pieces}
+        rng = random.Random(0)
+        low = min(p.score for p in proto.pieces)
+        while len(proto.pieces) < pieces:
+            letters = rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 10))
+            word = "\u2581" * rng.randint(0, 1) + "".join(letters)
+            if word in seen:
+                continue
+            seen.add(word)
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = word, low - len(proto.pieces), 1  # NORMAL
+        grown.write_bytes(proto.SerializeToString())
+    return grown
 
 
 def read_headers(folder: Path) -> list[dict]:
