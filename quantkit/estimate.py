@@ -431,6 +431,40 @@ def llama_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int) -> int:
     return gguf_bytes + kv_cache_bytes(facts, ctx) + logits + compute + LLAMA_TOOL_BASE
 
 
+LLAMA_BATCH = 2048  # common_params' n_batch and n_ubatch at the pinned commit: quantkit passes neither -b nor -ub
+LLAMA_UBATCH = 512
+
+
+def batched_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int, chunks: int, *, all_logits: bool = False) -> int:
+    """llama-perplexity (PPL, KLD, the base logits) and llama-imatrix over ``chunks`` chunks of ``ctx`` tokens.
+
+    Both run ``n_batch // ctx`` chunks in one batch (their main() sets n_parallel = n_batch / n_ctx and a
+    context of n_parallel * ctx tokens, one KV stream per chunk). As many chunks as the run has, up to that
+    number, fill their KV streams and the logits buffer: every token's logits for the imatrix, the scored
+    second half of each chunk for perplexity (the streams no chunk uses stay untouched: the measured peaks
+    of 2-chunk runs fit two streams, not four). A chunk longer than a batch is gathered in a vector
+    besides. The compute buffer is one ubatch: ggml's allocator reuses it along the graph, so it holds the
+    larger of the layers' activations and the output's logits, not both (a 16x wide FFN measured so)."""
+    cfg = facts.text_config
+    hidden = int(cfg.get("hidden_size") or 0)
+    ffn = int(cfg.get("intermediate_size") or 4 * hidden)
+    vocab = facts.vocab or 0
+    n_seq = max(1, LLAMA_BATCH // ctx)
+    per_chunk = ctx if all_logits else ctx // 2
+    in_batch = min(n_seq, max(1, chunks))
+    outputs = in_batch * per_chunk
+    if ctx > LLAMA_BATCH:
+        outputs = min(per_chunk, LLAMA_BATCH) + per_chunk
+    ubatch = min(LLAMA_UBATCH, n_seq * ctx)
+    compute = ubatch * max(vocab, hidden * 6 + ffn * 3) * 4
+    return gguf_bytes + kv_cache_bytes(facts, in_batch * ctx) + outputs * vocab * 4 + compute + LLAMA_TOOL_BASE
+
+
+def _log_probs_bytes(facts: ModelFacts, positions: int) -> int:
+    """llama-perplexity's uint16 log-probs of ``positions`` tokens (written for the base logits, read for KLD)."""
+    return positions * (2 * (((facts.vocab or 0) + 1) // 2) + 4) * 2
+
+
 def _variant_kwargs(recipe: Recipe, index: int) -> dict:
     spec = recipe.gguf
     v = spec.types[index]
@@ -467,8 +501,7 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
         disk = sum(t.ne0 * 4 + 512 for t, _ in base_types(facts, "f16")
                    if t.dims >= 2 and t.name.startswith("blk.")) + 64 * 1024
-        # llama-imatrix (--no-repack) holds one more context of logits than llama-perplexity.
-        return Cost(disk, llama_tool_ram(facts, base, spec.ctx) + spec.ctx * (facts.vocab or 0) * 4)
+        return Cost(disk, batched_tool_ram(facts, base, spec.ctx, spec.chunks, all_logits=True))
     if kind == "quantize":
         size = quantize_bytes(facts, recipe.gguf.types[params["index"]].type, **_variant_kwargs(recipe, params["index"]))
         # llama-quantize reads one tensor at a time into a buffer (the base type), converts it to f32 and
@@ -476,11 +509,13 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         in_bytes = 4 if recipe.gguf.base_type == "f32" else 2
         return Cost(size, QUANTIZE_BASE + facts.largest_tensor * (in_bytes + 4 + 1))
     if kind == "base-logits":
-        from quantkit.scoring.windows import estimate_base_logits_bytes
+        from quantkit.scoring.windows import estimate_base_logits_bytes, max_chunks
 
+        # and one chunk's log-probs, as written to the file
+        ram = batched_tool_ram(facts, base, ev.ctx, max_chunks(ev)) + _log_probs_bytes(facts, ev.ctx)
         if facts.vocab is None:
-            return Cost(None, llama_tool_ram(facts, base, ev.ctx), "config.json has no vocab_size")
-        return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), llama_tool_ram(facts, base, ev.ctx))
+            return Cost(None, ram, "config.json has no vocab_size")
+        return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), ram)
     if kind in ("sensitivity", "sensitivity-kld", "mix", "quantize-mix"):  # size budgets (quantkit.budget)
         from quantkit.budget import target_cost
 
@@ -492,6 +527,14 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
         index = _variant_index(recipe, params)
         if index is not None:
             size = quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
+        if kind == "score-gguf" and ev:
+            from quantkit.scoring.windows import max_chunks, scored_per_chunk
+
+            # a quantized type is scored against the base logits (KLD): one chunk's base log-probs read back
+            ram = batched_tool_ram(facts, size, ev.ctx, max_chunks(ev))
+            if index is not None:
+                ram += _log_probs_bytes(facts, scored_per_chunk(ev.ctx))
+            return Cost(64 * 1024, ram)
         # multiple-choice tasks batch whole tasks into a context of their own
         return Cost(64 * 1024, llama_tool_ram(facts, size, BATCH_CTX if kind == "tasks-gguf" else ev.ctx if ev else 512))
     if kind == "serve-hf":  # one checkpoint in float32, a short generation
