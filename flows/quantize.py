@@ -49,6 +49,10 @@ from quantkit.plan import PlannedNode, plan
 from quantkit.storelocks import require_working_locks
 
 GPU_LIMIT = "gpu"  # global concurrency limit; scripts/prefect-up.sh creates it with 1 slot
+# A GPU slot is a lease its holder renews; a worker that dies holding one (a lost Ray worker) gives it back
+# when the lease runs out. The server's shortest lease, not Prefect's default 5 minutes: meanwhile every GPU
+# node waits, and on Ray the one that waits also holds the machine's GPU that the retry needs.
+GPU_LEASE_S = 60
 PARALLEL = int(os.environ.get("QUANTKIT_PARALLEL", "4"))  # nodes in flight at once
 RAY_ENV = "QUANTKIT_RAY_ADDRESS"
 
@@ -69,7 +73,7 @@ def run_node_task(run: RunSpec, node: Node, deps: dict[str, Any], estimate: Plan
     with quantkit_logs_to_prefect():
         ctx = run.context()
         if node.spec.gpu:
-            with concurrency(GPU_LIMIT, occupy=1):
+            with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S):
                 return run_node(ctx, node, deps, estimate)
         return run_node(ctx, node, deps, estimate)
 
