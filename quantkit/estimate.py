@@ -43,6 +43,10 @@ TORCH_BASE = 700 * MiB  # Python with torch + transformers imported
 GPTQMODEL_BASE = 800 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
 GGUF_META_PER_TOKEN = 40  # tokenizer tokens, types and merges in the GGUF header, per vocab entry
 QUANTIZE_BASE = 40 * MiB  # llama-quantize with its buffers empty
+# The converter's vocabulary, per entry: its tokens, scores and types as Python lists, the tokenizer files
+# parsed (tokenizer.model, tokenizer.json), the GGUF header built from them; the 262k-entry shapes of
+# benchmarks/scaling.py held 72 MiB (tokenizer.model only) to 100 MiB (and tokenizer.json, Gemma-3's path).
+CONVERTER_PER_TOKEN = 300
 TOKENIZER_JSON_PER_TOKEN = 70  # tokenizer.json per vocab entry (SmolLM2 72, Llama-3 70 bytes)
 
 
@@ -494,8 +498,10 @@ def cost(recipe: Recipe, kind: str, params: dict, facts: ModelFacts | None) -> C
     if kind == "source":
         return Cost(facts.source_bytes if facts.origin == "hub" else 0, None)
     if kind == "convert":
-        # The converter streams one tensor at a time: the source tensor, its f32 copy and the output copy.
-        return Cost(base, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
+        # The converter streams one tensor at a time (the source tensor, its f32 copy and the output copy)
+        # beside the vocabulary it loaded.
+        vocabulary = (facts.vocab or 0) * CONVERTER_PER_TOKEN
+        return Cost(base, CONVERTER_BASE + facts.largest_tensor * (4 + 2) + vocabulary)
     if kind == "imatrix":
         spec = recipe.gguf.imatrix
         # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
