@@ -101,7 +101,7 @@ def check_group_size(model_path: Path, group_size: int) -> int:
 
 
 def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationText, store: Store,
-         device: str | None = None) -> Entry:
+         device: str | None = None, threads: int | None = None) -> Entry:
     """Quantize ``model`` with GPTQ as ``spec`` says; the checkpoint is at the entry's root."""
 
     def config(gm, **common):
@@ -110,27 +110,35 @@ def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationTex
 
     return quantize_with_gptqmodel(
         step=STEP, model=model, spec=spec, group_size=spec.group_size, calibration=calibration, store=store,
-        device=device, make_config=config, cpu_kernel=None,
+        device=device, threads=threads, make_config=config, cpu_kernel=None,
         expect={"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
                 "desc_act": spec.desc_act, "sym": spec.sym})
 
 
-def checkpoint_inputs(*, model: ModelSnapshot, spec, calibration: CalibrationText | None) -> dict:
+def checkpoint_inputs(*, model: ModelSnapshot, spec, calibration: CalibrationText | None,
+                      device: str | None = None, threads: int | None = None) -> dict:
     """The store key's source of a GPTQ, AWQ or RTN checkpoint (the step name separates them). RTN reads no
-    calibration text (``None``), so its key does not name one: new calibration text does not rebuild it."""
+    calibration text (``None``), so its key does not name one: new calibration text does not rebuild it.
+
+    The machine that quantizes goes in too: the device, and on the CPU torch's thread count (a tiny Llama's
+    GPTQ checkpoint differs byte for byte between 1 and 2 threads: the sums of the Hessians are split
+    differently), so a store shared by unlike machines never hands one machine's result to another's key."""
     # a setting added later is left out at its default, so the checkpoints made before it keep their keys
     later = {name for name, default in LATER_DEFAULTS.items() if getattr(spec, name, default) == default}
     inputs = {"model_digest": model.digest, "spec": spec.model_dump(exclude={"label"} | later),
               "backend": {"name": BACKEND, "version": backend_version()}}
     if calibration is not None:
         inputs["calibration_sha256"] = calibration.sha256
+    if device is not None:
+        inputs["machine"] = {"device": device, **({"threads": threads} if device == "cpu" and threads else {})}
     return inputs
 
 
 def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size: int,
                             calibration: CalibrationText | None, store: Store, device: str | None,
                             make_config: Callable[[Any], Any], cpu_kernel: str | None,
-                            expect: dict[str, Any], around: Callable[[], Any] = contextlib.nullcontext) -> Entry:
+                            expect: dict[str, Any], around: Callable[[], Any] = contextlib.nullcontext,
+                            threads: int | None = None) -> Entry:
     """The steps GPTQ, AWQ and RTN share: preflight, key, sample, quantize, save, verify.
 
     ``make_config(gm, **common)`` builds GPTQModel's quantize config, passing ``common`` (the
@@ -138,25 +146,29 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     ``gptqmodel.BACKEND`` to pack with on CPU (None: GPTQModel's choice); ``expect`` is what the
     saved config.json's ``quantization_config`` must hold. ``calibration`` None: a weight-only config
     (RTN), quantized without samples. ``around()`` is a context manager held while GPTQModel quantizes
-    (settings its config does not carry).
+    (settings its config does not carry). ``threads``: torch's thread count on the CPU (this machine's
+    ``QUANTKIT_THREADS``), named in the key; None leaves torch's own.
     """
+    import torch
+
     layers = check_group_size(model.path, group_size)
     version = backend_version()
-    inputs = checkpoint_inputs(model=model, spec=spec, calibration=calibration)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = checkpoint_inputs(model=model, spec=spec, calibration=calibration, device=dev, threads=threads)
     label = spec.label or step
 
     def produce(staging: Staging) -> None:
         model.check_links()  # GPTQModel and transformers follow links: none may have appeared since fetch_model
         gm = import_gptqmodel()
-        import torch
-
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         samples = _calibration_windows(model, spec, calibration)
         windows = samples.pop("windows") if samples is not None else None
         log.info("%s %s: quantizing %d linears in %s on %s with GPTQModel %s (%s)", step, label, layers, model.path,
                  dev, version, "weights only, no calibration" if samples is None else
                  f"{samples['count']} windows of {spec.seq_len} tokens")
         start = time.perf_counter()
+        saved_threads = torch.get_num_threads()
+        if dev == "cpu" and threads:
+            torch.set_num_threads(threads)  # what the key says, not what the process inherited (Ray sets 1)
         try:
             with store.scratch(f"{step}-offload") as offload:
                 log.debug("%s %s: GPTQModel offloads finished layers to %s", step, label, offload)
@@ -177,11 +189,14 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
             raise
         except Exception as e:  # GPTQModel raises bare ValueError/RuntimeError; keep the cause chained
             raise QuantizerError(f"{step} {label}: GPTQModel failed on {model.path}: {e}") from e
+        finally:
+            torch.set_num_threads(saved_threads)
         seconds = time.perf_counter() - start
         _copy_tokenizer(model.path, staging.path)
         _scrub_volatile(staging.path)
         verify_checkpoint(staging.path, expect=expect, layers=linear_shapes(model.path))
         staging.info.update(backend=BACKEND, backend_version=version, torch=torch.__version__, device=dev,
+                            threads=torch.get_num_threads() if threads is None else threads,
                             seconds=round(seconds, 3), samples=samples)
 
     entry = store.ensure(step, inputs, produce)

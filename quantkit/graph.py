@@ -374,9 +374,10 @@ def _checkpoint(ctx, node, deps):
     src = deps["source"]
     spec = getattr(ctx.recipe, node.kind)[node.params["index"]]
     if node.kind == "rtn":  # weights only: no calibration text
-        return rtn(model=src.model, spec=spec, store=ctx.store)
+        return rtn(model=src.model, spec=spec, store=ctx.store, device=ctx.device, threads=ctx.threads)
     make = gptq if node.kind == "gptq" else awq
-    return make(model=src.model, spec=spec, calibration=src.calibration, store=ctx.store)
+    return make(model=src.model, spec=spec, calibration=src.calibration, store=ctx.store, device=ctx.device,
+                threads=ctx.threads)
 
 
 def _checkpoint_inputs(ctx, node, deps):
@@ -384,7 +385,8 @@ def _checkpoint_inputs(ctx, node, deps):
 
     src = deps["source"]
     return checkpoint_inputs(model=src.model, spec=getattr(ctx.recipe, node.kind)[node.params["index"]],
-                             calibration=None if node.kind == "rtn" else src.calibration)
+                             calibration=None if node.kind == "rtn" else src.calibration, device=ctx.device,
+                             threads=ctx.threads)
 
 
 def _model_dir_and_identity(node: Node, deps: Results) -> tuple[Path, str]:

@@ -40,7 +40,7 @@ from quantkit.toolchain import cache_dir  # noqa: E402
 pytestmark = pytest.mark.slow
 
 NAME = "tiny-cluster"
-HEAD_THREADS, GPU_THREADS = "1", "2"  # a plain `quantkit run` here uses 2 (the cores), as the GPU node does
+HEAD_THREADS, GPU_THREADS = "1", "2"
 RECIPE = tiny_recipe(NAME, """\
 gguf:
   imatrix: {enabled: true, ctx: 128, chunks: 4}
@@ -55,8 +55,9 @@ def local_run(tmp_path_factory, repo_root, tiny_llama):
     root = tmp_path_factory.mktemp("cluster-ref")
     make_project(root, repo_root, tiny_llama).unlink()
     (root / "recipes" / f"{NAME}.yaml").write_text(RECIPE)
-    env = {**os.environ, "QUANTKIT_STORE": str(tmp_path_factory.mktemp("cluster-ref-store")), "HF_HUB_OFFLINE": "1"}
-    env.pop("QUANTKIT_THREADS", None)
+    # The GPU node's thread count: a CPU GPTQ checkpoint depends on it (its key names it).
+    env = {**os.environ, "QUANTKIT_STORE": str(tmp_path_factory.mktemp("cluster-ref-store")), "HF_HUB_OFFLINE": "1",
+           "QUANTKIT_THREADS": GPU_THREADS}
     done = subprocess.run([sys.executable, "-m", "quantkit.cli", "run", "--no-publish", f"recipes/{NAME}.yaml"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
