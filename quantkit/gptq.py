@@ -220,6 +220,25 @@ def _calibration_windows(model: ModelSnapshot, spec, calibration: CalibrationTex
             "offsets": offsets, "digest": samples_digest(windows), "windows": windows}
 
 
+def _steady_quant_log(file: Path) -> None:
+    """GPTQModel's per-module log lists modules in the order its threads finished them, each with its wall
+    time: sorted by layer and module, without the time, so a checkpoint's bytes depend on its inputs only
+    (two runs on one machine otherwise differ in this file alone)."""
+    if not file.is_file():
+        return
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(file.read_text())))
+    if not rows or "time" not in rows[0] or rows[0][:2] != ["layer", "module"]:
+        return
+    keep = [i for i, name in enumerate(rows[0]) if name != "time"]
+    body = sorted((r for r in rows[1:] if r), key=lambda r: (int(r[0]) if r[0].isdigit() else -1, r[0], r[1]))
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([[r[i] for i in keep] for r in [rows[0], *body]])
+    file.write_text(out.getvalue())
+
+
 def verify_checkpoint(path: Path, *, expect: dict[str, Any], layers: dict[str, tuple[int, int]]) -> None:
     """Read the saved checkpoint back: quantization_config as promised, every linear packed."""
     try:
@@ -297,6 +316,7 @@ def _copy_tokenizer(src: Path, dest: Path) -> None:
 
 
 def _scrub_volatile(path: Path) -> None:
+    _steady_quant_log(path / "quant_log.csv")
     for name in ("config.json", "quantize_config.json"):
         file = path / name
         if not file.exists():
