@@ -89,6 +89,7 @@ MEASURED_TYPES = ["Q8_0", "Q4_K_M", "Q2_K"]  # the recipe's types: quantized for
 SCORED = {"F16", "Q4_K_M"}  # GGUF variants whose score node is measured (every checkpoint's is)
 # llama-imatrix and llama-perplexity put n_batch / ctx = 4 chunks of 512 in one batch: 8 and 4 chunks fill it
 # (the first four sizes ran 2 and 2; each record keeps what it ran, and the estimates are made for that).
+LADDER_RAN = {"imatrix": {"ctx": 512, "chunks": 2}, "evaluation": {"ctx": 512, "max_tokens": 1024}}
 IMATRIX = {"ctx": 512, "chunks": 8}
 EVALUATION = {"ctx": 512, "max_tokens": 2048}  # four chunks: base logits, PPL, KLD
 GPTQ = {"bits": 4, "group_size": 64, "desc_act": True, "samples": 16, "seq_len": 128}  # the demo recipe's
@@ -528,7 +529,7 @@ def at_8b(fits: dict, name: str = "llama-8b") -> list[str]:
     cfg = config_for(name)
     facts = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": list(s)} for n, s in tensor_shapes(cfg)}], cfg)
     b = facts.parameters / 1e9
-    recipe = recipe_of(name, gptq=True)
+    recipe = recipe_of(name, gptq=True, **LADDER_RAN)  # what the fitted sizes ran
     out = [f"| {name} ({b:.2f} B) node | plan RAM GiB | fitted line RAM GiB | plan disk GiB | fitted line disk GiB |",
            "|---|---:|---:|---:|---:|"]
     for node in build_graph(recipe, publish=False):
