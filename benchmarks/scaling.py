@@ -68,12 +68,30 @@ SHAPES = {
     "llama-8b": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=4096, intermediate_size=14336,
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                      tie_word_embeddings=False),
+    # Outside the shapes above: Gemma-3-270M's vocabulary and widths (262144 tokens, 640 wide, 18 layers) in a
+    # Llama body, with a tokenizer of as many real pieces (the converter loads all of them) ...
+    "vocab-262k": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=640, intermediate_size=2048,
+                       num_hidden_layers=18, num_attention_heads=5, num_key_value_heads=1, vocab_size=262144,
+                       tie_word_embeddings=True, tokenizer_pieces=262144),
+    # Gemma-3-270M itself (its config.json: 262144 tokens, 640 wide, 4 heads of 256, 18 layers, extra norms).
+    "gemma3-270m": dict(arch="Gemma3ForCausalLM", model_type="gemma3_text", hidden_size=640, intermediate_size=2048,
+                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                        vocab_size=262144, tie_word_embeddings=True, tokenizer_pieces=262144),
+    # ... and an FFN 16 times the width (Llama's is 2.7 to 4), few layers.
+    "ffn-wide": dict(arch="LlamaForCausalLM", model_type="llama", hidden_size=1024, intermediate_size=16384,
+                     num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=49152,
+                     tie_word_embeddings=True, tokenizer_pieces=0),
 }
+# Shapes off the size ladder: in the table and the ±20 % check, not in the lines fitted against parameters.
+OUTSIDE_THE_LADDER = {"vocab-262k", "gemma3-270m", "ffn-wide"}
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"]  # the demo's: sized by --dry-run
 MEASURED_TYPES = ["Q8_0", "Q4_K_M", "Q2_K"]  # the recipe's types: quantized for real (time and RAM)
 SCORED = {"F16", "Q4_K_M"}  # GGUF variants whose score node is measured (every checkpoint's is)
-IMATRIX = {"ctx": 512, "chunks": 2}
-EVALUATION = {"ctx": 512, "max_tokens": 1024}  # two chunks: base logits, PPL, KLD
+# llama-imatrix and llama-perplexity put n_batch / ctx = 4 chunks of 512 in one batch: 8 and 4 chunks fill it
+# (the first four sizes ran 2 and 2; each record keeps what it ran, and the estimates are made for that).
+LADDER_RAN = {"imatrix": {"ctx": 512, "chunks": 2}, "evaluation": {"ctx": 512, "max_tokens": 1024}}
+IMATRIX = {"ctx": 512, "chunks": 8}
+EVALUATION = {"ctx": 512, "max_tokens": 2048}  # four chunks: base logits, PPL, KLD
 GPTQ = {"bits": 4, "group_size": 64, "desc_act": True, "samples": 16, "seq_len": 128}  # the demo recipe's
 SHARD_BYTES = 2 * GiB
 DEMO = "smollm2-135m"  # not generated: models/smollm2-135m-instruct (quantkit demo-model)
@@ -84,10 +102,17 @@ DEMO = "smollm2-135m"  # not generated: models/smollm2-135m-instruct (quantkit d
 def config_for(name: str) -> dict:
     s = dict(SHAPES[name])
     arch = s.pop("arch")
-    cfg = {"architectures": [arch], **s, "head_dim": s["hidden_size"] // s["num_attention_heads"],
+    s.pop("tokenizer_pieces", None)
+    cfg = {"architectures": [arch], "head_dim": s["hidden_size"] // s["num_attention_heads"], **s,
            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
            "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, "use_cache": True}
-    if s["model_type"] == "qwen2":
+    if s["model_type"] == "gemma3_text":  # the rest of Gemma-3-270M's config.json
+        cfg.update(hidden_activation="gelu_pytorch_tanh", rope_local_base_freq=10000.0, sliding_window=512,
+                   query_pre_attn_scalar=256, final_logit_softcapping=None, attn_logit_softcapping=None,
+                   layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                for i in range(s["num_hidden_layers"])], attention_bias=False, attention_dropout=0.0)
+        cfg.pop("hidden_act")
+    elif s["model_type"] == "qwen2":
         cfg.update(attention_dropout=0.0, sliding_window=None, use_sliding_window=False, max_window_layers=cfg[
             "num_hidden_layers"])
     else:
@@ -110,6 +135,9 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
         if cfg["model_type"] == "qwen2":
             out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
                     (p + "self_attn.v_proj.bias", (kv,))]
+        if cfg["model_type"] == "gemma3_text":
+            out += [(p + "pre_feedforward_layernorm.weight", (h,)), (p + "post_feedforward_layernorm.weight", (h,)),
+                    (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
     out.append(("model.norm.weight", (h,)))
     if not cfg["tie_word_embeddings"]:
         out.append(("lm_head.weight", (v, h)))
@@ -153,7 +181,12 @@ def write_checkpoint(name: str, dest: Path) -> dict:
         (dest / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    if cfg["model_type"] == "llama":
+    pieces = SHAPES[name].get("tokenizer_pieces")
+    if pieces is not None:  # a sentencepiece model (padded to the vocabulary when 0), not the demo's tokenizer
+        shutil.copy(sentencepiece_model(pieces), dest / "tokenizer.model")
+        if pieces:
+            write_tokenizer_json(dest / "tokenizer.model", dest / "tokenizer.json")
+    elif cfg["model_type"] == "llama":
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(TOKENIZER_FROM / f, dest / f)
     else:
@@ -164,15 +197,53 @@ def write_checkpoint(name: str, dest: Path) -> dict:
     return cfg
 
 
-def sentencepiece_model() -> Path:
-    """tests/tinyllama.py's tokenizer (trained on the calibration text in seconds), cached."""
+def sentencepiece_model(pieces: int = 0) -> Path:
+    """tests/tinyllama.py's tokenizer (trained on the calibration text in seconds), cached; with ``pieces``,
+    grown to that many pieces: made-up words of 3 to 10 letters after the trained ones, each with its
+    score, as a large real vocabulary has (the converter then reads every one, none is padding)."""
     from tests.tinyllama import _train_sentencepiece
 
     done = WORK / "spm" / "tokenizer.model"
     if not done.is_file():
         done.parent.mkdir(parents=True, exist_ok=True)
         _train_sentencepiece(done.parent)
-    return done
+    if not pieces:
+        return done
+    grown = WORK / "spm" / f"tokenizer-{pieces}.model"
+    if not grown.is_file():
+        import random
+
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(done.read_bytes())
+        seen = {p.piece for p in proto.pieces}
+        rng = random.Random(0)
+        low = min(p.score for p in proto.pieces)
+        while len(proto.pieces) < pieces:
+            letters = rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 10))
+            word = "\u2581" * rng.randint(0, 1) + "".join(letters)
+            if word in seen:
+                continue
+            seen.add(word)
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = word, low - len(proto.pieces), 1  # NORMAL
+        grown.write_bytes(proto.SerializeToString())
+    return grown
+
+
+def write_tokenizer_json(model: Path, dest: Path) -> None:
+    """Beside tokenizer.model, the tokenizer.json a large sentencepiece model ships with (Gemma's does): a BPE
+    vocabulary of every piece and a merge for each (the converter's gguf.SpecialVocab parses the whole file)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = [[p.piece[:len(p.piece) // 2], p.piece[len(p.piece) // 2:]] for p in proto.pieces if len(p.piece) > 1]
+    dest.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
+                                "model": {"type": "BPE", "byte_fallback": True, "vocab": vocab, "merges": merges}},
+                               ensure_ascii=False))
 
 
 def read_headers(folder: Path) -> list[dict]:
@@ -186,13 +257,13 @@ def read_headers(folder: Path) -> list[dict]:
 
 # --- one node of the graph in a child process --------------------------------------------------------
 
-def recipe_text(name: str, *, gptq: bool) -> str:
+def recipe_text(name: str, *, gptq: bool, imatrix: dict = IMATRIX, evaluation: dict = EVALUATION) -> str:
     lines = [f"name: bench-{name}", "model:", f"  path: models/bench-work/{name}/hf", f"  name: bench-{name}",
              "calibration:", "  files: [calibration/en-prose.txt, calibration/code-python.txt]",
              "evaluation:", "  file: calibration/eval/en-prose-heldout.txt",
-             f"  ctx: {EVALUATION['ctx']}", f"  max_tokens: {EVALUATION['max_tokens']}", "  bench: false",
+             f"  ctx: {evaluation['ctx']}", f"  max_tokens: {evaluation['max_tokens']}", "  bench: false",
              "gguf:", "  base_type: f16",
-             f"  imatrix: {{enabled: true, ctx: {IMATRIX['ctx']}, chunks: {IMATRIX['chunks']}}}",
+             f"  imatrix: {{enabled: true, ctx: {imatrix['ctx']}, chunks: {imatrix['chunks']}}}",
              f"  types: [{', '.join(MEASURED_TYPES)}]"]
     if gptq:
         lines += ["gptq:"] + [("  - " if i == 0 else "    ") + f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
@@ -200,12 +271,12 @@ def recipe_text(name: str, *, gptq: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def recipe_of(name: str, *, gptq: bool):
+def recipe_of(name: str, *, gptq: bool, **settings):
     import yaml
 
     from quantkit.recipe import Recipe
 
-    return Recipe.model_validate(yaml.safe_load(recipe_text(name, gptq=gptq)), context={"root": REPO})
+    return Recipe.model_validate(yaml.safe_load(recipe_text(name, gptq=gptq, **settings)), context={"root": REPO})
 
 
 def measured_nodes(name: str, *, gptq: bool) -> list:
@@ -385,7 +456,8 @@ def estimates(size: dict) -> list[dict]:
     from quantkit.graph import build_graph, node_cost
 
     facts = ModelFacts.from_headers(size["headers"], size["config"])
-    recipe = recipe_of(size["name"], gptq=size.get("gptq") is not None)
+    recipe = recipe_of(size["name"], gptq=size.get("gptq") is not None, imatrix=size["imatrix"],
+                       evaluation=size["evaluation"])
     graph = {n.name: n for n in build_graph(recipe, publish=False)}
     rows = []
     for measured in size["nodes"]:
@@ -415,7 +487,8 @@ def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
                          f"{mib(r['ram'])} | {mib(r['est_ram'])} | {pct(r['ram_err'])} | "
                          f"{mib(r['bytes']) if r['bytes'] > MiB else ''} | {mib(r['est_disk'])} | "
                          f"{pct(r['disk_err'])} |")
-            series.setdefault(key, []).append((size["parameters"], r["seconds"], r["ram"], r["bytes"]))
+            if size["name"] not in OUTSIDE_THE_LADDER:
+                series.setdefault(key, []).append((size["parameters"], r["seconds"], r["ram"], r["bytes"]))
             for what in ("ram_err", "disk_err"):
                 if r[what] is not None and abs(r[what]) > 0.2:
                     worst.append(f"{size['name']} {key} {what[:-4]} {r[what] * 100:+.0f} %")
@@ -456,7 +529,7 @@ def at_8b(fits: dict, name: str = "llama-8b") -> list[str]:
     cfg = config_for(name)
     facts = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": list(s)} for n, s in tensor_shapes(cfg)}], cfg)
     b = facts.parameters / 1e9
-    recipe = recipe_of(name, gptq=True)
+    recipe = recipe_of(name, gptq=True, **LADDER_RAN)  # what the fitted sizes ran
     out = [f"| {name} ({b:.2f} B) node | plan RAM GiB | fitted line RAM GiB | plan disk GiB | fitted line disk GiB |",
            "|---|---:|---:|---:|---:|"]
     for node in build_graph(recipe, publish=False):

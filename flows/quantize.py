@@ -46,8 +46,13 @@ from quantkit.graph import Node
 from quantkit.pipeline import run_node, run_sequence
 from quantkit.plan import PlannedNode
 from quantkit.tracking import prepare as prepare_tracking
+from quantkit.storelocks import require_working_locks
 
 GPU_LIMIT = "gpu"  # global concurrency limit; scripts/prefect-up.sh creates it with 1 slot
+# A GPU slot is a lease its holder renews; a worker that dies holding one (a lost Ray worker) gives it back
+# when the lease runs out. The server's shortest lease, not Prefect's default 5 minutes: meanwhile every GPU
+# node waits, and on Ray the one that waits also holds the machine's GPU that the retry needs.
+GPU_LEASE_S = 60
 PARALLEL = int(os.environ.get("QUANTKIT_PARALLEL", "4"))  # nodes in flight at once
 RAY_ENV = "QUANTKIT_RAY_ADDRESS"
 
@@ -68,7 +73,7 @@ def run_node_task(run: RunSpec, node: Node, deps: dict[str, Any], estimate: Plan
     with quantkit_logs_to_prefect():
         ctx = run.context()
         if node.spec.gpu:
-            with concurrency(GPU_LIMIT, occupy=1):
+            with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S):
                 return run_node(ctx, node, deps, estimate)
         return run_node(ctx, node, deps, estimate)
 
@@ -218,6 +223,7 @@ def quantize(recipe: str, publish: bool = True, track: bool = False) -> dict:
         # The head only plans: a bad recipe fails here, before any task; the toolchain, the threads and the
         # preflight are each worker's own (Submitted sends the RunSpec and the node's estimate).
         ctx = RunContext.from_env(recipe, toolchain="find")
+        require_working_locks(ctx.store.root)  # the shared store, as the head sees it; each worker checks its own
         done = run_sequence(ctx, lambda rows: lambda node, deps: Submitted(ctx, node, deps, rows.get(node.name)),
                             publish=publish, parallel=PARALLEL, whole_run_here=False)
     manifest = json.loads(done.manifest.read_text())

@@ -24,7 +24,7 @@ _PATCHING = threading.Lock()
 
 
 def awq(*, model: ModelSnapshot, spec: AWQVariant, calibration: CalibrationText, store: Store,
-        device: str | None = None) -> Entry:
+        device: str | None = None, threads: int | None = None) -> Entry:
     """Quantize ``model`` with AWQ as ``spec`` says; the checkpoint is at the entry's root."""
 
     def config(gm, **common):
@@ -33,7 +33,7 @@ def awq(*, model: ModelSnapshot, spec: AWQVariant, calibration: CalibrationText,
 
     return quantize_with_gptqmodel(
         step=STEP, model=model, spec=spec, group_size=spec.q_group_size, calibration=calibration, store=store,
-        device=device, make_config=config, cpu_kernel=CPU_KERNEL,
+        device=device, threads=threads, make_config=config, cpu_kernel=CPU_KERNEL,
         expect={"quant_method": "awq", "bits": spec.w_bit, "group_size": spec.q_group_size,
                 "zero_point": spec.zero_point, "version": spec.version.lower()},
         around=lambda: _clipping(spec.clip))

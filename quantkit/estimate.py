@@ -44,6 +44,10 @@ TORCH_BASE = 700 * MiB  # Python with torch + transformers imported
 GPTQMODEL_BASE = 800 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
 GGUF_META_PER_TOKEN = 40  # tokenizer tokens, types and merges in the GGUF header, per vocab entry
 QUANTIZE_BASE = 40 * MiB  # llama-quantize with its buffers empty
+# The converter's vocabulary, per entry: its tokens, scores and types as Python lists, the tokenizer files
+# parsed (tokenizer.model, tokenizer.json), the GGUF header built from them; the 262k-entry shapes of
+# benchmarks/scaling.py held 72 MiB (tokenizer.model only) to 100 MiB (and tokenizer.json, Gemma-3's path).
+CONVERTER_PER_TOKEN = 300
 TOKENIZER_JSON_PER_TOKEN = 70  # tokenizer.json per vocab entry (SmolLM2 72, Llama-3 70 bytes)
 
 
@@ -504,6 +508,40 @@ def llama_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int) -> int:
     return gguf_bytes + kv_cache_bytes(facts, ctx) + logits + compute + LLAMA_TOOL_BASE
 
 
+LLAMA_BATCH = 2048  # common_params' n_batch and n_ubatch at the pinned commit: quantkit passes neither -b nor -ub
+LLAMA_UBATCH = 512
+
+
+def batched_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int, chunks: int, *, all_logits: bool = False) -> int:
+    """llama-perplexity (PPL, KLD, the base logits) and llama-imatrix over ``chunks`` chunks of ``ctx`` tokens.
+
+    Both run ``n_batch // ctx`` chunks in one batch (their main() sets n_parallel = n_batch / n_ctx and a
+    context of n_parallel * ctx tokens, one KV stream per chunk). As many chunks as the run has, up to that
+    number, fill their KV streams and the logits buffer: every token's logits for the imatrix, the scored
+    second half of each chunk for perplexity (the streams no chunk uses stay untouched: the measured peaks
+    of 2-chunk runs fit two streams, not four). A chunk longer than a batch is gathered in a vector
+    besides. The compute buffer is one ubatch: ggml's allocator reuses it along the graph, so it holds the
+    larger of the layers' activations and the output's logits, not both (a 16x wide FFN measured so)."""
+    cfg = facts.text_config
+    hidden = int(cfg.get("hidden_size") or 0)
+    ffn = int(cfg.get("intermediate_size") or 4 * hidden)
+    vocab = facts.vocab or 0
+    n_seq = max(1, LLAMA_BATCH // ctx)
+    per_chunk = ctx if all_logits else ctx // 2
+    in_batch = min(n_seq, max(1, chunks))
+    outputs = in_batch * per_chunk
+    if ctx > LLAMA_BATCH:
+        outputs = min(per_chunk, LLAMA_BATCH) + per_chunk
+    ubatch = min(LLAMA_UBATCH, n_seq * ctx)
+    compute = ubatch * max(vocab, hidden * 6 + ffn * 3) * 4
+    return gguf_bytes + kv_cache_bytes(facts, in_batch * ctx) + outputs * vocab * 4 + compute + LLAMA_TOOL_BASE
+
+
+def _log_probs_bytes(facts: ModelFacts, positions: int) -> int:
+    """llama-perplexity's uint16 log-probs of ``positions`` tokens (written for the base logits, read for KLD)."""
+    return positions * (2 * (((facts.vocab or 0) + 1) // 2) + 4) * 2
+
+
 def _variant_kwargs(recipe: Recipe, index: int) -> dict:
     spec = recipe.gguf
     v = spec.types[index]
@@ -557,8 +595,10 @@ def source_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
 
 
 def convert_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    # The converter streams one tensor at a time: the source tensor, its f32 copy and the output copy.
-    return Cost(base_gguf_bytes(recipe, facts), CONVERTER_BASE + facts.largest_tensor * (4 + 2))
+    # The converter streams one tensor at a time (the source tensor, its f32 copy and the output copy)
+    # beside the vocabulary it loaded.
+    vocabulary = (facts.vocab or 0) * CONVERTER_PER_TOKEN
+    return Cost(base_gguf_bytes(recipe, facts), CONVERTER_BASE + facts.largest_tensor * (4 + 2) + vocabulary)
 
 
 def mmproj_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
@@ -572,8 +612,7 @@ def imatrix_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     # imatrix.gguf: per matrix multiplied in the layers one f32 sum per input column, and its record.
     disk = sum(t.ne0 * 4 + 512 for t, _ in base_types(facts, "f16")
                if t.dims >= 2 and t.name.startswith("blk.")) + 64 * 1024
-    # llama-imatrix (--no-repack) holds one more context of logits than llama-perplexity.
-    return Cost(disk, llama_tool_ram(facts, base_gguf_bytes(recipe, facts), spec.ctx) + spec.ctx * (facts.vocab or 0) * 4)
+    return Cost(disk, batched_tool_ram(facts, base_gguf_bytes(recipe, facts), spec.ctx, spec.chunks, all_logits=True))
 
 
 def quantize_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
@@ -585,12 +624,14 @@ def quantize_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
 
 
 def base_logits_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    from quantkit.scoring.windows import estimate_base_logits_bytes
+    from quantkit.scoring.windows import estimate_base_logits_bytes, max_chunks
 
     ev, base = recipe.evaluation, base_gguf_bytes(recipe, facts)
+    # and one chunk's log-probs, as written to the file
+    ram = batched_tool_ram(facts, base, ev.ctx, max_chunks(ev)) + _log_probs_bytes(facts, ev.ctx)
     if facts.vocab is None:
-        return Cost(None, llama_tool_ram(facts, base, ev.ctx), "config.json has no vocab_size")
-    return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), llama_tool_ram(facts, base, ev.ctx))
+        return Cost(None, ram, "config.json has no vocab_size")
+    return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), ram)
 
 
 def _scored_gguf_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
@@ -601,8 +642,20 @@ def _scored_gguf_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
     return quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
 
 
+def score_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """llama-perplexity over the evaluation's chunks; a quantized type is scored against the base logits (KLD):
+    one chunk's base log-probs read back."""
+    from quantkit.scoring.windows import max_chunks, scored_per_chunk
+
+    ev, index = recipe.evaluation, _variant_index(recipe, params)
+    ram = batched_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), ev.ctx, max_chunks(ev))
+    if index is not None:
+        ram += _log_probs_bytes(facts, scored_per_chunk(ev.ctx))
+    return Cost(64 * 1024, ram)
+
+
 def llama_eval_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    """score-gguf, bench-gguf, serve-gguf: a llama.cpp tool over one context of the evaluation."""
+    """bench-gguf, serve-gguf: a llama.cpp tool over one context of the evaluation."""
     return Cost(64 * 1024, llama_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), _eval_ctx(recipe)))
 
 

@@ -144,7 +144,7 @@ def check_group_size(model_path: Path, group_size: int) -> int:
 
 
 def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationText, store: Store,
-         device: str | None = None) -> Entry:
+         device: str | None = None, threads: int | None = None) -> Entry:
     """Quantize ``model`` with GPTQ as ``spec`` says; the checkpoint is at the entry's root."""
 
     def config(gm, **common):
@@ -153,27 +153,35 @@ def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationTex
 
     return quantize_with_gptqmodel(
         step=STEP, model=model, spec=spec, group_size=spec.group_size, calibration=calibration, store=store,
-        device=device, make_config=config, cpu_kernel=None,
+        device=device, threads=threads, make_config=config, cpu_kernel=None,
         expect={"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
                 "desc_act": spec.desc_act, "sym": spec.sym})
 
 
-def checkpoint_inputs(*, model: ModelSnapshot, spec, calibration: CalibrationText | None) -> dict:
+def checkpoint_inputs(*, model: ModelSnapshot, spec, calibration: CalibrationText | None,
+                      device: str | None = None, threads: int | None = None) -> dict:
     """The store key's source of a GPTQ, AWQ or RTN checkpoint (the step name separates them). RTN reads no
-    calibration text (``None``), so its key does not name one: new calibration text does not rebuild it."""
+    calibration text (``None``), so its key does not name one: new calibration text does not rebuild it.
+
+    The machine that quantizes goes in too: the device, and on the CPU torch's thread count (a tiny Llama's
+    GPTQ checkpoint differs byte for byte between 1 and 2 threads: the sums of the Hessians are split
+    differently), so a store shared by unlike machines never hands one machine's result to another's key."""
     # a setting added later is left out at its default, so the checkpoints made before it keep their keys
     later = {name for name, default in LATER_DEFAULTS.items() if getattr(spec, name, default) == default}
     inputs = {"model_digest": model.digest, "spec": spec.model_dump(exclude={"label"} | later),
               "backend": {"name": BACKEND, "version": backend_version()}}
     if calibration is not None:
         inputs["calibration_sha256"] = calibration.sha256
+    if device is not None:
+        inputs["machine"] = {"device": device, **({"threads": threads} if device == "cpu" and threads else {})}
     return inputs
 
 
 def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size: int,
                             calibration: CalibrationText | None, store: Store, device: str | None,
                             make_config: Callable[[Any], Any], cpu_kernel: str | None,
-                            expect: dict[str, Any], around: Callable[[], Any] = contextlib.nullcontext) -> Entry:
+                            expect: dict[str, Any], around: Callable[[], Any] = contextlib.nullcontext,
+                            threads: int | None = None) -> Entry:
     """The steps GPTQ, AWQ and RTN share: preflight, key, sample, quantize, save, verify.
 
     ``make_config(gm, **common)`` builds GPTQModel's quantize config, passing ``common`` (the
@@ -181,14 +189,18 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     ``gptqmodel.BACKEND`` to pack with on CPU (None: GPTQModel's choice); ``expect`` is what the
     saved config.json's ``quantization_config`` must hold. ``calibration`` None: a weight-only config
     (RTN), quantized without samples. ``around()`` is a context manager held while GPTQModel quantizes
-    (settings its config does not carry).
+    (settings its config does not carry). ``threads``: torch's thread count on the CPU (this machine's
+    ``QUANTKIT_THREADS``), named in the key; None leaves torch's own.
     """
     arch = next(iter(_config(model.path).get("architectures") or []), None)
     if (why := GPTQMODEL_MOE_UNSUPPORTED.get(arch)) is not None:
         raise QuantizerError(f"{step} {spec.label or step}: {arch}: {why}")
+    import torch
+
     layers = check_group_size(model.path, group_size)
     version = backend_version()
-    inputs = checkpoint_inputs(model=model, spec=spec, calibration=calibration)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = checkpoint_inputs(model=model, spec=spec, calibration=calibration, device=dev, threads=threads)
     label = spec.label or step
     moe = is_moe(model.path) and calibration is not None
     if moe:
@@ -197,15 +209,15 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     def produce(staging: Staging) -> None:
         model.check_links()  # GPTQModel and transformers follow links: none may have appeared since fetch_model
         gm = import_gptqmodel()
-        import torch
-
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         samples = _calibration_windows(model, spec, calibration)
         windows = samples.pop("windows") if samples is not None else None
         log.info("%s %s: quantizing %d linears in %s on %s with GPTQModel %s (%s)", step, label, layers, model.path,
                  dev, version, "weights only, no calibration" if samples is None else
                  f"{samples['count']} windows of {spec.seq_len} tokens")
         start = time.perf_counter()
+        saved_threads = torch.get_num_threads()
+        if dev == "cpu" and threads:
+            torch.set_num_threads(threads)  # what the key says, not what the process inherited (Ray sets 1)
         try:
             with store.scratch(f"{step}-offload") as offload:
                 log.debug("%s %s: GPTQModel offloads finished layers to %s", step, label, offload)
@@ -227,11 +239,14 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
             raise
         except Exception as e:  # GPTQModel raises bare ValueError/RuntimeError; keep the cause chained
             raise QuantizerError(f"{step} {label}: GPTQModel failed on {model.path}: {e}") from e
+        finally:
+            torch.set_num_threads(saved_threads)
         seconds = time.perf_counter() - start
         _copy_tokenizer(model.path, staging.path)
         _scrub_volatile(staging.path)
         verify_checkpoint(staging.path, expect=expect, layers=linear_shapes(model.path))
         staging.info.update(backend=BACKEND, backend_version=version, torch=torch.__version__, device=dev,
+                            threads=torch.get_num_threads() if threads is None else threads,
                             seconds=round(seconds, 3), samples=samples)
         if moe:
             # with the bypass every expert sees every calibration token (what the report names per expert)
@@ -257,6 +272,25 @@ def _calibration_windows(model: ModelSnapshot, spec, calibration: CalibrationTex
     torch.manual_seed(spec.seed)
     return {"count": len(windows), "seq_len": spec.seq_len, "seed": spec.seed, "text_tokens": len(ids),
             "offsets": offsets, "digest": samples_digest(windows), "windows": windows}
+
+
+def _steady_quant_log(file: Path) -> None:
+    """GPTQModel's per-module log lists modules in the order its threads finished them, each with its wall
+    time: sorted by layer and module, without the time, so a checkpoint's bytes depend on its inputs only
+    (two runs on one machine otherwise differ in this file alone)."""
+    if not file.is_file():
+        return
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(file.read_text())))
+    if not rows or "time" not in rows[0] or rows[0][:2] != ["layer", "module"]:
+        return
+    keep = [i for i, name in enumerate(rows[0]) if name != "time"]
+    body = sorted((r for r in rows[1:] if r), key=lambda r: (int(r[0]) if r[0].isdigit() else -1, r[0], r[1]))
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([[r[i] for i in keep] for r in [rows[0], *body]])
+    file.write_text(out.getvalue())
 
 
 def verify_checkpoint(path: Path, *, expect: dict[str, Any], layers: dict[str, tuple[int, int]]) -> None:
@@ -350,6 +384,7 @@ def _copy_tokenizer(src: Path, dest: Path) -> None:
 
 
 def _scrub_volatile(path: Path) -> None:
+    _steady_quant_log(path / "quant_log.csv")
     for name in ("config.json", "quantize_config.json"):
         file = path / name
         if not file.exists():

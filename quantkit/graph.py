@@ -554,9 +554,10 @@ def _checkpoint(ctx, node, deps):
     src = deps["source"]
     spec = getattr(ctx.recipe, node.kind)[node.params["index"]]
     if node.kind == "rtn":  # weights only: no calibration text
-        return rtn(model=src.model, spec=spec, store=ctx.store)
+        return rtn(model=src.model, spec=spec, store=ctx.store, device=ctx.device, threads=ctx.threads)
     make = gptq if node.kind == "gptq" else awq
-    return make(model=src.model, spec=spec, calibration=src.calibration, store=ctx.store)
+    return make(model=src.model, spec=spec, calibration=src.calibration, store=ctx.store, device=ctx.device,
+                threads=ctx.threads)
 
 
 def _checkpoint_inputs(ctx, node, deps):
@@ -564,7 +565,8 @@ def _checkpoint_inputs(ctx, node, deps):
 
     src = deps["source"]
     return checkpoint_inputs(model=src.model, spec=getattr(ctx.recipe, node.kind)[node.params["index"]],
-                             calibration=None if node.kind == "rtn" else src.calibration)
+                             calibration=None if node.kind == "rtn" else src.calibration, device=ctx.device,
+                             threads=ctx.threads)
 
 
 def _model_dir_and_identity(node: Node, deps: Results) -> tuple[Path, str]:
@@ -832,7 +834,7 @@ KINDS: dict[str, StepKind] = {
                             "base-logits", gpu=True, lazy=True, transient=True, cost=_est("base_logits_cost"),
                             seconds=_est("llama_score_seconds"), large=True),
     "score-gguf": StepKind(_score_gguf, "score.json (PPL, KLD)", _score_gguf_inputs, "score-gguf", gpu=True,
-                           cost=_est("llama_eval_cost"), seconds=_est("llama_score_seconds"), scores=_score_into),
+                           cost=_est("score_gguf_cost"), seconds=_est("llama_score_seconds"), scores=_score_into),
     "task-items": StepKind(_task_items, "items.json (a task's questions as lm-eval builds them)", _task_items_inputs,
                            "task-items", time_class="seconds"),
     "tasks-gguf": StepKind(_tasks_gguf, "task accuracy", _tasks_gguf_inputs, "tasks-gguf", gpu=True,
@@ -876,7 +878,7 @@ KINDS: dict[str, StepKind] = {
                            cost=_on_set("base_logits_cost"), seconds=_on_set("llama_score_seconds"), large=True),
     "score-set-gguf": StepKind(_evalsets("score_set_gguf"), "score.json on one more evaluation set (llama-perplexity)",
                                _evalsets("score_set_gguf_inputs"), "score-gguf", gpu=True,
-                               cost=_on_set("llama_eval_cost"), seconds=_on_set("llama_score_seconds")),
+                               cost=_on_set("score_gguf_cost"), seconds=_on_set("llama_score_seconds")),
     "score-set-hf": StepKind(_evalsets("score_set_hf"), "score.json on one more evaluation set (torch)",
                              _evalsets("score_set_hf_inputs"), "score-hf", gpu=True,
                              cost=_on_set("torch_eval_cost"), seconds=_on_set("score_hf_seconds")),

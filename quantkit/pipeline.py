@@ -27,6 +27,7 @@ from quantkit.errors import NodeDoesNotFit, QuantkitError
 from quantkit.graph import Node, build_graph, needed_for, with_reuse
 from quantkit.paths import inside
 from quantkit.store import Entry
+from quantkit.storelocks import require_working_locks
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,7 @@ def run_sequence(ctx: RunContext, submitter: Callable[[dict[str, Any]], Submit],
     totals are checked here before any work; a flow's head only plans. With ``until``, only that node and what
     it needs run (no run folder)."""
     start = time.perf_counter()
+    require_working_locks(ctx.store.root)  # before any work: a store where flock does not hold is refused
     nodes = build_graph(ctx.recipe, publish=publish)
     if until:
         nodes = needed_for(nodes, until)

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 STEP = "rtn"
 
 
-def rtn(*, model: ModelSnapshot, spec: RTNVariant, store: Store, device: str | None = None) -> Entry:
+def rtn(*, model: ModelSnapshot, spec: RTNVariant, store: Store, device: str | None = None,
+        threads: int | None = None) -> Entry:
     """Quantize ``model`` by round-to-nearest as ``spec`` says; the checkpoint is at the entry's root."""
 
     def config(gm, **common):
@@ -29,6 +30,6 @@ def rtn(*, model: ModelSnapshot, spec: RTNVariant, store: Store, device: str | N
 
     return quantize_with_gptqmodel(
         step=STEP, model=model, spec=spec, group_size=spec.group_size, calibration=None, store=store,
-        device=device, make_config=config, cpu_kernel=None,
+        device=device, threads=threads, make_config=config, cpu_kernel=None,
         expect={"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": False,
                 "sym": spec.sym})

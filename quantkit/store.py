@@ -50,6 +50,7 @@ from typing import Any
 from quantkit.digest import digest_of, sha256_file, write_json_atomic
 from quantkit.errors import StoreError
 from quantkit.paths import inside
+from quantkit.storelocks import require_working_locks
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ class Store:
         with _OWNERS_LOCK:
             owner = _OWNERS.get(where)
             if owner is None:
+                require_working_locks(where)  # everything below relies on flock holding here
                 owner = _OWNERS[where] = _Owner(where)
                 fresh = True
             else:

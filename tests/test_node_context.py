@@ -86,6 +86,18 @@ def test_keys_of_machine_dependent_results_name_the_machine():
     assert graph._bench_gguf_inputs(cpu2, bench_gguf, {"quantize:Q4_K_M": gguf})["threads"] == 2
 
 
+def test_a_checkpoint_key_names_the_device_and_on_the_cpu_the_threads():
+    """GPTQ on the CPU gives other bytes with another torch thread count (the two-node Ray test found it)."""
+    recipe = load_recipe(DEMO, root=REPO)
+    node = Node("gptq:W4", "gptq", "W4", ("source",), {"index": 0})
+    source = graph.Source(SimpleNamespace(path=Path("/m"), digest="d" * 64, check_links=lambda: None),
+                          SimpleNamespace(sha256="c" * 64))
+    keys = {(t, d): Store.key(graph._checkpoint_inputs(machine_ctx(recipe, threads=t, device=d), node,
+                                                       {"source": source}))
+            for t in (2, 3) for d in ("cpu", "cuda")}
+    assert keys[2, "cpu"] != keys[3, "cpu"] and keys[2, "cuda"] == keys[3, "cuda"] != keys[2, "cpu"]
+
+
 def test_the_manifest_names_the_machine_that_built_each_step(tmp_path):
     store = Store(tmp_path)
     store.made_by = {"host": "gpu-1", "toolchain": "abc1234+cuda", "toolchain_dir": "/tools/cuda/bin", "threads": 7}

@@ -11,6 +11,7 @@ and the manifest says which machine facts made each step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,6 +68,8 @@ def local_run(tmp_path_factory, repo_root, tiny_llama):
 
 
 class RayCluster:
+    head_gpus = 1  # a logical GPU, so GPU nodes can be placed
+
     def __init__(self, site: Site):
         self.site = site
         # Ray's unix sockets need a short path.
@@ -78,14 +81,54 @@ class RayCluster:
     def start(self) -> None:
         # The workers inherit the environment of `ray start`, not the flow's: another thread count.
         args = [str(BIN / "ray"), "start", "--head", "--port", self.address.split(":")[1], "--num-cpus", "2",
-                "--num-gpus", "1", "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", self.temp]
+                "--num-gpus", str(self.head_gpus), "--include-dashboard=false", "--disable-usage-stats",
+                "--temp-dir", self.temp, "--ray-client-server-port", str(free_port()), *self.own_ports()]
         done = subprocess.run(args, cwd=self.site.root, env=self.site.env | {"QUANTKIT_THREADS": WORKER_THREADS},
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
+    @staticmethod
+    def own_ports() -> list[str]:
+        # Ray fixes this port by default (another cluster on the machine, or a second node, would take it).
+        return ["--dashboard-agent-listen-port", str(free_port())]
+
+    def folders(self) -> tuple[str, ...]:
+        """The session folders of this cluster's nodes."""
+        return (self.temp,)
+
+    def processes(self) -> list[psutil.Process]:
+        """This cluster's live processes: those that name a session folder, and their descendants (the raylet's
+        workers and agents rename themselves ``ray::…``)."""
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["cmdline"]):
+            if any(f in " ".join(p.info["cmdline"] or ()) for f in self.folders()):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for q in (p, *p.children(recursive=True)):
+                        found[q.pid] = q
+        alive = []
+        for p in found.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        return alive
+
     def stop(self) -> None:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.site.env, capture_output=True, timeout=120)
-        subprocess.run(["rm", "-rf", self.temp])
+        """Stop this cluster's processes only: `ray stop` would stop every Ray cluster on the machine. A raylet
+        that is told to stop can still start a worker on its way out: again until none is left."""
+        for _ in range(5):
+            procs = self.processes()
+            if not procs:
+                break
+            for p in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()
+            _, alive = psutil.wait_procs(procs, timeout=10)
+            for p in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(alive, timeout=10)
+        for folder in self.folders():
+            subprocess.run(["rm", "-rf", folder])
 
 
 @pytest.fixture
@@ -99,8 +142,8 @@ def cluster(tmp_path, repo_root, tiny_llama):
         ray.start()
         yield site
     finally:
+        site.stop()  # the flow first: its driver must not outlive the cluster
         ray.stop()
-        site.stop()
 
 
 def run_flow(site: Site) -> subprocess.Popen:
