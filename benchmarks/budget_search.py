@@ -1,6 +1,7 @@
 """Size-budget search (gguf.targets) against the stock llama-quantize types, at equal or smaller size.
 
-For each model (the demo's SmolLM2-135M and the tests' tiny Llama):
+For each model (the demo's SmolLM2-135M, the tests' tiny Llama, and a held-out model the search was not
+developed on: random-init, briefly trained here, a large tied embedding, never committed):
 
 1. `quantkit run` of a recipe with the stock types Q4_K_M, Q3_K_M and IQ4_XS (one imatrix for all),
    scored on the held-out text (calibration/eval/en-prose-heldout.txt; EVAL_TOKENS of it).
@@ -11,10 +12,12 @@ For each model (the demo's SmolLM2-135M and the tests' tiny Llama):
    consecutive running means, and the per-chunk differences (searched - stock) give a mean difference
    and its standard error. A win is a mean difference below zero by more than 3 standard errors.
 
-The search's time is what a cold store pays for it (every sensitivity table, the KLD check per tensor
-group, the mix with its --dry-run), printed beside one stock quantization's (Q4_K_M) time.
+The search's time is what a cold store pays for it (every sensitivity table, the KLD per role and probe
+type, the mix with its closed-loop check and --dry-run), printed beside one stock Q4_K_M quantization plus its
+scoring, timed in the same invocation twice (before the search, and again after it with those two entries
+removed), with the load average at each.
 
-    nice -n 10 .venv/bin/python benchmarks/budget_search.py [--model demo|tiny|moe|both] [--workdir DIR]
+    nice -n 10 .venv/bin/python benchmarks/budget_search.py [--model demo|tiny|heldout|moe|all] [--workdir DIR]
 
 The store is $QUANTKIT_STORE (default ~/.cache/quantkit/store): a second invocation reuses everything.
 """
@@ -37,21 +40,58 @@ from quantkit.publish.report import paired_difference  # noqa: E402
 from quantkit.store import default_store_root  # noqa: E402
 
 GIB = 2**30
+MODELS = ("tiny", "demo", "heldout")
 STOCK = ("Q4_K_M", "Q3_K_M", "IQ4_XS")
 CALIBRATION = {"demo": ["calibration/en-prose.txt", "calibration/code-python.txt", "calibration/ja-prose.txt"],
                "tiny": ["calibration/en-prose.txt", "calibration/code-python.txt"],
+               "heldout": ["calibration/en-prose.txt", "calibration/code-python.txt", "calibration/ja-prose.txt"],
                "moe": ["calibration/en-prose.txt", "calibration/code-python.txt"]}
 IMATRIX = {"demo": "{enabled: true, ctx: 512, chunks: 32}", "tiny": "{enabled: true, ctx: 128, chunks: 16}",
-           "moe": "{enabled: true, ctx: 128, chunks: 16}"}
-# as the demo recipe and the tests; "moe" is tests/tinymoe.py's Mixtral (4 routed experts, 2 per token)
-MODEL_NAME = {"demo": "SmolLM2-135M-Instruct", "tiny": "tiny-llama", "moe": "tiny-mixtral"}
-EVAL_CTX = {"demo": 256, "tiny": 128, "moe": 128}
+           "heldout": "{enabled: true, ctx: 256, chunks: 32}", "moe": "{enabled: true, ctx: 128, chunks: 16}"}
+# "moe" is tests/tinymoe.py's Mixtral (4 routed experts, 2 per token)
+MODEL_NAME = {"demo": "SmolLM2-135M-Instruct", "tiny": "tiny-llama", "heldout": "heldout-tied", "moe": "tiny-mixtral"}
+EVAL_CTX = {"demo": 256, "tiny": 128, "heldout": 128, "moe": 128}
 # Scored tokens: the demo model costs ~10 s per 1k tokens per variant on a busy 2-core machine.
-EVAL_TOKENS = {"demo": 8192, "tiny": 16384, "moe": 16384}
+EVAL_TOKENS = {"demo": 8192, "tiny": 16384, "heldout": 16384, "moe": 16384}
 CHUNK_LINE = re.compile(r"^\s*(\d+)\s+[-\d.]+ ±\s+[-\d.]+\s+[-\d.]+ ±\s+[-\d.]+\s+([-\d.]+) ±\s+[-\d.]+")
 
 
-def model_folder(which: str) -> Path:
+def heldout_model(dest: Path) -> Path:
+    """A shape the search was not developed on: Llama, 3 layers of width 256 (K-quants everywhere), a
+    12288-token vocabulary in a tied embedding that holds about 64 % of the weights; random init, then
+    200 steps on the calibration texts (tests/tinyllama.py's recipe with another config). Never committed."""
+    if (dest / "config.json").is_file():
+        return dest
+    sys.path.insert(0, str(REPO / "tests"))
+    import tempfile
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import tests.tinyllama as tl
+
+    tl.VOCAB_SIZE, tl.TRAIN_STEPS, tl.BATCH_SIZE = 12288, 200, 8
+    work = Path(tempfile.mkdtemp(prefix="heldout-"))
+    sp = tl._train_sentencepiece(work)
+    torch.manual_seed(1234)
+    config = LlamaConfig(vocab_size=tl.VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, bos_token_id=tl.BOS_ID, eos_token_id=tl.EOS_ID, dtype="float32")
+    model = LlamaForCausalLM(config)
+    tl._train(model, tl._token_stream(sp), seed=1234)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.copy(sp, tmp / "tokenizer.model")
+    tl._save_hf_tokenizer(tmp)
+    tmp.rename(dest)
+    shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def model_folder(which: str, workdir: Path) -> Path:
+    if which == "heldout":
+        return heldout_model(workdir / "heldout-model")
     if which == "demo":
         path = REPO / "models" / "smollm2-135m-instruct"
         if not (path / "config.json").is_file():
@@ -80,7 +120,7 @@ def project(which: str, workdir: Path) -> Path:
         shutil.rmtree(root, ignore_errors=True)
         (root / "recipes").mkdir(parents=True)
         shutil.copytree(REPO / "calibration", root / "calibration")
-        shutil.copytree(model_folder(which), root / "models" / "m", copy_function=os.link)
+        shutil.copytree(model_folder(which, workdir), root / "models" / "m", copy_function=os.link)
     return root
 
 
@@ -118,13 +158,29 @@ def chunk_klds(log_text: str) -> list[float]:
     return [i * running[i] - (i - 1) * running[i - 1] if i > 1 else running[1] for i in range(1, n + 1)]
 
 
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def bench(which: str, workdir: Path) -> str:
     root = project(which, workdir)
+    store = Path(os.environ.get("QUANTKIT_STORE") or default_store_root())
+    load_before = load()
     stock = run(root, recipe(which, None))
     by_label = {v["label"]: v for v in stock["variants"]}
     sizes = {t: by_label[t]["files"]["model.gguf"]["size"] for t in STOCK}
+    first = {s["step"]: s for s in stock["steps"]}
+
+    def stock_seconds(steps: dict) -> float:
+        total = 0.0
+        for node, step in (("quantize", "quantize"), ("score-gguf", "score-gguf")):
+            info = json.loads((store / step / steps[f"{node}:{STOCK[0]}"]["key"] / "entry.json").read_text())["info"]
+            total += info.get("seconds", (info.get("score") or {}).get("seconds", 0.0))
+        return total
+
+    stock_before = stock_seconds(first)
+    load_search = load()
     full = run(root, recipe(which, sizes))
-    store = Path(os.environ.get("QUANTKIT_STORE") or default_store_root())
     steps = {s["step"]: s for s in full["steps"]}
     rows = {v["label"]: v for v in full["variants"]}
     params = rows[STOCK[0]]["info"]["gguf"]["parameters"]
@@ -150,6 +206,8 @@ def bench(which: str, workdir: Path) -> str:
                      f"{s['same_top_pct']:.2f}"]
             if label == t:
                 cells += ["", ""]
+            elif v["info"]["mix"].get("fallback"):
+                cells += ["0 (the same file)", f"stock {v['info']['mix']['fallback']['stock']} (fallback)"]
             else:
                 mean, se = paired_difference(per_chunk(label), per_chunk(t))
                 verdict = ("**win**" if mean < 0 and -mean > 3 * se else
@@ -159,31 +217,52 @@ def bench(which: str, workdir: Path) -> str:
     tables = sum(entry_seconds("sensitivity", n) for n in steps if n.startswith("sensitivity:"))
     kld = entry_seconds("sensitivity-kld", "sensitivity-kld")
     mixes = [entry_seconds("mix", n) for n in steps if n.startswith("mix:")]
-    stock_q = entry_seconds("quantize", f"quantize:{STOCK[0]}")
-    out += ["", f"Search cost (cold store): sensitivity tables {tables:.1f} s (all candidate types), KLD check per "
-            f"tensor group {kld:.1f} s, mix search + --dry-run {sum(mixes) / max(len(mixes), 1):.1f} s per target; "
-            f"total {tables + kld + sum(mixes):.1f} s for {len(mixes)} targets, against {stock_q:.1f} s for one "
-            f"stock quantization ({STOCK[0]}). Every mix's GGUF then costs one more quantization."]
+    # The stock Q4_K_M quantization and its scoring once more, after the search, on the same machine.
+    load_after = load()
+    for node, step in (("quantize", "quantize"), ("score-gguf", "score-gguf")):
+        shutil.rmtree(store / step / first[f"{node}:{STOCK[0]}"]["key"])
+    again = {s["step"]: s for s in run(root, recipe(which, None))["steps"]}
+    stock_after = stock_seconds(again)
+    stock_ref = (stock_before + stock_after) / 2
+    first_search = tables + kld + mixes[0]
+    out += ["", f"Search cost (cold store): sensitivity tables {tables:.1f} s (all candidate types), KLD per role "
+            f"and probe type {kld:.1f} s, mix with its closed-loop check and --dry-run "
+            f"{', '.join(f'{m:.1f}' for m in mixes)} s per target. The first target's search: {first_search:.1f} s; "
+            f"one stock {STOCK[0]} quantization plus its scoring: {stock_before:.1f} s before the search, "
+            f"{stock_after:.1f} s after it (mean {stock_ref:.1f} s): **{first_search / stock_ref:.1f}x**. "
+            f"Load average (1, 5, 15 min) at the stock run {load_before}, at the search {load_search}, "
+            f"after it {load_after}. Every mix's GGUF then costs one more quantization."]
     calib = json.loads((store / "sensitivity-kld" / steps["sensitivity-kld"]["key"] / "calibration.json").read_text())
-    out += ["", f"Proxy check (calibration text, {calib['chunks']} chunks of {calib['ctx']}): all tensors "
-            f"{calib['reference_type']} gives KLD {calib['reference']['kld_mean']:.5f}; one group at {calib['probe']}, "
-            "the rest at q8_0:", "", "| group | tensors | proxy error | KLD | KLD − reference | factor (KLD per proxy unit) |",
-            "|---|---:|---:|---:|---:|---:|"]
-    out += [f"| {g} | {v['tensors']} | {v['proxy']:.4g} | {v['kld_mean']:.5f} ± {v['kld_mean_err']:.5f} | "
-            f"{v['kld_delta']:+.5f} | {v['factor']:.3g}{' (median)' if v.get('note') else ''} |"
-            for g, v in calib["groups"].items()]
-    mix_info = {label: rows[label]["info"]["mix"]["type_counts"] for label in rows if label.startswith("match-")}
-    out += ["", "Types chosen (tensor count per type): " +
-            "; ".join(f"{k}: {', '.join(f'{n}x{t}' for t, n in v.items())}" for k, v in mix_info.items())]
+    out += ["", f"KLD per role (calibration text, {calib['chunks']} chunks of {calib['ctx']}, {calib['runs']} "
+            "llama-perplexity runs): the role at each probe type's --pure tensors, every other tensor as in the base; "
+            "factor = KLD per unit of proxy error:", "",
+            "| role | tensors | " + " | ".join(f"{p}: types, KLD ± SE, factor" for p in calib["probes"]) + " |",
+            "|---|---:|" + "---:|" * len(calib["probes"])]
+    for g, v in calib["groups"].items():
+        cells = []
+        for p in calib["probes"]:
+            r = v["probes"][p]
+            types = "+".join(f"{n}x{t}" if len(r["types"]) > 1 else t for t, n in r["types"].items())
+            cells.append(f"{types}, {r['kld_mean']:.5f} ± {r['kld_se']:.5f}, {r['factor']:.3g}")
+        out.append(f"| {g} | {v['tensors']} | " + " | ".join(cells) + " |")
+    out += ["", "Closed-loop check per target (calibration chunks, the text's other half; mix − stock, paired):", ""]
+    for label in [x for x in rows if x.startswith("match-")]:
+        mix = rows[label]["info"]["mix"]
+        checks = "; ".join(f"round {c['round']}: {c['diff']:+.5f} ± {c['se']:.5f} over {c['chunks']} chunks against "
+                           f"{c['stock']} ({'win' if c['win'] else 'no win'})" for c in mix.get("check") or [])
+        fb = mix.get("fallback")
+        counts = ", ".join(f"{n}x{t}" for t, n in mix["type_counts"].items())
+        out.append(f"- {label}: {checks or 'not checked'}; " +
+                   (f"**fell back to stock {fb['stock']}**" if fb else f"mix published ({counts})"))
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("demo", "tiny", "moe", "both"), default="both")
+    ap.add_argument("--model", choices=(*MODELS, "moe", "all"), default="all")
     ap.add_argument("--workdir", type=Path, default=REPO / ".quantkit" / "bench-budget")
     args = ap.parse_args()
-    for which in (("tiny", "demo") if args.model == "both" else (args.model,)):
+    for which in (MODELS if args.model == "all" else (args.model,)):
         print(bench(which, args.workdir), flush=True)
         print()
 

@@ -8,6 +8,13 @@ bytes must stay under the budget. It is solved exactly by dynamic programming ov
 ``granule`` units (each tensor's bytes rounded *up*, so a solution is always within budget), then the
 slack the rounding left is filled greedily with exact bytes. Ties go to the smaller type, then to
 the tensor name, so the same tables give the same mix.
+
+The mix is then checked in a closed loop (``make_mix``): its KLD on calibration chunks (never the
+evaluation text) against the largest stock llama-quantize type that fits the same budget, paired per
+chunk. Where it does not win by more than 3 standard errors, the roles it pushed lowest are priced
+again at the types it chose and the knapsack runs once more; if that mix does not win either, the
+target is the stock type (same bytes as ``llama-quantize --imatrix``), and mix.json and the report
+say so.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ MIX_STEP = "mix"
 QUANTIZE_STEP = "quantize"
 MIX_FILE = "tensor-types.txt"
 MIX_JSON = "mix.json"
-METHOD = "mckp-dp/2"
+METHOD = "mckp-dp/3"
+# Stock file types a mix stands beside (the largest that fits the budget is the one to beat).
+STOCK_FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+CHECK_CHUNKS = 16  # of KLD_CTX tokens: 2048 evaluated, 1024 scored, 16 paired differences
+REPRICE_ROLES = 3  # roles measured again when a mix does not win
+WIN_SE = 3.0
 MAX_CELLS = 1 << 18  # DP resolution: the budget in at most this many granules
 PADDING = 32  # GGUF aligns each tensor's data to 32 bytes
 
@@ -72,19 +84,21 @@ def describe_budget(target: GGUFTarget, size: int) -> str:
 
 # --- the allocation -------------------------------------------------------------------------------
 
-def options(tables: dict[str, dict], factors: dict[str, float] | None = None) -> dict[str, list[Choice]]:
-    """Per quantized tensor, its distinct choices from the sensitivity tables (type read back ->
-    bytes, predicted error), ordered by bytes then type. Candidates that fell back to the same type
-    collapse to one choice."""
+def options(tables: dict[str, dict], factors: dict[str, float | dict[str, float]] | None = None
+            ) -> dict[str, list[Choice]]:
+    """Per quantized tensor, its distinct choices from the sensitivity tables (candidate -> table; type
+    read back -> bytes, predicted error), ordered by bytes then type. ``factors``: per role, one factor
+    or one per candidate type. Candidates that fell back to the same type collapse to one choice."""
     from quantkit.sensitivity import ROUTER_ROLES, calibration_group
 
     factors = factors or {}
     out: dict[str, dict[str, Choice]] = {}
-    for table in tables.values():
+    for candidate, table in tables.items():
         for name, row in table["tensors"].items():
             if not row["quantized"]:
                 continue
             f = factors.get(calibration_group(name), 1.0)
+            f = f.get(candidate, 1.0) if isinstance(f, dict) else f
             c = Choice(row["type"], row["bytes"], f * row["error"])
             have = out.setdefault(name, {}).get(c.type)
             if have is None or (c.error, c.bytes) < (have.error, have.bytes):
@@ -176,25 +190,30 @@ def main_ftype(chosen: dict[str, Choice]) -> str:
 
 
 def mix_inputs(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], calibration: Entry, budget: int,
-               toolchain: Toolchain) -> dict:
+               calibration_sha256: str, toolchain: Toolchain) -> dict:
+    from quantkit.sensitivity import KLD_CTX
+
     return {"base_sha256": base.files["model.gguf"].sha256, "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256,
             "tables": {t: e.key for t, e in sorted(tables.items())}, "calibration": calibration.key,
-            "budget_bytes": budget, "method": METHOD, "llama_cpp": toolchain.commit}
+            "budget_bytes": budget, "method": METHOD, "llama_cpp": toolchain.build,
+            "check": {"calibration_sha256": calibration_sha256, "ctx": KLD_CTX, "chunks": CHECK_CHUNKS,
+                      "stock": list(STOCK_FTYPES), "win_se": WIN_SE, "reprice_roles": REPRICE_ROLES}}
 
 
 _QUANT_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
 
 
 def make_mix(*, label: str, target: GGUFTarget, base: Entry, imatrix: Entry, tables: dict[str, Entry],
-             calibration: Entry, parameters: int, config: dict | None, toolchain: Toolchain, store: Store,
-             threads: int = 1) -> Entry:
+             calibration: Entry, calibration_text: str, calibration_sha256: str, parameters: int, config: dict | None,
+             toolchain: Toolchain, store: Store, threads: int = 1) -> Entry:
     """The ``mix`` entry: ``tensor-types.txt`` (llama-quantize's --tensor-type-file) and ``mix.json``
-    (budget, predicted bytes and error, the type of every tensor), checked with --dry-run."""
-    from quantkit.sensitivity import load_factors, load_table, mix_file_text, quantize_with_mix
+    (budget, predicted bytes and error, the type of every tensor, the closed-loop check and whether the
+    target fell back to a stock type), checked with --dry-run."""
+    from quantkit.sensitivity import load_factors, load_table, mix_file_text
 
     budget = budget_bytes(target, parameters=parameters, config=config)
     inputs = mix_inputs(base=base, imatrix=imatrix, tables=tables, calibration=calibration, budget=budget,
-                        toolchain=toolchain)
+                        calibration_sha256=calibration_sha256, toolchain=toolchain)
 
     def produce(staging: Staging) -> None:
         import time
@@ -215,37 +234,214 @@ def make_mix(*, label: str, target: GGUFTarget, base: Entry, imatrix: Entry, tab
                               f"mix of the candidate types is {smallest / GIB:.3f} GiB "
                               f"({smallest * 8 / parameters:.2f} bits per weight)")
         chosen = allocate(opts, room)
-        assignment = {n: c.type for n, c in chosen.items()}
-        tensor_bytes = sum(c.bytes for c in chosen.values()) + fixed
+        loop = ClosedLoop(label=label, base=base, imatrix=imatrix, text=calibration_text, budget=budget,
+                          workdir=staging.path / "check", toolchain=toolchain, threads=threads)
+        try:
+            check = loop.check(chosen, round_=1)
+            rounds = [check] if check is not None else []
+            if check is not None and not check["win"]:
+                opts = loop.reprice(opts, chosen)
+                again = allocate(opts, room)
+                if again != chosen:
+                    chosen = again
+                    check = loop.check(chosen, round_=2)
+                    rounds.append(check)
+        finally:
+            loop.close()
+        fallback = None
+        if check is not None and not check["win"]:
+            fallback = {"stock": loop.stock, "reason": f"no searched mix beat stock {loop.stock} on calibration "
+                        f"chunks by more than {WIN_SE:g} standard errors (paired per chunk)"}
+            assignment, ftype = dict(loop.stock_types), loop.stock
+            tensor_bytes = loop.stock_tensor_bytes
+            log.warning("%s: %s; the target is stock %s", label, fallback["reason"], loop.stock)
+        else:
+            assignment, ftype = {n: c.type for n, c in chosen.items()}, main_ftype(chosen)
+            tensor_bytes = sum(c.bytes for c in chosen.values()) + fixed
         (staging.path / MIX_FILE).write_text(mix_file_text(assignment))
         # Confirm with llama-quantize itself, before a byte is written: same types, same total.
-        ftype = main_ftype(chosen)
-        run = quantize_with_mix(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
-                                assignment=assignment, ftype=ftype, workdir=staging.path, out_name="",
-                                toolchain=toolchain, threads=threads, dry_run=True)
-        m = _QUANT_SIZE.findall(run.output_tail)
-        if not m:
-            raise VerificationError(f"{label}: llama-quantize --dry-run printed no quant size:\n{run.output_tail}")
-        dry_mib = float(m[-1])
+        dry_mib = dry_run_mib(label=label, base=base, imatrix=imatrix, assignment=assignment, ftype=ftype,
+                              workdir=staging.path, toolchain=toolchain, threads=threads)
         if abs(dry_mib - tensor_bytes / 2**20) > 0.01:
             raise VerificationError(f"{label}: llama-quantize --dry-run sizes the mix at {dry_mib:.2f} MiB of tensors, "
                                     f"the search at {tensor_bytes / 2**20:.2f} MiB")
         counts: dict[str, int] = {}
-        for c in chosen.values():
-            counts[c.type] = counts.get(c.type, 0) + 1
+        for t in assignment.values():
+            counts[t] = counts.get(t, 0) + 1
         value = {"label": label, "method": METHOD, "target": target.model_dump(mode="json", exclude_none=True),
                  "budget_bytes": budget, "predicted_file_bytes": tensor_bytes + overhead,
                  "dry_run_tensor_mib": dry_mib, "ftype": ftype,
                  "predicted_error": sum(c.error for c in chosen.values()), "factors": factors,
-                 "type_counts": dict(sorted(counts.items())), "tensors": assignment}
+                 "type_counts": dict(sorted(counts.items())), "check": rounds, "fallback": fallback,
+                 "tensors": assignment}
         write_json_atomic(staging.path / MIX_JSON, value)
         staging.info.update(tool=toolchain.version, seconds=round(time.perf_counter() - start, 3),
-                            mix={k: value[k] for k in ("budget_bytes", "predicted_file_bytes", "ftype", "type_counts")})
+                            check_seconds=round(loop.seconds, 3), kld_runs=loop.runs,
+                            mix={k: value[k] for k in ("budget_bytes", "predicted_file_bytes", "ftype", "type_counts",
+                                                       "fallback")})
 
     entry = store.ensure(MIX_STEP, inputs, produce)
-    log.info("mix %s: %s (budget %s, predicted %.1f MiB)", label, "reused" if entry.reused else "searched",
-             describe_budget(target, budget), entry.info["mix"]["predicted_file_bytes"] / 2**20)
+    log.info("mix %s: %s (budget %s, predicted %.1f MiB)%s", label, "reused" if entry.reused else "searched",
+             describe_budget(target, budget), entry.info["mix"]["predicted_file_bytes"] / 2**20,
+             f"; fell back to stock {entry.info['mix']['fallback']['stock']}" if entry.info["mix"].get("fallback")
+             else "")
     return entry
+
+
+def dry_run_mib(*, label: str, base: Entry, imatrix: Entry, assignment: dict[str, str] | None, ftype: str,
+                workdir: Path, toolchain: Toolchain, threads: int) -> float:
+    """MiB of tensors llama-quantize --dry-run reports for ``ftype`` (with ``assignment`` pinned if given)."""
+    from quantkit.proc import run_tool
+    from quantkit.sensitivity import IMATRIX_LINK, quantize_with_mix
+
+    if assignment is not None:
+        run = quantize_with_mix(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
+                                assignment=assignment, ftype=ftype, workdir=workdir, out_name="",
+                                toolchain=toolchain, threads=threads, dry_run=True)
+    else:
+        link = workdir / IMATRIX_LINK
+        link.unlink(missing_ok=True)
+        link.symlink_to(imatrix.file("imatrix.gguf"))
+        try:
+            run = run_tool([toolchain.binary("llama-quantize"), "--dry-run", "--imatrix", IMATRIX_LINK,
+                            base.file("model.gguf"), ftype, str(threads)], cwd=workdir)
+        finally:
+            link.unlink(missing_ok=True)
+    m = _QUANT_SIZE.findall(run.output_tail)
+    if not m:
+        raise VerificationError(f"{label}: llama-quantize --dry-run printed no quant size:\n{run.output_tail}")
+    return float(m[-1])
+
+
+class ClosedLoop:
+    """The mix against the stock type that fits the same budget, on calibration chunks (the text's
+    check half, quantkit.sensitivity.halves), paired per chunk."""
+
+    def __init__(self, *, label: str, base: Entry, imatrix: Entry, text: str, budget: int, workdir: Path,
+                 toolchain: Toolchain, threads: int):
+        import time
+
+        from quantkit.sensitivity import KLDProbe, halves
+
+        self.label, self.base, self.imatrix, self.budget = label, base, imatrix, budget
+        self.workdir, self.toolchain, self.threads = workdir, toolchain, threads
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.probe = KLDProbe(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
+                              text=halves(text)[0], chunks=CHECK_CHUNKS, workdir=workdir, toolchain=toolchain,
+                              threads=threads)
+        self.stock: str | None = None
+        self.stock_types: dict[str, str] = {}
+        self.stock_tensor_bytes = 0
+        self.stock_kld: list[float] | None = None
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+
+    @property
+    def runs(self) -> int:
+        return self.probe.runs
+
+    def _stock(self) -> bool:
+        """Quantize the largest stock type whose file fits the budget and measure it once."""
+        from quantkit.proc import run_tool
+        from quantkit.sensitivity import IMATRIX_LINK, read_tensors
+
+        if self.stock_kld is not None:
+            return True
+        sizes = {f: dry_run_mib(label=self.label, base=self.base, imatrix=self.imatrix, assignment=None, ftype=f,
+                                workdir=self.workdir, toolchain=self.toolchain, threads=self.threads)
+                 for f in STOCK_FTYPES}
+        for ftype in sorted(sizes, key=lambda f: -sizes[f]):
+            if sizes[ftype] * 2**20 > self.budget:  # tensors alone over the budget: the file is too
+                continue
+            work = self.workdir / "stock"
+            work.mkdir(exist_ok=True)
+            link = work / IMATRIX_LINK
+            link.unlink(missing_ok=True)
+            link.symlink_to(self.imatrix.file("imatrix.gguf"))
+            try:
+                run_tool([self.toolchain.binary("llama-quantize"), "--imatrix", IMATRIX_LINK, self.base.file("model.gguf"),
+                          "model.gguf", ftype, str(self.threads)], cwd=work)
+            finally:
+                link.unlink(missing_ok=True)
+            gguf = work / "model.gguf"
+            if gguf.stat().st_size > self.budget:
+                gguf.unlink()
+                continue
+            base_types = {n: t for n, (t, _) in read_tensors(self.base.file("model.gguf")).items()}
+            from gguf.constants import GGMLQuantizationType
+
+            tensors = read_tensors(gguf)
+            self.stock_types = {n: GGMLQuantizationType(t).name.lower() for n, (t, _) in tensors.items()
+                                if t != base_types[n]}
+            self.stock_tensor_bytes = sum(int(raw.nbytes) for _, raw in tensors.values())
+            self.stock_bytes = {n: int(raw.nbytes) for n, (_, raw) in tensors.items()}
+            self.stock, self.stock_file_bytes = ftype, gguf.stat().st_size
+            self.stock_kld = self.probe.measure(gguf, "stock")
+            gguf.unlink()
+            return True
+        return False
+
+    def check(self, chosen: dict[str, Choice], *, round_: int) -> dict | None:
+        """The mix's per-chunk KLD against the stock type's; None when no stock type fits the budget."""
+        import time
+
+        from quantkit.sensitivity import KLD_CTX, paired
+
+        if not self._stock():
+            log.info("%s: no stock type fits the budget; the mix is not checked against one", self.label)
+            return None
+        what = f"mix-{round_}"
+        mix = self.probe.quantize({n: c.type for n, c in chosen.items()}, what, ftype=main_ftype(chosen))
+        try:
+            kld = self.probe.measure(mix, what)
+        finally:
+            mix.unlink(missing_ok=True)
+        diff, se, n = paired(kld, self.stock_kld)
+        win = diff < 0 and -diff > WIN_SE * se
+        self.seconds = time.perf_counter() - self.started
+        log.info("%s: round %d, mix - stock %s KLD on %d calibration chunks: %+.5f ± %.5f (%s)", self.label, round_,
+                 self.stock, n, diff, se, "win" if win else "no win")
+        return {"round": round_, "stock": self.stock, "stock_file_bytes": self.stock_file_bytes,
+                "chunks": n, "ctx": KLD_CTX,
+                "mix_kld": float(sum(kld[:n]) / n), "stock_kld": float(sum(self.stock_kld[:n]) / n),
+                "diff": diff, "se": se, "win": win}
+
+    def reprice(self, opts: dict[str, list[Choice]], chosen: dict[str, Choice]) -> dict[str, list[Choice]]:
+        """Measure the roles the mix pushed lowest (fewest bytes against the stock type's, per role) at the
+        types it chose, each alone in the base; scale their prices by measured / predicted KLD."""
+        import time
+
+        from quantkit.sensitivity import calibration_group
+
+        roles: dict[str, list[str]] = {}
+        for n in chosen:
+            roles.setdefault(calibration_group(n), []).append(n)
+        ratio = {g: sum(chosen[n].bytes for n in ns) / max(1, sum(self.stock_bytes.get(n, chosen[n].bytes) for n in ns))
+                 for g, ns in roles.items()}
+        lowest = [g for g in sorted(ratio, key=lambda g: (ratio[g], g)) if ratio[g] < 1][:REPRICE_ROLES]
+        out = dict(opts)
+        self.repriced = {}
+        for g in lowest:
+            members = roles[g]
+            kld = self.probe.assignment_kld({n: chosen[n].type for n in members}, f"role-{g}")
+            measured = sum(kld) / len(kld)
+            predicted = sum(chosen[n].error for n in members)
+            scale = measured / predicted if predicted > 0 else 1.0
+            types = {chosen[n].type for n in members}
+            for n in members:
+                out[n] = [Choice(c.type, c.bytes, c.error * scale) if c.type in types else c for c in opts[n]]
+            self.repriced[g] = {"measured_kld": measured, "predicted_kld": predicted, "scale": scale,
+                                "types": sorted(types)}
+            log.info("%s: role %s at %s: KLD %.5f measured, %.5f predicted: prices x %.2f", self.label, g,
+                     "/".join(sorted(types)), measured, predicted, scale)
+        self.seconds = time.perf_counter() - self.started
+        return out
+
+    def close(self) -> None:
+        import shutil
+
+        self.probe.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def load_mix(entry: Entry) -> dict:
@@ -292,6 +488,7 @@ def quantize_mix(*, label: str, base: Entry, imatrix: Entry, mix: Entry, toolcha
                                   "tensor_types": info.tensor_types},
                             mix={"label": label, "target": plan["target"], "budget_bytes": plan["budget_bytes"],
                                  "file": MIX_FILE, "mix_key": mix.key, "type_counts": plan["type_counts"],
+                                 "check": plan.get("check"), "fallback": plan.get("fallback"),
                                  "tensors": plan["tensors"]})
 
     entry = store.ensure(QUANTIZE_STEP, inputs, produce)
@@ -331,9 +528,6 @@ def store_path_of(entry: Entry) -> Path:
 
 # --- graph glue (quantkit.graph's sensitivity-kld, mix nodes) -----------------------------------------
 
-KLD_MAX_CHUNKS = 8
-
-
 def _tables(deps) -> dict[str, Entry]:
     return {name.split(":", 1)[1]: e for name, e in deps.items() if name.startswith("sensitivity:")}
 
@@ -342,10 +536,9 @@ def calibrate_node(ctx, node, deps, *, run: bool):
     """The sensitivity-kld node: its store inputs (``run=False``) or its entry."""
     from quantkit.sensitivity import calibrate_groups, calibration_inputs
 
-    spec = ctx.recipe.gguf.imatrix
     calib = deps["source"].calibration
     kw = dict(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(deps), calibration_sha256=calib.sha256,
-              ctx=spec.ctx, chunks=min(spec.chunks, KLD_MAX_CHUNKS), toolchain=ctx.tools)
+              toolchain=ctx.tools)
     if not run:
         return calibration_inputs(**kw)
     return calibrate_groups(**kw, calibration_text=calib.text, store=ctx.store, threads=ctx.threads)
@@ -361,13 +554,16 @@ def mix_node(ctx, node, deps, *, run: bool):
     target = ctx.recipe.gguf.targets[node.params["index"]]
     parameters = deps["convert"].info["gguf"]["parameters"]
     config = _model_config(deps)
+    calib = deps["source"].calibration
     if not run:
         budget = budget_bytes(target, parameters=parameters, config=config)
         return mix_inputs(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(deps),
-                          calibration=deps["sensitivity-kld"], budget=budget, toolchain=ctx.tools)
+                          calibration=deps["sensitivity-kld"], budget=budget, calibration_sha256=calib.sha256,
+                          toolchain=ctx.tools)
     return make_mix(label=node.label, target=target, base=deps["convert"], imatrix=deps["imatrix"],
-                    tables=_tables(deps), calibration=deps["sensitivity-kld"], parameters=parameters, config=config,
-                    toolchain=ctx.tools, store=ctx.store, threads=ctx.threads)
+                    tables=_tables(deps), calibration=deps["sensitivity-kld"], calibration_text=calib.text,
+                    calibration_sha256=calib.sha256, parameters=parameters, config=config, toolchain=ctx.tools,
+                    store=ctx.store, threads=ctx.threads)
 
 
 def check_target(target: GGUFTarget, *, parameters: int, config: dict | None, where: str) -> int:

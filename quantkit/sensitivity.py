@@ -11,9 +11,10 @@ matrix (llama-imatrix's ``in_sum2 / counts``)::
 
 which is the expected squared error of the tensor's output on calibration activations, if inputs
 were uncorrelated. Tensors the imatrix does not see (the token embedding, a get_rows lookup) get
-weight 1 per column. The proxy's scale differs between tensor roles (measured: 10x between attention
-and feed-forward on SmolLM2), so ``calibrate_groups`` measures real KL divergence for each role (on calibration text, never the held-out evaluation
-text) and turns it into one factor per group.
+weight 1 per column. The proxy's scale differs between tensor roles (measured: 60x between attn_v and
+ffn_down on SmolLM2) and between types (a role's KLD does not grow in proportion to its error from q4_k
+down to q2_k), so ``calibrate_groups`` measures real KL divergence for each role at each probe type
+(q2_k, q3_k, q4_k; on calibration text, never the evaluation text): one factor per role and probe.
 
 Both are stored steps (``sensitivity``, ``sensitivity-kld``) keyed by the base GGUF's sha256, the
 imatrix's sha256, the type and the llama.cpp commit: reused across targets, recipes and runs.
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 STEP = "sensitivity"
 KLD_STEP = "sensitivity-kld"
 METHOD = "imatrix-weighted-sse/1"
-KLD_METHOD = "role-kld/3"
+KLD_METHOD = "role-kld/4"
 IMATRIX_LINK = "imatrix.gguf"
 
 # Candidate tensor types and the llama-quantize file type whose --pure run puts that type everywhere.
@@ -58,9 +59,17 @@ GROUPS = ("token_embd", "output", "attn", "ffn", "ffn_exps", "ffn_shexp", "route
 EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 SHARED_EXPERT_ROLES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 ROUTER_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
-# calibrate_groups: the group under test goes to PROBE_TYPE, everything else to REFERENCE_TYPE.
-PROBE_TYPE = "q3_k"
-REFERENCE_TYPE = "q8_0"
+# calibrate_groups: the role under test goes to each probe type, everything else stays as in the base
+# (so the reference is the base itself, KLD 0, and needs no run of its own).
+PROBES = ("q2_k", "q3_k", "q4_k")
+# Which probe prices each candidate: the nearest in bits per weight (above q4_k the q4_k factor holds:
+# small errors, where KLD is closest to proportional to the proxy).
+PRICED_BY = {"q2_k": "q2_k", "q3_k": "q3_k", "iq4_xs": "q4_k", "q4_k": "q4_k", "q5_k": "q4_k", "q6_k": "q4_k",
+             "q8_0": "q4_k"}
+# KLD measurements on calibration text: short chunks, many of them, so a per-chunk paired error exists.
+# Probes read the text's second half, the closed-loop check (quantkit.budget) its first half.
+KLD_CTX = 128
+PROBE_CHUNKS = 4  # 512 tokens evaluated, 256 scored, per probe: about 6 % relative error on a role's KLD
 
 
 def calibration_group(name: str) -> str:
@@ -124,54 +133,95 @@ def sensitivity_inputs(*, base: Entry, imatrix: Entry, tensor_type: str, toolcha
             "type": tensor_type, "method": METHOD, "llama_cpp": toolchain.commit}
 
 
-ROWS_PER_BLOCK = 4096  # rows compared at a time: bounds memory on large embeddings
+def read_tensors(path: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """Per tensor: (ggml type, its bytes as rows: shape (rows, bytes per row)), memory-mapped.
+
+    The header is walked with quantkit.ggufinfo's cursor: gguf-py's GGUFReader builds a numpy view per
+    vocabulary entry and took half of each comparison on SmolLM2 (py-spy)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from quantkit.ggufinfo import ARRAY, MAGIC, _Header
+
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    if bytes(buf[:4]) != MAGIC:
+        raise VerificationError(f"{path} is not a GGUF file")
+    h = _Header(buf)
+    h.pos = 8
+    n_tensors, n_kv = h.take("Q"), h.take("Q")
+    align = 32
+    for _ in range(n_kv):
+        key = h.string()
+        vtype = h.take("I")
+        value = h.value(vtype, keep=key == "general.alignment")
+        if key == "general.alignment" and vtype != ARRAY:
+            align = int(value)
+    infos = []
+    for _ in range(n_tensors):
+        name = h.string()
+        dims = [h.take("Q") for _ in range(h.take("I"))]
+        infos.append((name, dims, h.take("I"), h.take("Q")))
+    start = -(-h.pos // align) * align
+    out = {}
+    for name, dims, ttype, offset in infos:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        row_bytes = dims[0] // block * size
+        rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+        at = start + offset
+        if at + rows * row_bytes > len(buf):
+            raise VerificationError(f"{path}: tensor {name} runs past the end of the file (truncated)")
+        out[name] = (ttype, buf[at:at + rows * row_bytes].reshape(rows, row_bytes))
+    return out
 
 
 def tensor_errors(*, base_gguf: Path, quant_gguf: Path, importance: dict[str, np.ndarray]) -> dict[str, dict]:
     """Per tensor of ``quant_gguf``: its type, bytes, elements, group and (for quantized tensors) the
     importance-weighted squared error against ``base_gguf`` and the weighted energy of the base."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    base = {t.name: t for t in GGUFReader(base_gguf).tensors}
+    base = read_tensors(base_gguf)
     out: dict[str, dict] = {}
-    for t in GGUFReader(quant_gguf).tensors:
-        b = base[t.name]
-        row = {"type": t.tensor_type.name.lower(), "bytes": int(t.n_bytes), "elements": int(t.n_elements),
-               "group": tensor_group(t.name), "quantized": t.tensor_type != b.tensor_type}
+    for name, (qtype, qraw) in read_tensors(quant_gguf).items():
+        btype, braw = base[name]
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        row = {"type": GGMLQuantizationType(qtype).name.lower(), "bytes": int(qraw.nbytes),
+               "elements": int(qraw.size // size * block), "group": tensor_group(name), "quantized": qtype != btype}
         if row["quantized"]:
-            imp = importance.get(t.name)
+            imp = importance.get(name)
             row["weighted"] = imp is not None
-            row["error"], row["energy"] = _weighted_error(
-                np.asarray(b.data), GGMLQuantizationType(b.tensor_type), np.asarray(t.data),
-                GGMLQuantizationType(t.tensor_type), imp)
-        out[t.name] = row
+            row["error"], row["energy"] = _weighted_error(braw, GGMLQuantizationType(btype), qraw,
+                                                          GGMLQuantizationType(qtype), imp)
+        out[name] = row
     return out
 
 
-def _weighted_error(base_raw: np.ndarray, base_type, quant_raw: np.ndarray, quant_type,
+ROWS_PER_BLOCK = 8192  # rows dequantized at a time: bounds memory on large embeddings
+
+
+def _weighted_error(base_rows: np.ndarray, base_type, quant_rows: np.ndarray, quant_type,
                     imp: np.ndarray | None) -> tuple[float, float]:
-    """sum imp[col] * (W - Q)**2 and sum imp[col] * W**2 over a tensor, a block of rows at a time."""
+    """sum imp[col] * (W - Q)**2 and sum imp[col] * W**2 over a tensor.
+
+    One vectorised pass per block of rows: squared differences summed over the rows of each matrix
+    (float64 accumulation), then one dot product with that matrix's importance per column."""
     from gguf.quants import dequantize
 
-    base_rows = base_raw.reshape(-1, base_raw.shape[-1])
-    quant_rows = quant_raw.reshape(-1, quant_raw.shape[-1])
     n_rows = base_rows.shape[0]
     n_mat = 1 if imp is None else imp.shape[0]
     per_mat = n_rows // n_mat
     err = energy = 0.0
-    for r0 in range(0, n_rows, ROWS_PER_BLOCK):
-        r1 = min(n_rows, r0 + ROWS_PER_BLOCK)
-        w = dequantize(base_rows[r0:r1], base_type).astype(np.float64)
-        q = dequantize(quant_rows[r0:r1], quant_type).astype(np.float64)
-        d2, e2 = np.square(w - q), np.square(w)
-        if imp is None:
-            err += float(d2.sum())
-            energy += float(e2.sum())
-            continue
-        mats = np.arange(r0, r1) // per_mat  # the expert of each row (0 for a plain matrix)
-        weights = imp[mats]
-        err += float((d2 * weights).sum())
-        energy += float((e2 * weights).sum())
+    for m in range(n_mat):
+        d2 = e2 = None
+        for r0 in range(m * per_mat, (m + 1) * per_mat, ROWS_PER_BLOCK):
+            r1 = min((m + 1) * per_mat, r0 + ROWS_PER_BLOCK)
+            w = dequantize(base_rows[r0:r1], base_type)
+            d = w - dequantize(quant_rows[r0:r1], quant_type)
+            cols_d = np.einsum("ij,ij->j", d, d, dtype=np.float64)
+            cols_e = np.einsum("ij,ij->j", w, w, dtype=np.float64)
+            d2 = cols_d if d2 is None else d2 + cols_d
+            e2 = cols_e if e2 is None else e2 + cols_e
+        weights = np.ones_like(d2) if imp is None else imp[m]
+        err += float(d2 @ weights)
+        energy += float(e2 @ weights)
     return err, energy
 
 
@@ -222,10 +272,10 @@ def load_table(entry: Entry) -> dict:
 # --- checking the proxy against KL divergence, per tensor group --------------------------------------
 
 def calibration_inputs(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], calibration_sha256: str,
-                       ctx: int, chunks: int, toolchain: Toolchain) -> dict:
+                       toolchain: Toolchain) -> dict:
     return {"base_sha256": base.files["model.gguf"].sha256, "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256,
             "tables": {t: e.key for t, e in sorted(tables.items())}, "calibration_sha256": calibration_sha256,
-            "ctx": ctx, "chunks": chunks, "probe": PROBE_TYPE, "reference": REFERENCE_TYPE, "method": KLD_METHOD,
+            "ctx": KLD_CTX, "chunks": PROBE_CHUNKS, "probes": list(PROBES), "method": KLD_METHOD,
             "llama_cpp": toolchain.build}
 
 
@@ -252,77 +302,154 @@ def quantize_with_mix(*, base_gguf: Path, imatrix_gguf: Path, assignment: dict[s
         link.unlink(missing_ok=True)
 
 
+class KLDProbe:
+    """KL divergence of variants of the base on a fixed set of calibration chunks, per chunk.
+
+    ``logits()`` writes the base's log-probs once (``KLD_CTX``-token chunks of ``text``); ``measure``
+    quantizes the base with an assignment (llama-quantize --tensor-type-file, every tensor not named
+    kept as in the base) or takes a GGUF, and returns each chunk's mean KLD."""
+
+    def __init__(self, *, base_gguf: Path, imatrix_gguf: Path, text: str, chunks: int, workdir: Path,
+                 toolchain: Toolchain, threads: int):
+        self.base_gguf, self.imatrix_gguf, self.text, self.chunks = base_gguf, imatrix_gguf, text, chunks
+        self.workdir, self.toolchain, self.threads = workdir, toolchain, threads
+        self.base_types = {n: t for n, (t, _) in read_tensors(base_gguf).items()}
+        self.path: Path | None = None
+        self.runs = 0
+
+    def logits(self) -> Path:
+        from quantkit.scoring.llamacpp import base_logits
+
+        if self.path is None:
+            text = self.workdir / "calibration.txt"
+            text.write_text(self.text, encoding="utf-8")
+            spec = SimpleNamespace(ctx=KLD_CTX, max_tokens=KLD_CTX * self.chunks)
+            self.path = base_logits(base_gguf=self.base_gguf, text_file=text, spec=spec, toolchain=self.toolchain,
+                                    workdir=self.workdir / "logits", threads=self.threads)
+        return self.path
+
+    def quantize(self, assignment: dict[str, str], what: str, *, ftype: str = "Q8_0") -> Path:
+        """The base with ``assignment``'s tensors at their types and every other tensor as it is."""
+        from gguf.constants import GGMLQuantizationType
+
+        work = self.workdir / what
+        work.mkdir()
+        # Every tensor named: one left out would take the file type's default (q8_0). Pins on tensors
+        # llama-quantize never quantizes (norms) are ignored by it.
+        full = {n: GGMLQuantizationType(t).name.lower() for n, t in self.base_types.items()} | assignment
+        quantize_with_mix(base_gguf=self.base_gguf, imatrix_gguf=self.imatrix_gguf, assignment=full, ftype=ftype,
+                          workdir=work, out_name="model.gguf", toolchain=self.toolchain, threads=self.threads)
+        return work / "model.gguf"
+
+    def measure(self, gguf: Path, what: str) -> list[float]:
+        """Each chunk's mean KLD of ``gguf`` against the base (at least all but the last chunk: see
+        chunk_klds)."""
+        from quantkit.scoring.llamacpp import perplexity_until_parsed
+
+        work = gguf.parent if gguf.parent.name == what else self.workdir / what
+        work.mkdir(exist_ok=True)
+        args = ["-m", gguf, "--kl-divergence-base", self.logits(), "--kl-divergence", "-c", str(KLD_CTX)]
+        self.runs += 1
+        return perplexity_until_parsed(args, workdir=work, toolchain=self.toolchain, threads=self.threads,
+                                       what=what, parse=lambda text, seconds: chunk_klds(text, self.chunks))
+
+    def assignment_kld(self, assignment: dict[str, str], what: str) -> list[float]:
+        gguf = self.quantize(assignment, what)
+        try:
+            return self.measure(gguf, what)
+        finally:
+            gguf.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil_rm(self.workdir / "logits")
+        self.path = None
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, int]:
+    """Mean of the per-chunk differences a - b over the chunks both have, its standard error, n."""
+    n = min(len(a), len(b))
+    d = np.asarray(a[:n]) - np.asarray(b[:n])
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    return float(d.mean()), se, n
+
+
+def halves(text: str) -> tuple[str, str]:
+    """The calibration text's paragraphs dealt alternately: (the closed-loop check's, the probes'). Disjoint
+    tokens, the same kind of text at the start of both (llama-perplexity reads from the start)."""
+    paragraphs = [x for x in text.split("\n\n") if x.strip()]
+    if len(paragraphs) < 2:
+        return text, text
+    return "\n\n".join(paragraphs[0::2]) + "\n", "\n\n".join(paragraphs[1::2]) + "\n"
+
+
 def calibrate_groups(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], calibration_text: str,
-                     calibration_sha256: str, ctx: int, chunks: int, toolchain: Toolchain, store: Store,
-                     threads: int | None = None) -> Entry:
-    """Measured KLD per tensor group (``calibration_group``: one per role) -> one factor per group (KLD per
-    unit of proxy error).
+                     calibration_sha256: str, toolchain: Toolchain, store: Store, threads: int | None = None) -> Entry:
+    """Measured KLD per tensor role (``calibration_group``) at each probe type -> one factor per role and
+    probe (KLD per unit of proxy error).
 
-    The reference model has every quantized tensor at q8_0; for each group a model has that group at
-    q3_k and the rest at q8_0. ``factor[g] = (KLD_g - KLD_ref) / (proxy_g(q3_k) - proxy_g(q8_0))``."""
-    from quantkit.scoring.llamacpp import base_logits, perplexity_until_parsed
-
+    For role g and probe p, a model has g's tensors as the p candidate made them (its --pure type,
+    fallbacks included) and every other tensor as in the base, so the reference is the base itself:
+    ``factor[g][p] = KLD(g at p) / proxy_g(p)``. Probes whose tensors come out identical to an earlier
+    probe's (a fallback type shared by q2_k and q3_k) are measured once."""
     inputs = calibration_inputs(base=base, imatrix=imatrix, tables=tables, calibration_sha256=calibration_sha256,
-                                ctx=ctx, chunks=chunks, toolchain=toolchain)
+                                toolchain=toolchain)
     threads = threads or os.cpu_count() or 1
-    probe, ref = load_table(tables[PROBE_TYPE])["tensors"], load_table(tables[REFERENCE_TYPE])["tensors"]
+    loaded = {p: load_table(tables[p])["tensors"] for p in PROBES}
 
     def produce(staging: Staging) -> None:
         from quantkit.digest import write_json_atomic
 
         start = time.perf_counter()
-        text = staging.path / "calibration.txt"
-        text.write_text(calibration_text, encoding="utf-8")
-        # One chunk more than is measured: llama-perplexity can lose its last lines at exit (see
-        # quantkit.scoring.llamacpp._perplexity), but the running mean after chunk ``chunks`` is printed
-        # before the last chunk is computed, so it is always there.
-        spec = SimpleNamespace(ctx=ctx, max_tokens=ctx * (chunks + 1))
-        logits = base_logits(base_gguf=base.file("model.gguf"), text_file=text, spec=spec, toolchain=toolchain,
-                             workdir=staging.path / "logits", threads=threads)
-        quantized = sorted(n for n, r in ref.items() if r["quantized"])
-        present = sorted({calibration_group(n) for n in quantized})
-
-        def kld(assignment: dict[str, str], what: str) -> dict:
-            work = staging.path / what
-            work.mkdir()
-            quantize_with_mix(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
-                              assignment=assignment, ftype=CANDIDATES[REFERENCE_TYPE], workdir=work,
-                              out_name="model.gguf", toolchain=toolchain, threads=threads)
-            args = ["-m", work / "model.gguf", "--kl-divergence-base", logits, "--kl-divergence", "-c", str(ctx)]
-            mean, err = perplexity_until_parsed(args, workdir=work, toolchain=toolchain, threads=threads, what=what,
-                                                parse=lambda text, seconds: running_kld(text, chunks))
-            (work / "model.gguf").unlink()
-            return {"kld_mean": mean, "kld_mean_err": err}
-
-        reference = kld({n: ref[n]["type"] for n in quantized}, "reference")
+        probe = KLDProbe(base_gguf=base.file("model.gguf"), imatrix_gguf=imatrix.file("imatrix.gguf"),
+                         text=halves(calibration_text)[1], chunks=PROBE_CHUNKS, workdir=staging.path,
+                         toolchain=toolchain, threads=threads)
+        quantized = sorted(n for n, r in loaded[PROBES[0]].items() if r["quantized"])
+        roles = sorted({calibration_group(n) for n in quantized})
+        measured: dict[tuple, list[float]] = {}
         groups = {}
-        for g in present:
+        for g in roles:
             members = [n for n in quantized if calibration_group(n) == g]
-            assignment = {n: (probe[n]["type"] if calibration_group(n) == g else ref[n]["type"]) for n in quantized}
-            measured = kld(assignment, f"group-{g}")
-            proxy = sum(probe[n]["error"] - ref[n]["error"] for n in members)
-            delta = measured["kld_mean"] - reference["kld_mean"]
-            groups[g] = {"tensors": len(members), "proxy": proxy, "kld_mean": measured["kld_mean"],
-                         "kld_mean_err": measured["kld_mean_err"], "kld_delta": delta,
-                         "factor": delta / proxy if proxy > 0 and delta > 0 else None}
-        known = sorted(v["factor"] for v in groups.values() if v["factor"] is not None)
+            groups[g] = {"tensors": len(members), "probes": {}}
+            for p in PROBES:
+                assignment = {n: loaded[p][n]["type"] for n in members}
+                key = tuple(sorted(assignment.items()))
+                if key not in measured:
+                    measured[key] = probe.assignment_kld(assignment, f"{g}-{p}")
+                counts: dict[str, int] = {}
+                for t in assignment.values():
+                    counts[t] = counts.get(t, 0) + 1
+                groups[g]["probes"][p] = {"types": counts, "proxy": sum(loaded[p][n]["error"] for n in members),
+                                          "key": key}
+        # Every probe over the same chunks (a run can lose its last line: see chunk_klds).
+        n = min(len(v) for v in measured.values())
+        for g, v in groups.items():
+            for p, row in v["probes"].items():
+                chunks = np.asarray(measured[row.pop("key")][:n])
+                kld, se = float(chunks.mean()), float(chunks.std(ddof=1) / np.sqrt(n))
+                row.update(kld_mean=kld, kld_se=se,
+                           factor=kld / row["proxy"] if row["proxy"] > 0 and kld > 0 else None)
+        known = sorted(r["factor"] for v in groups.values() for r in v["probes"].values() if r["factor"] is not None)
         fallback = known[len(known) // 2] if known else 1.0
         for v in groups.values():
-            if v["factor"] is None:  # no measurable change: the proxy's median scale, not zero
-                v["factor"] = fallback
-                v["note"] = "KLD change not measurable; median factor used"
-        shutil_rm(staging.path / "logits")
-        value = {"method": KLD_METHOD, "probe": PROBE_TYPE, "reference_type": REFERENCE_TYPE,
-                 "reference": reference, "groups": groups, "ctx": ctx, "chunks": chunks}
+            for r in v["probes"].values():
+                if r["factor"] is None:  # no measurable change: the proxy's median scale, not zero
+                    r["factor"] = fallback
+                    r["note"] = "KLD not measurable; median factor used"
+        probe.close()
+        value = {"method": KLD_METHOD, "probes": list(PROBES), "priced_by": PRICED_BY, "reference": "base",
+                 "groups": groups, "ctx": KLD_CTX, "chunks": n, "runs": probe.runs}
         write_json_atomic(staging.path / "calibration.json", value)
-        staging.info.update(tool=toolchain.version, seconds=round(time.perf_counter() - start, 3), threads=threads)
+        staging.info.update(tool=toolchain.version, seconds=round(time.perf_counter() - start, 3), threads=threads,
+                            runs=probe.runs)
         for d in list(staging.path.iterdir()):
             if d.is_dir():
                 shutil_rm(d)
+            elif d.name != "calibration.json":
+                d.unlink()
 
     entry = store.ensure(KLD_STEP, inputs, produce)
     log.info("sensitivity check against KLD: %s", "reused" if entry.reused else f"measured in "
-             f"{entry.info.get('seconds', 0):.1f}s")
+             f"{entry.info.get('seconds', 0):.1f}s ({entry.info.get('runs')} llama-perplexity runs)")
     return entry
 
 
@@ -332,12 +459,19 @@ _CHUNK_LINE = re.compile(r"^\s*(\d+)\s+[-\d.naif]+ ±\s+[-\d.naif]+\s+[-\d.naif]
                          re.MULTILINE)
 
 
-def running_kld(text: str, chunk: int) -> tuple[float, float]:
-    """The mean KLD (and its error) over the first ``chunk`` chunks, from the per-chunk lines."""
+def chunk_klds(text: str, chunks: int) -> list[float]:
+    """Each chunk's own mean KLD, from the running means printed after every chunk (equal scored tokens per
+    chunk; 5 printed decimals, so chunk i carries about ±5e-6·i of rounding). llama-perplexity can lose its
+    last lines at exit (quantkit.scoring.llamacpp._perplexity): all but the last chunk are required."""
+    running = {}
     for m in _CHUNK_LINE.finditer(text):
-        if int(m.group(1)) == chunk:
-            return float(m.group(2)), float(m.group(3))
-    raise VerificationError(f"llama-perplexity printed no KL divergence line for chunk {chunk}")
+        running[int(m.group(1))] = float(m.group(2))
+    n = 0
+    while n + 1 in running and n < chunks:
+        n += 1
+    if n < max(2, chunks - 1):
+        raise VerificationError(f"llama-perplexity printed KL divergence lines for {n} of {chunks} chunks")
+    return [running[1]] + [i * running[i] - (i - 1) * running[i - 1] for i in range(2, n + 1)]
 
 
 def shutil_rm(path: Path) -> None:
@@ -346,8 +480,10 @@ def shutil_rm(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def load_factors(entry: Entry) -> dict[str, float]:
+def load_factors(entry: Entry) -> dict[str, dict[str, float]]:
+    """role -> candidate type -> KLD per unit of proxy error (each candidate priced by its PRICED_BY probe)."""
     import json
 
-    groups = json.loads(entry.file("calibration.json").read_text())["groups"]
-    return {g: v["factor"] for g, v in groups.items()}
+    value = json.loads(entry.file("calibration.json").read_text())
+    return {g: {c: v["probes"][p]["factor"] for c, p in value["priced_by"].items()}
+            for g, v in value["groups"].items()}

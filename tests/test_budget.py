@@ -13,7 +13,7 @@ import pytest
 from quantkit.budget import BudgetError, Choice, allocate, budget_bytes, check_target, mix_summary, options
 from quantkit.cli import main
 from quantkit.recipe import GGUFTarget
-from quantkit.sensitivity import mix_file_text
+from quantkit.sensitivity import chunk_klds, halves, mix_file_text, paired
 
 RECIPE = """\
 name: tiny
@@ -178,6 +178,35 @@ def test_options_collapse_fallbacks_and_apply_group_factors():
     assert "blk.0.attn_norm.weight" not in opts
 
 
+def test_options_price_each_candidate_by_its_probe():
+    """Per-candidate factors (one per probe type): the q2_k choice is priced by the q2_k probe, not the q3_k one."""
+    row = {"group": "attn", "quantized": True}
+    tables = {"q2_k": {"tensors": {"blk.0.attn_v.weight": {**row, "type": "q2_k", "bytes": 84, "error": 20.0}}},
+              "q3_k": {"tensors": {"blk.0.attn_v.weight": {**row, "type": "q3_k", "bytes": 110, "error": 9.0}}}}
+    opts = options(tables, {"attn_v": {"q2_k": 3.0, "q3_k": 1.0}})
+    assert opts["blk.0.attn_v.weight"] == [Choice("q2_k", 84, 60.0), Choice("q3_k", 110, 9.0)]
+
+
+def test_chunk_klds_recovers_each_chunk_and_pairs_them():
+    # llama-perplexity --kl-divergence's per-chunk lines: running means of equal-sized chunks 0.01, 0.03, 0.02
+    lines = [f"{i:4d}      10.1234 ±    0.5000       0.01234 ±    0.00100       {m:.5f} ±    0.00100     1.000 ±  0.100 %"
+             "    99.000 ±  0.100 %" for i, m in ((1, 0.01), (2, 0.02), (3, 0.02))]
+    got = chunk_klds("\n".join(lines), 3)
+    assert got == pytest.approx([0.01, 0.03, 0.02])
+    assert chunk_klds("\n".join(lines[:2]), 3) == pytest.approx([0.01, 0.03])  # the last line lost at exit
+    with pytest.raises(Exception, match="for 1 of 3 chunks"):
+        chunk_klds(lines[0], 3)
+    mean, se, n = paired([0.01, 0.03, 0.02], [0.02, 0.05, 0.03])
+    assert n == 3 and mean == pytest.approx(-0.40 / 30) and se == pytest.approx(0.0033333, rel=1e-3)
+
+
+def test_check_and_probe_texts_are_disjoint_halves():
+    text = "".join(f"paragraph {i} " * 5 + "\n\n" for i in range(10))
+    check, probes = halves(text)
+    assert "paragraph 0 " in check and "paragraph 1 " in probes
+    assert not set(check.split("\n\n")) & set(probes.split("\n\n")) - {"", "\n"}
+
+
 def test_mix_file_is_llama_quantize_tensor_type_file():
     text = mix_file_text({"blk.1.ffn_up.weight": "q4_k", "blk.0.attn_q.weight": "q6_k"})
     assert text == "^blk\\.0\\.attn_q\\.weight$=q6_k\n^blk\\.1\\.ffn_up\\.weight$=q4_k\n"
@@ -239,6 +268,12 @@ def test_target_builds_a_scored_gguf_within_budget_and_is_reused(tmp_path, repo_
     mix = (tmp_path / "store" / "quantize" / v["key"] / MIX_FILE).read_text()
     assert v["info"]["mix"]["tensors"] and all(f"={t}" in mix for t in v["info"]["mix"]["tensors"].values())
     assert len(set(v["info"]["mix"]["tensors"].values())) > 1, "a mix of one type is a stock type"
+    # The closed loop measured the mix against the largest stock type within 4.5 bpw, paired per chunk.
+    check = v["info"]["mix"]["check"]
+    assert check and check[-1]["chunks"] >= 8 and check[-1]["stock"] in ("Q3_K_L", "Q3_K_M", "Q4_K_S", "IQ4_XS")
+    assert check[-1]["stock_file_bytes"] * 8 / params <= 4.5
+    assert check[-1]["win"] == (check[-1]["diff"] < -3 * check[-1]["se"])
+    assert (v["info"]["mix"]["fallback"] is None) == check[-1]["win"]
     # A second run builds nothing: sensitivity tables, the KLD check, the mix and the GGUF are reused.
     assert main(["run", "--no-publish", str(recipe)]) == 0
     again = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
@@ -251,3 +286,42 @@ def test_target_builds_a_scored_gguf_within_budget_and_is_reused(tmp_path, repo_
     third = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
     rebuilt = {x["label"]: x for x in third["variants"]}["target-4.50bpw"]
     assert not rebuilt["reused"] and rebuilt["files"] == v["files"]
+
+
+def test_a_mix_that_does_not_win_is_the_stock_type(tmp_path, repo_root, tiny_llama, monkeypatch, capsys):
+    """No mix can win by infinitely many standard errors: the target is then the stock type, byte for byte
+    what llama-quantize --imatrix makes, and the manifest and report say so."""
+    import shutil
+    import subprocess
+
+    import quantkit.budget as budget
+    from quantkit.digest import sha256_file
+    from quantkit.toolchain import find_toolchain
+
+    root = tmp_path / "proj"
+    (root / "recipes").mkdir(parents=True)
+    recipe = root / "recipes" / "tiny.yaml"
+    recipe.write_text(TINY.replace("  types: [Q4_K_M]\n", "  types: []\n"))
+    shutil.copytree(repo_root / "calibration", root / "calibration")
+    shutil.copytree(tiny_llama, root / "models" / "tiny")
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    monkeypatch.setattr(budget, "WIN_SE", float("inf"))
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    assert "fell back to stock" in capsys.readouterr().err
+    manifest = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
+    v = {x["label"]: x for x in manifest["variants"]}["target-4.50bpw"]
+    fallback, check = v["info"]["mix"]["fallback"], v["info"]["mix"]["check"]
+    assert fallback["stock"] == check[0]["stock"] and not any(c["win"] for c in check)
+    steps = {s["step"]: s for s in manifest["steps"]}
+    store = tmp_path / "store"
+    base = store / "convert" / steps["convert"]["key"] / "model.gguf"
+    imatrix = store / "imatrix" / steps["imatrix"]["key"] / "imatrix.gguf"
+    out = tmp_path / "stock.gguf"
+    subprocess.run([find_toolchain().binary("llama-quantize"), "--imatrix", imatrix, base, out,
+                    fallback["stock"], "2"], check=True, capture_output=True)
+    assert v["files"]["model.gguf"]["sha256"] == sha256_file(out)
+    from quantkit.publish.report import mix_md
+
+    lines = mix_md({"variants": [{"label": "target-4.50bpw", "size_bytes": v["files"]["model.gguf"]["size"],
+                                  "bpw": 4.4, "mix": {**v["info"]["mix"], "summary": []}}]})
+    assert any(f"the stock type {fallback['stock']}" in line for line in lines), lines

@@ -178,7 +178,8 @@ def _mix_row(mix: dict | None) -> dict | None:
     from quantkit.budget import mix_summary
 
     return {"target": mix.get("target"), "budget_bytes": mix.get("budget_bytes"), "file": mix.get("file"),
-            "type_counts": mix.get("type_counts"), "summary": mix_summary(mix.get("tensors") or {})}
+            "type_counts": mix.get("type_counts"), "summary": mix_summary(mix.get("tensors") or {}),
+            "check": mix.get("check"), "fallback": mix.get("fallback")}
 
 
 def _first_set_name(evaluation: dict) -> str | None:
@@ -669,7 +670,9 @@ def variants_table(report: dict) -> list[str]:
         dppl = _f(r["dppl"], "+.4f") + (" (tie)" if r.get("dppl_tie") else "")
         task_cells = [_f(r["tasks"].get(t), ".4f") + (" (tie)" if (r.get("task_ties") or {}).get(t) else "")
                       for t in tasks]
-        label = r["label"] + (" (searched mix)" if r.get("mix") else "")
+        fell_back = (r.get("mix") or {}).get("fallback")
+        label = r["label"] + (f" (stock {fell_back['stock']}: the search fell back)" if fell_back else
+                              " (searched mix)" if r.get("mix") else "")
         mark = "★" if r["recommended"] else "base" if r["is_base"] else "ref" if r.get("reference") else ""
         cells = [mark, r["format"], label,
                  _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), dppl,
@@ -960,11 +963,22 @@ def mix_md(report: dict) -> list[str]:
         what = ("bpw {bpw:g}".format(**target) if "bpw" in target else
                 "size_gib {size_gib:.6g}".format(**target) if "size_gib" in target else
                 "fits {memory_gib:g} GiB at ctx {ctx}".format(**target["fits"]) if "fits" in target else "?")
-        out += ["", f"### {r['label']}: searched mix", "",
+        fallback, checks = mix.get("fallback"), [c for c in mix.get("check") or [] if c]
+        out += ["", f"### {r['label']}: " + (f"stock {fallback['stock']} (the search fell back)" if fallback
+                                               else "searched mix"), "",
                 f"Budget {what}" + (f" = {size(budget)}" if budget else "") + f"; file {size(r['size_bytes'])}"
-                f" ({_f(r['bpw'], '.2f')} bpw). Types per tensor (llama-quantize `--tensor-type-file` "
-                f"`{mix.get('file')}`, kept beside the GGUF):", "",
-                "| tensor | type | layers |", "|---|---|---|"]
+                f" ({_f(r['bpw'], '.2f')} bpw)."]
+        # The closed loop (quantkit.budget): the mix against the largest stock type within the budget, KLD
+        # on calibration chunks (not the evaluation set), paired per chunk; a win is beyond 3 standard errors.
+        for c in checks:
+            out.append(f"Check {c['round']}: mix − stock {c['stock']} mean KLD on {c['chunks']} calibration chunks of "
+                       f"{c['ctx']} tokens (paired per chunk): {c['diff']:+.5f} ± {c['se']:.5f} "
+                       f"({'win' if c['win'] else 'no win'}).")
+        if fallback:
+            out.append(f"No searched mix won, so this file is the stock type {fallback['stock']} (what "
+                       f"`llama-quantize --imatrix` makes), published under the target's label: {fallback['reason']}.")
+        out += ["", "Types per tensor (llama-quantize `--tensor-type-file` "
+                f"`{mix.get('file')}`, kept beside the GGUF):", "", "| tensor | type | layers |", "|---|---|---|"]
         out += [f"| {row['tensor']} | {row['type']} | {row['layers']} |" for row in mix["summary"]]
     return out
 
