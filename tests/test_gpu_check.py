@@ -117,7 +117,16 @@ def _fake_tree(folder: Path, monkeypatch) -> Path:
     return folder
 
 
-def test_cuda_build_uses_its_own_folder_the_carried_tree_and_the_arch(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_cuda(tmp_path, monkeypatch):
+    """A CUDA toolkit as find_cuda_toolkit reports a full one (these tests stop at the configure step)."""
+    kit = toolchain.CudaToolkit(nvcc=Path("/cuda/bin/nvcc"), root=Path("/cuda"), cublas_include=None,
+                                cublas_lib=None, driver_lib=Path("/cuda/lib64/stubs/libcuda.so"))
+    monkeypatch.setattr(toolchain, "find_cuda_toolkit", lambda env=None: kit)
+    return kit
+
+
+def test_cuda_build_uses_its_own_folder_the_carried_tree_and_the_arch(tmp_path, monkeypatch, fake_cuda):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     tree = _fake_tree(tmp_path / "carried", monkeypatch)
     commands = []
@@ -133,11 +142,14 @@ def test_cuda_build_uses_its_own_folder_the_carried_tree_and_the_arch(tmp_path, 
     build = tmp_path / "cache" / "llama.cpp" / f"{toolchain.PIN.commit}-cuda"
     assert configure[:5] == ["cmake", "-S", str(build / "src"), "-B", str(build / "cmake-build")]
     assert _flag(configure, "GGML_CUDA") == "ON" and _flag(configure, "CMAKE_CUDA_ARCHITECTURES") == "90"
+    # The machine's toolkit is named by hints after the flags: the compiler and its libcuda.
+    assert _flag(configure, "CMAKE_CUDA_COMPILER") == "/cuda/bin/nvcc"
+    assert _flag(configure, "CUDA_cuda_driver_LIBRARY") == "/cuda/lib64/stubs/libcuda.so"
     assert (build / "src" / "convert_hf_to_gguf.py").read_text() == "# fake converter\n"
     assert not (tmp_path / "cache" / "llama.cpp" / f"{toolchain.PIN.commit}-cpu").exists()
 
 
-def test_cuda_build_takes_the_cpu_cache_tree_before_pypi(tmp_path, monkeypatch):
+def test_cuda_build_takes_the_cpu_cache_tree_before_pypi(tmp_path, monkeypatch, fake_cuda):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     cpu_src = tmp_path / "cache" / "llama.cpp" / f"{toolchain.PIN.commit}-cpu" / "src"
     _fake_tree(cpu_src, monkeypatch)
@@ -148,7 +160,7 @@ def test_cuda_build_takes_the_cpu_cache_tree_before_pypi(tmp_path, monkeypatch):
     assert (cpu_src.parent.parent / f"{toolchain.PIN.commit}-cuda" / "src" / "CMakeLists.txt").is_file()
 
 
-def test_a_carried_tree_of_another_commit_is_refused(tmp_path, monkeypatch):
+def test_a_carried_tree_of_another_commit_is_refused(tmp_path, monkeypatch, fake_cuda):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "other"
     other.mkdir()
