@@ -90,6 +90,11 @@ def cmake_args(*, cuda: bool, cuda_arch: str | None = None) -> list[str]:
     return args
 
 
+# The GPUs the worker image (Dockerfile.cuda, built without a GPU) compiles kernels for: A100, A10/RTX 30,
+# L4/RTX 40, H100/H200; each also gets PTX, so newer GPUs JIT the compute_90 code. ggml's own default list
+# reaches back to Maxwell and takes several times longer to build.
+IMAGE_CUDA_ARCHITECTURES = "80;86;89;90"
+
 # CMake's CUDA_ARCHITECTURES: "90", "90a", "89-real", "80;90", or one of CMake's keywords.
 _ARCH_ITEM = re.compile(r"[1-9][0-9]{1,2}[af]?(-real|-virtual)?")
 _ARCH_KEYWORDS = ("native", "all", "all-major")

@@ -437,3 +437,95 @@ def test_refuses_without_cuda_in_one_line(tmp_path, fake_model):
         "gpu-check: error: no CUDA here: nvidia-smi is not on PATH (run this on a machine with an NVIDIA GPU, "
         "or use --cpu to make the CPU reference)"]
     assert not out.exists()
+
+
+# --- the carry: what scripts/gpu-check.sh --prepare packs for the lent machine ---------------------
+
+def _fake_cuda_build(folder: Path, *, archs: str | None, cuda: bool = True) -> Path:
+    """A finished build folder: real (tiny) ELF executables under the tools' names and the stamp."""
+    (folder / "bin").mkdir(parents=True)
+    exe = shutil.which("true")
+    for name in toolchain.BINARIES:
+        shutil.copy(exe, folder / "bin" / name)
+    args = cmake_args(cuda=cuda, cuda_arch=archs)
+    (folder / toolchain.STAMP).write_text(json.dumps({"cuda": cuda, "cmake_args": args}))
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("strip") is None, reason="needs strip (binutils)")
+def test_carry_packs_stripped_sm90_tools_and_checks_them_on_arrival(tmp_path, monkeypatch):
+    import tarfile
+
+    build = _fake_cuda_build(tmp_path / "build", archs="90")
+    src = _fake_tree(tmp_path / "src", monkeypatch)
+    (src / "gguf-py" / "gguf").mkdir(parents=True)
+    (src / "gguf-py" / "gguf" / "__init__.py").write_text("")
+    (src / "conversion").mkdir()
+    (src / "conversion" / "__init__.py").write_text("")
+    (src / "ggml").mkdir()
+    (src / "ggml" / "big.cu").write_text("x" * 1000)  # the binaries are carried built: no sources
+    carry = tmp_path / "carry"
+    carry.mkdir()
+    packed = gpucheck.pack_cuda_binaries(build, carry / gpucheck.CUDA_BINARIES)
+    assert packed["arch"] == "90" and set(packed["binaries"]) == set(toolchain.BINARIES)
+    assert all(b["stripped"] <= b["built"] for b in packed["binaries"].values())
+    gpucheck.pack_source(src, carry / gpucheck.SOURCE_TREE)
+    with tarfile.open(carry / gpucheck.SOURCE_TREE) as tar:
+        assert sorted(tar.getnames()) == ["conversion/__init__.py", "convert_hf_to_gguf.py",
+                                          "gguf-py/gguf/__init__.py"]
+    manifest = gpucheck.write_carry_manifest(carry, repo_bytes=1000, details={"cuda_binaries": packed})
+    assert set(manifest["files"]) == {gpucheck.CUDA_BINARIES, gpucheck.SOURCE_TREE}
+    assert manifest["total_bytes"] == manifest["carried_bytes"] + 1000 and manifest["fits"]
+    assert manifest["carried_bytes"] == sum((carry / f).stat().st_size for f in manifest["files"])
+
+    env = gpucheck.unpack_carry(carry, tmp_path / "there")
+    bin_dir = Path(env["QUANTKIT_LLAMA_CPP_BIN"])
+    assert sorted(p.name for p in bin_dir.iterdir()) == sorted(toolchain.BINARIES)
+    assert os.access(bin_dir / "llama-perplexity", os.X_OK)
+    assert (Path(env["QUANTKIT_LLAMA_CPP_SRC"]) / "convert_hf_to_gguf.py").is_file()
+    assert env["QUANTKIT_CUDA"] == "1"
+
+    # A file changed on the way is named, and nothing runs on it.
+    with open(carry / gpucheck.SOURCE_TREE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(gpucheck.GpuCheckError, match=f"carried files missing or changed: {gpucheck.SOURCE_TREE}"):
+        gpucheck.check_carry(carry)
+
+
+@pytest.mark.parametrize("archs, cuda, message", [
+    ("80;90", True, "is for architectures 80;90, the carry takes 90 only"),
+    (None, True, "is for architectures ggml default"),
+    (None, False, "is a CPU build, not a CUDA one"),
+])
+def test_carry_refuses_a_build_for_other_gpus(tmp_path, archs, cuda, message):
+    build = _fake_cuda_build(tmp_path / "build", archs=archs, cuda=cuda)
+    with pytest.raises(gpucheck.GpuCheckError, match=message):
+        gpucheck.pack_cuda_binaries(build, tmp_path / "out.tar.xz")
+    assert not (tmp_path / "out.tar.xz").exists()
+
+
+def test_carry_without_a_cuda_build_says_how_to_make_one(tmp_path):
+    with pytest.raises(gpucheck.GpuCheckError, match="quantkit toolchain --build --cuda --cuda-arch 90"):
+        gpucheck.pack_cuda_binaries(tmp_path / "none", tmp_path / "out.tar.xz")
+
+
+def test_carry_over_the_limit_is_refused_and_its_manifest_kept(tmp_path):
+    carry = tmp_path / "carry"
+    (carry / "model").mkdir(parents=True)
+    (carry / "model" / "weights").write_bytes(b"w" * 4096)
+    with pytest.raises(gpucheck.GpuCheckError, match="over the 0 MiB a device call takes"):
+        gpucheck.write_carry_manifest(carry, repo_bytes=100, limit=4000)
+    manifest = json.loads((carry / gpucheck.CARRY_MANIFEST).read_text())
+    assert manifest["files"]["model/weights"]["bytes"] == 4096 and manifest["fits"] is False
+    assert manifest["total_bytes"] == 4196
+
+
+def test_carry_without_manifest_is_refused(tmp_path):
+    with pytest.raises(gpucheck.GpuCheckError, match="run scripts/gpu-check.sh --prepare"):
+        gpucheck.check_carry(tmp_path)
+
+
+def test_repository_bytes_counts_what_git_sends():
+    n = gpucheck.repository_bytes(ROOT)
+    assert n >= (ROOT / "quantkit" / "gpucheck.py").stat().st_size
+    assert n < gpucheck.CARRY_LIMIT
