@@ -203,7 +203,8 @@ def pack_cuda_binaries(build_dir: Path, dest: Path, *, arch: str = CARRY_ARCH) -
     from quantkit.toolchain import BINARIES
 
     built = cuda_build_arch(build_dir)
-    if built != arch:
+    # One architecture with its machine code: 90 (with PTX), 90-real (without: smaller) or 90a; not 90-virtual.
+    if built is None or ";" in built or built.endswith("-virtual") or built.split("-")[0].rstrip("af") != arch:
         raise GpuCheckError(f"the CUDA build in {build_dir} is for architectures {built or 'ggml default'}, the carry "
                             f"takes {arch} only: `quantkit toolchain --build --cuda --cuda-arch {arch} --force`")
     strip = shutil.which("strip")
@@ -221,7 +222,7 @@ def pack_cuda_binaries(build_dir: Path, dest: Path, *, arch: str = CARRY_ARCH) -
             files[f"bin/{name}"] = out
             sizes[name] = {"built": src.stat().st_size, "stripped": out.stat().st_size}
         _tar_xz(dest, files)
-    return {"arch": arch, "binaries": sizes, "archive": dest.stat().st_size}
+    return {"arch": built, "binaries": sizes, "archive": dest.stat().st_size}
 
 
 def pack_source(src: Path, dest: Path) -> dict:

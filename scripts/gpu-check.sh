@@ -44,7 +44,7 @@ wheels() {  # the named packages at this environment's versions, for the lent ma
   for whl in $(find "$CARRY/wheels" -name '*.whl' | grep -v -E -e '-(py3|py312|cp312|cp3[0-9]+-abi3)-'); do
     name=$(basename "$whl" | cut -d- -f1-2 | sed 's/-/==/; s/_/-/g')
     rm "$whl"
-    "$PY" -m pip download -q --no-deps --no-binary :all: -d "$CARRY/wheels" "$name" 2>&1 \
+    "$PY" -m pip download -q --no-deps --no-binary "${name%%==*}" -d "$CARRY/wheels" "$name" 2>&1 \
       | { grep -v "is ignored: it is neither" || true; }
   done
 }

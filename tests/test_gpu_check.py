@@ -494,14 +494,24 @@ def test_carry_packs_stripped_sm90_tools_and_checks_them_on_arrival(tmp_path, mo
 
 @pytest.mark.parametrize("archs, cuda, message", [
     ("80;90", True, "is for architectures 80;90, the carry takes 90 only"),
+    ("89", True, "is for architectures 89, the carry takes 90 only"),
+    ("90-virtual", True, "is for architectures 90-virtual, the carry"),
     (None, True, "is for architectures ggml default"),
     (None, False, "is a CPU build, not a CUDA one"),
 ])
 def test_carry_refuses_a_build_for_other_gpus(tmp_path, archs, cuda, message):
+    """Only sm_90 machine code travels (``90-real``, without the PTX, too: see the next test)."""
     build = _fake_cuda_build(tmp_path / "build", archs=archs, cuda=cuda)
     with pytest.raises(gpucheck.GpuCheckError, match=message):
         gpucheck.pack_cuda_binaries(build, tmp_path / "out.tar.xz")
     assert not (tmp_path / "out.tar.xz").exists()
+
+
+@pytest.mark.skipif(shutil.which("strip") is None, reason="needs strip (binutils)")
+@pytest.mark.parametrize("archs", ["90-real", "90a"])
+def test_carry_takes_sm90_without_ptx_too(tmp_path, archs):
+    build = _fake_cuda_build(tmp_path / "build", archs=archs)
+    assert gpucheck.pack_cuda_binaries(build, tmp_path / "out.tar.xz")["arch"] == archs
 
 
 def test_carry_without_a_cuda_build_says_how_to_make_one(tmp_path):
