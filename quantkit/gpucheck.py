@@ -1,6 +1,7 @@
 """The GPU check (scripts/gpu-check.sh): the demo's GGUF chain on a CUDA build, compared with the CPU.
 
-On a CUDA machine it builds the pinned llama.cpp with CUDA for that GPU's architecture only, runs
+On a CUDA machine it uses the pinned llama.cpp built with CUDA for that GPU's architecture only
+(carried there ready-made: the carry functions below; or built with it when the machine can), runs
 the demo recipe's GGUF chain (convert, imatrix, every type, PPL and KLD, llama-bench) with every
 layer offloaded, then GPTQ and AWQ through GPTQModel on CUDA scored in torch on the GPU, and
 writes one versioned JSON report: build and step times, and each variant's PPL and mean KLD next
@@ -489,8 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     carry = Path(CARRY)
     p = argparse.ArgumentParser(
         prog="gpu-check.sh",
-        description="Build the pinned llama.cpp with CUDA for this GPU, run the demo's GGUF chain fully offloaded "
-                    "(and GPTQ/AWQ on CUDA), and write a JSON report compared with the CPU's figures.")
+        description="Run the demo's GGUF chain on the CUDA build of the pinned llama.cpp, fully offloaded (and "
+                    "GPTQ/AWQ on CUDA), and write a JSON report compared with the CPU's figures. The build is "
+                    "made here unless --no-build (scripts/gpu-check.sh carries a prepared one and passes it).")
     p.add_argument("--out", required=True, metavar="FILE", help="where the JSON report goes")
     p.add_argument("--cpu-reference", metavar="FILE",
                    help="CPU figures to compare with: a `--cpu` report of this check, or a run's report.json")
@@ -500,13 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=_arch, metavar="ARCHS",
                    help="CMake CUDA architectures, e.g. 90 (default: $QUANTKIT_CUDA_ARCH, else nvidia-smi's)")
     default_model = carry / "model" if (carry / "model").is_dir() else Path(DEFAULT_MODEL)
-    default_src = carry / "llama.cpp" if (carry / "llama.cpp").is_dir() else None
     p.add_argument("--model", default=str(default_model), metavar="DIR",
                    help=f"HF checkpoint to run the chain on (default: {default_model})")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="FILE", help=f"recipe (default: {DEFAULT_RECIPE})")
-    p.add_argument("--llama-src", default=str(default_src) if default_src else None, metavar="DIR",
-                   help="llama.cpp source tree to build from, e.g. a carried copy (default: "
-                        f"{default_src or 'the cached tree'})")
+    p.add_argument("--llama-src", metavar="DIR",
+                   help="llama.cpp source tree to build from (default: the cached tree)")
     p.add_argument("--no-build", action="store_true", help="use the CUDA toolchain already built")
     p.add_argument("--jobs", type=_positive(int), help="build jobs (default: all cores)")
     p.add_argument("--threads", type=_positive(int), help="CPU threads for the tools (default: all cores)")

@@ -97,27 +97,34 @@ for ins in instrs:
         step_env["PATH"] = ":".join([*path[:mine], f"{work}/python-bin", *path[mine:]])
         steps.append({"kind": "run", "n": run_no, "line": ins["line"], "command": here(text), "skip": skip,
                       "cwd": workdir, "env": step_env})
-print(json.dumps({"env": env, "steps": steps}))
+# As bash: one array per field, index i for step i (the env as export lines, the COPY sources one a line).
+q = shlex.quote
+fields = {"KIND": "kind", "LINE": "line", "N": "n", "CMD": "command", "SKIP": "skip", "CWD": "cwd", "DEST": "dest"}
+for var, key in fields.items():
+    print(f"S_{var}=(" + " ".join(q(str(st.get(key) or "")) for st in steps) + ")")
+print("S_SRCS=(" + " ".join(q("\n".join(st.get("srcs", []))) for st in steps) + ")")
+print("S_ENV=(" + " ".join(q("".join(f"export {k}={q(v)}\n" for k, v in st.get("env", {}).items()))
+                          for st in steps) + ")")
+print(f"PYVER={q(env.get('PYTHON_VERSION', ''))}")
 EOF
 )
+eval "$plan"  # defines S_* (one entry a step) and PYVER
 
-mkdir -p "$WORK/python-bin"
 rc=0
-# python3.X as the apt step would install it: the real interpreter, not a pyenv shim (a shim follows
-# VIRTUAL_ENV, which the image sets before its venv exists).
-pyver=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["env"].get("PYTHON_VERSION",""))' "$plan")
-if real=$(env -u VIRTUAL_ENV "python$pyver" -c 'import sys; print(sys.executable)' 2>/dev/null); then
-  ln -sfn "$real" "$WORK/python-bin/python$pyver"
+if [ "$LIST" = 0 ]; then
+  mkdir -p "$WORK/python-bin"
+  # python3.X as the apt step would install it: the real interpreter, not a pyenv shim (a shim follows
+  # VIRTUAL_ENV, which the image sets before its venv exists).
+  if real=$(env -u VIRTUAL_ENV "python$PYVER" -c 'import sys; print(sys.executable)' 2>/dev/null); then
+    ln -sfn "$real" "$WORK/python-bin/python$PYVER"
+  fi
 fi
-n_steps=$("$PY" -c 'import json,sys; print(len(json.loads(sys.argv[1])["steps"]))' "$plan")
-for ((i = 0; i < n_steps; i++)); do
-  step=$("$PY" -c 'import json,sys; print(json.dumps(json.loads(sys.argv[1])["steps"][int(sys.argv[2])]))' "$plan" "$i")
-  field() { "$PY" -c 'import json,sys; v=json.loads(sys.argv[1]).get(sys.argv[2]); print("" if v is None else v)' "$step" "$1"; }
-  kind=$(field kind) line=$(field line)
+for ((i = 0; i < ${#S_KIND[@]}; i++)); do
+  kind=${S_KIND[i]} line=${S_LINE[i]}
   if [ "$kind" = copy ]; then
     [ "$LIST" = 1 ] && { echo "line $line: COPY (from this checkout)"; continue; }
-    dest=$(field dest)
-    mapfile -t srcs < <("$PY" -c 'import json,sys; print("\n".join(json.loads(sys.argv[1])["srcs"]))' "$step")
+    dest=${S_DEST[i]}
+    mapfile -t srcs <<< "${S_SRCS[i]}"
     mkdir -p "$(dirname "$dest")"
     if [ "${#srcs[@]}" -gt 1 ] || [[ "$dest" == */ ]]; then mkdir -p "$dest"; fi
     for s in "${srcs[@]}"; do
@@ -125,7 +132,7 @@ for ((i = 0; i < n_steps; i++)); do
     done
     continue
   fi
-  n=$(field n) command=$(field command) skip=$(field skip) cwd=$(field cwd)
+  n=${S_N[i]} command=${S_CMD[i]} skip=${S_SKIP[i]} cwd=${S_CWD[i]}
   if ! bash -n -c "$command" 2>/tmp/quantkit-image-steps-syntax.$$; then
     echo "RUN $n (line $line): syntax error: $(cat /tmp/quantkit-image-steps-syntax.$$)" >&2
     rm -f /tmp/quantkit-image-steps-syntax.$$; rc=1; continue
@@ -140,14 +147,14 @@ for ((i = 0; i < n_steps; i++)); do
   (
     cd "$cwd"
     # The step's environment: the image's ARGs and ENVs (folders moved under WORK), over this shell's.
-    eval "$("$PY" -c 'import json,shlex,sys; print("".join(f"export {k}={shlex.quote(v)}\n" for k,v in json.loads(sys.argv[1])["env"].items()))' "$step")"
+    eval "${S_ENV[i]}"
     exec bash -o pipefail -c "$command"
   ) || { echo "RUN $n (line $line): failed (exit $?)" >&2; exit 1; }
   echo "RUN $n (line $line): done in $(( $(date +%s) - start )) s"
 done
 if [ "$LIST" = 0 ]; then
   # What the skipped apt step would have installed, as this machine has it.
-  for tool in cmake git c++ "python$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["env"].get("PYTHON_VERSION",""))' "$plan")"; do
+  for tool in cmake git c++ "python$PYVER"; do
     command -v "$tool" >/dev/null || { echo "cuda-image-steps: $tool is missing here (the image's apt step installs it)" >&2; rc=1; }
   done
 fi

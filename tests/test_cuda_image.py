@@ -60,8 +60,8 @@ def _steps(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHON": sys.executable})
 
 
-def test_every_run_step_runs_here_or_says_why_not():
-    r = _steps("--list")
+def test_every_run_step_runs_here_or_says_why_not(tmp_path):
+    r = _steps("--list", "--work", str(tmp_path / "work"))
     assert r.returncode == 0, r.stderr
     runs = [ln for ln in r.stdout.splitlines() if ln.startswith("RUN ")]
     assert len(runs) == DOCKERFILE.read_text().count("\nRUN ")
@@ -69,6 +69,7 @@ def test_every_run_step_runs_here_or_says_why_not():
         assert re.fullmatch(r"RUN \d+ \(line \d+\): (runs here|skipped here: .+)", line), line
     skipped = [ln for ln in runs if "skipped" in ln]
     assert len(skipped) == 1 and "Ubuntu archive" in skipped[0]  # apt alone needs more than the registries
+    assert not (tmp_path / "work").exists()  # --list runs and makes nothing
 
 
 def test_a_broken_step_is_caught_without_running_anything(tmp_path):
