@@ -169,7 +169,7 @@ def cuda_build_arch(build_dir: Path) -> str | None:
     try:
         stamp = json.loads((build_dir / STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise GpuCheckError(f"no finished CUDA build in {build_dir} ({e}); build it with "
+        raise GpuCheckError(f"no finished CUDA build in {build_dir} (no readable {STAMP}); build it with "
                             f"`quantkit toolchain --build --cuda --cuda-arch {CARRY_ARCH}`") from e
     if not stamp.get("cuda"):
         raise GpuCheckError(f"{build_dir} is a CPU build, not a CUDA one")

@@ -52,15 +52,24 @@ wheels() {  # the named packages at this environment's versions, for the lent ma
 prepare() {
   local skip_gptq=0 a
   for a in "$@"; do [ "$a" = "--skip-gptq" ] && skip_gptq=1; done
-  grep -qx '/.gpu-carry/' .git/info/exclude 2>/dev/null || echo '/.gpu-carry/' >> "$(git rev-parse --git-path info/exclude)"
+  local exclude
+  exclude=$(git rev-parse --git-path info/exclude)
+  for d in /.gpu-carry/ /.gpu-carry.partial/; do grep -qx "$d" "$exclude" 2>/dev/null || echo "$d" >> "$exclude"; done
+  # Packed beside the last carry, which is replaced only when this one is complete.
+  local final=$CARRY
+  CARRY=$CARRY.partial
   rm -rf "$CARRY" && mkdir -p "$CARRY/wheels"
+  trap 'rm -rf "$CARRY"' EXIT
   # The CUDA tools (refused unless built for sm_90 only) and the converter's tree.
   "$PY" - "$CARRY" <<'EOF'
 import json, pathlib, sys
 from quantkit import gpucheck
 from quantkit.toolchain import _build_dir, is_pinned_source
 carry = pathlib.Path(sys.argv[1])
-binaries = gpucheck.pack_cuda_binaries(_build_dir(True), carry / gpucheck.CUDA_BINARIES)
+try:
+    binaries = gpucheck.pack_cuda_binaries(_build_dir(True), carry / gpucheck.CUDA_BINARIES)
+except gpucheck.GpuCheckError as e:
+    sys.exit(f"gpu-check: error: {e}")
 src = next((s for s in (_build_dir(True) / "src", _build_dir(False) / "src") if is_pinned_source(s)), None)
 if src is None:
     sys.exit("gpu-check: error: no pinned llama.cpp tree in the cache (quantkit toolchain --build)")
@@ -93,10 +102,17 @@ from quantkit import gpucheck
 carry = pathlib.Path(sys.argv[1])
 details = json.loads((carry / "pack.json").read_text())
 (carry / "pack.json").unlink()
-m = gpucheck.write_carry_manifest(carry, repo_bytes=gpucheck.repository_bytes(pathlib.Path(".")), details=details)
-print(f"gpu-check: {carry} is {m['carried_bytes'] / 2**20:.1f} MiB, with the repository "
+try:
+    m = gpucheck.write_carry_manifest(carry, repo_bytes=gpucheck.repository_bytes(pathlib.Path(".")),
+                                      details=details)
+except gpucheck.GpuCheckError as e:
+    sys.exit(f"gpu-check: error: {e}")
+print(f"gpu-check: the carry is {m['carried_bytes'] / 2**20:.1f} MiB, with the repository "
       f"{m['total_bytes'] / 2**20:.1f} MiB of the {m['limit_bytes'] / 2**20:.0f} MiB a device call carries")
 EOF
+  rm -rf "$final" && mv "$CARRY" "$final"
+  trap - EXIT
+  echo "gpu-check: packed $final/"
 }
 
 cpu=0

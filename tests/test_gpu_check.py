@@ -539,3 +539,18 @@ def test_repository_bytes_counts_what_git_sends():
     n = gpucheck.repository_bytes(ROOT)
     assert n >= (ROOT / "quantkit" / "gpucheck.py").stat().st_size
     assert n < gpucheck.CARRY_LIMIT
+
+
+def test_prepare_without_a_cuda_build_says_so_and_keeps_the_last_carry(tmp_path):
+    carry = ROOT / gpucheck.CARRY
+    before = sorted(p.name for p in carry.iterdir()) if carry.is_dir() else None
+    env = {**os.environ, "PYTHON": sys.executable, "QUANTKIT_CACHE": str(tmp_path / "empty")}
+    r = subprocess.run(["bash", str(SCRIPT), "--prepare"], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 1
+    build = tmp_path / "empty" / "llama.cpp" / f"{toolchain.PIN.commit}-cuda"
+    assert r.stderr.strip().splitlines() == [
+        f"gpu-check: error: no finished CUDA build in {build} (no readable toolchain.json); build it with "
+        "`quantkit toolchain --build --cuda --cuda-arch 90`"]
+    assert (sorted(p.name for p in carry.iterdir()) if carry.is_dir() else None) == before
+    assert not (ROOT / f"{gpucheck.CARRY}.partial").exists()
