@@ -362,7 +362,13 @@ def load_check_recipe(recipe_file: Path, model_dir: Path, *, bench: bool):
     recipe = load_recipe(recipe_file, root=root)
     if recipe.evaluation is None:
         raise GpuCheckError(f"{recipe_file} has no evaluation section: nothing to compare")
-    model = recipe.model.model_copy(update={"path": str(model_dir.resolve()), "repo": None})
+    # A recipe's model path is relative to its project (quantkit.source refuses any other).
+    try:
+        rel = model_dir.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise GpuCheckError(f"--model {model_dir}: must be inside the project {root} (copy it there, e.g. under "
+                            "models/)") from None
+    model = recipe.model.model_copy(update={"path": rel.as_posix(), "repo": None})
     evaluation = recipe.evaluation.model_copy(update={"tasks": [], "bench": bench, "bench_reps": 1})
     return recipe.model_copy(update={"model": model, "evaluation": evaluation}), root
 

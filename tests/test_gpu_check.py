@@ -554,3 +554,15 @@ def test_prepare_without_a_cuda_build_says_so_and_keeps_the_last_carry(tmp_path)
         "`quantkit toolchain --build --cuda --cuda-arch 90`"]
     assert (sorted(p.name for p in carry.iterdir()) if carry.is_dir() else None) == before
     assert not (ROOT / f"{gpucheck.CARRY}.partial").exists()
+
+
+@pytest.mark.parametrize("inside", [".gpu-carry.partial/model", "models/tiny"])
+def test_check_recipe_takes_a_model_inside_the_project(inside):
+    recipe, root = gpucheck.load_check_recipe(ROOT / gpucheck.DEFAULT_RECIPE, ROOT / inside, bench=True)
+    assert recipe.model.path == inside and recipe.model.repo is None and root == ROOT
+    assert recipe.evaluation.tasks == [] and recipe.evaluation.bench
+
+
+def test_check_recipe_refuses_a_model_outside_the_project(tmp_path):
+    with pytest.raises(gpucheck.GpuCheckError, match=f"--model {tmp_path}: must be inside the project"):
+        gpucheck.load_check_recipe(ROOT / gpucheck.DEFAULT_RECIPE, tmp_path, bench=False)
