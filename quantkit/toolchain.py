@@ -48,7 +48,11 @@ PIN = Pin(
 # llama-server: what users chat with (the serve check); llama-gguf-split: shards for files over the Hub's limit.
 BINARIES = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server", "llama-gguf-split")
 STAMP = "toolchain.json"
-STUB_DIR = "cuda-stub"  # beside bin/ in a CUDA build: libcuda.so.1 for machines without a driver
+STUB_DIR = "cuda-stub"  # beside bin/ in a CUDA build: the link-time libcuda.so where no driver was found
+# libcuda.so.1 for the tools' --version check where no driver is installed. In a folder of its own: the
+# tools' RPATH names the folders they were linked from (cuda-stub/ among them), and a libcuda.so.1 found
+# there would shadow the real driver on a GPU machine.
+VERSION_STUB_DIR = "cuda-stub-version-check"
 # Env vars naming an existing install: a folder with the binaries, a llama.cpp source tree.
 ENV_BIN = "QUANTKIT_LLAMA_CPP_BIN"
 ENV_SRC = "QUANTKIT_LLAMA_CPP_SRC"
@@ -377,7 +381,7 @@ def _driver_loadable() -> bool:
 def _version_env(binary: Path) -> dict[str, str] | None:
     """Where no driver is installed (a CPU machine building the CUDA flavour, the image's build), a CUDA
     binary loads only with a stub libcuda.so.1 on its path; --version needs no GPU."""
-    stub = binary.parent.parent / STUB_DIR
+    stub = binary.parent.parent / VERSION_STUB_DIR
     if not (stub / "libcuda.so.1").exists() or _driver_loadable():
         return None
     return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
@@ -550,8 +554,8 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: s
     if toolkit is not None:
         # What the binaries were linked with, under the name the loader asks for (used only where no
         # driver is installed: see _version_env).
-        link = stub.with_name("libcuda.so.1")
-        stub.parent.mkdir(exist_ok=True)
+        link = build / VERSION_STUB_DIR / "libcuda.so.1"
+        link.parent.mkdir(exist_ok=True)
         link.unlink(missing_ok=True)
         link.symlink_to(toolkit.driver_lib or stub)
     tc = _check(src, bin_dir, "cache", cuda)

@@ -187,7 +187,7 @@ def test_version_check_loads_the_stub_only_without_a_driver(tmp_path, monkeypatc
     binary = tmp_path / "build" / "bin" / "llama-perplexity"
     binary.parent.mkdir(parents=True)
     assert toolchain._version_env(binary) is None  # no stub: the environment as it is
-    stub = tmp_path / "build" / toolchain.STUB_DIR
+    stub = tmp_path / "build" / toolchain.VERSION_STUB_DIR
     stub.mkdir()
     (stub / "libcuda.so.1").write_text("")
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/lib")
