@@ -4,6 +4,7 @@ argument handling and its report, all without a GPU."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import shutil
@@ -566,3 +567,17 @@ def test_check_recipe_takes_a_model_inside_the_project(inside):
 def test_check_recipe_refuses_a_model_outside_the_project(tmp_path):
     with pytest.raises(gpucheck.GpuCheckError, match=f"--model {tmp_path}: must be inside the project"):
         gpucheck.load_check_recipe(ROOT / gpucheck.DEFAULT_RECIPE, tmp_path, bench=False)
+
+
+def test_cuda_library_dirs_are_this_pythons_nvidia_wheels():
+    """On the lent machine the carried tools load libcublas from torch's nvidia-* wheels; here the
+    `cuda` extra's nvidia-cublas stands in for them when installed."""
+    dirs = gpucheck.cuda_library_dirs()
+    for d in dirs:
+        assert d.name == "lib" and d.parent.parent.name == "nvidia"
+        assert any(d.glob("libcublas*.so.*")) or any(d.glob("libcudart.so.*"))
+    try:
+        importlib.metadata.version("nvidia-cublas")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert any((d / "libcublas.so.13").is_file() for d in dirs)
