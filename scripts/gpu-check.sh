@@ -159,7 +159,7 @@ EOF
   # gguf-py of the pinned tree for quantkit itself (the converter finds its own).
   export PYTHONPATH=$PYTHONPATH:$QUANTKIT_LLAMA_CPP_SRC/gguf-py
   extra=(--no-build)
-  case " $* " in *" --cpu-reference "*) ;; *) extra+=(--cpu-reference "$CARRY/cpu-reference.json") ;; esac
+  case " $* " in *" --cpu-reference "* | *" --cpu-reference="*) ;; *) extra+=(--cpu-reference "$CARRY/cpu-reference.json") ;; esac
   exec "$PY" -m quantkit.gpucheck "${extra[@]}" "$@"
 fi
 exec "$PY" -m quantkit.gpucheck "$@"
