@@ -1,6 +1,7 @@
 """The GPU check (scripts/gpu-check.sh): the demo's GGUF chain on a CUDA build, compared with the CPU.
 
-On a CUDA machine it builds the pinned llama.cpp with CUDA for that GPU's architecture only, runs
+On a CUDA machine it uses the pinned llama.cpp built with CUDA for that GPU's architecture only
+(carried there ready-made: the carry functions below; or built with it when the machine can), runs
 the demo recipe's GGUF chain (convert, imatrix, every type, PPL and KLD, llama-bench) with every
 layer offloaded, then GPTQ and AWQ through GPTQModel on CUDA scored in torch on the GPU, and
 writes one versioned JSON report: build and step times, and each variant's PPL and mean KLD next
@@ -145,6 +146,186 @@ def read_reference(path: Path) -> dict:
     raise GpuCheckError(f"{path} is neither a gpu-check report ({REPORT_SCHEMA}) nor a run's report.json")
 
 
+# --- the carry: what a lent GPU machine without network gets -------------------------------------
+#
+# The device tool copies the repository plus the carried paths, 64 MiB in all, to a machine with
+# no network. Building llama.cpp with CUDA there would spend most of its 15 minutes, so the CUDA
+# binaries are built here (a CPU machine with nvcc), stripped, and carried; the machine's own Python
+# has torch with CUDA and the nvidia-* wheels that hold libcublas and libcudart.
+
+CARRY_LIMIT = 64 * 2**20  # bytes a device call carries: the repository's files and the carried paths
+CARRY_MANIFEST = "MANIFEST.json"
+CARRY_SCHEMA = "quantkit.gpu-carry/1"
+CUDA_BINARIES = "llama-cuda.tar.xz"  # bin/<tool> of the CUDA build, stripped
+SOURCE_TREE = "llama-src.tar.xz"  # the converter and gguf-py of the pinned tree (all the chain reads of it)
+SOURCE_KEEP = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+CARRY_ARCH = "90"  # the lent machine's H200 (and H100): sm_90 machine code only
+
+
+def cuda_build_arch(build_dir: Path) -> str | None:
+    """The CMAKE_CUDA_ARCHITECTURES a cached CUDA build was configured with (its toolchain.json)."""
+    from quantkit.toolchain import STAMP
+
+    try:
+        stamp = json.loads((build_dir / STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GpuCheckError(f"no finished CUDA build in {build_dir} (no readable {STAMP}); build it with "
+                            f"`quantkit toolchain --build --cuda --cuda-arch {CARRY_ARCH}`") from e
+    if not stamp.get("cuda"):
+        raise GpuCheckError(f"{build_dir} is a CPU build, not a CUDA one")
+    archs = [a.split("=", 1)[1] for a in stamp.get("cmake_args", []) if a.startswith("-DCMAKE_CUDA_ARCHITECTURES=")]
+    return archs[0] if archs else None
+
+
+def _tar_xz(dest: Path, files: dict[str, Path]) -> None:
+    """``files`` (name in the archive -> file) into ``dest``, written beside and renamed into place.
+
+    xz with a 64 MiB dictionary: the tools link the same ggml-cuda, so most of each binary repeats the
+    one before it within the window."""
+    import lzma
+    import tarfile
+
+    tmp = dest.with_name(dest.name + ".partial")
+    with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ,
+                   filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 64 * 2**20}]) as xz, \
+            tarfile.open(fileobj=xz, mode="w") as tar:
+        for name, path in sorted(files.items()):
+            info = tar.gettarinfo(str(path), arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    os.replace(tmp, dest)
+
+
+def pack_cuda_binaries(build_dir: Path, dest: Path, *, arch: str = CARRY_ARCH) -> dict:
+    """The CUDA build's tools, stripped, into ``dest`` (tar.xz). Refuses a build for other architectures
+    (ggml's default list is several times the size and not what the lent GPU runs)."""
+    from quantkit.toolchain import BINARIES
+
+    built = cuda_build_arch(build_dir)
+    # One architecture with its machine code: 90 (with PTX), 90-real (without: smaller) or 90a; not 90-virtual.
+    if built is None or ";" in built or built.endswith("-virtual") or built.split("-")[0].rstrip("af") != arch:
+        raise GpuCheckError(f"the CUDA build in {build_dir} is for architectures {built or 'ggml default'}, the carry "
+                            f"takes {arch} only: `quantkit toolchain --build --cuda --cuda-arch {arch} --force`")
+    strip = shutil.which("strip")
+    if strip is None:
+        raise GpuCheckError("strip (binutils) is not on PATH; it halves the carried binaries")
+    sizes = {}
+    with tempfile.TemporaryDirectory(prefix="quantkit-carry-") as tmp:
+        files = {}
+        for name in BINARIES:
+            src = build_dir / "bin" / name
+            if not src.is_file():
+                raise GpuCheckError(f"{src} is missing: the CUDA build is incomplete")
+            out = Path(tmp) / name
+            subprocess.run([strip, "--strip-all", "-o", str(out), str(src)], check=True, capture_output=True)
+            files[f"bin/{name}"] = out
+            sizes[name] = {"built": src.stat().st_size, "stripped": out.stat().st_size}
+        _tar_xz(dest, files)
+    return {"arch": built, "binaries": sizes, "archive": dest.stat().st_size}
+
+
+def pack_source(src: Path, dest: Path) -> dict:
+    """The pinned tree's converter and gguf-py (what the chain runs of it; the binaries are carried built)."""
+    from quantkit.toolchain import is_pinned_source
+
+    if not is_pinned_source(src):
+        raise GpuCheckError(f"{src} is not the pinned llama.cpp tree")
+    files = {}
+    for keep in SOURCE_KEEP:
+        top = src / keep
+        if top.is_file():
+            files[keep] = top
+        for f in sorted(top.rglob("*")) if top.is_dir() else ():
+            if f.is_file() and not f.is_symlink() and "__pycache__" not in f.parts:
+                files[str(f.relative_to(src))] = f
+    _tar_xz(dest, files)
+    return {"files": len(files), "archive": dest.stat().st_size}
+
+
+def repository_bytes(root: Path) -> int:
+    """What the device tool sends of the repository: tracked files and untracked ones git does not ignore."""
+    out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True)
+    return sum((root / p).stat().st_size for p in out.stdout.decode().split("\0")
+               if p and (root / p).is_file() and not (root / p).is_symlink())
+
+
+def write_carry_manifest(carry: Path, *, repo_bytes: int, details: dict | None = None,
+                         limit: int = CARRY_LIMIT) -> dict:
+    """Every carried file with its size and sha256, the total with the repository, and whether it fits.
+    Written even when it does not fit (then GpuCheckError), so the numbers can be read."""
+    from quantkit.digest import sha256_file
+
+    files = {str(f.relative_to(carry)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(carry.rglob("*"))
+             if f.is_file() and not f.is_symlink() and f.name != CARRY_MANIFEST}
+    carried = sum(f["bytes"] for f in files.values())
+    manifest = {"schema": CARRY_SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files, "carried_bytes": carried, "repository_bytes": repo_bytes,
+                "total_bytes": carried + repo_bytes, "limit_bytes": limit, "fits": carried + repo_bytes <= limit,
+                **(details or {})}
+    write_json_atomic(carry / CARRY_MANIFEST, manifest)
+    if not manifest["fits"]:
+        raise GpuCheckError(f"the carry is {carried / 2**20:.1f} MiB and the repository {repo_bytes / 2**20:.1f} MiB: "
+                            f"over the {limit / 2**20:.0f} MiB a device call takes ({carry / CARRY_MANIFEST} lists it)")
+    return manifest
+
+
+def check_carry(carry: Path) -> dict:
+    """The manifest, after checking every file it lists arrived whole (sizes and sha256)."""
+    from quantkit.digest import sha256_file
+
+    try:
+        manifest = json.loads((carry / CARRY_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GpuCheckError(f"{carry} has no readable {CARRY_MANIFEST} ({e}): run scripts/gpu-check.sh --prepare") from e
+    if manifest.get("schema") != CARRY_SCHEMA:
+        raise GpuCheckError(f"{carry / CARRY_MANIFEST} is not a {CARRY_SCHEMA} manifest")
+    bad = [name for name, rec in manifest["files"].items()
+           if not (carry / name).is_file() or (carry / name).stat().st_size != rec["bytes"]
+           or sha256_file(carry / name) != rec["sha256"]]
+    if bad:
+        raise GpuCheckError(f"carried files missing or changed: {', '.join(bad)}")
+    return manifest
+
+
+def unpack_carry(carry: Path, dest: Path) -> dict[str, str]:
+    """Unpack the checked carry into ``dest``; the environment that makes quantkit use it (the carried
+    CUDA tools and source tree, and this Python's nvidia wheels for libcublas and libcudart)."""
+    import tarfile
+
+    check_carry(carry)
+    for name in (CUDA_BINARIES, SOURCE_TREE):
+        sub = dest / name.removesuffix(".tar.xz")
+        if not sub.is_dir():
+            staging = sub.with_name(sub.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            with tarfile.open(carry / name) as tar:
+                tar.extractall(staging, filter="data")
+            os.replace(staging, sub)
+    libs = [str(d) for d in cuda_library_dirs()]
+    return {"QUANTKIT_LLAMA_CPP_BIN": str(dest / "llama-cuda" / "bin"),
+            "QUANTKIT_LLAMA_CPP_SRC": str(dest / "llama-src"), "QUANTKIT_CUDA": "1",
+            "LD_LIBRARY_PATH": os.pathsep.join([*libs, os.environ.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)}
+
+
+def cuda_library_dirs() -> list[Path]:
+    """Folders of this Python's nvidia-* wheels that hold libcublas.so.13 or libcudart.so.13 (torch's CUDA 13 build
+    installs them); the carried binaries load them from there."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    dirs = []
+    for root in roots:
+        for lib in sorted(root.glob("*/lib")):
+            if any(lib.glob("libcublas*.so.*")) or any(lib.glob("libcudart.so.*")):
+                dirs.append(lib)
+    return dirs
+
+
 # --- running the chain ---------------------------------------------------------------------------
 
 def cuda_machine() -> dict:
@@ -181,7 +362,13 @@ def load_check_recipe(recipe_file: Path, model_dir: Path, *, bench: bool):
     recipe = load_recipe(recipe_file, root=root)
     if recipe.evaluation is None:
         raise GpuCheckError(f"{recipe_file} has no evaluation section: nothing to compare")
-    model = recipe.model.model_copy(update={"path": str(model_dir.resolve()), "repo": None})
+    # A recipe's model path is relative to its project (quantkit.source refuses any other).
+    try:
+        rel = model_dir.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise GpuCheckError(f"--model {model_dir}: must be inside the project {root} (copy it there, e.g. under "
+                            "models/)") from None
+    model = recipe.model.model_copy(update={"path": rel.as_posix(), "repo": None})
     evaluation = recipe.evaluation.model_copy(update={"tasks": [], "bench": bench, "bench_reps": 1})
     return recipe.model_copy(update={"model": model, "evaluation": evaluation}), root
 
@@ -309,8 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     carry = Path(CARRY)
     p = argparse.ArgumentParser(
         prog="gpu-check.sh",
-        description="Build the pinned llama.cpp with CUDA for this GPU, run the demo's GGUF chain fully offloaded "
-                    "(and GPTQ/AWQ on CUDA), and write a JSON report compared with the CPU's figures.")
+        description="Run the demo's GGUF chain on the CUDA build of the pinned llama.cpp, fully offloaded (and "
+                    "GPTQ/AWQ on CUDA), and write a JSON report compared with the CPU's figures. The build is "
+                    "made here unless --no-build (scripts/gpu-check.sh carries a prepared one and passes it).")
     p.add_argument("--out", required=True, metavar="FILE", help="where the JSON report goes")
     p.add_argument("--cpu-reference", metavar="FILE",
                    help="CPU figures to compare with: a `--cpu` report of this check, or a run's report.json")
@@ -320,13 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=_arch, metavar="ARCHS",
                    help="CMake CUDA architectures, e.g. 90 (default: $QUANTKIT_CUDA_ARCH, else nvidia-smi's)")
     default_model = carry / "model" if (carry / "model").is_dir() else Path(DEFAULT_MODEL)
-    default_src = carry / "llama.cpp" if (carry / "llama.cpp").is_dir() else None
     p.add_argument("--model", default=str(default_model), metavar="DIR",
                    help=f"HF checkpoint to run the chain on (default: {default_model})")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="FILE", help=f"recipe (default: {DEFAULT_RECIPE})")
-    p.add_argument("--llama-src", default=str(default_src) if default_src else None, metavar="DIR",
-                   help="llama.cpp source tree to build from, e.g. a carried copy (default: "
-                        f"{default_src or 'the cached tree'})")
+    p.add_argument("--llama-src", metavar="DIR",
+                   help="llama.cpp source tree to build from (default: the cached tree)")
     p.add_argument("--no-build", action="store_true", help="use the CUDA toolchain already built")
     p.add_argument("--jobs", type=_positive(int), help="build jobs (default: all cores)")
     p.add_argument("--threads", type=_positive(int), help="CPU threads for the tools (default: all cores)")

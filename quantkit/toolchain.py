@@ -48,6 +48,11 @@ PIN = Pin(
 # llama-server: what users chat with (the serve check); llama-gguf-split: shards for files over the Hub's limit.
 BINARIES = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server", "llama-gguf-split")
 STAMP = "toolchain.json"
+STUB_DIR = "cuda-stub"  # beside bin/ in a CUDA build: the link-time libcuda.so where no driver was found
+# libcuda.so.1 for the tools' --version check where no driver is installed. In a folder of its own: the
+# tools' RPATH names the folders they were linked from (cuda-stub/ among them), and a libcuda.so.1 found
+# there would shadow the real driver on a GPU machine.
+VERSION_STUB_DIR = "cuda-stub-version-check"
 # Env vars naming an existing install: a folder with the binaries, a llama.cpp source tree.
 ENV_BIN = "QUANTKIT_LLAMA_CPP_BIN"
 ENV_SRC = "QUANTKIT_LLAMA_CPP_SRC"
@@ -76,10 +81,23 @@ def cmake_args(*, cuda: bool, cuda_arch: str | None = None) -> list[str]:
         # A CPU build is for the machine that builds it; the CUDA image runs elsewhere.
         f"-DGGML_NATIVE={'OFF' if cuda else 'ON'}",
     ]
+    if cuda:
+        args += [
+            # FlashAttention kernels for the KV types quantkit's tools use (f16, and ggml's default q4_0/q8_0/bf16
+            # pairs), not every pair of quant types: the all-quants set multiplies the FA template instances.
+            "-DGGML_CUDA_FA_ALL_QUANTS=OFF",
+            # No NCCL: one GPU per worker, and its absence must not change the build between machines.
+            "-DGGML_CUDA_NCCL=OFF",
+        ]
     if cuda_arch is not None:
         args.append(f"-DCMAKE_CUDA_ARCHITECTURES={check_cuda_arch(cuda_arch)}")
     return args
 
+
+# The GPUs the worker image (Dockerfile.cuda, built without a GPU) compiles kernels for: A100, A10/RTX 30,
+# L4/RTX 40, H100/H200; each also gets PTX, so newer GPUs JIT the compute_90 code. ggml's own default list
+# reaches back to Maxwell and takes several times longer to build.
+IMAGE_CUDA_ARCHITECTURES = "80;86;89;90"
 
 # CMake's CUDA_ARCHITECTURES: "90", "90a", "89-real", "80;90", or one of CMake's keywords.
 _ARCH_ITEM = re.compile(r"[1-9][0-9]{1,2}[af]?(-real|-virtual)?")
@@ -142,6 +160,159 @@ def cuda_architectures(arch: str | None = None) -> str | None:
     return arch_from_compute_caps(out.stdout)
 
 
+# Where the CUDA compiler is looked for, in order: the variable CMake itself reads, PATH, the toolkit roots.
+ENV_CUDACXX = "CUDACXX"
+ENV_CUDA_ROOTS = ("CUDA_HOME", "CUDA_PATH")
+NO_NVCC_TIP = ("install the CUDA compiler (NVIDIA's CUDA Toolkit, 12.4 or newer; on PyPI nvidia-cuda-nvcc) and put "
+               "nvcc on PATH, or set CUDACXX to it or CUDA_HOME to its toolkit")
+
+
+class NoCudaCompiler(ToolchainError):
+    """The CUDA build was asked for and there is no usable nvcc."""
+
+    tip = NO_NVCC_TIP
+
+
+class NoCublas(ToolchainError):
+    """The CUDA toolkit has no cuBLAS, which ggml's CUDA backend links."""
+
+    tip = ("pip install nvidia-cublas (CUDA 13; nvidia-cublas-cu12 for CUDA 12) into the Python that runs "
+           "quantkit, or install the toolkit's cuBLAS")
+
+
+def find_nvcc(env: dict[str, str] | None = None) -> Path:
+    """The CUDA compiler: $CUDACXX, else ``nvcc`` on $PATH, else $CUDA_HOME/bin/nvcc, $CUDA_PATH/bin/nvcc.
+
+    A variable that names something which is not an executable is an error, not skipped: the user
+    asked for that compiler."""
+    env = os.environ if env is None else env
+    if env.get(ENV_CUDACXX):
+        nvcc = Path(env[ENV_CUDACXX])
+        if not (nvcc.is_file() and os.access(nvcc, os.X_OK)):
+            raise NoCudaCompiler(f"{ENV_CUDACXX}={nvcc} is not an executable CUDA compiler")
+        return nvcc
+    on_path = shutil.which("nvcc", path=env.get("PATH", ""))
+    if on_path:
+        return Path(on_path)
+    for var in ENV_CUDA_ROOTS:
+        if env.get(var):
+            nvcc = Path(env[var]) / "bin" / "nvcc"
+            if nvcc.is_file() and os.access(nvcc, os.X_OK):
+                return nvcc
+            raise NoCudaCompiler(f"{var}={env[var]} has no bin/nvcc")
+    raise NoCudaCompiler(f"no CUDA compiler for the CUDA build: {ENV_CUDACXX} unset, no nvcc on PATH, "
+                         f"{' and '.join(ENV_CUDA_ROOTS)} unset")
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    """What a CUDA build of ggml needs and where this machine has it.
+
+    ggml's CUDA backend links cuBLAS and (for its VMM memory pool) the driver's libcuda. A full
+    toolkit has both (libcuda as lib64/stubs/libcuda.so); a slim one (nvcc and cudart alone, as the
+    PyPI wheels make it) has neither: cuBLAS then comes from the ``nvidia-cublas`` wheel and libcuda
+    from a stub quantkit writes (``write_driver_stub``), as NVIDIA's own stub does: at run time the
+    binaries load the driver's real libcuda.so.1."""
+    nvcc: Path
+    root: Path  # the toolkit nvcc belongs to (its TOP, also when nvcc is a wrapper script)
+    cublas_include: Path | None  # None: cublas_v2.h is in the toolkit
+    cublas_lib: Path | None  # folder with libcublas.so.13 and libcublasLt.so.13 (a wheel's); None: the toolkit's
+    driver_lib: Path | None  # libcuda.so found at build time; None: write a stub
+
+    def cmake_hints(self, stub: Path) -> list[str]:
+        """CMake cache entries that point FindCUDAToolkit at what is outside the toolkit (none for a full one)."""
+        args = [f"-DCMAKE_CUDA_COMPILER={self.nvcc}"]
+        if self.cublas_include is not None:
+            # Every CUDA and C++ compile of ggml-cuda includes cublas_v2.h through its vendor header.
+            args += [f"-DCMAKE_CUDA_STANDARD_INCLUDE_DIRECTORIES={self.cublas_include}",
+                     f"-DCMAKE_CXX_STANDARD_INCLUDE_DIRECTORIES={self.cublas_include}"]
+        if self.cublas_lib is not None:
+            # The wheel has only the versioned names (libcublas.so.13), which find_library does not try.
+            args += [f"-DCUDA_cublas_LIBRARY={_versioned_lib(self.cublas_lib, 'cublas')}",
+                     f"-DCUDA_cublasLt_LIBRARY={_versioned_lib(self.cublas_lib, 'cublasLt')}"]
+        args.append(f"-DCUDA_cuda_driver_LIBRARY={self.driver_lib or stub}")
+        return args
+
+
+CUBLAS_WHEEL = "nvidia-cublas"  # the CUDA 13 cuBLAS on PyPI (headers and libraries under nvidia/cu13/)
+
+
+def _versioned_lib(folder: Path, name: str) -> Path:
+    found = sorted(folder.glob(f"lib{name}.so*"), key=lambda p: len(p.name))
+    if not found:
+        raise ToolchainError(f"{folder} has no lib{name}.so")
+    return found[0]
+
+
+def nvcc_root(nvcc: Path) -> Path:
+    """The toolkit root nvcc uses (nvcc's own ``TOP``; /usr/local/bin/nvcc may be a wrapper script)."""
+    try:
+        out = subprocess.run([str(nvcc), "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NoCudaCompiler(f"{nvcc} does not run: {e}") from e
+    m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    if not m:
+        raise NoCudaCompiler(f"{nvcc} is not NVIDIA's nvcc (no TOP in its --dryrun output)")
+    return Path(m.group(1).strip()).resolve()
+
+
+def _wheel_cuda_dirs() -> list[Path]:
+    """nvidia/cu13 (CUDA 13 wheels) and nvidia/cublas (CUDA 12 wheels) in this Python's site-packages."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return [(r / sub).resolve() for r in roots for sub in ("cu13", "cublas") if (r / sub).is_dir()]
+
+
+def find_cuda_toolkit(env: dict[str, str] | None = None) -> CudaToolkit:
+    """Find nvcc, cuBLAS and libcuda for a CUDA build; ToolchainError naming what to install."""
+    env = os.environ if env is None else env
+    nvcc = find_nvcc(env)
+    root = nvcc_root(nvcc)
+    incs = [root / "include", *root.glob("targets/*/include")]
+    libs = [root / "lib64", root / "lib", *root.glob("targets/*/lib")]
+    cublas_include = cublas_lib = None
+    if not any((d / "cublas_v2.h").is_file() for d in incs):
+        wheel = [d for d in _wheel_cuda_dirs() if (d / "include" / "cublas_v2.h").is_file()]
+        if not wheel:
+            raise NoCublas(f"the CUDA toolkit at {root} has no cuBLAS (cublas_v2.h), which ggml's CUDA backend "
+                           f"links, and this Python has no {CUBLAS_WHEEL} wheel")
+        cublas_include, cublas_lib = wheel[0] / "include", wheel[0] / "lib"
+    driver = None
+    for d in [*libs, *(d / "stubs" for d in libs), Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64")]:
+        if (d / "libcuda.so").is_file():
+            driver = d / "libcuda.so"
+            break
+    return CudaToolkit(nvcc=nvcc, root=root, cublas_include=cublas_include, cublas_lib=cublas_lib, driver_lib=driver)
+
+
+def write_driver_stub(archive: Path, dest: Path) -> Path:
+    """A libcuda.so that defines the driver functions ``archive`` calls, with the soname of the real one.
+
+    Only for linking where no driver is installed: the binaries record libcuda.so.1 and load the
+    driver's own at run time (NVIDIA's toolkit ships such a stub in lib64/stubs; the slim one does not)."""
+    symbols = driver_symbols(archive)
+    if not symbols:
+        raise ToolchainError(f"{archive} calls no CUDA driver function; nothing to stub")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    c = dest.with_suffix(".c")
+    c.write_text("/* link-time stub of the CUDA driver; the real libcuda.so.1 is loaded at run time */\n"
+                 + "".join(f"void {s}(void) {{}}\n" for s in symbols))
+    run_tool([os.environ.get("CC") or "cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", dest, c])
+    return dest
+
+
+def driver_symbols(archive: Path) -> list[str]:
+    """The CUDA driver API functions (``cuMemCreate``, ...) an object archive leaves undefined."""
+    out = subprocess.run(["nm", "-u", "--format=just-symbols", str(archive)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise ToolchainError(f"nm -u {archive} failed: {out.stderr.strip()[-500:]}")
+    return sorted({s for s in out.stdout.split() if re.fullmatch(r"cu[A-Z]\w*", s)})
+
+
 def default_cuda(cuda: bool | None) -> bool:
     """``cuda`` when given, else whether $QUANTKIT_CUDA is 1."""
     return os.environ.get(ENV_CUDA) == "1" if cuda is None else cuda
@@ -198,10 +369,31 @@ def _build_dir(cuda: bool) -> Path:
     return cache_dir() / f"{PIN.commit}-{'cuda' if cuda else 'cpu'}"
 
 
+def _driver_loadable() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def _version_env(binary: Path) -> dict[str, str] | None:
+    """Where no driver is installed (a CPU machine building the CUDA flavour, the image's build), a CUDA
+    binary loads only with a stub libcuda.so.1 on its path; --version needs no GPU."""
+    stub = binary.parent.parent / VERSION_STUB_DIR
+    if not (stub / "libcuda.so.1").exists() or _driver_loadable():
+        return None
+    return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+        p for p in (str(stub), os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+
+
 def binary_commit(binary: Path) -> str | None:
     """The commit a llama.cpp binary reports with --version, or None."""
     try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60,
+                             env=_version_env(binary))
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"commit ([0-9a-f]{7,40})", out.stdout + out.stderr)
@@ -320,6 +512,10 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: s
     build = _build_dir(cuda)
     arch = cuda_architectures(cuda_arch) if cuda else None
     flags = cmake_args(cuda=cuda, cuda_arch=arch)
+    # Where this machine has nvcc, cuBLAS and libcuda: hints, not flags (they change no code built).
+    toolkit = find_cuda_toolkit() if cuda else None
+    stub = build / STUB_DIR / "libcuda.so"
+    hints = toolkit.cmake_hints(stub) if toolkit else []
     build.mkdir(parents=True, exist_ok=True)
     (build / STAMP).unlink(missing_ok=True)
     src = build / "src"
@@ -337,9 +533,18 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: s
     cmake_build = build / "cmake-build"
     jobs = jobs or os.cpu_count() or 2
     log.info("configuring llama.cpp %s (%s)", PIN.commit, f"CUDA {arch or 'ggml default archs'}" if cuda else "CPU")
-    run_tool(["cmake", "-S", src, "-B", cmake_build, *flags])
-    log.info("building %s with %d jobs (several minutes on 2 cores; llama-server is the largest)", ", ".join(BINARIES),
-             jobs)
+    run_tool(["cmake", "-S", src, "-B", cmake_build, *flags, *hints])
+    if toolkit is not None and toolkit.driver_lib is None:
+        # No libcuda here (no driver, a toolkit without stubs): compile ggml-cuda, then stub what it calls.
+        log.info("no libcuda.so on this machine: building ggml-cuda first, then a link-time stub of the driver "
+                 "(the longest part of a CUDA build: tens of minutes on 2 cores)")
+        run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", "ggml-cuda"])
+        archives = sorted(cmake_build.glob("ggml/src/ggml-cuda/libggml-cuda.*"))
+        if not archives:
+            raise ToolchainError(f"the ggml-cuda build left no library under {cmake_build}/ggml/src/ggml-cuda")
+        write_driver_stub(archives[0], stub)
+    log.info("building %s with %d jobs (several minutes on 2 cores; llama-server is the largest%s)",
+             ", ".join(BINARIES), jobs, "; the CUDA kernels take far longer" if cuda else "")
     run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", *BINARIES])
     bin_dir = build / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -347,8 +552,15 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: s
         tmp = bin_dir / f".{b}.tmp"
         shutil.copy2(cmake_build / "bin" / b, tmp)
         os.replace(tmp, bin_dir / b)
+    if toolkit is not None:
+        # What the binaries were linked with, under the name the loader asks for (used only where no
+        # driver is installed: see _version_env).
+        link = build / VERSION_STUB_DIR / "libcuda.so.1"
+        link.parent.mkdir(exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(toolkit.driver_lib or stub)
     tc = _check(src, bin_dir, "cache", cuda)
-    write_json_atomic(build / STAMP, {**tc.describe(), "cmake_args": flags})
+    write_json_atomic(build / STAMP, {**tc.describe(), "cmake_args": flags, "cmake_hints": hints})
     return tc
 
 

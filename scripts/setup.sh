@@ -11,4 +11,14 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev,gptq,prefect,eval,ray]"
+# Where nvcc is installed without cuBLAS (a slim CUDA toolkit), cuBLAS from PyPI, so that
+# `quantkit toolchain --build --cuda --cuda-arch 90` links (docs/gpu.md); setup builds only the CPU tools.
+if .venv/bin/python -c 'from quantkit.toolchain import NoCublas, find_cuda_toolkit
+try:
+    find_cuda_toolkit()
+except NoCublas:
+    raise SystemExit(0)
+raise SystemExit(1)' 2>/dev/null; then
+  .venv/bin/python -m pip install -q -e ".[cuda]"
+fi
 .venv/bin/quantkit toolchain --build

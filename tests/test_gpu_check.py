@@ -4,6 +4,7 @@ argument handling and its report, all without a GPU."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import shutil
@@ -117,7 +118,16 @@ def _fake_tree(folder: Path, monkeypatch) -> Path:
     return folder
 
 
-def test_cuda_build_uses_its_own_folder_the_carried_tree_and_the_arch(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_cuda(tmp_path, monkeypatch):
+    """A CUDA toolkit as find_cuda_toolkit reports a full one (these tests stop at the configure step)."""
+    kit = toolchain.CudaToolkit(nvcc=Path("/cuda/bin/nvcc"), root=Path("/cuda"), cublas_include=None,
+                                cublas_lib=None, driver_lib=Path("/cuda/lib64/stubs/libcuda.so"))
+    monkeypatch.setattr(toolchain, "find_cuda_toolkit", lambda env=None: kit)
+    return kit
+
+
+def test_cuda_build_uses_its_own_folder_the_carried_tree_and_the_arch(tmp_path, monkeypatch, fake_cuda):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     tree = _fake_tree(tmp_path / "carried", monkeypatch)
     commands = []
@@ -133,11 +143,14 @@ def test_cuda_build_uses_its_own_folder_the_carried_tree_and_the_arch(tmp_path, 
     build = tmp_path / "cache" / "llama.cpp" / f"{toolchain.PIN.commit}-cuda"
     assert configure[:5] == ["cmake", "-S", str(build / "src"), "-B", str(build / "cmake-build")]
     assert _flag(configure, "GGML_CUDA") == "ON" and _flag(configure, "CMAKE_CUDA_ARCHITECTURES") == "90"
+    # The machine's toolkit is named by hints after the flags: the compiler and its libcuda.
+    assert _flag(configure, "CMAKE_CUDA_COMPILER") == "/cuda/bin/nvcc"
+    assert _flag(configure, "CUDA_cuda_driver_LIBRARY") == "/cuda/lib64/stubs/libcuda.so"
     assert (build / "src" / "convert_hf_to_gguf.py").read_text() == "# fake converter\n"
     assert not (tmp_path / "cache" / "llama.cpp" / f"{toolchain.PIN.commit}-cpu").exists()
 
 
-def test_cuda_build_takes_the_cpu_cache_tree_before_pypi(tmp_path, monkeypatch):
+def test_cuda_build_takes_the_cpu_cache_tree_before_pypi(tmp_path, monkeypatch, fake_cuda):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     cpu_src = tmp_path / "cache" / "llama.cpp" / f"{toolchain.PIN.commit}-cpu" / "src"
     _fake_tree(cpu_src, monkeypatch)
@@ -148,7 +161,7 @@ def test_cuda_build_takes_the_cpu_cache_tree_before_pypi(tmp_path, monkeypatch):
     assert (cpu_src.parent.parent / f"{toolchain.PIN.commit}-cuda" / "src" / "CMakeLists.txt").is_file()
 
 
-def test_a_carried_tree_of_another_commit_is_refused(tmp_path, monkeypatch):
+def test_a_carried_tree_of_another_commit_is_refused(tmp_path, monkeypatch, fake_cuda):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "other"
     other.mkdir()
@@ -425,3 +438,146 @@ def test_refuses_without_cuda_in_one_line(tmp_path, fake_model):
         "gpu-check: error: no CUDA here: nvidia-smi is not on PATH (run this on a machine with an NVIDIA GPU, "
         "or use --cpu to make the CPU reference)"]
     assert not out.exists()
+
+
+# --- the carry: what scripts/gpu-check.sh --prepare packs for the lent machine ---------------------
+
+def _fake_cuda_build(folder: Path, *, archs: str | None, cuda: bool = True) -> Path:
+    """A finished build folder: real (tiny) ELF executables under the tools' names and the stamp."""
+    (folder / "bin").mkdir(parents=True)
+    exe = shutil.which("true")
+    for name in toolchain.BINARIES:
+        shutil.copy(exe, folder / "bin" / name)
+    args = cmake_args(cuda=cuda, cuda_arch=archs)
+    (folder / toolchain.STAMP).write_text(json.dumps({"cuda": cuda, "cmake_args": args}))
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("strip") is None, reason="needs strip (binutils)")
+def test_carry_packs_stripped_sm90_tools_and_checks_them_on_arrival(tmp_path, monkeypatch):
+    import tarfile
+
+    build = _fake_cuda_build(tmp_path / "build", archs="90")
+    src = _fake_tree(tmp_path / "src", monkeypatch)
+    (src / "gguf-py" / "gguf").mkdir(parents=True)
+    (src / "gguf-py" / "gguf" / "__init__.py").write_text("")
+    (src / "conversion").mkdir()
+    (src / "conversion" / "__init__.py").write_text("")
+    (src / "ggml").mkdir()
+    (src / "ggml" / "big.cu").write_text("x" * 1000)  # the binaries are carried built: no sources
+    carry = tmp_path / "carry"
+    carry.mkdir()
+    packed = gpucheck.pack_cuda_binaries(build, carry / gpucheck.CUDA_BINARIES)
+    assert packed["arch"] == "90" and set(packed["binaries"]) == set(toolchain.BINARIES)
+    assert all(b["stripped"] <= b["built"] for b in packed["binaries"].values())
+    gpucheck.pack_source(src, carry / gpucheck.SOURCE_TREE)
+    with tarfile.open(carry / gpucheck.SOURCE_TREE) as tar:
+        assert sorted(tar.getnames()) == ["conversion/__init__.py", "convert_hf_to_gguf.py",
+                                          "gguf-py/gguf/__init__.py"]
+    manifest = gpucheck.write_carry_manifest(carry, repo_bytes=1000, details={"cuda_binaries": packed})
+    assert set(manifest["files"]) == {gpucheck.CUDA_BINARIES, gpucheck.SOURCE_TREE}
+    assert manifest["total_bytes"] == manifest["carried_bytes"] + 1000 and manifest["fits"]
+    assert manifest["carried_bytes"] == sum((carry / f).stat().st_size for f in manifest["files"])
+
+    env = gpucheck.unpack_carry(carry, tmp_path / "there")
+    bin_dir = Path(env["QUANTKIT_LLAMA_CPP_BIN"])
+    assert sorted(p.name for p in bin_dir.iterdir()) == sorted(toolchain.BINARIES)
+    assert os.access(bin_dir / "llama-perplexity", os.X_OK)
+    assert (Path(env["QUANTKIT_LLAMA_CPP_SRC"]) / "convert_hf_to_gguf.py").is_file()
+    assert env["QUANTKIT_CUDA"] == "1"
+
+    # A file changed on the way is named, and nothing runs on it.
+    with open(carry / gpucheck.SOURCE_TREE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(gpucheck.GpuCheckError, match=f"carried files missing or changed: {gpucheck.SOURCE_TREE}"):
+        gpucheck.check_carry(carry)
+
+
+@pytest.mark.parametrize("archs, cuda, message", [
+    ("80;90", True, "is for architectures 80;90, the carry takes 90 only"),
+    ("89", True, "is for architectures 89, the carry takes 90 only"),
+    ("90-virtual", True, "is for architectures 90-virtual, the carry"),
+    (None, True, "is for architectures ggml default"),
+    (None, False, "is a CPU build, not a CUDA one"),
+])
+def test_carry_refuses_a_build_for_other_gpus(tmp_path, archs, cuda, message):
+    """Only sm_90 machine code travels (``90-real``, without the PTX, too: see the next test)."""
+    build = _fake_cuda_build(tmp_path / "build", archs=archs, cuda=cuda)
+    with pytest.raises(gpucheck.GpuCheckError, match=message):
+        gpucheck.pack_cuda_binaries(build, tmp_path / "out.tar.xz")
+    assert not (tmp_path / "out.tar.xz").exists()
+
+
+@pytest.mark.skipif(shutil.which("strip") is None, reason="needs strip (binutils)")
+@pytest.mark.parametrize("archs", ["90-real", "90a"])
+def test_carry_takes_sm90_without_ptx_too(tmp_path, archs):
+    build = _fake_cuda_build(tmp_path / "build", archs=archs)
+    assert gpucheck.pack_cuda_binaries(build, tmp_path / "out.tar.xz")["arch"] == archs
+
+
+def test_carry_without_a_cuda_build_says_how_to_make_one(tmp_path):
+    with pytest.raises(gpucheck.GpuCheckError, match="quantkit toolchain --build --cuda --cuda-arch 90"):
+        gpucheck.pack_cuda_binaries(tmp_path / "none", tmp_path / "out.tar.xz")
+
+
+def test_carry_over_the_limit_is_refused_and_its_manifest_kept(tmp_path):
+    carry = tmp_path / "carry"
+    (carry / "model").mkdir(parents=True)
+    (carry / "model" / "weights").write_bytes(b"w" * 4096)
+    with pytest.raises(gpucheck.GpuCheckError, match="over the 0 MiB a device call takes"):
+        gpucheck.write_carry_manifest(carry, repo_bytes=100, limit=4000)
+    manifest = json.loads((carry / gpucheck.CARRY_MANIFEST).read_text())
+    assert manifest["files"]["model/weights"]["bytes"] == 4096 and manifest["fits"] is False
+    assert manifest["total_bytes"] == 4196
+
+
+def test_carry_without_manifest_is_refused(tmp_path):
+    with pytest.raises(gpucheck.GpuCheckError, match="run scripts/gpu-check.sh --prepare"):
+        gpucheck.check_carry(tmp_path)
+
+
+def test_repository_bytes_counts_what_git_sends():
+    n = gpucheck.repository_bytes(ROOT)
+    assert n >= (ROOT / "quantkit" / "gpucheck.py").stat().st_size
+    assert n < gpucheck.CARRY_LIMIT
+
+
+def test_prepare_without_a_cuda_build_says_so_and_keeps_the_last_carry(tmp_path):
+    carry = ROOT / gpucheck.CARRY
+    before = sorted(p.name for p in carry.iterdir()) if carry.is_dir() else None
+    env = {**os.environ, "PYTHON": sys.executable, "QUANTKIT_CACHE": str(tmp_path / "empty")}
+    r = subprocess.run(["bash", str(SCRIPT), "--prepare"], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 1
+    build = tmp_path / "empty" / "llama.cpp" / f"{toolchain.PIN.commit}-cuda"
+    assert r.stderr.strip().splitlines() == [
+        f"gpu-check: error: no finished CUDA build in {build} (no readable toolchain.json); build it with "
+        "`quantkit toolchain --build --cuda --cuda-arch 90`"]
+    assert (sorted(p.name for p in carry.iterdir()) if carry.is_dir() else None) == before
+    assert not (ROOT / f"{gpucheck.CARRY}.partial").exists()
+
+
+@pytest.mark.parametrize("inside", [".gpu-carry.partial/model", "models/tiny"])
+def test_check_recipe_takes_a_model_inside_the_project(inside):
+    recipe, root = gpucheck.load_check_recipe(ROOT / gpucheck.DEFAULT_RECIPE, ROOT / inside, bench=True)
+    assert recipe.model.path == inside and recipe.model.repo is None and root == ROOT
+    assert recipe.evaluation.tasks == [] and recipe.evaluation.bench
+
+
+def test_check_recipe_refuses_a_model_outside_the_project(tmp_path):
+    with pytest.raises(gpucheck.GpuCheckError, match=f"--model {tmp_path}: must be inside the project"):
+        gpucheck.load_check_recipe(ROOT / gpucheck.DEFAULT_RECIPE, tmp_path, bench=False)
+
+
+def test_cuda_library_dirs_are_this_pythons_nvidia_wheels():
+    """On the lent machine the carried tools load libcublas from torch's nvidia-* wheels; here the
+    `cuda` extra's nvidia-cublas stands in for them when installed."""
+    dirs = gpucheck.cuda_library_dirs()
+    for d in dirs:
+        assert d.name == "lib" and d.parent.parent.name == "nvidia"
+        assert any(d.glob("libcublas*.so.*")) or any(d.glob("libcudart.so.*"))
+    try:
+        importlib.metadata.version("nvidia-cublas")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert any((d / "libcublas.so.13").is_file() for d in dirs)
