@@ -729,7 +729,6 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
                          skip=frozenset(v["file"] for v in manifest["variants"] if v.get("file") and _vid(v) in bad))
     patch = None
     if tracking and tracking.get("patch"):
-        from quantkit.paths import write_atomic
         from quantkit.tracking import PATCH
 
         patch = inside(run_dir, PATCH)
