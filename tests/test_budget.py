@@ -319,8 +319,10 @@ def test_a_mix_that_does_not_win_is_the_stock_type(tmp_path, repo_root, tiny_lla
     base = store / "convert" / steps["convert"]["key"] / "model.gguf"
     imatrix = store / "imatrix" / steps["imatrix"]["key"] / "imatrix.gguf"
     out = tmp_path / "stock.gguf"
-    subprocess.run([find_toolchain().binary("llama-quantize"), "--imatrix", imatrix, base, out,
-                    fallback["stock"], "2"], check=True, capture_output=True)
+    # the GGUF records the --imatrix argument (quantize.imatrix.file): the same relative name as quantkit's
+    (tmp_path / "imatrix.gguf").symlink_to(imatrix)
+    subprocess.run([find_toolchain().binary("llama-quantize"), "--imatrix", "imatrix.gguf", base, out,
+                    fallback["stock"], "2"], check=True, capture_output=True, cwd=tmp_path)
     assert v["files"]["model.gguf"]["sha256"] == sha256_file(out)
     from quantkit.publish.report import mix_md
 
