@@ -182,6 +182,26 @@ def test_parse_ignores_per_chunk_lines():
     assert found["chunks_kld"] == ("3", "128")
 
 
+def test_same_top_lost_at_exit_is_read_from_the_last_chunk_line():
+    """The log's last line ("Same top p") is the one llama.cpp's logger loses at exit on a busy machine; the
+    last chunk's running share is the same number. A log cut before the last chunk is still an error."""
+    from quantkit.errors import VerificationError
+    from quantkit.scoring.llamacpp import score_from_log
+
+    chunks = ["   1     399.6191 ±   91.1398      -0.00002 ±    0.00131       0.00013 ±    0.00001     0.094 ±  0.018 %    100.000 ±  0.000 %",
+              "   2     306.0013 ±   39.0682      -0.00070 ±    0.00081       0.00012 ±    0.00001     0.082 ±  0.010 %    99.206 ±  0.396 %"]
+    head = "kl_divergence: computing over 2 chunks, n_ctx=128, batch_size=2048, n_seq=16\n"
+    stats = ("Mean PPL(Q)                   : 306.001266 ±  39.068173\n"
+             "Mean    KLD:   0.000123 ±   0.000006\n99.9%   KLD:   0.000979\n99.0%   KLD:   0.000745\n")
+    score = score_from_log(head + "\n".join(chunks) + "\n" + stats, seconds=1.0, kld=True, what="Q8_0.gguf")
+    assert score.same_top_pct == 99.206 and score.kld_mean == 0.000123
+    with_line = score_from_log(head + "\n".join(chunks) + "\n" + stats + "Same top p: 99.206 ± 0.396 %\n",
+                               seconds=1.0, kld=True, what="Q8_0.gguf")
+    assert with_line.same_top_pct == score.same_top_pct
+    with pytest.raises(VerificationError, match="same_top"):
+        score_from_log(head + chunks[0] + "\n" + stats, seconds=1.0, kld=True, what="Q8_0.gguf")
+
+
 def test_bench(ggufs, toolchain):
     speed = bench_gguf(gguf=ggufs["Q8_0"], toolchain=toolchain, threads=2, prompt_tokens=32, gen_tokens=8, reps=1)
     assert speed.pp_tokens_per_s > 0 and speed.tg_tokens_per_s > 0

@@ -55,6 +55,9 @@ PATTERNS = {
 # One line per chunk in --kl-divergence mode: chunk, PPL ± , ln(PPL(Q)/PPL(base)) ± , KLD ± , ... (running means)
 CHUNK_LINE = re.compile(rf"^\s*(\d+)\s+{_NUM} ±\s+\S+\s+\S+ ±\s+\S+\s+{_NUM} ±", re.MULTILINE)
 
+# The same line's last column: the running same-top share; after the last chunk it is the final one.
+CHUNK_SAME_TOP = re.compile(rf"^\s*(\d+)\s.*\s{_NUM} ±\s+{_NUM} %[ \t]*$", re.MULTILINE)
+
 LOG_ATTEMPTS = 5
 
 
@@ -170,6 +173,12 @@ def perplexity_until_parsed(args: list, *, workdir: Path, toolchain: Toolchain, 
 
 def score_from_log(text: str, *, seconds: float, kld: bool, what: str) -> Score:
     found = parse_perplexity_log(text)
+    if kld and "same_top" not in found and "chunks_kld" in found:
+        # "Same top p" is the log's very last line, the one most often lost at exit (see _perplexity); the
+        # last chunk's line prints the same running share to the same precision.
+        last = {int(n): (p, e) for n, p, e in CHUNK_SAME_TOP.findall(text)}.get(int(found["chunks_kld"][0]))
+        if last:
+            found["same_top"] = last
     need = ("ppl_q", "kld_mean", "kld_p99", "same_top", "chunks_kld") if kld else ("ppl_final", "chunks_ppl")
     missing = [n for n in need if n not in found]
     if missing:
