@@ -84,7 +84,10 @@ def variant_settings(manifest: dict, fmt: str, label: str) -> dict[str, Any]:
             if gguf.label(v) == label:
                 out = {"type": v.type, "imatrix": gguf.uses_imatrix(v)}
                 if out["imatrix"]:
-                    out["imatrix_settings"] = gguf.imatrix.model_dump(exclude={"enabled"})
+                    # the expert settings only where a variant saw experts (quantkit.experts)
+                    moe = any((m.get("info") or {}).get("experts") for m in manifest["variants"])
+                    out["imatrix_settings"] = gguf.imatrix.model_dump(
+                        exclude={"enabled"} | (set() if moe else {"min_expert_tokens", "uncovered_experts"}))
                 if args := gguf.override_args(v):
                     out["llama_quantize_args"] = args
                 return out
