@@ -145,8 +145,9 @@ def test_a_node_is_refused_by_its_own_machine_with_the_numbers(big_kind):
     with pytest.raises(NodeDoesNotFit, match=r"about 4\.00 GiB of disk, 2\.00 GiB is free; and about 6\.00 GiB"):
         run_node(ctx, node, {}, estimate(node.name, disk=4 * GiB, ram=6 * GiB))
     assert run_node(ctx, node, {}, estimate(node.name, disk=1 * GiB, ram=2 * GiB)) == node.name
-    stored[node.name] = "in the store"  # done already: it needs no room
-    assert run_node(ctx, node, {}, estimate(node.name, disk=4 * GiB, ram=6 * GiB)) == node.name
+    entry = stored[node.name] = SimpleNamespace(step="big", key="0" * 32)  # done already: it needs no room
+    assert run_node(ctx, node, {}, estimate(node.name, disk=4 * GiB, ram=6 * GiB)) is entry
+    assert ran == [node.name]  # reused, not run again
 
 
 def test_a_source_the_plan_found_on_disk_needs_no_room(big_kind, monkeypatch):
