@@ -689,14 +689,14 @@ def _serve_hf(ctx, node, deps):
 
     def produce(staging) -> dict:
         src.model.check_links()
-        from quantkit.serving.vllm import check_vllm
+        from quantkit.serving.vllm import check_vllm, vllm_failure
 
         check = check_checkpoint(model_dir=model_dir, source_dir=src.model.path, max_tokens=ctx.recipe.serve.max_tokens,
                                  threads=ctx.threads, trust_remote_code=ctx.recipe.model.trust_remote_code)
         check.vllm = check_vllm(model_dir=model_dir, device=ctx.device, max_tokens=ctx.recipe.serve.max_tokens,
                                 trust_remote_code=ctx.recipe.model.trust_remote_code)
-        if check.vllm.startswith("no"):
-            check.fail(check.vllm.removeprefix("no: "))
+        if (why := vllm_failure(check.vllm)) is not None:
+            check.fail(why)
         return check.to_dict()
 
     return _log_serve(node, stored_json(ctx.store, "serve-hf", _serve_hf_inputs(ctx, node, deps), "serve", produce))

@@ -23,3 +23,12 @@ def test_a_cpu_run_is_not_checked_in_vllm_and_says_why(tmp_path, caplog):
 def test_without_vllm_a_cuda_run_is_not_checked_either(tmp_path):
     assert why_not("cuda").startswith("vLLM is not installed")
     assert check_vllm(model_dir=tmp_path, device="cuda") == VLLM_NOT_CHECKED
+
+
+def test_only_a_no_from_vllm_fails_the_serve_check():
+    from quantkit.serving import VLLM_NOT_CHECKED
+    from quantkit.serving.vllm import vllm_failure
+
+    assert vllm_failure(VLLM_NOT_CHECKED) is None  # "not checked" starts with "no" but is no failure
+    assert vllm_failure("yes") is None
+    assert vllm_failure("no: the chat did not stop") == "the chat did not stop"

@@ -24,7 +24,7 @@ TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TOOL_MESSAGES = ({"role": "user", "content": "What is the weather in Paris?"},)
 VLLM_NOT_CHECKED = "not checked"  # vLLM is not installable on these workers (docs/serving.md)
-CHECK_VERSION = 1  # part of the store key: a change to what is checked re-runs the serve nodes
+CHECK_VERSION = 2  # part of the store key: a change to what is checked re-runs the serve nodes
 
 
 @dataclass

@@ -39,6 +39,13 @@ def vllm_version() -> str | None:
         return None
 
 
+def vllm_failure(result: str) -> str | None:
+    """Why ``check_vllm``'s ``result`` fails the serve check: only a "no"; "not checked" (no GPU, no vLLM) does not."""
+    if result == "no" or result.startswith("no:"):
+        return result.removeprefix("no").removeprefix(":").strip() or "vLLM cannot serve it"
+    return None
+
+
 def check_vllm(*, model_dir: Path, device: str, max_tokens: int = 64, trust_remote_code: bool = False) -> str:
     """``"yes"``, ``"no: <reason>"``, or ``VLLM_NOT_CHECKED`` (the reason logged) where vLLM cannot run."""
     if (reason := why_not(device)) is not None:
