@@ -156,7 +156,9 @@ def test_imatrix_counts_every_routed_token(moe_run, tiny_mixtral):
     from quantkit.experts import expert_token_counts
 
     root, manifest = moe_run
-    imatrix = next(p for p in root.parent.rglob("imatrix.gguf"))
+    # this run's imatrix, by its key (other tests' runs share the temporary folder)
+    key = {s["step"]: s for s in manifest["steps"]}["imatrix"]["key"]
+    imatrix = next(root.parent.glob(f"moe-store*/imatrix/{key}/imatrix.gguf"))
     counts = expert_token_counts(imatrix)
     cfg = json.loads((tiny_mixtral / "config.json").read_text())
     assert sorted(counts) == list(range(cfg["num_hidden_layers"]))
