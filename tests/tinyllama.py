@@ -257,16 +257,21 @@ def build_tiny_llama(dest: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
         model.generation_config.bos_token_id = BOS_ID
         model.generation_config.eos_token_id = EOS_ID
         model.save_pretrained(work, safe_serialization=True)
-        for f in work.iterdir():
-            f.chmod(0o644)  # safetensors writes 0600; the cache may be shared
         log.info("built tiny llama in %.0fs", time.monotonic() - started)
-
-        try:
-            os.replace(work, dest)
-        except OSError:
-            if not (dest / "config.json").exists():
-                raise
-            # Lost a race with another builder; its checkpoint is equivalent.
+        move_into_place(work, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
+
+
+def move_into_place(work: pathlib.Path, dest: pathlib.Path) -> None:
+    """A checkpoint built in ``work`` becomes ``dest`` in one rename, its files readable by all (safetensors
+    writes 0600; the cache may be shared). Losing a race with another builder is fine: its checkpoint is
+    equivalent."""
+    for f in work.iterdir():
+        f.chmod(0o644)
+    try:
+        os.replace(work, dest)
+    except OSError:
+        if not (dest / "config.json").exists():
+            raise

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pathlib
 import shutil
 import tempfile
@@ -84,13 +83,7 @@ def kill_expert(src: pathlib.Path, dest: pathlib.Path, expert: int) -> pathlib.P
         for k in biases:
             weights[k][..., expert] = -1.0
         save_file(weights, work / "model.safetensors", metadata={"format": "pt"})
-        for f in work.iterdir():
-            f.chmod(0o644)
-        try:
-            os.replace(work, dest)
-        except OSError:
-            if not (dest / "config.json").exists():
-                raise
+        tinyllama.move_into_place(work, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
@@ -126,14 +119,8 @@ def build_tiny_moe(dest: pathlib.Path, *, family: str, tokenizer_from: pathlib.P
         model.generation_config.bos_token_id = tinyllama.BOS_ID
         model.generation_config.eos_token_id = tinyllama.EOS_ID
         model.save_pretrained(work, safe_serialization=True)
-        for f in work.iterdir():
-            f.chmod(0o644)
         log.info("built tiny %s MoE in %.0fs", family, time.monotonic() - started)
-        try:
-            os.replace(work, dest)
-        except OSError:
-            if not (dest / "config.json").exists():
-                raise
+        tinyllama.move_into_place(work, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest

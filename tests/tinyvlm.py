@@ -12,10 +12,11 @@ transformers' processor) are added to the vocabulary.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import tempfile
+
+import tinyllama
 
 ADDED_TOKENS = ("<fake_token_around_image>", "<image>", "<global-img>", "\n\n")
 IMAGE_SIZE = 64  # one tile; images are resized to at most LONGEST_EDGE and cut into tiles of this size
@@ -72,14 +73,8 @@ def build_tiny_vlm(dest: pathlib.Path, *, text_model: pathlib.Path, seed: int = 
             "do_rescale": True, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
             "size": {"longest_edge": LONGEST_EDGE}, "max_image_size": {"longest_edge": IMAGE_SIZE},
             "resample": 1, "rescale_factor": 1 / 255}, indent=2) + "\n")
-        for f in work.iterdir():
-            f.chmod(0o644)
         work.chmod(0o755)
-        try:
-            os.replace(work, dest)
-        except OSError:
-            if not (dest / "config.json").exists():
-                raise
+        tinyllama.move_into_place(work, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
