@@ -52,9 +52,12 @@ wheels() {  # the named packages at this environment's versions, for the lent ma
 prepare() {
   local skip_gptq=0 a
   for a in "$@"; do [ "$a" = "--skip-gptq" ] && skip_gptq=1; done
+  # Kept out of `git status` (a clone may have no .git/info; a copy without .git skips this).
   local exclude
-  exclude=$(git rev-parse --git-path info/exclude)
-  for d in /.gpu-carry/ /.gpu-carry.partial/; do grep -qx "$d" "$exclude" 2>/dev/null || echo "$d" >> "$exclude"; done
+  if exclude=$(git rev-parse --git-path info/exclude 2>/dev/null); then
+    mkdir -p "$(dirname "$exclude")"
+    for d in /.gpu-carry/ /.gpu-carry.partial/; do grep -qx "$d" "$exclude" 2>/dev/null || echo "$d" >> "$exclude"; done
+  fi
   # Packed beside the last carry, which is replaced only when this one is complete.
   local final=$CARRY
   CARRY=$CARRY.partial

@@ -51,7 +51,7 @@ def ggufs(tiny_f16_gguf, toolchain, tmp_path_factory) -> dict[str, Path]:
 
 def _by_hand(log_text: str) -> dict[str, str]:
     """An independent reading of llama-perplexity's final lines."""
-    lines = {}
+    lines, last_chunk_same_top = {}, None
     for line in log_text.splitlines():
         if m := re.match(r"Mean PPL\(Q\)\s*: +(\S+) ± +(\S+)$", line):
             lines["ppl"], lines["ppl_err"] = m.groups()
@@ -63,6 +63,11 @@ def _by_hand(log_text: str) -> dict[str, str]:
             lines["same_top_pct"] = m.group(1)
         elif m := re.search(r"Final estimate: PPL = (\S+) \+/- (\S+)$", line):
             lines["ppl"], lines["ppl_err"] = m.groups()
+        elif m := re.match(r"\s*\d+\s.*\s(\S+) ± +\S+ %\s*$", line):
+            last_chunk_same_top = m.group(1)
+    # "Same top p" is the last line, sometimes lost at exit; the last chunk's line has the same running share.
+    if "same_top_pct" not in lines and "kld_mean" in lines and last_chunk_same_top:
+        lines["same_top_pct"] = last_chunk_same_top
     return lines
 
 
