@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quantkit.cli import main as quantkit_main  # noqa: E402
-from quantkit.publish.report import paired_difference  # noqa: E402
+from quantkit.publish.stats import paired_difference  # noqa: E402
 from quantkit.store import default_store_root  # noqa: E402
 
 GIB = 2**30

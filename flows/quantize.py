@@ -43,7 +43,7 @@ from prefect.tasks import exponential_backoff
 
 from quantkit.context import RunContext, RunSpec
 from quantkit.graph import Node
-from quantkit.pipeline import run_node, run_sequence
+from quantkit.executor import run_node, run_sequence
 from quantkit.plan import PlannedNode
 from quantkit.tracking import prepare as prepare_tracking
 from quantkit.storelocks import require_working_locks
@@ -93,7 +93,7 @@ def task_for(ctx: RunContext, node: Node):
 
 
 class Submitted:
-    """A Prefect future in the shape quantkit.pipeline.execute polls. The task gets the run's ``RunSpec``,
+    """A Prefect future in the shape quantkit.executor.execute polls. The task gets the run's ``RunSpec``,
     never the head's context; whether the node was reused is the store's answer (``Entry.reused``)."""
 
     def __init__(self, ctx: RunContext, node: Node, deps: dict[str, Any], estimate: PlannedNode | None = None):

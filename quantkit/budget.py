@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.errors import QuantkitError, VerificationError
-from quantkit.publish.hardware import DEFAULT_HEADROOM, GIB, ModelShape
+from quantkit.hardware import DEFAULT_HEADROOM, GIB, ModelShape
 from quantkit.recipe import GGUFTarget
 from quantkit.store import Entry, Staging, Store
 from quantkit.toolchain import Toolchain
@@ -65,7 +65,7 @@ class Choice:
 
 def budget_bytes(target: GGUFTarget, *, parameters: int, config: dict | None) -> int:
     """The file size (bytes) the target allows. ``bpw`` counts every weight of the GGUF as the report
-    does (size * 8 / parameters); ``fits`` takes the KV cache (f16) and the headroom of quantkit.publish.hardware
+    does (size * 8 / parameters); ``fits`` takes the KV cache (f16) and the headroom of quantkit.hardware
     from the memory."""
     if target.size_gib is not None:
         return int(target.size_gib * GIB)

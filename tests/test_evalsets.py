@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from quantkit.cli import main
-from quantkit.publish.report import build_report, render_markdown
+from quantkit.publish.markdown import render_markdown
+from quantkit.publish.report import build_report
 from quantkit.recipe import load_recipe
 from quantkit.scoring.chat import ChatSetError, parse_conversations, render_tokens
 
@@ -139,7 +140,7 @@ def test_chat_reference_logits_are_read_by_llama_perplexity(tiny_llama, tiny_f16
     from quantkit.ggufinfo import adds_bos
     from quantkit.proc import run_tool
     from quantkit.recipe import EvalSet
-    from quantkit.scoring.chat import write_base_logits
+    from quantkit.scoring.hf import write_base_logits
     from quantkit.scoring.llamacpp import gguf_vocab_size, score_gguf
 
     spec = EvalSet(name="chat", file="calibration/eval/chat-heldout.jsonl", ctx=128, max_tokens=1024)

@@ -14,7 +14,7 @@ import pytest
 
 from quantkit import graph
 from quantkit.graph import KINDS, Node, StepKind, build_graph
-from quantkit.pipeline import execute
+from quantkit.executor import execute
 from quantkit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,8 +128,8 @@ def kinds(monkeypatch):
     monkeypatch.setitem(KINDS, "t-stored", kind)
     monkeypatch.setattr(StepKind, "stored", lambda self, ctx, node, deps: stored_result(ctx, node, deps))
     monkeypatch.setattr(graph, "with_reuse", lambda r: r | {"reused": True})
-    import quantkit.pipeline
-    monkeypatch.setattr(quantkit.pipeline, "with_reuse", lambda r: r | {"reused": True})
+    import quantkit.executor
+    monkeypatch.setattr(quantkit.executor, "with_reuse", lambda r: r | {"reused": True})
     return rec, stored
 
 
@@ -183,7 +183,7 @@ def test_first_failure_stops_new_work_and_is_raised(kinds):
 
 
 def test_library_output_of_parallel_nodes_goes_to_each_nodes_log(tmp_path, capsys):
-    from quantkit.pipeline import _printed_to
+    from quantkit.executor import _printed_to
 
     def node(i):
         with open(tmp_path / f"{i}.log", "w") as f, _printed_to(f):
@@ -207,7 +207,7 @@ def test_library_output_of_parallel_nodes_goes_to_each_nodes_log(tmp_path, capsy
 
 def test_manifest_round_trips_and_refuses_an_unknown_schema(tmp_path):
     from quantkit.errors import StoreError
-    from quantkit.runfolder import Manifest, ManifestStep
+    from quantkit.manifest import Manifest, ManifestStep
 
     m = Manifest(recipe={"name": "r"}, model={"digest": "d"}, calibration={"sha256": "c"}, toolchain=None,
                  steps=(ManifestStep("convert", "k" * 32, False, 1.5),), variants=({"label": "F16"},))
@@ -219,7 +219,7 @@ def test_manifest_round_trips_and_refuses_an_unknown_schema(tmp_path):
 
 def test_threads_a_lone_node_starts_print_to_its_log(tmp_path, capsys):
     """GPTQModel quantizes in worker threads of its own: while one node runs, their output is the node's."""
-    from quantkit.pipeline import _printed_to
+    from quantkit.executor import _printed_to
 
     with open(tmp_path / "n.log", "w") as f, _printed_to(f):
         worker = threading.Thread(target=lambda: print("Quantizing layer 3 of 29", file=sys.stderr))

@@ -261,7 +261,7 @@ def test_a_damaged_or_changed_projector_is_caught_like_a_gguf(tmp_path):
     """The manifest's projectors are checked as its GGUFs are (size, sha256) before publishing, and a new
     projector makes a new release (the fingerprint covers it; a text model's fingerprint is as it was)."""
     from quantkit.publish.release import release_fingerprint
-    from quantkit.runfolder import damaged_files
+    from quantkit.manifest import damaged_files
 
     good = b"projector bytes"
     (tmp_path / "mmproj-M-F16.gguf").write_bytes(good)

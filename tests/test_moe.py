@@ -193,7 +193,8 @@ def test_a_never_routed_expert_falls_back_by_name(tmp_path, repo_root, tiny_erni
     assert "IQ2_XXS" in set(types.values())  # the rest of the file is still the type asked for
     # a type that needs no importance data keeps its own types; the report says what happened
     assert variants["Q4_K_M"]["info"]["experts"]["below_kept"] is True
-    from quantkit.publish.report import build_report, experts_md
+    from quantkit.publish.markdown import experts_md
+    from quantkit.publish.report import build_report
 
     text = "\n".join(experts_md(build_report(manifest)))
     assert "| 0 | 3 | 0 (below) |" in text

@@ -15,10 +15,11 @@ import pytest
 from quantkit import context, graph
 from quantkit.errors import NodeDoesNotFit, RecipeChanged, ResourceError
 from quantkit.graph import Node, StepKind
-from quantkit.pipeline import execute, local_submit, run_node
+from quantkit.executor import execute, local_submit, run_node
 from quantkit.plan import Machine, PlannedNode
 from quantkit.recipe import load_recipe
-from quantkit.runfolder import Manifest, ManifestStep, _made_by
+from quantkit.manifest import Manifest, ManifestStep
+from quantkit.runfolder import _made_by
 from quantkit.store import Store
 from quantkit.toolchain import Toolchain
 

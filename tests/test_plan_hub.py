@@ -138,7 +138,7 @@ def test_plan_says_the_machine_cannot_hold_it(project, online):
 def test_preflight_refuses_with_the_numbers(project, online, monkeypatch):
     import quantkit.plan
     from quantkit.errors import ResourceError
-    from quantkit.pipeline import preflight
+    from quantkit.executor import preflight
 
     monkeypatch.setattr(quantkit.plan, "machine", lambda root: Machine(free_disk=40 * GiB, available_ram=8 * GiB))
     with pytest.raises(ResourceError, match=r"needs about \d+\.\d\d GiB more disk .* only 40\.00 GiB is free"):

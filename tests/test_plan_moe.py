@@ -96,7 +96,7 @@ def test_the_moe_recipe_plans_from_headers_alone(project):
 
 
 def test_hardware_fit_says_what_must_be_resident():
-    from quantkit.publish.hardware import ModelShape, hardware_fit
+    from quantkit.hardware import ModelShape, hardware_fit
 
     shape = ModelShape.from_config(CONFIG)
     assert (shape.experts, shape.experts_per_token) == (128, 8)

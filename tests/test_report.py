@@ -16,9 +16,10 @@ from huggingface_hub import HfApi, ModelCard
 
 from quantkit.errors import PublishError, RegressionError
 from quantkit.publish import release as pub
-from quantkit.publish.hardware import GIB, ModelShape
+from quantkit.hardware import GIB, ModelShape
 from quantkit.publish.modelfile import ollama_template, render_modelfile
-from quantkit.publish.report import ReportSchemaError, build_report, load_report, render_markdown, write_report
+from quantkit.publish.markdown import render_markdown
+from quantkit.publish.report import ReportSchemaError, build_report, load_report, write_report
 from quantkit.recipe import Publish, PublishThresholds
 
 PARAMS = 134_515_008

@@ -8,7 +8,8 @@ from test_report import CHATML, CONFIG, RECIPE_YAML, make_manifest, make_run_dir
 
 from quantkit import demo
 from quantkit.publish import release as pub
-from quantkit.publish.report import build_report, render_markdown
+from quantkit.publish.markdown import render_markdown
+from quantkit.publish.report import build_report
 from quantkit.recipe import Publish
 
 LABELS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"]

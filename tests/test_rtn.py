@@ -16,7 +16,8 @@ from test_report import CHATML, CONFIG, RECIPE_YAML, _size, _variant, make_manif
 from quantkit.cli import main
 from quantkit.publish import release as pub
 from quantkit.publish.hublayout import plan_repos
-from quantkit.publish.report import build_report, render_markdown
+from quantkit.publish.markdown import render_markdown
+from quantkit.publish.report import build_report
 from quantkit.recipe import Publish, PublishThresholds
 
 # --- the report and publishing, on a synthetic manifest ----------------------------------------------

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from quantkit.errors import StoreError
-from quantkit.runfolder import _place, damaged_files, differing_files
+from quantkit.manifest import damaged_files, differing_files
+from quantkit.runfolder import _place
 from quantkit.store import Store
 
 INPUTS = {"model": "abc", "type": "Q4_K_M"}

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from quantkit.errors import ChanceLevelError
-from quantkit.publish.report import paired_difference
+from quantkit.publish.stats import paired_difference
 from quantkit.recipe import Evaluation, TaskSpec
-from quantkit.scoring.tasks import check_tasks, items_sha256, load_items, p_above_chance, resolve_task, task_manager
+from quantkit.scoring.taskitems import p_above_chance
+from quantkit.scoring.tasks import check_tasks, items_sha256, load_items, resolve_task, task_manager
 from quantkit.store import Store
 
 # The tiny test model learnt Python syntax, not English: test the backends on code it can finish.

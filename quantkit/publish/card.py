@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from quantkit.graph import FORMATS
+from quantkit.nodes import FORMATS
 
 FORMAT_TAGS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq"}
 
@@ -95,7 +95,7 @@ def shard_lines(rows: list[dict]) -> list[str]:
 
 
 def _projector_lines(report: dict) -> list[str]:
-    from quantkit.publish.report import projector_md
+    from quantkit.publish.markdown import projector_md
 
     lines = projector_md(report)
     return [*lines[1:], ""] if lines else []  # the section without report.md's leading blank line
@@ -103,7 +103,7 @@ def _projector_lines(report: dict) -> list[str]:
 
 def _mix_lines(report: dict) -> list[str]:
     """Which tensors got which type, for each size-budget variant (gguf.targets)."""
-    from quantkit.publish.report import mix_md
+    from quantkit.publish.markdown import mix_md
 
     lines = mix_md(report)
     return [*lines[1:], ""] if lines else []

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.graph import FORMATS
+from quantkit.nodes import FORMATS
 from quantkit.errors import PublishError
 from quantkit.publish.modelfile import merge_command, modelfile_name
 

@@ -41,14 +41,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from quantkit.graph import FORMATS, format_of
+from quantkit.nodes import FORMATS, format_of
 from quantkit import __version__
 from quantkit.errors import PublishError, RegressionError
-from quantkit.runfolder import differing_files
+from quantkit.manifest import differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
 from quantkit.paths import inside, open_fixed, project_parts, write_atomic
 from quantkit.publish.hublayout import CARD, SPLIT_RE, HubRepo, gguf_commands, plan_repos
-from quantkit.publish.report import build_report, load_report, refused, serving_md, variants_table, write_report
+from quantkit.publish.markdown import refused, serving_md, variants_table
+from quantkit.publish.report import build_report, load_report, write_report
+from quantkit.publish.stats import paired_difference, paired_items, task_se
 from quantkit.store import exclusive
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,6 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
     ``findings`` are the checks that block, ``changes`` every check (for the report).
     ``thresholds``: anything with the attributes of ``recipe.PublishThresholds``.
     """
-    from quantkit.publish.report import task_se
 
     z = getattr(thresholds, "gate_sigmas", 3.0)
     strict = bool(getattr(thresholds, "strict", False))
@@ -185,13 +186,11 @@ def _recovery_base(report: dict, v: dict, task: str) -> dict | None:
 
 
 def _paired(a: dict, b: dict, task: str):
-    from quantkit.publish.report import paired_items
 
     return paired_items(a, b, task)
 
 
 def _diff_se(a, b) -> float:
-    from quantkit.publish.report import paired_difference
 
     return paired_difference(a, b)[1]
 
@@ -214,7 +213,7 @@ def release_fingerprint(manifest: dict) -> str:
 
 
 def _differing_unsplit(published_manifest: Path, run_dir: Path, manifest: dict) -> list[str]:
-    """``runfolder.differing_files`` of a published run, leaving out the GGUFs it published as shards (their
+    """``manifest.differing_files`` of a published run, leaving out the GGUFs it published as shards (their
     shards' sha256 are in its manifest; the whole file is not there to compare)."""
     split = {v["file"] for v in json.loads(Path(published_manifest).read_text())["variants"] if v.get("shards")}
     return [rel for rel in differing_files(Path(published_manifest).parent, run_dir, manifest) if rel not in split]

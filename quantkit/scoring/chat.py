@@ -14,7 +14,7 @@ prompt is. The conversations are joined into one stream and cut into llama-perpl
 llama-perplexity cannot score such a stream itself: it tokenizes ``-f`` text without parsing special tokens
 (``common_tokenize(ctx, text, true)`` in tools/perplexity/perplexity.cpp, pinned commit: ``parse_special``
 defaults to false). So the reference log-probs are the HF checkpoint's, in float32 torch, written in
-llama-perplexity's own ``--kl-divergence-base`` format (``write_base_logits``); every GGUF is then scored by
+llama-perplexity's own ``--kl-divergence-base`` format (``quantkit.scoring.hf.write_base_logits``); every GGUF is then scored by
 ``llama-perplexity --kl-divergence`` on exactly those tokens, and every torch checkpoint on the same windows.
 On a chat set the F16 GGUF is therefore a variant too: its KLD is the conversion's own loss.
 
@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from quantkit.errors import VerificationError
-from quantkit.scoring.windows import LOGITS_MAGIC, max_chunks, scored_per_chunk
+from quantkit.scoring.windows import max_chunks, scored_per_chunk
 
 log = logging.getLogger(__name__)
 
@@ -169,65 +166,3 @@ def chat_windows(ids: tuple[int, ...], spec, *, bos: int | None):
     if bos is not None:
         windows[:, 0] = bos
     return windows, raw
-
-
-def _quantized_rows(logits) -> bytes:
-    """llama-perplexity's ``log_softmax(..., uint16_t * log_prob, ...)`` for each row of float32 logits: two
-    floats (scale, minimum log-prob), then each logit above max-16 quantized to 16 bits; rows padded to nv."""
-    import numpy as np
-
-    x = logits.float().numpy()
-    n, vocab = x.shape
-    nv = 2 * ((vocab + 1) // 2) + 4
-    mx = x.max(axis=1)
-    mn = np.maximum(x.min(axis=1), mx - 16).astype(np.float32)
-    lse = np.log(np.exp((x - mx[:, None]).astype(np.float64)).sum(axis=1)).astype(np.float32)
-    scale = ((mx - mn) / np.float32(65535.0)).astype(np.float32)
-    rows = np.zeros((n, nv), dtype="<u2")
-    head = np.stack([scale, (mn - mx - lse).astype(np.float32)], axis=1).astype("<f4")
-    rows[:, :4] = head.view("<u2").reshape(n, 4)
-    inv = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0).astype(np.float32)
-    # nearest_int in perplexity.cpp rounds half to even, as np.rint does
-    q = np.rint(inv[:, None] * (x - mn[:, None])).clip(0, 65535)
-    rows[:, 4:4 + vocab] = np.where(x > mn[:, None], q, 0).astype("<u2")
-    return rows.tobytes()
-
-
-def write_base_logits(*, model_dir: Path, conversations: list[Conversation], spec, n_vocab: int,
-                      gguf_adds_bos: bool | None, out: Path, device: str = "cpu", trust_remote_code: bool = False) -> dict:
-    """The HF checkpoint's log-probs over the chat set's windows, as a ``--kl-divergence-base`` file that
-    ``llama-perplexity --kl-divergence`` reads (tokens from it, not from text). ``n_vocab`` and
-    ``gguf_adds_bos`` are the base GGUF's (what llama-perplexity checks and substitutes): the windows put BOS
-    first as the tokenizer does (so torch scores cut the same windows), refused if the GGUF says otherwise."""
-    import torch
-
-    from quantkit.scoring.hf import load_causal_lm, tokenizer_adds_bos
-
-    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
-    chat = render_tokens(tokenizer, conversations)
-    add_bos = tokenizer_adds_bos(tokenizer)
-    if gguf_adds_bos is not None and gguf_adds_bos != add_bos:
-        raise VerificationError(f"the GGUF {'adds' if gguf_adds_bos else 'does not add'} BOS and the checkpoint's "
-                                f"tokenizer {'does' if add_bos else 'does not'}: the chat windows would differ")
-    bos = tokenizer.bos_token_id if add_bos else None
-    windows, raw = chat_windows(chat.ids, spec, bos=bos)
-    n_chunks, ctx = windows.shape
-    first = ctx // 2
-    sum_nll = 0.0
-    with open(out, "wb") as f:
-        f.write(LOGITS_MAGIC + struct.pack("<iii", ctx, n_vocab, n_chunks))
-        f.write(raw.to(torch.int32).numpy().astype("<i4").tobytes())
-        for window in windows:
-            with torch.inference_mode():
-                logits = model(input_ids=window[None].to(model.device)).logits[0, first:-1].float().cpu()
-            if logits.shape[1] < n_vocab:
-                raise VerificationError(f"the checkpoint has {logits.shape[1]} logits, the GGUF {n_vocab} tokens")
-            logits = logits[:, :n_vocab]  # a padded embedding's extra rows are no tokens
-            lp = torch.log_softmax(logits.double(), dim=-1)
-            sum_nll -= float(lp.gather(1, window[first + 1:, None])[:, 0].sum())
-            f.write(_quantized_rows(logits))
-    count = n_chunks * scored_per_chunk(ctx)
-    log.info("chat base logits: %d conversations (%d with tools left out), %d tokens, %d chunks of %d, base PPL %.4f",
-             chat.conversations, chat.skipped_tools, len(chat.ids), n_chunks, ctx, math.exp(sum_nll / count))
-    return {"conversations": chat.conversations, "skipped_tools": chat.skipped_tools, "tokens": len(chat.ids),
-            "n_chunks": n_chunks, "ctx": ctx, "add_bos": add_bos, "base_ppl": math.exp(sum_nll / count)}

@@ -20,13 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 import time
 from pathlib import Path
 
 from quantkit.errors import VerificationError
 from quantkit.recipe import Evaluation
 from quantkit.source import remote_code_allowed
-from quantkit.scoring.windows import Score, max_chunks, percentile, ppl_and_err, read_eval_text, scored_per_chunk
+from quantkit.scoring.windows import (LOGITS_MAGIC, Score, max_chunks, percentile, ppl_and_err, quantized_rows,
+                                      read_eval_text, scored_per_chunk)
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +209,43 @@ def bench_hf(*, model_dir: Path, gen_tokens: int = 32, reps: int = 1, device: st
             rates.append(new / (time.perf_counter() - start))
     return {"tg_tokens_per_s": sum(rates) / len(rates), "gen_tokens": gen_tokens, "reps": reps,
             "threads": torch.get_num_threads(), "backend": f"transformers ({device})"}
+
+
+def write_base_logits(*, model_dir: Path, conversations: list, spec, n_vocab: int,
+                      gguf_adds_bos: bool | None, out: Path, device: str = "cpu", trust_remote_code: bool = False) -> dict:
+    """The HF checkpoint's log-probs over a chat set's windows (quantkit.scoring.chat), as a ``--kl-divergence-base`` file that
+    ``llama-perplexity --kl-divergence`` reads (tokens from it, not from text). ``n_vocab`` and
+    ``gguf_adds_bos`` are the base GGUF's (what llama-perplexity checks and substitutes): the windows put BOS
+    first as the tokenizer does (so torch scores cut the same windows), refused if the GGUF says otherwise."""
+    import torch
+
+    from quantkit.scoring.chat import chat_windows, render_tokens
+
+    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
+    chat = render_tokens(tokenizer, conversations)
+    add_bos = tokenizer_adds_bos(tokenizer)
+    if gguf_adds_bos is not None and gguf_adds_bos != add_bos:
+        raise VerificationError(f"the GGUF {'adds' if gguf_adds_bos else 'does not add'} BOS and the checkpoint's "
+                                f"tokenizer {'does' if add_bos else 'does not'}: the chat windows would differ")
+    bos = tokenizer.bos_token_id if add_bos else None
+    windows, raw = chat_windows(chat.ids, spec, bos=bos)
+    n_chunks, ctx = windows.shape
+    first = ctx // 2
+    sum_nll = 0.0
+    with open(out, "wb") as f:
+        f.write(LOGITS_MAGIC + struct.pack("<iii", ctx, n_vocab, n_chunks))
+        f.write(raw.to(torch.int32).numpy().astype("<i4").tobytes())
+        for window in windows:
+            with torch.inference_mode():
+                logits = model(input_ids=window[None].to(model.device)).logits[0, first:-1].float().cpu()
+            if logits.shape[1] < n_vocab:
+                raise VerificationError(f"the checkpoint has {logits.shape[1]} logits, the GGUF {n_vocab} tokens")
+            logits = logits[:, :n_vocab]  # a padded embedding's extra rows are no tokens
+            lp = torch.log_softmax(logits.double(), dim=-1)
+            sum_nll -= float(lp.gather(1, window[first + 1:, None])[:, 0].sum())
+            f.write(quantized_rows(logits))
+    count = n_chunks * scored_per_chunk(ctx)
+    log.info("chat base logits: %d conversations (%d with tools left out), %d tokens, %d chunks of %d, base PPL %.4f",
+             chat.conversations, chat.skipped_tools, len(chat.ids), n_chunks, ctx, math.exp(sum_nll / count))
+    return {"conversations": chat.conversations, "skipped_tools": chat.skipped_tools, "tokens": len(chat.ids),
+            "n_chunks": n_chunks, "ctx": ctx, "add_bos": add_bos, "base_ppl": math.exp(sum_nll / count)}

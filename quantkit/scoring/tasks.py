@@ -41,14 +41,16 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quantkit.digest import write_json_atomic
-from quantkit.errors import ChanceLevelError, VerificationError
+from quantkit.errors import VerificationError
 from quantkit.nofollow import SymlinkError, open_beneath, regular_files_below, sha256_of, symlink_on_path
 from quantkit.recipe import TaskSpec
 from quantkit.scoring.taskconfig import read_task_config, task_folder
+from quantkit.scoring.tasks_llamacpp import BACKEND, BATCH_CTX, PARALLEL, score_task_gguf
+from quantkit.scoring.taskitems import TaskItem, TaskResult, check_above_chance, p_above_chance
 from quantkit.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -64,65 +66,6 @@ REPORTED_METRIC = "acc_token_norm"
 # Bumped when the HF scorer's result changes meaning (2: acc_token_norm by llama.cpp's exact definition,
 # per-item results for every metric), so an older stored result is not reused.
 HF_SCORER_VERSION = 2
-
-
-@dataclass(frozen=True)
-class TaskItem:
-    """One multiple-choice question as both backends see it: ``context + " " + choice``."""
-
-    context: str
-    choices: tuple[str, ...]
-    gold: int
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """Accuracy of one variant on one task. Metrics a backend does not compute are None."""
-
-    task: str
-    backend: str  # "lm-eval-hf" or "llama-perplexity"
-    acc: float | None
-    acc_norm: float | None
-    acc_token_norm: float | None
-    n: int
-    chance: float  # expected accuracy of uniform guessing, mean of 1/k_i
-    metric: str  # the accuracy the chance test used
-    p_value: float  # P(at least this many right | uniform guessing), exact
-    correct: tuple[int, ...] = field(repr=False)  # per item, for ``metric``
-    seconds: float = 0.0
-    versions: dict = field(default_factory=dict)
-    per_item: dict = field(default_factory=dict, repr=False)  # {metric: per-item 0/1} for every metric computed
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"correct": list(self.correct),
-                               "per_item": {m: list(v) for m, v in self.per_item.items()}}
-
-
-# ---------------------------------------------------------------- chance test
-
-def p_above_chance(correct: list[int] | tuple[int, ...], n_choices: list[int] | tuple[int, ...]) -> float:
-    """Exact one-sided p-value of getting at least ``sum(correct)`` right by uniform guessing.
-
-    Item i is right with probability 1/n_choices[i] under the null; the count of
-    right items is Poisson-binomial (binomial when all k are equal).
-    """
-    dist = [1.0]
-    for k in n_choices:
-        p = 1.0 / k
-        nxt = [0.0] * (len(dist) + 1)
-        for j, mass in enumerate(dist):
-            nxt[j] += mass * (1 - p)
-            nxt[j + 1] += mass * p
-        dist = nxt
-    return min(1.0, sum(dist[sum(correct):]))
-
-
-def check_above_chance(result: dict, *, label: str, alpha: float) -> None:
-    """Raise ``ChanceLevelError`` when a task's accuracy is not significantly above guessing."""
-    if result["p_value"] >= alpha:
-        raise ChanceLevelError(result["task"] if "task" in result else "?", label, result["backend"],
-                               result["metric"], result[result["metric"]], result["n"], result["chance"],
-                               result["p_value"], alpha)
 
 
 # ---------------------------------------------------------------- task loading
@@ -386,8 +329,6 @@ def hf_task_inputs(task: ResolvedTask, items: Entry, *, identity: str) -> dict:
 
 
 def gguf_task_inputs(task: ResolvedTask, items: Entry, *, gguf_sha256: str, toolchain) -> dict:
-    from quantkit.scoring.tasks_llamacpp import BACKEND, BATCH_CTX, PARALLEL
-
     # the batch layout is in the key: another one can move a near-tie
     return task_inputs(task, items.info["items_sha256"], variant=gguf_sha256, backend=BACKEND,
                        backend_version=f"llama.cpp {toolchain.build}; np {PARALLEL} ctx {BATCH_CTX}")
@@ -416,8 +357,6 @@ def score_task_hf_stored(*, model_dir: Path, identity: str, task: ResolvedTask, 
 def score_task_gguf_stored(*, gguf: Path, gguf_sha256: str, task: ResolvedTask, items: Entry, store: Store, toolchain,
                            threads: int | None = None) -> Entry:
     """One task on one GGUF through llama-perplexity, stored under ``gguf_task_inputs``."""
-    from quantkit.scoring.tasks_llamacpp import score_task_gguf
-
     return _stored(store, "tasks-gguf", gguf_task_inputs(task, items, gguf_sha256=gguf_sha256, toolchain=toolchain),
                    lambda: score_task_gguf(gguf=gguf, task=task.name, items=stored_items(items), toolchain=toolchain,
                                            threads=threads, store=store))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from quantkit.errors import VerificationError
 from quantkit.scoring.llamacpp import perplexity_until_parsed
-from quantkit.scoring.tasks import TaskItem, TaskResult, p_above_chance
+from quantkit.scoring.taskitems import TaskItem, TaskResult, p_above_chance
 from quantkit.store import Store
 
 BACKEND = "llama-perplexity"

@@ -149,3 +149,25 @@ def percentile(sorted_values, fraction: float) -> float:
     i = int(p)
     p -= i
     return float((1 - p) * sorted_values[i] + p * sorted_values[min(i + 1, n - 1)])
+
+
+def quantized_rows(logits) -> bytes:
+    """llama-perplexity's ``log_softmax(..., uint16_t * log_prob, ...)`` for each row of float32 logits: two
+    floats (scale, minimum log-prob), then each logit above max-16 quantized to 16 bits; rows padded to nv."""
+    import numpy as np
+
+    x = logits.float().numpy()
+    n, vocab = x.shape
+    nv = 2 * ((vocab + 1) // 2) + 4
+    mx = x.max(axis=1)
+    mn = np.maximum(x.min(axis=1), mx - 16).astype(np.float32)
+    lse = np.log(np.exp((x - mx[:, None]).astype(np.float64)).sum(axis=1)).astype(np.float32)
+    scale = ((mx - mn) / np.float32(65535.0)).astype(np.float32)
+    rows = np.zeros((n, nv), dtype="<u2")
+    head = np.stack([scale, (mn - mx - lse).astype(np.float32)], axis=1).astype("<f4")
+    rows[:, :4] = head.view("<u2").reshape(n, 4)
+    inv = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0).astype(np.float32)
+    # nearest_int in perplexity.cpp rounds half to even, as np.rint does
+    q = np.rint(inv[:, None] * (x - mn[:, None])).clip(0, 65535)
+    rows[:, 4:4 + vocab] = np.where(x > mn[:, None], q, 0).astype("<u2")
+    return rows.tobytes()

@@ -9,15 +9,13 @@ they read (``quantkit.nofollow``), so a recipe object that skipped validation is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from quantkit.errors import Problem, RecipeError
 from quantkit.nofollow import SymlinkError, read_beneath, symlink_on_path, symlinks_below
+from quantkit.recipe.document import Recipe
 from quantkit.scoring.taskconfig import TASK_YAML, read_task_config, task_folder
 from quantkit.yamlsrc import dotted
 
-if TYPE_CHECKING:
-    from quantkit.recipe import Recipe
 
 LINK_FIX = "replace the link with the file itself (commit the file, not a symlink to it)"
 
