@@ -147,7 +147,7 @@ def price_uncovered_experts(tables: dict[str, dict], *, counts: dict[int, list[i
             "priced_as": "the layer's pooled importance (every routed token), never below their own",
             "note": f"{len(below)} expert(s) got fewer than {min_tokens} calibration tokens in the importance matrix "
                     f"({describe(below)}): unmeasured, not unimportant, so the search priced their share of "
-                    f"{len(repriced) // max(1, len(tables))} expert tensor(s) with their layer's pooled importance "
+                    f"{len(repriced)} expert tensor(s) with their layer's pooled importance "
                     "instead of the near-zero importance the imatrix gives them"}
     return out, note
 

@@ -357,6 +357,7 @@ def test_an_unrouted_expert_is_priced_as_its_layer_not_as_free():
     assert priced["q2_k"]["tensors"]["blk.1.attn_v.weight"] == tables["q2_k"]["tensors"]["blk.1.attn_v.weight"]
     assert note["experts"] == [[1, 3, 0]] and note["tensors"] == ["blk.1.ffn_down_exps.weight"]
     assert "layer 1 expert 3: 0" in note["note"] and "unmeasured, not unimportant" in note["note"]
+    assert "their share of 1 expert tensor(s)" in note["note"]
     # an expert that measured more than the pooled price keeps its own; every expert covered: tables untouched
     own_higher = {"q2_k": table("q2_k", 100, 1.0)}
     own_higher["q2_k"]["tensors"]["blk.0.ffn_down_exps.weight"]["expert_errors"][2] = 5.0

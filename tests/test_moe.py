@@ -252,6 +252,23 @@ def test_the_budget_search_prices_a_never_routed_expert_as_its_layer(tmp_path, r
     assert [1, 3, 0] in note["experts"] and "blk.1.ffn_down_exps.weight" in note["tensors"]
 
 
+@pytest.mark.slow
+def test_a_budget_target_on_the_dead_expert_model_names_the_uncovered_experts(tmp_path, repo_root, tiny_ernie_dead,
+                                                                             toolchain, dead_store, monkeypatch):
+    """The whole search (tables, KLD probes, closed loop) on the dead-expert model: it runs, and the mix's info
+    says which experts were priced as their layer's."""
+    body = (DEAD_RECIPE % "").replace("  types: [Q4_K_M, IQ2_XXS]\n", "  types: [Q4_K_M]\n  targets:\n    - {bpw: 4.0}\n")
+    recipe = project(tmp_path, repo_root, tiny_ernie_dead, body, "dead")
+    monkeypatch.setenv("QUANTKIT_STORE", str(dead_store))
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    manifest = json.loads((tmp_path / "runs" / "tiny-moe-dead" / "manifest.json").read_text())
+    mix = {v["label"]: v for v in manifest["variants"]}["target-4.00bpw"]["info"]["mix"]
+    note = mix["uncovered_experts"]
+    assert [0, 3, 0] in note["experts"] and [1, 3, 0] in note["experts"] and note["min_tokens"] == 32
+    assert {f"blk.{i}.ffn_{p}_exps.weight" for i in (0, 1) for p in ("gate", "up", "down")} == set(note["tensors"])
+    assert "unmeasured, not unimportant" in note["note"]
+
+
 def test_validate_refuses_gptq_and_awq_on_a_family_gptqmodel_cannot_calibrate(tmp_path, repo_root, tiny_ernie,
                                                                              capsys):
     body = """\
