@@ -40,7 +40,7 @@ MIX_STEP = "mix"
 QUANTIZE_STEP = "quantize"
 MIX_FILE = "tensor-types.txt"
 MIX_JSON = "mix.json"
-METHOD = "mckp-dp/3"
+METHOD = "mckp-dp/4"  # /4: experts below gguf.imatrix.min_expert_tokens priced by their layer's pooled importance
 # Stock file types a mix stands beside (the largest that fits the budget is the one to beat).
 STOCK_FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 CHECK_CHUNKS = 16  # of KLD_CTX tokens: 2048 evaluated, 1024 scored, 16 paired differences
@@ -106,6 +106,50 @@ def options(tables: dict[str, dict], factors: dict[str, float | dict[str, float]
     ranked = {n: sorted(cs.values(), key=lambda c: (c.bytes, c.type)) for n, cs in sorted(out.items())}
     # MoE routers (tiny, and every token's expert choice goes through them): the most precise candidate only
     return {n: cs[-1:] if calibration_group(n) in ROUTER_ROLES else cs for n, cs in ranked.items()}
+
+
+def price_uncovered_experts(tables: dict[str, dict], *, counts: dict[int, list[int]], min_tokens: int
+                            ) -> tuple[dict[str, dict], dict | None]:
+    """The tables with each expert tensor's error raised for the experts that got fewer than ``min_tokens``
+    calibration tokens, and a note for mix.json (None when every expert is covered).
+
+    An expert the imatrix saw no token for has zero importance, so its share of the error reads 0 and the
+    search would take its layer's expert tensors as cheap to crush: it is unmeasured, not unimportant. Its
+    share is priced instead with the layer's pooled importance (every token routed to any expert of the layer,
+    sensitivity.read_pooled_importance), never below what it measured itself: as sensitive as an expert of
+    that layer the router does use. One tensor holds all of a layer's experts, so the price is the tensor's."""
+    from quantkit.experts import describe
+
+    below = sorted((layer, e, n) for layer, cs in counts.items() for e, n in enumerate(cs) if n < min_tokens)
+    if not below:
+        return tables, None
+    by_layer: dict[int, list[int]] = {}
+    for layer, e, _ in below:
+        by_layer.setdefault(layer, []).append(e)
+    out: dict[str, dict] = {}
+    repriced: set[str] = set()
+    for candidate, table in tables.items():
+        rows = dict(table["tensors"])
+        for name, row in rows.items():
+            m = re.match(r"blk\.(\d+)\.ffn_(?:gate|up|down)_exps\.weight$", name)
+            experts = by_layer.get(int(m.group(1))) if m else None
+            if not experts or not row.get("quantized"):
+                continue
+            if "expert_errors_pooled" not in row:
+                raise VerificationError(f"sensitivity table {candidate}: {name} has no per-expert errors (measured "
+                                        "before quantkit recorded them); remove the stored sensitivity entries")
+            own, pooled = row["expert_errors"], row["expert_errors_pooled"]
+            extra = sum(max(own[e], pooled[e]) - own[e] for e in experts if e < len(own))
+            rows[name] = {**row, "error": row["error"] + extra, "error_measured": row["error"]}
+            repriced.add(name)
+        out[candidate] = {**table, "tensors": rows}
+    note = {"min_tokens": min_tokens, "experts": [list(x) for x in below], "tensors": sorted(repriced),
+            "priced_as": "the layer's pooled importance (every routed token), never below their own",
+            "note": f"{len(below)} expert(s) got fewer than {min_tokens} calibration tokens in the importance matrix "
+                    f"({describe(below)}): unmeasured, not unimportant, so the search priced their share of "
+                    f"{len(repriced)} expert tensor(s) with their layer's pooled importance "
+                    "instead of the near-zero importance the imatrix gives them"}
+    return out, note
 
 
 def fixed_bytes(tables: dict[str, dict]) -> int:
@@ -190,12 +234,13 @@ def main_ftype(chosen: dict[str, Choice]) -> str:
 
 
 def mix_inputs(*, base: Entry, imatrix: Entry, tables: dict[str, Entry], calibration: Entry, budget: int,
-               calibration_sha256: str, toolchain: Toolchain) -> dict:
+               calibration_sha256: str, toolchain: Toolchain, min_expert_tokens: int = 32) -> dict:
     from quantkit.sensitivity import KLD_CTX
 
     return {"base_sha256": base.files["model.gguf"].sha256, "imatrix_sha256": imatrix.files["imatrix.gguf"].sha256,
             "tables": {t: e.key for t, e in sorted(tables.items())}, "calibration": calibration.key,
             "budget_bytes": budget, "method": METHOD, "llama_cpp": toolchain.build,
+            "min_expert_tokens": min_expert_tokens,
             "check": {"calibration_sha256": calibration_sha256, "ctx": KLD_CTX, "chunks": CHECK_CHUNKS,
                       "stock": list(STOCK_FTYPES), "win_se": WIN_SE, "reprice_roles": REPRICE_ROLES}}
 
@@ -205,15 +250,18 @@ _QUANT_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
 
 def make_mix(*, label: str, target: GGUFTarget, base: Entry, imatrix: Entry, tables: dict[str, Entry],
              calibration: Entry, calibration_text: str, calibration_sha256: str, parameters: int, config: dict | None,
-             toolchain: Toolchain, store: Store, threads: int = 1) -> Entry:
+             toolchain: Toolchain, store: Store, threads: int = 1, min_expert_tokens: int = 32) -> Entry:
     """The ``mix`` entry: ``tensor-types.txt`` (llama-quantize's --tensor-type-file) and ``mix.json``
     (budget, predicted bytes and error, the type of every tensor, the closed-loop check and whether the
-    target fell back to a stock type), checked with --dry-run."""
+    target fell back to a stock type), checked with --dry-run. Experts below ``min_expert_tokens`` in the
+    imatrix are priced as their layer's routed experts (price_uncovered_experts; mix.json's ``uncovered_experts``)."""
+    from quantkit.experts import expert_token_counts
     from quantkit.sensitivity import load_factors, load_table, mix_file_text
 
     budget = budget_bytes(target, parameters=parameters, config=config)
     inputs = mix_inputs(base=base, imatrix=imatrix, tables=tables, calibration=calibration, budget=budget,
-                        calibration_sha256=calibration_sha256, toolchain=toolchain)
+                        calibration_sha256=calibration_sha256, toolchain=toolchain,
+                        min_expert_tokens=min_expert_tokens)
 
     def produce(staging: Staging) -> None:
         import time
@@ -222,6 +270,10 @@ def make_mix(*, label: str, target: GGUFTarget, base: Entry, imatrix: Entry, tab
 
         start = time.perf_counter()
         loaded = {t: load_table(e) for t, e in sorted(tables.items())}
+        loaded, uncovered = price_uncovered_experts(loaded, counts=expert_token_counts(imatrix.file("imatrix.gguf")),
+                                                    min_tokens=min_expert_tokens)
+        if uncovered:
+            log.warning("%s: %s", label, uncovered["note"])
         factors = load_factors(calibration)
         opts = options(loaded, factors)
         ref = next(iter(loaded.values()))
@@ -273,12 +325,12 @@ def make_mix(*, label: str, target: GGUFTarget, base: Entry, imatrix: Entry, tab
                  "dry_run_tensor_mib": dry_mib, "ftype": ftype,
                  "predicted_error": sum(c.error for c in chosen.values()), "factors": factors,
                  "type_counts": dict(sorted(counts.items())), "check": rounds, "fallback": fallback,
-                 "tensors": assignment}
+                 "uncovered_experts": uncovered, "tensors": assignment}
         write_json_atomic(staging.path / MIX_JSON, value)
         staging.info.update(tool=toolchain.version, seconds=round(time.perf_counter() - start, 3),
                             check_seconds=round(loop.seconds, 3), kld_runs=loop.runs,
                             mix={k: value[k] for k in ("budget_bytes", "predicted_file_bytes", "ftype", "type_counts",
-                                                       "fallback")})
+                                                       "fallback", "uncovered_experts")})
 
     entry = store.ensure(MIX_STEP, inputs, produce)
     log.info("mix %s: %s (budget %s, predicted %.1f MiB)%s", label, "reused" if entry.reused else "searched",
@@ -489,7 +541,7 @@ def quantize_mix(*, label: str, base: Entry, imatrix: Entry, mix: Entry, toolcha
                             mix={"label": label, "target": plan["target"], "budget_bytes": plan["budget_bytes"],
                                  "file": MIX_FILE, "mix_key": mix.key, "type_counts": plan["type_counts"],
                                  "check": plan.get("check"), "fallback": plan.get("fallback"),
-                                 "tensors": plan["tensors"]})
+                                 "uncovered_experts": plan.get("uncovered_experts"), "tensors": plan["tensors"]})
 
     entry = store.ensure(QUANTIZE_STEP, inputs, produce)
     log.info("quantize %s: %s (%.1f MiB, budget %.1f MiB)", label, "reused" if entry.reused else "built",
@@ -555,15 +607,16 @@ def mix_node(ctx, node, deps, *, run: bool):
     parameters = deps["convert"].info["gguf"]["parameters"]
     config = _model_config(deps)
     calib = deps["source"].calibration
+    min_tokens = ctx.recipe.gguf.imatrix.min_expert_tokens
     if not run:
         budget = budget_bytes(target, parameters=parameters, config=config)
         return mix_inputs(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(deps),
                           calibration=deps["sensitivity-kld"], budget=budget, calibration_sha256=calib.sha256,
-                          toolchain=ctx.tools)
+                          toolchain=ctx.tools, min_expert_tokens=min_tokens)
     return make_mix(label=node.label, target=target, base=deps["convert"], imatrix=deps["imatrix"],
                     tables=_tables(deps), calibration=deps["sensitivity-kld"], calibration_text=calib.text,
                     calibration_sha256=calib.sha256, parameters=parameters, config=config, toolchain=ctx.tools,
-                    store=ctx.store, threads=ctx.threads)
+                    store=ctx.store, threads=ctx.threads, min_expert_tokens=min_tokens)
 
 
 def check_target(target: GGUFTarget, *, parameters: int, config: dict | None, where: str) -> int:

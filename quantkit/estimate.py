@@ -91,6 +91,19 @@ class ModelFacts:
     def text_config(self) -> dict:
         return self.config.get("text_config") or self.config
 
+    @functools.cached_property
+    def active_parameters(self) -> int:
+        """Weights each token is computed with: all of them for a dense model; for a mixture of experts the
+        non-expert weights (attention, embeddings, routers, shared experts) plus experts_used / expert_count
+        of the routed experts' weights. What the compute of a forward pass scales with; disk and RAM stay on
+        ``parameters`` (every expert is stored and mapped)."""
+        cfg = self.text_config
+        n, k = expert_count(cfg), experts_per_token(cfg)
+        if not n or not k:
+            return self.parameters
+        routed = sum(t.ne0 * t.rows for t in gguf_tensors(self) if t.experts > 1)
+        return self.parameters - routed + routed * min(k, n) // n
+
 
 def read_local_facts(folder: Path) -> ModelFacts:
     headers = []
@@ -141,10 +154,16 @@ _MOE_NAMES = {
 _F32_ALWAYS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 # Keys of config.json that hold the number of routed experts, by family.
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "moe_num_experts", "n_routed_experts")
+# ... and of the experts each token is routed to.
+EXPERTS_USED_KEYS = ("num_experts_per_tok", "moe_k", "experts_per_token", "moe_topk")
 
 
 def expert_count(cfg: dict) -> int:
     return next((int(cfg[k]) for k in EXPERT_COUNT_KEYS if cfg.get(k)), 0)
+
+
+def experts_per_token(cfg: dict) -> int:
+    return next((int(cfg[k]) for k in EXPERTS_USED_KEYS if cfg.get(k)), 0)
 
 
 @dataclass(frozen=True)
@@ -699,6 +718,15 @@ def torch_eval_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
 # benchmarks/README.md, "Where the demo's time goes"). The console's ETA scales them by how fast this
 # machine ran the nodes already done, so only their ratios matter: a GPTQ, AWQ or torch pass is not an
 # average node.
+#
+# Mixtures of experts: a forward pass computes each token with the weights it is routed to, so the nodes that
+# evaluate tokens (imatrix, perplexity/KLD, tasks, bench, serve, score-hf) scale with
+# ``ModelFacts.active_parameters`` (llama.cpp's mul_mat_id and transformers' expert loop only touch routed
+# rows). Per-weight nodes (convert, quantize, rtn) read every weight: total ``parameters``. GPTQ and AWQ stay on
+# the total too: quantkit calibrates with GPTQModel's ExpertsRoutingBypass (quantkit.gptq.moe_routing), which
+# sends every calibration token through every expert, so forward passes and Hessians cover all expert weights
+# on all tokens (with plain routing they would see ~experts_used/expert_count of the tokens, but each expert's
+# solve would still cost as much as a dense linear's).
 RATE = {
     "llama": 1.8e-11,  # llama.cpp evaluating tokens (imatrix, perplexity, KLD, bench): 42 s for 16k imatrix tokens
     "torch-score": 2.0e-11,  # transformers float32 on the CPU, windows of ctx tokens with the full logits (score-hf)
@@ -746,7 +774,7 @@ def mmproj_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:  #
 
 
 def imatrix_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * facts.parameters * RATE["llama"]
+    return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * facts.active_parameters * RATE["llama"]
 
 
 def quantize_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
@@ -756,32 +784,34 @@ def quantize_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
 
 def llama_score_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
     """base-logits, score-gguf: the evaluation text through llama-perplexity."""
-    return _scored_tokens(recipe) * facts.parameters * RATE["llama"]
+    return _scored_tokens(recipe) * facts.active_parameters * RATE["llama"]
 
 
 def tasks_gguf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    return _task_limit(recipe, params) * TASK_TOKENS * facts.parameters * RATE["llama"] + 1
+    return _task_limit(recipe, params) * TASK_TOKENS * facts.active_parameters * RATE["llama"] + 1
 
 
 def serve_gguf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    return _serve_tokens(recipe) * facts.parameters * RATE["llama"] + 2
+    return _serve_tokens(recipe) * facts.active_parameters * RATE["llama"] + 2
 
 
 def serve_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    return _serve_tokens(recipe) * facts.parameters * RATE["torch-score"] + 2
+    return _serve_tokens(recipe) * facts.active_parameters * RATE["torch-score"] + 2
 
 
 def bench_gguf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    return (128 + 32 * 8) * _bench_reps(recipe) * facts.parameters * RATE["llama"]
+    return (128 + 32 * 8) * _bench_reps(recipe) * facts.active_parameters * RATE["llama"]
 
 
 def score_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
     # a quantized checkpoint is scored beside its base (KLD)
-    return _scored_tokens(recipe) * facts.parameters * RATE["torch-score"] * (1 if params.get("is_base", True) else 2)
+    models = 1 if params.get("is_base", True) else 2
+    return _scored_tokens(recipe) * facts.active_parameters * RATE["torch-score"] * models
 
 
 def tasks_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    return _task_limit(recipe, params) * TASK_TOKENS * 2 * TASK_CHOICES * facts.parameters * RATE["torch-tasks"] + 3
+    tokens = _task_limit(recipe, params) * TASK_TOKENS * 2 * TASK_CHOICES
+    return tokens * facts.active_parameters * RATE["torch-tasks"] + 3
 
 
 def bench_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
@@ -789,12 +819,13 @@ def bench_hf_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
 
 
 def gptq_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    # total, not active, parameters: every expert sees every calibration token (see RATE above)
     spec = recipe.gptq[params["index"]]
     return spec.samples * spec.seq_len * facts.parameters * RATE["gptq"] + 10
 
 
 def awq_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    spec, w = recipe.awq[params["index"]], facts.parameters
+    spec, w = recipe.awq[params["index"]], facts.parameters  # total: every expert sees every token (RATE)
     tokens = spec.samples * spec.seq_len
     return tokens * w * RATE["awq"] + (min(tokens, 512) * w * RATE["awq-clip"] if spec.clip else 0) + 10
 

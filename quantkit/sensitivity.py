@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 STEP = "sensitivity"
 KLD_STEP = "sensitivity-kld"
-METHOD = "imatrix-weighted-sse/1"
+# /2: expert tensors also record each expert's error, with its own importance and with the layer's pooled one
+METHOD = "imatrix-weighted-sse/2"
 KLD_METHOD = "role-kld/4"
 IMATRIX_LINK = "imatrix.gguf"
 
@@ -101,11 +102,7 @@ def tensor_group(name: str) -> str:
 
 # --- the importance matrix ---------------------------------------------------------------------------
 
-def read_importance(imatrix_gguf: Path) -> dict[str, np.ndarray]:
-    """Per weight tensor, the mean squared input activation per column: shape (n_mat, n_cols).
-
-    The pinned llama-imatrix writes GGUF: for each tensor ``<name>.in_sum2`` (sum of squared inputs over
-    the tokens it saw, per column and per expert) and ``<name>.counts`` (tokens per expert)."""
+def _read_sums(imatrix_gguf: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     from gguf import GGUFReader
 
     reader = GGUFReader(imatrix_gguf)
@@ -117,12 +114,36 @@ def read_importance(imatrix_gguf: Path) -> dict[str, np.ndarray]:
             counts[t.name.removesuffix(".counts")] = np.asarray(t.data, dtype=np.float64).reshape(-1)
     if not sums:
         raise VerificationError(f"{imatrix_gguf} holds no '<tensor>.in_sum2' entries: not a GGUF importance matrix")
+    return sums, counts
+
+
+def read_importance(imatrix_gguf: Path) -> dict[str, np.ndarray]:
+    """Per weight tensor, the mean squared input activation per column: shape (n_mat, n_cols).
+
+    The pinned llama-imatrix writes GGUF: for each tensor ``<name>.in_sum2`` (sum of squared inputs over
+    the tokens it saw, per column and per expert) and ``<name>.counts`` (tokens per expert). An expert that
+    saw no token gets all zeros here: unmeasured, not unimportant (quantkit.budget.price_uncovered_experts)."""
+    sums, counts = _read_sums(imatrix_gguf)
     out = {}
     for name, s in sums.items():
         c = counts.get(name)
         s2 = s.reshape(len(c) if c is not None else 1, -1)
         n = np.maximum(c if c is not None else np.ones(1), 1.0)[:, None]
         out[name] = s2 / n
+    return out
+
+
+def read_pooled_importance(imatrix_gguf: Path) -> dict[str, np.ndarray]:
+    """Per expert tensor (more than one expert), the layer's mean squared input per column over every token
+    routed to any of its experts (in_sum2 summed over experts / counts summed): what an expert the calibration
+    did not reach would see, were it routed like the others. Shape (n_cols,)."""
+    sums, counts = _read_sums(imatrix_gguf)
+    out = {}
+    for name, s in sums.items():
+        c = counts.get(name)
+        if c is None or len(c) < 2:
+            continue
+        out[name] = s.reshape(len(c), -1).sum(axis=0) / max(float(c.sum()), 1.0)
     return out
 
 
@@ -173,7 +194,8 @@ def read_tensors(path: Path) -> dict[str, tuple[int, np.ndarray]]:
     return out
 
 
-def tensor_errors(*, base_gguf: Path, quant_gguf: Path, importance: dict[str, np.ndarray]) -> dict[str, dict]:
+def tensor_errors(*, base_gguf: Path, quant_gguf: Path, importance: dict[str, np.ndarray],
+                  pooled: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Per tensor of ``quant_gguf``: its type, bytes, elements, group and (for quantized tensors) the
     importance-weighted squared error against ``base_gguf`` and the weighted energy of the base."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -188,8 +210,13 @@ def tensor_errors(*, base_gguf: Path, quant_gguf: Path, importance: dict[str, np
         if row["quantized"]:
             imp = importance.get(name)
             row["weighted"] = imp is not None
-            row["error"], row["energy"] = _weighted_error(braw, GGMLQuantizationType(btype), qraw,
-                                                          GGMLQuantizationType(qtype), imp)
+            pool = (pooled or {}).get(name) if imp is not None and imp.shape[0] > 1 else None
+            row["error"], row["energy"], per_expert, per_expert_pooled = _weighted_error(
+                braw, GGMLQuantizationType(btype), qraw, GGMLQuantizationType(qtype), imp, pool)
+            if pool is not None:
+                # one tensor holds every expert of a layer: each expert's share, with its own importance and
+                # with the layer's pooled one (quantkit.budget prices an unrouted expert by the latter)
+                row["expert_errors"], row["expert_errors_pooled"] = per_expert, per_expert_pooled
         out[name] = row
     return out
 
@@ -198,8 +225,10 @@ ROWS_PER_BLOCK = 8192  # rows dequantized at a time: bounds memory on large embe
 
 
 def _weighted_error(base_rows: np.ndarray, base_type, quant_rows: np.ndarray, quant_type,
-                    imp: np.ndarray | None) -> tuple[float, float]:
-    """sum imp[col] * (W - Q)**2 and sum imp[col] * W**2 over a tensor.
+                    imp: np.ndarray | None, pooled: np.ndarray | None = None
+                    ) -> tuple[float, float, list[float], list[float] | None]:
+    """sum imp[col] * (W - Q)**2 and sum imp[col] * W**2 over a tensor; the error of each matrix (expert), and
+    of each with the ``pooled`` importance instead of its own (None without ``pooled``).
 
     One vectorised pass per block of rows: squared differences summed over the rows of each matrix
     (float64 accumulation), then one dot product with that matrix's importance per column."""
@@ -209,6 +238,8 @@ def _weighted_error(base_rows: np.ndarray, base_type, quant_rows: np.ndarray, qu
     n_mat = 1 if imp is None else imp.shape[0]
     per_mat = n_rows // n_mat
     err = energy = 0.0
+    each: list[float] = []
+    each_pooled: list[float] | None = [] if pooled is not None else None
     for m in range(n_mat):
         d2 = e2 = None
         for r0 in range(m * per_mat, (m + 1) * per_mat, ROWS_PER_BLOCK):
@@ -220,9 +251,12 @@ def _weighted_error(base_rows: np.ndarray, base_type, quant_rows: np.ndarray, qu
             d2 = cols_d if d2 is None else d2 + cols_d
             e2 = cols_e if e2 is None else e2 + cols_e
         weights = np.ones_like(d2) if imp is None else imp[m]
-        err += float(d2 @ weights)
+        each.append(float(d2 @ weights))
+        err += each[-1]
         energy += float(e2 @ weights)
-    return err, energy
+        if each_pooled is not None:
+            each_pooled.append(float(d2 @ pooled))
+    return err, energy, each, each_pooled
 
 
 def measure(*, base: Entry, imatrix: Entry, tensor_type: str, toolchain: Toolchain, store: Store,
@@ -243,8 +277,10 @@ def measure(*, base: Entry, imatrix: Entry, tensor_type: str, toolchain: Toolcha
             run = run_tool([toolchain.binary("llama-quantize"), "--pure", "--imatrix", IMATRIX_LINK,
                             base.file("model.gguf"), out.name, CANDIDATES[tensor_type], str(threads)], cwd=staging.path)
             start = time.perf_counter()
+            imatrix_gguf = imatrix.file("imatrix.gguf")
             tensors = tensor_errors(base_gguf=base.file("model.gguf"), quant_gguf=out,
-                                    importance=read_importance(imatrix.file("imatrix.gguf")))
+                                    importance=read_importance(imatrix_gguf),
+                                    pooled=read_pooled_importance(imatrix_gguf))
             compare_s = time.perf_counter() - start
             file_bytes = out.stat().st_size
         finally:

@@ -329,3 +329,39 @@ def test_a_mix_that_does_not_win_is_the_stock_type(tmp_path, repo_root, tiny_lla
     lines = mix_md({"variants": [{"label": "target-4.50bpw", "size_bytes": v["files"]["model.gguf"]["size"],
                                   "bpw": 4.4, "mix": {**v["info"]["mix"], "summary": []}}]})
     assert any(f"the stock type {fallback['stock']}" in line for line in lines), lines
+
+
+def test_an_unrouted_expert_is_priced_as_its_layer_not_as_free():
+    """Layer 1's routed experts matter more than layer 0's, but its expert 3 saw no calibration token, so its
+    measured share of the error is 0 and layer 1 looks the cheaper one to crush. Priced as its layer's routed
+    experts (the pooled importance), layer 1 gets the upgrade."""
+    from quantkit.budget import price_uncovered_experts
+
+    def table(ty: str, size: int, s: float) -> dict:
+        def row(own, pooled):
+            return {"quantized": True, "type": ty, "bytes": size, "error": sum(own), "expert_errors": own,
+                    "expert_errors_pooled": pooled}
+        return {"tensors": {"blk.0.ffn_down_exps.weight": row([s] * 4, [s] * 4),
+                            "blk.1.ffn_down_exps.weight": row([1.2 * s] * 3 + [0.0], [1.2 * s] * 4),
+                            "blk.1.attn_v.weight": {"quantized": True, "type": ty, "bytes": 1, "error": s}}}
+
+    tables = {"q2_k": table("q2_k", 100, 1.0), "q4_k": table("q4_k", 150, 0.1)}
+    room = 100 + 150 + 2  # one of the two expert tensors can be q4_k
+    layer_types = lambda chosen: [chosen[f"blk.{i}.ffn_down_exps.weight"].type for i in (0, 1)]  # noqa: E731
+    assert layer_types(allocate(options(tables), room)) == ["q4_k", "q2_k"]  # what zero importance did
+    counts = {0: [300, 200, 250, 250], 1: [400, 300, 300, 0]}
+    priced, note = price_uncovered_experts(tables, counts=counts, min_tokens=32)
+    assert layer_types(allocate(options(priced), room)) == ["q2_k", "q4_k"]
+    assert priced["q2_k"]["tensors"]["blk.1.ffn_down_exps.weight"]["error"] == pytest.approx(4.8)
+    assert priced["q2_k"]["tensors"]["blk.1.ffn_down_exps.weight"]["error_measured"] == pytest.approx(3.6)
+    assert priced["q2_k"]["tensors"]["blk.1.attn_v.weight"] == tables["q2_k"]["tensors"]["blk.1.attn_v.weight"]
+    assert note["experts"] == [[1, 3, 0]] and note["tensors"] == ["blk.1.ffn_down_exps.weight"]
+    assert "layer 1 expert 3: 0" in note["note"] and "unmeasured, not unimportant" in note["note"]
+    assert "their share of 1 expert tensor(s)" in note["note"]
+    # an expert that measured more than the pooled price keeps its own; every expert covered: tables untouched
+    own_higher = {"q2_k": table("q2_k", 100, 1.0)}
+    own_higher["q2_k"]["tensors"]["blk.0.ffn_down_exps.weight"]["expert_errors"][2] = 5.0
+    own_higher["q2_k"]["tensors"]["blk.0.ffn_down_exps.weight"]["error"] = 8.0
+    got, _ = price_uncovered_experts(own_higher, counts={0: [300, 300, 5, 300]}, min_tokens=32)
+    assert got["q2_k"]["tensors"]["blk.0.ffn_down_exps.weight"]["error"] == 8.0
+    assert price_uncovered_experts(tables, counts={0: [40] * 4, 1: [40] * 4}, min_tokens=32) == (tables, None)

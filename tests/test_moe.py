@@ -213,6 +213,63 @@ def test_a_never_routed_expert_can_refuse_the_variant(tmp_path, repo_root, tiny_
     assert "Traceback" not in err
 
 
+def test_the_budget_search_prices_a_never_routed_expert_as_its_layer(tmp_path, repo_root, tiny_ernie_dead, toolchain,
+                                                                      dead_store, monkeypatch):
+    """The sensitivity table of the dead-expert model: expert 3's measured share of each expert tensor's error
+    is 0 (no importance data), so the search would take it as free; priced by its layer's pooled importance it
+    costs about what the layer's routed experts cost, and mix.json's note names it."""
+    from quantkit.budget import price_uncovered_experts
+    from quantkit.experts import expert_token_counts
+    from quantkit.proc import run_tool
+    from quantkit.sensitivity import read_importance, read_pooled_importance, tensor_errors
+
+    recipe = project(tmp_path, repo_root, tiny_ernie_dead, DEAD_RECIPE % "", "dead")
+    monkeypatch.setenv("QUANTKIT_STORE", str(dead_store))
+    assert main(["run", "--no-publish", str(recipe)]) == 0  # reuses the fallback test's convert and imatrix
+    steps = {s["step"]: s for s in json.loads((tmp_path / "runs" / "tiny-moe-dead" / "manifest.json").read_text())
+             ["steps"]}
+    base = dead_store / "convert" / steps["convert"]["key"] / "model.gguf"
+    imatrix = dead_store / "imatrix" / steps["imatrix"]["key"] / "imatrix.gguf"
+    run_tool([toolchain.binary("llama-quantize"), "--pure", "--imatrix", imatrix, base, tmp_path / "q2.gguf", "Q2_K",
+              "1"])
+    rows = tensor_errors(base_gguf=base, quant_gguf=tmp_path / "q2.gguf", importance=read_importance(imatrix),
+                         pooled=read_pooled_importance(imatrix))
+    counts = expert_token_counts(imatrix)
+    priced, note = price_uncovered_experts({"q2_k": {"tensors": rows}}, counts=counts, min_tokens=32)
+    layers = json.loads((tiny_ernie_dead / "config.json").read_text())["num_hidden_layers"]
+    for layer in range(layers):
+        assert counts[layer][3] == 0
+        covered = [e for e, n in enumerate(counts[layer]) if n >= 32]
+        for proj in ("gate", "up", "down"):
+            name = f"blk.{layer}.ffn_{proj}_exps.weight"
+            own, pooled = rows[name]["expert_errors"], rows[name]["expert_errors_pooled"]
+            assert own[3] == 0.0 and sum(own) == pytest.approx(rows[name]["error"])  # unmeasured: free to crush
+            # every uncovered expert (layer 1's expert 1 too, starved by the brief training) at the pooled price
+            uncovered = [e for e in range(len(own)) if e not in covered]
+            assert priced["q2_k"]["tensors"][name]["error"] == pytest.approx(
+                sum(own[e] for e in covered) + sum(max(own[e], pooled[e]) for e in uncovered))
+            # priced as a routed expert of its layer: not below the least of the covered ones' measured shares
+            assert pooled[3] >= min(own[e] for e in covered), (name, own, pooled[3])
+    assert [1, 3, 0] in note["experts"] and "blk.1.ffn_down_exps.weight" in note["tensors"]
+
+
+@pytest.mark.slow
+def test_a_budget_target_on_the_dead_expert_model_names_the_uncovered_experts(tmp_path, repo_root, tiny_ernie_dead,
+                                                                             toolchain, dead_store, monkeypatch):
+    """The whole search (tables, KLD probes, closed loop) on the dead-expert model: it runs, and the mix's info
+    says which experts were priced as their layer's."""
+    body = (DEAD_RECIPE % "").replace("  types: [Q4_K_M, IQ2_XXS]\n", "  types: [Q4_K_M]\n  targets:\n    - {bpw: 4.0}\n")
+    recipe = project(tmp_path, repo_root, tiny_ernie_dead, body, "dead")
+    monkeypatch.setenv("QUANTKIT_STORE", str(dead_store))
+    assert main(["run", "--no-publish", str(recipe)]) == 0
+    manifest = json.loads((tmp_path / "runs" / "tiny-moe-dead" / "manifest.json").read_text())
+    mix = {v["label"]: v for v in manifest["variants"]}["target-4.00bpw"]["info"]["mix"]
+    note = mix["uncovered_experts"]
+    assert [0, 3, 0] in note["experts"] and [1, 3, 0] in note["experts"] and note["min_tokens"] == 32
+    assert {f"blk.{i}.ffn_{p}_exps.weight" for i in (0, 1) for p in ("gate", "up", "down")} == set(note["tensors"])
+    assert "unmeasured, not unimportant" in note["note"]
+
+
 def test_validate_refuses_gptq_and_awq_on_a_family_gptqmodel_cannot_calibrate(tmp_path, repo_root, tiny_ernie,
                                                                              capsys):
     body = """\

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_plan_hub import header_only
 
+from quantkit.estimate import RATE
 from quantkit.plan import Machine, plan, render, totals
 
 from localhub import LocalHub
@@ -90,9 +91,48 @@ def test_the_moe_recipe_plans_from_headers_alone(project):
     assert list(sizes.values()) == sorted(sizes.values(), reverse=True)
     # imatrix maps the 57 GiB bf16 base: its RAM is above that
     assert rows["imatrix"].ram_bytes > rows["convert"].disk_bytes
+    # Time of the nodes that evaluate tokens follows the 3.35 B active weights (1.54 B outside the routed experts
+    # + 8/128 of their 28.99 B), not the 30.53 B stored; GPTQ sends every token through every expert: total.
+    active = params - 48 * E * 3 * H * FF + 48 * 8 * 3 * H * FF
+    assert active / 1e9 == pytest.approx(3.35, abs=0.01)
+    assert rows["imatrix"].seconds == pytest.approx(512 * 200 * active * RATE["llama"], rel=1e-6)
+    assert rows["imatrix"].seconds < 3 * 3600  # 102,400 tokens; with total weights it was 15.6 h
+    assert rows["gptq:GPTQ-4bit-g128"].seconds == pytest.approx(256 * 2048 * params * RATE["gptq"] + 10, rel=1e-6)
     text = render(list(rows.values()), have=Machine(free_disk=500 * GiB, available_ram=64 * GiB))
     print(text)
     print({t: round(s, 2) for t, s in sizes.items()})
+    print({n: round(r.seconds) for n, r in rows.items() if r.seconds is not None})
+
+
+def test_moe_time_follows_active_weights_disk_and_ram_all_weights():
+    """An MoE shape's token-evaluating nodes cost what a dense model of its active size costs; its disk and
+    RAM what all its weights take."""
+    from quantkit.estimate import (ModelFacts, bench_gguf_seconds, imatrix_cost, imatrix_seconds,
+                                   llama_score_seconds, score_hf_seconds)
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, root=REPO_ROOT)
+    moe = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": s} for n, s in shapes()}], CONFIG)
+    # a dense model with the same attention and embeddings and an MLP as wide as the 8 experts a token uses
+    dense_shapes = [(n, s) for n, s in shapes() if ".mlp." not in n]
+    for i in range(48):
+        p = f"model.layers.{i}.mlp."
+        dense_shapes += [(p + "gate_proj.weight", [8 * FF, H]), (p + "up_proj.weight", [8 * FF, H]),
+                         (p + "down_proj.weight", [H, 8 * FF])]
+    dense_config = {k: v for k, v in CONFIG.items() if "expert" not in k} | {"intermediate_size": 8 * FF}
+    dense = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": s} for n, s in dense_shapes}], dense_config)
+    assert dense.active_parameters == dense.parameters
+    # the same but for the 48 routers (128 x 2048 each): 0.35 %
+    assert moe.active_parameters == pytest.approx(dense.parameters, rel=0.005)
+    assert moe.parameters / moe.active_parameters > 9
+    for seconds in (imatrix_seconds, llama_score_seconds, bench_gguf_seconds, score_hf_seconds):
+        assert seconds(recipe, {}, moe) == pytest.approx(seconds(recipe, {}, dense), rel=0.005), seconds.__name__
+    # imatrix maps the whole base GGUF: RAM follows every weight
+    assert imatrix_cost(recipe, {}, moe).ram_bytes > 5 * imatrix_cost(recipe, {}, dense).ram_bytes
+    # a dense config is untouched
+    plain = ModelFacts.from_headers([{"model.layers.0.mlp.up_proj.weight": {"dtype": "BF16", "shape": [8, 4]}}],
+                                    {"num_hidden_layers": 1})
+    assert plain.active_parameters == plain.parameters == 32
 
 
 def test_hardware_fit_says_what_must_be_resident():
