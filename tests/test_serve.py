@@ -32,6 +32,15 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['co
 WITH_TOOLS = ("{{ bos_token }}{% if tools %}<|tools|>\n{{ tools | tojson }}\n{% endif %}"
               "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# Hermes/Qwen2.5-style calls (<tool_call>{"name": …, "arguments": …}</tool_call>), turns as in TEMPLATE: the format
+# llama-server's template analysis recognises. No newline right after a block tag (transformers trims it).
+HERMES = ("{{ bos_token }}{% if tools %}<|system|>\n<tools>{% for t in tools %}{{ '\\n' }}{{ t | tojson }}{% endfor %}"
+          "{{ '\\n' }}</tools>{{ '\\n' }}{% endif %}{% for m in messages %}{% if m['role'] == 'tool' %}"
+          "<|user|>\n<tool_response>\n{{ m['content'] }}\n</tool_response>{{ '\\n' }}"
+          "{% else %}<|{{ m['role'] }}|>\n{% if m['content'] %}{{ m['content'] }}{% endif %}"
+          "{% for c in m['tool_calls'] or [] %}<tool_call>\n{\"name\": \"{{ c['function']['name'] }}\", \"arguments\": "
+          "{{ c['function']['arguments'] | tojson }}{{ '}' }}\n</tool_call>{% endfor %}{{ '\\n' }}{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 RAISES_ON_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                     "{{ raise_exception('System role not supported') }}{% endif %}"
                     "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -78,7 +87,8 @@ def models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     _set_eos(never, UNK)
     return {"chat": _copy_model(Path(tiny_llama), root / "chat", template=TEMPLATE), "never": never,
             "raises": _copy_model(Path(tiny_llama), root / "raises", template=RAISES_ON_SYSTEM),
-            "tools": _copy_model(Path(tiny_llama), root / "tools", template=WITH_TOOLS)}
+            "tools": _copy_model(Path(tiny_llama), root / "tools", template=WITH_TOOLS),
+            "hermes": _copy_model(Path(tiny_llama), root / "hermes", template=HERMES)}
 
 
 @pytest.fixture(scope="session")
@@ -95,9 +105,11 @@ def ggufs(models, toolchain, tmp_path_factory) -> dict[str, Path]:
         run_tool([sys.executable, new_metadata, *args, "--force", chat, dest], env=toolchain.python_env())
         return dest
 
+    hermes = derive("hermes", "--chat-template", HERMES)
     return {"chat": chat, "no-template": derive("no-template", "--remove-metadata", "tokenizer.chat_template"),
             "raises": derive("raises", "--chat-template", RAISES_ON_SYSTEM),
             "tools": derive("tools", "--chat-template", WITH_TOOLS),
+            "hermes": hermes, "hermes-bpe": no_space_prefix(hermes, out / "hermes-bpe.gguf", toolchain),
             "never": never_stops(chat, out / "never.gguf", toolchain)}
 
 
@@ -120,6 +132,26 @@ copy_with_new_metadata(reader, writer, {
 
 def never_stops(src: Path, dest: Path, toolchain) -> Path:
     run_tool([sys.executable, "-c", RENAME_EOS, src, dest], env=toolchain.python_env())
+    return dest
+
+
+# The tiny sentencepiece tokenizer puts a space before the first word of a text (add_space_prefix, as Llama 2 and
+# Mistral do): llama-server at the pinned commit then drops the first token of the generation prompt (" <") before
+# it feeds the prompt to a forced call's grammar, which fails ("Failed to initialize samplers"). BPE tokenizers
+# (Llama 3, Qwen) add no space: this copy behaves like them.
+NO_SPACE_PREFIX = """
+import sys
+import gguf
+from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+reader = gguf.GGUFReader(sys.argv[1])
+writer = gguf.GGUFWriter(sys.argv[2], arch=reader.fields["general.architecture"].contents(), endianess=reader.endianess)
+copy_with_new_metadata(reader, writer, {
+    "tokenizer.ggml.add_space_prefix": MetadataDetails(gguf.GGUFValueType.BOOL, False)}, [])  # writes and closes
+"""
+
+
+def no_space_prefix(src: Path, dest: Path, toolchain) -> Path:
+    run_tool([sys.executable, "-c", NO_SPACE_PREFIX, src, dest], env=toolchain.python_env())
     return dest
 
 
@@ -146,13 +178,72 @@ def test_gguf_chats_through_llama_server(ggufs, models, toolchain, tmp_path):
     check = _check(ggufs, models, toolchain, tmp_path, "chat", "chat")
     assert check.failures == []
     assert (check.loads, check.chat_stops, check.template_matches, check.tool_call) == (True, True, True, "n/a")
+    assert check.tool is None and check.to_dict()["tool_detail"] == "n/a"  # TEMPLATE does not mention tools
     assert check.reply and check.tokens_per_s > 0
 
 
 def test_template_with_tools_gets_a_tool_request(ggufs, models, toolchain, tmp_path):
+    """WITH_TOOLS lists the tools but renders no call: the tiny model answers in prose, and no forced call is
+    tried (there is no format to force): "no", and that is no failure."""
     check = _check(ggufs, models, toolchain, tmp_path, "tools", "tools")
-    # the tiny model answers in prose, not with a call: "no", and that is no failure
     assert check.failures == [] and check.tool_call == "no" and check.template_matches
+    assert check.tool.kind == "plain text" and not check.tool.forced
+    assert check.tool.why.startswith("the template renders no tool call"), check.tool
+
+
+def _fits_tool(arguments: str) -> dict:
+    """Checked here, independently of quantkit.serving.fits: a JSON object with exactly TOOL's one parameter,
+    one of its enum's values."""
+    from quantkit.serving import TOOL
+
+    params = TOOL["function"]["parameters"]
+    args = json.loads(arguments)
+    assert set(args) == set(params["required"]) == {"city"}, args
+    assert args["city"] in params["properties"]["city"]["enum"], args
+    return args
+
+
+def test_hermes_template_gives_a_parsed_tool_call(ggufs, models, toolchain, tmp_path):
+    """The tiny model never calls by itself; forced (tool_choice "required", its turn opened with the
+    template's "<tool_call>\n{"name": ""), it writes the rest under llama-server's grammar, and the server's
+    parser returns it as tool_calls: name and arguments fit the tool."""
+    check = _check(ggufs, models, toolchain, tmp_path, "hermes-bpe", "hermes")
+    assert check.failures == [] and check.chat_stops and check.template_matches
+    assert check.tool_call == "yes" and check.tool.kind == "parsed tool call" and check.tool.forced, check.tool
+    assert check.tool.name == "get_weather"
+    _fits_tool(check.tool.arguments)
+    assert check.to_dict()["tool_detail"] == (f"parsed tool call (name=get_weather, arguments "
+                                              f"{json.dumps(_fits_tool(check.tool.arguments))}, forced)")
+
+
+# The call written as prose ("Calling get_weather with {…}."): llama-server derives a parser from it that then
+# rejects the model's plain answer to a request with a tool (HTTP 500), a break a client would hit.
+PROSE_CALLS = HERMES.replace("<tool_call>\n{\"name\": \"", "Calling ").replace("\", \"arguments\": ", " with ").replace(
+    "{{ '}' }}\n</tool_call>", ".")
+
+
+def test_call_format_the_server_misparses_fails(ggufs, models, toolchain, tmp_path):
+    source = _copy_model(Path(models["hermes"]), tmp_path / "source", template=PROSE_CALLS)
+    gguf = tmp_path / "prose-calls.gguf"
+    new_metadata = toolchain.src / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+    run_tool([sys.executable, new_metadata, "--chat-template", PROSE_CALLS, "--force", ggufs["hermes-bpe"], gguf],
+             env=toolchain.python_env())
+    check = _check({"t": gguf}, {"t": source}, toolchain, tmp_path, "t", "t")
+    assert check.chat_stops and check.template_matches and check.tool_call == "no"
+    assert check.tool.kind == "template error" and check.failures == [
+        "a request with a tool failed: HTTP 500: The model produced output that does not match the expected "
+        "peg-native format"], check.failures
+
+
+def test_forced_call_refused_with_a_space_prefix_tokenizer(ggufs, models, toolchain, tmp_path):
+    """The same template with the tiny model's own tokenizer (a space before the first word): at the pinned
+    commit llama-server refuses the forced call. A client's "auto" request works, so it is no failure, but it
+    is not reported as a tool call either."""
+    check = _check(ggufs, models, toolchain, tmp_path, "hermes", "hermes")
+    assert check.failures == [] and check.tool_call == "no"
+    assert check.tool.kind == "forced call refused" and check.tool.forced
+    assert check.tool.why == ('tool_choice "required": HTTP 400: Failed to initialize samplers: std::exception'), \
+        check.tool
 
 
 RAISES_ON_TOOLS = "{% if tools %}{{ raise_exception('tools are not supported') }}{% endif %}" + TEMPLATE
@@ -169,6 +260,7 @@ def test_template_that_raises_on_tools_fails_with_the_servers_reason(ggufs, mode
              env=toolchain.python_env())
     check = _check({"t": gguf}, {"t": source}, toolchain, tmp_path, "t", "t")
     assert (check.loads, check.chat_stops, check.template_matches, check.tool_call) == (True, True, True, "no")
+    assert check.tool.kind == "template error" and not check.tool.forced
     (failure,) = check.failures
     assert failure.startswith("a request with a tool failed: HTTP 400: Unable to generate parser for this "
                               "template.") and "raise_exception('tools" in failure, failure
@@ -325,6 +417,19 @@ def test_gptq_checkpoint_chats_in_transformers(models, repo_root, tmp_path):
     check = check_checkpoint(model_dir=entry.path, source_dir=models["chat"], max_tokens=MAX_TOKENS)
     assert check.failures == [] and check.loads and check.chat_stops and check.template_matches
     assert check.backend == "transformers (cpu)" and check.vllm == "not checked" and check.tokens_per_s > 0
+
+
+def test_a_call_fits_the_tool_only_with_its_parameters():
+    from quantkit.serving import TOOL, fits
+
+    schema = TOOL["function"]["parameters"]
+    assert fits('{"city": "Paris"}', schema) is None
+    assert fits('{"city"\n  :\n "Tokyo"\n }', schema) is None  # whitespace the server's grammar allows
+    assert fits('{"city": "Berlin"}', schema) == "argument 'city' is not one of ['Paris', 'London', 'Tokyo']: 'Berlin'"
+    assert fits('{"town": "Paris"}', schema) == "required argument missing: city"
+    assert fits('{"city": 3}', schema) == "argument 'city' is not of type string: 3"
+    assert fits('{"city": "Par', schema).startswith("the arguments are not JSON")  # a call cut off by the bound
+    assert fits('["Paris"]', schema) == "the arguments are not a JSON object"
 
 
 def test_a_leading_bos_is_the_only_difference_allowed():

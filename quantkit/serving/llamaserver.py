@@ -23,13 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.ggufinfo import chat_template
-from quantkit.serving import MESSAGES, TOOL, TOOL_MESSAGES, ServeCheck, reference, short, sample_image
+from quantkit.serving import (MESSAGES, TOOL, TOOL_MESSAGES, ServeCheck, ToolOutcome, fits, reference,
+                              sample_image, short)
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 CTX = 1024  # the chat is short: a small context keeps the KV cache and the start cheap
 REQUEST_TIMEOUT = 120.0  # seconds for one request (generation is bounded by max_tokens)
+# A forced call is generated under the server's grammar, whose whitespace rule allows up to ~22 characters per
+# gap: bounded, but more than a chat reply (the tiny test model spends 82 tokens on TOOL's call).
+TOOL_MAX_TOKENS = 256
 
 
 class ServerDidNotStart(Exception):
@@ -240,11 +244,89 @@ def same_prompt(server: str, hf: str, bos: str | None) -> bool:
 
 
 def _tool(check: ServeCheck, url: str, max_tokens: int) -> None:
-    status, body = _post(f"{url}/v1/chat/completions", {"messages": list(TOOL_MESSAGES), "tools": [TOOL],
-                                                       "max_tokens": max_tokens, "temperature": 0, "seed": 0})
+    """A request with one tool, as clients send it (``tool_choice`` "auto"): refused means a template error,
+    the check's failure. The model may answer in prose; then a second request forces a call, so that the
+    verdict says whether llama-server parses calls in this template's format at all."""
+    status, body = _post(f"{url}/v1/chat/completions", _tool_request(TOOL_MESSAGES, "auto", max_tokens))
     if status != 200:
-        check.tool_call = "no"
-        check.fail(f"a request with a tool failed: {_error(status, body)}")
+        why = _error(status, body)
+        _set_tool(check, ToolOutcome("template error", why=why))
+        check.fail(f"a request with a tool failed: {why}")
         return
-    msg = ((body.get("choices") or [{}])[0]).get("message") or {}
-    check.tool_call = "yes" if msg.get("tool_calls") else "no"  # plain text instead of a call is no error
+    outcome = _call_in(body, forced=False)
+    if outcome.kind != "parsed tool call":
+        outcome = _forced_call(check, url)
+    _set_tool(check, outcome)
+
+
+def _set_tool(check: ServeCheck, outcome: ToolOutcome) -> None:
+    check.tool = outcome
+    check.tool_call = "yes" if outcome.kind == "parsed tool call" else "no"
+
+
+def _tool_request(messages, tool_choice: str, max_tokens: int) -> dict:
+    return {"messages": list(messages), "tools": [TOOL], "tool_choice": tool_choice, "parallel_tool_calls": False,
+            "max_tokens": max_tokens, "temperature": 0, "seed": 0}
+
+
+def _call_in(body: dict, *, forced: bool) -> ToolOutcome:
+    choice = (body.get("choices") or [{}])[0]
+    msg = choice.get("message") or {}
+    calls = msg.get("tool_calls") or []
+    if not calls:
+        return ToolOutcome("plain text", forced=forced, why=f"{short(msg.get('content') or '', 80)!r} "
+                                                            f"(finish_reason {choice.get('finish_reason')!r})")
+    fn = calls[0].get("function") or {}
+    name, arguments = fn.get("name"), fn.get("arguments")
+    why = (f"the call names {name!r}, not {TOOL['function']['name']!r}" if name != TOOL["function"]["name"]
+           else fits(arguments, TOOL["function"]["parameters"]))
+    if why is not None:
+        return ToolOutcome("malformed tool call", forced=forced, name=name, arguments=arguments,
+                           why=f"{why} (finish_reason {choice.get('finish_reason')!r})")
+    return ToolOutcome("parsed tool call", forced=forced, name=name, arguments=arguments)
+
+
+def _forced_call(check: ServeCheck, url: str) -> ToolOutcome:
+    """``tool_choice: "required"``: llama-server builds a grammar from the tool-call format it found in the
+    template and parses the reply with it. Its grammar lets text come before the call, so a model that never
+    calls (a tiny one) would write prose to the limit: the assistant turn is opened with the text the template
+    itself puts before a call's function name (found by rendering a call), and the model continues it under
+    the grammar. What comes back is a parsed call only if the server's parser knows this template's format."""
+    opener, why = _call_opener(url)
+    if why is not None:
+        check.fail(why)
+        return ToolOutcome("template error", why=why)
+    if opener is None:
+        return ToolOutcome("plain text", why="the template renders no tool call (an assistant message's tool_calls "
+                                             "do not appear in the prompt): llama-server has no call format to parse")
+    messages = [*TOOL_MESSAGES, *([{"role": "assistant", "content": opener}] if opener else [])]
+    status, body = _post(f"{url}/v1/chat/completions", _tool_request(messages, "required", TOOL_MAX_TOKENS))
+    if status != 200:  # the server's constrained sampling failed; a client's "auto" request works (above)
+        return ToolOutcome("forced call refused", forced=True, why=f"tool_choice \"required\": {_error(status, body)}")
+    outcome = _call_in(body, forced=True)
+    if outcome.kind == "plain text":
+        how = f"the turn opened with {opener!r}" if opener else "the model opening the turn"
+        return ToolOutcome("plain text", forced=True,
+                           why=f"llama-server parsed no call where one was forced ({how}): {outcome.why}")
+    return outcome
+
+
+def _call_opener(url: str) -> tuple[str | None, str | None]:
+    """The text the template puts between the generation prompt and a call's function name ("" when the call
+    cannot be isolated in the rendering: the model then opens it itself), or None when the template renders no
+    call; and why not, when a conversation with a call and its result (an agent's next turn) does not render."""
+    name = TOOL["function"]["name"]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "call0", "type": "function", "function": {
+        "name": name, "arguments": json.dumps({"city": "Paris"})}}]}
+    result = {"role": "tool", "tool_call_id": "call0", "content": "Sunny, 21 C."}
+    rendered = []
+    for messages in ([*TOOL_MESSAGES], [*TOOL_MESSAGES, call, result]):
+        status, body = _post(f"{url}/apply-template", {"messages": messages, "tools": [TOOL]})
+        if status != 200:
+            return None, f"a conversation with a tool call and its result does not render: {_error(status, body)}"
+        rendered.append(body.get("prompt") or "")
+    prompt, with_call = rendered
+    if not with_call.startswith(prompt):
+        return ("" if name in with_call[len(os.path.commonprefix([prompt, with_call])):] else None), None
+    rest = with_call[len(prompt):]
+    return (rest[:rest.index(name)] if name in rest else None), None
