@@ -341,6 +341,77 @@ def test_the_pin_bump_opens_a_pull_request_when_the_worker_names_a_repository(tm
         gh.close()
 
 
+
+@pytest.mark.parametrize("env, message", [
+    ({"QUANTKIT_PIN_API": "https://gitlab.com/api/v4"},
+     "QUANTKIT_PIN_API='https://gitlab.com/api/v4' is GitLab's API, not GitHub's: only GitHub's REST API is spoken"),
+    ({"QUANTKIT_PIN_API": "https://codeberg.org/api/v1/"},
+     "QUANTKIT_PIN_API='https://codeberg.org/api/v1/' is Codeberg (Forgejo)'s API, not GitHub's"),
+    ({"QUANTKIT_PIN_API": "https://git.example.com/api/v1"}, "is Gitea or Forgejo's API, not GitHub's"),
+    ({"QUANTKIT_PIN_API": "ftp://api.github.com"}, "QUANTKIT_PIN_API='ftp://api.github.com' is not an http(s) URL"),
+    ({"QUANTKIT_PIN_REPO": "https://gitlab.com/me/recipes"},
+     "QUANTKIT_PIN_REPO='https://gitlab.com/me/recipes' is a GitLab repository: only GitHub's REST API is spoken"),
+    ({"QUANTKIT_PIN_REPO": "https://github.com/me/recipes.git"},
+     "QUANTKIT_PIN_REPO='https://github.com/me/recipes.git' is a URL; it names the repository as owner/name "
+     "(QUANTKIT_PIN_REPO=me/recipes)"),
+    ({"QUANTKIT_PIN_REPO": "git@github.com:me/recipes.git"}, "is a URL; it names the repository as owner/name "
+                                                             "(QUANTKIT_PIN_REPO=me/recipes)"),
+])
+def test_a_forge_other_than_github_is_refused_with_what_to_do(monkeypatch, env, message):
+    from quantkit.publish.pullrequest import Forge, UnsupportedForge
+
+    monkeypatch.setenv("QUANTKIT_PIN_REPO", "me/recipes")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_localtoken")
+    monkeypatch.delenv("QUANTKIT_PIN_API", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UnsupportedForge) as e:
+        Forge.from_env()
+    assert message in str(e.value)
+    assert "apply the run folder's pin-bump.patch (git apply)" in str(e.value)
+    assert e.value.tip == "docs/nightly.md: the pull request of the pin bump"
+
+
+def test_github_enterprise_is_accepted_and_a_release_with_another_forge_keeps_its_patch(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """GitHub Enterprise's API root passes; with GitLab's, the release is published, no request is sent
+    anywhere, and the warning says why there is no pull request."""
+    import urllib.request
+
+    from quantkit.publish.pullrequest import Forge
+
+    monkeypatch.setenv("QUANTKIT_PIN_REPO", "me/recipes")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_localtoken")
+    monkeypatch.setenv("QUANTKIT_PIN_API", "https://ghe.example.com/api/v3/")
+    assert Forge.from_env().api == "https://ghe.example.com/api/v3"
+    monkeypatch.setenv("QUANTKIT_PIN_API", "https://gitlab.example.com/api/v4")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("a request was sent"))
+    _release(tmp_path, make_manifest(), "run1", "r1")
+    tracking = {"patch": PATCH, "recipe": "recipes/x.yaml", "recipe_sha256": "0" * 64}
+    published = _release(tmp_path, _moved(make_manifest()), "run2", "r2", tracking=tracking)
+    assert published.status == "published r2" and published.pin_pr is None
+    assert published.pin_patch.read_text() == PATCH
+    assert "no pull request for the pin bump: QUANTKIT_PIN_API='https://gitlab.example.com/api/v4' is GitLab's " \
+           "API, not GitHub's" in caplog.text
+
+
+def test_a_server_that_is_not_githubs_api_is_named_in_the_error(monkeypatch):
+    """An API root quantkit cannot tell apart (a bare host) fails on its first call; the 404 without GitHub's
+    request id says the root may not be GitHub's."""
+    from quantkit.errors import PublishError
+    from quantkit.publish.pullrequest import Forge, open_pin_pr
+
+    gh = FakeGitHub({"recipes/x.yaml": b"x"})
+    try:
+        forge = Forge("me/other", "main", gh.url, "ghp_localtoken")  # FakeGitHub serves me/recipes only
+        with pytest.raises(PublishError, match=r"GET git/ref/heads/main on me/other: HTTP 404: .*Not Found.* \("
+                                               + gh.url + " may not be a GitHub REST API root: only GitHub's"):
+            open_pin_pr(forge, path="recipes/x.yaml", started_from_sha256="0" * 64, new_text="y", recipe="x",
+                        run_id="r2", body="b")
+    finally:
+        gh.close()
+
+
 # --- a newer llama.cpp release on a local package index -------------------------------------------------
 
 TOOLCHAIN_RECIPE = textwrap.dedent("""\
