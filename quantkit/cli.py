@@ -71,12 +71,15 @@ def cmd_plan(args) -> int:
 
         from quantkit.tracking import plan_recipe
 
-        resolution, pinned = plan_recipe(args.recipe)
+        tracked = plan_recipe(args.recipe)
+        resolution = tracked.resolution
         for line in resolution.lines():
             print(f"track: {line}", file=sys.stderr if args.json else sys.stdout)
-        if pinned is not None:
-            ctx = replace(ctx, recipe=pinned)
-        if resolution.toolchain_changed:  # a release the run fetches and builds: nothing after the source is done
+        if tracked.recipe is not None:
+            ctx = replace(ctx, recipe=tracked.recipe)
+        if tracked.toolchain is not None:  # built by an earlier tracking run: the plan uses its keys
+            ctx = replace(ctx, toolchain=tracked.toolchain)
+        elif resolution.toolchain_changed:  # a release the run fetches and builds: nothing after the source is done
             print(f"track: llama-cpp-python {resolution.toolchain_after} is fetched and built by `quantkit run "
                   "--track`; every node after the source is to do with it", file=sys.stderr if args.json else
                   sys.stdout)

@@ -533,25 +533,26 @@ def build_toolchain(*, cuda: bool = False, jobs: int | None = None, cuda_arch: s
     cmake_build = build / "cmake-build"
     jobs = jobs or os.cpu_count() or 2
     log.info("configuring llama.cpp %s (%s)", PIN.commit, f"CUDA {arch or 'ggml default archs'}" if cuda else "CPU")
-    run_tool(["cmake", "-S", src, "-B", cmake_build, *flags, *hints])
-    if toolkit is not None and toolkit.driver_lib is None:
-        # No libcuda here (no driver, a toolkit without stubs): compile ggml-cuda, then stub what it calls.
-        log.info("no libcuda.so on this machine: building ggml-cuda first, then a link-time stub of the driver "
-                 "(the longest part of a CUDA build: tens of minutes on 2 cores)")
-        run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", "ggml-cuda"])
-        archives = sorted(cmake_build.glob("ggml/src/ggml-cuda/libggml-cuda.*"))
-        if not archives:
-            raise ToolchainError(f"the ggml-cuda build left no library under {cmake_build}/ggml/src/ggml-cuda")
-        write_driver_stub(archives[0], stub)
-    log.info("building %s with %d jobs (several minutes on 2 cores; llama-server is the largest%s)",
-             ", ".join(BINARIES), jobs, "; the CUDA kernels take far longer" if cuda else "")
-    run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", *BINARIES])
-    bin_dir = build / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for b in BINARIES:
-        tmp = bin_dir / f".{b}.tmp"
-        shutil.copy2(cmake_build / "bin" / b, tmp)
-        os.replace(tmp, bin_dir / b)
+    with build_lock(cmake_build):  # a release of the same tree may be relinking in it (see below)
+        run_tool(["cmake", "-S", src, "-B", cmake_build, *flags, *hints])
+        if toolkit is not None and toolkit.driver_lib is None:
+            # No libcuda here (no driver, a toolkit without stubs): compile ggml-cuda, then stub what it calls.
+            log.info("no libcuda.so on this machine: building ggml-cuda first, then a link-time stub of the driver "
+                     "(the longest part of a CUDA build: tens of minutes on 2 cores)")
+            run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", "ggml-cuda"])
+            archives = sorted(cmake_build.glob("ggml/src/ggml-cuda/libggml-cuda.*"))
+            if not archives:
+                raise ToolchainError(f"the ggml-cuda build left no library under {cmake_build}/ggml/src/ggml-cuda")
+            write_driver_stub(archives[0], stub)
+        log.info("building %s with %d jobs (several minutes on 2 cores; llama-server is the largest%s)",
+                 ", ".join(BINARIES), jobs, "; the CUDA kernels take far longer" if cuda else "")
+        run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs), "--target", *BINARIES])
+        bin_dir = build / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        for b in BINARIES:
+            tmp = bin_dir / f".{b}.tmp"
+            shutil.copy2(cmake_build / "bin" / b, tmp)
+            os.replace(tmp, bin_dir / b)
     if toolkit is not None:
         # What the binaries were linked with, under the name the loader asks for (used only where no
         # driver is installed: see _version_env).
@@ -723,19 +724,91 @@ def ensure_release_toolchain(version: str, sdist_sha256: str, *, cuda: bool | No
     arch = cuda_architectures(cuda_arch) if cuda else None
     flags = [f"-DLLAMA_BUILD_COMMIT={pin.commit}" if a.startswith("-DLLAMA_BUILD_COMMIT=") else a
              for a in cmake_args(cuda=cuda, cuda_arch=arch)]
-    cmake_build, bin_dir = folder / "cmake-build", folder / "bin"
-    log.info("building llama.cpp %s (%s %s) into %s", pin.commit, PIN.package, version, folder)
-    run_tool(["cmake", "-S", folder / "src", "-B", cmake_build, *flags])
-    run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
-              "--target", *BINARIES])
-    bin_dir.mkdir(exist_ok=True)
-    for b in BINARIES:
-        tmp = bin_dir / f".{b}.tmp"
-        shutil.copy2(cmake_build / "bin" / b, tmp)
-        os.replace(tmp, bin_dir / b)
+    tree = tree_sha256(folder / "src")
+    shared = _same_tree_build(tree, flags, cuda)
+    # The pinned build's CMake tree when this release vendors a byte-identical llama.cpp tree under another
+    # commit name: make recompiles what the commit name reaches (build-info, llama-version.h) and relinks.
+    src, cmake_build = shared or (folder / "src", folder / "cmake-build")
+    bin_dir = folder / "bin"
+    log.info("building llama.cpp %s (%s %s) into %s%s", pin.commit, PIN.package, version, folder,
+             f", reusing the objects of the identical tree in {cmake_build}" if shared else "")
+    with build_lock(cmake_build):
+        run_tool(["cmake", "-S", src, "-B", cmake_build, *flags])
+        run_tool(["cmake", "--build", cmake_build, "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
+                  "--target", *BINARIES])
+        bin_dir.mkdir(exist_ok=True)
+        for b in BINARIES:
+            tmp = bin_dir / f".{b}.tmp"
+            shutil.copy2(cmake_build / "bin" / b, tmp)
+            os.replace(tmp, bin_dir / b)
     tc = Toolchain(src=folder / "src", bin_dir=bin_dir, commit=pin.commit, origin="cache", cuda=cuda, pin=pin)
-    write_json_atomic(folder / STAMP, {**tc.describe(), "cmake_args": flags})
+    write_json_atomic(folder / STAMP, {**tc.describe(), "cmake_args": flags, "tree_sha256": tree,
+                                       "objects_from": str(cmake_build) if shared else None})
     return find_release_toolchain(version, sdist_sha256, cuda=cuda)
+
+
+def tree_sha256(src: Path) -> str:
+    """The digest of a source tree's content: every file's path, executable bit and sha256, every link's target
+    (Python's __pycache__ left out: running the converter may write it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for top, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not (Path(top) / d).is_symlink())
+        links = [d for d in os.listdir(top) if (Path(top) / d).is_symlink()]
+        for name in sorted(set(files) | set(links)):
+            path = Path(top) / name
+            rel = path.relative_to(src).as_posix()
+            if path.is_symlink():
+                h.update(f"L {rel} {os.readlink(path)}\n".encode())
+            elif path.suffix != ".pyc":
+                h.update(f"F {rel} {int(os.access(path, os.X_OK))} {sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _same_tree_build(tree: str, flags: list[str], cuda: bool) -> tuple[Path, Path] | None:
+    """(source, CMake build folder) of the pinned build when its source tree has digest ``tree`` and it was
+    configured with ``flags`` but for the commit name; else None (the release is built from scratch)."""
+    import json
+
+    def same(args: list[str]) -> list[str]:
+        return [a for a in args if not a.startswith("-DLLAMA_BUILD_COMMIT=")]
+
+    try:
+        pinned = find_toolchain(cuda=cuda)
+    except ToolchainError:
+        return None
+    folder = pinned.src.parent
+    cmake_build = folder / "cmake-build"
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+        cache = (cmake_build / "CMakeCache.txt").read_text()
+    except (OSError, ValueError):
+        return None
+    # Only a build quantkit made there, from that very tree, with the same flags and no toolkit hints (a
+    # CUDA build's hints are not passed again here and would reconfigure it).
+    if f"CMAKE_HOME_DIRECTORY:INTERNAL={pinned.src}\n" not in cache or same(stamp.get("cmake_args") or []) != \
+            same(flags) or stamp.get("cmake_hints") or tree_sha256(pinned.src) != tree:
+        return None
+    return pinned.src, cmake_build
+
+
+def build_lock(cmake_build: Path):
+    """An exclusive lock on one CMake build folder (two builds in it at once would corrupt it)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        cmake_build.parent.mkdir(parents=True, exist_ok=True)
+        with open(cmake_build.with_name(cmake_build.name + ".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return held()
 
 
 def _link_pinned_build(folder: Path, pin: Pin, version: str, sdist_sha256: str, cuda: bool) -> Toolchain:

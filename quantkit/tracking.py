@@ -51,8 +51,9 @@ class Resolution:
     toolchain_track: str | None = None
     toolchain_before: str | None = None  # llama-cpp-python version the recipe builds with
     toolchain_after: str | None = None
-    sdist_sha256: str | None = None  # of toolchain_after, once fetched (a tracking run, not a plan)
+    sdist_sha256: str | None = None  # of toolchain_after, once fetched (by this run or an earlier one)
     llama_cpp_after: str | None = None  # the commit toolchain_after vendors, once fetched
+    toolchain_built: str | None = None  # the cache folder where toolchain_after is built already
 
     @property
     def model_changed(self) -> bool:
@@ -75,7 +76,8 @@ class Resolution:
         if self.toolchain_track:
             tail = ""
             if self.toolchain_changed:
-                tail = (f": changed (llama.cpp {self.llama_cpp_after}, sdist sha256 {self.sdist_sha256[:12]})"
+                built = f"; built in {self.toolchain_built}" if self.toolchain_built else ""
+                tail = (f": changed (llama.cpp {self.llama_cpp_after}, sdist sha256 {self.sdist_sha256[:12]}{built})"
                         if self.sdist_sha256 else ": changed (fetched and built by the run, in its own cache folder)")
             out.append(f"toolchain: newest llama-cpp-python for {self.toolchain_track!r} is {self.toolchain_after}; "
                        f"the recipe builds with {self.toolchain_before}" + (tail or ": unchanged"))
@@ -88,9 +90,11 @@ class Resolution:
 def resolve(recipe: Recipe, *, fetch: bool, hub_api=None, versions: list[str] | None = None) -> Resolution:
     """Ask the Hub and the package index what the recipe's ``track`` fields name now. ``fetch``: download a
     newer llama-cpp-python sdist into its own cache folder, which pins its sha256 and commit (a run); without
-    it (a plan) only its version is known."""
+    it (a plan) those are known only when an earlier run fetched it, and nothing is written."""
+    from quantkit.errors import ToolchainError
     from quantkit.source import resolve_track
-    from quantkit.toolchain import PIN, default_cuda, fetch_release, fetched_release, newest_release, release_dir
+    from quantkit.toolchain import (PIN, default_cuda, fetch_release, fetched_release, find_release_toolchain,
+                                    newest_release, release_dir)
 
     out: dict = {}
     m = recipe.model
@@ -108,11 +112,20 @@ def resolve(recipe: Recipe, *, fetch: bool, hub_api=None, versions: list[str] | 
         before = tc.version or PIN.version
         after = newest_release(tc.track, versions)
         out.update(toolchain_track=tc.track, toolchain_before=before, toolchain_after=after)
-        if fetch and after != before:
-            folder = release_dir(after, default_cuda(None))
-            folder.mkdir(parents=True, exist_ok=True)
-            pin = fetched_release(after, folder) or fetch_release(after, folder)
-            out.update(sdist_sha256=pin.sdist_sha256, llama_cpp_after=pin.commit)
+        if after != before:
+            cuda = default_cuda(None)
+            folder = release_dir(after, cuda)
+            pin = fetched_release(after, folder)  # an earlier night's fetch: its pins are known offline
+            if pin is None and fetch:
+                folder.mkdir(parents=True, exist_ok=True)
+                pin = fetch_release(after, folder)
+            if pin is not None:
+                out.update(sdist_sha256=pin.sdist_sha256, llama_cpp_after=pin.commit)
+                try:  # built on an earlier night too: a plan can compute the keys the run will use
+                    out.update(toolchain_built=str(find_release_toolchain(after, pin.sdist_sha256, cuda=cuda)
+                                                   .bin_dir.parent))
+                except ToolchainError:
+                    pass
     return Resolution(**out)
 
 
@@ -232,17 +245,37 @@ def record_for(recipe_file: Path) -> dict | None:
     return data
 
 
-def plan_recipe(recipe_file: str | Path, *, hub_api=None) -> tuple[Resolution, Recipe | None]:
-    """For ``plan --track``: what would change, and the recipe with the new model pin (a newer toolchain
-    is not fetched by a plan: its sha256 is unknown, so the recipe keeps its toolchain)."""
+@dataclass(frozen=True)
+class TrackedPlan:
+    """What ``plan --track`` plans with: the resolution, the recipe with the new pins it can know (None: the
+    recipe's own), and the newer release's toolchain when it is built already (None: the recipe's, or none)."""
+
+    resolution: Resolution
+    recipe: Recipe | None
+    toolchain: object | None  # quantkit.toolchain.Toolchain
+
+
+def plan_recipe(recipe_file: str | Path, *, hub_api=None) -> TrackedPlan:
+    """For ``plan --track``: what would change, and the recipe with the new pins. A newer toolchain is not
+    fetched by a plan; when an earlier tracking run fetched and built it, its pins and its build are used, so
+    the nodes whose store entries exist under its keys show as done. Otherwise the recipe keeps its toolchain
+    and the caller shows the nodes after the source as to do."""
+    from quantkit.toolchain import find_release_toolchain
+
     path = Path(recipe_file)
     root = find_project_root(path.parent)
     recipe = load_recipe(path, root=root)
     res = resolve(recipe, fetch=False, hub_api=hub_api)
-    if not res.model_changed:
-        return res, None
-    text = pinned_text(path.read_text(encoding="utf-8"), file=path.name, model_commit=res.model_after)
+    toolchain = None
+    if res.toolchain_changed and res.toolchain_built:
+        # resolve() found it built a moment ago; found again here for the Toolchain itself
+        toolchain = find_release_toolchain(res.toolchain_after, res.sdist_sha256)
+    if not res.model_changed and toolchain is None:
+        return TrackedPlan(res, None, None)
+    text = pinned_text(path.read_text(encoding="utf-8"), file=path.name,
+                       model_commit=res.model_after if res.model_changed else None,
+                       toolchain=(res.toolchain_after, res.sdist_sha256) if toolchain is not None else None)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as f:
         f.write(text)
         f.flush()
-        return res, load_recipe(Path(f.name), root=root)
+        return TrackedPlan(res, load_recipe(Path(f.name), root=root), toolchain)

@@ -339,3 +339,205 @@ def test_the_pin_bump_opens_a_pull_request_when_the_worker_names_a_repository(tm
         assert "ghp_localtoken" not in caplog.text
     finally:
         gh.close()
+
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"QUANTKIT_PIN_API": "https://gitlab.com/api/v4"},
+     "QUANTKIT_PIN_API='https://gitlab.com/api/v4' is GitLab's API, not GitHub's: only GitHub's REST API is spoken"),
+    ({"QUANTKIT_PIN_API": "https://codeberg.org/api/v1/"},
+     "QUANTKIT_PIN_API='https://codeberg.org/api/v1/' is Codeberg (Forgejo)'s API, not GitHub's"),
+    ({"QUANTKIT_PIN_API": "https://git.example.com/api/v1"}, "is Gitea or Forgejo's API, not GitHub's"),
+    ({"QUANTKIT_PIN_API": "ftp://api.github.com"}, "QUANTKIT_PIN_API='ftp://api.github.com' is not an http(s) URL"),
+    ({"QUANTKIT_PIN_REPO": "https://gitlab.com/me/recipes"},
+     "QUANTKIT_PIN_REPO='https://gitlab.com/me/recipes' is a GitLab repository: only GitHub's REST API is spoken"),
+    ({"QUANTKIT_PIN_REPO": "https://github.com/me/recipes.git"},
+     "QUANTKIT_PIN_REPO='https://github.com/me/recipes.git' is a URL; it names the repository as owner/name "
+     "(QUANTKIT_PIN_REPO=me/recipes)"),
+    ({"QUANTKIT_PIN_REPO": "git@github.com:me/recipes.git"}, "is a URL; it names the repository as owner/name "
+                                                             "(QUANTKIT_PIN_REPO=me/recipes)"),
+])
+def test_a_forge_other_than_github_is_refused_with_what_to_do(monkeypatch, env, message):
+    from quantkit.publish.pullrequest import Forge, UnsupportedForge
+
+    monkeypatch.setenv("QUANTKIT_PIN_REPO", "me/recipes")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_localtoken")
+    monkeypatch.delenv("QUANTKIT_PIN_API", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UnsupportedForge) as e:
+        Forge.from_env()
+    assert message in str(e.value)
+    assert "apply the run folder's pin-bump.patch (git apply)" in str(e.value)
+    assert e.value.tip == "docs/nightly.md: the pull request of the pin bump"
+
+
+def test_github_enterprise_is_accepted_and_a_release_with_another_forge_keeps_its_patch(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """GitHub Enterprise's API root passes; with GitLab's, the release is published, no request is sent
+    anywhere, and the warning says why there is no pull request."""
+    import urllib.request
+
+    from quantkit.publish.pullrequest import Forge
+
+    monkeypatch.setenv("QUANTKIT_PIN_REPO", "me/recipes")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_localtoken")
+    monkeypatch.setenv("QUANTKIT_PIN_API", "https://ghe.example.com/api/v3/")
+    assert Forge.from_env().api == "https://ghe.example.com/api/v3"
+    monkeypatch.setenv("QUANTKIT_PIN_API", "https://gitlab.example.com/api/v4")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("a request was sent"))
+    _release(tmp_path, make_manifest(), "run1", "r1")
+    tracking = {"patch": PATCH, "recipe": "recipes/x.yaml", "recipe_sha256": "0" * 64}
+    published = _release(tmp_path, _moved(make_manifest()), "run2", "r2", tracking=tracking)
+    assert published.status == "published r2" and published.pin_pr is None
+    assert published.pin_patch.read_text() == PATCH
+    assert "no pull request for the pin bump: QUANTKIT_PIN_API='https://gitlab.example.com/api/v4' is GitLab's " \
+           "API, not GitHub's" in caplog.text
+
+
+def test_a_server_that_is_not_githubs_api_is_named_in_the_error(monkeypatch):
+    """An API root quantkit cannot tell apart (a bare host) fails on its first call; the 404 without GitHub's
+    request id says the root may not be GitHub's."""
+    from quantkit.errors import PublishError
+    from quantkit.publish.pullrequest import Forge, open_pin_pr
+
+    gh = FakeGitHub({"recipes/x.yaml": b"x"})
+    try:
+        forge = Forge("me/other", "main", gh.url, "ghp_localtoken")  # FakeGitHub serves me/recipes only
+        with pytest.raises(PublishError, match=r"GET git/ref/heads/main on me/other: HTTP 404: .*Not Found.* \("
+                                               + gh.url + " may not be a GitHub REST API root: only GitHub's"):
+            open_pin_pr(forge, path="recipes/x.yaml", started_from_sha256="0" * 64, new_text="y", recipe="x",
+                        run_id="r2", body="b")
+    finally:
+        gh.close()
+
+
+# --- a newer llama.cpp release on a local package index -------------------------------------------------
+
+TOOLCHAIN_RECIPE = textwrap.dedent("""\
+    name: tiny-llama-cpp
+    model:
+      path: models/tiny
+      name: tiny-llama
+    calibration:
+      files: [calibration/en-prose.txt]
+    evaluation:
+      file: calibration/eval/en-prose-heldout.txt
+      ctx: 128
+      max_tokens: 1024
+      bench: false
+    gguf:
+      base_type: f16
+      imatrix: {enabled: false}
+      types: [Q4_K_M]
+    toolchain:
+      track: latest   # the nightly's llama.cpp
+    """)
+
+
+def repacked_release(index: Path, version: str, commit: str, src: Path) -> Path:
+    """A llama-cpp-python sdist of ``version`` whose CHANGELOG names llama.cpp ``commit`` and whose
+    vendor/llama.cpp is the pinned tree ``src``, byte for byte: a release of another commit name whose
+    sources did not change."""
+    import io
+    import tarfile
+
+    from test_tracking import BACKEND
+
+    top = f"llama_cpp_python-{version}"
+    path = index / f"{top}.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, data in {
+                "PKG-INFO": f"Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: {version}\n".encode(),
+                "pyproject.toml": b'[build-system]\nrequires = []\nbuild-backend = "fakebackend"\n'
+                                  b'backend-path = ["."]\n',
+                "fakebackend.py": BACKEND.replace("{version}", version).encode(),
+                "CHANGELOG.md": f"# Changelog\n\n## [{version}]\n\n- feat: update llama.cpp to "
+                                f"ggml-org/llama.cpp@{commit}\n".encode()}.items():
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.add(src, f"{top}/vendor/llama.cpp")
+    return path
+
+
+@pytest.mark.slow
+def test_a_newer_llama_cpp_release_is_built_in_its_own_folder_and_everything_from_convert_on_reruns(
+        tmp_path, monkeypatch, capsys, repo_root, tiny_llama, toolchain):
+    """A newer release on a local package index (the pinned tree repacked under 0.3.37, naming another
+    commit): the tracking run fetches it, builds it into its own cache folder (its binaries say the new
+    commit), records it in the manifest, and every node from convert on gets a new key and runs again. The
+    tree is the pinned one, so the build reuses the pinned build's objects: build-info and llama.cpp (which
+    print the commit) are compiled, every binary linked, in seconds instead of ~15 min (docs/nightly.md)."""
+    from quantkit.toolchain import STAMP, _build_dir, binary_commit, release_dir, tree_sha256
+
+    pinned_build = toolchain.src.parent / "cmake-build"
+    if not (pinned_build / "CMakeCache.txt").is_file():
+        pytest.skip(f"the pinned toolchain has no CMake build folder beside {toolchain.src} to reuse; a full "
+                    "build of the release would take ~15 min on 2 cores")
+    root = tmp_path / "project"
+    (root / "recipes").mkdir(parents=True)
+    recipe = root / "recipes" / "tiny.yaml"
+    recipe.write_text(TOOLCHAIN_RECIPE)
+    shutil.copytree(repo_root / "calibration", root / "calibration")
+    shutil.copytree(tiny_llama, root / "models" / "tiny")
+    index = tmp_path / "index"
+    index.mkdir()
+    for name, value in {"QUANTKIT_PROJECT": root, "QUANTKIT_STORE": root / "store", "PIP_NO_INDEX": "1",
+                        "PIP_FIND_LINKS": index, "QUANTKIT_CACHE": tmp_path / "cache",
+                        "QUANTKIT_LLAMA_CPP_BIN": toolchain.bin_dir,  # the pinned build, where it is
+                        "QUANTKIT_LLAMA_CPP_SRC": toolchain.src}.items():
+        monkeypatch.setenv(name, str(value))
+    folder = root / "artifacts" / "tiny-llama-cpp"
+
+    out = _run(capsys, "run", str(recipe))  # the release the nightly compares with, on the pinned llama.cpp
+    first = os.readlink(folder / "latest")
+    before = json.loads((root / "runs" / "tiny-llama-cpp" / "manifest.json").read_text())
+    assert before["toolchain"]["llama_cpp"] == "0c1e570"
+
+    repacked_release(index, "0.3.37", "5e6f7a8b9", toolchain.src)
+    out = _run(capsys, "plan", "--track", str(recipe))
+    assert "is 0.3.37; the recipe builds with 0.3.36: changed (fetched and built by the run" in out
+    assert not (tmp_path / "cache").exists()  # a plan fetches and builds nothing
+
+    out = _run(capsys, "run", "--track", str(recipe))
+    built = release_dir("0.3.37", cuda=False)
+    assert built != _build_dir(False) and built.parent == tmp_path / "cache" / "llama.cpp"
+    stamp = json.loads((built / STAMP).read_text())
+    assert stamp["llama_cpp_commit"] == "5e6f7a8" and stamp["package"] == "llama-cpp-python==0.3.37"
+    assert stamp["objects_from"] == str(pinned_build) and stamp["tree_sha256"] == tree_sha256(toolchain.src)
+    # Compiled and linked with the new commit, each binary; the pinned build's still say the pin.
+    assert {b.name: binary_commit(b) for b in (built / "bin").iterdir() if b.name != "llama-quantize"} == \
+        {b: "5e6f7a8" for b in ("llama-imatrix", "llama-perplexity", "llama-bench", "llama-server",
+                                "llama-gguf-split")}
+    assert binary_commit(toolchain.binary("llama-perplexity")) == "0c1e570"
+    after = json.loads((root / "runs" / "tiny-llama-cpp" / "manifest.json").read_text())
+    assert after["toolchain"]["llama_cpp"] == "5e6f7a8"
+    assert after["toolchain"]["version"] == "llama.cpp 5e6f7a8 (llama-cpp-python 0.3.37)"
+    # Everything from convert on ran again under new keys, nothing was reused.
+    assert "reused:" not in out
+    keys = {s["step"]: s["key"] for s in before["steps"]}
+    new_keys = {s["step"]: s["key"] for s in after["steps"]}
+    assert "convert" in keys and keys.keys() == new_keys.keys()
+    assert not set(keys.values()) & set(new_keys.values())
+    assert not any(s["reused"] for s in after["steps"])
+    assert {s["toolchain_dir"] for s in after["steps"]} == {str(built / "bin")}
+    assert set(_line(out, "built:").removeprefix("built: ").split(", ")) >= set(keys)
+    # An input changed (the llama.cpp commit) and the comparison passes with its error: published, with the
+    # pin bump naming the release by its bytes. The same tree gave the same files and scores.
+    second = os.readlink(folder / "latest")
+    assert second != first and _line(out, "published:").endswith(second)
+    md = (folder / second / "report.md").read_text()
+    assert "What changed: llama.cpp commit `0c1e570` → `5e6f7a8`." in md
+    assert "| gguf:Q4_K_M | same bytes | kld_mean |" in md and \
+        next(line for line in md.splitlines() if line.startswith("| gguf:Q4_K_M | same bytes")).endswith("| passed |")
+    sha = __import__("hashlib").sha256((index / "llama_cpp_python-0.3.37.tar.gz").read_bytes()).hexdigest()
+    patch = (root / "runs" / "tiny-llama-cpp" / "pin-bump.patch").read_text()
+    assert "   track: latest   # the nightly's llama.cpp\n+  version: 0.3.37\n+  sdist_sha256: " + sha in patch
+
+    # The next plan knows the release is built, and shows those nodes done under its keys.
+    out = _run(capsys, "plan", "--track", str(recipe))
+    assert f"; built in {built})" in out
+    status = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] in (
+        ["convert"], ["quantize:Q4_K_M"])}
+    assert status == {"convert": "done", "quantize:Q4_K_M": "done"}

@@ -322,3 +322,50 @@ def test_tracking_offline_is_one_line_and_writes_nothing(project, capsys, monkey
     assert not (project / "runs").exists() and not (project / "store").exists()
     assert main(["run", "--track", str(write(project, BASE.format(rev=C1, track="", toolchain="")))]) == 1
     assert "tracks nothing: add model.track or toolchain.track" in capsys.readouterr().err
+
+
+def test_plan_track_uses_a_newer_release_an_earlier_tracking_run_built(project, tmp_path, monkeypatch, capsys,
+                                                                       toolchain, tiny_llama):
+    """Once a tracking run has fetched and built the newer release, ``plan --track`` says so and plans with
+    its build: a node whose store entry exists under the keys that build gives shows as done. (A release of
+    the bindings only, linked to the pinned build, keeps it cheap; tests/test_nightly.py plans with a release
+    of another llama.cpp commit, built.)"""
+    import hashlib
+
+    from quantkit.toolchain import release_dir
+
+    shutil.copytree(tiny_llama, project / "models" / "tiny")
+    index = tmp_path / "index"
+    index.mkdir()
+    tree = {p.relative_to(toolchain.src).as_posix(): p.read_bytes()  # what the converter runs with
+            for p in [toolchain.convert_script, *(toolchain.src / "conversion").rglob("*"),
+                      *(toolchain.src / "gguf-py").rglob("*")] if p.is_file()}
+    sha = hashlib.sha256(fake_release(index, "0.3.37", "0c1e57098", tree).read_bytes()).hexdigest()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUANTKIT_LLAMA_CPP_BIN", str(toolchain.bin_dir))  # the pinned build, where it is
+    monkeypatch.setenv("QUANTKIT_LLAMA_CPP_SRC", str(toolchain.src))
+    path = write(project, "name: tracked\nmodel:\n  path: models/tiny\n  name: tiny-llama\ncalibration:\n"
+                          "  files: [calibration/calib.txt]\ngguf:\n  imatrix: {enabled: false}\n  types: [Q8_0]\n"
+                          "toolchain:\n  track: latest\n")
+
+    def plan() -> tuple[str, dict[str, str]]:
+        assert main(["plan", "--track", str(path)]) == 0
+        out = capsys.readouterr().out
+        return out, {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["convert"],
+                                                                                                 ["quantize:Q8_0"])}
+
+    out, rows = plan()  # nothing fetched yet: every node after the source is to do
+    assert "changed (fetched and built by the run, in its own cache folder)" in out
+    assert "every node after the source is to do" in out and "the toolchain is not built" in rows["convert"]
+
+    assert main(["run", "--track", "--until", "convert", str(path)]) == 0
+    assert "built: convert\n" in capsys.readouterr().out
+    folder = release_dir("0.3.37", False)
+    out, rows = plan()
+    assert (f"track: toolchain: newest llama-cpp-python for 'latest' is 0.3.37; the recipe builds with 0.3.36: "
+            f"changed (llama.cpp 0c1e570, sdist sha256 {sha[:12]}; built in {folder})") in out
+    assert "every node after the source is to do" not in out and "not built yet" not in out
+    assert rows["convert"].split()[1] == "done" and "in the store (convert/" in rows["convert"]
+    assert rows["quantize:Q8_0"].split()[1:3] == ["to", "do"] and "not in the store" in rows["quantize:Q8_0"]
