@@ -268,6 +268,10 @@ def test_a_budget_target_on_the_dead_expert_model_names_the_uncovered_experts(tm
     assert [0, 3, 0] in note["experts"] and [1, 3, 0] in note["experts"] and note["min_tokens"] == 32
     assert {f"blk.{i}.ffn_{p}_exps.weight" for i in (0, 1) for p in ("gate", "up", "down")} == set(note["tensors"])
     assert "unmeasured, not unimportant" in note["note"]
+    from quantkit.publish.markdown import mix_md
+
+    lines = mix_md({"variants": [{"label": "target-4.00bpw", "size_bytes": 1, "bpw": 4.0, "mix": {**mix, "summary": []}}]})
+    assert f"Experts the importance matrix left under-covered: {note['note']}" in lines  # the report says so
 
 
 def test_validate_refuses_gptq_and_awq_on_a_family_gptqmodel_cannot_calibrate(tmp_path, repo_root, tiny_ernie,

@@ -463,7 +463,7 @@ def test_the_same_scores_again_pass_every_comparison_with_the_last_release():
 
 def _served(manifest: dict, failed: dict[str, str]) -> dict:
     """Every GGUF/GPTQ/AWQ variant with a serve check (quantkit.serving); ``failed``: id -> reason."""
-    from quantkit.serving import ServeCheck
+    from quantkit.serving import ServeCheck, ToolOutcome
 
     for v in manifest["variants"]:
         vid = f"{v['format']}:{v['label']}"
@@ -472,6 +472,8 @@ def _served(manifest: dict, failed: dict[str, str]) -> dict:
         check = ServeCheck("llama-server" if v["format"] == "gguf" else "transformers (cpu)", loads=True,
                            chat_stops=True, template_matches=True, tokens_per_s=42.0, reply="Blue.",
                            tool_call="n/a" if v["format"] != "gguf" else "yes")
+        if vid == "gguf:Q8_0":
+            check.tool_call, check.tool = "no", ToolOutcome("forced call refused", forced=True, why="HTTP 400 | x")
         if vid in failed:
             check.chat_stops = False
             check.fail(failed[vid])
@@ -496,6 +498,9 @@ def test_publish_leaves_out_what_failed_its_serve_check_and_names_why(tmp_path):
     serving = md.split("## Serving", 1)[1].split("\n## ", 1)[0]
     assert ("| gguf:Q4_K_M | llama-server | yes | yes | yes | yes | not checked | 42.0 | passed |"
             in serving.splitlines())
+    # how the tool call was decided, with a "|" in the server's message kept out of the table's cells
+    assert ("| gguf:Q8_0 | llama-server | yes | yes | yes | no (forced call refused: HTTP 400 / x) | not checked | "
+            "42.0 | passed |" in serving.splitlines())
     assert ("| gguf:Q2_K | llama-server | yes | **no** | yes | yes | not checked | 42.0 | **not published**: "
             "chat did not stop within 64 tokens (finish_reason 'length') |" in serving.splitlines())
     assert "## Serving" in (done.path / "README.md").read_text()  # the card shows the same table

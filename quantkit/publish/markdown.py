@@ -218,13 +218,21 @@ def serving_md(report: dict) -> list[str]:
         s = r["serving"]
         verdict = "passed" if s.get("passed") else "**not published**: " + "; ".join(s.get("failures") or [])
         cells = [r["id"], s.get("backend", "?"), _yes(s.get("loads")), _yes(s.get("chat_stops")),
-                 _yes(s.get("template_matches")), s.get("tool_call", "n/a"), s.get("vllm", "not checked"),
+                 _yes(s.get("template_matches")), _tool_cell(s), s.get("vllm", "not checked"),
                  _f(s.get("tokens_per_s"), ".1f"), verdict.replace("|", "/")]
         out.append("| " + " | ".join(cells) + " |")
     if images := [(r["id"], r["serving"]["image"]) for r in rows if r["serving"].get("image", "n/a") != "n/a"]:
         out += ["", "*Image* (llama-server with the vision projector: a chat with a small test image is answered and "
                 "the image adds tokens to its prompt): " + ", ".join(f"{vid} {img}" for vid, img in images)]
     return out
+
+
+def _tool_cell(serving: dict) -> str:
+    """yes/no/n/a, with how it was decided (quantkit.serving: a forced call, plain text, a refused call...)."""
+    said, detail = serving.get("tool_call", "n/a"), serving.get("tool_detail")
+    if not detail or detail == "n/a" or said == "n/a":
+        return said
+    return f"{said} ({detail})".replace("|", "/")
 
 
 def _tasks_md(report: dict) -> list[str]:
@@ -377,6 +385,8 @@ def mix_md(report: dict) -> list[str]:
         if fallback:
             out.append(f"No searched mix won, so this file is the stock type {fallback['stock']} (what "
                        f"`llama-quantize --imatrix` makes), published under the target's label: {fallback['reason']}.")
+        if uncovered := mix.get("uncovered_experts"):  # unmeasured experts priced as their layer's routed ones
+            out.append(f"Experts the importance matrix left under-covered: {uncovered['note']}")
         out += ["", "Types per tensor (llama-quantize `--tensor-type-file` "
                 f"`{mix.get('file')}`, kept beside the GGUF):", "", "| tensor | type | layers |", "|---|---|---|"]
         out += [f"| {row['tensor']} | {row['type']} | {row['layers']} |" for row in mix["summary"]]

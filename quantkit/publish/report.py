@@ -175,7 +175,7 @@ def _mix_row(mix: dict | None) -> dict | None:
 
     return {"target": mix.get("target"), "budget_bytes": mix.get("budget_bytes"), "file": mix.get("file"),
             "type_counts": mix.get("type_counts"), "summary": mix_summary(mix.get("tensors") or {}),
-            "check": mix.get("check"), "fallback": mix.get("fallback")}
+            "check": mix.get("check"), "fallback": mix.get("fallback"), "uncovered_experts": mix.get("uncovered_experts")}
 
 
 def _first_set_name(evaluation: dict) -> str | None:
