@@ -1,4 +1,5 @@
-"""The graph nodes of ``evaluation.sets`` (issue #26): every variant scored on each more held-out set.
+"""The steps of ``evaluation.sets`` (issue #26; their nodes: ``graph._set_nodes``): every variant scored on each
+more held-out set.
 
 The set ``evaluation.file`` makes is scored by the graph's own ``base-logits``/``score-gguf``/``score-hf``
 nodes, as before; each set in ``evaluation.sets`` adds
@@ -18,42 +19,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantkit.nodes import CHECKPOINT_KINDS, Node, gguf_file, model_dir_and_identity, stored_json
-from quantkit.recipe import EvalSet, Recipe
+from quantkit.nodes import FORMATS, gguf_file, model_dir_and_identity, stored_json
+from quantkit.recipe import EvalSet
 
 log = logging.getLogger(__name__)
-
-KINDS = ("set-logits", "score-set-gguf", "score-set-hf")
-
-
-def set_nodes(recipe: Recipe, variants: list[tuple[str, str, str]]) -> list:
-    """The nodes of the extra sets, for ``build_graph``; ``variants``: (format, label, node that made it)."""
-
-    ev = recipe.evaluation
-    if ev is None or not ev.sets:
-        return []
-    nodes = []
-    checkpoints = [(fmt, label, made) for fmt, label, made in variants if fmt in CHECKPOINT_KINDS]
-    for s in ev.sets:
-        chat = s.kind == "chat"
-        if recipe.gguf:
-            if ev.kld:
-                nodes.append(Node(f"set-logits:{s.name}", "set-logits", s.name, ("source", "convert"),
-                                  {"set": s.name}))
-            for fmt, label, made in [v for v in variants if v[0] == "gguf"]:
-                is_base = made == "convert"
-                # on a chat set the reference is the HF checkpoint, so the F16 base is measured too
-                logits = (f"set-logits:{s.name}",) if ev.kld and (chat or not is_base) else ()
-                # a chat score's key holds its reference's, which names the source checkpoint
-                nodes.append(Node(f"score-set-gguf:{label}:{s.name}", "score-set-gguf", label,
-                                  tuple(dict.fromkeys((made, "convert", *(("source",) if chat else ()), *logits))),
-                                  {"set": s.name, "is_base": is_base}))
-        if checkpoints:
-            for label, made in [("HF", "source")] + [(label, made) for _, label, made in checkpoints]:
-                nodes.append(Node(f"score-set-hf:{label}:{s.name}", "score-set-hf", label,
-                                  tuple(dict.fromkeys((made, "source"))),
-                                  {"set": s.name, "is_base": made == "source"}))
-    return nodes
 
 
 def _set(ctx, node) -> EvalSet:
@@ -205,13 +174,14 @@ ZERO = {"kld_mean": 0.0, "kld_mean_err": 0.0, "kld_p99": 0.0, "kld_p999": 0.0, "
 def set_scores(ctx, fmt: str, label: str, deps, first: dict) -> dict[str, Any]:
     """A variant's score on every set, by set name (the first set's is ``first``, the graph's own score)."""
     ev = ctx.recipe.evaluation
-    kind = "gguf" if fmt == "gguf" else "hf"
-    is_base = fmt == "hf" or (fmt == "gguf" and ctx.recipe.gguf and label == ctx.recipe.gguf.base_type.upper())
+    llama_cpp = FORMATS[fmt].llama_cpp
+    kind = "gguf" if llama_cpp else "hf"  # the score-set-gguf or score-set-hf node
+    is_base = FORMATS[fmt].base or (llama_cpp and ctx.recipe.gguf and label == ctx.recipe.gguf.base_type.upper())
     out: dict[str, Any] = {}
     if first:
         if first.get("kld_mean") == 0.0 and first.get("kld_p999") is None and is_base:
             first = {**first, "kld_p999": 0.0}
-        out[ev.set_name] = {**first, "set": ev.set_name, "kind": "text", "reference": "base GGUF" if kind == "gguf"
+        out[ev.set_name] = {**first, "set": ev.set_name, "kind": "text", "reference": "base GGUF" if llama_cpp
                             else "HF checkpoint"}
     for s in ev.sets:
         entry = deps.get(f"score-set-{kind}:{label}:{s.name}")
@@ -220,6 +190,6 @@ def set_scores(ctx, fmt: str, label: str, deps, first: dict) -> dict[str, Any]:
         sc = dict(entry.info["score"])
         if sc.get("kld_mean") is None and ev.kld and is_base:
             sc.update(ZERO)  # the base against its own logits
-        ref = "HF checkpoint" if kind == "hf" or s.kind == "chat" else "base GGUF"
+        ref = "HF checkpoint" if not llama_cpp or s.kind == "chat" else "base GGUF"
         out[s.name] = {**sc, "set": s.name, "kind": s.kind, "reference": ref}
     return out

@@ -92,6 +92,36 @@ def _variant(made_by: Node, label: str | None = None) -> tuple[str, str, str]:
     return made_by.spec.format, label or made_by.label, made_by.name
 
 
+def _set_nodes(recipe: Recipe, variants: list[tuple[str, str, str]]) -> list:
+    """The nodes of ``evaluation.sets`` (their steps: quantkit.evalsets); ``variants``: (format, label, node that
+    made it)."""
+    ev = recipe.evaluation
+    if ev is None or not ev.sets:
+        return []
+    nodes = []
+    checkpoints = [(fmt, label, made) for fmt, label, made in variants if fmt in CHECKPOINT_KINDS]
+    for s in ev.sets:
+        chat = s.kind == "chat"
+        if recipe.gguf:
+            if ev.kld:
+                nodes.append(Node(f"set-logits:{s.name}", "set-logits", s.name, ("source", "convert"),
+                                  {"set": s.name}))
+            for fmt, label, made in [v for v in variants if FORMATS[v[0]].llama_cpp]:
+                is_base = made == "convert"
+                # on a chat set the reference is the HF checkpoint, so the F16 base is measured too
+                logits = (f"set-logits:{s.name}",) if ev.kld and (chat or not is_base) else ()
+                # a chat score's key holds its reference's, which names the source checkpoint
+                nodes.append(Node(f"score-set-gguf:{label}:{s.name}", "score-set-gguf", label,
+                                  tuple(dict.fromkeys((made, "convert", *(("source",) if chat else ()), *logits))),
+                                  {"set": s.name, "is_base": is_base}))
+        if checkpoints:
+            for label, made in [("HF", "source")] + [(label, made) for _, label, made in checkpoints]:
+                nodes.append(Node(f"score-set-hf:{label}:{s.name}", "score-set-hf", label,
+                                  tuple(dict.fromkeys((made, "source"))),
+                                  {"set": s.name, "is_base": made == "source"}))
+    return nodes
+
+
 def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
     """Every node of the recipe's run, dependencies first."""
     nodes: list[Node] = [Node("source", "source", recipe.model.repo or recipe.model.path or "")]
@@ -164,9 +194,7 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
                 nodes.append(Node(f"bench-hf:{label}", "bench-hf", label, (made_by,)))
         variants.insert(len([v for v in variants if v[0] == "gguf"]), _variant(nodes[0], "HF"))
     if ev and ev.sets:  # more held-out sets, each variant scored on each (quantkit.evalsets)
-        from quantkit.evalsets import set_nodes
-
-        nodes += set_nodes(recipe, variants)
+        nodes += _set_nodes(recipe, variants)
     if recipe.serve is not None:  # each artifact in the program that serves it, before the run folder and publish
         for fmt, label, made_by in variants:
             if FORMATS[fmt].served:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.nodes import FORMATS
 from quantkit.errors import PublishError
+from quantkit.nodes import FORMATS
 from quantkit.publish.modelfile import merge_command, modelfile_name
 
 HUB_FORMATS = ("gguf", "gptq", "awq")
@@ -160,12 +160,12 @@ def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
     out = []
     for repo_id, r in sorted(repos.items(), key=lambda kv: (HUB_FORMATS.index(kv[1]["format"]), kv[0])):
         files = dict(r["files"])
-        if r["format"] == "gguf":
+        if FORMATS[r["format"]].llama_cpp:
             files.update({p: staged / p for p in projectors})
         for name, path in shared.items():
             files.setdefault(name, path)  # a checkpoint's own file of that name wins
         out.append(HubRepo(r["format"], repo_id, tuple(r["ids"]), dict(sorted(files.items())), r["settings"],
-                           r["ggufs"], projectors if r["format"] == "gguf" else ()))
+                           r["ggufs"], projectors if FORMATS[r["format"]].llama_cpp else ()))
     return out
 
 

@@ -302,7 +302,7 @@ def expert_coverage(manifest: dict) -> dict | None:
         if not e:
             continue
         vid = f"{v['format']}:{v['label']}"
-        if v["format"] == "gguf":
+        if format_of(v).llama_cpp:
             imatrix = imatrix or {k: e[k] for k in ("min_tokens", "least", "below")}
             if e.get("fallback"):
                 fallback[vid] = {"type": e["fallback_type"], "tensors": e["fallback"]}

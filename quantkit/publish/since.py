@@ -8,6 +8,8 @@ commit, calibration digest) and says why a run is held. Pure: dicts in, dicts an
 
 from __future__ import annotations
 
+from quantkit.nodes import format_of
+
 INPUTS = (("model commit", lambda m: (m.get("model") or {}).get("commit") or (m.get("model") or {}).get("revision")),
           ("llama.cpp commit", lambda m: (m.get("toolchain") or {}).get("llama_cpp")),
           ("calibration digest", lambda m: (m.get("calibration") or {}).get("sha256")))
@@ -28,7 +30,7 @@ def since_last_release(previous: dict, current: dict, gate: dict, *, previous_ru
     rows = []
     for v in current.get("variants") or []:
         vid = f"{v['format']}:{v['label']}"
-        if v["format"] == "rtn":
+        if format_of(v).reference:  # scored for comparison, never published
             continue
         old = before.get(vid)
         files = None if old is None else {n: r.get("sha256") for n, r in (v.get("files") or {}).items()} != \
