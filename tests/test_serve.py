@@ -155,12 +155,15 @@ def no_space_prefix(src: Path, dest: Path, toolchain) -> Path:
     return dest
 
 
-def _server_pids(server: Path) -> list[int]:
+def _server_pids(server: Path, *, naming: Path | None = None, besides: int | None = None) -> list[int]:
+    """Processes running ``server`` (whose command line also names ``naming``: this test's files, not those
+    of another run on the machine), other than ``besides``."""
     found = []
     for p in Path("/proc").iterdir():
-        if p.name.isdigit():
+        if p.name.isdigit() and int(p.name) != besides:
             try:
-                if os.fspath(server).encode() in (p / "cmdline").read_bytes():
+                cmdline = (p / "cmdline").read_bytes()
+                if os.fspath(server).encode() in cmdline and os.fspath(naming or server).encode() in cmdline:
                     found.append(int(p.name))
             except OSError:
                 pass
@@ -317,7 +320,7 @@ def test_a_killed_worker_takes_its_server_with_it(ggufs, tmp_path):
     worker = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, fake, ggufs["chat"], tmp_path],
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     deadline = time.monotonic() + 30
-    while not _server_pids(fake):
+    while not _server_pids(fake, besides=worker.pid):  # the worker's own command line names the fake too
         assert time.monotonic() < deadline and worker.poll() is None, "the server never started"
         time.sleep(0.1)
     worker.send_signal(signal.SIGKILL)
@@ -391,7 +394,7 @@ def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, 
     for vid, c in checks.items():
         if not c["passed"]:
             assert f"not published {vid}: {c['failures'][0]}" in out
-    assert not _server_pids(toolchain.binary("llama-server"))
+    assert not _server_pids(toolchain.binary("llama-server"), naming=tmp_path)
 
 
 def test_gptq_checkpoint_chats_in_transformers(models, repo_root, tmp_path):

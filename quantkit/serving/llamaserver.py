@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -58,10 +59,13 @@ _PRCTL = _libc_prctl()  # looked up here: the child between fork and exec only c
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the thread that started it dies (a killed worker)."""
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: SIGKILL when the thread that started it dies (a killed worker). A parent
+    killed between fork and this call sends nothing, so the child then checks it still has that parent."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -127,7 +131,7 @@ def running_server(*, server: Path, gguf: Path, workdir: Path, threads: int | No
     log.debug("running: %s", " ".join(argv))
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
     try:
         url, deadline = f"http://{HOST}:{port}", time.monotonic() + start_timeout
         while True:
