@@ -388,19 +388,22 @@ class Variant:
                 "info": self.entry.info, "scores": self.scores}
 
 
-def linked_files(manifest: dict) -> Iterator[tuple[dict, str, FileRecord]]:
-    """``(variant, path in the run folder, record)`` of every store file a manifest's run folder links."""
-    for v in manifest["variants"]:
-        fmt = FORMATS.get(v.get("format"))
-        if fmt is None or fmt.suffix is None or not v.get("file"):
+def linked_files(manifest: Manifest | Mapping) -> Iterator[tuple[ManifestVariant | Projector, str, FileRecord]]:
+    """``(variant or projector, path in the run folder, record)`` of every store file a manifest's run folder
+    links."""
+    manifest = Manifest.coerce(manifest)
+    for v in manifest.variants:
+        fmt = FORMATS.get(v.format)
+        if fmt is None or fmt.suffix is None or not v.file:
             continue
-        for name, rec in (v.get("files") or {}).items():
-            yield v, fmt.placed(v["file"], name), FileRecord(rec["sha256"], rec["size"])
-    for p in manifest.get("projectors") or []:
-        yield p, p["file"], FileRecord(p["sha256"], p["size"])
+        for name, rec in v.files.items():
+            yield v, fmt.placed(v.file, name), rec
+    for p in manifest.projectors:
+        yield p, p.file, FileRecord(p.sha256, p.size)
 
 
-def damaged_files(folder: Path, manifest: dict, *, digests: bool = False) -> list[tuple[dict, str]]:
+def damaged_files(folder: Path, manifest: Manifest | Mapping, *,
+                  digests: bool = False) -> list[tuple[ManifestVariant | Projector, str]]:
     """``(variant, what is wrong)`` for each file a manifest lists that ``folder`` (a run folder or a
     published run) does not hold as recorded: its size, and with ``digests`` its sha256."""
     found = []
@@ -411,7 +414,7 @@ def damaged_files(folder: Path, manifest: dict, *, digests: bool = False) -> lis
     return found
 
 
-def differing_files(published: Path, run_folder: Path, manifest: dict) -> list[str]:
+def differing_files(published: Path, run_folder: Path, manifest: Manifest | Mapping) -> list[str]:
     """The files of ``manifest`` whose size in ``published`` is not their size in ``run_folder`` (or
     that either lacks): a published run that shared a damaged store file, rebuilt since. Cheap."""
     def size(path: Path) -> int | None:
