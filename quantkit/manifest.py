@@ -58,7 +58,7 @@ def _absent():
 
 
 def _refuse(where: str, what: str) -> StoreError:
-    return StoreError(f"manifest {where}: {what}")
+    return StoreError(f"{where if where.startswith('manifest') else 'manifest ' + where}: {what}")
 
 
 def _value(kind: Any, value: Any, where: str, none: bool) -> Any:
@@ -328,13 +328,14 @@ class Manifest(_Record):
     """``runs/<recipe>/manifest.json``: every input and every output of one run, versioned."""
 
     _where: ClassVar[str] = "manifest"
-    recipe: RecipeInfo = _f(RecipeInfo)
-    model: ModelInfo = _f(ModelInfo)
-    calibration: CalibrationInfo = _f(CalibrationInfo)
+    # every run writes recipe, model, calibration and quantkit; synthetic manifests (tests) may leave them out
+    recipe: RecipeInfo = _f(RecipeInfo, optional=True, factory=RecipeInfo)
+    model: ModelInfo = _f(ModelInfo, optional=True, factory=ModelInfo)
+    calibration: CalibrationInfo = _f(CalibrationInfo, optional=True, factory=CalibrationInfo)
     toolchain: ToolchainInfo | None = _f(ToolchainInfo, optional=True, none=True)
     steps: tuple[ManifestStep, ...] = _f(("list", ManifestStep), optional=True, factory=tuple)
     variants: tuple[ManifestVariant, ...] = _f(("list", ManifestVariant), factory=tuple)
-    quantkit: str = _f("str", default=__version__)
+    quantkit: str = _f("str", optional=True, default=__version__)
     schema: int = _f("int", default=MANIFEST_SCHEMA)
     projectors: tuple[Projector, ...] = _f(("list", Projector), omit_empty=True, factory=tuple)  # absent without
     absent: frozenset[str] | None = _absent()
