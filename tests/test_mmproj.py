@@ -274,7 +274,7 @@ def test_a_damaged_or_changed_projector_is_caught_like_a_gguf(tmp_path):
     ((where, why),) = damaged_files(tmp_path, manifest, digests=True)
     assert where.to_dict() == p and why.startswith(f"{tmp_path.name}/mmproj-M-F16.gguf: ")
     assert damaged_files(tmp_path, manifest) == []  # the size alone cannot tell
-    text = {"variants": [{"format": "gguf", "label": "F16", "file": "M-F16.gguf", "files": {}, "scores": {}}]}
+    text = {"schema": 2, "variants": [{"format": "gguf", "label": "F16", "file": "M-F16.gguf", "files": {}, "scores": {}}]}
     with_projector = {**text, "projectors": [p]}
     changed = {**text, "projectors": [{**p, "sha256": "0" * 64}]}
     assert len({release_fingerprint(m) for m in (text, with_projector, changed)}) == 3
