@@ -382,11 +382,11 @@ class Variant:
     file_name: str | None  # name in the run folder; None for a reference, which stays in the store
     scores: dict = field(default_factory=dict)  # Score.to_dict() plus "speed", "tasks"
 
-    def describe(self) -> dict:
-        return {"format": self.format, "label": self.label, "file": self.file_name, "step": self.entry.step,
-                "key": self.entry.key, "reused": self.entry.reused, "files": {
-                    n: {"sha256": r.sha256, "size": r.size} for n, r in self.entry.files.items()},
-                "info": self.entry.info, "scores": self.scores}
+    def describe(self) -> ManifestVariant:
+        """The manifest's record of this artifact."""
+        return ManifestVariant(format=self.format, label=self.label, file=self.file_name, step=self.entry.step,
+                               key=self.entry.key, reused=self.entry.reused, files=dict(self.entry.files),
+                               info=self.entry.info, scores=Scores.from_dict(self.scores))
 
 
 def linked_files(manifest: Manifest | Mapping) -> Iterator[tuple[ManifestVariant | Projector, str, FileRecord]]:
