@@ -23,7 +23,6 @@ the embedded way, with no Prefect at all.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ from prefect.tasks import exponential_backoff
 
 from quantkit.context import RunContext, RunSpec
 from quantkit.graph import Node
+from quantkit.manifest import Manifest
 from quantkit.executor import run_node, run_sequence
 from quantkit.plan import PlannedNode
 from quantkit.tracking import prepare as prepare_tracking
@@ -156,23 +156,24 @@ def quantkit_logs_to_prefect() -> Iterator[None]:
 
 # --- artifacts ------------------------------------------------------------------------------------
 
-def publish_artifacts(manifest_path: Path, manifest: dict, published: Any = None) -> None:
+def publish_artifacts(manifest_path: Path, manifest: Manifest | dict, published: Any = None) -> None:
     """Table of variants, a markdown summary, a link to the manifest and, once published, the report
     (its quality table and recommendations) with a link to its plot, keyed by the recipe."""
-    key = re.sub(r"[^a-z0-9-]+", "-", manifest["recipe"]["name"].lower()).strip("-")
-    rows = [{"variant": v["label"], "format": v["format"], "MiB": round(v["files"][f]["size"] / 2**20, 1),
-             "sha256": v["files"][f]["sha256"][:12], "reused": v["reused"]}
-            for v in manifest["variants"] for f in sorted(v["files"])[:1]]
-    create_table_artifact(rows, key=f"{key}-variants", description=f"{manifest['recipe']['name']}: variants")
-    built = [s["step"] for s in manifest["steps"] if not s["reused"]]
-    reused = [s["step"] for s in manifest["steps"] if s["reused"]]
+    manifest = Manifest.coerce(manifest)
+    name = manifest.recipe.name
+    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    rows = [{"variant": v.label, "format": v.format, "MiB": round(v.files[f].size / 2**20, 1),
+             "sha256": v.files[f].sha256[:12], "reused": v.reused}
+            for v in manifest.variants for f in sorted(v.files)[:1]]
+    create_table_artifact(rows, key=f"{key}-variants", description=f"{name}: variants")
+    built = [s.step for s in manifest.steps if not s.reused]
+    reused = [s.step for s in manifest.steps if s.reused]
     create_markdown_artifact("\n".join([
-        f"# {manifest['recipe']['name']}",
+        f"# {name}",
         "",
-        f"- recipe: `{manifest['recipe']['file']}` (sha256 `{manifest['recipe']['sha256'][:12]}`)",
-        f"- model: `{manifest['model'].get('repo') or manifest['model']['path']}` "
-        f"(digest `{manifest['model']['digest'][:12]}`)",
-        f"- llama.cpp: `{manifest['toolchain']['version']}`",
+        f"- recipe: `{manifest.recipe.file}` (sha256 `{manifest.recipe.sha256[:12]}`)",
+        f"- model: `{manifest.model.repo or manifest.model.path}` (digest `{manifest.model.digest[:12]}`)",
+        f"- llama.cpp: `{manifest.toolchain.version}`",
         f"- built: {', '.join(built) or 'nothing'}",
         f"- reused: {', '.join(reused) or 'nothing'}",
         f"- run folder: `{manifest_path.parent}`",
@@ -189,7 +190,7 @@ def publish_artifacts(manifest_path: Path, manifest: dict, published: Any = None
             *(f"[plot]({plot.resolve().as_uri()})",) * plot.is_file(),
             "",
             (report / "report.md").read_text(encoding="utf-8"),
-        ]), key=f"{key}-report", description=f"{manifest['recipe']['name']}: report ({published.status})")
+        ]), key=f"{key}-report", description=f"{name}: report ({published.status})")
 
 
 # --- the flow -------------------------------------------------------------------------------------
@@ -226,8 +227,7 @@ def quantize(recipe: str, publish: bool = True, track: bool = False) -> dict:
         require_working_locks(ctx.store.root)  # the shared store, as the head sees it; each worker checks its own
         done = run_sequence(ctx, lambda rows: lambda node, deps: Submitted(ctx, node, deps, rows.get(node.name)),
                             publish=publish, parallel=PARALLEL, whole_run_here=False)
-    manifest = json.loads(done.manifest.read_text())
-    publish_artifacts(done.manifest, manifest, done.release)
+    publish_artifacts(done.manifest, Manifest.read(done.manifest), done.release)
     return {"manifest": str(done.manifest), "built": list(done.built), "reused": list(done.reused)}
 
 

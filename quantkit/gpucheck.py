@@ -380,10 +380,14 @@ def _timed(steps: list[dict], name: str, fn, *a, **kw):
 
 
 def _figures(fmt: str, scores: dict) -> dict:
+    """A variant's figures from its scores (``graph.variant_scores``, read as the manifest's typed record)."""
+    from quantkit.manifest import Scores
+
+    sc = Scores.from_dict(scores, where=f"{fmt} scores")
     keep = ("ppl", "ppl_err", "kld_mean", "kld_p99", "same_top_pct", "n_tokens", "backend", "seconds")
-    out = {"format": fmt, **{k: scores.get(k) for k in keep}}
-    if "speed" in scores:
-        out["speed"] = {k: scores["speed"].get(k) for k in ("pp_tokens_per_s", "tg_tokens_per_s", "backend")}
+    out = {"format": fmt, **{k: getattr(sc, k) for k in keep}}
+    if sc.speed is not None:
+        out["speed"] = {k: sc.speed.get(k) for k in ("pp_tokens_per_s", "tg_tokens_per_s", "backend")}
     return out
 
 

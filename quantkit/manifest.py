@@ -2,16 +2,23 @@
 
 The run-folder node (``quantkit.runfolder``) writes it: every input (recipe, model files, calibration
 text, toolchain) and every output (store key, sha256 and size of each file, scores). The report, the
-publisher and `store gc` read it.
+publisher and `store gc` read it, through the typed records below (``Manifest.coerce``), never as raw dicts.
+
+Every record reads with ``from_dict`` and writes with ``to_dict``; ``Manifest.from_dict(d).to_dict() == d``
+for every manifest quantkit wrote (the JSON on disk, published manifests and release fingerprints depend on
+it): a key that may be missing is remembered as missing (``absent``) and stays missing. A key the schema
+does not know, or a value of the wrong type, is refused (StoreError naming where it is).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 from quantkit import __version__
 from quantkit.errors import StoreError
@@ -23,55 +30,346 @@ MANIFEST_SCHEMA = 2  # 2: steps are graph nodes (kind:label), base logits not li
 READABLE_SCHEMAS = (1, 2)  # 1 listed the same fields with hand-written step names
 
 
+# --- reading and writing records --------------------------------------------------------------------
+# A field's metadata says what its JSON value may be ("kind"), whether the key may be missing ("optional")
+# and whether it is left out when empty ("omit_empty": projectors, shards). ``absent`` (not compared) holds
+# the optional keys a record read from JSON did not have: they stay missing while they hold their default
+# (``dataclasses.replace`` giving one a value writes it). A record built in code has None there: every key
+# is written, omit_empty ones only when not empty.
+
+_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "num": (int, float), "bool": (bool,),
+                                       "dict": (dict,), "list": (list,)}
+
+
+def _f(kind: str, *, optional: bool = False, none: bool = False, omit_empty: bool = False, default: Any = None,
+       factory: Any = None):
+    """A record field: ``kind`` one of _KINDS, a record class, ``("map", FileRecord)``, ``("list", cls)`` or
+    "any"; ``none``: JSON null is allowed."""
+    meta = {"kind": kind, "optional": optional or omit_empty, "none": none, "omit_empty": omit_empty}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    if default is not None or optional or omit_empty or none:
+        return field(default=default, metadata=meta)
+    return field(metadata=meta)
+
+
+def _absent():
+    return field(default=None, compare=False, repr=False)
+
+
+def _refuse(where: str, what: str) -> StoreError:
+    return StoreError(f"{where if where.startswith('manifest') else 'manifest ' + where}: {what}")
+
+
+def _value(kind: Any, value: Any, where: str, none: bool) -> Any:
+    if value is None:
+        if none or kind == "any":
+            return None
+        raise _refuse(where, "is null, expected " + _kind_name(kind))
+    if kind == "any":
+        return value
+    if isinstance(kind, tuple):
+        outer, inner = kind
+        if outer == "map":
+            if not isinstance(value, dict):
+                raise _refuse(where, f"expected an object, got {type(value).__name__}")
+            return {str(k): _record(inner, v, f"{where}[{k!r}]") for k, v in value.items()}
+        if not isinstance(value, list):
+            raise _refuse(where, f"expected a list, got {type(value).__name__}")
+        return tuple(_record(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(kind, type):
+        return _record(kind, value, where)
+    ok = isinstance(value, _KINDS[kind]) and not (kind in ("int", "num") and isinstance(value, bool))
+    if not ok:
+        raise _refuse(where, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _kind_name(kind: Any) -> str:
+    return {"str": "a string", "int": "an integer", "num": "a number", "bool": "true or false",
+            "dict": "an object", "list": "a list"}.get(kind, str(kind)) if isinstance(kind, str) else "an object"
+
+
+def _record(cls: type, data: Any, where: str) -> Any:
+    if cls is FileRecord:
+        if not isinstance(data, dict):
+            raise _refuse(where, f"expected an object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"sha256", "size"})
+        if unknown:
+            raise _refuse(where, f"unknown key {unknown[0]!r} (a file record has sha256, size)")
+        missing = [k for k in ("sha256", "size") if k not in data]
+        if missing:
+            raise _refuse(where, f"lacks {missing[0]!r}")
+        return FileRecord(_value("str", data["sha256"], f"{where}.sha256", False),
+                          _value("int", data["size"], f"{where}.size", False))
+    return cls.from_dict(data, where=where)
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, FileRecord):
+        return {"sha256": value.sha256, "size": value.size}
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict) and any(isinstance(v, (FileRecord, _Record)) for v in value.values()):
+        return {k: _dump(v) for k, v in value.items()}
+    return value
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+class _Record:
+    """``from_dict``/``to_dict`` of a frozen dataclass whose fields are made with ``_f``."""
+
+    _where: ClassVar[str] = ""
+
+    @classmethod
+    def _schema_fields(cls):
+        return [f for f in fields(cls) if f.name != "absent"]
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str | None = None):
+        where = where or cls._where
+        if not isinstance(data, Mapping):
+            raise _refuse(where, f"expected an object, got {type(data).__name__}")
+        known = cls._schema_fields()
+        unknown = sorted(set(data) - {f.name for f in known})
+        if unknown:
+            raise _refuse(where, f"unknown key {unknown[0]!r} (not in manifest schema {MANIFEST_SCHEMA}: "
+                                 f"{cls.__name__} has {', '.join(f.name for f in known)})")
+        values, absent = {}, set()
+        for f in known:
+            if f.name not in data:
+                if not f.metadata["optional"]:
+                    raise _refuse(where, f"lacks {f.name!r}")
+                absent.add(f.name)
+                continue
+            values[f.name] = _value(f.metadata["kind"], data[f.name], f"{where}.{f.name}", f.metadata["none"])
+        return cls(**values, absent=frozenset(absent))
+
+    def to_dict(self) -> dict:
+        absent = self.absent
+        out = {}
+        for f in self._schema_fields():
+            value = getattr(self, f.name)
+            if f.metadata["omit_empty"] and not value:
+                continue
+            if absent is not None and f.name in absent and value == _default(f):  # missing when read, unchanged
+                continue
+            out[f.name] = _dump(value)
+        return out
+
+
+# --- the records ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeInfo(_Record):
+    """The recipe the run was made from: its name, file, sha256 and the resolved recipe (a plain dict:
+    ``quantkit.recipe``'s models of the quantkit that wrote it, read there when needed)."""
+
+    _where: ClassVar[str] = "recipe"
+    name: str | None = _f("str", optional=True, none=True)
+    file: str | None = _f("str", optional=True, none=True)
+    sha256: str | None = _f("str", optional=True, none=True)
+    resolved: dict | None = _f("dict", optional=True, none=True)
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo(_Record):
+    """The base checkpoint (``quantkit.source``): repo, revision, commit, folder, digest, files (name -> sha256)."""
+
+    _where: ClassVar[str] = "model"
+    repo: str | None = _f("str", optional=True, none=True)
+    revision: str | None = _f("str", optional=True, none=True)
+    commit: str | None = _f("str", optional=True, none=True)
+    path: str | None = _f("str", optional=True, none=True)
+    digest: str | None = _f("str", optional=True, none=True)
+    files: dict = _f("dict", optional=True, factory=dict)
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationInfo(_Record):
+    """The calibration text (``quantkit.calibration``): sha256, source files, length; parse_special when set."""
+
+    _where: ClassVar[str] = "calibration"
+    sha256: str | None = _f("str", optional=True, none=True)
+    sources: list = _f("list", optional=True, factory=list)
+    chars: int | None = _f("int", optional=True, none=True)
+    parse_special: bool | None = _f("bool", optional=True)
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolchainInfo(_Record):
+    """The llama.cpp build: commit, version string, where it came from, CUDA."""
+
+    _where: ClassVar[str] = "toolchain"
+    llama_cpp: str | None = _f("str", optional=True, none=True)
+    version: str | None = _f("str", optional=True, none=True)
+    origin: str | None = _f("str", optional=True, none=True)
+    cuda: Any = _f("any", optional=True)  # a version string, or a flag in older manifests
+    absent: frozenset[str] | None = _absent()
+
+
 @dataclass(frozen=True)
-class ManifestStep:
+class ManifestStep(_Record):
     """One stored node of the run: its store key, whether it was reused, how long it took when built, and
     the machine that built it (host name, llama.cpp build and its folder there, threads; None in manifests
     before they were kept)."""
 
-    step: str
-    key: str
-    reused: bool
-    seconds: float | None
-    host: str | None = None
-    toolchain: str | None = None
-    toolchain_dir: str | None = None
-    threads: int | None = None
+    _where: ClassVar[str] = "steps[]"
+    step: str = _f("str")
+    key: str = _f("str")
+    reused: bool = _f("bool")
+    seconds: float | None = _f("num", none=True)
+    host: str | None = _f("str", optional=True, none=True)
+    toolchain: str | None = _f("str", optional=True, none=True)
+    toolchain_dir: str | None = _f("str", optional=True, none=True)
+    threads: int | None = _f("int", optional=True, none=True)
+    absent: frozenset[str] | None = _absent()
 
 
-@dataclass(frozen=True)
-class Manifest:
+@dataclass(frozen=True, kw_only=True)
+class Scores(_Record):
+    """A variant's scores (``graph.variant_scores``): ``quantkit.scoring.windows.Score.to_dict()`` on the
+    held-out text, plus what the other measuring nodes add. Every key may be missing (a variant nothing
+    scored, a manifest of an older quantkit); a missing number reads as None."""
+
+    _where: ClassVar[str] = "scores"
+    backend: str | None = _f("str", optional=True, none=True)
+    ppl: float | None = _f("num", optional=True, none=True)
+    ppl_err: float | None = _f("num", optional=True, none=True)
+    kld_mean: float | None = _f("num", optional=True, none=True)
+    kld_mean_err: float | None = _f("num", optional=True, none=True)
+    kld_p99: float | None = _f("num", optional=True, none=True)
+    kld_p999: float | None = _f("num", optional=True, none=True)
+    same_top_pct: float | None = _f("num", optional=True, none=True)
+    n_tokens: int | None = _f("int", optional=True, none=True)
+    n_chunks: int | None = _f("int", optional=True, none=True)
+    ctx: int | None = _f("int", optional=True, none=True)
+    seconds: float | None = _f("num", optional=True, none=True)
+    printed: dict | None = _f("dict", optional=True, none=True)  # llama-perplexity's own strings, by field
+    set_info: dict | None = _f("dict", optional=True, none=True)  # a chat set's conversations, tokens
+    chunk_kld: list | None = _f("list", optional=True, none=True)  # each chunk's mean KLD
+    # Kept as plain dicts (their writers' shapes, read by the report with defaults):
+    tasks: dict | None = _f("dict", optional=True, none=True)  # task -> quantkit.scoring.tasks summary (or a number)
+    speed: dict | None = _f("dict", optional=True, none=True)  # quantkit.scoring.windows.Speed.to_dict()
+    serve: dict | None = _f("dict", optional=True, none=True)  # quantkit.serving.ServeCheck.to_dict()
+    sets: dict | None = _f("dict", optional=True, none=True)  # set name -> Score.to_dict() + kind, reference, set
+    absent: frozenset[str] | None = _absent()
+
+    def number(self, name: str) -> float | None:
+        """A numeric score as a finite float, or None (missing, null, NaN or infinite)."""
+        v = getattr(self, name)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shard(_Record):
+    """One llama-gguf-split shard of a GGUF published in parts (``publish.release.shard_staged``)."""
+
+    _where: ClassVar[str] = "shards[]"
+    file: str = _f("str")
+    size: int = _f("int")
+    sha256: str = _f("str")
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestVariant(_Record):
+    """One artifact of the run as the manifest lists it (``Variant.describe()``): its format and label, its
+    name in the run folder (None for a reference, or a variant publishing leaves out), the store node that
+    made it, its files, the node's info (plain: each kind's own), its scores, and ``shards`` when publishing
+    split it."""
+
+    _where: ClassVar[str] = "variants[]"
+    format: str = _f("str")
+    label: str = _f("str")
+    file: str | None = _f("str", optional=True, none=True)
+    step: str | None = _f("str", optional=True, none=True)
+    key: str | None = _f("str", optional=True, none=True)
+    reused: bool | None = _f("bool", optional=True, none=True)
+    files: dict[str, FileRecord] = _f(("map", FileRecord), optional=True, factory=dict)
+    info: dict = _f("dict", optional=True, factory=dict)  # the store entry's info (gguf, mix, made_by, ...)
+    scores: Scores = _f(Scores, optional=True, factory=Scores)
+    shards: tuple[Shard, ...] = _f(("list", Shard), omit_empty=True, factory=tuple)
+    absent: frozenset[str] | None = _absent()
+
+    @property
+    def id(self) -> str:
+        return f"{self.format}:{self.label}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Projector(_Record):
+    """A VLM's mmproj file of one type (``runfolder.projector_records``)."""
+
+    _where: ClassVar[str] = "projectors[]"
+    file: str = _f("str")
+    type: str = _f("str")
+    store_file: str | None = _f("str", optional=True, none=True)
+    step: str | None = _f("str", optional=True, none=True)
+    key: str | None = _f("str", optional=True, none=True)
+    reused: bool | None = _f("bool", optional=True, none=True)
+    sha256: str = _f("str")
+    size: int = _f("int")
+    architecture: str | None = _f("str", optional=True, none=True)
+    projector_type: str | None = _f("str", optional=True, none=True)
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest(_Record):
     """``runs/<recipe>/manifest.json``: every input and every output of one run, versioned."""
 
-    recipe: dict  # name, file, sha256, resolved
-    model: dict  # repo, revision, commit, path, digest, files
-    calibration: dict  # sha256, sources, chars
-    toolchain: dict | None  # llama_cpp, version, origin, cuda
-    steps: tuple[ManifestStep, ...]
-    variants: tuple[dict, ...]  # Variant.describe()
-    quantkit: str = __version__
-    schema: int = MANIFEST_SCHEMA
-    projectors: tuple[dict, ...] = ()  # a VLM's mmproj files (projector_records); the key is absent without any
+    _where: ClassVar[str] = "manifest"
+    # every run writes recipe, model, calibration and quantkit; synthetic manifests (tests) may leave them out
+    recipe: RecipeInfo = _f(RecipeInfo, optional=True, factory=RecipeInfo)
+    model: ModelInfo = _f(ModelInfo, optional=True, factory=ModelInfo)
+    calibration: CalibrationInfo = _f(CalibrationInfo, optional=True, factory=CalibrationInfo)
+    toolchain: ToolchainInfo | None = _f(ToolchainInfo, optional=True, none=True)
+    steps: tuple[ManifestStep, ...] = _f(("list", ManifestStep), optional=True, factory=tuple)
+    variants: tuple[ManifestVariant, ...] = _f(("list", ManifestVariant), factory=tuple)
+    quantkit: str = _f("str", optional=True, default=__version__)
+    schema: int = _f("int", default=MANIFEST_SCHEMA)
+    projectors: tuple[Projector, ...] = _f(("list", Projector), omit_empty=True, factory=tuple)  # absent without
+    absent: frozenset[str] | None = _absent()
 
-    def to_dict(self) -> dict:
-        return {"schema": self.schema, "quantkit": self.quantkit, "recipe": self.recipe, "model": self.model,
-                "calibration": self.calibration, "toolchain": self.toolchain,
-                "steps": [asdict(s) for s in self.steps], "variants": list(self.variants),
-                **({"projectors": list(self.projectors)} if self.projectors else {})}
+    def __post_init__(self):  # records built in code may hand plain dicts (runfolder, tests)
+        for name, cls in (("recipe", RecipeInfo), ("model", ModelInfo), ("calibration", CalibrationInfo),
+                          ("toolchain", ToolchainInfo)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, cls.from_dict(value, where=name))
+        for name, cls in (("steps", ManifestStep), ("variants", ManifestVariant), ("projectors", Projector)):
+            object.__setattr__(self, name, tuple(cls.from_dict(v, where=f"{name}[{i}]") if isinstance(v, Mapping)
+                                                 else v for i, v in enumerate(getattr(self, name))))
 
     @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
+    def from_dict(cls, data: Any, *, where: str | None = None) -> Manifest:
+        if not isinstance(data, Mapping):
+            raise _refuse("manifest", f"expected an object, got {type(data).__name__}")
         if data.get("schema") not in READABLE_SCHEMAS:
             raise StoreError(f"manifest schema {data.get('schema')!r} is not one this quantkit reads "
                              f"({', '.join(map(str, READABLE_SCHEMAS))})")
-        return cls(recipe=data["recipe"], model=data["model"], calibration=data["calibration"],
-                   toolchain=data.get("toolchain"), steps=tuple(ManifestStep(**s) for s in data["steps"]),
-                   variants=tuple(data["variants"]), quantkit=data["quantkit"], schema=data["schema"],
-                   projectors=tuple(data.get("projectors") or ()))
+        return super().from_dict(data, where=where)
+
+    @classmethod
+    def coerce(cls, manifest: Manifest | Mapping) -> Manifest:
+        """A Manifest from itself or from its JSON (a dict): what public readers call once at their boundary."""
+        return manifest if isinstance(manifest, Manifest) else cls.from_dict(manifest)
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def variant(self, vid: str) -> ManifestVariant | None:
+        return next((v for v in self.variants if v.id == vid), None)
 
 
 @dataclass(frozen=True)
@@ -84,26 +382,29 @@ class Variant:
     file_name: str | None  # name in the run folder; None for a reference, which stays in the store
     scores: dict = field(default_factory=dict)  # Score.to_dict() plus "speed", "tasks"
 
-    def describe(self) -> dict:
-        return {"format": self.format, "label": self.label, "file": self.file_name, "step": self.entry.step,
-                "key": self.entry.key, "reused": self.entry.reused, "files": {
-                    n: {"sha256": r.sha256, "size": r.size} for n, r in self.entry.files.items()},
-                "info": self.entry.info, "scores": self.scores}
+    def describe(self) -> ManifestVariant:
+        """The manifest's record of this artifact."""
+        return ManifestVariant(format=self.format, label=self.label, file=self.file_name, step=self.entry.step,
+                               key=self.entry.key, reused=self.entry.reused, files=dict(self.entry.files),
+                               info=self.entry.info, scores=Scores.from_dict(self.scores))
 
 
-def linked_files(manifest: dict) -> Iterator[tuple[dict, str, FileRecord]]:
-    """``(variant, path in the run folder, record)`` of every store file a manifest's run folder links."""
-    for v in manifest["variants"]:
-        fmt = FORMATS.get(v.get("format"))
-        if fmt is None or fmt.suffix is None or not v.get("file"):
+def linked_files(manifest: Manifest | Mapping) -> Iterator[tuple[ManifestVariant | Projector, str, FileRecord]]:
+    """``(variant or projector, path in the run folder, record)`` of every store file a manifest's run folder
+    links."""
+    manifest = Manifest.coerce(manifest)
+    for v in manifest.variants:
+        fmt = FORMATS.get(v.format)
+        if fmt is None or fmt.suffix is None or not v.file:
             continue
-        for name, rec in (v.get("files") or {}).items():
-            yield v, fmt.placed(v["file"], name), FileRecord(rec["sha256"], rec["size"])
-    for p in manifest.get("projectors") or []:
-        yield p, p["file"], FileRecord(p["sha256"], p["size"])
+        for name, rec in v.files.items():
+            yield v, fmt.placed(v.file, name), rec
+    for p in manifest.projectors:
+        yield p, p.file, FileRecord(p.sha256, p.size)
 
 
-def damaged_files(folder: Path, manifest: dict, *, digests: bool = False) -> list[tuple[dict, str]]:
+def damaged_files(folder: Path, manifest: Manifest | Mapping, *,
+                  digests: bool = False) -> list[tuple[ManifestVariant | Projector, str]]:
     """``(variant, what is wrong)`` for each file a manifest lists that ``folder`` (a run folder or a
     published run) does not hold as recorded: its size, and with ``digests`` its sha256."""
     found = []
@@ -114,7 +415,7 @@ def damaged_files(folder: Path, manifest: dict, *, digests: bool = False) -> lis
     return found
 
 
-def differing_files(published: Path, run_folder: Path, manifest: dict) -> list[str]:
+def differing_files(published: Path, run_folder: Path, manifest: Manifest | Mapping) -> list[str]:
     """The files of ``manifest`` whose size in ``published`` is not their size in ``run_folder`` (or
     that either lacks): a published run that shared a damaged store file, rebuilt since. Cheap."""
     def size(path: Path) -> int | None:

@@ -130,9 +130,10 @@ FORMATS: dict[str, Format] = {
 }
 
 
-def format_of(variant: Mapping) -> Format:
-    """The ``Format`` of a manifest's or a report's variant (a dict with "format")."""
-    return FORMATS[variant["format"]]
+def format_of(variant: Any) -> Format:
+    """The ``Format`` of a manifest's variant (``quantkit.manifest.ManifestVariant``) or a report's row (a dict
+    with "format")."""
+    return FORMATS[variant["format"] if isinstance(variant, Mapping) else variant.format]
 
 
 def gguf_file(entry: Entry) -> tuple[Path, str]:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from quantkit.digest import sha256_file, write_json_atomic
-from quantkit.manifest import Manifest, ManifestStep, Variant
+from quantkit.manifest import Manifest, ManifestStep, Projector, Variant
 from quantkit.nodes import FORMATS
 from quantkit.paths import inside, open_fixed, project_parts, write_atomic
 from quantkit.recipe import Recipe
@@ -92,7 +92,7 @@ def write_run_folder(ctx, deps, variants: list[Variant]) -> Path:
     with run_folder_lock(ctx.recipe, ctx.root):
         out.mkdir(parents=True, exist_ok=True)
         for p in projectors:
-            _place(ctx.store, projector, p["store_file"], inside(out, p["file"]))
+            _place(ctx.store, projector, p.store_file, inside(out, p.file))
         for v in variants:
             fmt = FORMATS[v.format]
             if fmt.suffix is None:
@@ -116,15 +116,16 @@ def write_run_folder(ctx, deps, variants: list[Variant]) -> Path:
     return path
 
 
-def projector_records(entry: Entry, model_name: str) -> list[dict]:
+def projector_records(entry: Entry, model_name: str) -> list[Projector]:
     """The manifest's ``projectors``: per type, its name in the run folder and the GGUF repo, its store file,
     sha256 and size, and what the converter made (``quantkit.mmproj``)."""
     from quantkit.mmproj import TYPES, file_name, store_name
 
     made = entry.info.get("projectors") or {}
-    return [{"file": file_name(model_name, t), "type": t, "store_file": store_name(t), "step": entry.step,
-             "key": entry.key, "reused": entry.reused, "sha256": entry.files[store_name(t)].sha256,
-             "size": entry.files[store_name(t)].size, "architecture": entry.info.get("architecture"),
-             "projector_type": (made.get(t) or {}).get("projector_type")} for t in TYPES if store_name(t) in entry.files]
+    return [Projector(file=file_name(model_name, t), type=t, store_file=store_name(t), step=entry.step,
+                      key=entry.key, reused=entry.reused, sha256=entry.files[store_name(t)].sha256,
+                      size=entry.files[store_name(t)].size, architecture=entry.info.get("architecture"),
+                      projector_type=(made.get(t) or {}).get("projector_type"))
+            for t in TYPES if store_name(t) in entry.files]
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from quantkit.budget import BudgetError, Choice, allocate, budget_bytes, check_target, mix_summary, options
 from quantkit.cli import main
+from quantkit.manifest import Manifest
 from quantkit.recipe import GGUFTarget
 from quantkit.sensitivity import chunk_klds, halves, mix_file_text, paired
 
@@ -260,6 +261,7 @@ def test_target_builds_a_scored_gguf_within_budget_and_is_reused(tmp_path, repo_
     assert main(["run", "--no-publish", str(recipe)]) == 0
     capsys.readouterr()
     manifest = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
+    assert Manifest.from_dict(manifest).to_dict() == manifest  # the typed schema reads back what the run wrote
     v = {x["label"]: x for x in manifest["variants"]}["target-4.50bpw"]
     params = v["info"]["gguf"]["parameters"]
     size = v["files"]["model.gguf"]["size"]

@@ -210,7 +210,7 @@ def test_manifest_round_trips_and_refuses_an_unknown_schema(tmp_path):
     from quantkit.manifest import Manifest, ManifestStep
 
     m = Manifest(recipe={"name": "r"}, model={"digest": "d"}, calibration={"sha256": "c"}, toolchain=None,
-                 steps=(ManifestStep("convert", "k" * 32, False, 1.5),), variants=({"label": "F16"},))
+                 steps=(ManifestStep("convert", "k" * 32, False, 1.5),), variants=({"format": "gguf", "label": "F16"},))
     (tmp_path / "manifest.json").write_text(json.dumps(m.to_dict()))
     assert Manifest.read(tmp_path / "manifest.json") == m
     with pytest.raises(StoreError, match="schema 99"):

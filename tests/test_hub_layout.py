@@ -330,18 +330,19 @@ def test_split_ggufs_keep_their_tags(tmp_path, monkeypatch, tiny_f16_gguf, toolc
                      if method == "GET" and f"/{GGUF_REPO}/resolve/" in path)
     # loaded from the shards and computing (the log's last lines can be lost at exit: scoring/llamacpp.py)
     assert fetched.returncode == 0 and "calculating perplexity over 2 chunks" in fetched.stderr, fetched.stderr[-3000:]
-    (variant,) = [v for v in sharded["variants"] if v.get("shards")]
-    assert got == [s["file"] for s in variant["shards"]]  # every shard, nothing else
-    shards = [s["file"] for s in variant["shards"]]
+    (variant,) = [v for v in sharded.variants if v.shards]  # the typed manifest, as written to the staged run
+    assert json.loads((run / "manifest.json").read_text()) == sharded.to_dict()
+    assert got == [s.file for s in variant.shards]  # every shard, nothing else
+    shards = [s.file for s in variant.shards]
     assert len(shards) >= 3 and shards[0] == f"{STEM}-Q4_K_M-00001-of-{len(shards):05d}.gguf"
     assert f"{STEM}-Q4_K_M.gguf" not in files and set(shards) <= set(files)
     assert all(len(files[s]) <= limit for s in shards)
     assert llama_cpp_pick(sorted(files), "Q4_K_M") == shards and hub_tag_files(sorted(files), "Q4_K_M") == shards
-    assert [hashlib.sha256(files[s["file"]]).hexdigest() for s in variant["shards"]] == \
-        [s["sha256"] for s in variant["shards"]]  # the shards the manifest pins went up
+    assert [hashlib.sha256(files[s.file]).hexdigest() for s in variant.shards] == \
+        [s.sha256 for s in variant.shards]  # the shards the manifest pins went up
     card = files["README.md"].decode()
     merge = f"llama-gguf-split --merge {shards[0]} {STEM}-Q4_K_M.gguf"
     assert f"`ollama run hf.co/{GGUF_REPO}:Q4_K_M`" not in card and f"merge first: `{merge}`" in card
     assert f"`llama-server -hf {GGUF_REPO}:Q4_K_M`" in card and f"`{shards[0]}`" in card
-    assert all(f"| `{s['file']}` | {s['size']} | `{s['sha256']}` |" in card for s in variant["shards"])
+    assert all(f"| `{s.file}` | {s.size} | `{s.sha256}` |" in card for s in variant.shards)
     assert f"`ollama run hf.co/{GGUF_REPO}:Q8_0`" in card  # one file: Ollama pulls it as it is

@@ -267,13 +267,14 @@ def test_a_damaged_or_changed_projector_is_caught_like_a_gguf(tmp_path):
     (tmp_path / "mmproj-M-F16.gguf").write_bytes(good)
     p = {"file": "mmproj-M-F16.gguf", "type": "F16", "step": "mmproj", "key": "k" * 32, "size": len(good),
          "sha256": hashlib.sha256(good).hexdigest()}
-    manifest = {"variants": [], "projectors": [p]}
+    manifest = {"schema": 2, "quantkit": "0", "recipe": {}, "model": {}, "calibration": {}, "variants": [],
+                "projectors": [p]}
     assert damaged_files(tmp_path, manifest, digests=True) == []
     (tmp_path / "mmproj-M-F16.gguf").write_bytes(b"projector bytez")  # same size, other bytes
     ((where, why),) = damaged_files(tmp_path, manifest, digests=True)
-    assert where is p and why.startswith(f"{tmp_path.name}/mmproj-M-F16.gguf: ")
+    assert where.to_dict() == p and why.startswith(f"{tmp_path.name}/mmproj-M-F16.gguf: ")
     assert damaged_files(tmp_path, manifest) == []  # the size alone cannot tell
-    text = {"variants": [{"format": "gguf", "label": "F16", "file": "M-F16.gguf", "files": {}, "scores": {}}]}
+    text = {"schema": 2, "variants": [{"format": "gguf", "label": "F16", "file": "M-F16.gguf", "files": {}, "scores": {}}]}
     with_projector = {**text, "projectors": [p]}
     changed = {**text, "projectors": [{**p, "sha256": "0" * 64}]}
     assert len({release_fingerprint(m) for m in (text, with_projector, changed)}) == 3

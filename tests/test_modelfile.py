@@ -107,7 +107,7 @@ def test_no_chat_template_writes_no_template():
 # --- every GGUF carries the checkpoint's chat template --------------------------------------------
 
 def _manifest(files: list[str]) -> dict:
-    return {"variants": [{"format": "gguf", "label": f, "file": f} for f in files]
+    return {"schema": 2, "variants": [{"format": "gguf", "label": f, "file": f} for f in files]
             + [{"format": "gptq", "label": "g", "file": "gptq-folder"}]}
 
 

@@ -12,6 +12,7 @@ import pytest
 from quantkit.cli import main
 from quantkit.digest import sha256_file
 from quantkit.ggufinfo import read_gguf
+from quantkit.manifest import Manifest
 from quantkit.toolchain import ensure_toolchain
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,7 @@ def run(recipe: Path, store: Path, capsys, monkeypatch) -> tuple[dict, str]:
     assert main(["run", str(recipe)]) == 0
     out = capsys.readouterr().out
     manifest = json.loads((recipe.parents[1] / "runs" / "tiny-chain" / "manifest.json").read_text())
+    assert Manifest.from_dict(manifest).to_dict() == manifest  # the typed schema reads back what a run wrote
     return manifest, out
 
 

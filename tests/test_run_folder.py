@@ -70,7 +70,7 @@ def test_a_damaged_store_file_is_never_linked(tmp_path):
 
 
 def _manifest(entry, file="m-Q4_K_M.gguf"):
-    return {"variants": [{"format": "gguf", "label": "Q4_K_M", "file": file, "step": entry.step, "key": entry.key,
+    return {"schema": 2, "quantkit": "0", "recipe": {}, "model": {}, "calibration": {}, "variants": [{"format": "gguf", "label": "Q4_K_M", "file": file, "step": entry.step, "key": entry.key,
                           "files": {n: {"sha256": r.sha256, "size": r.size} for n, r in entry.files.items()}},
                          {"format": "hf", "label": "BF16", "file": "models/x",
                           "files": {"w": {"sha256": "0", "size": 1}}},
@@ -91,7 +91,7 @@ def test_run_folder_files_are_checked_against_the_manifest(tmp_path):
     with open(run / "m-Q4_K_M.gguf", "r+b") as f:
         f.truncate(4)  # the run folder, the published run and the store share the file
     ((variant, why),) = damaged_files(run, manifest)
-    assert variant["label"] == "Q4_K_M" and why == "run/m-Q4_K_M.gguf: m-Q4_K_M.gguf is 4 bytes, its record says 10"
+    assert variant.label == "Q4_K_M" and why == "run/m-Q4_K_M.gguf: m-Q4_K_M.gguf is 4 bytes, its record says 10"
     assert store.get("quantize", INPUTS) is None  # the size check on reuse sees it too
     rebuilt = store.ensure("quantize", INPUTS, lambda s: (s.path / "model.gguf").write_bytes(b"gguf bytes"))
     _place(store, rebuilt, "model.gguf", run / "m-Q4_K_M.gguf")

@@ -40,14 +40,14 @@ def publish_run(ctx, model: ModelSnapshot, manifest_path: Path) -> Any:
 
     facts = model_facts(model.path)
     calib_readme = ctx.root / "calibration" / "README.md"
-    manifest = Manifest.read(manifest_path).to_dict()
+    manifest = Manifest.read(manifest_path)
 
     def verify() -> None:
         """Every file about to be published matches the manifest's sha256. The run folder holds hard links
         into the store, so a damaged file's store entry is checked too and moved aside if damaged: the next
         run rebuilds it and links the good file."""
         damaged = damaged_files(manifest_path.parent, manifest, digests=True)
-        for step, key in dict.fromkeys((v["step"], v["key"]) for v, _ in damaged):
+        for step, key in dict.fromkeys((v.step, v.key) for v, _ in damaged):
             ctx.store.recheck(step, key)
         if damaged:
             more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""

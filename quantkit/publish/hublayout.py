@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import PublishError
+from quantkit.manifest import Manifest
 from quantkit.nodes import FORMATS
 from quantkit.publish.modelfile import merge_command, modelfile_name
 
@@ -58,21 +59,23 @@ class HubRepo:
         return f"https://huggingface.co/{self.repo_id}"
 
 
-def model_name(manifest: dict) -> str:
+def model_name(manifest: Manifest | dict) -> str:
     """The model's name as in the file names (``recipe.ModelSource.display_name``)."""
-    src = (manifest["recipe"].get("resolved") or {}).get("model") or {}
-    model = manifest.get("model") or {}
-    return src.get("name") or (model.get("repo") or model.get("path") or "model").rstrip("/").split("/")[-1]
+    manifest = Manifest.coerce(manifest)
+    src = (manifest.recipe.resolved or {}).get("model") or {}
+    model = manifest.model
+    return src.get("name") or (model.repo or model.path or "model").rstrip("/").split("/")[-1]
 
 
-def variant_settings(manifest: dict, fmt: str, label: str) -> dict[str, Any]:
+def variant_settings(manifest: Manifest | dict, fmt: str, label: str) -> dict[str, Any]:
     """The quantization settings a variant was made with, from the manifest's resolved recipe.
 
     A manifest without that section (an older run) gets the defaults when the label is the default one;
     any other unknown variant is refused (its repo name depends on its bits and group size)."""
     from quantkit.recipe import AWQVariant, GGUFSection, GPTQVariant
 
-    resolved = manifest["recipe"].get("resolved") or {}
+    manifest = Manifest.coerce(manifest)
+    resolved = manifest.recipe.resolved or {}
     if FORMATS[fmt].llama_cpp:
         section = resolved.get("gguf")
         if not section:
@@ -85,7 +88,7 @@ def variant_settings(manifest: dict, fmt: str, label: str) -> dict[str, Any]:
                 out = {"type": v.type, "imatrix": gguf.uses_imatrix(v)}
                 if out["imatrix"]:
                     # the expert settings only where a variant saw experts (quantkit.experts)
-                    moe = any((m.get("info") or {}).get("experts") for m in manifest["variants"])
+                    moe = any(m.info.get("experts") for m in manifest.variants)
                     out["imatrix_settings"] = gguf.imatrix.model_dump(
                         exclude={"enabled"} | (set() if moe else {"min_expert_tokens", "uncovered_experts"}))
                 if args := gguf.override_args(v):
@@ -117,16 +120,17 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
+def plan_repos(*, staged: Path, manifest: Manifest | dict, settings: Any) -> list[HubRepo]:
     """The repos of one release, GGUF first: the GGUFs (and their Modelfiles) at the root of one repo;
     each GPTQ/AWQ checkpoint as the root of its own; the report, manifest and recipe in every repo.
     ``settings``: ``recipe.Publish``. The base checkpoint is not republished."""
+    manifest = Manifest.coerce(manifest)
     staged, model = Path(staged), model_name(manifest)
     shared = {name: staged / name for name in SHARED_FILES if (staged / name).is_file()}
     repos: dict[str, dict] = {}
-    for v in manifest["variants"]:
-        fmt, label = v["format"], v["label"]
-        if fmt not in HUB_FORMATS or not v.get("file"):
+    for v in manifest.variants:
+        fmt, label = v.format, v.label
+        if fmt not in HUB_FORMATS or not v.file:
             continue
         s = variant_settings(manifest, fmt, label)
         repo_id = _repo_id(settings, fmt, model, s)
@@ -134,12 +138,12 @@ def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
         if repo["format"] != fmt:
             raise PublishError(f"{repo_id} would hold both {repo['format']} and {fmt} files: one repo per format")
         if FORMATS[fmt].checkpoint and repo["ids"]:
-            raise PublishError(f"{repo['ids'][0]} and {fmt}:{label} would both be the root of {repo_id}")
-        repo["ids"].append(f"{fmt}:{label}")
+            raise PublishError(f"{repo['ids'][0]} and {v.id} would both be the root of {repo_id}")
+        repo["ids"].append(v.id)
         repo["settings"][label] = s
         if FORMATS[fmt].llama_cpp:
-            name = v["file"]
-            parts = [s["file"] for s in v.get("shards") or []] or [name]  # split: its shards, in order
+            name = v.file
+            parts = [shard.file for shard in v.shards] or [name]  # split: its shards, in order
             if any("/" in p or not (staged / p).is_file() for p in parts):
                 raise PublishError(f"GGUF {name} is not a file (or its shards are not) at the top of the staged run")
             repo["files"].update({p: staged / p for p in parts})
@@ -147,13 +151,13 @@ def plan_repos(*, staged: Path, manifest: dict, settings: Any) -> list[HubRepo]:
             if (staged / modelfile_name(name)).is_file():
                 repo["files"][modelfile_name(name)] = staged / modelfile_name(name)
         else:
-            folder = staged / v["file"]
+            folder = staged / v.file
             files = _checkpoint_files(folder) if folder.is_dir() else {}
             if "config.json" not in files:
-                raise PublishError(f"{fmt} checkpoint {v['file']} has no config.json; "
+                raise PublishError(f"{fmt} checkpoint {v.file} has no config.json; "
                                    "from_pretrained and vLLM could not load it from the repo root")
             repo["files"].update(files)
-    projectors = tuple(p["file"] for p in manifest.get("projectors") or [])
+    projectors = tuple(p.file for p in manifest.projectors)
     for p in projectors:  # at the root with the GGUFs: where llama-server -hf looks for them
         if "/" in p or not (staged / p).is_file():
             raise PublishError(f"projector {p} is not a file at the top of the staged run")

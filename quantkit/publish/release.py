@@ -36,7 +36,7 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +44,7 @@ from typing import Any, Callable
 from quantkit.nodes import FORMATS, format_of
 from quantkit import __version__
 from quantkit.errors import PublishError, RegressionError
-from quantkit.manifest import differing_files
+from quantkit.manifest import Manifest, Shard, differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
 from quantkit.paths import inside, open_fixed, project_parts, write_atomic
 from quantkit.publish.hublayout import CARD, SPLIT_RE, HubRepo, gguf_commands, plan_repos
@@ -199,23 +199,24 @@ def _hypot(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else math.hypot(a, b)
 
 
-def release_fingerprint(manifest: dict) -> str:
+def release_fingerprint(manifest: Manifest | dict) -> str:
     """sha256 of what a release holds: every variant's files (by sha256) and its quality scores. Speed
     (llama-bench tokens/s) is left out: it is timing noise, not an output. Two runs with the same
     fingerprint are the same release."""
-    variants = [{"format": v["format"], "label": v["label"], "file": v.get("file"),
-                 "files": {name: rec.get("sha256") for name, rec in (v.get("files") or {}).items()},
-                 "scores": {k: val for k, val in (v.get("scores") or {}).items() if k != "speed"}}
-                for v in manifest["variants"]]
-    if projectors := manifest.get("projectors"):  # absent for text models: their fingerprints stay as they were
-        variants.append({"projectors": {p["file"]: p["sha256"] for p in projectors}})
+    manifest = Manifest.coerce(manifest)
+    variants = [{"format": v.format, "label": v.label, "file": v.file,
+                 "files": {name: rec.sha256 for name, rec in v.files.items()},
+                 "scores": {k: val for k, val in v.scores.to_dict().items() if k != "speed"}}
+                for v in manifest.variants]
+    if manifest.projectors:  # absent for text models: their fingerprints stay as they were
+        variants.append({"projectors": {p.file: p.sha256 for p in manifest.projectors}})
     return hashlib.sha256(json.dumps(variants, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _differing_unsplit(published_manifest: Path, run_dir: Path, manifest: dict) -> list[str]:
+def _differing_unsplit(published_manifest: Path, run_dir: Path, manifest: Manifest) -> list[str]:
     """``manifest.differing_files`` of a published run, leaving out the GGUFs it published as shards (their
     shards' sha256 are in its manifest; the whole file is not there to compare)."""
-    split = {v["file"] for v in json.loads(Path(published_manifest).read_text())["variants"] if v.get("shards")}
+    split = {v.file for v in Manifest.read(published_manifest).variants if v.shards}
     return [rel for rel in differing_files(Path(published_manifest).parent, run_dir, manifest) if rel not in split]
 
 
@@ -246,7 +247,7 @@ def latest_report(store: Path, recipe: str) -> tuple[str, dict] | None:
     return Path(run_id).name, load_report(latest / "report.json")
 
 
-def check_chat_templates(*, run_dir: Path, manifest: dict, chat_template: str | None) -> None:
+def check_chat_templates(*, run_dir: Path, manifest: Manifest | dict, chat_template: str | None) -> None:
     """Every GGUF of the run carries the checkpoint's chat template (``tokenizer.chat_template``).
 
     Ollama and llama-server chat with the template inside the GGUF, and the Modelfiles leave every
@@ -255,14 +256,14 @@ def check_chat_templates(*, run_dir: Path, manifest: dict, chat_template: str | 
     if not chat_template:
         return
     missing = []
-    for v in manifest["variants"]:
-        if not format_of(v).llama_cpp or not v.get("file"):
+    for v in Manifest.coerce(manifest).variants:
+        if not format_of(v).llama_cpp or not v.file:
             continue
-        found = gguf_chat_template(Path(run_dir) / v["file"])
+        found = gguf_chat_template(Path(run_dir) / v.file)
         if found is None:
-            missing.append(v["file"])
+            missing.append(v.file)
         elif found != chat_template:
-            log.warning("%s carries a chat template that differs from the checkpoint's", v["file"])
+            log.warning("%s carries a chat template that differs from the checkpoint's", v.file)
     if missing:
         raise PublishError(f"{', '.join(missing)} lack tokenizer.chat_template although the checkpoint has one: "
                            "Ollama and llama-server would not chat in the model's format; not published "
@@ -455,35 +456,40 @@ def split_large_ggufs(files: list[HubFile], *, work: Path, gguf_split: Path | No
     return out
 
 
-def oversized_ggufs(staged: Path, manifest: dict, *, max_file_bytes: int) -> list[str]:
+def oversized_ggufs(staged: Path, manifest: Manifest | dict, *, max_file_bytes: int) -> list[str]:
     """The manifest's GGUF files in the staged folder larger than ``max_file_bytes``."""
-    return [v["file"] for v in manifest["variants"] if format_of(v).llama_cpp and v.get("file")
-            and (Path(staged) / v["file"]).is_file() and (Path(staged) / v["file"]).stat().st_size > max_file_bytes]
+    return [v.file for v in Manifest.coerce(manifest).variants if format_of(v).llama_cpp and v.file
+            and (Path(staged) / v.file).is_file() and (Path(staged) / v.file).stat().st_size > max_file_bytes]
 
 
-def shard_staged(staged: Path, manifest: dict, *, gguf_split: Path | None, max_file_bytes: int) -> dict:
+def shard_staged(staged: Path, manifest: Manifest | dict, *, gguf_split: Path | None,
+                 max_file_bytes: int) -> Manifest:
     """Replace each GGUF of the staged run over ``max_file_bytes`` by its shards, in place; return the
     manifest with each split variant's ``shards`` (file, size, sha256 of every shard, in order), which is
     also written as the staged ``manifest.json`` (the run folder's stays as the run wrote it)."""
     from quantkit.digest import sha256_file, write_json_atomic
 
-    staged, out = Path(staged), json.loads(json.dumps(manifest))
-    big = oversized_ggufs(staged, out, max_file_bytes=max_file_bytes)
-    for v in out["variants"]:
-        name = v.get("file")
+    staged, manifest = Path(staged), Manifest.coerce(manifest)
+    big = oversized_ggufs(staged, manifest, max_file_bytes=max_file_bytes)
+    variants = []
+    for v in manifest.variants:
+        name = v.file
         if name not in big:
+            variants.append(v)
             continue
         size = (staged / name).stat().st_size
         if gguf_split is None or not Path(gguf_split).is_file():
             raise _missing_splitter(name, size, max_file_bytes)
         shards = split_gguf(staged / name, dest=staged, gguf_split=gguf_split, max_file_bytes=max_file_bytes)
         (staged / name).unlink()  # a hard link into the run folder: the run keeps its file
-        v["shards"] = [{"file": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in shards]
+        variants.append(replace(v, shards=tuple(Shard(file=p.name, size=p.stat().st_size, sha256=sha256_file(p))
+                                                for p in shards)))
         log.info("%s (%.3g GiB) is published as %d shards (publish.max_file_gib %.3g)", name, size / 2**30,
                  len(shards), max_file_bytes / 2**30)
+    out = replace(manifest, variants=tuple(variants))
     if big:
         (staged / "manifest.json").unlink(missing_ok=True)  # a hard link to the run's: replaced, not written through
-        write_json_atomic(staged / "manifest.json", out)
+        write_json_atomic(staged / "manifest.json", out.to_dict())
     return out
 
 
@@ -558,7 +564,7 @@ def repo_cards(report: dict, repos: list[HubRepo], *, recipe_yaml: str,
     return cards
 
 
-def publish_hub_repos(*, staged: Path, manifest: dict, report: dict, settings: Any, run_id: str, recipe: str,
+def publish_hub_repos(*, staged: Path, manifest: Manifest | dict, report: dict, settings: Any, run_id: str, recipe: str,
                       recipe_yaml: str, calibration_readme: str | None = None, gguf_split: Path | None = None,
                       api=None, max_file_bytes: int = HUB_MAX_FILE_BYTES) -> dict[str, str]:
     """Push a staged run as one repo per format (``quantkit.publish.hublayout.plan_repos``); return
@@ -612,18 +618,18 @@ def _toolchain_splitter() -> Path | None:
         return None
 
 
-def base_origin(manifest: dict, *, root: Path) -> dict | None:
+def base_origin(manifest: Manifest | dict, *, root: Path) -> dict | None:
     """Provenance of a base checkpoint that is not original weights (the demo's dequantized Q4_1):
     ``quantkit.demo.ORIGIN_MARKER`` in the model folder the manifest names."""
     from quantkit.demo import read_origin
 
-    path = (manifest.get("model") or {}).get("path")
+    path = Manifest.coerce(manifest).model.path
     return read_origin(Path(root) / path) if path else None
 
 
 # --- the whole step ---------------------------------------------------------------------------------
 
-def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_yaml: str,
+def release(*, run_dir: Path, manifest: Manifest | dict, root: Path, settings: Any, recipe_yaml: str,
             config: dict | None = None, chat_template: str | None = None, eos_token: str | None = None,
             calibration_readme: str | None = None, run_id: str | None = None,
             gguf_split: Path | None = None, hub_api=None, verify: Callable[[], None] | None = None,
@@ -644,8 +650,8 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     check passes with its error, else held (returned with ``held``, the reason in the report, nothing raised);
     once published, the pin bump is written to ``run_dir/pin-bump.patch``.
     """
-    run_dir = Path(run_dir)
-    recipe = manifest["recipe"]["name"]
+    run_dir, manifest = Path(run_dir), Manifest.coerce(manifest)
+    recipe = manifest.recipe.name
     store = inside(Path(root), *project_parts(settings.dir))  # a symlinked artifacts/ leading out is refused
     th = settings.thresholds
     prev = latest_report(store, recipe)
@@ -664,7 +670,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     if prev and not gate["failed"]:
         prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
         if prev_manifest.is_file() and \
-                release_fingerprint(json.loads(prev_manifest.read_text())) == release_fingerprint(manifest) \
+                release_fingerprint(Manifest.read(prev_manifest)) == release_fingerprint(manifest) \
                 and not _differing_unsplit(prev_manifest, run_dir, publishable):
             unchanged_since = report["unchanged_since"] = prev[0]
     report_dir = run_dir / "report"
@@ -694,7 +700,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
     if bad:
         for vid, why in bad.items():
             log.warning("not publishing %s: its serve check failed: %s", vid, why)
-        if not any(v.get("file") and format_of(v).served for v in publishable["variants"]):
+        if not any(v.file and format_of(v).served for v in publishable.variants):
             reasons = "; ".join(f"{vid}: {why}" for vid, why in bad.items())
             raise PublishError(f"nothing published: every artifact failed its serve check ({reasons}); "
                                f"see {report_dir / 'report.md'}")
@@ -725,7 +731,7 @@ def release(*, run_dir: Path, manifest: dict, root: Path, settings: Any, recipe_
 
     path = publish_local(run_dir=run_dir, report_dir=report_dir, store=store, recipe=recipe, run_id=run_id,
                          before_rename=stage,
-                         skip=frozenset(v["file"] for v in manifest["variants"] if v.get("file") and _vid(v) in bad))
+                         skip=frozenset(v.file for v in manifest.variants if v.file and v.id in bad))
     patch = None
     if tracking and tracking.get("patch"):
         from quantkit.tracking import PATCH
@@ -758,7 +764,7 @@ def _pin_pull_request(tracking: dict, recipe_yaml: str, *, recipe: str, run_id: 
         return None
 
 
-def _track_against(report: dict, tracking: dict | None, *, store: Path, recipe: str, prev, manifest: dict,
+def _track_against(report: dict, tracking: dict | None, *, store: Path, recipe: str, prev, manifest: Manifest,
                    gate: dict, run_dir: Path) -> str | None:
     """For a tracking run: add the "since last release" table to ``report`` and return why it is held
     (None: it may publish). A run with no earlier release publishes as a first release does."""
@@ -771,7 +777,7 @@ def _track_against(report: dict, tracking: dict | None, *, store: Path, recipe: 
     prev_manifest = Path(store) / recipe / prev[0] / "manifest.json"
     if not prev_manifest.is_file():
         return None
-    since = since_last_release(json.loads(prev_manifest.read_text()), manifest, gate, previous_run=prev[0])
+    since = since_last_release(Manifest.read(prev_manifest), manifest, gate, previous_run=prev[0])
     report["since_release"] = since
     held = hold_reason(since, gate)
     if held:
@@ -779,10 +785,6 @@ def _track_against(report: dict, tracking: dict | None, *, store: Path, recipe: 
     return held
 
 
-def _vid(v: dict) -> str:
-    return f"{v['format']}:{v['label']}"
-
-
-def _without(manifest: dict, bad: dict[str, str]) -> dict:
+def _without(manifest: Manifest, bad: dict[str, str]) -> Manifest:
     """The manifest as publishing sees it: the artifacts that failed their serve check have no file."""
-    return {**manifest, "variants": [{**v, "file": None} if _vid(v) in bad else v for v in manifest["variants"]]}
+    return replace(manifest, variants=tuple(replace(v, file=None) if v.id in bad else v for v in manifest.variants))

@@ -5,8 +5,9 @@ a versioned report dict out. Everything else renders that dict: ``report.json`` 
 machine-readable truth), ``report.md``, ``plot.png``, the model card ``README.md`` (``quantkit.publish.card``)
 and one Ollama Modelfile per GGUF. Publishing (``quantkit.publish.release``) only moves files.
 
-All reading of manifest.json happens in ``_variant_row`` (with ``_quant_settings``) and ``_run_facts``:
-when the manifest changes shape, those functions change and nothing else.
+All reading of manifest.json happens in ``_variant_row`` (with ``_quant_settings``) and ``_run_facts``, through
+the typed records of ``quantkit.manifest`` (``build_report`` turns a dict into a ``Manifest`` once): when the
+manifest changes shape, those records and functions change and nothing else.
 
 Round-to-nearest variants (format ``rtn``) are references: shown in the table and compared with the GPTQ
 and AWQ variants of the same bits and group size (``rtn_comparisons``), never recommended, on no frontier
@@ -24,6 +25,7 @@ from quantkit.nodes import format_of
 from quantkit import __version__
 from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
+from quantkit.manifest import Manifest, ManifestVariant
 from quantkit.paths import inside
 from quantkit.publish.card import render_card
 from quantkit.publish.markdown import refused, render_markdown, serving_md, variants_table
@@ -106,32 +108,32 @@ def _task_columns(rows: list[dict]) -> dict[str, dict]:
     return dict(sorted(columns.items()))
 
 
-def _variant_row(v: dict, resolved: dict) -> dict:
+def _variant_row(v: ManifestVariant, resolved: dict) -> dict:
     """One report row from a manifest variant; ``resolved`` is the run's resolved recipe."""
-    files = v.get("files") or {}
-    weights = ([r["size"] for n, r in files.items() if n.endswith(WEIGHT_SUFFIXES)]
-               or [r["size"] for r in files.values()])
-    scores = v.get("scores") or {}
-    speed = scores.get("speed") or {}
-    gguf_info = (v.get("info") or {}).get("gguf") or {}
+    weights = ([r.size for n, r in v.files.items() if n.endswith(WEIGHT_SUFFIXES)]
+               or [r.size for r in v.files.values()])
+    scores = v.scores
+    speed = scores.speed or {}  # plain: quantkit.scoring.windows.Speed.to_dict() (or the contract's names)
+    gguf_info = v.info.get("gguf") or {}
     return {
-        "id": f"{v['format']}:{v['label']}", "format": v["format"], "label": v["label"], "file": v.get("file"),
+        "id": v.id, "format": v.format, "label": v.label, "file": v.file,
         "size_bytes": int(sum(weights)), "parameters": gguf_info.get("parameters"),
-        "ppl": _num(scores, "ppl"), "ppl_err": _num(scores, "ppl_err"),
-        "kld_mean": _num(scores, "kld_mean"), "kld_mean_err": _num(scores, "kld_mean_err"),
-        "kld_p99": _num(scores, "kld_p99"), "kld_p999": _num(scores, "kld_p999"),
-        "same_top_pct": _num(scores, "same_top_pct"),
-        "sets": _set_rows(scores.get("sets")),
-        "task_raw": {k: raw for k, raw in ((k, _task_raw(s)) for k, s in (scores.get("tasks") or {}).items())
+        "ppl": scores.number("ppl"), "ppl_err": scores.number("ppl_err"),
+        "kld_mean": scores.number("kld_mean"), "kld_mean_err": scores.number("kld_mean_err"),
+        "kld_p99": scores.number("kld_p99"), "kld_p999": scores.number("kld_p999"),
+        "same_top_pct": scores.number("same_top_pct"),
+        "sets": _set_rows(scores.sets),
+        "task_raw": {k: raw for k, raw in ((k, _task_raw(s)) for k, s in (scores.tasks or {}).items())
                      if raw is not None},
         "tasks": {}, "tasks_n": {}, "tasks_items": {},  # by column: filled by _task_columns
         "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
         "threads": speed.get("threads"),
-        "mix": _mix_row((v.get("info") or {}).get("mix")),
+        "mix": _mix_row(v.info.get("mix")),
         "reference": format_of(v).reference,
-        "serving": scores.get("serve"),  # quantkit.serving.ServeCheck.to_dict(), or None when not checked
-        "quant": _quant_settings(v["format"], v["label"], resolved),
-        "shards": v.get("shards"),  # [{file, size, sha256}] when published as llama-gguf-split shards
+        "serving": scores.serve,  # quantkit.serving.ServeCheck.to_dict(), or None when not checked
+        "quant": _quant_settings(v.format, v.label, resolved),
+        # [{file, size, sha256}] when published as llama-gguf-split shards
+        "shards": [s.to_dict() for s in v.shards] or None,
     }
 
 
@@ -186,43 +188,43 @@ def _first_set_name(evaluation: dict) -> str | None:
     return evaluation.get("name") or default_set_name(str(evaluation["file"]))
 
 
-def _run_facts(manifest: dict) -> dict:
-    resolved = manifest["recipe"].get("resolved") or {}
-    model = manifest.get("model") or {}
+def _run_facts(manifest: Manifest) -> dict:
+    resolved = manifest.recipe.resolved or {}
+    model = manifest.model
     src = resolved.get("model") or {}
-    name = src.get("name") or (model.get("repo") or model.get("path") or "model").rstrip("/").split("/")[-1]
+    name = src.get("name") or (model.repo or model.path or "model").rstrip("/").split("/")[-1]
     evaluation = resolved.get("evaluation") or {}
     return {
-        "recipe": {"name": manifest["recipe"]["name"], "file": manifest["recipe"].get("file"),
-                   "sha256": manifest["recipe"].get("sha256")},
-        "model": {"name": name, "repo": model.get("repo"), "revision": model.get("revision"),
-                  "commit": model.get("commit"), "digest": model.get("digest")},
-        "calibration": {"sha256": (manifest.get("calibration") or {}).get("sha256"),
-                        "sources": list((manifest.get("calibration") or {}).get("sources") or [])},
+        "recipe": {"name": manifest.recipe.name, "file": manifest.recipe.file, "sha256": manifest.recipe.sha256},
+        "model": {"name": name, "repo": model.repo, "revision": model.revision, "commit": model.commit,
+                  "digest": model.digest},
+        "calibration": {"sha256": manifest.calibration.sha256, "sources": list(manifest.calibration.sources or [])},
         "evaluation": {"file": evaluation.get("file"), "ctx": evaluation.get("ctx"), "name": _first_set_name(evaluation),
                        "sets": [{"name": s.get("name"), "file": s.get("file"), "ctx": s.get("ctx"),
                                  "kind": s.get("format") or ("chat" if str(s.get("file", "")).endswith(".jsonl")
                                                              else "text")}
                                 for s in evaluation.get("sets") or [] if isinstance(s, dict)]},
-        "toolchain": {"llama_cpp": (manifest.get("toolchain") or {}).get("llama_cpp"),
-                      "version": (manifest.get("toolchain") or {}).get("version")},
+        "toolchain": {"llama_cpp": manifest.toolchain.llama_cpp if manifest.toolchain else None,
+                      "version": manifest.toolchain.version if manifest.toolchain else None},
         "publish": resolved.get("publish") or {},
     }
 
 
 # --- building the report ----------------------------------------------------------------------------
 
-def build_report(manifest: dict, *, config: dict | None = None, chat_template: str | None = None,
+def build_report(manifest: Manifest | dict, *, config: dict | None = None, chat_template: str | None = None,
                  recommend_max_kld: float = DEFAULT_RECOMMEND_KLD, num_ctx: int = 4096,
                  regression: dict | None = None, base_origin: dict | None = None) -> dict:
     """The report dict (schema ``REPORT_SCHEMA``) that every rendering is made from.
 
     ``base_origin``: where the base checkpoint came from when it is not original weights
     (``quantkit.demo.DEQUANTIZED_MARKER``, e.g. ``{"format": "gguf", "quant_type": "Q4_1", "block_size": 32}``)."""
-    if manifest.get("schema") not in MANIFEST_SCHEMAS:
-        raise ReportSchemaError(f"manifest schema {manifest.get('schema')!r} is not supported "
+    schema = manifest.schema if isinstance(manifest, Manifest) else manifest.get("schema")
+    if schema not in MANIFEST_SCHEMAS:
+        raise ReportSchemaError(f"manifest schema {schema!r} is not supported "
                                 f"(expected one of {', '.join(map(str, MANIFEST_SCHEMAS))})")
-    rows = [_variant_row(v, manifest["recipe"].get("resolved") or {}) for v in manifest["variants"]]
+    manifest = Manifest.coerce(manifest)
+    rows = [_variant_row(v, manifest.recipe.resolved or {}) for v in manifest.variants]
     if not rows:
         raise ReportSchemaError("the manifest lists no variants")
     task_metrics = _task_columns(rows)
@@ -286,22 +288,23 @@ def build_report(manifest: dict, *, config: dict | None = None, chat_template: s
             **({"projectors": projectors} if (projectors := _projectors(manifest)) else {})}
 
 
-def _projectors(manifest: dict) -> list[dict]:
+def _projectors(manifest: Manifest) -> list[dict]:
     """A VLM's mmproj files (the manifest's ``projectors``): name, type, bytes, sha256, projector type."""
-    return [{k: p.get(k) for k in ("file", "type", "size", "sha256", "architecture", "projector_type")}
-            for p in manifest.get("projectors") or []]
+    return [{"file": p.file, "type": p.type, "size": p.size, "sha256": p.sha256, "architecture": p.architecture,
+             "projector_type": p.projector_type} for p in manifest.projectors]
 
 
-def expert_coverage(manifest: dict) -> dict | None:
+def expert_coverage(manifest: Manifest | dict) -> dict | None:
     """Mixture-of-experts coverage from the variants' info (quantkit.experts, quantkit.gptq): the imatrix's
     least-covered experts, the GGUF tensors that fell back for uncovered ones, the calibration tokens each
     expert saw in GPTQ/AWQ. None for a dense model."""
+    manifest = Manifest.coerce(manifest)
     imatrix, fallback, without, calibrated = None, {}, [], {}
-    for v in manifest["variants"]:
-        e = (v.get("info") or {}).get("experts")
+    for v in manifest.variants:
+        e = v.info.get("experts")
         if not e:
             continue
-        vid = f"{v['format']}:{v['label']}"
+        vid = v.id
         if format_of(v).llama_cpp:
             imatrix = imatrix or {k: e[k] for k in ("min_tokens", "least", "below")}
             if e.get("fallback"):
@@ -312,7 +315,7 @@ def expert_coverage(manifest: dict) -> dict | None:
             calibrated[vid] = {"routing": e.get("routing"), "tokens_per_expert": e.get("tokens_per_expert")}
     if imatrix is None and not calibrated:
         return None
-    resolved = manifest["recipe"].get("resolved") or {}
+    resolved = manifest.recipe.resolved or {}
     min_tokens = imatrix["min_tokens"] if imatrix else (
         ((resolved.get("gguf") or {}).get("imatrix") or {}).get("min_expert_tokens", 32))
     short = {vid: c for vid, c in calibrated.items() if (c["tokens_per_expert"] or 0) < min_tokens}
@@ -320,14 +323,14 @@ def expert_coverage(manifest: dict) -> dict | None:
             "calibration_short": sorted(short), "min_tokens": min_tokens}
 
 
-def _caveats(rows: list[dict], base_origin: dict | None, manifest: dict) -> list[str]:
+def _caveats(rows: list[dict], base_origin: dict | None, manifest: Manifest) -> list[str]:
     """What a reader must know before comparing the numbers."""
     if not base_origin:
         return []
     qtype = base_origin.get("quant_type") or "a quantized type"
     block = base_origin.get("block_size")
     src = base_origin.get("source")
-    resolved = manifest["recipe"].get("resolved") or {}
+    resolved = manifest.recipe.resolved or {}
     groups = sorted({g for g in [*(x.get("group_size") for x in resolved.get("gptq") or []),
                                  *(x.get("q_group_size") for x in resolved.get("awq") or [])] if g})
     ggufs = [r["label"] for r in rows if format_of(r).llama_cpp and not r["is_base"]]

@@ -3,38 +3,41 @@ and whether that is enough to publish (quantkit.tracking, docs/nightly.md).
 
 The differences and their errors are the regression gate's own checks (``release.regression_gate``: mean
 KLD, paired task scores); this module lays them out per variant beside what moved (model commit, llama.cpp
-commit, calibration digest) and says why a run is held. Pure: dicts in, dicts and markdown lines out.
+commit, calibration digest) and says why a run is held. Pure: manifests (``quantkit.manifest.Manifest`` or
+their JSON) and dicts in, dicts and markdown lines out.
 """
 
 from __future__ import annotations
 
+from quantkit.manifest import Manifest
 from quantkit.nodes import format_of
 
-INPUTS = (("model commit", lambda m: (m.get("model") or {}).get("commit") or (m.get("model") or {}).get("revision")),
-          ("llama.cpp commit", lambda m: (m.get("toolchain") or {}).get("llama_cpp")),
-          ("calibration digest", lambda m: (m.get("calibration") or {}).get("sha256")))
+INPUTS = (("model commit", lambda m: m.model.commit or m.model.revision),
+          ("llama.cpp commit", lambda m: m.toolchain.llama_cpp if m.toolchain else None),
+          ("calibration digest", lambda m: m.calibration.sha256))
 
 
-def _evaluation(manifest: dict) -> dict:
+def _evaluation(manifest: Manifest) -> dict:
     """The evaluation sets a run scored on, as its resolved recipe names them."""
-    return ((manifest.get("recipe") or {}).get("resolved") or {}).get("evaluation") or {}
+    return (manifest.recipe.resolved or {}).get("evaluation") or {}
 
 
-def since_last_release(previous: dict, current: dict, gate: dict, *, previous_run: str) -> dict:
+def since_last_release(previous: Manifest | dict, current: Manifest | dict, gate: dict, *, previous_run: str) -> dict:
     """``previous``/``current``: the published and this run's manifests; ``gate``: the regression gate's
     result for this run against that release."""
+    previous, current = Manifest.coerce(previous), Manifest.coerce(current)
     inputs = [{"what": what, "before": get(previous), "now": get(current), "changed": get(previous) != get(current)}
               for what, get in INPUTS]
     same_sets = _evaluation(previous) == _evaluation(current)
-    before = {f"{v['format']}:{v['label']}": v for v in previous.get("variants") or []}
+    before = {v.id: v for v in previous.variants}
     rows = []
-    for v in current.get("variants") or []:
-        vid = f"{v['format']}:{v['label']}"
+    for v in current.variants:
+        vid = v.id
         if format_of(v).reference:  # scored for comparison, never published
             continue
         old = before.get(vid)
-        files = None if old is None else {n: r.get("sha256") for n, r in (v.get("files") or {}).items()} != \
-            {n: r.get("sha256") for n, r in (old.get("files") or {}).items()}
+        files = None if old is None else {n: r.sha256 for n, r in v.files.items()} != \
+            {n: r.sha256 for n, r in old.files.items()}
         checks = []
         for c in gate.get("changes") or []:
             if c["id"] != vid or not (c["check"] == "kld_mean" or c["check"].startswith("task:")):
