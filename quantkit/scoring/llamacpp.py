@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from quantkit.digest import sha256_file
+from quantkit.drainlog import preload_env
 from quantkit.errors import ToolError, VerificationError
 from quantkit.ggufinfo import read_gguf
 from quantkit.proc import run_tool
@@ -97,11 +98,12 @@ def _perplexity(args: list, *, workdir: Path, toolchain: Toolchain, threads: int
     # AMX/AVX-512 path crashes (SIGSEGV) on quantized GGUFs on some CPUs (seen on a 2-core AMX machine).
     run = run_tool([toolchain.binary("llama-perplexity"), *args, "-t", str(threads), *toolchain.offload_args(),
                     "--no-repack", "--log-file", log_path],
-                   cwd=workdir)
+                   cwd=workdir, env=preload_env())
     # llama.cpp's logger (common/log.cpp) prints from a worker thread, and its singleton is
     # deliberately never destroyed (llama.cpp issue #22142), so nothing drains its queue at exit:
     # when the main thread returns first, the last lines (the statistics) are lost from both the
-    # file and stdout. The captured output tail is read after the file; the caller retries.
+    # file and stdout. quantkit.drainlog pauses the exit; the captured output tail is read after the
+    # file; the caller still retries.
     text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
     return text + "\n" + run.output_tail, run.seconds
 
