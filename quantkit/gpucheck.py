@@ -387,7 +387,7 @@ def _figures(fmt: str, scores: dict) -> dict:
     keep = ("ppl", "ppl_err", "kld_mean", "kld_p99", "same_top_pct", "n_tokens", "backend", "seconds")
     out = {"format": fmt, **{k: getattr(sc, k) for k in keep}}
     if sc.speed is not None:
-        out["speed"] = {k: sc.speed.get(k) for k in ("pp_tokens_per_s", "tg_tokens_per_s", "backend")}
+        out["speed"] = {k: getattr(sc.speed, k) for k in ("pp_tokens_per_s", "tg_tokens_per_s", "backend")}
     return out
 
 

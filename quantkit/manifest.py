@@ -73,7 +73,8 @@ def _value(kind: Any, value: Any, where: str, none: bool) -> Any:
         if outer == "map":
             if not isinstance(value, dict):
                 raise _refuse(where, f"expected an object, got {type(value).__name__}")
-            return {str(k): _record(inner, v, f"{where}[{k!r}]") for k, v in value.items()}
+            return {str(k): v if _bare(inner, v) else _record(inner, v, f"{where}[{k!r}]")
+                    for k, v in value.items()}
         if not isinstance(value, list):
             raise _refuse(where, f"expected a list, got {type(value).__name__}")
         return tuple(_record(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
@@ -83,6 +84,10 @@ def _value(kind: Any, value: Any, where: str, none: bool) -> Any:
     if not ok:
         raise _refuse(where, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r:.60}")
     return value
+
+
+def _bare(cls: type, value: Any) -> bool:
+    return getattr(cls, "bare_number", False) and isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _kind_name(kind: Any) -> str:
@@ -162,6 +167,11 @@ class _Record:
             out[f.name] = _dump(value)
         return out
 
+    def number(self, name: str) -> float | None:
+        """A numeric score as a finite float, or None (missing, null, NaN or infinite)."""
+        v = getattr(self, name)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
 
 # --- the records ------------------------------------------------------------------------------------
 
@@ -235,12 +245,75 @@ class ManifestStep(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Scores(_Record):
-    """A variant's scores (``graph.variant_scores``): ``quantkit.scoring.windows.Score.to_dict()`` on the
-    held-out text, plus what the other measuring nodes add. Every key may be missing (a variant nothing
-    scored, a manifest of an older quantkit); a missing number reads as None."""
+class TaskScore(_Record):
+    """One lm-eval task on one variant (``quantkit.scoring.tasks.task_summary``): its accuracies, the metric
+    its backend decides with, per-item correctness (for paired tests between variants) and the items' digest.
+    A manifest may hold a bare number instead (``Scores.tasks`` keeps it as a float)."""
 
-    _where: ClassVar[str] = "scores"
+    _where: ClassVar[str] = "scores.tasks[]"
+    bare_number: ClassVar[bool] = True
+    task: str | None = _f("str", optional=True, none=True)
+    acc: float | None = _f("num", optional=True, none=True)
+    acc_norm: float | None = _f("num", optional=True, none=True)
+    acc_token_norm: float | None = _f("num", optional=True, none=True)
+    n: int | None = _f("int", optional=True, none=True)
+    chance: float | None = _f("num", optional=True, none=True)
+    p_value: float | None = _f("num", optional=True, none=True)
+    metric: str | None = _f("str", optional=True, none=True)
+    backend: str | None = _f("str", optional=True, none=True)
+    correct: list | None = _f("list", optional=True, none=True)  # 0/1 per item, for ``metric``
+    per_item: dict | None = _f("dict", optional=True, none=True)  # metric -> 0/1 per item
+    items_sha256: str | None = _f("str", optional=True, none=True)
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Speed(_Record):
+    """Throughput of one artifact on the machine that measured it: llama-bench's (``windows.Speed``) for a
+    GGUF, greedy generation in transformers (``scoring.hf.bench_hf``) for a checkpoint."""
+
+    _where: ClassVar[str] = "scores.speed"
+    pp_tokens_per_s: float | None = _f("num", optional=True, none=True)
+    pp_stddev: float | None = _f("num", optional=True, none=True)
+    tg_tokens_per_s: float | None = _f("num", optional=True, none=True)
+    tg_stddev: float | None = _f("num", optional=True, none=True)
+    prompt_tokens: int | None = _f("int", optional=True, none=True)
+    gen_tokens: int | None = _f("int", optional=True, none=True)
+    reps: int | None = _f("int", optional=True, none=True)
+    threads: int | None = _f("int", optional=True, none=True)
+    backend: str | None = _f("str", optional=True, none=True)
+    cpu: str | None = _f("str", optional=True, none=True)
+    repack: bool | None = _f("bool", optional=True, none=True)
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeResult(_Record):
+    """The serve check of one artifact (``quantkit.serving.ServeCheck.to_dict()``); keys a check of an older
+    CHECK_VERSION did not write are missing."""
+
+    _where: ClassVar[str] = "scores.serve"
+    backend: str | None = _f("str", optional=True, none=True)
+    loads: bool | None = _f("bool", optional=True, none=True)
+    chat_stops: bool | None = _f("bool", optional=True, none=True)
+    template_matches: bool | None = _f("bool", optional=True, none=True)
+    tool_call: str | None = _f("str", optional=True, none=True)
+    tool: dict | None = _f("dict", optional=True, none=True)  # serving.ToolOutcome's fields
+    tool_detail: str | None = _f("str", optional=True, none=True)
+    image: str | None = _f("str", optional=True, none=True)
+    vllm: str | None = _f("str", optional=True, none=True)
+    tokens_per_s: float | None = _f("num", optional=True, none=True)
+    reply: str | None = _f("str", optional=True, none=True)
+    failures: list | None = _f("list", optional=True, none=True)
+    passed: bool | None = _f("bool", optional=True, none=True)
+    absent: frozenset[str] | None = _absent()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Quality(_Record):
+    """``quantkit.scoring.windows.Score.to_dict()``: a variant's quality on one held-out set. Every key may be
+    missing (a variant nothing scored, a manifest of an older quantkit); a missing number reads as None."""
+
     backend: str | None = _f("str", optional=True, none=True)
     ppl: float | None = _f("num", optional=True, none=True)
     ppl_err: float | None = _f("num", optional=True, none=True)
@@ -256,17 +329,30 @@ class Scores(_Record):
     printed: dict | None = _f("dict", optional=True, none=True)  # llama-perplexity's own strings, by field
     set_info: dict | None = _f("dict", optional=True, none=True)  # a chat set's conversations, tokens
     chunk_kld: list | None = _f("list", optional=True, none=True)  # each chunk's mean KLD
-    # Kept as plain dicts (their writers' shapes, read by the report with defaults):
-    tasks: dict | None = _f("dict", optional=True, none=True)  # task -> quantkit.scoring.tasks summary (or a number)
-    speed: dict | None = _f("dict", optional=True, none=True)  # quantkit.scoring.windows.Speed.to_dict()
-    serve: dict | None = _f("dict", optional=True, none=True)  # quantkit.serving.ServeCheck.to_dict()
-    sets: dict | None = _f("dict", optional=True, none=True)  # set name -> Score.to_dict() + kind, reference, set
     absent: frozenset[str] | None = _absent()
 
-    def number(self, name: str) -> float | None:
-        """A numeric score as a finite float, or None (missing, null, NaN or infinite)."""
-        v = getattr(self, name)
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+@dataclass(frozen=True, kw_only=True)
+class SetScore(_Quality):
+    """A variant's quality on one evaluation set (``quantkit.evalsets.set_scores``): which set, its kind (text
+    or chat) and what the KLD is against (the base GGUF or the HF checkpoint)."""
+
+    _where: ClassVar[str] = "scores.sets[]"
+    set: str | None = _f("str", optional=True, none=True)
+    kind: str | None = _f("str", optional=True, none=True)
+    reference: str | None = _f("str", optional=True, none=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scores(_Quality):
+    """A variant's scores (``graph.variant_scores``): its quality on the first held-out set, plus what the
+    other measuring nodes add: tasks, speed, the serve check, and every evaluation set by name."""
+
+    _where: ClassVar[str] = "scores"
+    tasks: dict[str, TaskScore | float] | None = _f(("map", TaskScore), optional=True, none=True)
+    speed: Speed | None = _f(Speed, optional=True, none=True)
+    serve: ServeResult | None = _f(ServeResult, optional=True, none=True)
+    sets: dict[str, SetScore] | None = _f(("map", SetScore), optional=True, none=True)
 
 
 @dataclass(frozen=True, kw_only=True)

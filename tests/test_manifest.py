@@ -72,3 +72,54 @@ def test_a_wrong_type_is_refused_by_name():
     del data["variants"][0]["format"]
     with pytest.raises(StoreError, match=r"variants\[0\]: lacks 'format'"):
         Manifest.from_dict(data)
+
+
+def _nested_scores() -> dict:
+    """A variant's scores as graph.variant_scores assembles them, from the writers' own classes."""
+    from quantkit.scoring.tasks import _summary
+    from quantkit.scoring.windows import Score, Speed as BenchSpeed
+    from quantkit.serving import ServeCheck, ToolOutcome
+
+    score = Score(backend="llama-perplexity", ppl=16.2, ppl_err=0.3, kld_mean=0.03, kld_mean_err=0.001, kld_p99=0.2,
+                  same_top_pct=91.5, n_tokens=2048, n_chunks=8, ctx=512, seconds=9.5, printed={"ppl": "16.2000"},
+                  kld_p999=0.6, chunk_kld=[0.03] * 8).to_dict()
+    serve = ServeCheck("llama-server", loads=True, chat_stops=True, template_matches=True, tool_call="yes",
+                       tool=ToolOutcome("parsed tool call", forced=True, name="get_weather",
+                                        arguments='{"city": "Paris"}'), tokens_per_s=42.0, reply="Blue.")
+    speed = BenchSpeed(pp_tokens_per_s=900.0, pp_stddev=5.0, tg_tokens_per_s=80.0, tg_stddev=1.0, prompt_tokens=64,
+                       gen_tokens=16, reps=1, threads=2, backend="CPU", cpu="EPYC", repack=False)
+    task = _summary({"acc": 0.75, "acc_norm": 0.76, "acc_token_norm": 0.8, "n": 4, "chance": 0.25, "p_value": 1e-3,
+                     "metric": "acc_token_norm", "backend": "llama-perplexity", "correct": [1, 1, 0, 1],
+                     "task": "fts"}) | {"items_sha256": "ab" * 32}
+    return {**score, "tasks": {"fts": task, "old": 0.5}, "speed": speed.to_dict(), "serve": serve.to_dict(),
+            "sets": {"prose": {**score, "set": "prose", "kind": "text", "reference": "base GGUF"},
+                     "chat": {**score, "set": "chat", "kind": "chat", "reference": "HF checkpoint",
+                              "set_info": {"conversations": 52, "skipped_tools": 0, "tokens": 2048}}}}
+
+
+def test_nested_scores_are_records_and_write_back_exactly():
+    data = make_manifest()
+    data["variants"][0]["scores"] = _nested_scores()
+    before = copy.deepcopy(data)
+    m = Manifest.from_dict(data)
+    assert m.to_dict() == before
+    sc = m.variants[0].scores
+    assert sc.tasks["fts"].acc_token_norm == 0.8 and sc.tasks["fts"].correct == [1, 1, 0, 1]
+    assert sc.tasks["old"] == 0.5  # a bare number, as older manifests hold it
+    assert sc.speed.tg_tokens_per_s == 80.0 and sc.speed.repack is False
+    assert sc.serve.tool_call == "yes" and sc.serve.passed and sc.serve.tool["name"] == "get_weather"
+    assert sc.sets["chat"].reference == "HF checkpoint" and sc.sets["chat"].number("kld_p999") == 0.6
+
+
+@pytest.mark.parametrize("part, key, value, message", [
+    ("serve", "verdict", "ok", r"variants\[0\]\.scores\.serve: unknown key 'verdict'"),
+    ("speed", "tg_tokens_per_s", "fast", r"variants\[0\]\.scores\.speed\.tg_tokens_per_s: expected a number"),
+    ("sets", "prose", {"ppl": 1.0, "shift": 2}, r"variants\[0\]\.scores\.sets\['prose'\]: unknown key 'shift'"),
+    ("tasks", "fts", {"acc": True}, r"variants\[0\]\.scores\.tasks\['fts'\]\.acc: expected a number, got bool"),
+])
+def test_a_nested_score_of_the_wrong_shape_is_refused_where_it_is(part, key, value, message):
+    data = make_manifest()
+    data["variants"][0]["scores"] = _nested_scores()
+    data["variants"][0]["scores"][part][key] = value
+    with pytest.raises(StoreError, match=message):
+        Manifest.from_dict(data)

@@ -62,7 +62,7 @@ def _variant(fmt, label, file, size, scores, weights="model.gguf"):
 def make_manifest(**kld_override) -> dict:
     variants = []
     for label, bpw, ppl, kld, p99, top, pp, tg in GGUF:
-        scores = {"ppl": ppl, "ppl_err": 0.21, "speed": {"pp_tps": pp, "tg_tps": tg, "threads": 2}}
+        scores = {"ppl": ppl, "ppl_err": 0.21, "speed": {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "threads": 2}}
         if kld is not None:
             scores |= {"kld_mean": kld_override.get(label, kld), "kld_mean_err": kld / 50, "kld_p99": p99,
                        "same_top_pct": top}
@@ -141,7 +141,7 @@ def test_markdown_table_shows_the_manifest_numbers():
         assert row["KLD p99"] == (f"{s['kld_p99']:.5f}" if "kld_p99" in s else "–")
         assert row["same top %"] == (f"{s['same_top_pct']:.2f}" if "same_top_pct" in s else "–")
         assert row["arc_easy"] == (f"{s['tasks']['arc_easy']:.4f}" if "tasks" in s else "–")
-        assert row["tg t/s"] == (f"{s['speed']['tg_tps']:.1f}" if "speed" in s else "–")
+        assert row["tg t/s"] == (f"{s['speed']['tg_tokens_per_s']:.1f}" if "speed" in s else "–")
     assert rows["gguf:F16"][""] == "base"
     # smallest under the KLD threshold, and the knee of the frontier, are marked and explained
     assert rows["gguf:Q5_K_M"][""] == "★"

@@ -25,7 +25,7 @@ from quantkit.nodes import format_of
 from quantkit import __version__
 from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
-from quantkit.manifest import Manifest, ManifestVariant
+from quantkit.manifest import Manifest, ManifestVariant, SetScore, Speed, TaskScore
 from quantkit.paths import inside
 from quantkit.publish.card import render_card
 from quantkit.publish.markdown import refused, render_markdown, serving_md, variants_table
@@ -66,21 +66,20 @@ def _num(d: dict | None, *keys: str) -> float | None:
 METRIC_PREFERENCE = ("acc_token_norm", "acc_norm", "acc")
 
 
-def _task_raw(score) -> dict | None:
+def _task_raw(score: TaskScore | float) -> dict | None:
     """A task score as ``{"values": {metric: value}, "items": {metric: per-item 0/1}, "n", "items_sha256"}``,
-    from quantkit.scoring.tasks' summary dict or a bare number; None when it holds no number."""
-    if not isinstance(score, dict):
+    from quantkit.scoring.tasks' summary or a bare number; None when it holds no number."""
+    if not isinstance(score, TaskScore):
         value = _num({"v": score}, "v")
         return None if value is None else {"values": {BARE_SCORE: value}, "items": {}, "n": None,
                                            "items_sha256": None}
-    values = {m: v for m in (*METRIC_PREFERENCE, score.get("metric") or "acc") if (v := _num(score, m)) is not None}
-    items = dict(score.get("per_item") or {})
-    if isinstance(score.get("correct"), list) and score.get("metric"):
-        items.setdefault(score["metric"], score["correct"])
-    n = score.get("n")
+    values = {m: v for m in (*METRIC_PREFERENCE, score.metric or "acc") if (v := score.number(m)) is not None}
+    items = dict(score.per_item or {})
+    if isinstance(score.correct, list) and score.metric:
+        items.setdefault(score.metric, score.correct)
+    n = score.n
     return {"values": values, "items": {m: tuple(v) for m, v in items.items() if isinstance(v, (list, tuple))},
-            "n": int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None,
-            "items_sha256": score.get("items_sha256")} if values else None
+            "n": n if n is not None and n > 0 else None, "items_sha256": score.items_sha256} if values else None
 
 
 def _task_columns(rows: list[dict]) -> dict[str, dict]:
@@ -113,7 +112,7 @@ def _variant_row(v: ManifestVariant, resolved: dict) -> dict:
     weights = ([r.size for n, r in v.files.items() if n.endswith(WEIGHT_SUFFIXES)]
                or [r.size for r in v.files.values()])
     scores = v.scores
-    speed = scores.speed or {}  # plain: quantkit.scoring.windows.Speed.to_dict() (or the contract's names)
+    speed = scores.speed or Speed()
     gguf_info = v.info.get("gguf") or {}
     return {
         "id": v.id, "format": v.format, "label": v.label, "file": v.file,
@@ -126,11 +125,11 @@ def _variant_row(v: ManifestVariant, resolved: dict) -> dict:
         "task_raw": {k: raw for k, raw in ((k, _task_raw(s)) for k, s in (scores.tasks or {}).items())
                      if raw is not None},
         "tasks": {}, "tasks_n": {}, "tasks_items": {},  # by column: filled by _task_columns
-        "pp_tps": _num(speed, "pp_tps", "pp_tokens_per_s"), "tg_tps": _num(speed, "tg_tps", "tg_tokens_per_s"),
-        "threads": speed.get("threads"),
+        "pp_tps": speed.number("pp_tokens_per_s"), "tg_tps": speed.number("tg_tokens_per_s"),
+        "threads": speed.threads,
         "mix": _mix_row(v.info.get("mix")),
         "reference": format_of(v).reference,
-        "serving": scores.serve,  # quantkit.serving.ServeCheck.to_dict(), or None when not checked
+        "serving": scores.serve.to_dict() if scores.serve else None,  # None: not checked
         "quant": _quant_settings(v.format, v.label, resolved),
         # [{file, size, sha256}] when published as llama-gguf-split shards
         "shards": [s.to_dict() for s in v.shards] or None,
@@ -140,15 +139,11 @@ def _variant_row(v: ManifestVariant, resolved: dict) -> dict:
 SET_FIELDS = ("ppl", "ppl_err", "kld_mean", "kld_mean_err", "kld_p99", "kld_p999", "same_top_pct")
 
 
-def _set_rows(sets: dict | None) -> dict[str, dict]:
+def _set_rows(sets: dict[str, SetScore] | None) -> dict[str, dict]:
     """A variant's scores per evaluation set (``evaluation.sets``, quantkit.evalsets), by set name."""
-    out = {}
-    for name, sc in (sets or {}).items():
-        if isinstance(sc, dict):
-            out[name] = {**{k: _num(sc, k) for k in SET_FIELDS}, "kind": sc.get("kind"), "ctx": sc.get("ctx"),
-                         "n_tokens": sc.get("n_tokens"), "backend": sc.get("backend"),
-                         "reference": sc.get("reference"), "set_info": sc.get("set_info")}
-    return out
+    return {name: {**{k: sc.number(k) for k in SET_FIELDS}, "kind": sc.kind, "ctx": sc.ctx,
+                   "n_tokens": sc.n_tokens, "backend": sc.backend, "reference": sc.reference,
+                   "set_info": sc.set_info} for name, sc in (sets or {}).items()}
 
 
 def _quant_settings(fmt: str, label: str, resolved: dict) -> dict | None:
