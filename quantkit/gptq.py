@@ -40,7 +40,7 @@ BACKEND = "gptqmodel"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 # Spec fields added after checkpoints were stored, with their defaults (see checkpoint_inputs).
-LATER_DEFAULTS = {"clip": True}
+LATER_DEFAULTS = {"clip": True, "group_aware": False}
 # GPTQModel writes its offload folder into the config; it differs per run and names a host path.
 VOLATILE_META = ("offload_to_disk_path",)
 # tokenicer (imported by GPTQModel) points these at /tmp/tokenicer_hf_home unless they are set.
@@ -149,7 +149,7 @@ def gptq(*, model: ModelSnapshot, spec: GPTQVariant, calibration: CalibrationTex
 
     def config(gm, **common):
         return gm.GPTQConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act,
-                             act_group_aware=False, sym=spec.sym, damp_percent=spec.damp_percent, **common)
+                             act_group_aware=spec.group_aware, sym=spec.sym, damp_percent=spec.damp_percent, **common)
 
     return quantize_with_gptqmodel(
         step=STEP, model=model, spec=spec, group_size=spec.group_size, calibration=calibration, store=store,

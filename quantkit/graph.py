@@ -582,9 +582,10 @@ def _serve_gguf(ctx, node, deps):
 def _serve_hf_inputs(ctx, node, deps):
     from quantkit.serving import CHECK_VERSION
 
-    from quantkit.serving.vllm import vllm_version, why_not
+    from quantkit.serving.vllm import vllm_version
 
-    vllm = {} if why_not(ctx.device) else {"vllm": vllm_version()}  # checked in vLLM only on a CUDA worker with it
+    # checked in vLLM only where an environment has it (serving.vllm): its version and the device in the key
+    vllm = {} if (version := vllm_version()) is None else {"vllm": version, "vllm_device": ctx.device}
     return {"model": model_dir_and_identity(node, deps)[1], "source": deps["source"].model.digest,
             "max_tokens": ctx.recipe.serve.max_tokens, "threads": ctx.threads, "check": CHECK_VERSION, **vllm}
 
@@ -601,8 +602,10 @@ def _serve_hf(ctx, node, deps):
 
         check = check_checkpoint(model_dir=model_dir, source_dir=src.model.path, max_tokens=ctx.recipe.serve.max_tokens,
                                  threads=ctx.threads, trust_remote_code=ctx.recipe.model.trust_remote_code)
-        check.vllm = check_vllm(model_dir=model_dir, device=ctx.device, max_tokens=ctx.recipe.serve.max_tokens,
-                                trust_remote_code=ctx.recipe.model.trust_remote_code)
+        check.vllm, check.vllm_version = check_vllm(
+            model_dir=model_dir, device=ctx.device, max_tokens=ctx.recipe.serve.max_tokens,
+            trust_remote_code=ctx.recipe.model.trust_remote_code, threads=ctx.threads,
+            log_path=staging.path / "vllm.log")
         if (why := vllm_failure(check.vllm)) is not None:
             check.fail(why)
         return check.to_dict()

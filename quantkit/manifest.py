@@ -302,6 +302,7 @@ class ServeResult(_Record):
     tool_detail: str | None = _f("str", optional=True, none=True)
     image: str | None = _f("str", optional=True, none=True)
     vllm: str | None = _f("str", optional=True, none=True)
+    vllm_version: str | None = _f("str", optional=True, none=True)
     tokens_per_s: float | None = _f("num", optional=True, none=True)
     reply: str | None = _f("str", optional=True, none=True)
     failures: list | None = _f("list", optional=True, none=True)

@@ -17,6 +17,10 @@ from tinyllama import build_tiny_llama, source_digest
 os.environ.setdefault("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                               "huggingface"))
 
+# A worker's vLLM environment turns every serve-hf node into a vLLM load: the suite runs as a worker without
+# one, and the vLLM test names its environment itself (QUANTKIT_TEST_VLLM_PYTHON).
+os.environ.pop("QUANTKIT_VLLM_PYTHON", None)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -109,6 +109,10 @@ def test_shipped_recipes_validate():
     ("  types: [Q8_0, Q4_K_M]", "  types: [Q8_0]\nrtn:\n  - {group_size: 100}",
      "recipes/r.yaml:11: rtn[0].group_size: group_size 100 is not supported "
      "(fix: use -1 (per channel) or a power of two from 16 to 1024, e.g. 128)"),
+    # act-order is desc_act's default: group-aware order needs it off
+    ("  types: [Q8_0, Q4_K_M]", "  types: [Q8_0]\ngptq:\n  - bits: 4\n    group_aware: true",
+     "recipes/r.yaml:12: gptq[0].group_aware: group_aware and desc_act are two ways of ordering columns; "
+     "GPTQModel takes one (fix: set desc_act: false with group_aware: true (vLLM serves that), or drop group_aware)"),
 ])
 def test_bad_recipe_exact_error(project, capsys, old, new, expected):
     assert old in GOOD

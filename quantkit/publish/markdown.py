@@ -218,13 +218,19 @@ def serving_md(report: dict) -> list[str]:
         s = r["serving"]
         verdict = "passed" if s.get("passed") else "**not published**: " + "; ".join(s.get("failures") or [])
         cells = [r["id"], s.get("backend", "?"), _yes(s.get("loads")), _yes(s.get("chat_stops")),
-                 _yes(s.get("template_matches")), _tool_cell(s), s.get("vllm", "not checked"),
+                 _yes(s.get("template_matches")), _tool_cell(s), _vllm_cell(s),
                  _f(s.get("tokens_per_s"), ".1f"), verdict.replace("|", "/")]
         out.append("| " + " | ".join(cells) + " |")
     if images := [(r["id"], r["serving"]["image"]) for r in rows if r["serving"].get("image", "n/a") != "n/a"]:
         out += ["", "*Image* (llama-server with the vision projector: a chat with a small test image is answered and "
                 "the image adds tokens to its prompt): " + ", ".join(f"{vid} {img}" for vid, img in images)]
     return out
+
+
+def _vllm_cell(serving: dict) -> str:
+    """yes/no/not checked, with the vLLM that said it."""
+    said, version = serving.get("vllm", "not checked"), serving.get("vllm_version")
+    return (f"{said} ({version})" if version and said == "yes" else said).replace("|", "/")
 
 
 def _tool_cell(serving: dict) -> str:

