@@ -104,6 +104,16 @@ def memory_fraction(model_dir: Path, device: str) -> float:
     return round(min(0.9, max(0.05, (1.5 * weights + 1.5 * 2**30) / free)), 3)
 
 
+def max_model_len(model_dir: Path) -> int:
+    """MAX_MODEL_LEN, or the model's own context when shorter (vLLM refuses a longer one)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        config = json.loads((model_dir / "config.json").read_text())
+        own = (config.get("text_config") or config).get("max_position_embeddings")
+        if isinstance(own, int) and 0 < own < MAX_MODEL_LEN:
+            return own
+    return MAX_MODEL_LEN
+
+
 def _meminfo() -> dict[str, int]:
     out = {}
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
@@ -123,7 +133,7 @@ def check_vllm(*, model_dir: Path, device: str, max_tokens: int = 64, trust_remo
         return VLLM_NOT_CHECKED, None
     from quantkit.source import remote_code_allowed
 
-    request = {"model": str(model_dir), "max_model_len": MAX_MODEL_LEN, "max_tokens": max_tokens,
+    request = {"model": str(model_dir), "max_model_len": max_model_len(model_dir), "max_tokens": max_tokens,
                "dtype": "bfloat16" if device == "cpu" else "float16", "memory_fraction": memory_fraction(model_dir,
                                                                                                        device),
                "trust_remote_code": remote_code_allowed(trust_remote_code), "messages": list(MESSAGES)}
