@@ -16,6 +16,7 @@ from quantkit import graph
 from quantkit.graph import KINDS, Node, StepKind, build_graph
 from quantkit.executor import execute
 from quantkit.recipe import load_recipe
+from quantkit.sensitivity import CANDIDATES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,16 @@ def test_demo_graph_has_every_unit_of_work(demo):
     names = [n.name for n in nodes]
     assert len(names) == len(set(names))
     labels = [label for _, _, label in demo.variant_labels()]
-    gguf = ["F16", *[demo.gguf.label(v) for v in demo.gguf.types]]
+    stock = ["F16", *[demo.gguf.label(v) for v in demo.gguf.types]]
+    searched = [t.name for t in demo.gguf.targets]
+    gguf = stock + searched
     checkpoints = [v.name for v in demo.gptq] + [v.name for v in demo.awq]
     expected = {"source", "convert", "imatrix", "base-logits", "run-folder", "publish",
                 *(f"task-items:{t.name}" for t in demo.evaluation.tasks),
-                *(f"quantize:{label}" for label in gguf[1:]),
+                *(f"quantize:{label}" for label in stock[1:]),
+                # gguf.targets: a sensitivity table per candidate type, the KLD per role, then a mix per target
+                *(f"sensitivity:{t}" for t in CANDIDATES), "sensitivity-kld",
+                *(f"{kind}:{label}" for label in searched for kind in ("mix", "quantize-mix")),
                 *(f"{kind}-gguf:{label}" for label in gguf for kind in ("score", "bench")),
                 *(f"tasks-gguf:{label}:{t.name}" for label in gguf for t in demo.evaluation.tasks),
                 *(f"gptq:{v.name}" for v in demo.gptq), *(f"awq:{v.name}" for v in demo.awq),
