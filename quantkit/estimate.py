@@ -661,6 +661,11 @@ def _scored_gguf_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
     return quantize_bytes(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
 
 
+def external_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """Another publisher's GGUF copied into the store: at most the base's size (a quantized file of it)."""
+    return Cost(base_gguf_bytes(recipe, facts), 256 * 2**20)
+
+
 def score_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     """llama-perplexity over the evaluation's chunks; a quantized type is scored against the base logits (KLD):
     one chunk's base log-probs read back."""
@@ -736,6 +741,7 @@ RATE = {
     "awq-clip": 5.5e-9,  # AWQ's clipping search, on at most 512 sampled tokens: 382 s more with it
 }
 PER_WEIGHT = {"convert": 4.5e-8, "quantize": 2.6e-8, "quantize-iq": 7.4e-8, "rtn": 1e-7}
+COPY_BYTES_PER_S = 200e6  # a file copied (or downloaded on a fast link) into the store: a rough figure, not fitted
 TASK_TOKENS = 55  # effective tokens per multiple-choice item for llama.cpp (the context once, batched choices)
 TASK_CHOICES = 4  # lm-eval's torch backend evaluates the context again with each choice
 
@@ -780,6 +786,10 @@ def imatrix_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
 def quantize_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
     qtype = recipe.gguf.types[params["index"]].type
     return facts.parameters * PER_WEIGHT["quantize-iq" if qtype.upper().startswith("IQ") else "quantize"]
+
+
+def external_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    return base_gguf_bytes(recipe, facts) / COPY_BYTES_PER_S + 1
 
 
 def llama_score_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:

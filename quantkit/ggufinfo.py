@@ -162,6 +162,29 @@ def read_gguf(path: Path) -> GGUFInfo:
     )
 
 
+def array_sha256(path: Path, key: str) -> str | None:
+    """sha256 of one array value's bytes in the header (``tokenizer.ggml.tokens``: two files with the same digest
+    have the same vocabulary, token for token); None when the file lacks the key."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != MAGIC:
+                raise ValueError("no GGUF magic")
+            h = _Header(buf)
+            h.pos = 8
+            _, n_kv = h.take("Q"), h.take("Q")
+            for _ in range(n_kv):
+                name, vtype = h.string(), h.take("I")
+                start = h.pos
+                h.value(vtype, keep=False)
+                if name == key:
+                    return hashlib.sha256(buf[start:h.pos]).hexdigest()
+    except (OSError, ValueError, struct.error) as e:
+        raise VerificationError(f"{path} is not a readable GGUF file: {e}") from e
+    return None
+
+
 def chat_template(path: Path) -> str | None:
     """The GGUF's ``tokenizer.chat_template`` (what Ollama and llama-server chat with), or None."""
     from gguf.constants import Keys

@@ -163,10 +163,14 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
                 nodes.append(Node(f"quantize-mix:{label}", "quantize-mix", label,
                                   ("convert", "imatrix", f"mix:{label}"), {"index": i}))
                 variants.append(_variant(nodes[-1]))
+        for i, _ in enumerate(recipe.compare):  # other publishers' files, checked against the base GGUF
+            label = labels[("compare", i)]
+            nodes.append(Node(f"external:{label}", "external", label, ("convert",), {"index": i}))
+            variants.append(_variant(nodes[-1]))
         if ev:
             if ev.kld:
                 nodes.append(Node("base-logits", "base-logits", base, ("convert",)))
-            for fmt, label, made_by in [v for v in variants if v[0] == "gguf"]:
+            for fmt, label, made_by in [v for v in variants if FORMATS[v[0]].llama_cpp]:
                 is_base = made_by == "convert"
                 logits = ("base-logits",) if ev.kld and not is_base else ()
                 nodes.append(Node(f"score-gguf:{label}", "score-gguf", label,
@@ -291,6 +295,19 @@ def _mmproj_inputs(ctx, node, deps):
     from quantkit.mmproj import mmproj_inputs
 
     return mmproj_inputs(**_mmproj_kw(ctx, deps))
+
+
+def _external_inputs(ctx, node, deps):
+    from quantkit.external import external_inputs
+
+    return external_inputs(ctx.recipe.compare[node.params["index"]], root=ctx.root, base=deps["convert"])
+
+
+def _external(ctx, node, deps):
+    from quantkit.external import fetch_external
+
+    return fetch_external(ctx.recipe.compare[node.params["index"]], root=ctx.root, base=deps["convert"],
+                          store=ctx.store)
 
 
 def _imatrix_kw(ctx, deps):
@@ -757,6 +774,10 @@ KINDS.update({
                         cost=_est("convert_cost"), seconds=_est("convert_seconds"), large=True, format="gguf"),
     "mmproj": StepKind(_mmproj, "mmproj-F16.gguf, mmproj-Q8_0.gguf (the vision projector)", _mmproj_inputs, "mmproj",
                        time_class="seconds", cost=_est("mmproj_cost"), seconds=_est("mmproj_seconds"), large=True),
+    "external": StepKind(_external, "model.gguf (another publisher's file, same model as the base)",
+                         _external_inputs, "external", network=lambda recipe: any(c.repo for c in recipe.compare),
+                         time_class="seconds", cost=_est("external_cost"), seconds=_est("external_seconds"),
+                         large=True, format="external"),
     "imatrix": StepKind(_imatrix, "imatrix.dat", _imatrix_inputs, "imatrix", gpu=True,
                         cost=_est("imatrix_cost"), seconds=_est("imatrix_seconds"), large=True),
     "quantize": StepKind(_quantize, "model.gguf", _quantize_inputs, "quantize",

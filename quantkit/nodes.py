@@ -104,10 +104,11 @@ class Format:
     torch: bool = False  # scored in torch: its tasks are compared with the HF base's
     base: bool = False  # the unquantized model itself (the torch formats' reference)
     checkpoint: bool = False  # a quantized checkpoint users serve with transformers or vLLM
+    external: bool = False  # another publisher's file (``compare:``), scored beside the run's own
 
     @property
     def reference(self) -> bool:
-        """Scored for comparison, never recommended nor published (rtn)."""
+        """Scored for comparison, never recommended nor published (rtn, external)."""
         return not self.served and not self.base
 
     def file_name(self, model: str, label: str) -> str | None:
@@ -127,6 +128,7 @@ FORMATS: dict[str, Format] = {
     "awq": Format("", served=True, torch=True, checkpoint=True),
     "rtn": Format(torch=True),  # a reference: scored, never placed nor published
     "hf": Format(torch=True, base=True),  # the source folder itself
+    "external": Format(llama_cpp=True, external=True),  # another publisher's GGUF: scored, never placed nor published
 }
 
 

@@ -76,7 +76,8 @@ def variants_table(report: dict) -> list[str]:
         fell_back = (r.get("mix") or {}).get("fallback")
         label = r["label"] + (f" (stock {fell_back['stock']}: the search fell back)" if fell_back else
                               " (searched mix)" if r.get("mix") else "")
-        mark = "★" if r["recommended"] else "base" if r["is_base"] else "ref" if r.get("reference") else ""
+        mark = ("★" if r["recommended"] else "base" if r["is_base"] else "ext" if format_of(r).external else
+                "ref" if r.get("reference") else "")
         cells = [mark, r["format"], label,
                  _f(r["size_gib"], ".3f"), _f(r["bpw"], ".2f"), _f(r["ppl"], ".4f"), dppl,
                  _f(r["kld_mean"], ".5f"), _f(r["kld_p99"], ".5f"), _f(r["same_top_pct"], ".2f"),
@@ -100,8 +101,10 @@ def render_markdown(report: dict) -> str:
            "variant (first row); ★ = recommended; (tie) = differs from the base by less than its standard error "
            "(paired over the items when both were scored on the same ones with the same metric); † = the task does "
            "not discriminate (see Tasks)"
-           + ("; ref = round-to-nearest reference, not published (see Against round-to-nearest)."
-              if any(r.get("reference") for r in report["variants"]) else "."), ""]
+           + ("; ref = round-to-nearest reference, not published (see Against round-to-nearest)"
+              if any(_rtn(r) for r in report["variants"]) else "")
+           + ("; ext = another publisher's file, never published (see Other publishers' files)"
+              if any(format_of(r).external for r in report["variants"]) else "") + ".", ""]
     for caveat in report.get("caveats") or []:
         out += [f"> **Read this first.** {caveat}", ""]
     out += ["## Variants", ""]
@@ -110,6 +113,7 @@ def render_markdown(report: dict) -> str:
     out += serving_md(report)
     out += _tasks_md(report)
     out += _rtn_md(report)
+    out += external_md(report)
     out += ["", "## Recommended", ""]
     out += [f"- **{rec['id']}**: {rec['why']}" for rec in report["recommended"]] or ["- none: no variant has scores"]
     checks = report.get("task_checks") or {}
@@ -264,8 +268,35 @@ def _tasks_md(report: dict) -> list[str]:
     return out
 
 
+def _rtn(row: dict) -> bool:
+    return bool(row.get("reference")) and not format_of(row).external
+
+
+def external_md(report: dict) -> list[str]:
+    """Other publishers' files (``compare:``) against the run's nearest GGUF of equal or smaller size."""
+    comparisons = report.get("external_comparisons") or []
+    if not comparisons:
+        return []
+    out = ["", "## Other publishers' files", "",
+           "Each file listed under `compare:` was checked to be a GGUF of the same base model (architecture, "
+           "layers, width and vocabulary), scored on every evaluation set against the same base logits, and is "
+           "compared here with the run's GGUF of equal or smaller size closest to it: the difference of mean KLD "
+           "(external − ours) over the set's chunks, paired chunk by chunk, ± its standard error; it counts only "
+           "beyond 3 standard errors. External files are never published or recommended.", "",
+           "| external | size MiB | compared with | size MiB | set | external − ours, mean KLD | chunks | verdict |",
+           "|---|---:|---|---:|---|---:|---:|---|"]
+    for c in comparisons:
+        diff = (f"{c['diff']:+.5f} ± {c['se']:.5f}" + (f" ({c['diff'] / c['se']:+.1f} SE)" if c["se"] else "")
+                if c["diff"] is not None else "–")
+        ours = c["ours"] + (" (every variant of the run is larger)" if c["larger"] else "")
+        verdict = f"**{c['verdict']}**" if c["verdict"].startswith("external ") else c["verdict"]
+        out.append(f"| {c['external']} | {c['external_bytes'] / 2**20:.2f} | {ours} | {c['ours_bytes'] / 2**20:.2f} | "
+                   f"{c['set']} | {diff} | {c['chunks']} | {verdict} |")
+    return out
+
+
 def _rtn_md(report: dict) -> list[str]:
-    refs = [r for r in report["variants"] if r.get("reference")]
+    refs = [r for r in report["variants"] if _rtn(r)]
     if not refs:
         return []
     comparisons = report.get("rtn_comparisons") or []

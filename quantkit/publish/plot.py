@@ -8,7 +8,7 @@ from quantkit.nodes import FORMATS
 from quantkit.publish.stats import BARE_SCORE, max_frontier, pareto_rows
 
 
-MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D", "rtn": "x"}
+MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D", "rtn": "x", "external": "P"}
 
 
 def render_plot(report: dict, path: Path) -> None:

@@ -28,10 +28,10 @@ from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest, ManifestVariant, SetScore, Speed, TaskScore
 from quantkit.paths import inside
 from quantkit.publish.card import render_card
-from quantkit.publish.markdown import refused, render_markdown, serving_md, variants_table
+from quantkit.publish.markdown import external_md, refused, render_markdown, serving_md, variants_table
 from quantkit.publish.plot import render_plot
-from quantkit.publish.stats import (BARE_SCORE, bases_agree, discrimination, pareto_frontier, recommend, rtn_caveats,
-                                    rtn_comparisons, task_base, task_diff_se, task_se, tie, within_error, worst_sets)
+from quantkit.publish.stats import (BARE_SCORE, bases_agree, discrimination, external_comparisons, pareto_frontier,
+                                    recommend, rtn_caveats, rtn_comparisons, task_base, task_diff_se, task_se, tie, within_error, worst_sets)
 from quantkit.hardware import GIB, ModelShape, hardware_fit
 from quantkit.publish.modelfile import (llama_server_command, merge_command, modelfile_name, render_modelfile,
                                        vllm_serve_command)
@@ -267,6 +267,10 @@ def build_report(manifest: Manifest | dict, *, config: dict | None = None, chat_
         on_set = [{**r, **{k: r["sets"][name][k] for k in ("kld_mean", "kld_mean_err")}} if name in r["sets"]
                   else {**r, "kld_mean": None} for r in rows]
         against_rtn += [c | {"set": name} for c in rtn_comparisons(on_set)]
+    # other publishers' files (compare:), each against the run's nearest GGUF on every set, paired per chunk
+    chunks = {v.id: {ev["name"]: v.scores.chunk_kld, **{n: sc.chunk_kld for n, sc in (v.scores.sets or {}).items()}}
+              for v in manifest.variants}
+    external = external_comparisons(rows, chunks, set_names or [ev["name"]])
     caveats = _caveats(rows, base_origin, manifest) + rtn_caveats(against_rtn)
     ctx = min(num_ctx, ModelShape.from_config(config).max_context or num_ctx) if config else num_ctx
     for r in rows:
@@ -276,7 +280,7 @@ def build_report(manifest: Manifest | dict, *, config: dict | None = None, chat_
     return {"schema": REPORT_SCHEMA, "quantkit": __version__, **facts, "tasks": tasks, "task_metrics": task_metrics,
             "task_checks": task_checks,
             "caveats": caveats, "variants": rows, "pareto": frontier, "pareto_metric": metric, "sets": set_names,
-            "rtn_comparisons": against_rtn,
+            "rtn_comparisons": against_rtn, "external_comparisons": external,
             "recommend_max_kld": recommend_max_kld,
             "recommended": [{"id": r["id"], "why": w} for r in rows for w in r["recommended"]],
             "hardware": hardware, "regression": regression, "experts": expert_coverage(manifest),
@@ -398,10 +402,13 @@ def write_report(report: dict, out_dir: Path, *, recipe_yaml: str, chat_template
     written = []
     write_json_atomic(out_dir / "report.json", validate_report(report))
     written.append(out_dir / "report.json")
-    published = {**report, "variants": [r for r in report["variants"] if not r.get("reference")]}
+    # the card shows what is published, and other publishers' files beside it (marked ext, never published)
+    published = {**report, "variants": [r for r in report["variants"]
+                                         if not r.get("reference") or format_of(r).external]}
     bad = refused(report)  # failed their serve check: no Modelfile for them
     texts = {"report.md": render_markdown(report),
-             "README.md": str(render_card(published, table=variants_table(published) + serving_md(published),
+             "README.md": str(render_card(published, table=variants_table(published) + serving_md(published)
+                                          + external_md(report),
                                        recipe_yaml=recipe_yaml, calibration_readme=calibration_readme)),
              **render_modelfiles({**report, "variants": [r for r in report["variants"] if r["id"] not in bad]},
                                  chat_template=chat_template, eos_token=eos_token)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from quantkit.nodes import format_of
+from quantkit.nodes import FORMATS, format_of
 
 
 def worst_sets(rows: list[dict], order: list) -> list[str]:
@@ -248,3 +248,30 @@ BARE_SCORE = "score"  # a task score given as a bare number: its metric is not k
 
 def pm(value: float, err: float | None) -> str:
     return f"{value:.5f}" + (f" ± {err:.5f}" if err is not None else "")
+
+
+def external_comparisons(rows: list[dict], chunks: dict[str, dict[str, list]], sets: list[str]) -> list[dict]:
+    """Each external file (``compare:``) against the run's nearest GGUF of equal or smaller size (the largest
+    such, or the smallest of all when every one is larger: ``larger`` says so), on every evaluation set, paired
+    per chunk: both were scored against the same base logits on the same windows. ``chunks``: variant id ->
+    set name -> each chunk's mean KLD. A difference (external - ours) counts beyond 3 standard errors."""
+    ours = sorted((r for r in rows if FORMATS[r["format"]].llama_cpp and not r["reference"] and not r["is_base"]),
+                  key=lambda r: r["size_bytes"])
+    out = []
+    for ext in (r for r in rows if FORMATS[r["format"]].external):
+        fits = [r for r in ours if r["size_bytes"] <= ext["size_bytes"]]
+        near = fits[-1] if fits else ours[0] if ours else None
+        if near is None:
+            continue
+        for name in sets:
+            a, b = chunks.get(ext["id"], {}).get(name), chunks.get(near["id"], {}).get(name)
+            row = {"external": ext["id"], "ours": near["id"], "set": name, "larger": not fits,
+                   "external_bytes": ext["size_bytes"], "ours_bytes": near["size_bytes"]}
+            if not a or not b or len(a) != len(b) or len(a) < 2:
+                out.append(row | {"diff": None, "se": None, "chunks": 0, "verdict": "not compared (no per-chunk KLD)"})
+                continue
+            diff, se = paired_difference(a, b)
+            verdict = ("external wins" if diff < 0 and -diff > 3 * se else
+                       "external loses" if diff > 0 and diff > 3 * se else "no significant difference")
+            out.append(row | {"diff": diff, "se": se, "chunks": len(a), "verdict": verdict})
+    return out

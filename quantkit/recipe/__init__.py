@@ -13,12 +13,12 @@ evaluation; ``quant``: GGUF, GPTQ, AWQ, RTN; ``publishing``: publish, output, sc
 from quantkit.recipe.document import Recipe
 from quantkit.recipe.fields import COMMIT_RE, TEMPLATE_MARKERS, WORKER_ALLOWS_PICKLE, WORKER_ALLOWS_REMOTE_CODE
 from quantkit.recipe.load import find_project_root, load_recipe, schema
-from quantkit.recipe.model import Calibration, EvalSet, Evaluation, ModelSource, TaskSpec, default_set_name
+from quantkit.recipe.model import Calibration, CompareFile, EvalSet, Evaluation, ModelSource, TaskSpec, default_set_name
 from quantkit.recipe.publishing import Output, Publish, PublishThresholds
 from quantkit.recipe.quant import (AWQVariant, GGUFSection, GGUFTarget, GPTQVariant, ImatrixSpec, MIN_TARGET_BPW,
                                    RTNVariant)
 
-__all__ = ["AWQVariant", "COMMIT_RE", "Calibration", "EvalSet", "Evaluation", "GGUFSection", "GGUFTarget", "GPTQVariant",
+__all__ = ["AWQVariant", "COMMIT_RE", "Calibration", "CompareFile", "EvalSet", "Evaluation", "GGUFSection", "GGUFTarget", "GPTQVariant",
            "ImatrixSpec", "MIN_TARGET_BPW", "ModelSource", "Output", "Publish", "PublishThresholds", "RTNVariant",
            "Recipe", "TEMPLATE_MARKERS", "TaskSpec", "WORKER_ALLOWS_PICKLE", "WORKER_ALLOWS_REMOTE_CODE",
            "default_set_name", "find_project_root", "load_recipe", "schema"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from quantkit.recipe.fields import Invalid, NAME_RE, Section, _project_dir, no_templating
-from quantkit.recipe.model import Calibration, Evaluation, ModelSource
+from quantkit.recipe.model import Calibration, CompareFile, Evaluation, ModelSource
 from quantkit.recipe.publishing import Output, Publish, Schedule, Serve, ToolchainPin
 from quantkit.recipe.quant import AWQVariant, GGUFSection, GPTQVariant, RTNVariant
 from quantkit.yamlsrc import dotted
@@ -30,6 +30,8 @@ class Recipe(Section):
     publish: Publish | None = Field(None, description="publishing and the regression gate; local store if absent")
     schedule: Schedule | None = Field(None, description="cron for the deployment (none: runs only when asked)")
     toolchain: ToolchainPin | None = Field(None, description="another llama.cpp release, or what --track follows")
+    compare: list[CompareFile] = Field(default_factory=list, max_length=16,
+                                       description="other publishers' GGUFs of the same model, scored beside ours")
 
     @field_validator("name")
     @classmethod
@@ -54,6 +56,9 @@ class Recipe(Section):
         if self.rtn and self.evaluation is None:
             raise Invalid("rtn variants are references for comparison, and without 'evaluation' nothing is compared",
                           "add an 'evaluation' section, or remove 'rtn'", loc=("rtn",))
+        if self.compare and (self.gguf is None or self.evaluation is None or not self.evaluation.kld):
+            raise Invalid("compare: other publishers' GGUFs are scored against this run's base GGUF's logits",
+                          "add a 'gguf' section and an 'evaluation' section (with kld on)", loc=("compare",))
         if self.evaluation and self.calibration.files and self.evaluation.file in self.calibration.files:
             raise Invalid(f"evaluation.file '{self.evaluation.file}' is also calibration text",
                           "score on held-out text: scores on text the quantizer saw are not evidence")
@@ -91,6 +96,7 @@ class Recipe(Section):
         out += [(("gptq", i), "gptq", v.name) for i, v in enumerate(self.gptq)]
         out += [(("awq", i), "awq", v.name) for i, v in enumerate(self.awq)]
         out += [(("rtn", i), "rtn", v.name) for i, v in enumerate(self.rtn)]
+        out += [(("compare", i), "external", c.label) for i, c in enumerate(self.compare)]
         return out
 
 

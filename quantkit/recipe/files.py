@@ -66,6 +66,9 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
                 problem(loc, f"the model folder has {len(links)} symlink(s): {', '.join(links[:3])}; a link "
                         "would make the worker read (and publish) a file outside the folder")
     moe_problems(recipe, root, problem)
+    for i, c in enumerate(recipe.compare):
+        if c.repo is None:
+            linked(("compare", i, "file"), c.file, f"compare file '{c.label}'")
     if recipe.evaluation is None:
         return out
     linked(("evaluation", "file"), recipe.evaluation.file, "evaluation file")

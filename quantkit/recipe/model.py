@@ -12,8 +12,8 @@ import pydantic
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from quantkit.paths import name_problem
-from quantkit.recipe.fields import (Invalid, ProjectPath, SafeName, SafeText, Section, TRACK_RE, WORKER_ALLOWS_PICKLE,
-                                    WORKER_ALLOWS_REMOTE_CODE, _pinned_revision,
+from quantkit.recipe.fields import (COMMIT_RE, Invalid, ProjectPath, SafeName, SafeText, Section, TRACK_RE,
+                                    WORKER_ALLOWS_PICKLE, WORKER_ALLOWS_REMOTE_CODE, _pinned_revision, _project_path,
                                     _repo_id)
 
 
@@ -259,3 +259,39 @@ class Evaluation(Section):
         """Every set, the one ``file`` makes first (as an EvalSet: the same fields the scorers read)."""
         return [EvalSet(name=self.set_name, file=self.file, format="text", ctx=self.ctx, max_tokens=self.max_tokens),
                 *self.sets]
+
+
+class CompareFile(Section):
+    """Another publisher's GGUF of the same base model (``compare:``): scored on every evaluation set with the
+    same base logits, shown as an "external" row beside the ladder, never published nor recommended."""
+
+    label: SafeName = Field(description="its row in the report, e.g. bartowski-Q4_K_M")
+    file: str = Field(description="a .gguf inside the project; with 'repo', the file's path in that repo")
+    repo: str | None = Field(None, description="the publisher's Hugging Face repo id, e.g. bartowski/Model-GGUF")
+    revision: str | None = Field(None, description="with 'repo': the commit sha (40 hex) the file is pinned at")
+
+    _repo = field_validator("repo")(_repo_id)
+
+    @model_validator(mode="after")
+    def _where(self, info: ValidationInfo) -> CompareFile:
+        if not self.file.endswith(".gguf"):
+            raise Invalid(f"'{self.file}' is not a .gguf file", "compare GGUF files of the same base model",
+                          loc=("file",))
+        if self.repo is None:
+            if self.revision is not None:
+                raise Invalid("'revision' pins a file in a Hub repo, and no 'repo' is given",
+                              "add the repo, or drop 'revision' for a file inside the project", loc=("revision",))
+            try:
+                if _project_path(self.file, info) != self.file:
+                    raise Invalid(f"write '{self.file}' as {PurePosixPath(self.file)}", "use the plain relative path")
+            except Invalid as e:
+                raise Invalid(str(e), e.fix, loc=("file",)) from None
+            return self
+        if self.revision is None or not COMMIT_RE.match(self.revision):
+            raise Invalid(f"revision {self.revision!r} does not pin the file: a Hub file is compared at one commit",
+                          "write the repo's commit sha (40 lowercase hex digits)", loc=("revision",))
+        parts = PurePosixPath(self.file).parts
+        if self.file.startswith("/") or any(p in ("..", ".") for p in parts) or any(name_problem(p) for p in parts):
+            raise Invalid(f"'{self.file}' is not a file path inside a repo",
+                          "write the path as the repo lists it, e.g. Model-Q4_K_M.gguf", loc=("file",))
+        return self
