@@ -485,6 +485,8 @@ def linked_files(manifest: Manifest | Mapping) -> Iterator[tuple[ManifestVariant
         if fmt is None or fmt.suffix is None or not v.file:
             continue
         for name, rec in v.files.items():
+            if fmt.single and name != fmt.single:  # the entry's other files (a mix's tensor-types.txt) stay put
+                continue
             yield v, fmt.placed(v.file, name), rec
     for p in manifest.projectors:
         yield p, p.file, FileRecord(p.sha256, p.size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -258,11 +259,15 @@ def test_target_builds_a_scored_gguf_within_budget_and_is_reused(tmp_path, repo_
     shutil.copytree(repo_root / "calibration", root / "calibration")
     shutil.copytree(tiny_llama, root / "models" / "tiny")
     monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
-    assert main(["run", "--no-publish", str(recipe)]) == 0
+    assert main(["run", str(recipe)]) == 0
     capsys.readouterr()
     manifest = json.loads((root / "runs" / "tiny-budget" / "manifest.json").read_text())
     assert Manifest.from_dict(manifest).to_dict() == manifest  # the typed schema reads back what the run wrote
     v = {x["label"]: x for x in manifest["variants"]}["target-4.50bpw"]
+    # published as its GGUF alone: the mix's tensor-types file stays in the store
+    published = root / "artifacts" / "tiny-budget" / "latest" / v["file"]
+    assert hashlib.sha256(published.read_bytes()).hexdigest() == v["files"]["model.gguf"]["sha256"]
+    assert not list((root / "artifacts" / "tiny-budget" / "latest").glob("*tensor-types*"))
     params = v["info"]["gguf"]["parameters"]
     size = v["files"]["model.gguf"]["size"]
     assert size * 8 / params <= 4.5
