@@ -250,6 +250,11 @@ def pm(value: float, err: float | None) -> str:
     return f"{value:.5f}" + (f" ± {err:.5f}" if err is not None else "")
 
 
+# Two files of the same tensor types differ by their metadata (an imatrix's name and dataset, kilobytes): within
+# 0.1 % they count as the same size
+SAME_SIZE = 1.001
+
+
 def external_comparisons(rows: list[dict], chunks: dict[str, dict[str, list]], sets: list[str]) -> list[dict]:
     """Each external file (``compare:``) against the run's nearest GGUF of equal or smaller size (the largest
     such, or the smallest of all when every one is larger: ``larger`` says so), on every evaluation set, paired
@@ -259,7 +264,7 @@ def external_comparisons(rows: list[dict], chunks: dict[str, dict[str, list]], s
                   key=lambda r: r["size_bytes"])
     out = []
     for ext in (r for r in rows if FORMATS[r["format"]].external):
-        fits = [r for r in ours if r["size_bytes"] <= ext["size_bytes"]]
+        fits = [r for r in ours if r["size_bytes"] <= ext["size_bytes"] * SAME_SIZE]
         near = fits[-1] if fits else ours[0] if ours else None
         if near is None:
             continue
