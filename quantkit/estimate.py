@@ -792,6 +792,19 @@ def external_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
     return base_gguf_bytes(recipe, facts) / COPY_BYTES_PER_S + 1
 
 
+# The size-budget search's kinds: fixed seconds + seconds per weight, fitted to two runs on 2 quiet cores
+# (2026-12-04, benchmarks/README.md): the demo's SmolLM2-135M (tables 42.0 s for 7, KLD per role 36.5 s, a mix with
+# its closed-loop check 36.2 s, its GGUF 7.4 s) and the tiny model, 4.7 M weights (2.6, 6.6, 1.7 s, about 0.5 s).
+# The KLD per role and the mix's check are llama-perplexity runs, whose start-up is the fixed part.
+SEARCH = {"sensitivity": (0.0, 4.5e-8), "sensitivity-kld": (5.5, 2.3e-7), "mix": (0.5, 2.7e-7),
+          "quantize-mix": (0.0, 5.5e-8)}
+
+
+def search_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
+    fixed, per_weight = SEARCH[params["kind"]]
+    return fixed + per_weight * facts.parameters
+
+
 def llama_score_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
     """base-logits, score-gguf: the evaluation text through llama-perplexity."""
     return _scored_tokens(recipe) * facts.active_parameters * RATE["llama"]

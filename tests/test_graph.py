@@ -92,7 +92,8 @@ def test_flags_and_publish_switch(demo):
     assert "publish" not in nodes
     gpu = {n.kind for n in nodes.values() if n.spec.gpu}
     assert gpu == {"imatrix", "base-logits", "score-gguf", "tasks-gguf", "bench-gguf", "gptq", "awq", "score-hf",
-                   "tasks-hf", "bench-hf", "set-logits", "score-set-gguf", "score-set-hf"}
+                   "tasks-hf", "bench-hf", "set-logits", "score-set-gguf", "score-set-hf",
+                   "sensitivity-kld", "mix"}  # the size-budget search measures KLD with llama-perplexity
     assert not any(n.spec.network(demo) for n in nodes.values())  # a local model folder, local publish
     hub = demo.model_copy(update={"model": demo.model.model_copy(update={"repo": "a/b", "path": None})})
     assert [n.name for n in build_graph(hub) if n.spec.network(hub)] == ["source"]
