@@ -39,7 +39,8 @@ def render_plot(report: dict, path: Path) -> None:
                    and not r.get("mix")]
             if pts:
                 ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60,
-                           label=f"{fmt} (reference)" if FORMATS[fmt].reference else fmt, zorder=3)
+                           label=(f"{fmt} (another publisher's file)" if FORMATS[fmt].external else
+                                  f"{fmt} (reference)" if FORMATS[fmt].reference else fmt), zorder=3)
         mixes = [r for r in quantized if r.get("mix") and r.get(metric) is not None and (not log_y or r[metric] > 0)]
         if mixes:  # size-budget variants beside the stock types
             ax.scatter([r["size_gib"] for r in mixes], [r[metric] for r in mixes], marker="*", s=140,
