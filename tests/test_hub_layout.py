@@ -148,7 +148,8 @@ def test_layout_puts_each_checkpoint_at_a_repo_root(tmp_path):
     assert not any("/" in name or name.startswith("config") for name in gguf.files)
     assert sorted(gptq4.files) == ["config.json", "manifest.json", "model.safetensors", "recipe.yaml",
                                    "tokenizer.json", "tokenizer_config.json"]  # the checkpoint's README is not
-    assert gptq4.settings == {"GPTQ-4bit-g128": {"bits": 4, "group_size": 128, "desc_act": True, "sym": True,
+    assert gptq4.settings == {"GPTQ-4bit-g128": {"bits": 4, "group_size": 128, "desc_act": True, "group_aware": False,
+                                                 "sym": True,
                                                  "damp_percent": 0.1, "samples": 128, "seq_len": 512, "seed": 0}}
     (run / f"{STEM}-GPTQ-4bit-g128" / "config.json").unlink()
     with pytest.raises(PublishError, match="has no config.json; from_pretrained and vLLM could not load it"):

@@ -23,7 +23,7 @@ def test_an_unchanged_rerun_publishes_no_new_release(tmp_path):
     again = make_manifest()
     for v in again["variants"]:  # a re-benchmark: speed is timing noise, not an output
         if "speed" in v["scores"]:
-            v["scores"]["speed"]["tg_tps"] += 3.0
+            v["scores"]["speed"]["tg_tokens_per_s"] += 3.0
     second = _release(tmp_path, again, "run2", "r2")
     assert second.unchanged_since == "r1" and second.status == "unchanged since r1"
     assert second.path == first.path
