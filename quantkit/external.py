@@ -11,15 +11,17 @@ recommended: the report compares it with the nearest variant of equal or smaller
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import shutil
 from pathlib import Path
 
-from quantkit.errors import SourceError, VerificationError
-from quantkit.ggufinfo import array_sha256, read_gguf
+from quantkit.digest import DigestCache
+from quantkit.errors import VerificationError
+from quantkit.ggufinfo import GGUFInfo, array_sha256, read_gguf
 from quantkit.nodes import gguf_file
-from quantkit.nofollow import open_beneath, sha256_of
+from quantkit.nofollow import SymlinkError, open_beneath, sha256_of, symlink_on_path
 from quantkit.recipe import CompareFile
+from quantkit.source import hub_errors
 from quantkit.store import Entry, Staging, Store
 
 log = logging.getLogger(__name__)
@@ -27,27 +29,29 @@ log = logging.getLogger(__name__)
 STEP = "external"
 OUTPUT = "model.gguf"
 VOCABULARY = "tokenizer.ggml.tokens"
-CHUNK = 1 << 20
 
 
 def where(spec: CompareFile) -> str:
     return f"{spec.repo}@{spec.revision[:12]}/{spec.file}" if spec.repo else spec.file
 
 
-def external_inputs(spec: CompareFile, *, root: Path, base: Entry) -> dict:
+def external_inputs(spec: CompareFile, *, root: Path, base: Entry, digests: DigestCache) -> dict:
     """The key: the file (its content for a project file, its pinned Hub address otherwise) and the base it is
-    checked against."""
+    checked against. A project file's digest is remembered by ``digests`` (a warm re-run reads no gigabytes);
+    the copy into the store is checked against it."""
     if spec.repo:
         found = {"repo": spec.repo, "revision": spec.revision, "file": spec.file}
     else:
-        with open_beneath(root, spec.file) as f:
-            found = {"sha256": sha256_of(f)}
+        if (link := symlink_on_path(root, spec.file)) is not None:
+            raise SymlinkError(f"compare '{spec.label}': {link} is a symlink; quantkit follows no link in what a "
+                               "recipe points at")
+        found = {"sha256": digests.sha256(root / spec.file)}
     return {**found, "base_sha256": gguf_file(base)[1]}
 
 
-def mismatch(path: Path, base: Path) -> str | None:
-    """What makes ``path`` a GGUF of another model than ``base`` (None when nothing does)."""
-    ours, theirs = read_gguf(base), read_gguf(path)
+def mismatch(theirs: GGUFInfo, path: Path, base: Path) -> str | None:
+    """What makes ``path`` (its header ``theirs``) a GGUF of another model than ``base`` (None when nothing does)."""
+    ours = read_gguf(base)
     if theirs.architecture != ours.architecture:
         return f"architecture {theirs.architecture}, the base's is {ours.architecture}"
     for key in (f"{ours.architecture}.block_count", f"{ours.architecture}.embedding_length"):
@@ -60,22 +64,22 @@ def mismatch(path: Path, base: Path) -> str | None:
     return None
 
 
-def fetch_external(spec: CompareFile, *, root: Path, base: Entry, store: Store) -> Entry:
-    inputs = external_inputs(spec, root=root, base=base)
+def fetch_external(spec: CompareFile, *, root: Path, base: Entry, store: Store, digests: DigestCache) -> Entry:
+    inputs = external_inputs(spec, root=root, base=base, digests=digests)
 
     def produce(staging: Staging) -> None:
         out = staging.path / OUTPUT
         if spec.repo:
-            copied = _copy(Path(_download(spec)).resolve(), out)  # the cache's snapshot entry links to its blob
+            shutil.copyfile(Path(_download(spec)).resolve(), out)  # the cache's snapshot entry links to its blob
         else:
             with open_beneath(root, spec.file) as f, open(out, "wb") as dst:
-                copied = _stream(f, dst)
+                copied = sha256_of(f, copy_to=dst)
             if copied != inputs["sha256"]:
                 raise VerificationError(f"compare '{spec.label}': {spec.file} changed while it was read")
-        if (why := mismatch(out, gguf_file(base)[0])) is not None:
+        info = read_gguf(out)
+        if (why := mismatch(info, out, gguf_file(base)[0])) is not None:
             raise VerificationError(f"compare '{spec.label}' ({where(spec)}) has {why}: it is not a GGUF of this "
                                     "run's base model, so its KLD against the base's logits would mean nothing")
-        info = read_gguf(out)
         staging.info.update(source=where(spec), gguf={"file_type": info.file_type, "parameters": info.parameters,
                                                       "tensor_types": info.tensor_types})
 
@@ -85,33 +89,12 @@ def fetch_external(spec: CompareFile, *, root: Path, base: Entry, store: Store) 
     return entry
 
 
-def _stream(src, dst) -> str:
-    h = hashlib.sha256()
-    while block := src.read(CHUNK):
-        h.update(block)
-        dst.write(block)
-    return h.hexdigest()
-
-
-def _copy(src: Path, out: Path) -> str:
-    with open(src, "rb") as f, open(out, "wb") as dst:
-        return _stream(f, dst)
-
-
 def _download(spec: CompareFile) -> str:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     log.info("fetching %s", where(spec))
-    try:
+    with hub_errors(f"compare '{spec.label}': {where(spec)}", spec.repo):
         return hf_hub_download(repo_id=spec.repo, filename=spec.file, revision=spec.revision)
-    except LocalEntryNotFoundError as e:
-        raise SourceError(f"compare '{spec.label}': {where(spec)} is not in the local Hugging Face cache and the "
-                          "Hub cannot be reached (HF_HUB_OFFLINE or no network)") from e
-    except EntryNotFoundError as e:
-        raise SourceError(f"compare '{spec.label}': {spec.repo} has no {spec.file} at {spec.revision}") from e
-    except HfHubHTTPError as e:
-        raise SourceError(f"compare '{spec.label}': downloading {where(spec)} failed: {e}") from e
 
 
 __all__ = ["STEP", "external_inputs", "fetch_external", "mismatch", "where"]

@@ -297,17 +297,23 @@ def _mmproj_inputs(ctx, node, deps):
     return mmproj_inputs(**_mmproj_kw(ctx, deps))
 
 
+def _external_kw(ctx, node, deps):
+    from quantkit.digest import DigestCache
+
+    return dict(spec=ctx.recipe.compare[node.params["index"]], root=ctx.root, base=deps["convert"],
+                digests=DigestCache(ctx.store.root / "digests.json"))
+
+
 def _external_inputs(ctx, node, deps):
     from quantkit.external import external_inputs
 
-    return external_inputs(ctx.recipe.compare[node.params["index"]], root=ctx.root, base=deps["convert"])
+    return external_inputs(**_external_kw(ctx, node, deps))
 
 
 def _external(ctx, node, deps):
     from quantkit.external import fetch_external
 
-    return fetch_external(ctx.recipe.compare[node.params["index"]], root=ctx.root, base=deps["convert"],
-                          store=ctx.store)
+    return fetch_external(**_external_kw(ctx, node, deps), store=ctx.store)
 
 
 def _imatrix_kw(ctx, deps):

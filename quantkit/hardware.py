@@ -64,6 +64,18 @@ class ModelShape:
         return asdict(self)
 
 
+def available_memory() -> int | None:
+    """This machine's MemAvailable (bytes), or None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def memory_needed(weights_bytes: int, shape: ModelShape, ctx: int, *, cache_type: str = "f16",
                   headroom: int = DEFAULT_HEADROOM) -> int:
     return weights_bytes + shape.kv_cache_bytes(ctx, cache_type) + headroom

@@ -140,8 +140,11 @@ def read_beneath(root: Path, rel: str | PurePosixPath) -> bytes:
         return f.read()
 
 
-def sha256_of(f: BinaryIO) -> str:
+def sha256_of(f: BinaryIO, *, copy_to: BinaryIO | None = None) -> str:
+    """sha256 of what ``f`` holds from here on; with ``copy_to``, written there in the same pass."""
     h = hashlib.sha256()
     while block := f.read(CHUNK):
         h.update(block)
+        if copy_to is not None:
+            copy_to.write(block)
     return h.hexdigest()

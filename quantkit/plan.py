@@ -58,12 +58,9 @@ def machine(store_root: Path) -> Machine:
     path = store_root
     while not path.exists():
         path = path.parent
-    available = 1 << 62
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    return Machine(shutil.disk_usage(path).free, available)
+    from quantkit.hardware import available_memory
+
+    return Machine(shutil.disk_usage(path).free, available_memory() or 1 << 62)
 
 
 def local_source(ctx: RunContext) -> Source | None:

@@ -8,6 +8,7 @@ HF_HOME, HF_HUB_OFFLINE and HF_TOKEN; quantkit never reads or logs the token.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -158,21 +159,33 @@ def fetch_model(*, source: ModelSource, root: Path, digests: DigestCache) -> Mod
                          files=files, digest=digest_of(files), trust_remote_code=source.trust_remote_code)
 
 
+@contextlib.contextmanager
+def hub_errors(what: str, repo: str):
+    """huggingface_hub's download errors as a SourceError naming ``what`` (a repo at a revision, or a file of
+    one): not cached while offline, no such repo (or gated), no such file, any other HTTP error."""
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    try:
+        yield
+    except LocalEntryNotFoundError as e:
+        raise SourceError(f"{what} is not in the local Hugging Face cache and the Hub cannot be reached "
+                          "(HF_HUB_OFFLINE or no network)") from e
+    except RepositoryNotFoundError as e:
+        raise SourceError(f"{repo} not found, or gated without access (set HF_TOKEN)") from e
+    except EntryNotFoundError as e:
+        raise SourceError(f"{what}: the repo has no such file at that revision") from e
+    except HfHubHTTPError as e:
+        raise SourceError(f"downloading {what} failed: {e}") from e
+
+
 def _download(source: ModelSource) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     log.info("fetching %s at %s", source.repo, source.revision)
-    try:
+    with hub_errors(f"{source.repo}@{source.revision}", source.repo):
         path = snapshot_download(repo_id=source.repo, revision=source.revision,
                                  allow_patterns=list(allowed_patterns(source)))
-    except LocalEntryNotFoundError as e:
-        raise SourceError(f"{source.repo}@{source.revision} is not in the local Hugging Face cache and the Hub "
-                          "cannot be reached (HF_HUB_OFFLINE or no network)") from e
-    except RepositoryNotFoundError as e:
-        raise SourceError(f"{source.repo} not found, or gated without access (set HF_TOKEN)") from e
-    except HfHubHTTPError as e:
-        raise SourceError(f"downloading {source.repo}@{source.revision} failed: {e}") from e
     folder = Path(path)
     _sweep_partial_blobs(folder)
     # snapshot folders are named after the commit the revision resolved to.

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from quantkit.serving import VLLM_NOT_CHECKED
-from quantkit.serving.vllm import VllmEnvError, check_vllm, memory_fraction, vllm_failure, why_not
+from quantkit.serving.vllm import VllmEnvError, check_vllm, find_vllm, memory_fraction, vllm_failure
 
 needs_no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 
@@ -20,7 +20,7 @@ needs_no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
 def test_without_a_vllm_environment_nothing_is_checked_and_the_log_says_why(tmp_path, caplog, monkeypatch):
     monkeypatch.delenv("QUANTKIT_VLLM_PYTHON", raising=False)
     caplog.set_level(logging.INFO, logger="quantkit.serving.vllm")
-    assert why_not("cpu").startswith("vLLM is not installed here (set QUANTKIT_VLLM_PYTHON")
+    assert find_vllm().startswith("vLLM is not installed here (set QUANTKIT_VLLM_PYTHON")
     assert check_vllm(model_dir=tmp_path, device="cpu") == (VLLM_NOT_CHECKED, None)
     assert "vLLM: not checked: vLLM is not installed here" in caplog.text
 

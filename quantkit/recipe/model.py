@@ -291,7 +291,7 @@ class CompareFile(Section):
             raise Invalid(f"revision {self.revision!r} does not pin the file: a Hub file is compared at one commit",
                           "write the repo's commit sha (40 lowercase hex digits)", loc=("revision",))
         parts = PurePosixPath(self.file).parts
-        if self.file.startswith("/") or any(p in ("..", ".") for p in parts) or any(name_problem(p) for p in parts):
+        if self.file.startswith("/") or any(name_problem(p) for p in parts):  # refuses "." and ".." too
             raise Invalid(f"'{self.file}' is not a file path inside a repo",
                           "write the path as the repo lists it, e.g. Model-Q4_K_M.gguf", loc=("file",))
         return self

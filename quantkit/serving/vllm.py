@@ -76,12 +76,6 @@ def _version(python: str) -> str:
     return done.stdout.strip()
 
 
-def why_not(device: str) -> str | None:
-    """Why vLLM cannot check here (None when it can)."""
-    found = find_vllm()
-    return found if isinstance(found, str) else None
-
-
 def vllm_version() -> str | None:
     found = find_vllm()
     return None if isinstance(found, str) else found.version
@@ -99,8 +93,10 @@ def memory_fraction(model_dir: Path, device: str) -> float:
     (weights and KV cache) and refuses to start without: the checkpoint's size and 1.5 GiB, of what is free."""
     if device != "cpu":
         return GPU_MEMORY_UTILIZATION
+    from quantkit.hardware import available_memory
+
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    free = _meminfo().get("MemAvailable") or _meminfo().get("MemTotal") or 16 * 2**30
+    free = available_memory() or 16 * 2**30
     return round(min(0.9, max(0.05, (1.5 * weights + 1.5 * 2**30) / free)), 3)
 
 
@@ -112,15 +108,6 @@ def max_model_len(model_dir: Path) -> int:
         if isinstance(own, int) and 0 < own < MAX_MODEL_LEN:
             return own
     return MAX_MODEL_LEN
-
-
-def _meminfo() -> dict[str, int]:
-    out = {}
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            out[name] = int(rest.split()[0]) * 1024
-    return out
 
 
 def check_vllm(*, model_dir: Path, device: str, max_tokens: int = 64, trust_remote_code: bool = False,
