@@ -419,6 +419,7 @@ def test_gate_fails_only_outside_the_error_and_shows_its_bounds():
 
     md = render_markdown(close | {"regression": gate})
     assert "**passed, with inconclusive checks**" in md
+    assert "(a shortfall at 99.87 % one-sided confidence)" in md  # what gate_sigmas 3 means, said in the report
     assert f"| gptq:GPTQ-4bit-g128 | recovery:fts | – | {check['now']:.5f} | 0.94 | {lo:.5f}–{hi:.5f} | inconclusive |" in md
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from quantkit.hardware import GIB
 from quantkit.nodes import format_of
 from quantkit.publish.modelfile import llama_server_command
@@ -341,8 +343,11 @@ def _regression_md(reg: dict | None) -> list[str]:
            f"Compared with {reg.get('previous_run') or 'no earlier published run'}: **{state}**", ""]
     checks = [c for c in reg.get("changes") or reg.get("findings") or [] if c.get("verdict") != "skipped"]
     if checks:
+        # One-sided normal confidence that a failed check is a real shortfall (3 SE: 99.87 %).
+        conf = 100 * 0.5 * (1 + math.erf(z / math.sqrt(2)))
         out += [f"Each check's bounds lie {z:g} standard errors (paired over the items where both sides scored the "
-                "same ones) either side of its estimate: it fails when both are on the wrong side of the limit, "
+                f"same ones) either side of its estimate: it fails when both are on the wrong side of the limit "
+                f"(a shortfall at {conf:.2f} % one-sided confidence), "
                 "and is inconclusive when they straddle it"
                 + (" (inconclusive blocks publishing: strict gating)." if reg.get("strict") else
                    " (inconclusive does not block publishing unless the recipe sets strict)."), ""]
