@@ -25,6 +25,7 @@ The store is $QUANTKIT_STORE (default ~/.cache/quantkit/store): a second invocat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -139,7 +140,11 @@ def recipe(which: str, targets: dict[str, int] | None) -> str:
 def run(root: Path, text: str) -> dict:
     path = root / "recipes" / "bench.yaml"
     path.write_text(text)
-    if quantkit_main(["-q", "run", "--no-publish", str(path)]) != 0:
+    # The run's manifest:/reused:/built: lines go to stderr: stdout is the Markdown pasted into the README, and
+    # they would land under the previous model's heading (each model's runs print before its section).
+    with contextlib.redirect_stdout(sys.stderr):
+        code = quantkit_main(["-q", "run", "--no-publish", str(path)])
+    if code != 0:
         raise SystemExit(f"quantkit run failed for {path}")
     name = text.splitlines()[0].split(": ", 1)[1]
     return json.loads((root / "runs" / name / "manifest.json").read_text())
