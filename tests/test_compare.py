@@ -159,6 +159,26 @@ def _other_vocabulary(base: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("other, why", [
+    ("tiny_mixtral", "llama.block_count 2, the base's is 4"),  # llama.cpp converts Mixtral as "llama"
+    ("tiny_ernie", "architecture ernie4_5-moe, the base's is llama"),
+])
+def test_a_gguf_of_another_shape_with_the_same_vocabulary_is_refused(request, other, why, tiny_f16_gguf, toolchain,
+                                                                     tmp_path):
+    """The tests' tiny MoEs share the tiny Llama's tokenizer: only the shape checks tell their GGUFs apart."""
+    from quantkit.external import VOCABULARY, mismatch
+    from quantkit.ggufinfo import array_sha256, read_gguf
+    from quantkit.proc import run_tool
+
+    out = tmp_path / f"{other}.gguf"
+    run_tool([sys.executable, toolchain.convert_script, request.getfixturevalue(other), "--outfile", out,
+              "--outtype", "f16"], env=toolchain.python_env())
+    assert array_sha256(out, VOCABULARY) == array_sha256(tiny_f16_gguf, VOCABULARY)
+    assert mismatch(read_gguf(out), out, tiny_f16_gguf) == why
+    assert mismatch(read_gguf(tiny_f16_gguf), tiny_f16_gguf, tiny_f16_gguf) is None
+
+
+@pytest.mark.slow
 def test_a_gguf_of_another_vocabulary_is_refused_before_it_is_scored(compared, tiny_f16_gguf):
     root, env, _ = compared
     _other_vocabulary(tiny_f16_gguf, root / "external" / "other-vocab.gguf")
