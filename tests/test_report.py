@@ -176,6 +176,29 @@ def test_report_json_schema(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_draws_the_searched_mix_and_the_external_file_with_their_own_markers(tmp_path):
+    from quantkit.publish.plot import render_plot, scatter_groups
+
+    manifest = make_manifest()
+    mix = _variant("gguf", "target-4.50bpw", f"{STEM}-target-4.50bpw.gguf", _size(4.5),
+                   {"ppl": 20.7, "kld_mean": 0.05, "kld_p99": 0.5, "same_top_pct": 90.5})
+    mix["info"]["mix"] = {"target": "4.50bpw", "type_counts": {"q4_K": 1, "q5_K": 1}, "check": [], "fallback": None,
+                          "tensors": {"blk.0.ffn_down.weight": "q4_K", "blk.0.attn_q.weight": "q5_K"}}
+    external = _variant("external", "bare-Q4_K_M", None, _size(4.9),  # never placed: no file in the run folder
+                        {"ppl": 21.0, "kld_mean": 0.065, "kld_p99": 0.7, "same_top_pct": 89.0})
+    manifest["variants"] += [mix, external]
+    report = build_report(manifest, config=CONFIG, chat_template=CHATML)
+    quantized = [r for r in report["variants"] if not r["is_base"]]
+    groups = {style["label"]: (style["marker"], [r["id"] for r in rows])
+              for rows, style in scatter_groups(quantized, "kld_mean", log_y=True)}
+    assert groups["gguf, searched mix (gguf.targets)"] == ("*", ["gguf:target-4.50bpw"])
+    assert groups["external (another publisher's file)"] == ("P", ["external:bare-Q4_K_M"])
+    assert "gguf:target-4.50bpw" not in groups["gguf"][1]  # drawn once, as a mix, not as a stock type
+    assert len({marker for marker, _ in groups.values()}) == len(groups), groups
+    render_plot(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_model_card_metadata(tmp_path):
     report = build_report(make_manifest(), config=CONFIG, chat_template=CHATML)
     write_report(report, tmp_path, recipe_yaml=RECIPE_YAML, chat_template=CHATML, calibration_readme=CALIB_README)

@@ -11,6 +11,21 @@ from quantkit.publish.stats import BARE_SCORE, max_frontier, pareto_rows
 MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D", "rtn": "x", "external": "P"}
 
 
+def scatter_groups(quantized: list[dict], metric: str, *, log_y: bool) -> list[tuple[list[dict], dict]]:
+    """One panel's points: (rows, scatter style) per format, the searched mixes in a group of their own."""
+    shown = [r for r in quantized if r.get(metric) is not None and (not log_y or r[metric] > 0)]
+    groups = []
+    for fmt, marker in MARKERS.items():
+        if pts := [r for r in shown if r["format"] == fmt and not r.get("mix")]:
+            groups.append((pts, {"marker": marker, "s": 60, "label": (
+                f"{fmt} (another publisher's file)" if FORMATS[fmt].external else
+                f"{fmt} (reference)" if FORMATS[fmt].reference else fmt)}))
+    if mixes := [r for r in shown if r.get("mix")]:  # size-budget variants beside the stock types
+        groups.append((mixes, {"marker": "*", "s": 140, "color": "tab:purple",
+                               "label": "gguf, searched mix (gguf.targets)"}))
+    return groups
+
+
 def render_plot(report: dict, path: Path) -> None:
     """Size vs mean KLD (and vs mean task score when present), frontier highlighted, one marker per format."""
     import matplotlib
@@ -34,17 +49,8 @@ def render_plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), dpi=120, squeeze=False)
     base_gib = report["variants"][0]["size_gib"]
     for ax, (metric, ylabel, log_y) in zip(axes[0], panels):
-        for fmt, marker in MARKERS.items():
-            pts = [r for r in quantized if r["format"] == fmt and r.get(metric) is not None and (not log_y or r[metric] > 0)
-                   and not r.get("mix")]
-            if pts:
-                ax.scatter([r["size_gib"] for r in pts], [r[metric] for r in pts], marker=marker, s=60,
-                           label=(f"{fmt} (another publisher's file)" if FORMATS[fmt].external else
-                                  f"{fmt} (reference)" if FORMATS[fmt].reference else fmt), zorder=3)
-        mixes = [r for r in quantized if r.get("mix") and r.get(metric) is not None and (not log_y or r[metric] > 0)]
-        if mixes:  # size-budget variants beside the stock types
-            ax.scatter([r["size_gib"] for r in mixes], [r[metric] for r in mixes], marker="*", s=140,
-                       color="tab:purple", label="gguf, searched mix (gguf.targets)", zorder=3)
+        for rows, style in scatter_groups(quantized, metric, log_y=log_y):
+            ax.scatter([r["size_gib"] for r in rows], [r[metric] for r in rows], zorder=3, **style)
         pts = [r for r in quantized if r.get(metric) is not None and (not log_y or r[metric] > 0)]
         front = ([r for i in report["pareto"] for r in pts if r["id"] == i]
                  if metric == report.get("pareto_metric", "kld_mean") else
