@@ -3,7 +3,7 @@
 Every step is a task; the store is the one cache (Prefect caches and persists nothing): an unchanged
 re-run builds nothing, changing one type recomputes only that type; a node that does not fit the
 machine that runs it is refused there with the numbers; tool output reaches the run's logs; the
-variants become artifacts.
+variants and the report, with its Serving table, become artifacts.
 """
 
 from __future__ import annotations
@@ -44,9 +44,13 @@ RECIPE = tiny_recipe("tiny-flow", """\
 gguf:
   imatrix: {enabled: true, ctx: 128, chunks: 8}
   types: [Q8_0, Q4_K_M, %s]
-""")
+serve: {max_tokens: 24}
+""")  # serve: the report artifact carries the Serving table (a llama-server start per GGUF, about 1 s each)
 PREFECT_RESULTS: list[Path] = []  # where the server fixture keeps Prefect's result records
-STORE_STEPS = {"convert", "imatrix", "quantize-Q8_0", "quantize-Q4_K_M"}
+STORE_STEPS = {"convert", "imatrix", "quantize-Q8_0", "quantize-Q4_K_M", "serve-gguf-F16", "serve-gguf-Q8_0",
+               "serve-gguf-Q4_K_M"}
+KEPT = ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M"]  # the nodes a changed third type leaves alone
+SERVED = ["serve-gguf:F16", "serve-gguf:Q8_0", "serve-gguf:Q4_K_M"]
 
 
 @pytest.fixture(scope="session")
@@ -103,9 +107,10 @@ def first(prefect_server, project):
 
 def test_every_step_is_a_task_and_builds(first, project):
     result, states, logs = first
-    assert set(states) == {"source", *STORE_STEPS, "quantize-Q2_K", "run-folder", "publish"}  # the graph's nodes
+    assert set(states) == {"source", *STORE_STEPS, "quantize-Q2_K", "serve-gguf-Q2_K", "run-folder",
+                           "publish"}  # the graph's nodes
     assert all(s == "Completed" for s in states.values()), states
-    assert result["built"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
+    assert result["built"] == [*KEPT, "quantize:Q2_K", *SERVED, "serve-gguf:Q2_K"]
     assert result["reused"] == []
     assert set(manifest_shas(result)) == {"F16", "Q8_0", "Q4_K_M", "Q2_K"}
     # The tools' own lines reach the run's logs, not only quantkit's summaries.
@@ -124,6 +129,7 @@ def test_variants_become_artifacts(first):
     report = by_key["tiny-flow-report"].data
     assert report.startswith("**published ") and "plot.png" in report
     assert (Path(result["manifest"]).parent / "report" / "report.md").read_text() in report
+    assert "\n## Serving\n" in report and "| gguf:Q4_K_M | llama-server |" in report
     assert by_key["tiny-flow-variants"].type == "table"
     assert "# tiny-flow" in by_key["tiny-flow-summary"].data
     assert Path(result["manifest"]).resolve().as_uri() in by_key["tiny-flow-manifest"].data  # a link (markdown)
@@ -136,10 +142,11 @@ def test_variants_become_artifacts(first):
 def test_unchanged_rerun_is_all_store_hits(first, project):
     before, _, _ = first
     result, states, logs = run_flow(project, "Q2_K")
-    assert {n: s for n, s in states.items() if n in STORE_STEPS | {"quantize-Q2_K"}} == dict.fromkeys(
-        STORE_STEPS | {"quantize-Q2_K"}, "Completed")  # no Prefect cache: the store says it is done
+    third = {"quantize-Q2_K", "serve-gguf-Q2_K"}
+    assert {n: s for n, s in states.items() if n in STORE_STEPS | third} == dict.fromkeys(
+        STORE_STEPS | third, "Completed")  # no Prefect cache: the store says it is done
     assert result["built"] == []
-    assert result["reused"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M", "quantize:Q2_K"]
+    assert result["reused"] == [*KEPT, "quantize:Q2_K", *SERVED, "serve-gguf:Q2_K"]
     assert manifest_shas(result) == manifest_shas(before)
     assert "quantize:Q4_K_M: reused from the store (quantize/" in logs  # the worker asked the store
     persisted = [p for p in PREFECT_RESULTS[0].rglob("*") if p.is_file()]
@@ -150,8 +157,8 @@ def test_changed_type_recomputes_only_that_type(first, project):
     before, _, _ = first
     result, states, _ = run_flow(project, "Q3_K_S")
     assert states["quantize-Q3_K_S"] == "Completed"
-    assert result["built"] == ["quantize:Q3_K_S"]
-    assert result["reused"] == ["convert", "imatrix", "quantize:Q8_0", "quantize:Q4_K_M"]
+    assert result["built"] == ["quantize:Q3_K_S", "serve-gguf:Q3_K_S"]
+    assert result["reused"] == [*KEPT, *SERVED]
     shas = manifest_shas(result)
     unchanged = ("F16", "Q8_0", "Q4_K_M")
     assert {k: shas[k] for k in unchanged} == {k: manifest_shas(before)[k] for k in unchanged}
