@@ -34,6 +34,12 @@ class UnsafePathError(QuantkitError, ValueError):
     tip = "names in recipes are single path components: " + NAME_RULE
 
 
+class LinkedWriteError(UnsafePathError):
+    """A symlink where quantkit writes a fixed name (a lock, a run's report/): never written through."""
+
+    tip = "remove the link: nothing in the project may link where quantkit writes"
+
+
 def name_problem(name: object) -> str | None:
     """Why ``name`` is not one safe path component, or None when it is."""
     if not isinstance(name, str):
@@ -64,6 +70,13 @@ def inside(folder: str | Path, *names: str) -> Path:
     return path
 
 
+def not_a_link(path: str | Path) -> Path:
+    """``path``, refused when it is a symlink: for a folder quantkit empties and fills (a run's ``report/``)."""
+    if Path(path).is_symlink():
+        raise LinkedWriteError(f"{path} is a symlink; quantkit never writes through one")
+    return Path(path)
+
+
 def project_parts(rel: str) -> tuple[str, ...]:
     """The components of a project-relative folder from a recipe (``runs``, ``out/artifacts``), for
     ``inside(root, *parts)``; each must be one safe name (no ``..``, no absolute path)."""
@@ -77,8 +90,7 @@ def open_fixed(path: str | Path, flags: int, mode: int = 0o644) -> int:
         return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise UnsafePathError(f"{path} is a symlink; quantkit never writes through one "
-                                  "(remove it: nothing in the project links where quantkit writes)") from e
+            raise LinkedWriteError(f"{path} is a symlink; quantkit never writes through one") from e
         raise
 
 

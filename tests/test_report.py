@@ -542,3 +542,19 @@ def test_nothing_to_publish_when_every_artifact_failed_its_serve_check(tmp_path)
         pub.release(run_dir=make_run_dir(tmp_path, manifest), manifest=manifest, root=tmp_path,
                     settings=Publish(dir="artifacts"), recipe_yaml=RECIPE_YAML, chat_template=CHATML)
     assert not (tmp_path / "artifacts" / "smollm2-135m-demo" / "latest").exists()
+
+
+def test_a_symlinked_report_folder_is_refused_and_nothing_written_where_it_leads(tmp_path, tmp_path_factory):
+    """A pull request commits runs/<name>/report as a link to a folder outside the project: rmtree would leave
+    the link, and the report, card, Modelfiles and plot would land in its target."""
+    from quantkit.paths import LinkedWriteError
+
+    outside = tmp_path_factory.mktemp("outside")
+    manifest = make_manifest()
+    run = make_run_dir(tmp_path, manifest)
+    (run / "report").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(LinkedWriteError, match=r"run/report is a symlink; quantkit never writes through one"):
+        pub.release(run_dir=run, manifest=manifest, root=tmp_path, settings=Publish(dir="artifacts"),
+                    recipe_yaml=RECIPE_YAML, chat_template=CHATML)
+    assert list(outside.iterdir()) == [] and (run / "report").is_symlink()
+    assert not (tmp_path / "artifacts").exists()

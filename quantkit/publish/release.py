@@ -46,7 +46,7 @@ from quantkit import __version__
 from quantkit.errors import PublishError, RegressionError
 from quantkit.manifest import Manifest, Shard, differing_files
 from quantkit.ggufinfo import chat_template as gguf_chat_template
-from quantkit.paths import inside, open_fixed, project_parts, write_atomic
+from quantkit.paths import inside, not_a_link, open_fixed, project_parts, write_atomic
 from quantkit.publish.hublayout import CARD, SPLIT_RE, HubRepo, gguf_commands, plan_repos
 from quantkit.publish.markdown import refused, serving_md, variants_table
 from quantkit.publish.report import build_report, load_report, write_report
@@ -673,7 +673,8 @@ def release(*, run_dir: Path, manifest: Manifest | dict, root: Path, settings: A
                 release_fingerprint(Manifest.read(prev_manifest)) == release_fingerprint(manifest) \
                 and not _differing_unsplit(prev_manifest, run_dir, publishable):
             unchanged_since = report["unchanged_since"] = prev[0]
-    report_dir = run_dir / "report"
+    # a symlinked report/ (from a pull request): rmtree would leave the link and write_report fill its target
+    report_dir = not_a_link(run_dir / "report")
     rendered = hashlib.sha256(json.dumps([__version__, report, recipe_yaml, chat_template, eos_token,
                                           calibration_readme], sort_keys=True, default=str).encode()).hexdigest()
     marker = report_dir / RENDERED
