@@ -212,25 +212,38 @@ def test_hostile_bytes_refused(project, what, raw):
     COUNTERS["hostile recipes refused"] += 1
 
 
-# (id, the link, recipe lines added, field named, its line: 0 when the recipe leaves the field to its default)
+# (id, the link, recipe lines added, field named, its line: 0 when the recipe leaves the field to its default,
+# what the problem says)
+OUT = "resolves outside the project"
 LINKED_OUT = [
-    ("runs/ by default", "runs", "", "output.dir", 0),
-    ("runs/ given", "runs", "output: {dir: runs}", "output.dir", 1),
-    ("a folder above the run folders", "out", "output: {dir: out/runs}", "output.dir", 1),
-    ("artifacts/ by default", "artifacts", "", "publish.dir", 0),
-    ("artifacts/ by default, publish given", "artifacts", "publish:\n  target: local", "publish.dir", 1),
-    ("artifacts/ given", "artifacts", "publish: {dir: artifacts}", "publish.dir", 1),
+    ("runs/ by default", "runs", "", "output.dir", 0, OUT),
+    ("runs/ given", "runs", "output: {dir: runs}", "output.dir", 1, OUT),
+    ("a folder above the run folders", "out", "output: {dir: out/runs}", "output.dir", 1, OUT),
+    ("artifacts/ by default", "artifacts", "", "publish.dir", 0, OUT),
+    ("artifacts/ by default, publish given", "artifacts", "publish:\n  target: local", "publish.dir", 1, OUT),
+    ("artifacts/ given", "artifacts", "publish: {dir: artifacts}", "publish.dir", 1, OUT),
+    # the folder of this recipe in a real runs/ or artifacts/: only the writer refused it, after every step
+    ("the run folder, runs/ by default", "runs/tiny", "", "output.dir", 0, "the run folder 'runs/tiny' is a symlink"),
+    ("the run folder, output.dir given", "out/tiny", "output: {dir: out}", "output.dir", 1,
+     "the run folder 'out/tiny' is a symlink"),
+    ("the tracking run's folder", "runs/tiny.tracked", "", "output.dir", 0,
+     "the tracking run's folder 'runs/tiny.tracked' is a symlink"),
+    ("the release folder, artifacts/ by default", "artifacts/tiny", "", "publish.dir", 0,
+     "the release folder 'artifacts/tiny' is a symlink"),
+    ("the release folder, publish.dir given", "out/tiny", "publish:\n  dir: out", "publish.dir", 2,
+     "the release folder 'out/tiny' is a symlink"),
 ]
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
-@pytest.mark.parametrize("what,link,extra,where,line", LINKED_OUT, ids=[c[0] for c in LINKED_OUT])
+@pytest.mark.parametrize("what,link,extra,where,line,says", LINKED_OUT, ids=[c[0] for c in LINKED_OUT])
 def test_write_folder_linked_out_of_the_project_is_refused(project, tmp_path_factory, monkeypatch, capsys,
-                                                           command, what, link, extra, where, line):
-    """A pull request commits runs/ or artifacts/ as a symlink leading out: `validate` refuses it and so
-    does `run` (defaults included), at the field's line (the recipe's first line for a default), before
-    anything is written: no store, nothing in the project, nothing where the link leads."""
+                                                           command, what, link, extra, where, line, says):
+    """A pull request commits runs/, artifacts/ or this recipe's folder in them as a symlink leading out:
+    `validate` refuses it and so does `run` (defaults included), at the field's line (the recipe's first line
+    for a default), before anything is written: no store, nothing in the project, nothing where the link leads."""
     outside = tmp_path_factory.mktemp("outside")
+    (project / link).parent.mkdir(parents=True, exist_ok=True)
     (project / link).symlink_to(outside, target_is_directory=True)
     head = yaml.safe_dump(BASE, sort_keys=False)
     (project / RECIPE).write_text(head + (extra + "\n" if extra else ""))
@@ -240,7 +253,7 @@ def test_write_folder_linked_out_of_the_project_is_refused(project, tmp_path_fac
     before = _listing(project)
     code = main([command, RECIPE])
     err = capsys.readouterr().err
-    expected = f"{RECIPE}:{head.count(chr(10)) + line if line else 1}: {where}: resolves outside the project"
+    expected = f"{RECIPE}:{head.count(chr(10)) + line if line else 1}: {where}: {says}"
     assert code == 2 and "Traceback" not in err, err
     assert [ln for ln in err.splitlines() if ln.startswith(RECIPE)][0].startswith(expected), err
     assert "(fix: " in err

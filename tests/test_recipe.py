@@ -87,6 +87,13 @@ def test_shipped_recipes_validate():
      "recipes/r.yaml:3: model.path: '..' is not allowed: the path must stay inside the project (fix: move the file into the project)"),
     ("  files: [calibration/calib.txt]", "  files: [/etc/passwd]",
      "recipes/r.yaml:5: calibration.files[0]: absolute paths are not allowed (fix: write the path relative to the project root)"),
+    # a folder written outside the project is fixed by another value, not by a link (that fix is test_hostile's)
+    ("  types: [Q8_0, Q4_K_M]", "  types: [Q8_0]\noutput: {dir: /tmp/runs}",
+     "recipes/r.yaml:10: output.dir: absolute paths are not allowed "
+     "(fix: write a folder inside the project, relative to its root (e.g. runs))"),
+    ("  types: [Q8_0, Q4_K_M]", "  types: [Q8_0]\npublish: {dir: ../artifacts}",
+     "recipes/r.yaml:10: publish.dir: '..' is not allowed: the path must stay inside the project "
+     "(fix: write a folder inside the project, relative to its root (e.g. runs))"),
     ("gguf:", "gguff:",
      "recipes/r.yaml:8: gguff: unknown key 'gguff' (fix: remove it, or check its spelling against `quantkit schema`)"),
     ("name: tiny", "name: Tiny Model",

@@ -69,6 +69,10 @@ def _safe_name(value: str) -> str:
 SafeName = Annotated[str, pydantic.AfterValidator(_safe_name)]
 
 
+class _LinkedOut(Invalid):
+    """A project path that a symlink leads out of the project: the link is what to fix, not the value."""
+
+
 def _project_path(value: str, info: ValidationInfo) -> str:
     """A path relative to the project root that stays inside it, symlinks included."""
     _safe_text(value)
@@ -81,7 +85,7 @@ def _project_path(value: str, info: ValidationInfo) -> str:
     if root is not None:
         resolved = (Path(root) / pure).resolve()
         if not resolved.is_relative_to(Path(root).resolve()):
-            raise Invalid(f"resolves outside the project (a symlink leads to {resolved})",
+            raise _LinkedOut(f"resolves outside the project (a symlink leads to {resolved})",
                           "copy the file into the project instead of linking to it")
     return str(pure)
 
@@ -94,9 +98,14 @@ def _project_dir(value: str, info: ValidationInfo) -> str:
     component one safe name, because the writer joins it from the project root with ``paths.inside``."""
     try:
         value = _project_path(value, info)
-    except Invalid as e:
+    except _LinkedOut as e:
         raise Invalid(str(e), f"make '{value}' a real folder in the project (not a link), or write another "
                       "folder here") from None
+    except Invalid as e:
+        pure = PurePosixPath(value)
+        if pure.is_absolute() or value.startswith("~") or ".." in pure.parts:
+            raise Invalid(str(e), "write a folder inside the project, relative to its root (e.g. runs)") from None
+        raise
     for part in PurePosixPath(value).parts:
         if (why := name_problem(part)) is not None:
             raise Invalid(f"folder '{value}': {why}", "use a folder name like runs or out/artifacts")

@@ -39,6 +39,23 @@ def moe_problems(recipe: Recipe, root: Path, problem) -> None:
                 problem((fmt, i), f"{arch}: {why}", f"remove the {fmt} variant; the GGUF ladder supports this model")
 
 
+def write_folders(recipe: Recipe, root: Path, problem) -> None:
+    """A symlink at (or above) a folder a run writes: ``output.dir/<name>`` (and its tracking run's
+    ``<name>.tracked``), ``publish.dir/<name>``. The writers refuse one too, but only after every step has run;
+    here it is named at output.dir / publish.dir (the recipe's first line when left to the default)."""
+    from quantkit.recipe.publishing import Publish
+    from quantkit.tracking import SUFFIX
+
+    for loc, rel, what in ((("output", "dir"), f"{recipe.output.dir}/{recipe.name}", "the run folder"),
+                           (("output", "dir"), f"{recipe.output.dir}/{recipe.name}{SUFFIX}",
+                            "the tracking run's folder"),
+                           (("publish", "dir"), f"{(recipe.publish or Publish()).dir}/{recipe.name}",
+                            "the release folder")):
+        if (link := symlink_on_path(root, rel)) is not None:
+            problem(loc, f"{what} '{rel}' " + ("is a symlink" if link == rel else f"is under a symlink ('{link}')")
+                    + "; quantkit writes through no link", f"remove the link '{link}': quantkit makes the folder")
+
+
 def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list[Problem]:
     """Every symlink among the files the recipe points at, and every disallowed part of its local tasks."""
     out: list[Problem] = []
@@ -54,6 +71,7 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
             return True
         return False
 
+    write_folders(recipe, root, problem)
     for i, f in enumerate(recipe.calibration.files or []):
         linked(("calibration", "files", i), f, "calibration file")
     for i, f in enumerate(recipe.calibration.conversations):
