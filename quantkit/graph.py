@@ -539,8 +539,11 @@ def _tasks_hf(ctx, node, deps):
     from quantkit.scoring.tasks import score_task_hf_stored
 
     model_dir, identity = model_dir_and_identity(node, deps)
+    # trust_remote_code is not in the key, as in score-hf's and bench-hf's: it decides whether the model loads,
+    # not what it scores
     return score_task_hf_stored(model_dir=model_dir, identity=identity, task=_task(ctx, node), items=_items(node, deps),
-                                store=ctx.store)  # on the CPU, as its key says
+                                store=ctx.store,  # on the CPU, as its key says
+                                trust_remote_code=ctx.recipe.model.trust_remote_code)
 
 
 def _bench_hf_inputs(ctx, node, deps):

@@ -133,3 +133,52 @@ def test_both_backends_beat_chance_and_agree(tmp_path, repo_root, tiny_llama):
     assert items.reused and items.info["items_sha256"] == good_gg["items_sha256"]
     assert store.get("tasks-gguf", gguf_task_inputs(task, items, gguf_sha256=gguf.files["model.gguf"].sha256,
                                                    toolchain=toolchain)) is not None
+
+
+# A model whose architecture only its own code defines: transformers loads it with trust_remote_code alone.
+REMOTE_CODE = '''\
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class RemoteConfig(LlamaConfig):
+    model_type = "quantkit-remote"
+
+
+class RemoteLlama(LlamaForCausalLM):
+    config_class = RemoteConfig
+'''
+
+
+def test_tasks_in_torch_pass_the_recipes_trust_remote_code(tmp_path, repo_root, tiny_llama, monkeypatch):
+    """model.trust_remote_code reaches transformers when a task is scored on a checkpoint, as in the other
+    torch scorers, and only when the worker allows it too (QUANTKIT_ALLOW_REMOTE_CODE)."""
+    import json
+    import shutil
+
+    pytest.importorskip("lm_eval")
+    from quantkit.scoring.tasks import make_items, score_task_hf_stored, task_summary
+    from quantkit.source import SourceError
+
+    model = tmp_path / "remote-tiny"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="quantkit-remote", architectures=["RemoteLlama"],
+                  auto_map={"AutoConfig": "remote.RemoteConfig", "AutoModelForCausalLM": "remote.RemoteLlama"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "remote.py").write_text(REMOTE_CODE)
+    store = Store(tmp_path / "store")
+    task = resolve_task(TaskSpec(name="code-lines", path="tests/data/tasks/code-lines", limit=4), root=repo_root)
+    items = make_items(task, store=store)
+
+    def score(trust: bool):
+        return score_task_hf_stored(model_dir=model, identity="remote-tiny", task=task, items=items, store=store,
+                                    trust_remote_code=trust)
+
+    monkeypatch.delenv("QUANTKIT_ALLOW_REMOTE_CODE", raising=False)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # transformers: the recipe did not ask
+        score(False)
+    with pytest.raises(SourceError, match="QUANTKIT_ALLOW_REMOTE_CODE"):  # the recipe asks, the worker refuses
+        score(True)
+    monkeypatch.setenv("QUANTKIT_ALLOW_REMOTE_CODE", "1")
+    scored = task_summary(score(True))
+    assert scored["backend"] == "lm-eval-hf" and scored["n"] == 4

@@ -209,8 +209,9 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def score_task_hf(*, model_dir: Path, task: ResolvedTask, items: list[TaskItem], manager,
-                  batch_size: int = 8, device: str = "cpu") -> TaskResult:
-    """lm-eval's ``hf`` backend in process on a checkpoint (plain, GPTQ or AWQ)."""
+                  batch_size: int = 8, device: str = "cpu", trust_remote_code: bool = False) -> TaskResult:
+    """lm-eval's ``hf`` backend in process on a checkpoint (plain, GPTQ or AWQ); ``trust_remote_code``: the
+    recipe's, passed on when the worker allows it too (``load_causal_lm``)."""
     import lm_eval
     import transformers
     from lm_eval.models.huggingface import HFLM
@@ -218,7 +219,7 @@ def score_task_hf(*, model_dir: Path, task: ResolvedTask, items: list[TaskItem],
     from quantkit.scoring.hf import load_causal_lm
 
     start = time.perf_counter()
-    model, tokenizer = load_causal_lm(model_dir, device=device)
+    model, tokenizer = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               add_bos_token=_adds_bos(tokenizer))
     out = lm_eval.simple_evaluate(model=lm, tasks=[task.name], num_fewshot=task.spec.num_fewshot,
@@ -344,12 +345,12 @@ def _stored(store: Store, step: str, inputs: dict, produce_result) -> Entry:
 
 
 def score_task_hf_stored(*, model_dir: Path, identity: str, task: ResolvedTask, items: Entry, store: Store,
-                         device: str = "cpu") -> Entry:
+                         device: str = "cpu", trust_remote_code: bool = False) -> Entry:
     """One task on one checkpoint (lm-eval's ``hf`` model), stored under ``hf_task_inputs``."""
     def produce() -> TaskResult:
         with task_manager([task], store=store) as manager:
             return score_task_hf(model_dir=model_dir, task=task, items=stored_items(items), manager=manager,
-                                 device=device)
+                                 device=device, trust_remote_code=trust_remote_code)
 
     return _stored(store, "tasks-hf", hf_task_inputs(task, items, identity=identity), produce)
 
@@ -363,13 +364,14 @@ def score_task_gguf_stored(*, gguf: Path, gguf_sha256: str, task: ResolvedTask, 
 
 
 def score_tasks_hf(*, model_dir: Path, identity: str, specs: list[TaskSpec], root: Path, store: Store,
-                   label: str) -> dict[str, dict]:
+                   label: str, trust_remote_code: bool = False) -> dict[str, dict]:
     """Every task of ``specs`` on one checkpoint, stored; ``{task: summary}`` as ``Variant.scores["tasks"]``."""
     out = {}
     for spec in specs:
         task = resolve_task(spec, root=root)
         entry = score_task_hf_stored(model_dir=model_dir, identity=identity, task=task,
-                                     items=make_items(task, store=store), store=store)
+                                     items=make_items(task, store=store), store=store,
+                                     trust_remote_code=trust_remote_code)
         log_task(entry, label)
         out[task.name] = task_summary(entry)
     return out
