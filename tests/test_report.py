@@ -212,6 +212,26 @@ def test_model_card_metadata(tmp_path):
     assert RECIPE_YAML.strip() in card.text
 
 
+def test_the_recipe_in_the_card_cannot_close_its_fence():
+    """A recipe is a pull request's text: a ``` line in a comment or a description must not end the card's code
+    block (what follows would render as the card's own Markdown). CommonMark reads the card back: one yaml block
+    holding the recipe verbatim, and no heading the recipe wrote."""
+    markdown_it = pytest.importorskip("markdown_it")
+    from quantkit.publish.card import fenced, render_card
+
+    recipe = (RECIPE_YAML + "# an example:\n```\n# Injected heading\n````\n"
+              "description: 'see ````` and ``` here'\n")
+    assert fenced(recipe, "yaml")[0] == "``````yaml"  # one longer than the longest run (five)
+    assert fenced("plain", "yaml") == ["```yaml", "plain", "```"]
+    report = build_report(make_manifest(), config=CONFIG, chat_template=CHATML)
+    card = render_card(report, table=[], recipe_yaml=recipe)
+    tokens = markdown_it.MarkdownIt("commonmark").parse(card.text)
+    yaml_blocks = [t for t in tokens if t.type == "fence" and t.info == "yaml"]
+    assert [t.content for t in yaml_blocks] == [recipe]
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert "Recipe" in headings and "Injected heading" not in headings
+
+
 def test_one_modelfile_per_gguf(tmp_path):
     manifest = make_manifest()
     report = build_report(manifest, config=CONFIG, chat_template=CHATML)
