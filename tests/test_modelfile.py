@@ -15,6 +15,7 @@ from quantkit.publish.modelfile import (
     GEMMA_TEMPLATE,
     MISTRAL_TEMPLATE,
     PHI3_TEMPLATE,
+    modelfile_quote,
     ollama_template,
     render_modelfile,
 )
@@ -145,3 +146,71 @@ def test_the_phi3_template_llama_cpp_ships_in_a_real_gguf():
     jinja = gguf_chat_template(gguf)
     assert ollama_template(jinja).shape == "phi3"
     assert hf_render(jinja, CONVERSATION, bos="<s>", eos="<|endoftext|>").removeprefix("<s>") == OLLAMA_RENDERS["phi3"]
+
+
+# --- Modelfile values read back as Ollama reads them ----------------------------------------------------
+
+def _complete(value: str) -> bool:
+    """Ollama (parser/parser.go) ends a command's value at the first line end where the text so far, stripped,
+    is complete: six or more characters in triple quotes, two or more in double quotes, or not quoted at all.
+    Nothing is escaped: the quotes are taken off, and the rest is the value."""
+    if value.startswith('"""'):
+        return len(value) >= 6 and value.endswith('"""')
+    if value.startswith('"'):
+        return len(value) >= 2 and value.endswith('"')
+    return True
+
+
+def ollama_commands(modelfile: str) -> list[tuple[str, str]]:
+    """``(command, value)`` for each command of ``modelfile`` (PARAMETER's by the parameter's name)."""
+    lines, out = iter(modelfile.splitlines()), []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, value = line.partition(" ")
+        if name.upper() == "PARAMETER":
+            name, _, value = value.partition(" ")
+        while not _complete(value.strip()):
+            value += "\n" + next(lines)  # StopIteration: a value never closed
+        value = value.strip()
+        quotes = 3 if value.startswith('"""') else 1 if value.startswith('"') else 0
+        out.append((name.lower(), value[quotes:len(value) - quotes]))
+    return out
+
+
+@pytest.mark.parametrize("value", ['a"', '"', '""', 'say "hi"', '"quoted"', "<|im_end|>", "a b", "#x", ""])
+def test_a_stop_string_reads_back_as_itself(value):
+    """Quotes at either end too: Ollama closes a triple-quoted value only at a line end, on the whole line."""
+    text = f"FROM ./m.gguf\nPARAMETER stop {modelfile_quote(value)}\nPARAMETER num_ctx 8\n"
+    assert ollama_commands(text) == [("from", "./m.gguf"), ("stop", value), ("num_ctx", "8")]
+
+
+def test_every_short_value_reads_back_or_is_refused():
+    """Every value of up to five characters from a, a quote, a space and a line end: the Modelfile holds it as it
+    is, or quantkit refuses it; only a triple quote, which could end the value and start a command, is refused."""
+    import itertools
+
+    for n in range(6):
+        for chars in itertools.product('a" \n', repeat=n):
+            value = "".join(chars)
+            for block in (False, True):
+                if '"""' in value:
+                    with pytest.raises(PublishError, match='puts """ in a Modelfile value'):
+                        modelfile_quote(value, block=block)
+                    continue
+                text = f"FROM ./m.gguf\nSYSTEM {modelfile_quote(value, block=block)}\nPARAMETER num_ctx 8\n"
+                assert ollama_commands(text) == [("from", "./m.gguf"), ("system", value), ("num_ctx", "8")], value
+
+
+def test_a_triple_quote_in_a_template_is_refused_not_written():
+    """A line ending in three quotes would end the TEMPLATE there and make the rest commands of the file."""
+    template = '{{ .Prompt }}"""\nFROM /etc/passwd\n'
+    with pytest.raises(PublishError, match='puts """ in a Modelfile value'):
+        modelfile_quote(template, block=True)
+    assert ollama_commands(f'TEMPLATE """{template}"""')[:2] == [("template", "{{ .Prompt }}"), ("from", "/etc/passwd")]
+
+
+def test_a_rendered_modelfile_reads_back_as_its_commands():
+    gemma = render_modelfile("g.gguf", (TEMPLATES / MODELS["gemma"][0]).read_text(), num_ctx=8192)
+    assert ollama_commands(gemma) == [("from", "./g.gguf"), ("template", GEMMA_TEMPLATE),
+                                      ("stop", "<start_of_turn>"), ("stop", "<end_of_turn>"), ("num_ctx", "8192")]

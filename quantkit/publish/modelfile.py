@@ -149,11 +149,13 @@ def render_modelfile(gguf_file: str, chat_template: str | None, *, num_ctx: int,
 def modelfile_quote(value: str, *, block: bool = False) -> str:
     """One Modelfile value, quoted so that nothing in it is read as Modelfile syntax.
 
-    Ollama's parser (parser/parser.go) has no escapes: a value in double quotes ends at a quote before a
-    space or a line end, a value in triple quotes at the first triple quote. So a one-line value without
-    a quote goes in double quotes; a ``block`` (a template, a system prompt) or any other value in triple
-    quotes; and a value holding a triple quote (a chat template comes from the model folder, a pull
-    request's text) is refused rather than let it add commands to the file."""
+    Ollama's parser (parser/parser.go) has no escapes: a value ends at the first line end where the text so
+    far, stripped, is a whole quoted value (in double quotes, or in triple quotes with six characters at
+    least), and its outer quotes are taken off: a quote at either end of a triple-quoted value is kept. A
+    one-line value without a quote goes in double quotes; a ``block`` (a template, a system prompt) or any
+    other value in triple quotes; and a value holding a triple quote (a chat template comes from the model
+    folder, a pull request's text) is refused: a line of it ending in one would end the value there and make
+    the rest commands of the file."""
     if not block and not any(c in value for c in '"\r\n'):
         return f'"{value}"'
     if '"""' in value:
