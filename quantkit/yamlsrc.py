@@ -31,8 +31,9 @@ def dotted(path: Path_) -> str:
 
 
 class _Builder:
-    def __init__(self, file: str):
+    def __init__(self, file: str, kind: str):
         self.file = file
+        self.kind = kind
         self.lines: dict[Path_, int] = {}
         self.nodes = 0
         self.constructor = yaml.constructor.SafeConstructor()
@@ -43,15 +44,16 @@ class _Builder:
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            raise self.fail(node, path, f"recipe has more than {MAX_NODES} values", "split or shorten the recipe")
+            raise self.fail(node, path, f"{self.kind} has more than {MAX_NODES} values",
+                            f"split or shorten the {self.kind}")
         if len(path) > MAX_DEPTH:
-            raise self.fail(node, path, f"nesting deeper than {MAX_DEPTH} levels", "flatten the recipe")
+            raise self.fail(node, path, f"nesting deeper than {MAX_DEPTH} levels", f"flatten the {self.kind}")
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise self.fail(key_node, path, "YAML merge keys (<<) are not allowed in recipes", "write the values out")
+                    raise self.fail(key_node, path, f"YAML merge keys (<<) are not allowed in {self.kind}s", "write the values out")
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
                     raise self.fail(key_node, path, "keys must be plain strings", "quote the key or rename it")
                 key = key_node.value
@@ -80,11 +82,12 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Path_, 
     return parse_yaml(raw, name)
 
 
-def parse_yaml(raw: bytes, name: str) -> tuple[Any, dict[Path_, int]]:
-    """``load_yaml`` of bytes already read (by a caller that opened the file its own way)."""
+def parse_yaml(raw: bytes, name: str, *, kind: str = "recipe") -> tuple[Any, dict[Path_, int]]:
+    """``load_yaml`` of bytes already read (by a caller that opened the file its own way); ``kind``: what the
+    file is, as its problems name it (a recipe, a task file)."""
     if len(raw) > MAX_BYTES:
-        raise RecipeError([Problem(name, 1, "", f"recipe is {len(raw)} bytes, over the {MAX_BYTES} limit",
-                                   "a recipe is a short file; remove what does not belong")])
+        raise RecipeError([Problem(name, 1, "", f"{kind} is {len(raw)} bytes, over the {MAX_BYTES} limit",
+                                   f"a {kind} is a short file; remove what does not belong")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -99,7 +102,7 @@ def parse_yaml(raw: bytes, name: str) -> tuple[Any, dict[Path_, int]]:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise RecipeError([Problem(name, line, "", "YAML anchors and aliases are not allowed in recipes",
+                raise RecipeError([Problem(name, line, "", f"YAML anchors and aliases are not allowed in {kind}s",
                                            "write the value out where it is used")])
             tag = getattr(event, "tag", None)
             if tag is not None and tag not in PLAIN_TAGS and not (tag == "!" and isinstance(event, yaml.ScalarEvent)):
@@ -109,13 +112,13 @@ def parse_yaml(raw: bytes, name: str) -> tuple[Any, dict[Path_, int]]:
             if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
                 nodes += 1
                 if nodes > MAX_NODES:
-                    raise RecipeError([Problem(name, line, "", f"recipe has more than {MAX_NODES} values",
-                                               "split or shorten the recipe")])
+                    raise RecipeError([Problem(name, line, "", f"{kind} has more than {MAX_NODES} values",
+                                               f"split or shorten the {kind}")])
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
                     raise RecipeError([Problem(name, line, "", f"nesting deeper than {MAX_DEPTH} levels",
-                                               "flatten the recipe")])
+                                               f"flatten the {kind}")])
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
         documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
@@ -127,7 +130,7 @@ def parse_yaml(raw: bytes, name: str) -> tuple[Any, dict[Path_, int]]:
         raise RecipeError([Problem(name, 1, "", f"YAML error: {e}", "fix the YAML")]) from None
     if len(documents) != 1 or documents[0] is None:
         raise RecipeError([Problem(name, 1, "", f"expected one YAML document, found {len(documents)}",
-                                   "keep exactly one recipe per file")])
-    builder = _Builder(name)
+                                   f"keep exactly one {kind} in the file")])
+    builder = _Builder(name, kind)
     data = builder.build(documents[0])
     return data, builder.lines

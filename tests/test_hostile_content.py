@@ -193,6 +193,9 @@ TASK_CASES = [
      "the recipe asks for 'evil'"),
     ("generate_until", _with(TASK, "output_type: multiple_choice", "output_type: generate_until"),
      "output_type", "output_type", "multiple_choice tasks only"),
+    ("anchor and alias", TASK + "x: &doc {a: 1}\ny: *doc\n", "&doc", "",
+     "YAML anchors and aliases are not allowed in task files"),
+    ("merge key", TASK + "<<: {task: arc_easy}\n", "<<", "", "YAML merge keys (<<) are not allowed in task files"),
 ]
 
 

@@ -241,5 +241,5 @@ def _metrics(c: _Checker, value: Any) -> list[dict]:
 
 def read_task_config(raw: bytes, *, file: str, name: str, folder: Path | None) -> dict:
     """Parse a task.yaml's bytes (read without following links) and check them: ``check_task_config``."""
-    data, lines = parse_yaml(raw, file)
+    data, lines = parse_yaml(raw, file, kind="task file")
     return check_task_config(data, lines, file=file, name=name, folder=folder)
