@@ -1,4 +1,4 @@
-"""A vision-language model's projector: ``convert_hf_to_gguf.py --mmproj`` -> ``mmproj-<name>-F16.gguf``.
+"""A vision-language model's projector: ``convert_hf_to_gguf.py --mmproj`` -> ``mmproj-<name>-f16.gguf``.
 
 llama-server (``--mmproj``, or found beside the GGUF by ``-hf``), llama-mtmd-cli and Ollama load the
 text GGUF with this separate file, which holds the vision tower and its projector (issue #28). It is
@@ -37,10 +37,11 @@ def store_name(qtype: str) -> str:
 
 
 def file_name(model_name: str, qtype: str) -> str:
-    """The name in the run folder and the GGUF repo: ``mmproj-<name>-F16.gguf``. llama.cpp's ``-hf`` takes a
-    ``.gguf`` whose name contains ``mmproj`` in the model's folder or above it (common/download.cpp
-    ``find_best_sibling``), the one with the closest bit count to the chosen quant."""
-    return f"mmproj-{model_name}-{qtype}.gguf"
+    """The name in the run folder and the GGUF repo: ``mmproj-<name>-f16.gguf``, ``mmproj-<name>-q8_0.gguf``,
+    the type in lower case as bartowski's repos name it. llama.cpp's ``-hf`` takes a ``.gguf`` whose name
+    contains ``mmproj`` in the model's folder or above it (common/download.cpp ``find_best_sibling``), the one
+    with the closest bit count to the chosen quant (its tag regex ignores case)."""
+    return f"mmproj-{model_name}-{qtype.lower()}.gguf"
 
 
 def vision_architecture(config: dict) -> str | None:

@@ -1,4 +1,4 @@
-"""Vision projectors (issue #28): a vision-language model's ``mmproj-<name>-F16.gguf`` (and Q8_0) converted by
+"""Vision projectors (issue #28): a vision-language model's ``mmproj-<name>-f16.gguf`` (and q8_0) converted by
 the pinned converter, served with each GGUF (an image goes into the prompt), published beside the GGUFs
 where ``llama-server -hf`` finds it. The model is tests/tinyvlm.py: SmolVLM's layout, the trained tiny Llama
 as its language model, a random 1-layer SigLIP."""
@@ -138,6 +138,19 @@ def test_llama_cpp_picks_the_projector_with_the_closest_bits():
     assert llama_cpp_projector(["M-Q4_K_M.gguf"], "M-Q4_K_M.gguf") is None
 
 
+def test_projector_names_are_lower_case_and_llama_cpp_still_picks_them():
+    """quantkit writes ``mmproj-<name>-f16.gguf`` / ``-q8_0`` (bartowski's spelling): llama.cpp reads the bit count
+    case-insensitively, so ``-hf`` still pairs Q8_0 with a quantized GGUF and F16 with the F16 one."""
+    from quantkit.mmproj import TYPES, file_name
+
+    names = [file_name("M", t) for t in TYPES]
+    assert names == ["mmproj-M-f16.gguf", "mmproj-M-q8_0.gguf"]
+    paths = ["M-F16.gguf", "M-Q4_K_M.gguf", *names]
+    assert llama_cpp_projector(paths, "M-Q4_K_M.gguf") == "mmproj-M-q8_0.gguf"
+    assert llama_cpp_projector(paths, "M-F16.gguf") == "mmproj-M-f16.gguf"
+    assert llama_cpp_projector(paths, "M-Q4_K_M.gguf", "Q4_K_M") == "mmproj-M-q8_0.gguf"
+
+
 # --- the whole run -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -169,12 +182,12 @@ def test_a_vlm_runs_its_ladder_and_publishes_the_projector_that_llama_server_fin
     projectors = {p["type"]: p for p in manifest["projectors"]}
     assert set(projectors) == {"F16", "Q8_0"}
     for t, p in projectors.items():
-        assert p["file"] == f"mmproj-tiny-vlm-{t}.gguf" and p["projector_type"] == "idefics3"
+        assert p["file"] == f"mmproj-tiny-vlm-{t.lower()}.gguf" and p["projector_type"] == "idefics3"
         f = run / p["file"]
         assert f.stat().st_size == p["size"] and hashlib.sha256(f.read_bytes()).hexdigest() == p["sha256"]
     assert projectors["Q8_0"]["size"] < projectors["F16"]["size"]
     store_entry = tmp_path / "store" / "mmproj" / projectors["F16"]["key"]
-    assert (store_entry / "mmproj-F16.gguf").samefile(run / "mmproj-tiny-vlm-F16.gguf")  # linked, not copied
+    assert (store_entry / "mmproj-F16.gguf").samefile(run / "mmproj-tiny-vlm-f16.gguf")  # linked, not copied
     assert {v["label"] for v in manifest["variants"]} == {"F16", "Q8_0", "Q6_K"}  # the ladder as usual
 
     report = json.loads((run / "report" / "report.json").read_text())
@@ -182,12 +195,12 @@ def test_a_vlm_runs_its_ladder_and_publishes_the_projector_that_llama_server_fin
     assert {vid: s["image"] for vid, s in serving.items()} == {"gguf:F16": "yes", "gguf:Q8_0": "yes",
                                                                "gguf:Q6_K": "yes"}, serving
     latest = root / "artifacts" / "tiny-vlm" / "latest"
-    assert (latest / "mmproj-tiny-vlm-F16.gguf").is_file() and (latest / "mmproj-tiny-vlm-Q8_0.gguf").is_file()
+    assert (latest / "mmproj-tiny-vlm-f16.gguf").is_file() and (latest / "mmproj-tiny-vlm-q8_0.gguf").is_file()
     card = (latest / "README.md").read_text()
     assert "## Vision projector" in card and f"`{projectors['F16']['sha256']}`" in card
-    assert "--mmproj mmproj-tiny-vlm-F16.gguf" in (latest / "report.md").read_text()
+    assert "--mmproj mmproj-tiny-vlm-f16.gguf" in (latest / "report.md").read_text()
     modelfiles = list(latest.glob("*.Modelfile"))
-    assert modelfiles and all('FROM "./mmproj-tiny-vlm-F16.gguf"' in m.read_text() for m in modelfiles)
+    assert modelfiles and all('FROM "./mmproj-tiny-vlm-f16.gguf"' in m.read_text() for m in modelfiles)
 
     # Rerun: everything reused, the projector too.
     assert main(["run", str(recipe)]) == 0
@@ -204,12 +217,12 @@ def test_a_vlm_runs_its_ladder_and_publishes_the_projector_that_llama_server_fin
                                      recipe_yaml=recipe.read_text(), api=HfApi(endpoint=hub.url, token=TOKEN))
         (repo,) = urls
         files = hub.tree(repo, "r1")
-        assert {"mmproj-tiny-vlm-F16.gguf", "mmproj-tiny-vlm-Q8_0.gguf"} <= set(files)
+        assert {"mmproj-tiny-vlm-f16.gguf", "mmproj-tiny-vlm-q8_0.gguf"} <= set(files)
         assert "## Vision projector" in files["README.md"].decode()
         reply, got = _chat_with_image_from_the_hub(toolchain, hub, repo, tmp_path)
     fetched = sorted(p.rsplit("/", 1)[1] for p in got)
-    assert fetched == ["mmproj-tiny-vlm-Q8_0.gguf", "tiny-vlm-Q6_K.gguf"], got  # the closest bits: Q8_0, not F16
-    assert llama_cpp_projector(sorted(files), "tiny-vlm-Q6_K.gguf", "Q6_K") == "mmproj-tiny-vlm-Q8_0.gguf"
+    assert fetched == ["mmproj-tiny-vlm-q8_0.gguf", "tiny-vlm-Q6_K.gguf"], got  # the closest bits: Q8_0, not F16
+    assert llama_cpp_projector(sorted(files), "tiny-vlm-Q6_K.gguf", "Q6_K") == "mmproj-tiny-vlm-q8_0.gguf"
     assert reply["usage"]["prompt_tokens"] > 20 and reply["choices"][0]["message"]["content"] is not None
 
 
