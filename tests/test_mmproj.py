@@ -98,13 +98,33 @@ def test_a_text_model_has_no_projector_and_true_is_refused_on_its_line(tiny_llam
     assert e.value.problems[0].line == 5 and e.value.problems[0].where == "model.mmproj"
 
 
-def test_gptq_of_a_vlm_is_refused_with_the_reason(tiny_vlm, repo_root, tmp_path):
+@pytest.mark.parametrize("fmt, section", [("gptq", "gptq:\n  - {bits: 4}\n"), ("awq", "awq:\n  - {w_bit: 4}\n")])
+def test_gptq_or_awq_of_a_vlm_is_refused_with_the_reason(fmt, section, tiny_vlm, repo_root, tmp_path):
     recipe = _project(tmp_path, repo_root, tiny_vlm)
-    recipe.write_text(recipe.read_text() + "gptq:\n  - {bits: 4}\n")
+    recipe.write_text(recipe.read_text() + section)
     with pytest.raises(RecipeError) as e:
         load_recipe(recipe)
     (p,) = e.value.problems
-    assert (p.line, p.where) == (12, "gptq") and "checkpoint would lack the vision tower" in p.message
+    assert (p.line, p.where) == (12, fmt) and p.message.startswith(f"{fmt} of a vision-language model is not supported")
+    assert "checkpoint would lack the vision tower" in p.message
+    recipe.write_text(recipe.read_text().replace("\n  name: tiny-vlm\n", "\n  name: tiny-vlm\n  mmproj: false\n"))
+    with pytest.raises(RecipeError) as e:  # without the projector the checkpoint is still a VLM missing its tower
+        load_recipe(recipe)
+    assert [p.where for p in e.value.problems] == [fmt]
+
+
+def test_gptq_and_awq_of_a_hub_vlm_are_refused_when_the_recipe_says_mmproj(repo_root, tmp_path):
+    """A Hub model's config.json is unknown at load time: ``model.mmproj: true`` is what says it is a VLM."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "calibration").mkdir()
+    shutil.copy2(repo_root / "calibration" / "en-prose.txt", tmp_path / "calibration" / "en-prose.txt")
+    recipe = tmp_path / "recipes" / "hub.yaml"
+    recipe.write_text("name: hub-vlm\nmodel: {repo: o/m, revision: %s, mmproj: true}\n"
+                      "calibration: {files: [calibration/en-prose.txt]}\ngguf: {types: [Q8_0]}\n"
+                      "gptq: [{bits: 4}]\nawq: [{w_bit: 4}]\n" % ("a" * 40))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe, root=tmp_path)
+    assert [(p.line, p.where) for p in e.value.problems] == [(5, "gptq"), (6, "awq")]
 
 
 def test_a_hub_vlm_must_say_whether_its_projector_is_published(tiny_vlm, tiny_llama):
