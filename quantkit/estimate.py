@@ -620,10 +620,44 @@ def convert_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     return Cost(base_gguf_bytes(recipe, facts), CONVERTER_BASE + facts.largest_tensor * (4 + 2) + vocabulary)
 
 
+# A projector GGUF's header: the clip.* keys (image mean and std, sizes) and one info record per tensor; the
+# tiny VLM's (22 tensors) is 2,272 bytes: a bound a little above it.
+MMPROJ_META = 2048
+MMPROJ_META_PER_TENSOR = 64
+
+
+def mmproj_types(facts: ModelFacts, qtype: str) -> list[tuple[Tensor, str]]:
+    """Each vision tensor with the type ``convert_hf_to_gguf.py --mmproj --outtype <qtype>`` writes it in
+    (conversion/base.py ``prepare_tensors`` and ``MmprojModel.tensor_force_quant``, and the SigLIP families'
+    own rule, SmolVLM's and Gemma 3's: ``.embeddings.`` in F32)."""
+    qtype = qtype.upper()
+    out = []
+    for t in facts.tensors:
+        if not any(part in t.name for part in VISION_PARTS):
+            continue
+        if len(t.shape) <= 1 or any(k in t.name for k in (".embeddings.", "position_embedding", "pos_embed")):
+            ty = "F32"  # biases, norms and position embeddings always; the SigLIP patch embedding too
+        elif "input_projection" in t.name:
+            ty = "F16"  # Gemma 3's projector (llama.cpp issue 13025)
+        elif "patch_embed" in t.name:
+            ty = "F16" if qtype == "F16" else "F32"  # MmprojModel's patch_embd rule
+        else:  # a row that is not a multiple of the block falls back to F16 (gguf.QuantError)
+            ty = qtype if t.shape[-1] % _sizes(qtype)[0] == 0 else "F16"
+        out.append((t, ty))
+    return out
+
+
+def mmproj_file_bytes(facts: ModelFacts, qtype: str) -> int:
+    typed = mmproj_types(facts, qtype)
+    data = sum(_aligned(t.count // _sizes(ty)[0] * _sizes(ty)[1]) for t, ty in typed)
+    return _aligned(MMPROJ_META + MMPROJ_META_PER_TENSOR * len(typed)) + data
+
+
 def mmproj_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    """The vision tower and projector, written as F16 and as Q8_0 (34 bytes per 32 weights)."""
-    vision = vision_parameters(facts)
-    return Cost(int(vision * (2 + 34 / 32)) + 2 * 64 * 1024, CONVERTER_BASE + facts.largest_tensor * (4 + 2))
+    """The vision tower and projector, written as F16 and as Q8_0 (quantkit.mmproj.TYPES), tensor by tensor."""
+    from quantkit.mmproj import TYPES
+
+    return Cost(sum(mmproj_file_bytes(facts, t) for t in TYPES), CONVERTER_BASE + facts.largest_tensor * (4 + 2))
 
 
 def imatrix_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:

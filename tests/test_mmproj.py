@@ -171,6 +171,31 @@ def test_projector_names_are_lower_case_and_llama_cpp_still_picks_them():
     assert llama_cpp_projector(paths, "M-Q4_K_M.gguf", "Q4_K_M") == "mmproj-M-q8_0.gguf"
 
 
+def test_the_plan_prices_the_projector_from_the_vision_weights(tiny_vlm, repo_root, tmp_path, monkeypatch):
+    """`quantkit plan`'s mmproj row: two files, F16 and Q8_0, of the vision tensors in the safetensors header;
+    biases, norms and the SigLIP embeddings stay F32 in both (the converter's rules), the other matrices take
+    2 bytes and 34/32 bytes a weight. The slow run below checks the figure against the files the converter wrote."""
+    from quantkit.context import RunContext
+    from quantkit.estimate import VISION_PARTS, read_local_facts
+    from quantkit.plan import plan, render
+
+    recipe = _project(tmp_path, repo_root, tiny_vlm)
+    monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("QUANTKIT_PROJECT", str(tmp_path))
+    rows = {r.name: r for r in plan(RunContext.from_env(recipe, toolchain="find"))}
+    vision = [t for t in read_local_facts(tiny_vlm).tensors if any(k in t.name for k in VISION_PARTS)]
+    f32 = sum(t.count for t in vision if len(t.shape) == 1 or ".embeddings." in t.name)
+    matrices = [t for t in vision if len(t.shape) == 2 and ".embeddings." not in t.name]
+    assert len(vision) == 22 and all(t.shape[-1] % 32 == 0 for t in matrices)
+    weights = sum(t.count for t in matrices)
+    assert f32 + weights == sum(t.count for t in vision) == 149_376
+    data = 2 * 4 * f32 + 2 * weights + weights * 34 // 32  # both files
+    # beyond the tensor data only the two headers and the 32-byte alignment of each tensor
+    assert data < rows["mmproj"].disk_bytes < data + 2 * (4096 + 22 * 96)
+    line = next(ln for ln in render(list(rows.values())).splitlines() if ln.startswith("mmproj "))
+    assert f"{rows['mmproj'].disk_bytes / 1024:.0f} KiB" in line
+
+
 # --- the whole run -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -206,6 +231,11 @@ def test_a_vlm_runs_its_ladder_and_publishes_the_projector_that_llama_server_fin
         f = run / p["file"]
         assert f.stat().st_size == p["size"] and hashlib.sha256(f.read_bytes()).hexdigest() == p["sha256"]
     assert projectors["Q8_0"]["size"] < projectors["F16"]["size"]
+    from quantkit.estimate import mmproj_file_bytes, read_local_facts
+
+    facts = read_local_facts(root / "models" / "vlm")
+    for t, p in projectors.items():  # the plan's figure against the converter's file (measured: 0.3 % over)
+        assert p["size"] <= mmproj_file_bytes(facts, t) <= p["size"] * 1.02, (t, p["size"])
     store_entry = tmp_path / "store" / "mmproj" / projectors["F16"]["key"]
     assert (store_entry / "mmproj-F16.gguf").samefile(run / "mmproj-tiny-vlm-f16.gguf")  # linked, not copied
     assert {v["label"] for v in manifest["variants"]} == {"F16", "Q8_0", "Q6_K"}  # the ladder as usual
