@@ -687,6 +687,52 @@ def base_logits_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     return Cost(estimate_base_logits_bytes(ev, n_vocab=facts.vocab), ram)
 
 
+# A shard after the first: its GGUF header (the split.* keys and the info records of its own tensors; llama-gguf-split
+# copies the model's key/values, the vocabulary, into the first shard only) and the alignment padding. A bound.
+SHARD_HEADER_BYTES = 64 * 1024
+
+
+def gguf_shards(size: int, max_file_bytes: int) -> int:
+    """How many llama-gguf-split shards a GGUF of ``size`` bytes is published as (1: not split), the count
+    quantkit.publish.release estimates from the shard size it asks for."""
+    from quantkit.publish.release import shard_bytes_for, split_names
+
+    if size <= max_file_bytes:
+        return 1
+    return len(split_names("x.gguf", size, shard_bytes=shard_bytes_for(max_file_bytes)))
+
+
+def published_gguf_bytes(recipe: Recipe, facts: ModelFacts) -> list[int]:
+    """The size of every GGUF the run folder holds and publishing stages: the base, each type, each size-budget
+    mix (another publisher's file is scored, never published)."""
+    spec = recipe.gguf
+    if not spec:
+        return []
+    sizes = [base_gguf_bytes(recipe, facts)]
+    sizes += [quantize_bytes(facts, v.type, **_variant_kwargs(recipe, i)) for i, v in enumerate(spec.types)]
+    if spec.targets:
+        from quantkit.budget import quantize_mix_cost
+
+        sizes += [quantize_mix_cost(recipe, {"index": i}, facts).disk_bytes for i in range(len(spec.targets))]
+    return sizes
+
+
+def publish_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """Publishing (release.shard_staged) replaces each staged GGUF over ``publish.max_file_gib`` by its
+    llama-gguf-split shards: new files beside the hard links into the store, so the published run adds the
+    split GGUFs' bytes once more. The report, cards and Modelfiles are kilobytes. llama-gguf-split holds the
+    header and one tensor at a time (its read buffer): the largest tensor in the widest published type."""
+    from quantkit.recipe import Publish
+
+    limit = (recipe.publish or Publish()).max_file_bytes
+    split = [(size, gguf_shards(size, limit)) for size in published_gguf_bytes(recipe, facts) if size > limit]
+    if not split:
+        return Cost(0, None)
+    widest = 4 if recipe.gguf.base_type == "f32" else 2
+    return Cost(sum(size + (n - 1) * SHARD_HEADER_BYTES for size, n in split),
+                LLAMA_TOOL_BASE + metadata_bytes(facts, len(facts.tensors)) + facts.largest_tensor * widest)
+
+
 def _scored_gguf_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
     """The GGUF a scoring node reads: the base, or the type its label names."""
     index = _variant_index(recipe, params)
