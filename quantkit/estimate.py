@@ -859,8 +859,39 @@ def mmproj_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:  #
     return 2 * vision_parameters(facts) * PER_WEIGHT["convert"] + 2
 
 
+# Calibration text per token: the three shipped files (142,162 bytes) are 40,287 tokens with SmolLM2's 49k-entry
+# vocabulary (English 4.5, code 4.2, Japanese 1.7 bytes a token). Larger vocabularies (Llama 3's, Qwen's) make
+# fewer tokens, so the count errs high and the imatrix time with it, never short.
+CALIBRATION_BYTES_PER_TOKEN = 3.5
+
+
+def calibration_tokens(recipe: Recipe, root: Path | None = None) -> int | None:
+    """About how many tokens the recipe's calibration files hold, from their sizes (no tokenizer needed); None for
+    a Hub dataset or a file that is not there. ``root``: the project (by default found as the recipe loader finds
+    it: $QUANTKIT_PROJECT, or the folder above the working directory with a recipes/ folder)."""
+    spec = recipe.calibration
+    if not spec.files:
+        return None
+    if root is None:
+        from quantkit.recipe import find_project_root
+
+        root = find_project_root(Path.cwd())
+    files = [Path(root) / f for f in (*spec.files, *spec.conversations)]
+    if not all(f.is_file() for f in files):
+        return None
+    return int(sum(f.stat().st_size for f in files) / CALIBRATION_BYTES_PER_TOKEN)
+
+
+def expected_imatrix_chunks(recipe: Recipe, root: Path | None = None) -> int:
+    """The chunks llama-imatrix evaluates: ``imatrix.chunks``, or fewer when the calibration text runs out first
+    (tools/imatrix/imatrix.cpp: at most tokens // ctx)."""
+    spec = recipe.gguf.imatrix
+    tokens = calibration_tokens(recipe, root)
+    return spec.chunks if tokens is None else max(1, min(spec.chunks, tokens // spec.ctx))
+
+
 def imatrix_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:
-    return recipe.gguf.imatrix.ctx * recipe.gguf.imatrix.chunks * facts.active_parameters * RATE["llama"]
+    return recipe.gguf.imatrix.ctx * expected_imatrix_chunks(recipe) * facts.active_parameters * RATE["llama"]
 
 
 def quantize_seconds(recipe: Recipe, params: dict, facts: ModelFacts) -> float:

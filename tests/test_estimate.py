@@ -75,3 +75,30 @@ def test_hf_names_map_to_gguf_names():
     assert gguf_name("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight"
     assert gguf_name("lm_head.weight") == "output.weight"
     assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+
+
+def test_imatrix_time_stops_where_the_calibration_text_does(monkeypatch, tmp_path):
+    """llama-imatrix runs at most tokens // ctx chunks: the Qwen3-30B-A3B recipe's 200 are a ceiling its three
+    calibration files (142 KB, about 40k tokens) do not reach; the estimate counts the chunks the text gives."""
+    from quantkit.estimate import (CALIBRATION_BYTES_PER_TOKEN, RATE, calibration_tokens, expected_imatrix_chunks,
+                                   imatrix_seconds)
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "qwen3-30b-a3b.yaml", root=REPO)
+    size = sum((REPO / f).stat().st_size for f in recipe.calibration.files)
+    tokens = calibration_tokens(recipe, REPO)
+    assert tokens == int(size / CALIBRATION_BYTES_PER_TOKEN)
+    assert 38_000 < tokens < 42_000  # SmolLM2's tokenizer counts 40,287
+    assert expected_imatrix_chunks(recipe, REPO) == tokens // 512 == 79 and recipe.gguf.imatrix.chunks == 200
+    facts = facts_of("llama-8b")
+    monkeypatch.setenv("QUANTKIT_PROJECT", str(REPO))  # how the plan finds the files without being told
+    assert imatrix_seconds(recipe, {}, facts) == pytest.approx(512 * 79 * facts.parameters * RATE["llama"])
+    # fewer chunks than the text holds: as asked
+    few = recipe.model_copy(update={"gguf": recipe.gguf.model_copy(
+        update={"imatrix": recipe.gguf.imatrix.model_copy(update={"chunks": 32})})})
+    assert expected_imatrix_chunks(few, REPO) == 32
+    # the files elsewhere (another project root) or a Hub dataset: the size is unknown, the recipe's count stands
+    monkeypatch.setenv("QUANTKIT_PROJECT", str(tmp_path))
+    assert calibration_tokens(recipe) is None and expected_imatrix_chunks(recipe) == 200
+    hub = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"files": None})})
+    assert calibration_tokens(hub, REPO) is None
