@@ -848,7 +848,7 @@ KINDS.update({
                              cost=_on_set("torch_eval_cost"), seconds=_on_set("score_hf_seconds")),
     "run-folder": StepKind(_run_folder, "runs/<recipe>/ with manifest.json", time_class="seconds"),
     "publish": StepKind(_publish, "report, cards, Modelfiles; the published run", network=_hub_publish,
-                        time_class="seconds"),
+                        time_class="seconds", cost=_est("publish_cost")),
 })
 
 

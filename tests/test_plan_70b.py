@@ -12,7 +12,6 @@ import pytest
 from test_plan_hub import CONFIG as CONFIG_8B, header_only, llama_8b_shapes
 
 from quantkit.estimate import Cost, ModelFacts, publish_cost
-from quantkit.graph import KINDS
 from quantkit.plan import plan, render, totals
 from quantkit.recipe import Publish, load_recipe
 
@@ -132,10 +131,6 @@ def test_publish_cost_is_the_split_ggufs_once_more(project):
     eight = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": s} for n, s in llama_8b_shapes()}], CONFIG_8B)
     assert publish_cost(recipe, {}, eight) == Cost(0, None)  # 15 GiB and less: nothing is split, nothing runs
 
-# WHAT THE PLAN SHOWS ONCE WIRED: when graph.py gives the publish node its cost (`cost=_est("publish_cost")` on
-# KINDS["publish"]) this runs as a plain test; until then the plan's publish row is 0 and the test must fail (strict).
-@pytest.mark.xfail(KINDS["publish"].cost is None, strict=True,
-                   reason="graph.py: KINDS['publish'] has no cost yet (publish_cost is not wired)")
 def test_the_plans_new_disk_counts_the_shards(project):
     rows = planned(project)
     split = rows["convert"].disk_bytes + rows["quantize:Q8_0"].disk_bytes

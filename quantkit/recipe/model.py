@@ -26,7 +26,7 @@ class ModelSource(Section):
     name: SafeName | None = Field(None, description="name used in file names and GGUF metadata")
     allow_pickle: bool = Field(False, description="allow pickle .bin/.pt weights (they can run code on load)")
     trust_remote_code: bool = Field(False, description=f"needs the worker to set {WORKER_ALLOWS_REMOTE_CODE}=1 too")
-    mmproj: bool | None = Field(None, description="convert the vision projector (mmproj-<name>-F16.gguf) beside the "
+    mmproj: bool | None = Field(None, description="convert the vision projector (mmproj-<name>-f16.gguf) beside the "
                                 "GGUFs: true or false; absent: decided from config.json (a vision_config)")
     track: str | None = Field(None, description="branch or tag pattern (v*) that `quantkit run --track` follows; "
                               "'revision' stays the pin a plain run uses (docs/nightly.md)")
