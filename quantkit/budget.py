@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.errors import QuantkitError, VerificationError
+from quantkit.ggufinfo import SAME_SIZE
 from quantkit.hardware import DEFAULT_HEADROOM, GIB, ModelShape
 from quantkit.recipe import GGUFTarget
 from quantkit.store import Entry, Staging, Store
@@ -403,7 +404,9 @@ class ClosedLoop:
                                 workdir=self.workdir, toolchain=self.toolchain, threads=self.threads)
                  for f in STOCK_FTYPES}
         for ftype in sorted(sizes, key=lambda f: -sizes[f]):
-            if sizes[ftype] * 2**20 > self.budget:  # tensors alone over the budget: the file is too
+            # The stock type of the target's own size counts (the issue: "the same or larger size"): a file a few
+            # metadata bytes over a budget matched to it is that type, not the next smaller one
+            if sizes[ftype] * 2**20 > self.budget * SAME_SIZE:  # tensors alone over the budget: the file is too
                 continue
             work = self.workdir / "stock"
             work.mkdir(exist_ok=True)
@@ -416,7 +419,7 @@ class ClosedLoop:
             finally:
                 link.unlink(missing_ok=True)
             gguf = work / "model.gguf"
-            if gguf.stat().st_size > self.budget:
+            if gguf.stat().st_size > self.budget * SAME_SIZE:
                 gguf.unlink()
                 continue
             base_types = {n: t for n, (t, _) in read_tensors(self.base.file("model.gguf")).items()}

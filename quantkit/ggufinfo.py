@@ -15,6 +15,10 @@ from pathlib import Path
 
 from quantkit.errors import VerificationError
 
+# Two files of the same tensor types differ by their metadata (an imatrix's name and dataset, kilobytes): within
+# 0.1 % they count as the same size
+SAME_SIZE = 1.001
+
 MAGIC = b"GGUF"
 # GGUF value types -> struct format of a scalar (8: string, 9: array are handled apart).
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from quantkit.ggufinfo import SAME_SIZE
 from quantkit.nodes import FORMATS, format_of
 
 
@@ -250,9 +251,6 @@ def pm(value: float, err: float | None) -> str:
     return f"{value:.5f}" + (f" ± {err:.5f}" if err is not None else "")
 
 
-# Two files of the same tensor types differ by their metadata (an imatrix's name and dataset, kilobytes): within
-# 0.1 % they count as the same size
-SAME_SIZE = 1.001
 
 
 def external_comparisons(rows: list[dict], chunks: dict[str, dict[str, list]], sets: list[str]) -> list[dict]:
