@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantkit.nodes import FORMATS, gguf_file, model_dir_and_identity, stored_json
+from quantkit.formats import FORMATS
+from quantkit.nodes import gguf_file, model_dir_and_identity, stored_json
 from quantkit.recipe import EvalSet
 
 log = logging.getLogger(__name__)

@@ -396,7 +396,8 @@ def run_nodes(*, recipe, recipe_file: Path, root: Path, toolchain, store, thread
     """The check recipe's graph (quantkit.graph; no run folder, no publishing), one node at a time, each
     timed. Returns label -> figures for every variant the graph scores."""
     from quantkit.context import RunContext
-    from quantkit.graph import FORMATS, build_graph, variant_scores
+    from quantkit.formats import FORMATS
+    from quantkit.graph import build_graph, variant_scores
     from quantkit.executor import execute, run_node
 
     ctx = RunContext(recipe=recipe, recipe_file=recipe_file, root=root, store=store, toolchain=toolchain,
@@ -434,6 +435,7 @@ def run_check(args) -> dict:
                                 "llama.cpp)")
     from quantkit.digest import DigestCache
     from quantkit.gptq import backend_version
+    from quantkit.nodes import CHECKPOINT_KINDS
     from quantkit.source import fetch_model
     from quantkit.store import Store
     from quantkit.toolchain import build_toolchain, find_toolchain
@@ -454,14 +456,14 @@ def run_check(args) -> dict:
         model = fetch_model(source=recipe.model, root=root, digests=DigestCache(Path(work) / "digests.json"))
         checkpoints = {"status": "skipped", "reason": "--skip-gptq"}
         if args.skip_gptq:
-            recipe = recipe.model_copy(update={"gptq": [], "awq": [], "rtn": []})
+            recipe = recipe.model_copy(update={k: [] for k in CHECKPOINT_KINDS})
         else:
             try:
                 checkpoints = {"status": "ran", "backend": f"gptqmodel {backend_version()}",
                                "device": "cuda" if cuda else "cpu"}
             except QuantkitError as e:
                 checkpoints = {"status": "skipped", "reason": str(e)}
-                recipe = recipe.model_copy(update={"gptq": [], "awq": [], "rtn": []})
+                recipe = recipe.model_copy(update={k: [] for k in CHECKPOINT_KINDS})
         variants = run_nodes(recipe=recipe, recipe_file=Path(args.recipe).resolve(), root=root, toolchain=toolchain,
                              store=store, threads=threads, steps=steps)
     return build_report(mode=args.mode, machine=machine, toolchain={**toolchain.describe(), "version": toolchain.version},

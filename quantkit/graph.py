@@ -4,7 +4,7 @@
 is one unit of work (one quantize type, one variant's score, one GPTQ config...) and names its
 kind, its dependencies and its recipe parameters. What a kind does, how its store key (inputs
 digest) is made, whether its result is already stored, and what it costs are defined once, in
-``KINDS``. (``Node``, ``StepKind`` and ``FORMATS`` themselves are in ``quantkit.nodes``.) ``quantkit run`` (quantkit.executor), ``quantkit plan``, the preflight, the Prefect flow
+``KINDS``. (``Node`` and ``StepKind`` themselves are in ``quantkit.nodes``, ``FORMATS`` in ``quantkit.formats``.) ``quantkit run`` (quantkit.executor), ``quantkit plan``, the preflight, the Prefect flow
 and the kill-point test all iterate this graph.
 
 Nodes exchange results, never live shared objects: a result is a store ``Entry`` (a key, digests and
@@ -35,7 +35,8 @@ from quantkit.calibration import load_calibration
 from quantkit.context import RunContext
 from quantkit.digest import DigestCache
 from quantkit.errors import QuantkitError
-from quantkit.nodes import (CHECKPOINT_KINDS, FORMATS, KINDS, Node, Results, Source, StepKind,
+from quantkit.formats import FORMATS
+from quantkit.nodes import (CHECKPOINT_KINDS, KINDS, Node, Results, Source, StepKind,
                             gguf_file, model_dir_and_identity, stored_json)
 from quantkit.recipe import Recipe
 from quantkit.source import fetch_model

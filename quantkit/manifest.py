@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from quantkit import __version__
 from quantkit.errors import StoreError
-from quantkit.nodes import FORMATS
+from quantkit.formats import FORMATS
 from quantkit.paths import inside
 from quantkit.store import Entry, FileRecord, file_problem
 

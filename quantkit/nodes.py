@@ -1,8 +1,8 @@
 """What a node is, and what its step functions share: the vocabulary below ``quantkit.graph``.
 
 ``quantkit.graph`` lists the node kinds (``KINDS``, filled there) and builds a recipe's graph; modules that
-define a kind's steps (``quantkit.evalsets``) or read variants (the run folder, the report) import from here,
-so nothing below the graph imports it.
+define a kind's steps (``quantkit.evalsets``, ``quantkit.budget``) import from here, so nothing below the graph
+imports it. The variant formats a kind produces are in ``quantkit.formats``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from quantkit.digest import write_json_atomic
 from quantkit.recipe import Recipe
 from quantkit.source import ModelSnapshot
 from quantkit.store import Entry, Store
+
 
 @dataclass(frozen=True)
 class Node:
@@ -38,9 +39,6 @@ class Source:
 
     model: ModelSnapshot
     calibration: CalibrationText
-
-
-Results = Mapping[str, Any]  # node name -> result, for the node's needs
 
 
 Results = Mapping[str, Any]  # node name -> result, for the node's needs
@@ -91,51 +89,6 @@ KINDS: dict[str, StepKind] = {}  # kind name -> definition; the kinds are listed
 
 # Checkpoints GPTQModel makes, each kind also the name of its recipe list; rtn is a reference, never published.
 CHECKPOINT_KINDS = ("gptq", "awq", "rtn")
-
-
-@dataclass(frozen=True)
-class Format:
-    """What a variant of one format (a kind's ``format``) is in the run folder, the report and publishing."""
-
-    suffix: str | None = None  # placed in the run folder as <model>-<label><suffix>; None: not placed
-    single: str | None = None  # the one store file it is; else every file of its entry, in a folder
-    served: bool = False  # served before publishing, and published
-    llama_cpp: bool = False  # a GGUF file: llama.cpp's commands, shards, Modelfiles
-    torch: bool = False  # scored in torch: its tasks are compared with the HF base's
-    base: bool = False  # the unquantized model itself (the torch formats' reference)
-    checkpoint: bool = False  # a quantized checkpoint users serve with transformers or vLLM
-    external: bool = False  # another publisher's file (``compare:``), scored beside the run's own
-
-    @property
-    def reference(self) -> bool:
-        """Scored for comparison, never recommended nor published (rtn, external)."""
-        return not self.served and not self.base
-
-    def file_name(self, model: str, label: str) -> str | None:
-        return None if self.suffix is None else f"{model}-{label}{self.suffix}"
-
-    def placed(self, file_name: str, store_name: str) -> str:
-        """Where a store file of the variant is in the run folder (relative, '/'-separated)."""
-        return file_name if self.single else f"{file_name}/{store_name}"
-
-    def store_files(self, entry: Entry) -> list[str]:
-        return [self.single] if self.single else list(entry.files)
-
-
-FORMATS: dict[str, Format] = {
-    "gguf": Format(".gguf", "model.gguf", served=True, llama_cpp=True),
-    "gptq": Format("", served=True, torch=True, checkpoint=True),
-    "awq": Format("", served=True, torch=True, checkpoint=True),
-    "rtn": Format(torch=True),  # a reference: scored, never placed nor published
-    "hf": Format(torch=True, base=True),  # the source folder itself
-    "external": Format(llama_cpp=True, external=True),  # another publisher's GGUF: scored, never placed nor published
-}
-
-
-def format_of(variant: Any) -> Format:
-    """The ``Format`` of a manifest's variant (``quantkit.manifest.ManifestVariant``) or a report's row (a dict
-    with "format")."""
-    return FORMATS[variant["format"] if isinstance(variant, Mapping) else variant.format]
 
 
 def gguf_file(entry: Entry) -> tuple[Path, str]:

@@ -16,6 +16,7 @@ from typing import Any
 from quantkit.context import RunContext
 from quantkit.errors import QuantkitError
 from quantkit.estimate import Cost, FactsUnavailable, GiB, ModelFacts, read_hub_facts, read_local_facts
+from quantkit.formats import FORMATS
 from quantkit.graph import KINDS, Node, Source, build_graph, node_cost, node_seconds
 
 DONE, TODO = "done", "to do"
@@ -116,20 +117,18 @@ def plan(ctx: RunContext, *, publish: bool = True, names: set[str] | None = None
         out.append(PlannedNode(node.name, node.kind, node.label, status, why, node.needs, key, c.disk_bytes,
                                c.ram_bytes, spec.time_class, spec.gpu, spec.network(ctx.recipe),
                                c.unknown and (unknown_why or c.unknown), secs,
-                               publish_shards(ctx.recipe, node.kind, c.disk_bytes)))
+                               publish_shards(ctx.recipe, spec.format, c.disk_bytes)))
     return out
 
 
-GGUF_KINDS = ("convert", "quantize", "quantize-mix")  # each makes one published GGUF
-
-
-def publish_shards(recipe, kind: str, size: int | None) -> int | None:
-    """How many shards a GGUF of ``size`` bytes is published as (``publish.max_file_gib``), when more than one."""
+def publish_shards(recipe, fmt: str | None, size: int | None) -> int | None:
+    """How many shards a published GGUF (a variant of format ``fmt``) of ``size`` bytes is published as
+    (``publish.max_file_gib``), when more than one."""
     from quantkit.publish.release import shard_bytes_for, split_names
     from quantkit.recipe import Publish
 
     limit = (recipe.publish or Publish()).max_file_bytes
-    if kind not in GGUF_KINDS or size is None or size <= limit:
+    if fmt is None or not FORMATS[fmt].split or size is None or size <= limit:
         return None
     return len(split_names("x.gguf", size, shard_bytes=shard_bytes_for(limit)))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from quantkit.digest import sha256_file, write_json_atomic
 from quantkit.manifest import Manifest, ManifestStep, Projector, Variant
-from quantkit.nodes import FORMATS
+from quantkit.formats import FORMATS
 from quantkit.paths import inside, open_fixed, project_parts, write_atomic
 from quantkit.recipe import Recipe
 from quantkit.store import Entry, Store, exclusive

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import re
 
-from quantkit.nodes import FORMATS
-
-FORMAT_TAGS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq"}
+from quantkit.formats import FORMATS
 
 
 def fenced(text: str, info: str = "") -> list[str]:
@@ -46,7 +44,7 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
     from huggingface_hub import ModelCard, ModelCardData
 
     m, rows = report["model"], report["variants"]
-    formats = sorted({r["format"] for r in rows if r["format"] in FORMAT_TAGS})
+    formats = sorted({r["format"] for r in rows if FORMATS[r["format"]].served})  # a format's name is its tag
     evals = _evals(report, rows)
     data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
                          quantized_by="quantkit", tags=[*formats, "quantized", "quantkit"],
@@ -69,9 +67,7 @@ def render_card(report: dict, *, table: list[str], recipe_yaml: str, calibration
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-FORMAT_TITLES = {"gguf": "GGUF", "gptq": "GPTQ", "awq": "AWQ"}
 PIPELINE_TAG = "text-generation"  # quantkit quantizes causal language models
-LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers"}  # GPTQ/AWQ load with from_pretrained
 
 
 def shard_lines(rows: list[dict]) -> list[str]:
@@ -150,16 +146,16 @@ def render_repo_card(report: dict, *, repo, siblings: list, table: list[str], re
 
     m, fmt = report["model"], repo.format
     own = [r for r in report["variants"] if r["id"] in repo.variant_ids]
-    title = FORMAT_TITLES[fmt]
+    title = FORMATS[fmt].title
     bits = sorted({s.get("bits") or s.get("w_bit") for s in repo.settings.values() if FORMATS[fmt].checkpoint})
     tags = [fmt, "quantized", "quantkit", *[f"{b}-bit" for b in bits if b]]
     data = ModelCardData(base_model=m["repo"], base_model_relation="quantized" if m["repo"] else None,
-                         library_name=LIBRARY[fmt], pipeline_tag=PIPELINE_TAG, quantized_by="quantkit", tags=tags,
+                         library_name=FORMATS[fmt].library, pipeline_tag=PIPELINE_TAG, quantized_by="quantkit", tags=tags,
                          model_name=repo.repo_id.split("/")[-1], eval_results=_evals(report, own) or None,
                          quantization={"method": fmt, "variants": repo.settings})
     base = (f"[{m['repo']}](https://huggingface.co/{m['repo']}) at revision `{m['commit'] or m['revision']}`"
             if m["repo"] else "a local checkpoint (no Hub base model)")
-    others = [f"- {FORMAT_TITLES[s.format]}: [{s.repo_id}]({s.url})" for s in siblings if s.repo_id != repo.repo_id]
+    others = [f"- {FORMATS[s.format].title}: [{s.repo_id}]({s.url})" for s in siblings if s.repo_id != repo.repo_id]
     body = [f"# {m['name']} {title}", "", f"{title} quantization of {base}, made by quantkit.", ""]
     if FORMATS[fmt].llama_cpp:
         body += ["## Use", "", "| variant | file | Ollama | llama.cpp |", "|---|---|---|---|"]

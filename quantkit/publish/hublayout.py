@@ -32,10 +32,9 @@ from typing import Any
 
 from quantkit.errors import PublishError
 from quantkit.manifest import Manifest
-from quantkit.nodes import FORMATS
+from quantkit.formats import FORMATS, HUB_FORMATS
 from quantkit.publish.modelfile import merge_command, modelfile_name
 
-HUB_FORMATS = ("gguf", "gptq", "awq")
 SHARED_FILES = ("report.md", "report.json", "plot.png", "manifest.json", "recipe.yaml")  # in every repo
 CARD = "README.md"
 SPLIT_RE = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
@@ -72,7 +71,7 @@ def variant_settings(manifest: Manifest | dict, fmt: str, label: str) -> dict[st
 
     A manifest without that section (an older run) gets the defaults when the label is the default one;
     any other unknown variant is refused (its repo name depends on its bits and group size)."""
-    from quantkit.recipe import AWQVariant, GGUFSection, GPTQVariant
+    from quantkit.recipe import GGUFSection, Recipe
 
     manifest = Manifest.coerce(manifest)
     resolved = manifest.recipe.resolved or {}
@@ -95,7 +94,7 @@ def variant_settings(manifest: Manifest | dict, fmt: str, label: str) -> dict[st
                     out["llama_quantize_args"] = args
                 return out
     else:
-        kind = {"gptq": GPTQVariant, "awq": AWQVariant}[fmt]
+        kind = Recipe.entry_class(fmt)
         configs = [kind.model_validate(c) for c in resolved.get(fmt) or []] or [kind()]
         for c in configs:
             if c.name == label:

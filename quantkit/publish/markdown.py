@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from quantkit.hardware import GIB
-from quantkit.nodes import format_of
+from quantkit.formats import format_of
 from quantkit.publish.modelfile import llama_server_command
 from quantkit.publish.stats import BARE_SCORE, RTN_SEPARATION, pm
 

@@ -183,7 +183,7 @@ def merge_command(first_shard: str, merged: str) -> str:
 def vllm_serve_command(folder: str, *, fmt: str, ctx: int) -> str:
     # vLLM reads the method (GPTQ or AWQ) from the checkpoint's quantization_config and picks the
     # fastest kernel the GPU supports (Marlin where it can), so the command does not name it.
-    from quantkit.nodes import FORMATS
+    from quantkit.formats import FORMATS
 
     if fmt not in FORMATS or not FORMATS[fmt].checkpoint:
         raise ValueError(f"vLLM serve commands are written for gptq and awq checkpoints, not {fmt!r}")

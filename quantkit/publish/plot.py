@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantkit.nodes import FORMATS
+from quantkit.formats import FORMATS
 from quantkit.publish.stats import BARE_SCORE, max_frontier, pareto_rows
-
-
-MARKERS = {"gguf": "o", "gptq": "s", "awq": "^", "hf": "D", "rtn": "x", "external": "P"}
 
 
 def scatter_groups(quantized: list[dict], metric: str, *, log_y: bool) -> list[tuple[list[dict], dict]]:
     """One panel's points: (rows, scatter style) per format, the searched mixes in a group of their own."""
     shown = [r for r in quantized if r.get(metric) is not None and (not log_y or r[metric] > 0)]
     groups = []
-    for fmt, marker in MARKERS.items():
+    for fmt, marker in ((name, f.marker) for name, f in FORMATS.items()):
         if pts := [r for r in shown if r["format"] == fmt and not r.get("mix")]:
             groups.append((pts, {"marker": marker, "s": 60, "label": (
                 f"{fmt} (another publisher's file)" if FORMATS[fmt].external else

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from quantkit.nodes import FORMATS, format_of
+from quantkit.formats import FORMATS, format_of
 from quantkit import __version__
 from quantkit.errors import PublishError, RegressionError
 from quantkit.manifest import Manifest, Shard, differing_files
@@ -103,8 +103,7 @@ def regression_gate(current: dict, previous: dict | None, *, thresholds: Any, pr
     strict = bool(getattr(thresholds, "strict", False))
     changes: list[dict] = []
     before = {v["id"]: v for v in (previous or {}).get("variants", [])}
-    floors = {"gptq": thresholds.min_recovery_gptq, "awq": thresholds.min_recovery_awq,
-              "gguf": thresholds.min_recovery_gguf}
+    floors = {name: getattr(thresholds, f.recovery_floor) for name, f in FORMATS.items() if f.recovery_floor}
     metrics_now, metrics_before = current.get("task_metrics") or {}, (previous or {}).get("task_metrics") or {}
 
     def check(v: dict, name: str, now: float, limit: float, margin: float, se: float | None, scale: float,

@@ -21,7 +21,7 @@ import logging
 import math
 from pathlib import Path
 
-from quantkit.nodes import format_of
+from quantkit.formats import format_of
 from quantkit import __version__
 from quantkit.digest import write_json_atomic
 from quantkit.errors import QuantkitError
@@ -151,9 +151,9 @@ def _quant_settings(fmt: str, label: str, resolved: dict) -> dict | None:
     resolved recipe; None when the recipe there does not name it."""
     import pydantic
 
-    from quantkit.recipe import AWQVariant, GPTQVariant, RTNVariant
+    from quantkit.recipe import Recipe
 
-    kind = {"gptq": GPTQVariant, "awq": AWQVariant, "rtn": RTNVariant}.get(fmt)
+    kind = Recipe.entry_class(fmt)
     for raw in (resolved.get(fmt) or []) if kind else []:
         try:
             spec = kind.model_validate(raw)

@@ -10,7 +10,7 @@ their JSON) and dicts in, dicts and markdown lines out.
 from __future__ import annotations
 
 from quantkit.manifest import Manifest
-from quantkit.nodes import format_of
+from quantkit.formats import format_of
 
 INPUTS = (("model commit", lambda m: m.model.commit or m.model.revision),
           ("llama.cpp commit", lambda m: m.toolchain.llama_cpp if m.toolchain else None),

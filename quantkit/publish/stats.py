@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
+from quantkit.formats import FORMATS, format_of
 from quantkit.ggufinfo import SAME_SIZE
-from quantkit.nodes import FORMATS, format_of
 
 
 def worst_sets(rows: list[dict], order: list) -> list[str]:

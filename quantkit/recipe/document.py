@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -84,6 +85,15 @@ class Recipe(Section):
             except Invalid as e:
                 raise Invalid(str(e), e.fix, loc=("publish", "dir")) from None
         return self
+
+    @classmethod
+    def entry_class(cls, section: str) -> type | None:
+        """The class of one entry of the recipe's list ``section`` (``gptq``: GPTQVariant), from the field's own
+        type; None when ``section`` is not a list of the recipe (``gguf``, ``hf``)."""
+        field = cls.model_fields.get(section)
+        if field is None or typing.get_origin(field.annotation) is not list:
+            return None
+        return typing.get_args(field.annotation)[0]
 
     def variant_labels(self) -> list[tuple[tuple, str, str]]:
         """``(recipe path, format, label)`` of every variant the recipe makes, defaults included: the one

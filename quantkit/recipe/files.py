@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit.errors import Problem, RecipeError
+from quantkit.formats import FORMATS
 from quantkit.nofollow import SymlinkError, read_beneath, symlink_on_path, symlinks_below
 from quantkit.recipe.document import Recipe
 from quantkit.scoring.taskconfig import TASK_YAML, read_task_config, task_folder
@@ -34,7 +35,7 @@ def moe_problems(recipe: Recipe, root: Path, problem) -> None:
         return  # no config yet (made by a setup step) or a link, reported above
     arch = next(iter(cfg.get("architectures") or []), None) if isinstance(cfg, dict) else None
     if (why := GPTQMODEL_MOE_UNSUPPORTED.get(arch)) is not None:
-        for fmt in ("gptq", "awq"):
+        for fmt in [f for f, x in FORMATS.items() if x.checkpoint]:
             for i, _ in enumerate(getattr(recipe, fmt)):
                 problem((fmt, i), f"{arch}: {why}", f"remove the {fmt} variant; the GGUF ladder supports this model")
 
@@ -149,7 +150,7 @@ def resolve_mmproj(recipe: Recipe, root: Path, file: str, lines: dict) -> Recipe
         problem(("model", "mmproj"), f"model.mmproj is true but {recipe.model.path}/config.json has no "
                 "vision_config: the model has no vision projector", "remove model.mmproj")
     if vision or (recipe.model.mmproj and vision is None):
-        for fmt in ("gptq", "awq"):
+        for fmt in [f for f, x in FORMATS.items() if x.checkpoint]:
             if getattr(recipe, fmt):
                 problem((fmt,), f"{fmt} of a vision-language model is not supported: GPTQModel quantizes the "
                         "language model and the checkpoint would lack the vision tower",

@@ -8,6 +8,7 @@ from typing import Literal, TYPE_CHECKING
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from quantkit.formats import FORMATS
 from quantkit.recipe.fields import (Invalid, ProjectDir, RELEASE_RE, REPO_RE, SAFE_TEXT_RE, SDIST_SHA_RE, Section,
                                     _repo_id)
 from quantkit.recipe.fields import suggest
@@ -34,9 +35,6 @@ class PublishThresholds(Section):
     strict: bool = Field(False, description="inconclusive checks (bounds straddling the limit) block publishing too")
 
 
-HUB_FORMATS = ("gguf", "gptq", "awq")
-HUB_PLACEHOLDERS = {"gguf": {"owner", "model"}, "gptq": {"owner", "model", "bits", "group"},
-                    "awq": {"owner", "model", "bits", "group"}}
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -74,7 +72,8 @@ class HubRepos(Section):
     @field_validator("gguf", "gptq", "awq")
     @classmethod
     def _known_placeholders(cls, v: str, info: ValidationInfo) -> str:
-        allowed = HUB_PLACEHOLDERS[info.field_name]
+        # a checkpoint's repo holds one config, named by its bits and group size; a GGUF repo holds every type
+        allowed = {"owner", "model"} | ({"bits", "group"} if FORMATS[info.field_name].checkpoint else set())
         unknown = [f for f in _template_fields(v) if f not in allowed]
         if unknown:
             raise Invalid(f"'{v}' uses {', '.join('{' + f + '}' for f in unknown)}, unknown for {info.field_name} repos",
@@ -125,7 +124,7 @@ class Publish(Section):
             key = "repo" if self.repo is not None else "owner"
             raise Invalid(f"publish.{key} '{getattr(self, key)}' is set but target is 'local'",
                           f"set target: hub to upload, or remove {key}")
-        if self.repo is not None and "gguf" in self.repos.model_fields_set:
+        if self.repo is not None and any(FORMATS[f].llama_cpp for f in self.repos.model_fields_set):
             raise Invalid("publish.repo and publish.repos.gguf both name the GGUF repo",
                           "keep repos.gguf and remove repo", loc=("repo",))
         return self
@@ -136,7 +135,7 @@ class Publish(Section):
 
     def repo_id(self, fmt: str, *, model: str, bits: int | None = None, group: int | None = None) -> str:
         """The Hub repo id of one format's repo (not validated: see ``hub_repo_ids``)."""
-        if fmt == "gguf" and self.repo is not None:
+        if FORMATS[fmt].llama_cpp and self.repo is not None:
             return self.repo
         return getattr(self.repos, fmt).format(owner=self.hub_owner, model=model, bits=bits, group=group)
 
@@ -156,7 +155,7 @@ class Publish(Section):
                  self.repo_id("awq", model=model, bits=v.w_bit, group=v.q_group_size)) for i, v in enumerate(recipe.awq)]
         seen: dict[str, tuple] = {}
         for loc, fmt, label, repo_id in out:
-            where = ("publish", "repo") if fmt == "gguf" and self.repo else ("publish", "repos", fmt)
+            where = ("publish", "repo") if FORMATS[fmt].llama_cpp and self.repo else ("publish", "repos", fmt)
             if not REPO_RE.match(repo_id) or len(repo_id) > 96:
                 raise Invalid(f"the {fmt} repo of {dotted(loc)} would be '{repo_id}', not a Hugging Face repo id",
                               "make owner and the template give owner/name with letters, digits, '.', '_', '-' "
@@ -165,7 +164,7 @@ class Publish(Section):
             if first != loc and first[0] != loc[0]:
                 raise Invalid(f"{dotted(first)} and {dotted(loc)} would both publish to {repo_id}: "
                               "one repo per format", "give each format its own repo template", loc=where)
-            if first != loc and fmt != "gguf":
+            if first != loc and FORMATS[fmt].checkpoint:  # the GGUF types share their one repo
                 raise Invalid(f"{dotted(first)} and {dotted(loc)} would both publish to {repo_id}",
                               f"add {{bits}} and {{group}} to publish.repos.{fmt}, or drop one of them", loc=where)
         return out
