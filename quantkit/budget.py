@@ -583,8 +583,9 @@ def store_path_of(entry: Entry) -> Path:
 
 # --- graph glue (quantkit.graph's sensitivity-kld, mix nodes) -----------------------------------------
 
-def _tables(deps) -> dict[str, Entry]:
-    return {name.split(":", 1)[1]: e for name, e in deps.items() if name.startswith("sensitivity:")}
+def _tables(node, deps) -> dict[str, Entry]:
+    """Each candidate type's sensitivity table, by type (the graph names their nodes in the node's params)."""
+    return {t: deps[name] for t, name in node.params["tables"]}
 
 
 def calibrate_node(ctx, node, deps, *, run: bool):
@@ -592,7 +593,7 @@ def calibrate_node(ctx, node, deps, *, run: bool):
     from quantkit.sensitivity import calibrate_groups, calibration_inputs
 
     calib = deps["source"].calibration
-    kw = dict(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(deps), calibration_sha256=calib.sha256,
+    kw = dict(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(node, deps), calibration_sha256=calib.sha256,
               toolchain=ctx.tools)
     if not run:
         return calibration_inputs(**kw)
@@ -613,11 +614,11 @@ def mix_node(ctx, node, deps, *, run: bool):
     min_tokens = ctx.recipe.gguf.imatrix.min_expert_tokens
     if not run:
         budget = budget_bytes(target, parameters=parameters, config=config)
-        return mix_inputs(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(deps),
+        return mix_inputs(base=deps["convert"], imatrix=deps["imatrix"], tables=_tables(node, deps),
                           calibration=deps["sensitivity-kld"], budget=budget, calibration_sha256=calib.sha256,
                           toolchain=ctx.tools, min_expert_tokens=min_tokens)
     return make_mix(label=node.label, target=target, base=deps["convert"], imatrix=deps["imatrix"],
-                    tables=_tables(deps), calibration=deps["sensitivity-kld"], calibration_text=calib.text,
+                    tables=_tables(node, deps), calibration=deps["sensitivity-kld"], calibration_text=calib.text,
                     calibration_sha256=calib.sha256, parameters=parameters, config=config, toolchain=ctx.tools,
                     store=ctx.store, threads=ctx.threads, min_expert_tokens=min_tokens)
 

@@ -112,7 +112,7 @@ def score_set_gguf(ctx, node, deps):
 
     s = _set(ctx, node)
     gguf, _ = gguf_file(deps[node.needs[0]])
-    logits = deps.get(f"set-logits:{s.name}")
+    logits = deps[node.params["logits"]] if node.params["logits"] else None
     if s.kind == "chat" and logits is None:
         raise VerificationError(f"chat set '{s.name}' is scored against reference log-probs: evaluation.kld is off")
 
@@ -172,11 +172,11 @@ def score_set_hf_inputs(ctx, node, deps):
 ZERO = {"kld_mean": 0.0, "kld_mean_err": 0.0, "kld_p99": 0.0, "kld_p999": 0.0, "same_top_pct": 100.0}
 
 
-def set_scores(ctx, fmt: str, label: str, deps, first: dict) -> dict[str, Any]:
-    """A variant's score on every set, by set name (the first set's is ``first``, the graph's own score)."""
+def set_scores(ctx, fmt: str, label: str, on_sets: dict[str, Any], first: dict) -> dict[str, Any]:
+    """A variant's score on every set, by set name (the first set's is ``first``, the graph's own score;
+    ``on_sets``: its score-set nodes' entries, by set name)."""
     ev = ctx.recipe.evaluation
     llama_cpp = FORMATS[fmt].llama_cpp
-    kind = "gguf" if llama_cpp else "hf"  # the score-set-gguf or score-set-hf node
     is_base = FORMATS[fmt].base or (llama_cpp and ctx.recipe.gguf and label == ctx.recipe.gguf.base_type.upper())
     out: dict[str, Any] = {}
     if first:
@@ -185,7 +185,7 @@ def set_scores(ctx, fmt: str, label: str, deps, first: dict) -> dict[str, Any]:
         out[ev.set_name] = {**first, "set": ev.set_name, "kind": "text", "reference": "base GGUF" if llama_cpp
                             else "HF checkpoint"}
     for s in ev.sets:
-        entry = deps.get(f"score-set-{kind}:{label}:{s.name}")
+        entry = on_sets.get(s.name)
         if entry is None:
             continue
         sc = dict(entry.info["score"])

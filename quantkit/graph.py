@@ -114,7 +114,7 @@ def _set_nodes(recipe: Recipe, variants: list[tuple[str, str, str]]) -> list:
                 # a chat score's key holds its reference's, which names the source checkpoint
                 nodes.append(Node(f"score-set-gguf:{label}:{s.name}", "score-set-gguf", label,
                                   tuple(dict.fromkeys((made, "convert", *(("source",) if chat else ()), *logits))),
-                                  {"set": s.name, "is_base": is_base}))
+                                  {"set": s.name, "is_base": is_base, "logits": logits[0] if logits else None}))
         if checkpoints:
             for label, made in [("HF", "source")] + [(label, made) for _, label, made in checkpoints]:
                 nodes.append(Node(f"score-set-hf:{label}:{s.name}", "score-set-hf", label,
@@ -152,15 +152,16 @@ def build_graph(recipe: Recipe, *, publish: bool = True) -> list[Node]:
         if spec.targets:  # size budgets: measure every candidate type once, then one mix per target
             from quantkit.sensitivity import CANDIDATES
 
-            tables = tuple(f"sensitivity:{t}" for t in CANDIDATES)
             nodes += [Node(f"sensitivity:{t}", "sensitivity", t, ("convert", "imatrix"), {"type": t})
                       for t in CANDIDATES]
+            tables = tuple((t, f"sensitivity:{t}") for t in CANDIDATES)  # (type, node), the search's inputs
             nodes.append(Node("sensitivity-kld", "sensitivity-kld", "KLD per tensor group",
-                              ("source", "convert", "imatrix", *tables)))
+                              ("source", "convert", "imatrix", *(n for _, n in tables)), {"tables": tables}))
             for i, target in enumerate(spec.targets):
                 label = labels[("gguf", "targets", i)]
                 nodes.append(Node(f"mix:{label}", "mix", label,
-                                  ("source", "convert", "imatrix", *tables, "sensitivity-kld"), {"index": i}))
+                                  ("source", "convert", "imatrix", *(n for _, n in tables), "sensitivity-kld"),
+                                  {"index": i, "tables": tables}))
                 nodes.append(Node(f"quantize-mix:{label}", "quantize-mix", label,
                                   ("convert", "imatrix", f"mix:{label}"), {"index": i}))
                 variants.append(_variant(nodes[-1]))
@@ -727,7 +728,7 @@ def variants_of(ctx: RunContext, node: Node, deps: Results) -> list:
 def _run_folder(ctx, node, deps):
     from quantkit.runfolder import write_run_folder
 
-    return write_run_folder(ctx, deps, variants_of(ctx, node, deps))
+    return write_run_folder(ctx, deps, variants_of(ctx, node, deps), projector=deps.get("mmproj"))
 
 
 def _publish(ctx, node, deps):
@@ -870,7 +871,9 @@ def variant_scores(ctx: RunContext, made_by: str, deps: Results, nodes: list[Nod
         maker = next(n for n in graph if n.name == made_by)
         label = "HF" if maker.kind == "source" else maker.label
         first = {k: v for k, v in scores.items() if k not in ("tasks", "speed", "serve")}
-        scores["sets"] = set_scores(ctx, maker.spec.format, label, deps, first)
+        on_sets = {n.params["set"]: deps[n.name] for n in graph if n.kind in ("score-set-gguf", "score-set-hf")
+                   and n.needs[:1] == (made_by,) and n.name in deps}
+        scores["sets"] = set_scores(ctx, maker.spec.format, label, on_sets, first)
     return scores
 
 

@@ -81,14 +81,14 @@ def _made_by(entry: Entry) -> tuple[str | None, str | None, str | None, int | No
     return made.get("host"), made.get("toolchain"), made.get("toolchain_dir"), made.get("threads")
 
 
-def write_run_folder(ctx, deps, variants: list[Variant]) -> Path:
-    """Link every output into ``runs/<recipe>/`` and write ``manifest.json``; return its path."""
+def write_run_folder(ctx, deps, variants: list[Variant], projector: Entry | None) -> Path:
+    """Link every output into ``runs/<recipe>/`` and write ``manifest.json``; return its path. ``projector``: the
+    vision projector's entry, None for a model without one."""
     src = deps["source"]
     steps = tuple(ManifestStep(name, r.key, r.reused, r.info.get("seconds"), *_made_by(r))
                   for name, r in deps.items() if isinstance(r, Entry))
     out = run_dir(ctx.recipe, ctx.root)
-    projector = deps.get("mmproj")  # an Entry, or None for a model without a projector
-    projectors = projector_records(projector, ctx.recipe.model.display_name) if isinstance(projector, Entry) else []
+    projectors = projector_records(projector, ctx.recipe.model.display_name) if projector is not None else []
     with run_folder_lock(ctx.recipe, ctx.root):
         out.mkdir(parents=True, exist_ok=True)
         for p in projectors:

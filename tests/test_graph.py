@@ -70,10 +70,38 @@ def test_demo_graph_has_every_unit_of_work(demo):
     assert by["score-set-gguf:F16:code"].needs == ("convert",)  # a text set: the base against itself
     assert by["score-set-gguf:F16:chat"].needs == ("convert", "source", "set-logits:chat")  # against the HF model
     assert by["score-set-gguf:Q2_K:code"].needs == ("quantize:Q2_K", "convert", "set-logits:code")
+    assert by["score-set-gguf:Q2_K:code"].params["logits"] == "set-logits:code"  # what the step reads its reference by
+    assert by["score-set-gguf:F16:code"].params["logits"] is None
+    # the size-budget search reads each candidate type's table by the node the graph named for it
+    for name in ("sensitivity-kld", *(f"mix:{label}" for label in searched)):
+        tables = by[name].params["tables"]
+        assert [t for t, _ in tables] == list(CANDIDATES) and {n for _, n in tables} <= set(by[name].needs)
     lazy = {"base-logits", *(f"set-logits:{s.name}" for s in demo.evaluation.sets)}
     assert set(by["run-folder"].needs) == set(names) - {"run-folder", "publish"} - lazy
     variants = [label for _, label, _ in by["run-folder"].params["variants"]]
     assert variants == [*gguf, "HF", *checkpoints]
+
+
+def test_a_variants_scores_on_each_set_are_its_own_set_nodes(demo):
+    """variant_scores finds a variant's score on every evaluation set through the graph: the set nodes whose
+    first need is the node that made it, never another variant's of the same set."""
+    from types import SimpleNamespace
+
+    from quantkit.graph import variant_scores
+
+    nodes = build_graph(demo)
+    sets = [s.name for s in demo.evaluation.sets]
+    scored = [n for n in nodes if n.kind in ("score-gguf", "score-set-gguf", "score-hf", "score-set-hf")]
+    # each node's score is its own name, so the test sees which node a value came from
+    deps = {n.name: SimpleNamespace(info={"score": {"kld_mean": 0.5, "ppl": n.name}}) for n in scored}
+    ctx = SimpleNamespace(recipe=demo)
+    q2k = variant_scores(ctx, "quantize:Q2_K", deps, nodes)["sets"]
+    assert {name: v["ppl"] for name, v in q2k.items()} == {
+        demo.evaluation.set_name: "score-gguf:Q2_K", **{s: f"score-set-gguf:Q2_K:{s}" for s in sets}}
+    hf = variant_scores(ctx, "source", deps, nodes)["sets"]
+    assert {name: v["ppl"] for name, v in hf.items()} == {
+        demo.evaluation.set_name: "score-hf:HF", **{s: f"score-set-hf:HF:{s}" for s in sets}}
+    assert {v["reference"] for v in hf.values()} == {"HF checkpoint"}
 
 
 def test_until_takes_the_node_and_what_it_needs(demo):
