@@ -260,6 +260,30 @@ def _source(ctx: RunContext, node: Node, deps: Results) -> Source:
                                           trust_remote_code=ctx.recipe.model.trust_remote_code))
 
 
+def _local_source(ctx: RunContext) -> Source | None:
+    """The source node's result without running it (the plan's ``found``): when the model folder is on disk (a
+    Hub model in the local cache), else None."""
+    if ctx.recipe.model.repo and not _hub_cached(ctx):
+        return None
+    try:
+        model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
+        calib = load_calibration(ctx.recipe.calibration, root=ctx.root, model_dir=model.path,
+                                 trust_remote_code=ctx.recipe.model.trust_remote_code) if ctx.recipe.calibration.files else None
+    except QuantkitError:
+        return None
+    return Source(model, calib) if calib else None
+
+
+def _hub_cached(ctx: RunContext) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id=ctx.recipe.model.repo, revision=ctx.recipe.model.revision, local_files_only=True)
+        return True
+    except Exception:  # not cached in any form: plan shows the download as to do
+        return False
+
+
 def _convert_kw(ctx: RunContext, deps: Results) -> dict:
     return dict(model=deps["source"].model, base_type=ctx.recipe.gguf.base_type,
                 model_name=ctx.recipe.model.display_name, toolchain=ctx.tools)
@@ -780,7 +804,7 @@ def _serve_into(scores: dict, entry: Entry) -> None:
 KINDS.update({
     "source": StepKind(_source, "the pinned model folder and the calibration text", cost=_est("source_cost"),
                        network=lambda recipe: recipe.model.repo is not None or recipe.calibration.dataset is not None,
-                       format="hf", found=_late("quantkit.plan", "local_source")),
+                       format="hf", found=_local_source),
     "convert": StepKind(_convert, "model.gguf (the unquantized base)", _convert_inputs, "convert",
                         cost=_est("convert_cost"), seconds=_est("convert_seconds"), large=True, format="gguf"),
     "mmproj": StepKind(_mmproj, "mmproj-F16.gguf, mmproj-Q8_0.gguf (the vision projector)", _mmproj_inputs, "mmproj",

@@ -64,33 +64,6 @@ def machine(store_root: Path) -> Machine:
     return Machine(shutil.disk_usage(path).free, available_memory() or 1 << 62)
 
 
-def local_source(ctx: RunContext) -> Source | None:
-    """The source node's result when the model folder is on disk (a Hub model in the local cache), else None."""
-    from quantkit.calibration import load_calibration
-    from quantkit.digest import DigestCache
-    from quantkit.source import fetch_model
-
-    if ctx.recipe.model.repo and not _hub_cached(ctx):
-        return None
-    try:
-        model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
-        calib = load_calibration(ctx.recipe.calibration, root=ctx.root, model_dir=model.path,
-                                 trust_remote_code=ctx.recipe.model.trust_remote_code) if ctx.recipe.calibration.files else None
-    except QuantkitError:
-        return None
-    return Source(model, calib) if calib else None
-
-
-def _hub_cached(ctx: RunContext) -> bool:
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot_download(repo_id=ctx.recipe.model.repo, revision=ctx.recipe.model.revision, local_files_only=True)
-        return True
-    except Exception:  # not cached in any form: plan shows the download as to do
-        return False
-
-
 def plan(ctx: RunContext, *, publish: bool = True, names: set[str] | None = None,
          cost_done: bool = True) -> list[PlannedNode]:
     """Every node of the run (with ``names``, those nodes: a set closed under their needs), its status and its
