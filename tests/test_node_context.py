@@ -81,6 +81,12 @@ def test_keys_of_machine_dependent_results_name_the_machine():
     assert len(keys) == 3
     scores = {Store.key(graph._score_hf_inputs(c, score_hf, {"source": source})) for c in (cpu3, cpu2, gpu3)}
     assert len(scores) == 2  # the device, not the threads, changes a score
+    task = recipe.evaluation.tasks[0].name
+    tasks_hf = Node(f"tasks-hf:HF:{task}", "tasks-hf", "HF", ("source", f"task-items:{task}"), {"task": task})
+    items = SimpleNamespace(info={"items_sha256": "i" * 64})
+    tasks = {Store.key(graph._tasks_hf_inputs(c, tasks_hf, {"source": source, f"task-items:{task}": items}))
+             for c in (cpu3, cpu2, gpu3)}
+    assert len(tasks) == 2  # tasks-hf runs on the worker's device too, which its key says as score-hf's does
     gguf = SimpleNamespace(file=lambda name: Path("/q.gguf"),
                            files={"model.gguf": SimpleNamespace(sha256="s" * 64)})
     bench_gguf = Node("bench-gguf:Q4_K_M", "bench-gguf", "Q4_K_M", ("quantize:Q4_K_M",))

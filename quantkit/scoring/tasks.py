@@ -324,9 +324,12 @@ def task_inputs(task: ResolvedTask, items_digest: str, *, variant: str, backend:
             "backend": backend, "backend_version": backend_version}
 
 
-def hf_task_inputs(task: ResolvedTask, items: Entry, *, identity: str) -> dict:
-    return task_inputs(task, items.info["items_sha256"], variant=identity, backend=BACKEND_HF,
-                       backend_version=f"transformers {_version('transformers')}; scorer {HF_SCORER_VERSION}")
+def hf_task_inputs(task: ResolvedTask, items: Entry, *, identity: str, device: str) -> dict:
+    # the device as in score-hf's key: a GPU sums in another order (and loads in the saved dtype), which can
+    # move a near-tie
+    return {**task_inputs(task, items.info["items_sha256"], variant=identity, backend=BACKEND_HF,
+                          backend_version=f"transformers {_version('transformers')}; scorer {HF_SCORER_VERSION}"),
+            "device": device}
 
 
 def gguf_task_inputs(task: ResolvedTask, items: Entry, *, gguf_sha256: str, toolchain) -> dict:
@@ -352,7 +355,7 @@ def score_task_hf_stored(*, model_dir: Path, identity: str, task: ResolvedTask, 
             return score_task_hf(model_dir=model_dir, task=task, items=stored_items(items), manager=manager,
                                  device=device, trust_remote_code=trust_remote_code)
 
-    return _stored(store, "tasks-hf", hf_task_inputs(task, items, identity=identity), produce)
+    return _stored(store, "tasks-hf", hf_task_inputs(task, items, identity=identity, device=device), produce)
 
 
 def score_task_gguf_stored(*, gguf: Path, gguf_sha256: str, task: ResolvedTask, items: Entry, store: Store, toolchain,
