@@ -635,38 +635,3 @@ def check_target(target: GGUFTarget, *, parameters: int, config: dict | None, wh
                           f"Q2_K take about {floor / GIB:.3f} GiB for this model's {parameters:,} weights "
                           f"(fix: raise the budget to at least {floor / GIB:.3f} GiB of weights)")
     return budget
-
-
-def sensitivity_cost(recipe, params: dict, facts):
-    """quantkit.estimate's figures for the budget nodes: a --pure file while it is compared, one f32 copy of
-    the largest tensor x 3."""
-    from quantkit.estimate import Cost, MiB, base_gguf_bytes
-
-    return Cost(MiB, base_gguf_bytes(recipe, facts) + facts.largest_tensor * 4 * 3)
-
-
-def sensitivity_kld_cost(recipe, params: dict, facts):
-    from quantkit.estimate import Cost, MiB, base_gguf_bytes
-
-    return Cost(MiB, base_gguf_bytes(recipe, facts) * 2)
-
-
-def _target_budget(recipe, params: dict, facts) -> int:
-    """The budget of a mix's target, checked against the model's size here (BudgetError names the target),
-    so `plan` refuses it up front."""
-    target = recipe.gguf.targets[params["index"]]
-    return check_target(target, parameters=facts.parameters, config=facts.config,
-                        where=f"gguf.targets[{params['index']}] ({target.name})")
-
-
-def mix_cost(recipe, params: dict, facts):
-    from quantkit.estimate import Cost, MiB
-
-    _target_budget(recipe, params, facts)
-    return Cost(MiB, 256 * MiB)
-
-
-def quantize_mix_cost(recipe, params: dict, facts):
-    from quantkit.estimate import Cost, base_gguf_bytes
-
-    return Cost(_target_budget(recipe, params, facts), base_gguf_bytes(recipe, facts) + facts.largest_tensor * 4 * 4)

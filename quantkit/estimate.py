@@ -702,6 +702,35 @@ def gguf_shards(size: int, max_file_bytes: int) -> int:
     return len(split_names("x.gguf", size, shard_bytes=shard_bytes_for(max_file_bytes)))
 
 
+def sensitivity_cost(recipe, params: dict, facts):
+    """The size-budget search's nodes: a --pure file while it is compared, one f32 copy of
+    the largest tensor x 3."""
+    return Cost(MiB, base_gguf_bytes(recipe, facts) + facts.largest_tensor * 4 * 3)
+
+
+def sensitivity_kld_cost(recipe, params: dict, facts):
+    return Cost(MiB, base_gguf_bytes(recipe, facts) * 2)
+
+
+def _target_budget(recipe, params: dict, facts) -> int:
+    """The budget of a mix's target, checked against the model's size here (BudgetError names the target),
+    so `plan` refuses it up front."""
+    from quantkit.budget import check_target
+
+    target = recipe.gguf.targets[params["index"]]
+    return check_target(target, parameters=facts.parameters, config=facts.config,
+                        where=f"gguf.targets[{params['index']}] ({target.name})")
+
+
+def mix_cost(recipe, params: dict, facts):
+    _target_budget(recipe, params, facts)
+    return Cost(MiB, 256 * MiB)
+
+
+def quantize_mix_cost(recipe, params: dict, facts):
+    return Cost(_target_budget(recipe, params, facts), base_gguf_bytes(recipe, facts) + facts.largest_tensor * 4 * 4)
+
+
 def published_gguf_bytes(recipe: Recipe, facts: ModelFacts) -> list[int]:
     """The size of every GGUF the run folder holds and publishing stages: the base, each type, each size-budget
     mix (another publisher's file is scored, never published)."""
@@ -711,8 +740,6 @@ def published_gguf_bytes(recipe: Recipe, facts: ModelFacts) -> list[int]:
     sizes = [base_gguf_bytes(recipe, facts)]
     sizes += [quantize_bytes(facts, v.type, **_variant_kwargs(recipe, i)) for i, v in enumerate(spec.types)]
     if spec.targets:
-        from quantkit.budget import quantize_mix_cost
-
         sizes += [quantize_mix_cost(recipe, {"index": i}, facts).disk_bytes for i in range(len(spec.targets))]
     return sizes
 

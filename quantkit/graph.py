@@ -779,10 +779,6 @@ def _on_set(name: str) -> Callable:
     return functools.partial(_late("quantkit.estimate", "on_set"), name)
 
 
-def _budget(name: str) -> Callable:
-    return _late("quantkit.budget", name)
-
-
 def _score_into(scores: dict, entry: Entry) -> None:
     scores.update(entry.info["score"])
 
@@ -856,15 +852,15 @@ KINDS.update({
                          _serve_hf_inputs, "serve-hf", time_class="seconds", cost=_est("serve_hf_cost"),
                          seconds=_est("serve_hf_seconds"), scores=_serve_into),
     "sensitivity": StepKind(_sensitivity, "sensitivity.json (per-tensor error and bytes of one type)",
-                            _sensitivity_inputs, "sensitivity", cost=_budget("sensitivity_cost"),
+                            _sensitivity_inputs, "sensitivity", cost=_est("sensitivity_cost"),
                             seconds=_est("search_seconds")),
     "sensitivity-kld": StepKind(_sensitivity_kld, "calibration.json (KLD per tensor role and probe type)",
-                                _sensitivity_kld_inputs, "sensitivity-kld", gpu=True, cost=_budget("sensitivity_kld_cost"),
+                                _sensitivity_kld_inputs, "sensitivity-kld", gpu=True, cost=_est("sensitivity_kld_cost"),
                                 seconds=_est("search_seconds")),
     "mix": StepKind(_mix, "tensor-types.txt (the searched mix, checked against the stock type) and mix.json",
-                    _mix_inputs, "mix", gpu=True, cost=_budget("mix_cost"), seconds=_est("search_seconds")),
+                    _mix_inputs, "mix", gpu=True, cost=_est("mix_cost"), seconds=_est("search_seconds")),
     "quantize-mix": StepKind(_quantize_mix, "model.gguf with its tensor-types.txt", _quantize_mix_inputs, "quantize",
-                             cost=_budget("quantize_mix_cost"), seconds=_est("search_seconds"), large=True,
+                             cost=_est("quantize_mix_cost"), seconds=_est("search_seconds"), large=True,
                              format="gguf"),
     "set-logits": StepKind(_evalsets("set_logits"), "the reference log-probs on one more evaluation set",
                            _evalsets("set_logits_inputs"), "base-logits", gpu=True, lazy=True, transient=True,
