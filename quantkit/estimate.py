@@ -15,8 +15,8 @@ reads the headers of a Hub repo with Range requests).
   The constants below were fitted to ``benchmarks/scaling.py`` (0.5B to 3B parameters, Llama and Qwen
   shapes); benchmarks/README.md shows the error of each node kind at each size.
 
-Time is not estimated here: it depends on the machine (benchmarks/README.md gives per-step rates of
-one 2-core machine); the plan shows a time class per node kind.
+Time is tokens (or weights) x a rate per node kind (``RATE``, ``PER_WEIGHT``), fitted on the demo on one 2-core
+machine; the console's ETA scales the rates by how fast this machine ran the nodes already done.
 """
 
 from __future__ import annotations
