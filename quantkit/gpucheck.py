@@ -178,14 +178,17 @@ def cuda_build_arch(build_dir: Path) -> str | None:
 def _tar_xz(dest: Path, files: dict[str, Path]) -> None:
     """``files`` (name in the archive -> file) into ``dest``, written beside and renamed into place.
 
-    xz with a 64 MiB dictionary: the tools link the same ggml-cuda, so most of each binary repeats the
-    one before it within the window."""
+    xz with a dictionary longer than the largest file: the tools link the same ggml-cuda, so most of each
+    binary repeats the one before it, which xz finds only within its window (with a 64 MiB window, six sm_90
+    tools of 62-69 MiB each came to over 120 MB; the window costs its size in memory to unpack)."""
     import lzma
     import tarfile
 
+    largest_mib = -(-max(p.stat().st_size for p in files.values()) // 2**20)  # rounded up
+    window = max(64, largest_mib + 1) * 2**20
     tmp = dest.with_name(dest.name + ".partial")
     with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ,
-                   filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 64 * 2**20}]) as xz, \
+                   filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": window}]) as xz, \
             tarfile.open(fileobj=xz, mode="w") as tar:
         for name, path in sorted(files.items()):
             info = tar.gettarinfo(str(path), arcname=name)
