@@ -4,18 +4,16 @@ llama-gguf-split shards (issue #28); the plan shows how many, and publishing's n
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 
 import pytest
-from test_plan_hub import CONFIG as CONFIG_8B, header_only, llama_8b_shapes
+from test_plan_hub import CONFIG as CONFIG_8B, hub_online, llama_8b_shapes, llama_shapes, write_header_repo
 
 from quantkit.estimate import Cost, ModelFacts, publish_cost
 from quantkit.plan import plan, render, totals
 from quantkit.recipe import Publish, load_recipe
 
-from localhub import LocalHub
 
 REPO = "meta-llama/Llama-3.1-70B-Instruct"
 COMMIT = "1605565b47bb9346c5515c34102e054115b4f98b"  # the snapshot public caches of the repo resolve to
@@ -29,16 +27,7 @@ PARAMS = 70_553_706_496  # Llama-3.1-70B
 
 
 def llama_70b_shapes() -> list[tuple[str, list[int]]]:
-    h, f, v, kv = 8192, 28672, 128256, 8 * 128
-    out = [("model.embed_tokens.weight", [v, h])]
-    for i in range(80):
-        p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", [h]), (p + "post_attention_layernorm.weight", [h]),
-                (p + "self_attn.q_proj.weight", [h, h]), (p + "self_attn.k_proj.weight", [kv, h]),
-                (p + "self_attn.v_proj.weight", [kv, h]), (p + "self_attn.o_proj.weight", [h, h]),
-                (p + "mlp.gate_proj.weight", [f, h]), (p + "mlp.up_proj.weight", [f, h]),
-                (p + "mlp.down_proj.weight", [h, f])]
-    return out + [("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
+    return llama_shapes(hidden=8192, ffn=28672, vocab=128256, kv=8 * 128, layers=80)
 
 
 RECIPE = textwrap.dedent(f"""\
@@ -55,29 +44,17 @@ RECIPE = textwrap.dedent(f"""\
 def project(tmp_path, monkeypatch):
     """The 70B repo as the Hub has it (30 shards and the index, each shard only its header), and a recipe
     without a publish section: the default max_file_gib."""
-    folder = tmp_path / "hub-files"
-    folder.mkdir()
     shapes = llama_70b_shapes()
     n = len(shapes)
     parts = {f"model-{i + 1:05d}-of-00030.safetensors": shapes[i * n // 30:(i + 1) * n // 30] for i in range(30)}
-    for name, part in parts.items():
-        (folder / name).write_bytes(header_only(part))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {t: f for f, part in parts.items() for t, _ in part}}))
-    (folder / "config.json").write_text(json.dumps(CONFIG))
+    folder = write_header_repo(tmp_path / "hub-files", parts, CONFIG)
     (tmp_path / "recipes").mkdir()
     (tmp_path / "calibration").mkdir()
     (tmp_path / "calibration" / "calib.txt").write_text("Calibration paragraph. " * 40 + "\n")
     (tmp_path / "recipes" / "llama-70b.yaml").write_text(RECIPE)
     monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("QUANTKIT_PROJECT", str(tmp_path))
-    from huggingface_hub import constants
-
-    with LocalHub(REPO, folder, COMMIT, None) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with hub_online(REPO, folder, COMMIT, monkeypatch, tmp_path / "hf-cache"):
         yield tmp_path
 
 

@@ -3,6 +3,7 @@ only (served by the local Hub), the verdict for this machine, the preflight's re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import textwrap
@@ -23,10 +24,11 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_
           "torch_dtype": "bfloat16"}
 
 
-def llama_8b_shapes() -> list[tuple[str, list[int]]]:
-    h, f, v, kv = 4096, 14336, 128256, 1024
+def llama_shapes(*, hidden: int, ffn: int, vocab: int, kv: int, layers: int) -> list[tuple[str, list[int]]]:
+    """Every tensor of a Llama checkpoint (untied output) as transformers names and shapes it."""
+    h, f, v = hidden, ffn, vocab
     out = [("model.embed_tokens.weight", [v, h])]
-    for i in range(32):
+    for i in range(layers):
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", [h]), (p + "post_attention_layernorm.weight", [h]),
                 (p + "self_attn.q_proj.weight", [h, h]), (p + "self_attn.k_proj.weight", [kv, h]),
@@ -34,6 +36,10 @@ def llama_8b_shapes() -> list[tuple[str, list[int]]]:
                 (p + "mlp.gate_proj.weight", [f, h]), (p + "mlp.up_proj.weight", [f, h]),
                 (p + "mlp.down_proj.weight", [h, f])]
     return out + [("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
+
+
+def llama_8b_shapes() -> list[tuple[str, list[int]]]:
+    return llama_shapes(hidden=4096, ffn=14336, vocab=128256, kv=1024, layers=32)
 
 
 def header_only(tensors: list[tuple[str, list[int]]]) -> bytes:
@@ -50,19 +56,38 @@ def header_only(tensors: list[tuple[str, list[int]]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def write_header_repo(folder: Path, parts: dict[str, list[tuple[str, list[int]]]], config: dict) -> Path:
+    """A sharded checkpoint as the Hub stores it, each shard only its header: the shards, their index and
+    config.json."""
+    folder.mkdir()
+    for name, part in parts.items():
+        (folder / name).write_bytes(header_only(part))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {t: f for f, part in parts.items() for t, _ in part}}))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@contextlib.contextmanager
+def hub_online(repo: str, folder: Path, commit: str, monkeypatch, cache: Path):
+    """The local Hub serving ``folder`` as ``repo`` at ``commit``, and huggingface_hub pointed at it (online,
+    with its own cache)."""
+    from huggingface_hub import constants
+
+    with LocalHub(repo, folder, commit, None) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(cache))
+        yield hub
+
+
 @pytest.fixture
 def hub_repo(tmp_path):
     """The 8B repo as the Hub has it, two shards and the index, each shard only its header."""
-    folder = tmp_path / "hub-files"
-    folder.mkdir()
     shapes = llama_8b_shapes()
     halves = {"model-00001-of-00002.safetensors": shapes[:150], "model-00002-of-00002.safetensors": shapes[150:]}
-    for name, part in halves.items():
-        (folder / name).write_bytes(header_only(part))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {t: f for f, part in halves.items() for t, _ in part}}))
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    with LocalHub(REPO, folder, COMMIT, None) as hub:
+    with LocalHub(REPO, write_header_repo(tmp_path / "hub-files", halves, CONFIG), COMMIT, None) as hub:
         yield hub
 
 

@@ -4,18 +4,16 @@ projection), priced as the converter stacks them and as llama-quantize types the
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
-from test_plan_hub import header_only
+from test_plan_hub import hub_online, write_header_repo
 
 from quantkit.estimate import CALIBRATION_BYTES_PER_TOKEN, RATE
 from quantkit.plan import Machine, plan, render, totals
 
-from localhub import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "qwen3-30b-a3b.yaml"
@@ -53,25 +51,13 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "recipes").mkdir()
     shutil.copy(RECIPE, tmp_path / "recipes" / RECIPE.name)
     shutil.copytree(REPO_ROOT / "calibration", tmp_path / "calibration")
-    folder = tmp_path / "hub-files"
-    folder.mkdir()
     all_shapes = shapes()
     quarter = -(-len(all_shapes) // 4)
     parts = {f"model-0000{i + 1}-of-00004.safetensors": all_shapes[i * quarter:(i + 1) * quarter] for i in range(4)}
-    for name, part in parts.items():
-        (folder / name).write_bytes(header_only(part))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {t: f for f, part in parts.items() for t, _ in part}}))
-    (folder / "config.json").write_text(json.dumps(CONFIG))
+    folder = write_header_repo(tmp_path / "hub-files", parts, CONFIG)
     monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("QUANTKIT_PROJECT", str(tmp_path))
-    from huggingface_hub import constants
-
-    with LocalHub(REPO, folder, COMMIT, None) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with hub_online(REPO, folder, COMMIT, monkeypatch, tmp_path / "hf-cache"):
         yield tmp_path
 
 
