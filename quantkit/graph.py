@@ -247,31 +247,39 @@ def dependents(nodes: list[Node]) -> dict[str, list[str]]:
 
 # --- the kinds -------------------------------------------------------------------------------------
 
-def _source(ctx: RunContext, node: Node, deps: Results) -> Source:
-    model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
-    log.info("model %s: %d files, digest %s", model.repo or model.path, len(model.files), model.digest[:12])
-    if ctx.recipe.model.mmproj is None:
-        from quantkit.mmproj import check_decided
+def _digests(ctx: RunContext) -> DigestCache:
+    """The store's cache of project files' digests (by path, size and mtime)."""
+    return DigestCache(ctx.store.root / "digests.json")
 
-        check_decided(model)
+
+def _fetched(ctx: RunContext) -> Source:
+    model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=_digests(ctx))
     if ctx.recipe.calibration.conversations:
         model.check_links()  # the chat template is read from the folder by transformers
     return Source(model, load_calibration(ctx.recipe.calibration, root=ctx.root, model_dir=model.path,
                                           trust_remote_code=ctx.recipe.model.trust_remote_code))
 
 
+def _source(ctx: RunContext, node: Node, deps: Results) -> Source:
+    source = _fetched(ctx)
+    model = source.model
+    log.info("model %s: %d files, digest %s", model.repo or model.path, len(model.files), model.digest[:12])
+    if ctx.recipe.model.mmproj is None:
+        from quantkit.mmproj import check_decided
+
+        check_decided(model)
+    return source
+
+
 def _local_source(ctx: RunContext) -> Source | None:
     """The source node's result without running it (the plan's ``found``): when the model folder is on disk (a
-    Hub model in the local cache), else None."""
-    if ctx.recipe.model.repo and not _hub_cached(ctx):
+    Hub model in the local cache) and the calibration text is project files, else None."""
+    if not ctx.recipe.calibration.files or (ctx.recipe.model.repo and not _hub_cached(ctx)):
         return None
     try:
-        model = fetch_model(source=ctx.recipe.model, root=ctx.root, digests=DigestCache(ctx.store.root / "digests.json"))
-        calib = load_calibration(ctx.recipe.calibration, root=ctx.root, model_dir=model.path,
-                                 trust_remote_code=ctx.recipe.model.trust_remote_code) if ctx.recipe.calibration.files else None
+        return _fetched(ctx)
     except QuantkitError:
         return None
-    return Source(model, calib) if calib else None
 
 
 def _hub_cached(ctx: RunContext) -> bool:
@@ -324,10 +332,8 @@ def _mmproj_inputs(ctx, node, deps):
 
 
 def _external_kw(ctx, node, deps):
-    from quantkit.digest import DigestCache
-
     return dict(spec=ctx.recipe.compare[node.params["index"]], root=ctx.root, base=deps["convert"],
-                digests=DigestCache(ctx.store.root / "digests.json"))
+                digests=_digests(ctx))
 
 
 def _external_inputs(ctx, node, deps):
