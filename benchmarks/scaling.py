@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 WORK = REPO / "models" / "bench-work"
 RESULTS = REPO / "benchmarks" / "results" / "scaling.json"
 PLOT = REPO / "benchmarks" / "results" / "scaling.png"
+TABLE = REPO / "benchmarks" / "results" / "scaling.md"  # every measured node (report writes it)
 TOKENIZER_FROM = REPO / "models" / "smollm2-135m-instruct"
 MiB = 2**20
 GiB = 2**30
@@ -86,13 +87,23 @@ SHAPES = {
 OUTSIDE_THE_LADDER = {"vocab-262k", "gemma3-270m", "ffn-wide"}
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"]  # the demo's: sized by --dry-run
 MEASURED_TYPES = ["Q8_0", "Q4_K_M", "Q2_K"]  # the recipe's types: quantized for real (time and RAM)
-SCORED = {"F16", "Q4_K_M"}  # GGUF variants whose score node is measured (every checkpoint's is)
 # llama-imatrix and llama-perplexity put n_batch / ctx = 4 chunks of 512 in one batch: 8 and 4 chunks fill it
 # (the first four sizes ran 2 and 2; each record keeps what it ran, and the estimates are made for that).
 LADDER_RAN = {"imatrix": {"ctx": 512, "chunks": 2}, "evaluation": {"ctx": 512, "max_tokens": 1024}}
 IMATRIX = {"ctx": 512, "chunks": 8}
 EVALUATION = {"ctx": 512, "max_tokens": 2048}  # four chunks: base logits, PPL, KLD
-GPTQ = {"bits": 4, "group_size": 64, "desc_act": True, "samples": 16, "seq_len": 128}  # the demo recipe's
+GPTQ = {"bits": 4, "group_size": 64, "desc_act": True, "samples": 16, "seq_len": 128}  # the first records'
+# Every node kind (the sizes named by --gptq since 2026-12-05): the demo recipe's GPTQ and AWQ settings, one
+# more evaluation set, a task, speed, the serve checks and a size budget, bounded.
+GPTQ_EVERY = {"bits": 4, "group_size": 64, "desc_act": False, "group_aware": True, "damp_percent": 0.1,
+              "samples": 16, "seq_len": 128}
+AWQ = {"w_bit": 4, "q_group_size": 64, "zero_point": True, "version": "GEMM", "samples": 8, "seq_len": 128,
+       "clip": False}
+EVERY_KIND = {"set_tokens": 1024, "task_items": 16, "bpw": 5.5, "awq": AWQ}
+# Of the nodes that measure each variant, one or a few of a kind run (each is another pass of the same cost):
+MEASURED_LABELS = {"score-gguf": {"F16", "Q4_K_M"}, "score-set-gguf": {"Q4_K_M"}, "tasks-gguf": {"Q4_K_M"},
+                   "bench-gguf": {"Q4_K_M"}, "serve-gguf": {"Q4_K_M"}, "score-set-hf": {"GPTQ"},
+                   "tasks-hf": {"HF", "GPTQ"}, "bench-hf": {"GPTQ"}, "serve-hf": {"GPTQ"}}
 SHARD_BYTES = 2 * GiB
 DEMO = "smollm2-135m"  # not generated: models/smollm2-135m-instruct (quantkit demo-model)
 
@@ -182,18 +193,16 @@ def write_checkpoint(name: str, dest: Path) -> dict:
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     pieces = SHAPES[name].get("tokenizer_pieces")
-    if pieces is not None:  # a sentencepiece model (padded to the vocabulary when 0), not the demo's tokenizer
-        shutil.copy(sentencepiece_model(pieces), dest / "tokenizer.model")
-        if pieces:
-            write_tokenizer_json(dest / "tokenizer.model", dest / "tokenizer.json")
-    elif cfg["model_type"] == "llama":
+    if cfg["model_type"] == "llama" and pieces is None:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(TOKENIZER_FROM / f, dest / f)
     else:
-        # transformers 5 loads a qwen2 folder's tokenizer.json as Qwen2Tokenizer, whose pre-tokenizer hash
-        # the converter does not know for this vocabulary; a sentencepiece model takes the converter's
-        # other path (padded to the vocabulary all the same). These folders are not loaded in torch.
-        shutil.copy(sentencepiece_model(), dest / "tokenizer.model")
+        # a sentencepiece model (grown to ``pieces`` real pieces; else the trained one, which the converter pads
+        # to the vocabulary), with its tokenizer.json. A qwen2 folder takes the converter's sentencepiece path
+        # through it: the demo's tokenizer.json alone would be read as Qwen2Tokenizer's BPE, whose pre-tokenizer
+        # hash the pinned converter does not know for this vocabulary.
+        shutil.copy(sentencepiece_model(pieces or 0), dest / "tokenizer.model")
+        write_tokenizer_json(dest / "tokenizer.model", dest / "tokenizer.json")
     return cfg
 
 
@@ -232,18 +241,29 @@ def sentencepiece_model(pieces: int = 0) -> Path:
     return grown
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def write_tokenizer_json(model: Path, dest: Path) -> None:
-    """Beside tokenizer.model, the tokenizer.json a large sentencepiece model ships with (Gemma's does): a BPE
-    vocabulary of every piece and a merge for each (the converter's gguf.SpecialVocab parses the whole file)."""
+    """Beside tokenizer.model, the tokenizer.json a sentencepiece model ships with (Gemma's does): a Unigram
+    vocabulary of every piece with its score, which transformers loads and the converter's gguf.SpecialVocab
+    parses whole; and a tokenizer_config.json with a ChatML template, for the serve checks."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.read_bytes())
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    merges = [[p.piece[:len(p.piece) // 2], p.piece[len(p.piece) // 2:]] for p in proto.pieces if len(p.piece) > 1]
-    dest.write_text(json.dumps({"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
-                                "model": {"type": "BPE", "byte_fallback": True, "vocab": vocab, "merges": merges}},
-                               ensure_ascii=False))
+    vocab = [[p.piece, p.score] for p in proto.pieces]
+    unk = next((i for i, p in enumerate(proto.pieces) if p.type == 2), 0)  # UNKNOWN
+    dest.write_text(json.dumps({
+        "version": "1.0", "added_tokens": [], "normalizer": {"type": "Replace", "pattern": {"String": " "},
+                                                             "content": "\u2581"},
+        "pre_tokenizer": None, "decoder": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never",
+                                           "split": True},
+        "model": {"type": "Unigram", "unk_id": unk, "byte_fallback": True, "vocab": vocab}}, ensure_ascii=False))
+    (dest.parent / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHAT_TEMPLATE, "bos_token": proto.pieces[1].piece, "eos_token": proto.pieces[2].piece,
+         "unk_token": proto.pieces[unk].piece}))
 
 
 def read_headers(folder: Path) -> list[dict]:
@@ -257,39 +277,56 @@ def read_headers(folder: Path) -> list[dict]:
 
 # --- one node of the graph in a child process --------------------------------------------------------
 
-def recipe_text(name: str, *, gptq: bool, imatrix: dict = IMATRIX, evaluation: dict = EVALUATION) -> str:
+def recipe_text(name: str, *, gptq: dict | None, imatrix: dict = IMATRIX, evaluation: dict = EVALUATION,
+                every_kind: dict | None = None) -> str:
+    """The size's recipe. With ``every_kind`` (``--gptq`` sizes), every node kind a text model's recipe makes:
+    a second evaluation set, a task, speed, the serve checks, a size budget, GPTQ and AWQ, each bounded."""
     lines = [f"name: bench-{name}", "model:", f"  path: models/bench-work/{name}/hf", f"  name: bench-{name}",
              "calibration:", "  files: [calibration/en-prose.txt, calibration/code-python.txt]",
              "evaluation:", "  file: calibration/eval/en-prose-heldout.txt",
-             f"  ctx: {evaluation['ctx']}", f"  max_tokens: {evaluation['max_tokens']}", "  bench: false",
-             "gguf:", "  base_type: f16",
-             f"  imatrix: {{enabled: true, ctx: {imatrix['ctx']}, chunks: {imatrix['chunks']}}}",
-             f"  types: [{', '.join(MEASURED_TYPES)}]"]
+             f"  ctx: {evaluation['ctx']}", f"  max_tokens: {evaluation['max_tokens']}"]
+    if every_kind:
+        lines += ["  sets:", "    - {name: code, file: calibration/eval/code-python-heldout.txt, ctx: 512,"
+                  f" max_tokens: {every_kind['set_tokens']}}}",
+                  "  bench_reps: 1", "  tasks:", f"    - {{name: which-word-fits, limit: {every_kind['task_items']}}}"]
+    else:
+        lines.append("  bench: false")
+    lines += ["gguf:", "  base_type: f16",
+              f"  imatrix: {{enabled: true, ctx: {imatrix['ctx']}, chunks: {imatrix['chunks']}}}",
+              f"  types: [{', '.join(MEASURED_TYPES)}]"]
+    if every_kind:
+        lines += [f"  targets: [{{bpw: {every_kind['bpw']}}}]"]
     if gptq:
-        lines += ["gptq:"] + [("  - " if i == 0 else "    ") + f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
-                              for i, (k, v) in enumerate(GPTQ.items())]
+        lines += ["gptq:"] + _yaml_item(gptq)
+    if every_kind:
+        lines += ["awq:"] + _yaml_item(every_kind["awq"]) + ["serve: {}"]
     return "\n".join(lines) + "\n"
 
 
-def recipe_of(name: str, *, gptq: bool, **settings):
+def _yaml_item(settings: dict) -> list[str]:
+    return [("  - " if i == 0 else "    ") + f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
+            for i, (k, v) in enumerate(settings.items())]
+
+
+def recipe_of(name: str, **settings):
     import yaml
 
     from quantkit.recipe import Recipe
 
-    return Recipe.model_validate(yaml.safe_load(recipe_text(name, gptq=gptq, **settings)), context={"root": REPO})
+    return Recipe.model_validate(yaml.safe_load(recipe_text(name, **settings)), context={"root": REPO})
 
 
-def measured_nodes(name: str, *, gptq: bool) -> list:
-    """The graph's nodes this benchmark measures, in graph order: all but the run folder, and the scores
-    of the base and of Q4_K_M only (each score is a forward pass like the others: bounded time)."""
+def measured_nodes(recipe) -> list:
+    """The graph's nodes this benchmark measures, in graph order: all but the run folder, and of the nodes
+    that measure a variant those of ``MEASURED_LABELS`` (a label's first word: "GPTQ" is GPTQ-4bit-g64)."""
     from quantkit.graph import build_graph
 
     def wanted(node) -> bool:
-        if node.kind in ("score-gguf", "score-hf"):
-            return node.label in SCORED or node.kind == "score-hf"
-        return node.kind != "run-folder"
+        labels = MEASURED_LABELS.get(node.kind)
+        return node.kind != "run-folder" and (labels is None or node.label.split("-")[0] in labels
+                                              or node.label.split(":")[0] in labels)
 
-    return [n for n in build_graph(recipe_of(name, gptq=gptq), publish=False) if wanted(n)]
+    return [n for n in build_graph(recipe, publish=False) if wanted(n)]
 
 
 def _entries(store: Path) -> dict[str, int]:
@@ -336,11 +373,14 @@ def measure(name: str, node) -> dict:
         time.sleep(0.1)
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    # a task that scores at chance fails its check after the node ran and stored its result: random weights
+    # do, so that is measured like any other run (and said in the record)
+    at_chance = proc.returncode != 0 and "scores at chance" in err
+    if proc.returncode != 0 and not at_chance:
         raise SystemExit(f"{name} {node.name} failed ({proc.returncode}):\n{err[-4000:]}")
     added = {k: v for k, v in _entries(store).items() if k not in before}
     rec = {"node": node.name, "kind": node.kind, "label": node.label, "seconds": round(seconds, 2), **peak,
-           "bytes": sum(added.values()), "entries": sorted(added)}
+           "bytes": sum(added.values()), "entries": sorted(added), **({"at_chance": True} if at_chance else {})}
     for key in added:
         if (score := store / key / "score.json").is_file():
             s = json.loads(score.read_text())
@@ -368,11 +408,13 @@ def dry_run_sizes(name: str) -> dict[str, int]:
     return sizes
 
 
-def run_size(name: str, *, gptq: bool, keep: bool) -> dict:
+def run_size(name: str, *, every_kind: bool, keep: bool) -> dict:
     folder = WORK / name
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "hf").mkdir(parents=True)
-    (folder / "recipe.yaml").write_text(recipe_text(name, gptq=gptq))
+    settings = {"imatrix": IMATRIX, "evaluation": EVALUATION, "gptq": GPTQ_EVERY if every_kind else None,
+                "every_kind": EVERY_KIND if every_kind else None}
+    (folder / "recipe.yaml").write_text(recipe_text(name, **settings))
     t0 = time.perf_counter()
     if name == DEMO:  # the demo's checkpoint itself (trained weights, Llama shape): hard links, no copy
         for f in TOKENIZER_FROM.iterdir():
@@ -384,12 +426,11 @@ def run_size(name: str, *, gptq: bool, keep: bool) -> dict:
     headers = read_headers(folder / "hf")
     params = sum(_numel(m["shape"]) for h in headers for k, m in h.items() if k != "__metadata__")
     print(f"{name}: {params / 1e9:.2f} B parameters, written in {time.perf_counter() - t0:.0f} s", flush=True)
-    nodes = [measure(name, node) for node in measured_nodes(name, gptq=gptq)]
+    nodes = [measure(name, node) for node in measured_nodes(recipe_of(name, **settings))]
     record = {"name": name, "parameters": params, "config": cfg, "headers": _slim(headers),
               "source_bytes": sum(f.stat().st_size for f in (folder / "hf").glob("*.safetensors")),
               "nodes": nodes, "dry_run": dry_run_sizes(name), "machine": _machine(),
-              "date": time.strftime("%Y-%m-%d"), "imatrix": IMATRIX, "evaluation": EVALUATION,
-              "gptq": GPTQ if gptq else None}
+              "date": time.strftime("%Y-%m-%d"), **settings}
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
     return record
@@ -433,13 +474,14 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--sizes", default="qwen-0.5b,llama-1b,qwen-1.5b,llama-3b")
-    r.add_argument("--gptq", default=DEMO, help="sizes that also run GPTQ and torch scoring")
+    r.add_argument("--gptq", default=DEMO, help="sizes that run every node kind (GPTQ, AWQ, torch scoring, tasks, "
+                   "speed, serve checks, a size budget, a second set), not only the GGUF ladder")
     r.add_argument("--keep", action="store_true")
     sub.add_parser("report")
     args = ap.parse_args()
     if args.cmd == "run":
         for name in args.sizes.split(","):
-            save(run_size(name, gptq=name in args.gptq.split(","), keep=args.keep))
+            save(run_size(name, every_kind=name in args.gptq.split(","), keep=args.keep))
     else:
         report()
 
@@ -447,7 +489,10 @@ def main() -> None:
 
 # --- estimates beside the measurements -------------------------------------------------------------
 
-IN_PROCESS = {"gptq", "score-hf"}  # run inside quantkit's Python: the whole tree counts
+# Kinds whose work is in quantkit's own Python (torch, GPTQModel, lm-eval, numpy over the GGUF tensors), with
+# or without a tool beside it: the whole tree counts. The others' estimates are of the tool they run.
+IN_PROCESS = {"source", "task-items", "gptq", "awq", "rtn", "score-hf", "score-set-hf", "tasks-hf", "bench-hf",
+              "serve-hf", "sensitivity", "mix"}
 
 
 def estimates(size: dict) -> list[dict]:
@@ -456,8 +501,8 @@ def estimates(size: dict) -> list[dict]:
     from quantkit.graph import build_graph, node_cost
 
     facts = ModelFacts.from_headers(size["headers"], size["config"])
-    recipe = recipe_of(size["name"], gptq=size.get("gptq") is not None, imatrix=size["imatrix"],
-                       evaluation=size["evaluation"])
+    recipe = recipe_of(size["name"], gptq=size.get("gptq"), imatrix=size["imatrix"], evaluation=size["evaluation"],
+                       every_kind=size.get("every_kind"))
     graph = {n.name: n for n in build_graph(recipe, publish=False)}
     rows = []
     for measured in size["nodes"]:
@@ -471,13 +516,15 @@ def estimates(size: dict) -> list[dict]:
     return rows
 
 
-def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
-    """The markdown table (printed) and the plot of time, RAM and disk against parameters."""
+def report(results: Path = RESULTS, plot: Path = PLOT, table: Path = TABLE) -> str:
+    """Every measured node beside its estimate (written to ``table``), and printed: per node kind and shape the
+    worst RAM and disk error, the fitted slopes, the 8B plan; the plot of time, RAM and disk against parameters."""
     data = json.loads(results.read_text())
     lines = ["| size | params | node | time s | peak RSS MiB | est. RAM MiB | RAM err | written MiB | est. disk MiB "
              "| disk err |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     series: dict[str, list[tuple[float, float, float, float]]] = {}
     worst = []
+    by_kind: dict[str, dict[str, list]] = {}  # kind -> size -> the errors of its nodes there
     for size in data["sizes"]:
         for r in estimates(size):
             key = r["node"]
@@ -487,6 +534,7 @@ def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
                          f"{mib(r['ram'])} | {mib(r['est_ram'])} | {pct(r['ram_err'])} | "
                          f"{mib(r['bytes']) if r['bytes'] > MiB else ''} | {mib(r['est_disk'])} | "
                          f"{pct(r['disk_err'])} |")
+            by_kind.setdefault(r["kind"], {}).setdefault(size["name"], []).append(r)
             if size["name"] not in OUTSIDE_THE_LADDER:
                 series.setdefault(key, []).append((size["parameters"], r["seconds"], r["ram"], r["bytes"]))
             for what in ("ram_err", "disk_err"):
@@ -501,6 +549,9 @@ def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
                         <= 0.006 * MiB for q, b in dry.items() if b)
             lines.append(f"| {size['name']} | | llama-quantize --dry-run, {len(dry)} types | | | | | | | "
                          f"{'exact' if exact else 'DIFFERS'} |")
+    table.write_text("# Every measured node (`benchmarks/scaling.py report` writes this file)\n\n"
+                     + "\n".join(lines) + "\n")
+    summary = kind_summary(by_kind, [s["name"] for s in data["sizes"]])
     slopes = ["", "| node | time s per B params | peak RSS GiB per B params | written GiB per B params |",
               "|---|---:|---:|---:|"]
     import numpy as np
@@ -512,10 +563,33 @@ def report(results: Path = RESULTS, plot: Path = PLOT) -> str:
         x = np.array([p[0] for p in pts]) / 1e9
         fits[key] = [np.polyfit(x, np.array([p[i] for p in pts]) / (1 if i == 1 else GiB), 1) for i in (1, 2, 3)]
         slopes.append(f"| {key} | {fits[key][0][0]:.1f} | {fits[key][1][0]:.2f} | {fits[key][2][0]:.2f} |")
-    text = "\n".join(lines + slopes + ["", "beyond ±20 %: " + ("; ".join(worst) or "none"), ""] + at_8b(fits))
+    text = "\n".join(summary + slopes + ["", "beyond ±20 %: " + ("; ".join(worst) or "none"), ""] + at_8b(fits))
     _plot(series, plot)
     print(text)
     return text
+
+
+def kind_summary(by_kind: dict, sizes: list[str]) -> list[str]:
+    """One row per node kind, one column per shape: the estimate's largest RAM error and largest disk error
+    over the kind's nodes there ("RAM / disk", in %; no disk figure where the node writes under 1 MiB)."""
+    out = ["| node kind | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
+
+    def largest(errs: list) -> str:
+        errs = [e for e in errs if e is not None]
+        return f"{max(errs, key=abs) * 100:+.0f}" if errs else ""
+
+    for kind, cells in by_kind.items():
+        row = []
+        for name in sizes:
+            rs = cells.get(name)
+            if not rs:
+                row.append("")
+                continue
+            ram = largest([r["ram_err"] for r in rs]) or ("no est." if all(r["est_ram"] is None for r in rs) else "")
+            disk = largest([r["disk_err"] for r in rs])
+            row.append(ram + (f" / {disk}" if disk else ""))
+        out.append(f"| {kind} | " + " | ".join(row) + " |")
+    return out
 
 
 def at_8b(fits: dict, name: str = "llama-8b") -> list[str]:
@@ -529,7 +603,7 @@ def at_8b(fits: dict, name: str = "llama-8b") -> list[str]:
     cfg = config_for(name)
     facts = ModelFacts.from_headers([{n: {"dtype": "BF16", "shape": list(s)} for n, s in tensor_shapes(cfg)}], cfg)
     b = facts.parameters / 1e9
-    recipe = recipe_of(name, gptq=True, **LADDER_RAN)  # what the fitted sizes ran
+    recipe = recipe_of(name, gptq=GPTQ, **LADDER_RAN)  # what the fitted sizes ran
     out = [f"| {name} ({b:.2f} B) node | plan RAM GiB | fitted line RAM GiB | plan disk GiB | fitted line disk GiB |",
            "|---|---:|---:|---:|---:|"]
     for node in build_graph(recipe, publish=False):

@@ -40,8 +40,18 @@ GGUF_ALIGNMENT = 32
 # Fitted to benchmarks/scaling.py (see benchmarks/README.md).
 CONVERTER_BASE = 300 * MiB  # convert_hf_to_gguf.py with torch, numpy and the tokenizer loaded
 LLAMA_TOOL_BASE = 60 * MiB  # a llama.cpp binary before it maps the model
-TORCH_BASE = 700 * MiB  # Python with torch + transformers imported
+TORCH_BASE = 420 * MiB  # quantkit's process with torch + transformers imported
 GPTQMODEL_BASE = 800 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
+# torch on the CPU, fitted on two shapes of 49k and 262k tokens and checked on four more (benchmarks/README.md):
+# copies of one window's ctx x vocab f32 logits held while it is scored (logits, log-softmax, gathers), and with
+# KLD (the base's too, their difference and product); lm-eval beyond torch; a multiple-choice request's tokens
+SCORE_WINDOW_COPIES = 5.0
+KLD_WINDOW_COPIES = 6.5
+LM_EVAL_EXTRA = 48 * MiB
+HF_TASK_TOKENS = 64
+SERVE_PROMPT_TOKENS = 256  # the serve check's chat prompts (system, a tool definition, the question) in tokens
+QUANTKIT_BASE = 70 * MiB  # quantkit's own process (Python, pydantic, numpy, yaml): the source node hashes in it
+LM_EVAL_BASE = 210 * MiB  # quantkit's process with lm-eval imported, building a task's items
 GGUF_META_PER_TOKEN = 40  # tokenizer tokens, types and merges in the GGUF header, per vocab entry
 QUANTIZE_BASE = 40 * MiB  # llama-quantize with its buffers empty
 # The converter's vocabulary, per entry: its tokens, scores and types as Python lists, the tokenizer files
@@ -516,17 +526,6 @@ def kv_cache_bytes(facts: ModelFacts, ctx: int) -> int:
         return 0
 
 
-def llama_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int) -> int:
-    """A llama.cpp tool evaluating a model: the mapped weights, the KV cache, one context's logits (f32)
-    and the compute buffer (activations of a batch of ``ctx`` tokens)."""
-    cfg = facts.text_config
-    hidden = int(cfg.get("hidden_size") or 0)
-    ffn = int(cfg.get("intermediate_size") or 4 * hidden)
-    logits = ctx * (facts.vocab or 0) * 4
-    compute = ctx * (facts.vocab or 0) * 4 + ctx * (hidden * 6 + ffn * 3) * 4
-    return gguf_bytes + kv_cache_bytes(facts, ctx) + logits + compute + LLAMA_TOOL_BASE
-
-
 LLAMA_BATCH = 2048  # common_params' n_batch and n_ubatch at the pinned commit: quantkit passes neither -b nor -ub
 LLAMA_UBATCH = 512
 
@@ -610,7 +609,13 @@ def _eval_ctx(recipe: Recipe) -> int:
 
 
 def source_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    return Cost(facts.source_bytes if facts.origin == "hub" else 0, None)
+    # files are hashed (and downloaded) in blocks: nothing grows with the model
+    return Cost(facts.source_bytes if facts.origin == "hub" else 0, QUANTKIT_BASE)
+
+
+def task_items_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    # lm-eval builds a task's requests from its documents: kilobytes to a few MiB of items, whatever the model
+    return Cost(64 * 1024, LM_EVAL_BASE)
 
 
 def convert_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
@@ -670,10 +675,7 @@ def imatrix_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
 
 def quantize_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     size = quantize_bytes(facts, recipe.gguf.types[params["index"]].type, **_variant_kwargs(recipe, params["index"]))
-    # llama-quantize reads one tensor at a time into a buffer (the base type), converts it to f32 and
-    # quantizes it into a third (about a byte per weight): the largest tensor sets the peak, not the file.
-    in_bytes = 4 if recipe.gguf.base_type == "f32" else 2
-    return Cost(size, QUANTIZE_BASE + facts.largest_tensor * (in_bytes + 4 + 1))
+    return Cost(size, _quantize_ram(recipe, facts))
 
 
 def base_logits_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
@@ -702,14 +704,40 @@ def gguf_shards(size: int, max_file_bytes: int) -> int:
     return len(split_names("x.gguf", size, shard_bytes=shard_bytes_for(max_file_bytes)))
 
 
+def _quantize_ram(recipe: Recipe, facts: ModelFacts) -> int:
+    """llama-quantize reads one tensor at a time into a buffer (the base type), converts it to f32 and quantizes
+    it into a third (about a byte per weight): the largest tensor sets the peak, not the file."""
+    in_bytes = 4 if recipe.gguf.base_type == "f32" else 2
+    return QUANTIZE_BASE + facts.largest_tensor * (in_bytes + 4 + 1)
+
+
+def _kld_probe_ram(recipe: Recipe, facts: ModelFacts, chunks: int) -> int:
+    """quantkit.sensitivity.KLDProbe: llama-perplexity writes the base's log-probs on ``chunks`` chunks of
+    KLD_CTX tokens, then reads them back beside each probed file (smaller than the base)."""
+    from quantkit.sensitivity import KLD_CTX
+
+    return (batched_tool_ram(facts, base_gguf_bytes(recipe, facts), KLD_CTX, chunks)
+            + _log_probs_bytes(facts, KLD_CTX))
+
+
 def sensitivity_cost(recipe, params: dict, facts):
-    """The size-budget search's nodes: a --pure file while it is compared, one f32 copy of
-    the largest tensor x 3."""
-    return Cost(MiB, base_gguf_bytes(recipe, facts) + facts.largest_tensor * 4 * 3)
+    """llama-quantize --pure to one candidate type, then in quantkit's process the base and that file
+    memory-mapped side by side, dequantized ROWS_PER_BLOCK rows at a time (base, file and their difference
+    in f32)."""
+    from quantkit.sensitivity import CANDIDATES, ROWS_PER_BLOCK
+
+    pure = quantize_bytes(facts, CANDIDATES[params["label"]], has_imatrix=True)
+    block = max((min(ROWS_PER_BLOCK, t.count // t.shape[-1]) * t.shape[-1] for t in facts.tensors
+                 if len(t.shape) >= 2), default=0)
+    compare = base_gguf_bytes(recipe, facts) + pure + 3 * block * 4
+    return Cost(MiB, QUANTKIT_BASE + max(_quantize_ram(recipe, facts), compare))
 
 
 def sensitivity_kld_cost(recipe, params: dict, facts):
-    return Cost(MiB, base_gguf_bytes(recipe, facts) * 2)
+    """Per tensor group, probe files quantized (llama-quantize) and scored against the base's log-probs."""
+    from quantkit.sensitivity import PROBE_CHUNKS
+
+    return Cost(MiB, max(_quantize_ram(recipe, facts), _kld_probe_ram(recipe, facts, PROBE_CHUNKS)))
 
 
 def _target_budget(recipe, params: dict, facts) -> int:
@@ -723,12 +751,20 @@ def _target_budget(recipe, params: dict, facts) -> int:
 
 
 def mix_cost(recipe, params: dict, facts):
-    _target_budget(recipe, params, facts)
-    return Cost(MiB, 256 * MiB)
+    """The search in quantkit's process (its tables and a llama-quantize --dry-run of the mix), then, when a stock
+    type fits the budget, the closed loop: the mix and that type quantized and scored on CHECK_CHUNKS
+    calibration chunks against the base's log-probs (quantkit.budget.ClosedLoop)."""
+    from quantkit.budget import CHECK_CHUNKS, STOCK_FTYPES
+
+    budget = _target_budget(recipe, params, facts)
+    ram = QUANTKIT_BASE + QUANTIZE_BASE
+    if any(quantize_bytes(facts, t, has_imatrix=True) <= budget for t in STOCK_FTYPES):
+        ram = QUANTKIT_BASE + max(_quantize_ram(recipe, facts), _kld_probe_ram(recipe, facts, CHECK_CHUNKS))
+    return Cost(MiB, ram)
 
 
 def quantize_mix_cost(recipe, params: dict, facts):
-    return Cost(_target_budget(recipe, params, facts), base_gguf_bytes(recipe, facts) + facts.largest_tensor * 4 * 4)
+    return Cost(_target_budget(recipe, params, facts), _quantize_ram(recipe, facts))
 
 
 def published_gguf_bytes(recipe: Recipe, facts: ModelFacts) -> list[int]:
@@ -785,21 +821,107 @@ def score_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     return Cost(64 * 1024, ram)
 
 
-def llama_eval_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    """bench-gguf, serve-gguf: a llama.cpp tool over one context of the evaluation."""
-    return Cost(64 * 1024, llama_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), _eval_ctx(recipe)))
+def _resident_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int, batch_tokens: int) -> int:
+    """A llama.cpp tool that asks for the last token's logits only (llama-bench, llama-server): the mapped weights
+    and the KV cache (cleared at start, so resident) of its context, and the activations of the batches it
+    runs; ggml's compute buffer is reserved for a whole ubatch of logits but only the rows written are touched."""
+    cfg = facts.text_config
+    hidden = int(cfg.get("hidden_size") or 0)
+    ffn = int(cfg.get("intermediate_size") or 4 * hidden)
+    return (gguf_bytes + kv_cache_bytes(facts, ctx) + batch_tokens * (hidden * 6 + ffn * 3) * 4
+            + (facts.vocab or 0) * 4 + LLAMA_TOOL_BASE)
+
+
+def bench_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """llama-bench: a context of the prompt and the generated tokens."""
+    ev = recipe.evaluation
+    ctx = ev.bench_prompt_tokens + ev.bench_gen_tokens
+    return Cost(64 * 1024, _resident_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), ctx,
+                                              ev.bench_prompt_tokens))
+
+
+def serve_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """llama-server with one slot of quantkit.serving.llamaserver.CTX tokens, short chat prompts."""
+    from quantkit.serving.llamaserver import CTX
+
+    return Cost(64 * 1024, _resident_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), CTX,
+                                              _serve_tokens(recipe) // 3))
 
 
 def tasks_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """llama-perplexity --multiple-choice: a context of BATCH_CTX tokens over its parallel sequences (their KV) and
+    a vector of every position's logits (tools/perplexity: ``batch_logits(n_ctx * n_vocab)``, zero-filled)."""
     from quantkit.scoring.tasks_llamacpp import BATCH_CTX
 
-    # multiple-choice tasks batch whole tasks into a context of their own
-    return Cost(64 * 1024, llama_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), BATCH_CTX))
+    return Cost(64 * 1024, _scored_gguf_bytes(recipe, params, facts) + kv_cache_bytes(facts, BATCH_CTX)
+                + BATCH_CTX * (facts.vocab or 0) * 4 + LLAMA_TOOL_BASE)
+
+
+def _checkpoint_spec(recipe: Recipe, label: str):
+    """The GPTQ/AWQ/RTN settings of the checkpoint variant ``label``; None for the source model."""
+    for path, _fmt, lab in recipe.variant_labels():
+        if lab == label and len(path) == 2 and isinstance(path[1], int):
+            spec = getattr(recipe, path[0])[path[1]]
+            if hasattr(spec, "bits"):
+                return spec
+    return None
+
+
+def torch_model_bytes(facts: ModelFacts, spec=None) -> int:
+    """A model as quantkit loads it in transformers on the CPU: float32 weights; a checkpoint's linears stay
+    packed (their bits and group scales) beside everything else in float32."""
+    if spec is None:
+        return facts.parameters * 4
+    packed, other = _packed_and_other(facts, spec.bits, spec.group_size)
+    return int(packed + other * 4)
+
+
+def _torch_base(spec) -> int:
+    return TORCH_BASE if spec is None else GPTQMODEL_BASE  # a checkpoint needs GPTQModel's kernels imported
+
+
+def _load_transient(facts: ModelFacts, spec=None) -> int:
+    """While transformers loads a model into float32, the 16-bit tensors it converts are also mapped from the file:
+    a checkpoint's unquantized tensors (saved in 16 bits), or a 16-bit source's every tensor."""
+    if spec is not None:
+        return _packed_and_other(facts, spec.bits, spec.group_size)[1] * 2
+    return sum(t.count * DTYPE_BYTES.get(t.dtype.upper(), 4) for t in facts.tensors if t.dtype.upper() != "F32")
+
+
+def _torch_ram(facts: ModelFacts, spec, working: int, *, base: int | None = None) -> int:
+    """Peak of a torch node: the library, the model as loaded, and the larger of its load and its work."""
+    base = _torch_base(spec) if base is None else base
+    return base + torch_model_bytes(facts, spec) + max(_load_transient(facts, spec), working)
+
+
+def score_hf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """A window of ctx tokens through the model: its logits, log-softmax and the gathered scores; a checkpoint is
+    scored next to the float32 base (KLD): both models, both windows' log-probs and their difference."""
+    spec = _checkpoint_spec(recipe, params["label"])
+    window = _eval_ctx(recipe) * (facts.vocab or 0) * 4
+    if spec is None:
+        return Cost(64 * 1024, _torch_ram(facts, None, int(SCORE_WINDOW_COPIES * window)))
+    return Cost(64 * 1024, _torch_ram(facts, spec, torch_model_bytes(facts) + int(KLD_WINDOW_COPIES * window)))
+
+
+def tasks_hf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """lm-eval's HFLM: batches of HF_TASK_BATCH requests padded to the longest, their logits and log-softmax."""
+    from quantkit.scoring.tasks import HF_TASK_BATCH
+
+    spec = _checkpoint_spec(recipe, params["label"])
+    batch = HF_TASK_BATCH * HF_TASK_TOKENS * (facts.vocab or 0) * 4 * 2
+    return Cost(64 * 1024, LM_EVAL_EXTRA + _torch_ram(facts, spec, batch))
+
+
+def bench_hf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    """A greedy generation from a short prompt: one token's logits at a time."""
+    return Cost(64 * 1024, _torch_ram(facts, _checkpoint_spec(recipe, params["label"]), (facts.vocab or 0) * 4))
 
 
 def serve_hf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    # one checkpoint in float32, a short generation
-    return Cost(64 * 1024, TORCH_BASE + facts.parameters * 4)
+    """The serve check's chats: on the first step, the prompt's logits at every position and generate's copy."""
+    spec = _checkpoint_spec(recipe, params["label"])
+    return Cost(64 * 1024, _torch_ram(facts, spec, 2 * SERVE_PROMPT_TOKENS * (facts.vocab or 0) * 4))
 
 
 def _checkpoint_cost(spec, facts: ModelFacts) -> Cost:
@@ -816,13 +938,6 @@ def awq_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
 
 def rtn_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     return _checkpoint_cost(recipe.rtn[params["index"]], facts)
-
-
-def torch_eval_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    # float32 on the CPU; a quantized checkpoint is scored next to its float32 base (KLD).
-    models = 1 if params.get("is_base", True) else 2
-    logits = _eval_ctx(recipe) * (facts.vocab or 0) * 4 * 3
-    return Cost(64 * 1024, TORCH_BASE + models * facts.parameters * 4 + logits)
 
 
 # --- time per node kind --------------------------------------------------------------------------------
@@ -1004,10 +1119,10 @@ def vision_parameters(facts: ModelFacts) -> int:
 
 
 def gptqmodel_ram(facts: ModelFacts) -> int:
-    """GPTQModel quantizes layer by layer (lazily loaded, finished layers offloaded to disk): the
-    embedding stays resident in its own dtype, one decoder layer is held in f32 beside the Hessian of its
-    widest input (in_features² f32). RTN (weights only) holds the same or less. Fitted on SmolLM2-135M
-    (f32 source: 930 MiB measured); the 1B run of benchmarks/scaling.py checks the growth."""
+    """GPTQModel quantizes layer by layer (lazily loaded, finished layers offloaded to disk): the embedding stays
+    resident as loaded and in float32 (the calibration forward's dtype on the CPU), one decoder layer is held
+    in f32 beside the Hessian of its widest input (in_features² f32). AWQ and RTN hold the same or less.
+    Measured on six shapes (benchmarks/README.md, "Scaling"): a 262k-token embedding is 1.3 GiB of it."""
     layers: dict[str, int] = {}
     widest = 0
     for t in facts.tensors:
@@ -1018,23 +1133,28 @@ def gptqmodel_ram(facts: ModelFacts) -> int:
             if len(t.shape) == 2:
                 widest = max(widest, t.shape[-1])
     largest = max(facts.tensors, key=lambda t: t.count)
-    return (GPTQMODEL_BASE + largest.count * DTYPE_BYTES.get(largest.dtype.upper(), 4)
+    return (GPTQMODEL_BASE + largest.count * (DTYPE_BYTES.get(largest.dtype.upper(), 4) + 4)
             + max(layers.values(), default=0) * 4 + widest * widest * 4)
 
 
-def checkpoint_bytes(facts: ModelFacts, bits: int, group: int) -> int:
-    """A GPTQ/AWQ checkpoint: the linears packed at ``bits`` with an f16 scale and packed zero per group;
-    embeddings, norms and the output layer kept in 16 bits; the tokenizer copied beside them."""
-    linear = 0
+def _packed_and_other(facts: ModelFacts, bits: int, group: int) -> tuple[float, int]:
+    """A checkpoint's decoder linears packed at ``bits`` with an f16 scale and a packed zero per group (bytes),
+    and the elements of everything else (embeddings, norms, the output layer), which stay unquantized."""
+    packed = 0.0
     other = 0
     for t in facts.tensors:
-        g = gguf_name(t.name)
-        if g.startswith("blk.") and len(t.shape) == 2:
+        if gguf_name(t.name).startswith("blk.") and len(t.shape) == 2:
             groups = t.count // (group if group > 0 else t.shape[-1])
-            linear += t.count * bits // 8 + groups * (2 + bits / 8)
+            packed += t.count * bits // 8 + groups * (2 + bits / 8)
         else:
-            other += t.count * 2
-    return int(linear + other + (facts.vocab or 0) * TOKENIZER_JSON_PER_TOKEN)
+            other += t.count
+    return packed, other
+
+
+def checkpoint_bytes(facts: ModelFacts, bits: int, group: int) -> int:
+    """A GPTQ/AWQ checkpoint on disk: the packed linears, the rest in 16 bits, the tokenizer copied beside."""
+    packed, other = _packed_and_other(facts, bits, group)
+    return int(packed + other * 2 + (facts.vocab or 0) * TOKENIZER_JSON_PER_TOKEN)
 
 
 # --- facts of a Hub model that is not on disk ----------------------------------------------------------

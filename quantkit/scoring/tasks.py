@@ -54,6 +54,7 @@ from quantkit.scoring.taskitems import TaskItem, TaskResult, check_above_chance,
 from quantkit.store import Entry, Store
 
 log = logging.getLogger(__name__)
+HF_TASK_BATCH = 8  # requests lm-eval's HFLM scores at once (quantkit.estimate prices their logits)
 
 LOCAL_TASKS_DIR = "calibration/tasks"
 TASK_YAML = "task.yaml"
@@ -209,7 +210,7 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def score_task_hf(*, model_dir: Path, task: ResolvedTask, items: list[TaskItem], manager,
-                  batch_size: int = 8, device: str = "cpu", trust_remote_code: bool = False) -> TaskResult:
+                  batch_size: int = HF_TASK_BATCH, device: str = "cpu", trust_remote_code: bool = False) -> TaskResult:
     """lm-eval's ``hf`` backend in process on a checkpoint (plain, GPTQ or AWQ); ``trust_remote_code``: the
     recipe's, passed on when the worker allows it too (``load_causal_lm``)."""
     import lm_eval
