@@ -1,26 +1,29 @@
-"""How cost grows with model size: every node of a GGUF ladder's graph, measured beside `quantkit plan`'s estimate.
+"""How cost grows with model size: every node of a recipe's graph, measured beside `quantkit plan`'s estimate.
 
-For each size it writes a Llama- or Qwen-shaped checkpoint with random bf16 weights (the real configs'
-widths, layers, heads and vocabularies; the demo model's tokenizer, padded to the vocabulary as the
-converter does) and a recipe for it, then runs the recipe's graph (``quantkit.graph.build_graph``) one
-node at a time, each as ``quantkit run --until NODE`` in a child process (the nodes it needs are already
-in the store and reused): source, convert, imatrix, each quantize type, the base logits, the scores of
-the base and of Q4_K_M, and on the sizes named by ``--gptq`` GPTQ and the torch scores. The child's whole
-process tree is polled with psutil every 0.1 s:
+For each size it writes a Llama-, Qwen- or Gemma-shaped checkpoint with random bf16 weights (the real configs'
+widths, layers, heads and vocabularies; the demo model's tokenizer, or a sentencepiece model grown to the
+vocabulary) and a recipe for it, then runs the recipe's graph (``quantkit.graph.build_graph``) one node at a
+time, each as ``quantkit run --until NODE`` in a child process (the nodes it needs are already in the store
+and reused). A size named by ``--gptq`` runs every node kind a text model's recipe makes: source, task items,
+convert, imatrix, each quantize type, the size-budget search (sensitivity tables, KLD per role, the mix and
+its GGUF), the base logits and scores, a task, speed, GPTQ and AWQ, torch scores, tasks and speed, a second
+evaluation set, the serve checks (of the nodes that measure each variant, those of ``MEASURED_LABELS``);
+the others the GGUF ladder only. The child's whole process tree is polled with psutil every 0.1 s:
 
 - wall time of the node (the child process, including quantkit's hashing of what it wrote);
-- peak RSS of the tree (sum over processes) and its anonymous part (RSS minus file-backed pages, which
-  the kernel can drop: the mmapped safetensors or GGUF the tool reads);
+- peak RSS of the tree (sum over processes), of the tools it started, and their anonymous parts (RSS minus
+  file-backed pages, which the kernel can drop: the mmapped safetensors or GGUF a tool reads);
 - bytes written (the store entries the node added);
 - ``llama-quantize --dry-run`` sizes of the full demo ladder, to check the estimator's per-tensor types.
 
 Results go to ``benchmarks/results/scaling.json`` (one record per size, merged with earlier ones; the
 model's safetensors headers and config are kept so ``report`` recomputes the estimates with today's
-``quantkit/estimate.py``). Weights and GGUFs live under ``models/bench-work/`` (git-ignored) and are
-deleted after each size unless ``--keep``.
+``quantkit/estimate.py``, and tests/test_estimate.py holds them to ±20 %). ``report`` writes every node to
+``benchmarks/results/scaling.md`` and prints the worst error per node kind and shape. Weights and GGUFs live
+under ``models/bench-work/`` (git-ignored) and are deleted after each size unless ``--keep``.
 
-    nice -n 10 .venv/bin/python benchmarks/scaling.py run --sizes qwen-0.5b,llama-1b,qwen-1.5b,llama-3b
-    .venv/bin/python benchmarks/scaling.py report      # table + plot from the JSON, estimates recomputed
+    .venv/bin/python benchmarks/scaling.py run --sizes smollm2-135m,vocab-262k --gptq smollm2-135m,vocab-262k
+    .venv/bin/python benchmarks/scaling.py report      # tables + plot from the JSON, estimates recomputed
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ GGUF_ALIGNMENT = 32
 # Fitted to benchmarks/scaling.py (see benchmarks/README.md).
 CONVERTER_BASE = 300 * MiB  # convert_hf_to_gguf.py with torch, numpy and the tokenizer loaded
 LLAMA_TOOL_BASE = 60 * MiB  # a llama.cpp binary before it maps the model
+GENERATE_TOOL_BASE = 30 * MiB  # llama-bench and llama-server the same (no evaluation text, no logits file)
 TORCH_BASE = 420 * MiB  # quantkit's process with torch + transformers imported
 GPTQMODEL_BASE = 800 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
 # torch on the CPU, fitted on two shapes of 49k and 262k tokens and checked on four more (benchmarks/README.md):
@@ -50,7 +51,7 @@ KLD_WINDOW_COPIES = 6.5
 LM_EVAL_EXTRA = 48 * MiB
 HF_TASK_TOKENS = 64
 SERVE_PROMPT_TOKENS = 256  # the serve check's chat prompts (system, a tool definition, the question) in tokens
-QUANTKIT_BASE = 70 * MiB  # quantkit's own process (Python, pydantic, numpy, yaml): the source node hashes in it
+QUANTKIT_BASE = 60 * MiB  # quantkit's own process (Python, pydantic, numpy, yaml): 52-67 MiB measured, the source hashes in it
 LM_EVAL_BASE = 210 * MiB  # quantkit's process with lm-eval imported, building a task's items
 GGUF_META_PER_TOKEN = 40  # tokenizer tokens, types and merges in the GGUF header, per vocab entry
 QUANTIZE_BASE = 40 * MiB  # llama-quantize with its buffers empty
@@ -821,31 +822,48 @@ def score_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     return Cost(64 * 1024, ram)
 
 
-def _resident_tool_ram(facts: ModelFacts, gguf_bytes: int, ctx: int, batch_tokens: int) -> int:
+# Types ggml's CPU backend repacks into a layout of its own when it loads them (ggml-cpu/repack.cpp at the pinned
+# commit, x86: AVX2 for these, AVX-512 for Q2_K; ARM repacks Q5_K, Q6_K and Q8_0 too), for tensors of a
+# multiple of 8 rows that a matmul reads (not the token embedding, which is looked up by row).
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"})
+
+
+def _repacked_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
+    """The anonymous copy llama-bench and llama-server make of the repackable tensors (the scoring tools run with
+    --no-repack): the file's pages of those tensors stay mapped beside it."""
+    index = _variant_index(recipe, params)
+    if index is None:
+        return 0
+    typed = quantize_types(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
+    return sum(tensor_bytes(t, ty) for t, ty in typed
+               if ty.upper() in REPACKED_TYPES and t.rows % 8 == 0 and not t.name.startswith("token_embd"))
+
+
+def _resident_tool_ram(recipe: Recipe, params: dict, facts: ModelFacts, ctx: int, batch_tokens: int) -> int:
     """A llama.cpp tool that asks for the last token's logits only (llama-bench, llama-server): the mapped weights
-    and the KV cache (cleared at start, so resident) of its context, and the activations of the batches it
-    runs; ggml's compute buffer is reserved for a whole ubatch of logits but only the rows written are touched."""
+    and their repacked copy, the KV cache (cleared at start, so resident) of its context, and the activations of
+    the batches it runs; ggml's compute buffer is reserved for a whole ubatch of logits but only the rows
+    written are touched."""
     cfg = facts.text_config
     hidden = int(cfg.get("hidden_size") or 0)
     ffn = int(cfg.get("intermediate_size") or 4 * hidden)
-    return (gguf_bytes + kv_cache_bytes(facts, ctx) + batch_tokens * (hidden * 6 + ffn * 3) * 4
-            + (facts.vocab or 0) * 4 + LLAMA_TOOL_BASE)
+    return (_scored_gguf_bytes(recipe, params, facts) + _repacked_bytes(recipe, params, facts)
+            + kv_cache_bytes(facts, ctx) + batch_tokens * (hidden * 6 + ffn * 3) * 4 + (facts.vocab or 0) * 4
+            + GENERATE_TOOL_BASE)
 
 
 def bench_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     """llama-bench: a context of the prompt and the generated tokens."""
     ev = recipe.evaluation
     ctx = ev.bench_prompt_tokens + ev.bench_gen_tokens
-    return Cost(64 * 1024, _resident_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), ctx,
-                                              ev.bench_prompt_tokens))
+    return Cost(64 * 1024, _resident_tool_ram(recipe, params, facts, ctx, ev.bench_prompt_tokens))
 
 
 def serve_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     """llama-server with one slot of quantkit.serving.llamaserver.CTX tokens, short chat prompts."""
     from quantkit.serving.llamaserver import CTX
 
-    return Cost(64 * 1024, _resident_tool_ram(facts, _scored_gguf_bytes(recipe, params, facts), CTX,
-                                              _serve_tokens(recipe) // 3))
+    return Cost(64 * 1024, _resident_tool_ram(recipe, params, facts, CTX, _serve_tokens(recipe) // 3))
 
 
 def tasks_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
@@ -924,20 +942,20 @@ def serve_hf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     return Cost(64 * 1024, _torch_ram(facts, spec, 2 * SERVE_PROMPT_TOKENS * (facts.vocab or 0) * 4))
 
 
-def _checkpoint_cost(spec, facts: ModelFacts) -> Cost:
+def gptq_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
+    spec = recipe.gptq[params["index"]]
     return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size), gptqmodel_ram(facts))
 
 
-def gptq_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    return _checkpoint_cost(recipe.gptq[params["index"]], facts)
-
-
 def awq_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    return _checkpoint_cost(recipe.awq[params["index"]], facts)
+    spec = recipe.awq[params["index"]]
+    return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size),
+                gptqmodel_ram(facts, awq_tokens=spec.samples * spec.seq_len))
 
 
 def rtn_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
-    return _checkpoint_cost(recipe.rtn[params["index"]], facts)
+    spec = recipe.rtn[params["index"]]  # no calibration: GPTQ's bound
+    return Cost(checkpoint_bytes(facts, spec.bits, spec.group_size), gptqmodel_ram(facts))
 
 
 # --- time per node kind --------------------------------------------------------------------------------
@@ -1118,11 +1136,13 @@ def vision_parameters(facts: ModelFacts) -> int:
     return sum(t.count for t in facts.tensors if any(part in t.name for part in VISION_PARTS))
 
 
-def gptqmodel_ram(facts: ModelFacts) -> int:
+def gptqmodel_ram(facts: ModelFacts, *, awq_tokens: int | None = None) -> int:
     """GPTQModel quantizes layer by layer (lazily loaded, finished layers offloaded to disk): the embedding stays
-    resident as loaded and in float32 (the calibration forward's dtype on the CPU), one decoder layer is held
-    in f32 beside the Hessian of its widest input (in_features² f32). AWQ and RTN hold the same or less.
-    Measured on six shapes (benchmarks/README.md, "Scaling"): a 262k-token embedding is 1.3 GiB of it."""
+    resident as loaded and in float32 (the calibration forward's dtype on the CPU), one decoder layer is held in
+    f32. GPTQ solves each linear from the Hessian of its input (in_features² f32): the Hessian, its Cholesky
+    factor and their inverse are alive at once, which a 16384-wide FFN input makes 3 GiB. AWQ (``awq_tokens``
+    calibration tokens) keeps the layer's weights to restore after each scale it tries, and the widest
+    linear's cached input and output. RTN holds less than GPTQ. Measured on six shapes (benchmarks/README.md)."""
     layers: dict[str, int] = {}
     widest = 0
     for t in facts.tensors:
@@ -1133,8 +1153,10 @@ def gptqmodel_ram(facts: ModelFacts) -> int:
             if len(t.shape) == 2:
                 widest = max(widest, t.shape[-1])
     largest = max(facts.tensors, key=lambda t: t.count)
-    return (GPTQMODEL_BASE + largest.count * (DTYPE_BYTES.get(largest.dtype.upper(), 4) + 4)
-            + max(layers.values(), default=0) * 4 + widest * widest * 4)
+    layer = max(layers.values(), default=0) * 4
+    held = (2 * layer + 2 * awq_tokens * widest * 4 if awq_tokens is not None
+            else layer + 3 * widest * widest * 4)
+    return GPTQMODEL_BASE + largest.count * (DTYPE_BYTES.get(largest.dtype.upper(), 4) + 4) + held
 
 
 def _packed_and_other(facts: ModelFacts, bits: int, group: int) -> tuple[float, int]:
