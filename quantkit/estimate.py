@@ -888,10 +888,9 @@ def _checkpoint_spec(recipe: Recipe, label: str):
 
 def torch_model_bytes(facts: ModelFacts, spec=None) -> int:
     """A model as quantkit runs it in transformers on the CPU: float32 weights; a checkpoint's linears packed (their
-    bits and group scales) beside everything else in float32, and what GPTQModel's CPU kernel (TorchAtenLinear)
-    dequantizes on the first forward and keeps: a byte a weight on average of the measured shapes (SmolLM2
-    +214 MiB for 106 M weights, Qwen2.5-0.5B's shape +1308 MiB for 358 M; the shapes differ, see
-    benchmarks/README.md)."""
+    bits and group scales) beside everything else in float32, and the int4 layout GPTQModel's CPU kernel
+    (TorchAtenLinear) repacks them into on the first forward: about a byte a weight more (+392 MiB for the
+    358 M of Qwen2.5-0.5B's shape, with quantkit.scoring.hf.release_freed_memory)."""
     if spec is None:
         return facts.parameters * 4
     packed, other = _packed_and_other(facts, spec.bits, spec.group_size)

@@ -52,12 +52,31 @@ def load_causal_lm(model_dir: Path, *, device: str = "cpu", trust_remote_code: b
         from quantkit.gptq import import_gptqmodel
 
         import_gptqmodel()  # through quantkit, so that GPTQModel's import leaves the HF cache settings alone
+        release_freed_memory()
     remote = remote_code_allowed(trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
     dtype = torch.float32 if device == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=remote).to(device)
     model.eval()
     return model, tokenizer
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def release_freed_memory() -> None:
+    """Serve allocations of 1 MiB and more from their own mappings, returned to the system when freed.
+
+    GPTQModel's CPU kernel (TorchAtenLinear) repacks every linear on the first forward through temporaries of
+    1-4 bytes a weight; glibc kept them in its heap (its threshold rises to 32 MiB), so on Qwen2.5-0.5B's shape
+    a GPTQ checkpoint's first generation peaked at 2829 MiB and stayed there; with this, 1783 MiB
+    (benchmarks/README.md, "Scaling"). Process-wide and once: a no-op on a C library other than glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
