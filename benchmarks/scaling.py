@@ -302,7 +302,11 @@ def recipe_text(name: str, *, gptq: dict | None, imatrix: dict = IMATRIX, evalua
     if gptq:
         lines += ["gptq:"] + _yaml_item(gptq)
     if every_kind:
-        lines += ["awq:"] + _yaml_item(every_kind["awq"]) + ["serve: {}"]
+        from quantkit.gptq import unsupported
+
+        if unsupported(SHAPES.get(name, {}).get("arch"), "awq") is None:  # validate refuses it (Gemma-3)
+            lines += ["awq:"] + _yaml_item(every_kind["awq"])
+        lines += ["serve: {}"]
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -74,14 +75,27 @@ class BackendMissingError(QuantizerError, ImportError):
 
 # Mixture-of-experts routers: GPTQModel keeps them in float (its model definitions leave them out of the
 # quantized modules), as llama.cpp does (src/llama-quant.cpp never quantizes ffn_gate_inp).
-# Mixture-of-experts families the installed GPTQModel cannot calibrate, with the reason at its source: refused by
+# Architectures the installed GPTQModel cannot quantize in some formats, with the reason at its source: refused by
 # `quantkit validate` for a local model (quantkit.recipe.files) and here before any work for a fetched one.
-# Found on the tiny Ernie-4.5 MoE of tests/tinymoe.py (GPTQ and AWQ fail the same way).
-GPTQMODEL_MOE_UNSUPPORTED = {
-    "Ernie4_5_MoeForCausalLM": "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: its model "
-                               "definition (gptqmodel/models/definitions/ernie4_5_moe.py:106) calls "
-                               "Ernie4_5_MoeModel._update_causal_mask, which transformers 5 removed",
+# Ernie-4.5 MoE: found on the tiny model of tests/tinymoe.py (GPTQ and AWQ fail the same way). Gemma-3: found on
+# the Gemma-3-270M shape of benchmarks/scaling.py (GPTQ quantizes it; AWQ's layer forward does not).
+GPTQMODEL_UNSUPPORTED: dict[str, tuple[tuple[str, ...], str]] = {
+    "Ernie4_5_MoeForCausalLM": (("gptq", "awq"), "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: "
+                                "its model definition (gptqmodel/models/definitions/ernie4_5_moe.py:106) calls "
+                                "Ernie4_5_MoeModel._update_causal_mask, which transformers 5 removed"),
+    **{arch: (("awq",), "GPTQModel 7.6's AWQ cannot run Gemma-3 layers with transformers 5: its layer forward "
+                        "(gptqmodel/looper/awq_processor.py) calls the rotary embedding without the layer_type "
+                        "Gemma3RotaryEmbedding.forward() requires")
+       for arch in ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")},
 }
+
+
+def unsupported(arch: str | None, fmt: str) -> str | None:
+    """Why the installed GPTQModel cannot make a ``fmt`` checkpoint of ``arch`` (None: it can)."""
+    formats, why = GPTQMODEL_UNSUPPORTED.get(arch or "", ((), ""))
+    return why if fmt in formats else None
+
+
 ROUTER = re.compile(r"\.(?:mlp|block_sparse_moe)\.gate$|\.shared_expert_gate$")
 
 
@@ -193,7 +207,7 @@ def quantize_with_gptqmodel(*, step: str, model: ModelSnapshot, spec, group_size
     ``QUANTKIT_THREADS``), named in the key; None leaves torch's own.
     """
     arch = next(iter(_config(model.path).get("architectures") or []), None)
-    if (why := GPTQMODEL_MOE_UNSUPPORTED.get(arch)) is not None:
+    if (why := unsupported(arch, step)) is not None:
         raise QuantizerError(f"{step} {spec.label or step}: {arch}: {why}")
     import torch
 
@@ -351,8 +365,32 @@ def import_gptqmodel() -> SimpleNamespace:
             from gptqmodel.quantization.config import FORMAT, AWQConfig, GPTQConfig, RTNConfig
         except ImportError as e:
             raise BackendMissingError(f"cannot import GPTQModel: {e}") from e
+    _abort_with_a_message()
     return SimpleNamespace(GPTQModel=GPTQModel, BACKEND=BACKEND, GPTQConfig=GPTQConfig, AWQConfig=AWQConfig,
                            RTNConfig=RTNConfig, FORMAT=FORMAT)
+
+
+def _abort_with_a_message() -> None:
+    """GPTQModel's worker threads end the process (os._exit(1)) on any error in a task, after printing it to
+    stderr, which during a node is the node's log file: the run then exited 1 and said nothing. The same exit,
+    with the error and that file on the terminal (the interpreter's own stderr)."""
+    try:
+        from gptqmodel.utils.threadx import _DeviceWorker
+    except ImportError:
+        return
+    original = _DeviceWorker._abort_process
+    if getattr(original, "quantkit", False):
+        return
+
+    def abort(self, exc: BaseException) -> None:
+        where = getattr(sys.stderr, "name", None)
+        print(f"error: GPTQModel stopped the process: {type(exc).__name__}: {exc}"
+              + (f" (its traceback: {where})" if isinstance(where, str) and not where.startswith("<") else ""),
+              file=sys.__stderr__, flush=True)
+        original(self, exc)
+
+    abort.quantkit = True
+    _DeviceWorker._abort_process = abort
 
 
 @contextlib.contextmanager

@@ -136,3 +136,25 @@ def test_awq_clip_is_in_the_key_only_when_turned_off():
     off = checkpoint_inputs(model=model, spec=AWQVariant(clip=False), calibration=None)
     assert "clip" not in default["spec"] and off["spec"]["clip"] is False
     assert {k: v for k, v in off["spec"].items() if k != "clip"} == default["spec"]
+
+
+def test_a_gptqmodel_worker_error_ends_the_run_with_a_message(tmp_path):
+    """GPTQModel's worker threads end the process on any error (os._exit(1)) with the traceback on stderr, which
+    during a node is the node's log file: quantkit keeps that exit and says on the terminal what it was."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "node.log"
+    code = ("import sys\n"
+            "from quantkit.gptq import import_gptqmodel\n"
+            "import_gptqmodel()\n"
+            "from gptqmodel.utils.threadx import _DeviceWorker\n"
+            f"sys.stderr = open({str(log)!r}, 'w')\n"
+            "_DeviceWorker._abort_process(None, TypeError('forward() missing layer_type'))\n"
+            "print('not reached', file=sys.__stderr__)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert f"error: GPTQModel stopped the process: TypeError: forward() missing layer_type (its traceback: {log})" \
+        in run.stderr
+    assert "not reached" not in run.stderr
+    assert "TypeError: forward() missing layer_type" in log.read_text()  # GPTQModel's own traceback, kept

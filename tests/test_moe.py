@@ -326,3 +326,25 @@ def test_gptq_refuses_such_a_family_before_any_work(tiny_ernie, tmp_path):
     with pytest.raises(QuantizerError, match=r"gptq: Ernie4_5_MoeForCausalLM: GPTQModel 7.6 cannot quantize"):
         gptq(model=snapshot, spec=GPTQVariant(), calibration=None, store=store)
     assert not list((tmp_path / "store").glob("gptq/*"))
+
+
+def test_validate_refuses_only_the_format_gptqmodel_cannot_make(tmp_path, repo_root, tiny_ernie, capsys):
+    """Gemma-3: GPTQ quantizes it, AWQ does not (GPTQModel 7.6 with transformers 5): only the AWQ line is refused."""
+    import shutil
+
+    folder = tmp_path / "gemma-like"
+    shutil.copytree(tiny_ernie, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma3ForCausalLM"]}))
+    body = """\
+gptq:
+  - {bits: 4, group_size: 128}
+awq:
+  - {w_bit: 4, q_group_size: 128}
+"""
+    recipe = project(tmp_path / "p", repo_root, folder, tiny_recipe("tiny-gemma", body), "gemma")
+    assert main(["validate", str(recipe)]) == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "recipes/gemma.yaml:10: awq[0]: Gemma3ForCausalLM: GPTQModel 7.6's AWQ cannot run Gemma-3" in text
+    assert "gptq[0]" not in text

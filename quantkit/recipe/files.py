@@ -20,12 +20,13 @@ from quantkit.yamlsrc import dotted
 
 LINK_FIX = "replace the link with the file itself (commit the file, not a symlink to it)"
 
-def moe_problems(recipe: Recipe, root: Path, problem) -> None:
-    """GPTQ/AWQ variants of a local model whose MoE family GPTQModel cannot calibrate: refused here, before any
-    work, at the variant's line. (A Hub model's config is read by ``plan``/``run`` once it is fetched.)"""
+def checkpoint_problems(recipe: Recipe, root: Path, problem) -> None:
+    """GPTQ/AWQ variants of a local model whose architecture GPTQModel cannot quantize in that format: refused
+    here, before any work, at the variant's line. (A Hub model's config is read by ``plan``/``run`` once it is
+    fetched.)"""
     import json
 
-    from quantkit.gptq import GPTQMODEL_MOE_UNSUPPORTED
+    from quantkit.gptq import unsupported
 
     if recipe.model.path is None or not (recipe.gptq or recipe.awq):
         return
@@ -34,8 +35,8 @@ def moe_problems(recipe: Recipe, root: Path, problem) -> None:
     except (OSError, ValueError, SymlinkError):
         return  # no config yet (made by a setup step) or a link, reported above
     arch = next(iter(cfg.get("architectures") or []), None) if isinstance(cfg, dict) else None
-    if (why := GPTQMODEL_MOE_UNSUPPORTED.get(arch)) is not None:
-        for fmt in [f for f, x in FORMATS.items() if x.checkpoint]:
+    for fmt in [f for f, x in FORMATS.items() if x.checkpoint]:
+        if (why := unsupported(arch, fmt)) is not None:
             for i, _ in enumerate(getattr(recipe, fmt)):
                 problem((fmt, i), f"{arch}: {why}", f"remove the {fmt} variant; the GGUF ladder supports this model")
 
@@ -84,7 +85,7 @@ def pointed_problems(recipe: Recipe, root: Path, file: str, lines: dict) -> list
             if links := symlinks_below(folder):
                 problem(loc, f"the model folder has {len(links)} symlink(s): {', '.join(links[:3])}; a link "
                         "would make the worker read (and publish) a file outside the folder")
-    moe_problems(recipe, root, problem)
+    checkpoint_problems(recipe, root, problem)
     for i, c in enumerate(recipe.compare):
         if c.repo is None:
             linked(("compare", i, "file"), c.file, f"compare file '{c.label}'")
