@@ -42,7 +42,7 @@ CONVERTER_BASE = 300 * MiB  # convert_hf_to_gguf.py with torch, numpy and the to
 LLAMA_TOOL_BASE = 60 * MiB  # a llama.cpp binary before it maps the model
 GENERATE_TOOL_BASE = 30 * MiB  # llama-bench and llama-server the same (no evaluation text, no logits file)
 TORCH_BASE = 420 * MiB  # quantkit's process with torch + transformers imported
-GPTQMODEL_BASE = 700 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
+GPTQMODEL_BASE = 600 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
 QUANTIZER_BASE = 760 * MiB  # the same, quantizing (GPTQ, AWQ, RTN), before the model's tensors
 # torch on the CPU, fitted on two shapes of 49k and 262k tokens and checked on four more (benchmarks/README.md):
 # copies of one window's ctx x vocab f32 logits held while it is scored (logits, log-softmax, gathers), and with
