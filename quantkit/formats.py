@@ -7,7 +7,7 @@ graph (``quantkit.graph``: a kind's ``format``), the run folder and ``quantkit.p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,6 +30,9 @@ class Format:
     external: bool = False  # another publisher's file (``compare:``), scored beside the run's own
     library: str | None = None  # the Hub card's library_name
     recovery_floor: str | None = None  # the PublishThresholds field its task score / base score must reach
+    # architectures the installed GPTQModel cannot make this format of, and why (at its source): refused by
+    # `quantkit validate` for a local model and by the step before any work for a fetched one
+    cannot_quantize: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def reference(self) -> bool:
@@ -52,13 +55,23 @@ class Format:
         return [self.single] if self.single else list(entry.files)
 
 
+# Found on the tiny Ernie-4.5 MoE of tests/tinymoe.py (GPTQ and AWQ fail the same way) and on the Gemma-3-270M
+# shape of benchmarks/scaling.py (GPTQ quantizes it, AWQ does not).
+_ERNIE = {"Ernie4_5_MoeForCausalLM": "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: its model "
+                                     "definition (gptqmodel/models/definitions/ernie4_5_moe.py:106) calls "
+                                     "Ernie4_5_MoeModel._update_causal_mask, which transformers 5 removed"}
+_GEMMA3 = {arch: "GPTQModel 7.6's AWQ cannot run Gemma-3 layers with transformers 5: its layer forward "
+                 "(gptqmodel/looper/awq_processor.py) calls the rotary embedding without the layer_type "
+                 "Gemma3RotaryEmbedding.forward() requires" for arch in ("Gemma3ForCausalLM",
+                                                                         "Gemma3ForConditionalGeneration")}
+
 FORMATS: dict[str, Format] = {
     "gguf": Format("GGUF", "o", ".gguf", "model.gguf", served=True, llama_cpp=True, library="gguf",
                    recovery_floor="min_recovery_gguf"),
     "gptq": Format("GPTQ", "s", "", served=True, torch=True, checkpoint=True, library="transformers",
-                   recovery_floor="min_recovery_gptq"),
+                   recovery_floor="min_recovery_gptq", cannot_quantize=_ERNIE),
     "awq": Format("AWQ", "^", "", served=True, torch=True, checkpoint=True, library="transformers",
-                  recovery_floor="min_recovery_awq"),
+                  recovery_floor="min_recovery_awq", cannot_quantize={**_ERNIE, **_GEMMA3}),
     "rtn": Format("RTN", "x", torch=True),  # a reference: scored, never placed nor published
     "hf": Format("HF", "D", torch=True, base=True),  # the source folder itself
     # another publisher's GGUF: scored, never placed nor published

@@ -73,29 +73,16 @@ class BackendMissingError(QuantizerError, ImportError):
     tip = "install the GPTQ/AWQ backend: pip install 'quantkit[gptq]'"
 
 
+def unsupported(arch: str | None, fmt: str) -> str | None:
+    """Why the installed GPTQModel cannot make a ``fmt`` checkpoint of ``arch`` (None: it can;
+    ``quantkit.formats.Format.cannot_quantize``)."""
+    from quantkit.formats import FORMATS
+
+    return FORMATS[fmt].cannot_quantize.get(arch or "") if fmt in FORMATS else None
+
+
 # Mixture-of-experts routers: GPTQModel keeps them in float (its model definitions leave them out of the
 # quantized modules), as llama.cpp does (src/llama-quant.cpp never quantizes ffn_gate_inp).
-# Architectures the installed GPTQModel cannot quantize in some formats, with the reason at its source: refused by
-# `quantkit validate` for a local model (quantkit.recipe.files) and here before any work for a fetched one.
-# Ernie-4.5 MoE: found on the tiny model of tests/tinymoe.py (GPTQ and AWQ fail the same way). Gemma-3: found on
-# the Gemma-3-270M shape of benchmarks/scaling.py (GPTQ quantizes it; AWQ's layer forward does not).
-GPTQMODEL_UNSUPPORTED: dict[str, tuple[tuple[str, ...], str]] = {
-    "Ernie4_5_MoeForCausalLM": (("gptq", "awq"), "GPTQModel 7.6 cannot quantize Ernie-4.5 MoE with transformers 5: "
-                                "its model definition (gptqmodel/models/definitions/ernie4_5_moe.py:106) calls "
-                                "Ernie4_5_MoeModel._update_causal_mask, which transformers 5 removed"),
-    **{arch: (("awq",), "GPTQModel 7.6's AWQ cannot run Gemma-3 layers with transformers 5: its layer forward "
-                        "(gptqmodel/looper/awq_processor.py) calls the rotary embedding without the layer_type "
-                        "Gemma3RotaryEmbedding.forward() requires")
-       for arch in ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")},
-}
-
-
-def unsupported(arch: str | None, fmt: str) -> str | None:
-    """Why the installed GPTQModel cannot make a ``fmt`` checkpoint of ``arch`` (None: it can)."""
-    formats, why = GPTQMODEL_UNSUPPORTED.get(arch or "", ((), ""))
-    return why if fmt in formats else None
-
-
 ROUTER = re.compile(r"\.(?:mlp|block_sparse_moe)\.gate$|\.shared_expert_gate$")
 
 
