@@ -43,7 +43,7 @@ LLAMA_TOOL_BASE = 60 * MiB  # a llama.cpp binary before it maps the model
 GENERATE_TOOL_BASE = 30 * MiB  # llama-bench and llama-server the same (no evaluation text, no logits file)
 TORCH_BASE = 420 * MiB  # quantkit's process with torch + transformers imported
 GPTQMODEL_BASE = 600 * MiB  # quantkit's process with GPTQModel, torch and transformers imported
-QUANTIZER_BASE = 760 * MiB  # the same, quantizing (GPTQ, AWQ, RTN), before the model's tensors
+QUANTIZER_BASE = 800 * MiB  # the same, quantizing (GPTQ, AWQ, RTN), before the model's tensors
 # torch on the CPU, fitted on two shapes of 49k and 262k tokens and checked on four more (benchmarks/README.md):
 # copies of one window's ctx x vocab f32 logits held while it is scored (logits, log-softmax, gathers), and with
 # KLD (the base's too, their difference and product); lm-eval beyond torch; a multiple-choice request's tokens
@@ -1142,11 +1142,10 @@ def vision_parameters(facts: ModelFacts) -> int:
 def gptqmodel_ram(facts: ModelFacts, *, awq_tokens: int | None = None) -> int:
     """GPTQModel quantizes layer by layer (lazily loaded): the embedding stays resident as loaded and in float32
     (the calibration forward's dtype on the CPU), the layer being quantized is held in f32. GPTQ solves each
-    linear from the Hessian of its input (in_features² f32), held with its inverse, and keeps each finished
-    layer in the model's 16-bit dtype (no offload on the CPU): a 16384-wide FFN input makes the Hessians 2 GiB,
-    Qwen2.5-0.5B's 24 finished layers 0.7 GiB. AWQ (``awq_tokens`` calibration tokens) keeps the layer's
-    weights to restore after each scale it tries, and the widest linear's cached input and output, and hands
-    finished layers on. RTN holds less than GPTQ. Measured on six shapes (benchmarks/README.md, "Scaling")."""
+    linear from the Hessian of its input (in_features² f32), its Cholesky factor and their inverse alive at once:
+    a 16384-wide FFN input makes them 3 GiB. AWQ (``awq_tokens`` calibration tokens) keeps the layer's weights to
+    restore after each scale it tries, and the widest linear's cached input and output. RTN holds less than
+    GPTQ. Measured on five shapes (benchmarks/README.md, "Scaling")."""
     layers: dict[str, int] = {}
     widest = 0
     for t in facts.tensors:
@@ -1159,7 +1158,7 @@ def gptqmodel_ram(facts: ModelFacts, *, awq_tokens: int | None = None) -> int:
     largest = max(facts.tensors, key=lambda t: t.count)
     layer = max(layers.values(), default=0) * 4
     held = (2 * layer + 2 * awq_tokens * widest * 4 if awq_tokens is not None
-            else layer + 2 * widest * widest * 4 + sum(layers.values()) * 2)
+            else layer + 3 * widest * widest * 4)
     return QUANTIZER_BASE + largest.count * (DTYPE_BYTES.get(largest.dtype.upper(), 4) + 4) + held
 
 
