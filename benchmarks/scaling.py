@@ -434,8 +434,11 @@ def run_size(name: str, *, every_kind: bool, keep: bool) -> dict:
     params = sum(_numel(m["shape"]) for h in headers for k, m in h.items() if k != "__metadata__")
     print(f"{name}: {params / 1e9:.2f} B parameters, written in {time.perf_counter() - t0:.0f} s", flush=True)
     nodes = [measure(name, node) for node in measured_nodes(recipe_of(name, **settings))]
+    from quantkit.estimate import tokenizer_bytes
+
     record = {"name": name, "parameters": params, "config": cfg, "headers": _slim(headers),
               "source_bytes": sum(f.stat().st_size for f in (folder / "hf").glob("*.safetensors")),
+              "tokenizer_bytes": tokenizer_bytes(folder / "hf"),
               "nodes": nodes, "dry_run": dry_run_sizes(name), "machine": _machine(),
               "date": time.strftime("%Y-%m-%d"), **settings}
     if not keep:
@@ -507,7 +510,7 @@ def estimates(size: dict) -> list[dict]:
     from quantkit.estimate import ModelFacts
     from quantkit.graph import build_graph, node_cost
 
-    facts = ModelFacts.from_headers(size["headers"], size["config"])
+    facts = ModelFacts.from_headers(size["headers"], size["config"], tokenizer_bytes=size.get("tokenizer_bytes"))
     recipe = recipe_of(size["name"], gptq=size.get("gptq"), imatrix=size["imatrix"], evaluation=size["evaluation"],
                        every_kind=size.get("every_kind"))
     graph = {n.name: n for n in build_graph(recipe, publish=False)}

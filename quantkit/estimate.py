@@ -88,16 +88,19 @@ class ModelFacts:
     config: dict
     tensors: tuple[Tensor, ...] = field(default=(), repr=False)
     origin: str = "local"  # "local" (a folder on disk) or "hub" (headers fetched, weights not)
+    tokenizer_bytes: int | None = None  # the tokenizer's files, when on disk (a checkpoint copies them)
 
     @classmethod
-    def from_headers(cls, headers: list[dict], config: dict, *, origin: str = "local") -> ModelFacts:
+    def from_headers(cls, headers: list[dict], config: dict, *, origin: str = "local",
+                     tokenizer_bytes: int | None = None) -> ModelFacts:
         tensors = tuple(Tensor(name, tuple(int(d) for d in meta["shape"]), meta.get("dtype", "F32"))
                         for header in headers for name, meta in header.items() if name != "__metadata__")
         cfg = config.get("text_config") or config
         vocab = cfg.get("vocab_size")
         return cls(parameters=sum(t.count for t in tensors), largest_tensor=max((t.count for t in tensors), default=0),
                    source_bytes=sum(t.count * DTYPE_BYTES.get(t.dtype, 4) for t in tensors),
-                   vocab=int(vocab) if vocab else None, config=config, tensors=tensors, origin=origin)
+                   vocab=int(vocab) if vocab else None, config=config, tensors=tensors, origin=origin,
+                   tokenizer_bytes=tokenizer_bytes)
 
     @property
     def text_config(self) -> dict:
@@ -125,7 +128,16 @@ def read_local_facts(folder: Path) -> ModelFacts:
             headers.append(json.loads(fh.read(n)))
     config_file = Path(folder) / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    return ModelFacts.from_headers(headers, config)
+    return ModelFacts.from_headers(headers, config, tokenizer_bytes=tokenizer_bytes(Path(folder)))
+
+
+TOKENIZER_FILES = ("tokenizer*", "*.jinja", "vocab.*", "merges.txt", "special_tokens_map.json")
+
+
+def tokenizer_bytes(folder: Path) -> int:
+    """The bytes of a model folder's tokenizer files (what a GPTQ/AWQ checkpoint saves beside its weights)."""
+    return sum(f.stat().st_size for pattern in TOKENIZER_FILES for f in folder.glob(pattern)
+               if f.is_file() and not f.is_symlink())
 
 
 # --- the GGUF tensors -------------------------------------------------------------------------------
@@ -1179,7 +1191,10 @@ def _packed_and_other(facts: ModelFacts, bits: int, group: int) -> tuple[float, 
 def checkpoint_bytes(facts: ModelFacts, bits: int, group: int) -> int:
     """A GPTQ/AWQ checkpoint on disk: the packed linears, the rest in 16 bits, the tokenizer copied beside."""
     packed, other = _packed_and_other(facts, bits, group)
-    return int(packed + other * 2 + (facts.vocab or 0) * TOKENIZER_JSON_PER_TOKEN)
+    tokenizer = facts.tokenizer_bytes
+    if tokenizer is None:  # headers only (a Hub model not downloaded): by the vocabulary
+        tokenizer = (facts.vocab or 0) * TOKENIZER_JSON_PER_TOKEN
+    return int(packed + other * 2 + tokenizer)
 
 
 # --- facts of a Hub model that is not on disk ----------------------------------------------------------
