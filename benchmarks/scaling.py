@@ -108,6 +108,9 @@ MEASURED_LABELS = {"score-gguf": {"F16", "Q4_K_M"}, "score-set-gguf": {"Q4_K_M"}
                    "bench-gguf": {"Q4_K_M"}, "serve-gguf": {"Q4_K_M"}, "score-set-hf": {"GPTQ"},
                    "tasks-hf": {"HF", "GPTQ"}, "bench-hf": {"GPTQ"}, "serve-hf": {"GPTQ"}}
 SHARD_BYTES = 2 * GiB
+# The CPU features a record keeps (estimate.CpuRepack: what llama-bench and llama-server repack); the records
+# without them were measured on an AMD EPYC without AMX
+CPU_FLAGS = {"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16", "amx_tile"}
 DEMO = "smollm2-135m"  # not generated: models/smollm2-135m-instruct (quantkit demo-model)
 
 
@@ -466,7 +469,10 @@ def _machine() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / GiB, 1)}
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
+            "flags": sorted(set(flags) & CPU_FLAGS)}
 
 
 def save(record: dict) -> None:
@@ -507,7 +513,7 @@ IN_PROCESS = {"source", "task-items", "gptq", "awq", "rtn", "score-hf", "score-s
 
 def estimates(size: dict) -> list[dict]:
     """Each measured node with the estimate ``quantkit plan`` makes for it and the error (estimate / measured - 1)."""
-    from quantkit.estimate import ModelFacts
+    from quantkit.estimate import CpuRepack, ModelFacts, on_cpu
     from quantkit.graph import build_graph, node_cost
 
     facts = ModelFacts.from_headers(size["headers"], size["config"], tokenizer_bytes=size.get("tokenizer_bytes"))
@@ -517,7 +523,8 @@ def estimates(size: dict) -> list[dict]:
     rows = []
     for measured in size["nodes"]:
         node = graph[measured["node"]]
-        c = node_cost(recipe, node, facts)
+        with on_cpu(CpuRepack.from_flags(size["machine"].get("flags", []))):  # the CPU it was measured on
+            c = node_cost(recipe, node, facts)
         ram = measured["rss"] if node.kind in IN_PROCESS else measured["tool_rss"]
         disk = measured["bytes"] if measured["bytes"] > 1 * MiB else None
         rows.append({**measured, "ram": ram, "est_ram": c.ram_bytes, "est_disk": c.disk_bytes if disk else None,

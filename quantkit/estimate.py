@@ -26,6 +26,8 @@ import json
 import os
 import re
 import struct
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -835,10 +837,67 @@ def score_gguf_cost(recipe: Recipe, params: dict, facts: ModelFacts) -> Cost:
     return Cost(64 * 1024, ram)
 
 
-# Types ggml's CPU backend repacks into a layout of its own when it loads them (ggml-cpu/repack.cpp at the pinned
-# commit, x86: AVX2 for these, AVX-512 for Q2_K; ARM repacks Q5_K, Q6_K and Q8_0 too), for tensors of a
-# multiple of 8 rows that a matmul reads (not the token embedding, which is looked up by row).
-REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"})
+@dataclass(frozen=True)
+class CpuRepack:
+    """Which weights ggml's CPU backend copies into a layout of its own when a tool loads a GGUF without
+    ``--no-repack`` (llama-bench, llama-server): a property of the machine that runs the node, which builds its
+    tools natively. With AMX (ggml-cpu/amx at the pinned commit) the AMX buffer takes every matmul weight of
+    Q4_0, Q4_1, Q8_0 (rows of a multiple of 32 weights) and Q4_K, Q5_K, Q6_K, IQ4_XS (of 256), in a layout
+    with a few bytes more a block, the tied token embedding too (its output duplicate is a matmul); what it
+    does not take goes to ggml-cpu/repack.cpp: Q4_0, Q4_K, IQ4_NL, MXFP4 with AVX2, Q2_K with AVX-512 (rows of
+    8). A token embedding that is only looked up by row (an untied model's) stays mapped."""
+
+    amx: bool = False
+    avx512: bool = False
+
+    @classmethod
+    def here(cls) -> CpuRepack:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return cls()
+        return cls.from_flags(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                                    if line.startswith("flags")), []))
+
+    @classmethod
+    def from_flags(cls, flags) -> CpuRepack:
+        flags = set(flags)
+        return cls(amx={"amx_int8", "avx512_vnni"} <= flags, avx512="avx512f" in flags)
+
+
+# The AMX buffer's types, the block of weights a row must be a multiple of, and the bytes it adds per block (its
+# get_row_size: Q8_0's compensation sums, the K-types' unpacked scales)
+AMX_TYPES = {"Q4_0": (32, 0), "Q4_1": (32, 0), "Q8_0": (32, 4), "Q4_K": (256, 4), "Q5_K": (256, 4),
+             "Q6_K": (256, 0), "IQ4_XS": (256, 2)}
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})  # repack.cpp with AVX2 (+ Q2_K with AVX-512)
+_CPU: ContextVar[CpuRepack | None] = ContextVar("cpu_repack", default=None)
+
+
+@contextmanager
+def on_cpu(cpu: CpuRepack):
+    """Estimate as for the machine ``cpu`` describes (the benchmark's records were measured on others)."""
+    token = _CPU.set(cpu)
+    try:
+        yield
+    finally:
+        _CPU.reset(token)
+
+
+def repacked_bytes(typed, cpu: CpuRepack) -> int:
+    """The anonymous copy of the matmul weights of ``typed`` ((GGUFTensor, type) pairs) on ``cpu``: the token
+    embedding too where it is also the output (tied; llama.cpp places its output duplicate as a matmul's)."""
+    tied = not any(t.name == "output.weight" for t, _ in typed)
+    total = 0
+    for t, ty in typed:
+        ty = ty.upper()
+        if t.dims < 2 or (t.name.startswith("token_embd") and not tied):
+            continue
+        amx = AMX_TYPES.get(ty) if cpu.amx and t.experts == 1 else None  # AMX: plain matmuls only
+        if amx and t.ne0 % amx[0] == 0 and t.rows % 32 == 0:
+            total += tensor_bytes(t, ty) + t.rows * (t.ne0 // amx[0]) * amx[1]
+        elif (ty in REPACKED_TYPES or (ty == "Q2_K" and cpu.avx512)) and t.rows % 8 == 0:
+            total += tensor_bytes(t, ty)
+    return total
 
 
 def _repacked_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
@@ -848,8 +907,7 @@ def _repacked_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
     if index is None:
         return 0
     typed = quantize_types(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
-    return sum(tensor_bytes(t, ty) for t, ty in typed
-               if ty.upper() in REPACKED_TYPES and t.rows % 8 == 0 and not t.name.startswith("token_embd"))
+    return repacked_bytes(typed, _CPU.get() or CpuRepack.here())
 
 
 def _resident_tool_ram(recipe: Recipe, params: dict, facts: ModelFacts, ctx: int, batch_tokens: int) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from quantkit.estimate import GiB, MiB, ModelFacts, gguf_name, quantize_types, tensor_bytes
+from quantkit.estimate import (GiB, MiB, CpuRepack, ModelFacts, gguf_name, quantize_types, repacked_bytes,
+                               tensor_bytes)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,6 +58,26 @@ def test_fallbacks_of_a_width_not_a_multiple_of_256():
     assert types["token_embd.weight"] == "Q8_0"  # tied: the output rule, 896 % 256 != 0
     assert types["blk.0.attn_norm.weight" if "blk.0.attn_norm.weight" in types else
                  "blk.0.input_layernorm.weight"] == "F32"
+
+
+def test_what_llama_bench_repacks_depends_on_the_cpu():
+    """Gemma-3-270M's Q4_K_M: an AMX CPU copies its tied Q8_0 embedding (the output's matmul) with 4 bytes more a
+    block, its Q6_K and Q4_K matmuls; AVX2 alone only the Q4_K ones. Measured on the AMX machine: llama-bench held
+    213 MiB more with repacking than with --repack 0 (benchmarks/README.md, (16))."""
+    typed = quantize_types(facts_of("gemma3-270m"), "Q4_K_M")
+    types = {t.name: ty for t, ty in typed}
+    assert types["token_embd.weight"] == "Q8_0"
+    amx = CpuRepack.from_flags(["avx2", "avx512f", "avx512_vnni", "amx_int8"])
+    avx2 = CpuRepack.from_flags(["avx2"])
+    assert amx.amx and not avx2.amx and not CpuRepack.from_flags(["amx_int8"]).amx  # AMX needs VNNI beside it
+    q4k = sum(tensor_bytes(t, ty) for t, ty in typed if ty == "Q4_K")
+    assert repacked_bytes(typed, avx2) == q4k
+    assert 200 * MiB < repacked_bytes(typed, amx) < 230 * MiB
+    embd = next(t for t, _ in typed if t.name == "token_embd.weight")
+    untied = [*typed, (type(embd)("output.weight", embd.ne0, embd.rows, 2), "Q8_0")]
+    # untied, the embedding is only looked up by row and stays mapped; the output of the same type is copied
+    assert repacked_bytes(untied, amx) == repacked_bytes(typed, amx)
+    assert repacked_bytes(untied, avx2) == q4k
 
 
 def test_llama_8b_ladder_sizes_match_the_published_table():
