@@ -123,19 +123,24 @@ def _tail(path: Path, n: int = 5) -> str:
 def running_server(*, server: Path, gguf: Path, workdir: Path, threads: int | None = None,
                    start_timeout: float = 60.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
     """``llama-server --jinja`` on ``gguf``; yields its base URL once /health says ok. Raises
-    ServerDidNotStart (with the reason) when it exits or is not healthy within ``start_timeout``."""
+    ServerDidNotStart (with the reason) when it exits or is not healthy within ``start_timeout``. Killed by a
+    signal while loading, it is started once more with ``--no-repack``: ggml's repacked CPU layouts crash on
+    some CPUs (SIGILL on a Q8_0 file with AMX on a 2-core Xeon; llama-bench and the scoring tools do the same)."""
     port = free_port()
     argv = [os.fspath(server), "-m", os.fspath(gguf), "--jinja", "--host", HOST, "--port", str(port),
             "-c", str(CTX), "-np", "1", *(["-t", str(threads)] if threads else []), *extra_args]
     log_path = workdir / "llama-server.log"
-    log.debug("running: %s", " ".join(argv))
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+    proc = _start(argv, log_path)
     try:
         url, deadline = f"http://{HOST}:{port}", time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
+                if proc.returncode < 0 and "--no-repack" not in argv:
+                    log.warning("llama-server died (signal %d) loading %s; starting it without weight repacking",
+                                -proc.returncode, gguf.name)
+                    argv.append("--no-repack")
+                    proc = _start(argv, log_path)
+                    continue
                 raise ServerDidNotStart(f"llama-server exited with code {proc.returncode} before it was ready: "
                                         f"{_tail(log_path)}")
             with contextlib.suppress(OSError):
@@ -151,6 +156,13 @@ def running_server(*, server: Path, gguf: Path, workdir: Path, threads: int | No
         yield url
     finally:
         stop(proc)
+
+
+def _start(argv: list[str], log_path: Path) -> subprocess.Popen:
+    log.debug("running: %s", " ".join(argv))
+    with open(log_path, "wb") as out:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
 
 def check_gguf(*, gguf: Path, source_dir: Path, server: Path, workdir: Path, max_tokens: int = 64,
