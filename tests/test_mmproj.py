@@ -46,10 +46,10 @@ serve: {{max_tokens: 24}}
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_llama) -> pathlib.Path:
-    """The tiny VLM's checkpoint, cached like the tiny Llama (keyed by both builders' sources)."""
+    """The tiny VLM's checkpoint, cached like the tiny Llama (keyed by its builders' sources)."""
     cache = pathlib.Path(os.environ.get("QUANTKIT_TEST_CACHE", pathlib.Path.home() / ".cache" / "quantkit-tests"))
-    digest = hashlib.sha256((source_digest() + (pathlib.Path(__file__).parent / "tinyvlm.py").read_text())
-                            .encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source_digest() + "".join((pathlib.Path(__file__).parent / f).read_text()
+                                                       for f in ("tinyvlm.py", "chatstop.py"))).encode()).hexdigest()[:16]
     dest = cache / f"tiny-vlm-{digest}"
     if not (dest / "config.json").exists():
         build_tiny_vlm(dest, text_model=tiny_llama)

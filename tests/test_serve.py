@@ -79,15 +79,30 @@ def _set_eos(model_dir: Path, eos: int) -> None:
         (model_dir / name).write_text(json.dumps(cfg, indent=2))
 
 
+def _taught_to_stop(src: Path, dest: Path, *, template: str) -> Path:
+    """The tiny model with ``template``, taught to answer the serve check's chat and end its turn
+    (chatstop.teach_to_stop): F16, Q8_0, GPTQ and AWQ then stop, on any CPU."""
+    import torch
+    import transformers
+    from chatstop import teach_to_stop
+
+    dest = _copy_model(src, dest, template=template)
+    model = transformers.AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+    teach_to_stop(model, transformers.AutoTokenizer.from_pretrained(dest), template)
+    model.save_pretrained(dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
-    """HF checkpoints: "chat" (the tiny model with TEMPLATE: it ends its reply with EOS), "never" (the same
-    with EOS set to <unk>, which it never emits: its end of turn is not its EOS), "raises" (a template that
-    raises on a system message)."""
+    """HF checkpoints: "chat" (the tiny model with TEMPLATE, taught to end its reply with EOS), "prose" (the
+    tiny model as trained, with TEMPLATE), "never" (the tiny model with EOS set to <unk>, which it never emits:
+    its end of turn is not its EOS), "raises" (a template that raises on a system message)."""
     root = tmp_path_factory.mktemp("serve-models")
     never = _copy_model(Path(tiny_llama), root / "never", template=TEMPLATE)
     _set_eos(never, UNK)
-    return {"chat": _copy_model(Path(tiny_llama), root / "chat", template=TEMPLATE), "never": never,
+    return {"chat": _taught_to_stop(Path(tiny_llama), root / "chat", template=TEMPLATE), "never": never,
+            "prose": _copy_model(Path(tiny_llama), root / "prose", template=TEMPLATE),
             "raises": _copy_model(Path(tiny_llama), root / "raises", template=RAISES_ON_SYSTEM),
             "tools": _copy_model(Path(tiny_llama), root / "tools", template=WITH_TOOLS),
             "hermes": _copy_model(Path(tiny_llama), root / "hermes", template=HERMES)}
@@ -373,9 +388,11 @@ def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, 
     """`quantkit run` with a serve section: a serve node per GGUF in the plan and on the console, the report's
     Serving table, and a release holding exactly the GGUFs whose check passed.
 
-    Q2_K fails for a real reason, not a planted one: two bits per weight cost the tiny model its end of turn,
-    so its greedy reply repeats until the token limit (the issue's "generation never stops"); F16 and Q8_0
-    keep it and stop."""
+    The model as trained on prose ("prose"): Q2_K fails for a real reason, not a planted one: two bits per weight
+    cost it its end of turn, so its greedy reply repeats until the token limit (the issue's "generation never
+    stops"); F16 keeps it and stops. Q8_0 stopped on an AMD EPYC and did not on an AMX Xeon (the fixture's weights
+    differ by CPU, and its F16 ends that reply with p(EOS) 0.51 there): whichever it does, it is published
+    exactly when its check passed."""
     from quantkit.cli import main
 
     root = tmp_path / "proj"
@@ -384,7 +401,7 @@ def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, 
     recipe.write_text(PIPELINE_RECIPE)
     (root / "calibration").mkdir()
     shutil.copy2(repo_root / "calibration" / "en-prose.txt", root / "calibration" / "en-prose.txt")
-    shutil.copytree(models["chat"], root / "models" / "tiny")
+    shutil.copytree(models["prose"], root / "models" / "tiny")
     monkeypatch.setenv("QUANTKIT_STORE", str(tmp_path / "store"))
     monkeypatch.chdir(root)
     assert main(["plan", str(recipe)]) == 0
@@ -397,19 +414,20 @@ def test_run_serves_each_gguf_and_publishes_only_what_passed(models, toolchain, 
     # One console line (INFO or WARNING, both shown) per serve node, with its verdict.
     f16, q2k, q8 = sorted(m for r in caplog.records if (m := r.getMessage()).startswith("serve "))
     assert f16.startswith("serve F16: checked in llama-server, chat stops, template matches"), f16
-    assert q8.startswith("serve Q8_0: checked in llama-server, chat stops, template matches"), q8
+    q8_passed = q8.startswith("serve Q8_0: checked in llama-server, chat stops, template matches")
+    assert q8_passed or q8.startswith("serve Q8_0: checked in llama-server: FAILED: chat did not stop"), q8
     assert q2k.startswith("serve Q2_K: checked in llama-server: FAILED: chat did not stop"), q2k
     report = json.loads((root / "runs" / "tiny-serve" / "report" / "report.json").read_text())
     checks = {r["id"]: r["serving"] for r in report["variants"]}
     assert set(checks) == {"gguf:F16", "gguf:Q8_0", "gguf:Q2_K"}
-    assert checks["gguf:F16"]["passed"] and checks["gguf:Q8_0"]["passed"], checks
+    assert checks["gguf:F16"]["passed"] and checks["gguf:Q8_0"]["passed"] == q8_passed, checks
     assert not checks["gguf:Q2_K"]["passed"] and checks["gguf:Q2_K"]["loads"], checks["gguf:Q2_K"]
     assert checks["gguf:Q2_K"]["failures"] == [
         "chat did not stop within 24 tokens (finish_reason 'length'): the end-of-turn token is missing or is not "
         "the one the model emits"]
     latest = root / "artifacts" / "tiny-serve" / "latest"
     published = {p.name.removeprefix("tiny-llama-").removesuffix(".gguf") for p in latest.glob("*.gguf")}
-    assert published == {"F16", "Q8_0"}  # only the failed artifact is left out
+    assert published == ({"F16", "Q8_0"} if q8_passed else {"F16"})  # only the failed artifacts are left out
     assert f"not published gguf:Q2_K: {checks['gguf:Q2_K']['failures'][0]}" in out
     assert "| gguf:Q2_K | llama-server | yes | **no** |" in (latest / "report.md").read_text()
     assert not _server_pids(toolchain.binary("llama-server"), naming=tmp_path)

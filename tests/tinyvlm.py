@@ -17,12 +17,13 @@ import shutil
 import tempfile
 
 import tinyllama
+from chatstop import teach_to_stop
 
 ADDED_TOKENS = ("<fake_token_around_image>", "<image>", "<global-img>", "\n\n")
 IMAGE_SIZE = 64  # one tile; images are resized to at most LONGEST_EDGE and cut into tiles of this size
 LONGEST_EDGE = 128
 PATCH = 16
-# tests/test_serve.py's TEMPLATE: turns separated by newlines, after which the tiny Llama ends its reply with EOS
+# tests/test_serve.py's TEMPLATE: turns separated by newlines, after which the taught tiny Llama ends its reply with EOS
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -41,6 +42,7 @@ def build_tiny_vlm(dest: pathlib.Path, *, text_model: pathlib.Path, seed: int = 
         tok.chat_template = TEMPLATE
         ids = tok.convert_tokens_to_ids(list(ADDED_TOKENS))
         text = LlamaForCausalLM.from_pretrained(text_model, dtype=torch.float32)
+        teach_to_stop(text, tok, TEMPLATE)  # its chat ends on any CPU (test_serve's "chat" model)
         vocab = len(tok)
         tcfg = text.config.to_dict()
         tcfg.update(vocab_size=vocab, architectures=["VLlama3ForCausalLM"])  # as SmolVLM's config.json has it
