@@ -288,9 +288,11 @@ def _chat_with_image_from_the_hub(toolchain, hub, repo, tmp_path) -> tuple[dict,
     env.pop("HF_HUB_OFFLINE", None)
     log = tmp_path / "hf-server.log"
     with open(log, "wb") as out:
+        # --no-repack: on an AMX Xeon the pinned llama-server dies (SIGILL) loading a repacked Q6_K or Q8_0 file;
+        # quantkit's own serve check starts it again so (quantkit.serving.llamaserver.running_server)
         proc = subprocess.Popen([toolchain.binary("llama-server"), "-hf", f"{repo}:Q6_K", "--port", str(port),
-                                 "--host", "127.0.0.1", "-c", "512", "-t", "2", "--jinja"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                 "--host", "127.0.0.1", "-c", "512", "-t", "2", "--jinja", "--no-repack"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:
