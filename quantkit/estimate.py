@@ -1210,18 +1210,20 @@ def vision_parameters(facts: ModelFacts) -> int:
 
 
 # Gemma's embedding (transformers' Gemma*ScaledWordEmbedding): GPTQModel's first calibration forward, where the
-# peak is, held it once more as loaded: Gemma-3-270M's shape peaked at 2379-2400 MiB in five runs, the same
+# peak was, held it once more as loaded: Gemma-3-270M's shape peaked at 2379-2400 MiB in five runs, the same
 # vocabulary and widths in a Llama body at 1963 on the same machine (+429; the bf16 embedding is 320 MiB).
 SCALED_EMBEDDING_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
 
 def gptqmodel_ram(facts: ModelFacts, *, awq_tokens: int | None = None) -> int:
-    """GPTQModel quantizes layer by layer (lazily loaded): the embedding stays resident as loaded and in float32
-    (the calibration forward's dtype on the CPU), the layer being quantized is held in f32. GPTQ solves each
-    linear from the Hessian of its input (in_features² f32), its Cholesky factor and their inverse alive at once:
-    a 16384-wide FFN input makes them 3 GiB. AWQ (``awq_tokens`` calibration tokens) keeps the layer's weights to
-    restore after each scale it tries, and the widest linear's cached input and output. RTN holds less than
-    GPTQ. Measured on five shapes (benchmarks/README.md, "Scaling")."""
+    """GPTQModel quantizes layer by layer (lazily loaded), in two phases whose larger is the peak. Its first
+    calibration forward holds the embedding as loaded and in float32 (the forward's dtype on the CPU); then, layer
+    by layer, the embedding as loaded, the layer being quantized in f32 and its solver's buffers: GPTQ solves each
+    linear from the Hessian of its input (in_features² f32), its Cholesky factor and their inverse alive at once
+    (a 16384-wide FFN input makes them 3 GiB); AWQ (``awq_tokens`` calibration tokens) keeps the layer's weights
+    to restore after each scale it tries, and the widest linear's cached input and output. RTN holds less than
+    GPTQ. Measured on six shapes (benchmarks/README.md, "Scaling"): Llama-3.2-1B's shape peaked at 2328 MiB
+    where the two phases' sum said 3303, the first forward's alone 2303."""
     layers: dict[str, int] = {}
     widest = 0
     for t in facts.tensors:
@@ -1237,7 +1239,8 @@ def gptqmodel_ram(facts: ModelFacts, *, awq_tokens: int | None = None) -> int:
             else layer + 3 * widest * widest * 4)
     as_loaded = DTYPE_BYTES.get(largest.dtype.upper(), 4)
     copies = 2 if str(facts.text_config.get("model_type") or "") in SCALED_EMBEDDING_TYPES else 1
-    return QUANTIZER_BASE + largest.count * (copies * as_loaded + 4) + held
+    first_forward = largest.count * (copies * as_loaded + 4)
+    return QUANTIZER_BASE + max(first_forward, largest.count * as_loaded + held)
 
 
 def _packed_and_other(facts: ModelFacts, bits: int, group: int) -> tuple[float, int]:
