@@ -873,6 +873,11 @@ REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})  # repack.cpp wi
 _CPU: ContextVar[CpuRepack | None] = ContextVar("cpu_repack", default=None)
 
 
+@functools.cache
+def _this_cpu() -> CpuRepack:
+    return CpuRepack.here()
+
+
 @contextmanager
 def on_cpu(cpu: CpuRepack):
     """Estimate as for the machine ``cpu`` describes (the benchmark's records were measured on others)."""
@@ -907,7 +912,7 @@ def _repacked_bytes(recipe: Recipe, params: dict, facts: ModelFacts) -> int:
     if index is None:
         return 0
     typed = quantize_types(facts, recipe.gguf.types[index].type, **_variant_kwargs(recipe, index))
-    return repacked_bytes(typed, _CPU.get() or CpuRepack.here())
+    return repacked_bytes(typed, _CPU.get() or _this_cpu())
 
 
 def _resident_tool_ram(recipe: Recipe, params: dict, facts: ModelFacts, ctx: int, batch_tokens: int) -> int:
