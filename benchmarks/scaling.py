@@ -200,7 +200,9 @@ def write_checkpoint(name: str, dest: Path) -> dict:
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     pieces = SHAPES[name].get("tokenizer_pieces")
     if cfg["model_type"] == "llama" and pieces is None:
-        for f in ("tokenizer.json", "tokenizer_config.json"):
+        # its chat template too: without one the serve checks fail before they start a server (the first
+        # 1.24 B every-kind run measured 66 MiB for serve-gguf so)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(TOKENIZER_FROM / f, dest / f)
     else:
         # a sentencepiece model (grown to ``pieces`` real pieces; else the trained one, which the converter pads
