@@ -469,12 +469,12 @@ def _machine() -> dict:
 
     import psutil
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
-            "flags": sorted(set(flags) & CPU_FLAGS)}
+    from quantkit.estimate import cpu_info
+
+    info = cpu_info()
+    return {"cpu": info.get("model name") or platform.processor(), "cores": os.cpu_count(),
+            "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
+            "flags": sorted(set(info.get("flags", "").split()) & CPU_FLAGS)}
 
 
 def save(record: dict) -> None:

@@ -851,15 +851,6 @@ class CpuRepack:
     avx512: bool = False
 
     @classmethod
-    def here(cls) -> CpuRepack:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return cls()
-        return cls.from_flags(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                                    if line.startswith("flags")), []))
-
-    @classmethod
     def from_flags(cls, flags) -> CpuRepack:
         flags = set(flags)
         return cls(amx={"amx_int8", "avx512_vnni"} <= flags, avx512="avx512f" in flags)
@@ -873,9 +864,24 @@ REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})  # repack.cpp wi
 _CPU: ContextVar[CpuRepack | None] = ContextVar("cpu_repack", default=None)
 
 
+def cpu_info() -> dict[str, str]:
+    """This machine's /proc/cpuinfo, its first processor's fields (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 @functools.cache
 def _this_cpu() -> CpuRepack:
-    return CpuRepack.here()
+    return CpuRepack.from_flags(cpu_info().get("flags", "").split())
 
 
 @contextmanager
